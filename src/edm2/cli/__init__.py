@@ -1,0 +1,41 @@
+"""Command line: `edm2 COMMAND ...` (also `python -m edm2`).
+
+Every command is a thin layer over a documented Python function; each
+sub-module here defines `register(subparsers)`, which adds its commands and
+sets `func` to the handler.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from . import (dataset, flops, generate, import_official, metrics, phema, toy, train)
+
+_COMMAND_MODULES = [train, generate, phema, dataset, metrics, flops, import_official, toy]
+
+
+class CLIError(Exception):
+    """A user error: printed as one line, exit status 2."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="edm2", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for module in _COMMAND_MODULES:
+        module.register(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        result = args.func(args)
+    except (CLIError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        # User errors: one line, non-zero exit. (Bugs with other types keep their traceback.)
+        print(f"edm2 {args.command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if isinstance(result, int) and result:
+        sys.exit(result)
+    return 0

@@ -1,0 +1,134 @@
+"""Mapping between dataset items and the network's space (SPEC §9).
+
+- `StandardRGBEncoder`: uint8 pixels <-> [-1, 1].
+- `StabilityVAEEncoder`: 8-channel latent items (posterior mean, std of the
+  Stable Diffusion VAE) -> sampled, standardised latents; decoding runs the
+  VAE decoder (diffusers `AutoencoderKL`) back to uint8 pixels.
+
+An encoder is described in snapshot metadata by `to_meta()` and rebuilt with
+`encoder_from_meta()`.
+"""
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+
+__all__ = ["StandardRGBEncoder", "StabilityVAEEncoder", "encoder_from_meta", "load_vae", "VAEUnavailable",
+           "DEFAULT_VAE", "RAW_MEAN", "RAW_STD"]
+
+DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
+RAW_MEAN = (5.81, 3.25, 0.12, -2.15)
+RAW_STD = (4.17, 4.62, 3.71, 3.28)
+
+
+class VAEUnavailable(RuntimeError):
+    """The VAE weights could not be loaded (offline, no cache, bad folder)."""
+
+
+class StandardRGBEncoder:
+    """Pixel-space data: x / 127.5 - 1 and back (SPEC §9)."""
+
+    kind = "rgb"
+
+    def to_meta(self) -> dict:
+        return {"type": self.kind}
+
+    def encode_latents(self, x: torch.Tensor, generator=None) -> torch.Tensor:
+        """Dataset item (uint8 pixels) -> network space, float32 in [-1, 1]."""
+        return x.to(torch.float32) / 127.5 - 1
+
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Network output -> uint8 pixels."""
+        return (x.to(torch.float32) * 127.5 + 128).clip(0, 255).to(torch.uint8)
+
+
+def load_vae(name_or_path: str = DEFAULT_VAE, device="cpu"):
+    """Load the Stable Diffusion VAE with diffusers, from a local folder or the
+    Hugging Face cache/hub. Raises VAEUnavailable with a how-to when it can't."""
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError:
+        raise VAEUnavailable("the VAE needs diffusers: pip install 'edm2[vae]' (or pip install diffusers)") from None
+    local = os.path.isdir(name_or_path)
+    try:
+        vae = AutoencoderKL.from_pretrained(name_or_path, local_files_only=local or None)
+    except Exception as e:
+        raise VAEUnavailable(
+            f"cannot load VAE {name_or_path!r} ({type(e).__name__}). Either allow the download of "
+            f"{DEFAULT_VAE} from the Hugging Face hub (it goes to $HF_HOME, default ~/.cache/huggingface), or "
+            f"save it once with AutoencoderKL.from_pretrained(...).save_pretrained(DIR) on a machine with "
+            f"network access and pass --vae DIR") from None
+    return vae.eval().requires_grad_(False).to(device)
+
+
+class StabilityVAEEncoder:
+    """Latent-space data through the SD VAE; standardisation of SPEC §9."""
+
+    kind = "sd-vae"
+
+    def __init__(self, vae_name: str = DEFAULT_VAE, raw_mean=RAW_MEAN, raw_std=RAW_STD,
+                 final_mean: float = 0.0, final_std: float = 0.5, batch_size: int = 8):
+        self.vae_name = vae_name
+        self.raw_mean = np.asarray(raw_mean, dtype=np.float32)
+        self.raw_std = np.asarray(raw_std, dtype=np.float32)
+        self.final_mean = float(final_mean)
+        self.final_std = float(final_std)
+        self.scale = self.final_std / self.raw_std                       # 0.5 / raw_std
+        self.bias = self.final_mean - self.raw_mean * self.scale          # -raw_mean * scale
+        self.batch_size = batch_size
+        self._vae = None
+
+    def to_meta(self) -> dict:
+        return {"type": self.kind, "vae_name": self.vae_name, "raw_mean": self.raw_mean.tolist(),
+                "raw_std": self.raw_std.tolist(), "final_mean": self.final_mean, "final_std": self.final_std}
+
+    def _const(self, v, x):
+        return torch.as_tensor(v, dtype=torch.float32, device=x.device).reshape(1, -1, 1, 1)
+
+    def vae(self, device="cpu"):
+        if self._vae is None:
+            self._vae = load_vae(self.vae_name, device)
+        return self._vae.to(device)
+
+    @torch.no_grad()
+    def encode_pixels(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels [N, 3, H, W] -> [N, 8, H/8, W/8] float32: posterior mean, std."""
+        vae = self.vae(x.device)
+        outs = []
+        for chunk in x.split(self.batch_size):
+            dist = vae.encode(chunk.to(torch.float32) / 255)["latent_dist"]
+            outs.append(torch.cat([dist.mean, dist.std], dim=1).to(torch.float32))
+        return torch.cat(outs)
+
+    def encode_latents(self, x: torch.Tensor, generator=None) -> torch.Tensor:
+        """Dataset item [N, 8, h, w] -> one posterior sample, standardised (scale, bias applied once)."""
+        x = x.to(torch.float32)
+        mean, std = x[:, :4], x[:, 4:]
+        noise = torch.randn(mean.shape, device=x.device, generator=generator)
+        z = mean + noise * std
+        return z * self._const(self.scale, z) + self._const(self.bias, z)
+
+    @torch.no_grad()
+    def decode(self, x: torch.Tensor) -> torch.Tensor:
+        """Standardised latents [N, 4, h, w] -> uint8 pixels [N, 3, 8h, 8w]."""
+        vae = self.vae(x.device)
+        x = x.to(torch.float32)
+        x = (x - self._const(self.bias, x)) / self._const(self.scale, x)
+        outs = []
+        for chunk in x.split(self.batch_size):
+            img = vae.decode(chunk)["sample"]
+            outs.append(img.clamp(0, 1).mul(255).to(torch.uint8))
+        return torch.cat(outs)
+
+
+def encoder_from_meta(meta: dict):
+    """Rebuild the encoder that a snapshot's metadata (meta['encoder']) describes."""
+    kind = meta.get("type")
+    if kind == StandardRGBEncoder.kind:
+        return StandardRGBEncoder()
+    if kind == StabilityVAEEncoder.kind:
+        args = {k: meta[k] for k in ("vae_name", "raw_mean", "raw_std", "final_mean", "final_std") if k in meta}
+        return StabilityVAEEncoder(**args)
+    raise ValueError(f"unknown encoder type {kind!r} in snapshot metadata; allowed: 'rgb', 'sd-vae'")

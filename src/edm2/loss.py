@@ -1,0 +1,44 @@
+"""EDM2 training loss with learned uncertainty, and the learning-rate schedule
+(paper Sec. 2, Eq. 8 and Sec. B.2 / Eq. 121; SPEC §5)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["EDM2Loss", "learning_rate_schedule"]
+
+
+class EDM2Loss:
+    """Per-element loss (lambda(sigma) / exp(u)) * ||D(y+n; sigma) - y||^2 + u.
+
+    ln(sigma) ~ N(P_mean, P_std^2); lambda(sigma) = (sigma^2 + sd^2) / (sigma * sd)^2.
+    Returns the unreduced [N, C, H, W] tensor. `generator` makes the noise
+    reproducible (used for exact resume).
+    """
+
+    def __init__(self, P_mean: float = -0.4, P_std: float = 1.0, sigma_data: float = 0.5):
+        self.P_mean = P_mean
+        self.P_std = P_std
+        self.sigma_data = sigma_data
+
+    def __call__(self, net, images, labels=None, generator: torch.Generator | None = None):
+        images = images.to(torch.float32)
+        n = images.shape[0]
+        rnd = torch.randn([n, 1, 1, 1], device=images.device, generator=generator)
+        sigma = (rnd * self.P_std + self.P_mean).exp()
+        weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
+        noise = torch.randn(images.shape, device=images.device, generator=generator) * sigma
+        denoised, logvar = net(images + noise, sigma, labels, return_logvar=True)
+        return (weight / logvar.exp()) * ((denoised - images) ** 2) + logvar
+
+
+def learning_rate_schedule(cur_nimg, batch_size, ref_lr=100e-4, ref_batches=70e3, rampup_Mimg=10) -> float:
+    """Inverse-square-root decay after ref_batches, linear warm-up over rampup_Mimg
+    decimal millions of images (paper Eq. 121). cur_nimg counts images before the step."""
+    lr = ref_lr
+    if ref_batches > 0:
+        lr /= math.sqrt(max(cur_nimg / (ref_batches * batch_size), 1))
+    if rampup_Mimg > 0:
+        lr *= min(cur_nimg / (rampup_Mimg * 1e6), 1)
+    return lr

@@ -1,0 +1,274 @@
+"""The EDM2 U-Net (config G of the paper, Fig. 21) and its EDM preconditioning.
+
+Module and parameter names follow SPEC §2-§4 exactly so that the state dict
+of `Precond` matches the authors' published checkpoints key for key.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .layers import MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize, resample
+
+__all__ = ["Block", "UNet", "Precond", "set_precision", "DTYPES"]
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class Block(torch.nn.Module):
+    """Residual U-Net block, encoder or decoder flavour (paper Fig. 21)."""
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        emb_channels: int,
+        flavor: str = "enc",
+        resample_mode: str = "keep",
+        resample_filter=(1, 1),
+        attention: bool = False,
+        channels_per_head: int = 64,
+        dropout: float = 0,
+        res_balance: float = 0.3,
+        attn_balance: float = 0.3,
+        clip_act: float | None = 256,
+    ):
+        super().__init__()
+        if flavor not in ("enc", "dec"):
+            raise ValueError(f"flavor={flavor!r}; allowed: 'enc', 'dec'")
+        if resample_mode not in ("keep", "up", "down"):
+            raise ValueError(f"resample_mode={resample_mode!r}; allowed: 'keep', 'up', 'down'")
+        self.in_channels = in_channels
+        self.out_channels = out_channels
+        self.flavor = flavor
+        self.resample_mode = resample_mode
+        self.resample_filter = list(resample_filter)
+        self.num_heads = out_channels // channels_per_head if attention else 0
+        if attention and self.num_heads < 1:
+            raise ValueError(f"attention needs out_channels ({out_channels}) >= channels_per_head ({channels_per_head})")
+        self.dropout = dropout
+        self.res_balance = res_balance
+        self.attn_balance = attn_balance
+        self.clip_act = clip_act
+        # Creation order matters for seeded initialisation parity (SPEC §2).
+        self.emb_gain = torch.nn.Parameter(torch.zeros([]))
+        self.conv_res0 = MPConv(out_channels if flavor == "enc" else in_channels, out_channels, kernel=[3, 3])
+        self.emb_linear = MPConv(emb_channels, out_channels, kernel=[])
+        self.conv_res1 = MPConv(out_channels, out_channels, kernel=[3, 3])
+        self.conv_skip = MPConv(in_channels, out_channels, kernel=[1, 1]) if in_channels != out_channels else None
+        self.attn_qkv = MPConv(out_channels, out_channels * 3, kernel=[1, 1]) if self.num_heads else None
+        self.attn_proj = MPConv(out_channels, out_channels, kernel=[1, 1]) if self.num_heads else None
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        x = resample(x, self.resample_mode, self.resample_filter)
+        if self.flavor == "enc":
+            if self.conv_skip is not None:
+                x = self.conv_skip(x)
+            x = normalize(x, dim=1)  # pixel norm (Eq. 46)
+
+        # Residual branch, modulated by the embedding (gain starts at 0).
+        y = self.conv_res0(mp_silu(x))
+        c = self.emb_linear(emb, gain=self.emb_gain) + 1
+        y = mp_silu(y * c.unsqueeze(2).unsqueeze(3).to(y.dtype))
+        if self.training and self.dropout != 0:
+            y = F.dropout(y, p=self.dropout)
+        y = self.conv_res1(y)
+
+        if self.flavor == "dec" and self.conv_skip is not None:
+            x = self.conv_skip(x)
+        x = mp_sum(x, y, t=self.res_balance)
+
+        if self.num_heads:
+            x = mp_sum(x, self.attention(x), t=self.attn_balance)
+
+        if self.clip_act is not None:
+            x = x.clip(-self.clip_act, self.clip_act)
+        return x
+
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Cosine attention: q, k, v normalised per head (Sec. B.2), via SDPA."""
+        n, c, h, w = x.shape
+        ch = c // self.num_heads
+        qkv = self.attn_qkv(x).reshape(n, self.num_heads, ch, 3, h * w)
+        q, k, v = normalize(qkv, dim=2).unbind(3)  # each [N, heads, ch, HW]
+        y = F.scaled_dot_product_attention(q.transpose(2, 3), k.transpose(2, 3), v.transpose(2, 3))
+        y = y.transpose(2, 3).reshape(n, c, h, w)
+        return self.attn_proj(y)
+
+
+class UNet(torch.nn.Module):
+    """EDM2 U-Net F(x, c_noise, labels) (paper Fig. 21, config G)."""
+
+    def __init__(
+        self,
+        img_resolution: int,
+        img_channels: int,
+        label_dim: int,
+        model_channels: int = 192,
+        channel_mult=(1, 2, 3, 4),
+        channel_mult_noise: int | None = None,
+        channel_mult_emb: int | None = None,
+        num_blocks: int = 3,
+        attn_resolutions=(16, 8),
+        label_balance: float = 0.5,
+        concat_balance: float = 0.5,
+        **block_kwargs,
+    ):
+        super().__init__()
+        check_architecture(img_resolution, img_channels, label_dim, model_channels, channel_mult, num_blocks)
+        cblock = [model_channels * m for m in channel_mult]
+        cnoise = model_channels * channel_mult_noise if channel_mult_noise is not None else cblock[0]
+        cemb = model_channels * channel_mult_emb if channel_mult_emb is not None else max(cblock)
+        self.label_dim = label_dim
+        self.label_balance = label_balance
+        self.concat_balance = concat_balance
+        self.out_gain = torch.nn.Parameter(torch.zeros([]))
+
+        # Embedding of noise level and class label.
+        self.emb_fourier = MPFourier(cnoise)
+        self.emb_noise = MPConv(cnoise, cemb, kernel=[])
+        self.emb_label = MPConv(label_dim, cemb, kernel=[]) if label_dim else None
+
+        # Encoder.
+        self.enc = torch.nn.ModuleDict()
+        cout = img_channels + 1
+        for level, channels in enumerate(cblock):
+            res = img_resolution >> level
+            if level == 0:
+                cin, cout = cout, channels
+                self.enc[f"{res}x{res}_conv"] = MPConv(cin, cout, kernel=[3, 3])
+            else:
+                self.enc[f"{res}x{res}_down"] = Block(cout, cout, cemb, flavor="enc", resample_mode="down", **block_kwargs)
+            for idx in range(num_blocks):
+                cin, cout = cout, channels
+                self.enc[f"{res}x{res}_block{idx}"] = Block(
+                    cin, cout, cemb, flavor="enc", attention=res in attn_resolutions, **block_kwargs)
+
+        # Decoder.
+        self.dec = torch.nn.ModuleDict()
+        skips = [m.out_channels for m in self.enc.values()]
+        for level, channels in reversed(list(enumerate(cblock))):
+            res = img_resolution >> level
+            if level == len(cblock) - 1:
+                self.dec[f"{res}x{res}_in0"] = Block(cout, cout, cemb, flavor="dec", attention=True, **block_kwargs)
+                self.dec[f"{res}x{res}_in1"] = Block(cout, cout, cemb, flavor="dec", **block_kwargs)
+            else:
+                self.dec[f"{res}x{res}_up"] = Block(cout, cout, cemb, flavor="dec", resample_mode="up", **block_kwargs)
+            for idx in range(num_blocks + 1):
+                cin, cout = cout + skips.pop(), channels
+                self.dec[f"{res}x{res}_block{idx}"] = Block(
+                    cin, cout, cemb, flavor="dec", attention=res in attn_resolutions, **block_kwargs)
+        self.out_conv = MPConv(cout, img_channels, kernel=[3, 3])
+
+    def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
+        # Embedding (runs in float32 whatever the dtype of x).
+        emb = self.emb_noise(self.emb_fourier(noise_labels))
+        if self.emb_label is not None:
+            emb = mp_sum(emb, self.emb_label(class_labels * np.sqrt(class_labels.shape[1])), t=self.label_balance)
+        emb = mp_silu(emb)
+
+        # Encoder: every module's output goes on the skip stack.
+        x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
+        skips = []
+        for name, block in self.enc.items():
+            x = block(x) if name.endswith("_conv") else block(x, emb)
+            skips.append(x)
+
+        # Decoder: concatenate a skip before every "block" module.
+        for name, block in self.dec.items():
+            if "block" in name:
+                x = mp_cat(x, skips.pop(), t=self.concat_balance)
+            x = block(x, emb)
+        return self.out_conv(x, gain=self.out_gain)
+
+
+class Precond(torch.nn.Module):
+    """EDM preconditioning D(x; sigma) around the U-Net, plus the learned
+    uncertainty u(sigma) used by the loss (paper Sec. 2 and B.2, SPEC §4).
+
+    `reduced_dtype` ('fp16' as the reference, or 'bf16') is the dtype the
+    U-Net runs in when `use_fp16` is set and the input is on CUDA.
+    """
+
+    def __init__(
+        self,
+        img_resolution: int,
+        img_channels: int,
+        label_dim: int,
+        use_fp16: bool = True,
+        sigma_data: float = 0.5,
+        logvar_channels: int = 128,
+        reduced_dtype: str = "fp16",
+        **unet_kwargs,
+    ):
+        super().__init__()
+        if reduced_dtype not in ("fp16", "bf16"):
+            raise ValueError(f"reduced_dtype={reduced_dtype!r}; allowed: 'fp16', 'bf16'")
+        self.img_resolution = img_resolution
+        self.img_channels = img_channels
+        self.label_dim = label_dim
+        self.use_fp16 = use_fp16
+        self.reduced_dtype = reduced_dtype
+        self.sigma_data = sigma_data
+        self.unet = UNet(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, **unet_kwargs)
+        self.logvar_fourier = MPFourier(logvar_channels)
+        self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
+
+    def compute_dtype(self, device: torch.device, force_fp32: bool = False) -> torch.dtype:
+        if self.use_fp16 and not force_fp32 and device.type == "cuda":
+            return DTYPES[self.reduced_dtype]
+        return torch.float32
+
+    def forward(self, x, sigma, class_labels=None, force_fp32: bool = False, return_logvar: bool = False):
+        x = x.to(torch.float32)
+        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
+        if self.label_dim == 0:
+            class_labels = None
+        elif class_labels is None:
+            class_labels = torch.zeros([1, self.label_dim], device=x.device)
+        else:
+            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
+        dtype = self.compute_dtype(x.device, force_fp32)
+
+        # EDM preconditioning (Karras et al. 2022, Table 1; paper Eq. 4-7).
+        sd = self.sigma_data
+        c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
+        c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
+        c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()
+        c_noise = sigma.flatten().log() / 4
+
+        F_x = self.unet((c_in * x).to(dtype), c_noise, class_labels)
+        D_x = c_skip * x + c_out * F_x.to(torch.float32)
+        if not return_logvar:
+            return D_x
+        logvar = self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
+        return D_x, logvar
+
+
+def set_precision(net: Precond, precision: str) -> None:
+    """Choose the U-Net dtype on CUDA: 'fp32', 'fp16' (reference) or 'bf16'."""
+    if precision not in DTYPES:
+        raise ValueError(f"precision={precision!r}; allowed: {', '.join(DTYPES)}")
+    net.use_fp16 = precision != "fp32"
+    if precision != "fp32":
+        net.reduced_dtype = precision
+
+
+def check_architecture(img_resolution, img_channels, label_dim, model_channels, channel_mult, num_blocks) -> None:
+    """Raise ValueError naming the bad argument and what is allowed."""
+    r = img_resolution
+    if not isinstance(r, int) or r < 8 or r & (r - 1):
+        raise ValueError(f"img_resolution={r!r}: must be a power of two >= 8 (8, 16, 32, 64, ...)")
+    if not isinstance(img_channels, int) or img_channels < 1:
+        raise ValueError(f"img_channels={img_channels!r}: must be a positive integer (1 grey, 3 RGB, 4 latent, ...)")
+    if not isinstance(label_dim, int) or label_dim < 0:
+        raise ValueError(f"label_dim={label_dim!r}: must be an integer >= 0 (0 = unconditional)")
+    if not isinstance(model_channels, int) or model_channels < 1:
+        raise ValueError(f"model_channels={model_channels!r}: must be a positive integer")
+    if len(channel_mult) == 0 or any((not isinstance(m, int)) or m < 1 for m in channel_mult):
+        raise ValueError(f"channel_mult={list(channel_mult)!r}: must be a non-empty list of positive integers, e.g. [1, 2, 3, 4]")
+    if (r >> (len(channel_mult) - 1)) < 1:
+        raise ValueError(f"channel_mult has {len(channel_mult)} levels, too many for img_resolution={r} (at most {r.bit_length()})")
+    if not isinstance(num_blocks, int) or num_blocks < 1:
+        raise ValueError(f"num_blocks={num_blocks!r}: must be an integer >= 1")

@@ -1,0 +1,164 @@
+"""Self-describing network snapshots: one safetensors file holding the
+state dict of a `Precond` plus JSON metadata (key "edm2" of the safetensors
+header) with everything needed to rebuild and use the network.
+
+This is the one reader/writer of snapshot files; training, post-hoc EMA,
+generation, metrics and import all go through it. Loading never unpickles.
+
+Metadata schema (version 1):
+    {
+      "format": "edm2-snapshot", "version": 1,
+      "net_kwargs": {...},            # Precond(**net_kwargs) rebuilds the network
+      "nimg": int,                    # training images seen
+      "ema_std": float | null,        # sigma_rel of the EMA profile (null: raw weights)
+      "encoder": {...},               # edm2.encoders.encoder_from_meta() input
+      "dataset": {"resolution": R, "channels": C, "label_dim": L,
+                  "class_names": [...] | null, ...},
+      "origin": {...}                 # free-form provenance (run dir, preset, import source, ...)
+    }
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+
+__all__ = ["SnapshotError", "FORMAT", "snapshot_name", "parse_snapshot_name", "make_meta", "save_snapshot",
+           "save_state_dict", "read_snapshot_meta", "load_snapshot", "build_net", "list_snapshots",
+           "atomic_write_bytes"]
+
+FORMAT = "edm2-snapshot"
+VERSION = 1
+_NAME_RE = re.compile(r"snapshot-(\d{12})-(raw|\d+\.\d+)\.safetensors$")
+
+
+class SnapshotError(ValueError):
+    """A file is missing, unreadable, truncated or not an edm2 snapshot."""
+
+
+def snapshot_name(nimg: int, ema_std: float | None) -> str:
+    """'snapshot-000008388608-0.050.safetensors': sortable by nimg, then sigma_rel."""
+    tag = "raw" if ema_std is None else f"{ema_std:.3f}"
+    return f"snapshot-{nimg:012d}-{tag}.safetensors"
+
+
+def parse_snapshot_name(name: str):
+    """Inverse of snapshot_name -> (nimg, ema_std or None), or None if not a snapshot name."""
+    m = _NAME_RE.search(os.path.basename(str(name)))
+    if not m:
+        return None
+    return int(m.group(1)), (None if m.group(2) == "raw" else float(m.group(2)))
+
+
+def make_meta(net_kwargs: dict, nimg: int, ema_std, encoder: dict, dataset: dict, origin: dict | None = None) -> dict:
+    return {"format": FORMAT, "version": VERSION, "net_kwargs": dict(net_kwargs), "nimg": int(nimg),
+            "ema_std": None if ema_std is None else float(ema_std), "encoder": dict(encoder),
+            "dataset": dict(dataset), "origin": dict(origin or {})}
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, fsync, then rename over path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def save_state_dict(path, tensors: dict, meta: dict) -> None:
+    """Atomically write tensors + metadata as a snapshot file."""
+    from safetensors.torch import save
+
+    _check_meta(meta, path)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(path, save(tensors, metadata={"edm2": json.dumps(meta)}))
+
+
+def save_snapshot(path, net: torch.nn.Module, meta: dict, dtype: torch.dtype | None = torch.float32) -> None:
+    """Save a Precond's state dict (parameters cast to `dtype`, buffers kept) with metadata."""
+    params = {name for name, _ in net.named_parameters()}
+    state = {}
+    for k, v in net.state_dict().items():
+        state[k] = v.to(dtype) if (dtype is not None and k in params) else v
+    save_state_dict(path, state, meta)
+
+
+def _check_meta(meta, path) -> None:
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or "net_kwargs" not in meta:
+        raise SnapshotError(f"{path}: not an edm2 snapshot (metadata lacks format={FORMAT!r} and net_kwargs); "
+                            f"convert published .pkl files with `edm2 import-official`")
+    if meta.get("version", 0) > VERSION:
+        raise SnapshotError(f"{path}: snapshot format version {meta['version']} is newer than this edm2 "
+                            f"understands ({VERSION}); upgrade edm2")
+
+
+def read_snapshot_meta(path) -> dict:
+    """Read only the JSON metadata of a snapshot (cheap: the header only)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise SnapshotError(f"{path}: no such snapshot file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            header = f.metadata() or {}
+    except Exception as e:  # safetensors raises its own error types for bad headers
+        raise SnapshotError(f"{path}: unreadable or truncated snapshot ({type(e).__name__}: {e})") from None
+    try:
+        meta = json.loads(header["edm2"])
+    except (KeyError, ValueError):
+        raise SnapshotError(f"{path}: safetensors file without edm2 metadata; not an edm2 snapshot") from None
+    _check_meta(meta, path)
+    return meta
+
+
+def build_net(meta: dict, device="cpu"):
+    """An (uninitialised) Precond of the architecture that `meta` describes."""
+    from .nn import Precond
+
+    return Precond(**meta["net_kwargs"]).to(device)
+
+
+def load_snapshot(path, device="cpu", eval_mode: bool = True):
+    """Load a snapshot -> (Precond, meta). Strict: every key and shape must match."""
+    from safetensors.torch import load_file
+
+    meta = read_snapshot_meta(path)
+    with torch.device("meta"):
+        net = build_net(meta)
+    try:
+        state = load_file(str(path), device=str(device))
+    except Exception as e:
+        raise SnapshotError(f"{path}: unreadable or truncated snapshot ({type(e).__name__}: {e})") from None
+    try:
+        net.load_state_dict(state, strict=True, assign=True)
+    except RuntimeError as e:
+        raise SnapshotError(f"{path}: weights do not match the architecture in its metadata: "
+                            f"{str(e).splitlines()[0]}") from None
+    for p in net.parameters():
+        if p.dtype != torch.float32:
+            p.data = p.data.float()
+    net.train(not eval_mode).requires_grad_(not eval_mode)
+    return net, meta
+
+
+def list_snapshots(folder) -> list[tuple[int, float | None, Path]]:
+    """Snapshot files in a folder named by snapshot_name(), sorted by (nimg, ema_std)."""
+    out = []
+    for p in Path(folder).iterdir():
+        parsed = parse_snapshot_name(p.name)
+        if parsed is not None and p.is_file():
+            out.append((parsed[0], parsed[1], p))
+    return sorted(out, key=lambda r: (r[0], -1 if r[1] is None else r[1]))
