@@ -27,6 +27,7 @@ class Preset:
     num_blocks: int = 3
     attn_resolutions: tuple = (16, 8)
     dropout: float = 0.0
+    channels_per_head: int = 64
     # Optimisation (SPEC §5).
     lr: float = 0.0100                # ref_lr
     decay: float = 70000              # ref_batches
@@ -52,6 +53,7 @@ class Preset:
             num_blocks=self.num_blocks,
             attn_resolutions=list(self.attn_resolutions),
             dropout=self.dropout,
+            channels_per_head=self.channels_per_head,
         )
 
     def replace(self, **changes) -> "Preset":
@@ -92,14 +94,14 @@ PRESETS["cpu-32"] = Preset(
     name="cpu-32",
     description="32x32 grey or RGB on a laptop CPU (the Fashion-MNIST demo)",
     img_resolution=32, img_channels=1, latent=False,
-    model_channels=32, channel_mult=(1, 2, 2), num_blocks=1, attn_resolutions=(8,),
+    model_channels=32, channel_mult=(1, 2, 2), num_blocks=1, attn_resolutions=(8,), channels_per_head=32,
     lr=0.0100, decay=2000, rampup_Mimg=0.002, P_mean=-0.8, P_std=1.6,
     batch=64, duration=32 * Ki, status=2 * Ki, snapshot=8 * Ki, checkpoint=8 * Ki)
 PRESETS["tiny"] = Preset(
     name="tiny",
     description="smallest sensible network, for tests and smoke runs",
     img_resolution=16, img_channels=1, latent=False,
-    model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,),
+    model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,), channels_per_head=16,
     lr=0.0100, decay=100, rampup_Mimg=0.0001, P_mean=-0.8, P_std=1.6,
     batch=8, duration=64, status=16, snapshot=32, checkpoint=32)
 

@@ -44,9 +44,8 @@ class Block(torch.nn.Module):
         self.flavor = flavor
         self.resample_mode = resample_mode
         self.resample_filter = list(resample_filter)
+        # As in the reference, a block narrower than one head gets no attention.
         self.num_heads = out_channels // channels_per_head if attention else 0
-        if attention and self.num_heads < 1:
-            raise ValueError(f"attention needs out_channels ({out_channels}) >= channels_per_head ({channels_per_head})")
         self.dropout = dropout
         self.res_balance = res_balance
         self.attn_balance = attn_balance
