@@ -116,3 +116,9 @@ def get_preset(name: str) -> Preset:
     if key not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)} (an 'edm2-' prefix is accepted)")
     return PRESETS[key]
+
+
+# ---------------------------------------------------------------------------
+# Generation presets of the authors' published models (net, gnet, guidance).
+# Filled in by the import-official work (issue 8).
+# ---------------------------------------------------------------------------

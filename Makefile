@@ -1,0 +1,29 @@
+# Two commands do everything on a fresh clone:
+#   make demo   - set up .venv, train the cpu-32 preset on the built-in Fashion-MNIST, write a sample grid
+#   make test   - set up .venv, run the test suite
+PY      ?= python3
+VENV    ?= .venv
+# The CPU build of torch (pip finds it locally on the project's machines; elsewhere it comes from PyPI).
+TORCH   ?= torch==2.13.0
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.edm2-installed
+
+.PHONY: venv demo test clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH)"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[test,vae,metrics]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/edm2 train --outdir demo-run --preset cpu-32
+	$(BIN)/edm2 generate --net demo-run --outdir demo-run/samples --seeds 0-99 --grid demo-run/samples.png
+
+test: $(STAMP)
+	$(BIN)/python -m pytest tests
+
+clean:
+	rm -rf $(VENV) demo-run
