@@ -29,6 +29,7 @@ import torch
 
 __all__ = ["SnapshotError", "FORMAT", "snapshot_name", "parse_snapshot_name", "make_meta", "save_snapshot",
            "save_state_dict", "read_snapshot_meta", "load_snapshot", "build_net", "list_snapshots",
+           "resolve_snapshot_path", "load_network",
            "atomic_write_bytes"]
 
 FORMAT = "edm2-snapshot"
@@ -162,3 +163,33 @@ def list_snapshots(folder) -> list[tuple[int, float | None, Path]]:
         if parsed is not None and p.is_file():
             out.append((parsed[0], parsed[1], p))
     return sorted(out, key=lambda r: (r[0], -1 if r[1] is None else r[1]))
+
+
+def _is_url(source) -> bool:
+    return isinstance(source, str) and "://" in source
+
+
+def resolve_snapshot_path(source) -> Path:
+    """A snapshot file as given, or for a run folder its preferred snapshot:
+    the latest nimg, and among those the longest stored EMA (largest sigma_rel)."""
+    path = Path(source)
+    if path.is_dir():
+        found = [r for r in list_snapshots(path) if r[1] is not None] or list_snapshots(path)
+        if not found:
+            raise SnapshotError(f"{path}: folder holds no snapshot-*.safetensors files; pass a snapshot file or a run folder")
+        last = max(r[0] for r in found)
+        return [r for r in found if r[0] == last][-1][2]
+    if not path.exists():
+        raise SnapshotError(f"{path}: no such snapshot file or run folder")
+    return path
+
+
+def load_network(source, device="cpu"):
+    """Load a network from anything a user may name -> (Precond in eval mode, meta):
+    an edm2 snapshot file, a run folder (see resolve_snapshot_path), or one of the
+    authors' published .pkl files / URLs (imported safely by edm2.official)."""
+    if _is_url(source) or str(source).endswith(".pkl"):
+        from .official import load_official  # restricted unpickler, never executes code
+
+        return load_official(source, device=device)
+    return load_snapshot(resolve_snapshot_path(source), device=device)
