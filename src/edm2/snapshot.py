@@ -129,7 +129,9 @@ def build_net(meta: dict, device="cpu"):
     """An (uninitialised) Precond of the architecture that `meta` describes."""
     from .nn import Precond
 
-    return Precond(**meta["net_kwargs"]).to(device)
+    net = Precond(**meta["net_kwargs"])
+    # Built under `torch.device("meta")` (load_snapshot): no data to move yet.
+    return net if next(net.parameters()).is_meta else net.to(device)
 
 
 def load_snapshot(path, device="cpu", eval_mode: bool = True):
