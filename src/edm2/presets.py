@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-__all__ = ["Preset", "PRESETS", "get_preset", "preset_names"]
+__all__ = ["Preset", "PRESETS", "get_preset", "preset_names",
+           "GenerationPreset", "GENERATION_PRESETS", "get_generation_preset"]
 
 Ki, Mi, Gi = 2 ** 10, 2 ** 20, 2 ** 30
 
@@ -122,3 +123,87 @@ def get_preset(name: str) -> Preset:
 # Generation presets of the authors' published models (net, gnet, guidance).
 # Filled in by the import-official work (issue 8).
 # ---------------------------------------------------------------------------
+# Facts taken from the authors' README / generate_images.py (preset name ->
+# post-hoc reconstruction files and guidance weight; the metric each preset
+# optimises and the value they report). `edm2 generate --preset NAME` resolves
+# a preset through `get_generation_preset`; URLs are fetched into the download
+# cache by edm2.official (see docs/official.md).
+
+OFFICIAL_ROOT = "https://nvlabs-fi-cdn.nvidia.com/edm2"
+POSTHOC_URL = f"{OFFICIAL_ROOT}/posthoc-reconstructions"      # edm2-img512-s-2147483-0.130.pkl, ...
+RAW_SNAPSHOTS_URL = f"{OFFICIAL_ROOT}/raw-snapshots"           # <model>/network-snapshot-0134217-0.050.pkl, ...
+DATASET_REFS_URL = f"{OFFICIAL_ROOT}/dataset-refs"             # img512.pkl, img64.pkl (FID, FD_DINOv2 statistics)
+
+
+@dataclass(frozen=True)
+class GenerationPreset:
+    """A published (net, gnet, guidance) triple. `gnet` is None without guidance."""
+    name: str
+    net: str                  # URL of the main network pickle
+    gnet: str | None          # URL of the guiding network (unconditional: CFG; smaller/earlier: autoguidance)
+    guidance: float           # guidance weight w (1 = none)
+    metric: str               # 'fid' or 'fd_dinov2': what the EMA length and w were tuned for
+    reported: float           # the authors' reported value of that metric
+
+
+_GENERATION = [
+    # name (without 'edm2-'),  net file,                      gnet file,                       w,    metric,      value
+    ("img512-xs-fid",          "img512-xs-2147483-0.135",     None,                            1.00, "fid",       3.53),
+    ("img512-xs-dino",         "img512-xs-2147483-0.200",     None,                            1.00, "fd_dinov2", 103.39),
+    ("img512-s-fid",           "img512-s-2147483-0.130",      None,                            1.00, "fid",       2.56),
+    ("img512-s-dino",          "img512-s-2147483-0.190",      None,                            1.00, "fd_dinov2", 68.64),
+    ("img512-m-fid",           "img512-m-2147483-0.100",      None,                            1.00, "fid",       2.25),
+    ("img512-m-dino",          "img512-m-2147483-0.155",      None,                            1.00, "fd_dinov2", 58.44),
+    ("img512-l-fid",           "img512-l-1879048-0.085",      None,                            1.00, "fid",       2.06),
+    ("img512-l-dino",          "img512-l-1879048-0.155",      None,                            1.00, "fd_dinov2", 52.25),
+    ("img512-xl-fid",          "img512-xl-1342177-0.085",     None,                            1.00, "fid",       1.96),
+    ("img512-xl-dino",         "img512-xl-1342177-0.155",     None,                            1.00, "fd_dinov2", 45.96),
+    ("img512-xxl-fid",         "img512-xxl-0939524-0.070",    None,                            1.00, "fid",       1.91),
+    ("img512-xxl-dino",        "img512-xxl-0939524-0.150",    None,                            1.00, "fd_dinov2", 42.84),
+    ("img64-s-fid",            "img64-s-1073741-0.075",       None,                            1.00, "fid",       1.58),
+    ("img64-m-fid",            "img64-m-2147483-0.060",       None,                            1.00, "fid",       1.43),
+    ("img64-l-fid",            "img64-l-1073741-0.040",       None,                            1.00, "fid",       1.33),
+    ("img64-xl-fid",           "img64-xl-0671088-0.040",      None,                            1.00, "fid",       1.33),
+    # Classifier-free guidance with a separately trained unconditional XS model.
+    ("img512-xs-guid-fid",     "img512-xs-2147483-0.045",     "img512-xs-uncond-2147483-0.045", 1.40, "fid",       2.91),
+    ("img512-xs-guid-dino",    "img512-xs-2147483-0.150",     "img512-xs-uncond-2147483-0.150", 1.70, "fd_dinov2", 79.94),
+    ("img512-s-guid-fid",      "img512-s-2147483-0.025",      "img512-xs-uncond-2147483-0.025", 1.40, "fid",       2.23),
+    ("img512-s-guid-dino",     "img512-s-2147483-0.085",      "img512-xs-uncond-2147483-0.085", 1.90, "fd_dinov2", 52.32),
+    ("img512-m-guid-fid",      "img512-m-2147483-0.030",      "img512-xs-uncond-2147483-0.030", 1.20, "fid",       2.01),
+    ("img512-m-guid-dino",     "img512-m-2147483-0.015",      "img512-xs-uncond-2147483-0.015", 2.00, "fd_dinov2", 41.98),
+    ("img512-l-guid-fid",      "img512-l-1879048-0.015",      "img512-xs-uncond-2147483-0.015", 1.20, "fid",       1.88),
+    ("img512-l-guid-dino",     "img512-l-1879048-0.035",      "img512-xs-uncond-2147483-0.035", 1.70, "fd_dinov2", 38.20),
+    ("img512-xl-guid-fid",     "img512-xl-1342177-0.020",     "img512-xs-uncond-2147483-0.020", 1.20, "fid",       1.85),
+    ("img512-xl-guid-dino",    "img512-xl-1342177-0.030",     "img512-xs-uncond-2147483-0.030", 1.70, "fd_dinov2", 35.67),
+    ("img512-xxl-guid-fid",    "img512-xxl-0939524-0.015",    "img512-xs-uncond-2147483-0.015", 1.20, "fid",       1.81),
+    ("img512-xxl-guid-dino",   "img512-xxl-0939524-0.015",    "img512-xs-uncond-2147483-0.015", 1.70, "fd_dinov2", 33.09),
+    # Autoguidance (arXiv 2406.02507): guided by a smaller, less-trained model of the same task.
+    ("img512-s-autog-fid",     "img512-s-2147483-0.070",      "img512-xs-0134217-0.125",        2.10, "fid",       1.34),
+    ("img512-s-autog-dino",    "img512-s-2147483-0.120",      "img512-xs-0134217-0.165",        2.45, "fd_dinov2", 36.67),
+    ("img512-xxl-autog-fid",   "img512-xxl-0939524-0.075",    "img512-m-0268435-0.155",         2.05, "fid",       1.25),
+    ("img512-xxl-autog-dino",  "img512-xxl-0939524-0.130",    "img512-m-0268435-0.205",         2.30, "fd_dinov2", 24.18),
+    ("img512-s-uncond-autog-fid",  "img512-s-uncond-2147483-0.070", "img512-xs-uncond-0134217-0.110", 2.85, "fid", 3.86),
+    ("img512-s-uncond-autog-dino", "img512-s-uncond-2147483-0.090", "img512-xs-uncond-0134217-0.125", 2.90, "fd_dinov2", 90.39),
+    ("img64-s-autog-fid",      "img64-s-1073741-0.045",       "img64-xs-0134217-0.110",         1.70, "fid",       1.01),
+    ("img64-s-autog-dino",     "img64-s-1073741-0.105",       "img64-xs-0134217-0.175",         2.20, "fd_dinov2", 31.85),
+]
+
+
+def _posthoc_url(stem: str) -> str:
+    return f"{POSTHOC_URL}/edm2-{stem}.pkl"
+
+
+GENERATION_PRESETS: dict[str, GenerationPreset] = {
+    f"edm2-{_n}": GenerationPreset(f"edm2-{_n}", _posthoc_url(_net), _posthoc_url(_g) if _g else None, _w, _m, _v)
+    for _n, _net, _g, _w, _m, _v in _GENERATION
+}
+
+
+def get_generation_preset(name: str) -> GenerationPreset:
+    """Look up a published generation preset by the authors' name
+    ('edm2-img512-s-guid-dino'); the name without 'edm2-' is accepted too."""
+    key = name if name.startswith("edm2-") else f"edm2-{name}"
+    if key not in GENERATION_PRESETS:
+        raise ValueError(f"unknown generation preset {name!r}; allowed: {', '.join(GENERATION_PRESETS)} "
+                         f"(see docs/official.md)")
+    return GENERATION_PRESETS[key]
