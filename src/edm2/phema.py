@@ -1,73 +1,144 @@
-"""Power-function EMA and its post-hoc reconstruction (paper Sec. 3.1 and
-Appendix C; SPEC §7). All functions take numpy-compatible scalars or arrays
-and compute in float64."""
+"""Power-function EMA and the math of its post-hoc reconstruction (paper
+Sec. 3.1-3.2 and Appendix C; SPEC §7). Everything here is numpy float64 and
+vectorised over arrays; the file streaming lives in `edm2.posthoc`.
+
+A profile with exponent gamma, ending at time t (counted in training images),
+weights the past parameters theta(tau) with the density
+    p(tau) = (gamma + 1) tau^gamma / t^(gamma + 1),   0 <= tau <= t,
+and is named by its relative width sigma_rel (the "EMA length").
+"""
 from __future__ import annotations
 
 import numpy as np
 
 __all__ = ["exp_to_std", "std_to_exp", "power_function_beta", "profile_inner_product",
-           "solve_posthoc_coefficients", "MAX_STD"]
+           "solve_posthoc_coefficients", "profile_density", "profile_fit_error", "check_std", "MAX_STD"]
 
-MAX_STD = float(np.sqrt(1 / 12))  # sigma_rel of gamma = 0, the flat profile (upper bound)
+MAX_STD = float(np.sqrt(1 / 12))  # sigma_rel of gamma = 0, the flat profile (upper bound, 0.2887)
+
+
+def check_std(sigma_rel, name: str = "sigma_rel") -> np.ndarray:
+    """Return sigma_rel as a float64 array, or raise ValueError unless every
+    value lies in the open interval (0, MAX_STD)."""
+    s = np.asarray(sigma_rel, dtype=np.float64)
+    bad = ~((s > 0) & (s < MAX_STD))  # also catches NaN
+    if np.any(bad):
+        raise ValueError(f"{name}={np.atleast_1d(s)[np.atleast_1d(bad)].tolist()}: every EMA length sigma_rel "
+                         f"must lie in (0, {MAX_STD:.4f}); {MAX_STD:.4f} is the flat average of all of training")
+    return s
 
 
 def exp_to_std(gamma):
-    """Relative standard deviation of the power-function profile (Eq. 123)."""
+    """Relative standard deviation of the power-function profile (SPEC §7, Eq. 123):
+    sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3)))."""
     gamma = np.asarray(gamma, dtype=np.float64)
-    return np.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
+    if np.any(~(gamma > -1)):
+        raise ValueError(f"gamma={gamma.tolist()}: the power-function exponent must be > -1")
+    out = np.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
+    return out if out.ndim else float(out)
 
 
 def std_to_exp(sigma_rel):
     """Exponent gamma for a relative width: the largest real root of
-    gamma^3 + 7 gamma^2 + (16 - s^-2) gamma + (12 - s^-2) = 0 (Eq. 125)."""
-    s = np.asarray(sigma_rel, dtype=np.float64)
-    if np.any(s <= 0) or np.any(s >= MAX_STD):
-        raise ValueError(f"sigma_rel={s.tolist()}: every value must lie in (0, {MAX_STD:.4f}) (the flat profile)")
-    flat = s.ravel()
-    out = np.empty_like(flat)
-    for i, v in enumerate(flat):
-        roots = np.roots([1, 7, 16 - v ** -2, 12 - v ** -2])
-        real = roots[np.abs(roots.imag) < 1e-6 * np.maximum(1, np.abs(roots))].real
-        out[i] = real.max()
-        # One Newton step on the relation itself polishes the cubic's root.
-        g = out[i]
-        f = g ** 3 + 7 * g ** 2 + (16 - v ** -2) * g + (12 - v ** -2)
-        out[i] = g - f / (3 * g ** 2 + 14 * g + (16 - v ** -2))
-    return out.reshape(s.shape) if s.ndim else float(out[0])
+    f(g) = g^3 + 7 g^2 + (16 - s^-2) g + (12 - s^-2) = (g+2)^2 (g+3) - (g+1)/s^2 (Eq. 125).
+
+    Vectorised Newton iteration started at g0 = 1/s: there f(g0) = 6/s^2 + 16/s + 12 > 0,
+    and f is convex and increasing right of its largest root (> 0 for s < MAX_STD),
+    so the iterates decrease monotonically onto that root."""
+    s = check_std(sigma_rel)
+    c = s ** -2
+    g = 1 / s
+    for _ in range(100):
+        f = (g + 2) ** 2 * (g + 3) - c * (g + 1)
+        step = f / (3 * g ** 2 + 14 * g + 16 - c)
+        g = g - step
+        if np.all(np.abs(step) <= 1e-15 * np.maximum(1, np.abs(g))):
+            break
+    return g if g.ndim else float(g)
 
 
 def power_function_beta(sigma_rel, t_next, t_delta):
     """EMA decay for the update that brings the image count to t_next with a
-    batch of t_delta: beta = (1 - t_delta / t_next)^(gamma + 1) (Eq. 124).
-    Counting images, not steps; the first update (t_next == t_delta) gives 0."""
-    gamma = std_to_exp(sigma_rel)
-    return (1 - np.asarray(t_delta, np.float64) / np.asarray(t_next, np.float64)) ** (np.asarray(gamma) + 1)
+    batch of t_delta: beta = (1 - t_delta / t_next)^(gamma + 1) (SPEC §7, Eq. 124).
+    Counting images, not steps; the first update (t_next == t_delta) gives 0 (a copy).
+    Broadcasts over all three arguments."""
+    gamma = np.asarray(std_to_exp(sigma_rel))
+    t_next = np.asarray(t_next, np.float64)
+    t_delta = np.asarray(t_delta, np.float64)
+    if np.any(~(t_delta > 0)) or np.any(t_next < t_delta):
+        raise ValueError("power_function_beta: need 0 < t_delta <= t_next (image counts after the step)")
+    out = (1 - t_delta / t_next) ** (gamma + 1)
+    return out if out.ndim else float(out)
+
+
+def _check_times(t, name):
+    t = np.asarray(t, np.float64)
+    if np.any(~(t > 0)) or np.any(~np.isfinite(t)):
+        raise ValueError(f"{name}: every profile end time must be a positive number of training images")
+    return t
 
 
 def profile_inner_product(t_a, sigma_rel_a, t_b, sigma_rel_b):
-    """<p_a, p_b> of two power-function profiles (Eq. 127), broadcasting."""
-    t_a = np.asarray(t_a, np.float64)
-    t_b = np.asarray(t_b, np.float64)
+    """<p_a, p_b> = integral of p_a(tau) p_b(tau) d tau of two power-function
+    profiles (SPEC §7, Eq. 127), broadcasting:
+    (g_a+1)(g_b+1) (t_a/t_b)^e / ((g_a+g_b+1) max(t_a, t_b)), e = g_b if t_a < t_b else -g_a."""
+    t_a = _check_times(t_a, "t_a")
+    t_b = _check_times(t_b, "t_b")
     g_a = np.asarray(std_to_exp(sigma_rel_a), np.float64)
     g_b = np.asarray(std_to_exp(sigma_rel_b), np.float64)
-    t_ratio = t_a / t_b
     t_exp = np.where(t_a < t_b, g_b, -g_a)
-    t_max = np.maximum(t_a, t_b)
-    num = (g_a + 1) * (g_b + 1) * t_ratio ** t_exp
-    den = (g_a + g_b + 1) * t_max
-    return num / den
+    num = (g_a + 1) * (g_b + 1) * (t_a / t_b) ** t_exp
+    return num / ((g_a + g_b + 1) * np.maximum(t_a, t_b))
+
+
+def _inputs_and_outputs(in_t, in_std, out_t, out_std):
+    in_t = _check_times(in_t, "in_t").ravel()
+    in_std = np.broadcast_to(np.asarray(in_std, np.float64), in_t.shape).ravel()
+    out_t, out_std = np.broadcast_arrays(np.atleast_1d(_check_times(out_t, "out_t")).ravel(),
+                                         np.atleast_1d(np.asarray(out_std, np.float64)).ravel())
+    check_std(in_std, "in_std")
+    check_std(out_std, "out_std")
+    return in_t, in_std, out_t, out_std
 
 
 def solve_posthoc_coefficients(in_t, in_std, out_t, out_std):
     """Least-squares combination of stored profiles that best matches each
-    wanted profile (Eq. 128-130). Returns X of shape [len(in), len(out)],
-    every column summing to 1, so that theta_out[j] = sum_i X[i, j] theta_in[i]."""
-    in_t = np.asarray(in_t, np.float64).ravel()
-    in_std = np.broadcast_to(np.asarray(in_std, np.float64), in_t.shape).ravel()
-    out_t = np.atleast_1d(np.asarray(out_t, np.float64)).ravel()
-    out_std = np.atleast_1d(np.asarray(out_std, np.float64)).ravel()
-    out_t, out_std = np.broadcast_arrays(out_t, out_std)
+    wanted profile in L2 (Sec. 3.2, Eq. 128-130): solve A X = B with
+    A[i, i'] = <p_i, p_i'> and B[i, j] = <p_i, p_j>, then normalise every column
+    to sum 1 (so a constant parameter is reproduced exactly). Returns X of shape
+    [len(in), len(out)]: theta_out[j] = sum_i X[i, j] theta_in[i]."""
+    in_t, in_std, out_t, out_std = _inputs_and_outputs(in_t, in_std, out_t, out_std)
+    if len(in_t) < 1:
+        raise ValueError("solve_posthoc_coefficients: no stored profiles")
     A = profile_inner_product(in_t[:, None], in_std[:, None], in_t[None, :], in_std[None, :])
     B = profile_inner_product(in_t[:, None], in_std[:, None], out_t[None, :], out_std[None, :])
-    X = np.linalg.solve(A, B)
+    try:
+        X = np.linalg.solve(A, B)
+    except np.linalg.LinAlgError:
+        raise ValueError("solve_posthoc_coefficients: the stored profiles are linearly dependent "
+                         "(two snapshots with the same time and EMA length?)") from None
     return X / X.sum(axis=0, keepdims=True)
+
+
+def profile_density(tau, t, sigma_rel):
+    """p(tau) = (gamma+1) tau^gamma / t^(gamma+1) for 0 <= tau <= t, else 0 (broadcasting)."""
+    tau = np.asarray(tau, np.float64)
+    t = _check_times(t, "t")
+    g = np.asarray(std_to_exp(sigma_rel), np.float64)
+    x = np.clip(tau / t, 0, None)
+    return np.where((tau >= 0) & (tau <= t), (g + 1) * x ** g / t, 0.0)
+
+
+def profile_fit_error(in_t, in_std, coeffs, out_t, out_std):
+    """Relative L2 error ||sum_i X[i,j] p_i - p_j|| / ||p_j|| of each realised
+    profile, exactly, from the inner products (no sampling of tau). With the
+    solution of solve_posthoc_coefficients this is the paper's residual; it bounds
+    the parameter error: |theta_hat - theta| <= err ||p_j|| ||theta(.) - c||_2
+    for any constant c (Cauchy-Schwarz, since sum_i X[i,j] = 1)."""
+    in_t, in_std, out_t, out_std = _inputs_and_outputs(in_t, in_std, out_t, out_std)
+    X = np.asarray(coeffs, np.float64).reshape(len(in_t), len(out_t))
+    A = profile_inner_product(in_t[:, None], in_std[:, None], in_t[None, :], in_std[None, :])
+    B = profile_inner_product(in_t[:, None], in_std[:, None], out_t[None, :], out_std[None, :])
+    P = profile_inner_product(out_t, out_std, out_t, out_std)
+    sq = np.einsum("ij,ik,kj->j", X, A, X) - 2 * np.einsum("ij,ij->j", X, B) + P
+    return np.sqrt(np.clip(sq, 0, None) / P)

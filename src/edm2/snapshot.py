@@ -30,7 +30,7 @@ import torch
 __all__ = ["SnapshotError", "FORMAT", "snapshot_name", "parse_snapshot_name", "make_meta", "save_snapshot",
            "save_state_dict", "read_snapshot_meta", "load_snapshot", "build_net", "list_snapshots",
            "resolve_snapshot_path", "load_network",
-           "atomic_write_bytes"]
+           "atomic_write_bytes", "SnapshotStreamWriter"]
 
 FORMAT = "edm2-snapshot"
 VERSION = 1
@@ -94,6 +94,57 @@ def save_snapshot(path, net: torch.nn.Module, meta: dict, dtype: torch.dtype | N
     for k, v in net.state_dict().items():
         state[k] = v.to(dtype) if (dtype is not None and k in params) else v
     save_state_dict(path, state, meta)
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
+              torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+class SnapshotStreamWriter:
+    """Write a snapshot piece by piece, without holding it in memory (post-hoc EMA).
+
+    `specs` lists (name, torch dtype, shape) in file order; the header is written
+    first, then `write(tensor)` appends the next bytes (whole tensors or row
+    blocks, in order). Data goes to a temporary file in the target folder;
+    `commit()` checks that every byte arrived, fsyncs and renames it into place;
+    `abort()` deletes it. The result is a plain safetensors file, as save_state_dict writes."""
+
+    def __init__(self, path, specs, meta: dict):
+        _check_meta(meta, path)
+        self.path = Path(path)
+        header, offset = {"__metadata__": {"edm2": json.dumps(meta)}}, 0
+        for name, dtype, shape in specs:
+            nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # keep the data 8-byte aligned, like safetensors does
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        self.file = os.fdopen(fd, "wb")
+        self.file.write(len(text).to_bytes(8, "little") + text)
+        self.remaining = offset
+
+    def write(self, data: torch.Tensor) -> None:
+        raw = data.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
+        if raw.nbytes > self.remaining:
+            raise RuntimeError(f"{self.path}: more tensor data than the header declares")
+        self.file.write(memoryview(raw))
+        self.remaining -= raw.nbytes
+
+    def commit(self) -> Path:
+        if self.remaining:
+            raise RuntimeError(f"{self.path}: {self.remaining} bytes of tensor data missing")
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.tmp, self.path)
+        return self.path
+
+    def abort(self) -> None:
+        self.file.close()
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
 
 
 def _check_meta(meta, path) -> None:

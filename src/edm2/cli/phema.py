@@ -1,5 +1,38 @@
-"""Placeholder, replaced by the module that implements `phema`."""
+"""`edm2 phema`: a thin layer over `edm2.posthoc.reconstruct` (post-hoc EMA, SPEC §7)."""
+from __future__ import annotations
+
+from ..units import parse_float_list, parse_nimg
+
+HELP = "post-hoc EMA: snapshots of any EMA length (sigma_rel) from a finished run's snapshots"
 
 
-def register(sub):
-    pass
+def register(sub) -> None:
+    p = sub.add_parser("phema", help=HELP, description=HELP + ". Outputs are ordinary snapshots named "
+                       "snapshot-<nimg>-<sigma_rel>.safetensors, usable by `edm2 generate --net`.")
+    p.add_argument("--rundir", required=True, metavar="DIR", help="training run folder with its EMA snapshots")
+    p.add_argument("--outdir", required=True, metavar="DIR", help="folder for the reconstructed snapshots")
+    p.add_argument("--std", required=True, metavar="LIST",
+                   help="EMA lengths sigma_rel in (0, 0.2887): 0.05,0.1 or a range 0.010,0.015,...,0.250")
+    when = p.add_mutually_exclusive_group()
+    when.add_argument("--at-nimg", metavar="N", help="training time in images, e.g. 8388608 or 8Mi (default: last snapshot)")
+    when.add_argument("--at-kimg", metavar="K", type=int, help="training time in the reference's kimg naming")
+    p.add_argument("--plot", action="store_true", help="also write phema-<nimg>-<sigma_rel>.png per output "
+                   "(wanted against realised weighting of past training, like the paper's Figure 4)")
+    p.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..posthoc import reconstruct
+
+    stds = parse_float_list(args.std, "--std")
+    at_nimg = None if args.at_nimg is None else parse_nimg(args.at_nimg, "--at-nimg")
+    paths = reconstruct(args.rundir, args.outdir, stds, at_nimg=at_nimg, at_kimg=args.at_kimg,
+                        plot=args.plot, overwrite=args.overwrite)
+    from ..snapshot import read_snapshot_meta
+
+    for path in paths:
+        info = read_snapshot_meta(path)["origin"]["phema"]
+        print(f"{path}  sigma_rel={info['ema_std']:.4f}  from {len(info['inputs'])} snapshots  "
+              f"profile error {info['fit_error']:.1e}")
+    return 0

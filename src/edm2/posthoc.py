@@ -1,0 +1,313 @@
+"""Post-hoc EMA: build snapshots of any EMA length after training from the
+run's stored snapshots (paper Sec. 3.2, Figure 4; SPEC §7).
+
+The math is in `edm2.phema`; this module lists a run's snapshots, checks
+them, and streams the linear combinations tensor by tensor: every input file
+is opened memory-mapped (safetensors `safe_open`) and read once whatever the
+number of outputs, and each output is written as it is computed, so memory
+stays at a few row blocks (inputs x block + outputs x block) instead of whole
+models. Outputs are ordinary edm2 snapshots (`edm2.snapshot`), named by
+`snapshot_name(nimg, sigma_rel)`, so `edm2 generate --net` and metrics use them.
+"""
+from __future__ import annotations
+
+import copy
+import io
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .phema import check_std, profile_density, profile_fit_error, solve_posthoc_coefficients
+from .snapshot import (SnapshotError, SnapshotStreamWriter, atomic_write_bytes, build_net, list_snapshots,
+                       read_snapshot_meta, snapshot_name)
+
+__all__ = ["PhemaInput", "PosthocPlan", "find_phema_inputs", "resolve_time", "plan_posthoc", "reconstruct",
+           "plot_profiles", "plot_name"]
+
+_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+@dataclass(frozen=True)
+class PhemaInput:
+    """One stored EMA snapshot of a run: file, training images seen, sigma_rel, metadata."""
+    path: Path
+    nimg: int
+    ema_std: float
+    meta: dict = field(repr=False, compare=False)
+
+
+@dataclass
+class PosthocPlan:
+    """Which stored profiles make which wanted profile: coeffs[i, j] weights input i in output j."""
+    in_nimg: np.ndarray      # [in] end times of the stored profiles (training images)
+    in_std: np.ndarray       # [in] their sigma_rel
+    at_nimg: int             # time of every output
+    stds: list               # [out] wanted sigma_rel
+    coeffs: np.ndarray       # [in, out], columns sum to 1
+    fit_error: np.ndarray    # [out] relative L2 error of the realised profile (phema.profile_fit_error)
+    inputs: list = None      # [in] PhemaInput, when planned from files
+
+
+def find_phema_inputs(rundir) -> list[PhemaInput]:
+    """Every EMA snapshot of a run folder, sorted by (nimg, sigma_rel), with its
+    metadata checked: readable (a truncated file is an error naming it), one
+    architecture for all, no duplicate (nimg, sigma_rel). Raw-weight snapshots and
+    earlier post-hoc outputs (origin has "phema") are not inputs: the latter are
+    combinations of the others and would make the system singular.
+    This is the one place that lists inputs (a converter for other formats hooks in here)."""
+    rundir = Path(rundir)
+    if not rundir.is_dir():
+        raise FileNotFoundError(f"--rundir {rundir}: no such folder; pass the training run folder holding snapshot-*.safetensors")
+    found = []
+    for _, _, path in list_snapshots(rundir):
+        meta = read_snapshot_meta(path)  # SnapshotError (a ValueError) names unreadable/truncated files
+        if meta.get("ema_std") is None or "phema" in meta.get("origin", {}):
+            continue
+        found.append(PhemaInput(path, int(meta["nimg"]), float(meta["ema_std"]), meta))
+    found.sort(key=lambda r: (r.nimg, r.ema_std))
+    for a, b in zip(found, found[1:]):
+        if (a.nimg, a.ema_std) == (b.nimg, b.ema_std):
+            raise ValueError(f"{a.path} and {b.path}: both hold nimg={a.nimg}, sigma_rel={a.ema_std}; remove one")
+    for r in found[1:]:
+        if r.meta["net_kwargs"] != found[0].meta["net_kwargs"]:
+            raise ValueError(f"{found[0].path} and {r.path}: different architectures (net_kwargs) in one run folder; "
+                             f"move the snapshots of other runs elsewhere")
+    return found
+
+
+def resolve_time(inputs, at_nimg=None, at_kimg=None) -> int:
+    """The output time in training images: at_nimg, or at_kimg in the reference's
+    naming (the snapshot whose nimg // 1000 == at_kimg, else at_kimg * 1000),
+    or by default the last snapshot's. Must lie within the stored snapshots."""
+    if not inputs:
+        raise ValueError("no EMA snapshots (snapshot-*-<sigma_rel>.safetensors) found; train first")
+    last = max(r.nimg for r in inputs)
+    if at_nimg is not None and at_kimg is not None:
+        raise ValueError("give either --at-nimg or --at-kimg, not both")
+    if at_kimg is not None:
+        match = [r.nimg for r in inputs if r.nimg // 1000 == int(at_kimg)]
+        at_nimg = match[0] if match else int(at_kimg) * 1000
+    t = last if at_nimg is None else int(at_nimg)
+    if t <= 0:
+        raise ValueError(f"--at-nimg {t}: must be > 0")
+    if t > last:
+        raise ValueError(f"--at-nimg {t}: beyond the last snapshot (nimg {last}); choose a time <= {last}")
+    return t
+
+
+def plan_posthoc(in_nimg, in_std, stds, at_nimg, inputs=None) -> PosthocPlan:
+    """Coefficients for the wanted sigma_rel list at time at_nimg from stored profiles
+    (in_nimg, in_std); only those with 0 < nimg <= at_nimg take part (SPEC §7)."""
+    stds = [float(s) for s in np.atleast_1d(check_std(stds, "--std"))]
+    in_nimg, in_std = np.asarray(in_nimg, np.int64), np.asarray(in_std, np.float64)
+    use = (in_nimg > 0) & (in_nimg <= at_nimg)
+    if use.sum() < 2:
+        raise ValueError(f"only {int(use.sum())} snapshot(s) with 0 < nimg <= {at_nimg}; post-hoc EMA needs at least 2 "
+                         f"(train longer or choose a later --at-nimg)")
+    inputs = None if inputs is None else [r for r, u in zip(inputs, use) if u]
+    in_nimg, in_std = in_nimg[use], in_std[use]
+    X = solve_posthoc_coefficients(in_nimg, in_std, at_nimg, stds)
+    err = profile_fit_error(in_nimg, in_std, X, at_nimg, stds)
+    return PosthocPlan(in_nimg, in_std, int(at_nimg), stds, X, err, inputs)
+
+
+def plot_name(nimg: int, std: float) -> str:
+    return snapshot_name(nimg, std).replace("snapshot-", "phema-").replace(".safetensors", ".png")
+
+
+def plot_profiles(plan: PosthocPlan, j: int, path=None) -> bytes:
+    """PNG (bytes; also written to `path` if given) of output j, like the paper's
+    Figure 4: left, the stored profiles scaled by their coefficients; right, the
+    wanted profile against the one the combination realises."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t, std, X = plan.at_nimg, plan.stds[j], plan.coeffs[:, j]
+    tau = np.unique(np.concatenate([np.linspace(0, t, 2001), plan.in_nimg, plan.in_nimg * (1 + 1e-9)]))
+    tau = tau[tau <= t]
+    unit, scale = next((u, s) for u, s in (("Mi", 2 ** 20), ("Ki", 2 ** 10), ("", 1)) if t >= 4 * s)
+    x = tau / scale
+    parts = X[:, None] * profile_density(tau[None, :], plan.in_nimg[:, None], plan.in_std[:, None]) * t
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+    for i, part in enumerate(parts):
+        ax0.plot(x, part, lw=0.8, color="tab:blue" if plan.in_std[i] == plan.in_std.min() else "tab:orange")
+    ax0.set_title(f"{len(X)} stored profiles x coefficients (blue: sigma_rel {plan.in_std.min():.3f})", fontsize=9)
+    ax1.plot(x, profile_density(tau, t, std) * t, "k--", lw=2, label=f"wanted, sigma_rel={std:.3f}")
+    ax1.plot(x, parts.sum(0), color="tab:red", lw=1.2, label="realised by the combination")
+    ax1.set_title(f"relative L2 error {plan.fit_error[j]:.2e}", fontsize=9)
+    ax1.legend(fontsize=8)
+    for ax in (ax0, ax1):
+        ax.set_xlabel(f"training images{' (' + unit + ')' if unit else ''}")
+        ax.grid(alpha=0.3)
+    ax0.set_ylabel("weight density x t")
+    fig.suptitle(f"post-hoc EMA at nimg={t}", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    if path is not None:
+        atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def _tensor_layout(inputs: list[PhemaInput]):
+    """Names/shapes from the architecture, checked against every input's header;
+    output dtypes from the latest input. -> (specs, buffer names)."""
+    from safetensors import safe_open
+
+    with torch.device("meta"):
+        net = build_net(inputs[-1].meta)
+    shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+    buffers = {k for k, _ in net.named_buffers()}
+    dtypes = {}
+    for r in reversed(inputs):
+        with safe_open(str(r.path), framework="pt") as f:
+            got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            if got != shapes:
+                raise SnapshotError(f"{r.path}: tensors do not match the architecture in its metadata; "
+                                    f"the file is damaged or not written by edm2")
+            for k in shapes:
+                dtypes.setdefault(k, f.get_slice(k).get_dtype())
+    bad = sorted({d for d in dtypes.values() if d not in _TORCH_DTYPES})
+    if bad:
+        raise SnapshotError(f"{inputs[-1].path}: tensor dtypes {bad} cannot be averaged")
+    return [(k, _TORCH_DTYPES[dtypes[k]], shapes[k]) for k in shapes], buffers
+
+
+class _Readers:
+    """Memory-mapped inputs. Touched pages of a mapping count in our RSS until it is
+    closed, so the files are reopened after every `budget` bytes read."""
+
+    def __init__(self, paths, budget=256 << 20):
+        self.paths, self.budget, self.read, self.stack = paths, budget, 0, None
+        self.reopen()
+
+    def reopen(self):
+        from safetensors import safe_open
+
+        self.close()
+        self.stack = ExitStack()
+        self.files = [self.stack.enter_context(safe_open(str(p), framework="pt")) for p in self.paths]
+        self.read = 0
+
+    def rows(self, i, name, r0, r1, ndim):
+        t = self.files[i].get_slice(name)[r0:r1] if ndim else self.files[i].get_tensor(name)
+        self.read += t.numel() * t.element_size()
+        return t
+
+    def maybe_reopen(self):
+        if self.read >= self.budget:
+            self.reopen()
+
+    def close(self):
+        if self.stack is not None:
+            self.stack.close()
+
+
+def _stream(plan: PosthocPlan, specs, buffers, writers, chunk_elems: int, progress: bool):
+    """theta_out[j] = sum_i coeffs[i, j] theta_in[i] per row block: one float32 GEMM
+    [out, in] x [in, block] (SPEC §7: solved in float64, accumulated in float32).
+    Buffers (MPFourier freqs/phases) are copied from the latest input, not averaged."""
+    from tqdm import tqdm
+
+    coef = torch.from_numpy(plan.coeffs.T.astype(np.float32))  # [out, in]
+    n_in = coef.shape[1]
+    readers = _Readers([r.path for r in plan.inputs])
+    try:
+        for name, dtype, shape in tqdm(specs, desc="post-hoc EMA", unit="tensor", disable=not progress):
+            rows = shape[0] if len(shape) else 1
+            row_elems = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) else 1
+            if name in buffers:
+                data = readers.rows(n_in - 1, name, 0, rows, len(shape))
+                _check_same_buffer(plan, readers, name, data, shape)
+                for w in writers:
+                    w.write(data)
+                continue
+            step = max(1, chunk_elems // max(row_elems, 1))
+            for r0 in range(0, rows, step):
+                r1 = min(rows, r0 + step)
+                block = torch.empty(n_in, (r1 - r0) * row_elems, dtype=torch.float32)
+                for i in range(n_in):
+                    block[i] = readers.rows(i, name, r0, r1, len(shape)).reshape(-1)
+                out = coef @ block
+                for j, w in enumerate(writers):
+                    w.write(out[j].to(dtype))
+                readers.maybe_reopen()
+    finally:
+        readers.close()
+
+
+def _check_same_buffer(plan, readers, name, data, shape):
+    """Buffers are fixed at initialisation: inputs that differ come from different runs."""
+    for i in range(len(plan.inputs) - 1):
+        if not torch.equal(readers.rows(i, name, 0, shape[0] if shape else 1, len(shape)), data):
+            raise ValueError(f"{plan.inputs[i].path} and {plan.inputs[-1].path}: different {name} "
+                             f"(fixed at initialisation), so they come from different runs; keep one run per folder")
+
+
+def _output_meta(plan: PosthocPlan, j: int) -> dict:
+    meta = copy.deepcopy(plan.inputs[-1].meta)
+    meta["nimg"], meta["ema_std"] = plan.at_nimg, plan.stds[j]
+    meta["origin"]["phema"] = {
+        "at_nimg": plan.at_nimg, "ema_std": plan.stds[j], "fit_error": float(plan.fit_error[j]),
+        "inputs": [{"file": r.path.name, "nimg": r.nimg, "ema_std": r.ema_std, "coeff": float(c)}
+                   for r, c in zip(plan.inputs, plan.coeffs[:, j])]}
+    return meta
+
+
+def reconstruct(rundir, outdir, stds, at_nimg=None, at_kimg=None, plot=False, overwrite=False,
+                progress=True, chunk_elems=1 << 18) -> list[Path]:
+    """Write post-hoc EMA snapshots of a training run (SPEC §7).
+
+    rundir: the run folder (its snapshot-<nimg>-<sigma_rel>.safetensors files);
+    outdir: where outputs go, named snapshot_name(t, sigma_rel);
+    stds: wanted sigma_rel values (list or '0.05,0.1' / '0.010,0.015,...,0.250');
+    at_nimg / at_kimg: output time (default: the last snapshot);
+    plot: also write phema-<nimg>-<sigma_rel>.png per output (plot_profiles);
+    overwrite: replace existing output files (never an input).
+    Everything is checked before anything is written. Returns the snapshot paths."""
+    from .units import parse_float_list
+
+    stds = list(dict.fromkeys(parse_float_list(stds, "--std")))
+    check_std(stds, "--std")
+    inputs = find_phema_inputs(rundir)
+    t = resolve_time(inputs, at_nimg, at_kimg)
+    plan = plan_posthoc([r.nimg for r in inputs], [r.ema_std for r in inputs], stds, t, inputs)
+
+    outdir = Path(outdir)
+    if outdir.exists() and not outdir.is_dir():
+        raise FileExistsError(f"--outdir {outdir}: exists and is not a folder")
+    names = [snapshot_name(t, s) for s in stds]
+    if len(set(names)) < len(names):
+        raise ValueError(f"--std {stds}: values that agree to 3 decimals would share a file name; drop one")
+    out_paths = [outdir / n for n in names]
+    png_paths = [outdir / plot_name(t, s) for s in stds] if plot else []
+    in_files = {r.path.resolve() for r in inputs}
+    for p in out_paths:
+        if p.resolve() in in_files:
+            raise FileExistsError(f"{p}: would replace a training snapshot; choose another --outdir")
+    existing = [p for p in out_paths + png_paths if p.exists()]
+    if existing and not overwrite:
+        raise FileExistsError(f"{existing[0]}: already exists ({len(existing)} output file(s) in the way); "
+                              f"pass --overwrite or choose another --outdir")
+
+    specs, buffers = _tensor_layout(plan.inputs)
+    pngs = [plot_profiles(plan, j) for j in range(len(stds))] if plot else []
+    writers = []
+    try:
+        for j, p in enumerate(out_paths):
+            writers.append(SnapshotStreamWriter(p, specs, _output_meta(plan, j)))
+        _stream(plan, specs, buffers, writers, chunk_elems, progress)
+        for w in writers:
+            w.commit()
+    except BaseException:
+        for w in writers:
+            w.abort()
+        raise
+    for p, png in zip(png_paths, pngs):
+        atomic_write_bytes(p, png)
+    return out_paths
