@@ -1,5 +1,93 @@
-"""Placeholder, replaced by the module that implements `dataset`."""
+"""`edm2 dataset convert|encode|decode|info`: thin layer over edm2.data."""
+from __future__ import annotations
+
+import argparse
+import json
+
+from ..units import parse_nimg
+
+
+def _convert(args):
+    from ..data import convert_dataset
+    names = None if args.class_names is None else [n.strip() for n in args.class_names.split(",")]
+    r = convert_dataset(args.source, args.dest, resolution=args.resolution, transform=args.transform,
+                        max_images=None if args.max_images is None else parse_nimg(args.max_images, "--max-images"),
+                        skip_bad=args.skip_bad, overwrite=args.overwrite, class_names=names,
+                        use_labels=not args.no_labels, workers=args.workers)
+    for note in r.notes:
+        print(f"note: {note}")
+    for bad in r.skipped[:20]:
+        print(f"skipped: {bad}")
+    labels = f"{r.label_dim} classes" if r.label_dim else "no labels"
+    print(f"wrote {r.num_images} images of {r.channels}x{r.resolution}x{r.resolution} ({labels}) to {r.dest}")
+
+
+def _encode(args):
+    from ..data import encode_dataset
+    r = encode_dataset(args.source, args.dest, vae=args.vae, batch_size=args.batch, device=args.device,
+                       overwrite=args.overwrite, workers=args.workers)
+    for note in r.notes:
+        print(f"note: {note}")
+    print(f"wrote {r.count} latents of 8x{r.resolution}x{r.resolution} ({r.computed} computed now) to {r.dest}")
+
+
+def _decode(args):
+    from ..data import decode_dataset
+    r = decode_dataset(args.source, args.dest, vae=args.vae, batch_size=args.batch, device=args.device,
+                       overwrite=args.overwrite, workers=args.workers)
+    print(f"wrote {r.count} images of 3x{r.resolution}x{r.resolution} to {r.dest}")
+
+
+def _info(args):
+    from ..data import dataset_info, format_info
+    info = dataset_info(args.path)
+    print(json.dumps(info, indent=2) if args.json else format_info(info))
+
+
+def _vae_options(p):
+    from ..encoders import DEFAULT_VAE
+    p.add_argument("--source", required=True, help="input dataset (folder or .zip)")
+    p.add_argument("--dest", required=True, help="output dataset: a folder, or a .zip")
+    p.add_argument("--vae", default=DEFAULT_VAE, help="diffusers AutoencoderKL: hub name or a save_pretrained "
+                   "folder (default %(default)s)")
+    p.add_argument("--batch", type=int, default=8, help="images per VAE call (default %(default)s)")
+    p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")
+    p.add_argument("--workers", type=int, default=2, help="DataLoader processes reading items (default %(default)s)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --dest")
 
 
 def register(sub):
-    pass
+    ds = sub.add_parser("dataset", help="prepare and inspect datasets",
+                        description="Convert image collections, encode/decode VAE latents, inspect datasets.")
+    cmds = ds.add_subparsers(dest="dataset_command", metavar="SUBCOMMAND")
+    cmds.required = True
+
+    from ..data.convert import TRANSFORMS
+    p = cmds.add_parser("convert", help="image folder/zip/IDX/npz -> dataset (PNG + dataset.json)",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--source", required=True, help="folder or zip of images (labels from top-level sub-folders), "
+                   "an existing dataset, an IDX images file (*-images-idx3-ubyte[.gz]) or a .npz")
+    p.add_argument("--dest", required=True, help="output: a folder, or a .zip")
+    p.add_argument("--resolution", type=int, default=None, help="output N x N (default: the images' own size)")
+    p.add_argument("--transform", choices=list(TRANSFORMS), default=None,
+                   help="how to reach N x N (default: resize square images; non-square ones are an error)")
+    p.add_argument("--max-images", default=None, help="keep at most this many (class-balanced when labelled)")
+    p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (counted) instead of failing")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --dest")
+    p.add_argument("--class-names", default=None, help="comma-separated names of classes 0, 1, ...")
+    p.add_argument("--no-labels", action="store_true", help="ignore labels in the source")
+    p.add_argument("--workers", type=int, default=4, help="threads decoding/encoding images")
+    p.set_defaults(func=_convert)
+
+    p = cmds.add_parser("encode", help="image dataset -> Stable Diffusion VAE latents [8, H/8, W/8] (resumable)")
+    _vae_options(p)
+    p.set_defaults(func=_encode)
+
+    p = cmds.add_parser("decode", help="latent dataset -> PNG images (decodes the posterior mean)")
+    _vae_options(p)
+    p.set_defaults(func=_decode)
+
+    p = cmds.add_parser("info", help="count, resolution, channels, labels and class balance of a dataset")
+    p.add_argument("path", help="dataset folder or .zip")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_info)

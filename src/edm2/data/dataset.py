@@ -1,0 +1,272 @@
+"""`ImageDataset`: the reader of edm2 / official EDM2 datasets.
+
+A dataset is a folder or a zip holding either
+- images: 8-bit PNG (or JPEG, ...), grayscale or RGB, all N×N, or
+- latents: float32 `.npy` arrays [8, h, w] = posterior mean (4) and std (4)
+  of the Stable Diffusion VAE (SPEC §9),
+plus an optional `dataset.json` = {"labels": [[relative_path, class], ...] | null,
+"class_names": [...]} (class_names is our optional addition to the official format).
+
+`ds[i] -> (item, label)`: item is a CHW uint8 array (images) or float32 array
+(latents); label is a float32 one-hot vector of length `label_dim` (shape [0]
+without labels). With `xflip=True` the dataset has 2N items, N..2N-1 being the
+x-flipped copies of 0..N-1.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+__all__ = ["ImageDataset", "IMAGE_EXTENSIONS", "LATENT_EXTENSION", "list_dataset_files", "read_dataset_json",
+           "decode_image"]
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+LATENT_EXTENSION = ".npy"
+LATENT_CHANNELS = 8
+
+
+def _is_item(name: str) -> bool:
+    return name.lower().endswith(IMAGE_EXTENSIONS + (LATENT_EXTENSION,))
+
+
+def list_dataset_files(path) -> list[str]:
+    """Sorted relative POSIX paths of every file in a dataset folder or zip (macOS junk left out)."""
+    path = Path(path)
+    if path.is_dir():
+        names = []
+        for root, _dirs, files in os.walk(path):
+            rel = os.path.relpath(root, path)
+            names += [f if rel == "." else f"{rel}/{f}".replace(os.sep, "/") for f in files]
+    else:
+        with zipfile.ZipFile(path) as z:
+            names = [n for n in z.namelist() if not n.endswith("/")]
+    return sorted(n for n in names if not n.startswith("__MACOSX/") and not Path(n).name.startswith("._"))
+
+
+def read_dataset_json(data: bytes, where: str) -> dict:
+    """Parse and check a dataset.json; `where` names it in error messages."""
+    try:
+        meta = json.loads(data)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{where}: not valid JSON ({e}); fix or delete the file") from None
+    if not isinstance(meta, dict) or "labels" not in meta:
+        raise ValueError(f'{where}: expected {{"labels": [[path, class], ...] or null}}')
+    labels = meta["labels"]
+    if labels is not None and not (isinstance(labels, list) and all(
+            isinstance(e, (list, tuple)) and len(e) == 2 and isinstance(e[0], str) for e in labels)):
+        raise ValueError(f'{where}: "labels" must be null or a list of [relative_path, class] pairs')
+    names = meta.get("class_names")
+    if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
+        raise ValueError(f'{where}: "class_names" must be a list of strings')
+    return meta
+
+
+def decode_image(data: bytes, where: str) -> np.ndarray:
+    """Encoded image bytes -> CHW uint8 (grayscale -> [1, H, W], RGB -> [3, H, W])."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            if img.mode not in ("L", "RGB"):
+                raise ValueError(f"{where}: image mode {img.mode} is not 8-bit grayscale or RGB; "
+                                 f"prepare the dataset with `edm2 dataset convert`")
+            arr = np.asarray(img)
+    except ValueError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{where}: cannot decode image ({type(e).__name__}: {e}); "
+                         f"delete or replace the file, or re-run `edm2 dataset convert --skip-bad`") from None
+    return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
+
+
+class ImageDataset:
+    """Images or latents from a folder or zip, with optional one-hot labels.
+
+    Args:
+        path: dataset folder or zip file.
+        xflip: double the dataset with x-flipped copies (items N..2N-1).
+        max_size: keep at most this many items: a random subset (seeded by
+            `random_seed`, kept in file order), like the reference.
+        use_labels: False gives every item a [0]-shaped label.
+        random_seed: seed of the `max_size` subset.
+
+    Attributes: `path`, `resolution`, `num_channels` (1, 3 or 8), `label_dim`,
+    `has_labels`, `class_names` (list or None), `is_latent`, `names` (relative
+    path of each raw item), `raw_labels` (int class per raw item, or None).
+    """
+
+    def __init__(self, path, xflip: bool = False, max_size: int | None = None, use_labels: bool = True,
+                 random_seed: int = 0):
+        self.path = Path(path)
+        self.xflip = bool(xflip)
+        if not self.path.exists():
+            raise FileNotFoundError(f"dataset {self.path} does not exist; create one with `edm2 dataset convert`")
+        self._is_zip = self.path.is_file()
+        if self._is_zip and not zipfile.is_zipfile(self.path):
+            raise ValueError(f"dataset {self.path} is neither a folder nor a zip file")
+        self._zip = None
+        self._zip_pid = None
+
+        files = list_dataset_files(self.path)
+        names = [n for n in files if _is_item(n)]
+        if not names:
+            raise ValueError(f"dataset {self.path} holds no images or .npy latents; "
+                             f"create one with `edm2 dataset convert`")
+        latent = [n.lower().endswith(LATENT_EXTENSION) for n in names]
+        if any(latent) and not all(latent):
+            raise ValueError(f"dataset {self.path} mixes images and .npy latents; keep one kind per dataset")
+        self.is_latent = all(latent)
+
+        # Labels (dataset.json at the root), checked against the files present.
+        self.class_names = None
+        label_map = None
+        if "dataset.json" in files:
+            meta = read_dataset_json(self._read("dataset.json"), f"{self.path}/dataset.json")
+            self.class_names = meta.get("class_names")
+            if meta["labels"] is not None:
+                label_map = {str(p).replace("\\", "/"): c for p, c in meta["labels"]}
+                missing = sorted(set(label_map) - set(names))
+                if missing:
+                    raise ValueError(f"{self.path}/dataset.json names {len(missing)} file(s) that are not in the "
+                                     f"dataset (first: {missing[0]}); fix the labels or restore the files")
+                unlabeled = [n for n in names if n not in label_map]
+                if unlabeled:
+                    raise ValueError(f"{self.path}/dataset.json has no label for {len(unlabeled)} file(s) "
+                                     f"(first: {unlabeled[0]}); add them or delete the files")
+
+        # Subset as in the reference: a seeded random choice, kept in file order.
+        idx = np.arange(len(names))
+        if max_size is not None and len(idx) > max_size:
+            rng = np.random.RandomState(random_seed % (1 << 31))
+            idx = np.sort(rng.permutation(len(idx))[:max_size])
+        self.names = [names[i] for i in idx]
+
+        self.raw_labels = None
+        self._label_vectors = None
+        self.label_dim = 0
+        if label_map is not None and use_labels:
+            values = [label_map[n] for n in self.names]
+            if all(isinstance(v, int) and not isinstance(v, bool) for v in label_map.values()):
+                self.raw_labels = np.asarray(values, dtype=np.int64)
+                if min(label_map.values()) < 0:
+                    raise ValueError(f"{self.path}/dataset.json: class indices must be >= 0")
+                # label_dim from all labels, so a max_size subset keeps the full one-hot length
+                dim = max(len(self.class_names or []), max(label_map.values()) + 1)
+                if self.class_names is not None and dim > len(self.class_names):
+                    raise ValueError(f"{self.path}/dataset.json: class index {dim - 1} but only "
+                                     f"{len(self.class_names)} class_names")
+                self.label_dim = dim
+            else:  # vector labels (as the reference allows)
+                try:
+                    self._label_vectors = np.asarray(values, dtype=np.float32).reshape(len(values), -1)
+                except (ValueError, TypeError):
+                    raise ValueError(f"{self.path}/dataset.json: labels must all be class indices or "
+                                     f"all be equal-length vectors") from None
+                self.label_dim = self._label_vectors.shape[1]
+        if not self.label_dim:
+            self.class_names = None
+        self.has_labels = self.label_dim > 0
+
+        # Shape from the first item; every other item is checked when read.
+        first = self._load(0)
+        if first.ndim != 3 or first.shape[1] != first.shape[2]:
+            raise ValueError(f"{self._where(0)}: item shape {list(first.shape)} is not square CHW; "
+                             f"re-run `edm2 dataset convert` with --resolution and --transform")
+        self._raw_shape = first.shape
+        self.num_channels = int(first.shape[0])
+        self.resolution = int(first.shape[1])
+        if self.is_latent and self.num_channels != LATENT_CHANNELS:
+            raise ValueError(f"{self._where(0)}: latents must have {LATENT_CHANNELS} channels "
+                             f"(VAE mean and std), found {self.num_channels}")
+
+    # -- raw access -------------------------------------------------------
+    def _where(self, raw_idx: int) -> str:
+        return f"{self.path}/{self.names[raw_idx]}" if not self._is_zip else f"{self.path}:{self.names[raw_idx]}"
+
+    def _read(self, name: str) -> bytes:
+        if not self._is_zip:
+            return (self.path / name).read_bytes()
+        # One zip handle per process: DataLoader workers reopen it after fork/spawn.
+        if self._zip is None or self._zip_pid != os.getpid():
+            self._zip = zipfile.ZipFile(self.path)
+            self._zip_pid = os.getpid()
+        return self._zip.read(name)
+
+    def _load(self, raw_idx: int) -> np.ndarray:
+        where = self._where(raw_idx)
+        try:
+            data = self._read(self.names[raw_idx])
+        except (OSError, KeyError, zipfile.BadZipFile) as e:
+            raise ValueError(f"{where}: cannot read ({type(e).__name__}: {e})") from None
+        if not self.is_latent:
+            return decode_image(data, where)
+        try:
+            arr = np.load(io.BytesIO(data), allow_pickle=False)
+        except Exception as e:
+            raise ValueError(f"{where}: not a valid .npy array ({type(e).__name__}: {e})") from None
+        if arr.dtype != np.float32:
+            raise ValueError(f"{where}: latent dtype {arr.dtype}, expected float32")
+        return arr
+
+    def close(self):
+        if self._zip is not None:
+            self._zip.close()
+        self._zip = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_zip"] = None  # never send an open file handle to a worker
+        return state
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- public -----------------------------------------------------------
+    @property
+    def raw_size(self) -> int:
+        return len(self.names)
+
+    def __len__(self) -> int:
+        return self.raw_size * (2 if self.xflip else 1)
+
+    def get_label(self, idx: int) -> np.ndarray:
+        raw_idx = idx % self.raw_size
+        if self._label_vectors is not None:
+            return self._label_vectors[raw_idx].copy()
+        if self.raw_labels is not None and self.label_dim:
+            onehot = np.zeros(self.label_dim, dtype=np.float32)
+            onehot[self.raw_labels[raw_idx]] = 1
+            return onehot
+        return np.zeros([0], dtype=np.float32)
+
+    def __getitem__(self, idx: int):
+        if not -len(self) <= idx < len(self):
+            raise IndexError(f"index {idx} out of range for a dataset of {len(self)} items")
+        idx = idx % len(self)
+        raw_idx = idx % self.raw_size
+        item = self._load(raw_idx)
+        if item.shape != self._raw_shape:
+            raise ValueError(f"{self._where(raw_idx)}: shape {list(item.shape)} differs from the first item's "
+                             f"{list(self._raw_shape)}; re-run `edm2 dataset convert --resolution N`")
+        if idx >= self.raw_size:  # the x-flipped half
+            item = item[:, :, ::-1]
+        return np.ascontiguousarray(item), self.get_label(idx)
+
+    def class_counts(self) -> np.ndarray | None:
+        """Number of raw items per class (None without integer class labels)."""
+        if self.raw_labels is None or not self.label_dim:
+            return None
+        return np.bincount(self.raw_labels, minlength=self.label_dim)
+
+    def __repr__(self):
+        kind = "latents" if self.is_latent else "images"
+        return (f"ImageDataset({str(self.path)!r}: {self.raw_size} {kind}, {self.num_channels}x{self.resolution}x"
+                f"{self.resolution}, label_dim={self.label_dim}{', xflip' if self.xflip else ''})")

@@ -1,0 +1,129 @@
+"""Writing a dataset (folder or .zip) under a temporary name, renamed into
+place only when complete, so a failure never leaves a partial dataset and an
+existing one is never touched unless `overwrite=True`."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+__all__ = ["DatasetWriter", "check_destination", "item_name", "move_into_place", "write_dataset_json"]
+
+
+def item_name(idx: int, ext: str = "png", prefix: str = "img") -> str:
+    """Layout of the official tool: '00000/img00000000.png', 1000 items per folder."""
+    return f"{idx // 1000:05d}/{prefix}{idx:08d}.{ext}"
+
+
+def check_destination(dest, overwrite: bool = False, source=None) -> Path:
+    """Refuse an existing destination (unless overwrite) or one that is the source itself."""
+    dest = Path(dest)
+    if source is not None and dest.exists() and Path(source).exists() and dest.resolve() == Path(source).resolve():
+        raise ValueError(f"--dest {dest} is the source itself; choose another destination")
+    if dest.exists() and not overwrite:
+        raise FileExistsError(f"--dest {dest} already exists; choose another name or pass --overwrite")
+    return dest
+
+
+def move_into_place(tmp: Path, dest: Path) -> None:
+    """Rename the finished `tmp` (file or folder) to `dest`, replacing what is there."""
+    if dest.exists() and (dest.is_dir() or tmp.is_dir()):
+        # Folders cannot be renamed over: move the old one aside first, then delete it.
+        trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+        os.replace(dest, trash / "old")
+        os.replace(tmp, dest)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+
+
+def write_dataset_json(labels, class_names) -> bytes:
+    """dataset.json: {"labels": [[path, class], ...] | null, "class_names": [...] (optional)}."""
+    meta = {"labels": labels}
+    if class_names is not None:
+        meta["class_names"] = list(class_names)
+    return json.dumps(meta).encode()
+
+
+class DatasetWriter:
+    """Collect items, then `commit(labels, class_names)` writes dataset.json and renames.
+
+    Use as a context manager: an exception inside the block removes the temporary output.
+    A destination ending in `.zip` becomes a zip (stored, PNG/npy need no recompression),
+    anything else a folder.
+    """
+
+    def __init__(self, dest, overwrite: bool = False, source=None):
+        self.dest = check_destination(dest, overwrite, source)
+        self.overwrite = overwrite
+        self.is_zip = self.dest.suffix.lower() == ".zip"
+        self.dest.parent.mkdir(parents=True, exist_ok=True)
+        prefix = f".{self.dest.name}."
+        if self.is_zip:
+            fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=self.dest.parent)
+            os.close(fd)
+            self.tmp = Path(tmp)
+            self._zip = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_STORED)
+        else:
+            self.tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=self.dest.parent))
+            self._zip = None
+        self.count = 0
+        self._done = False
+
+    def add(self, relpath: str, data: bytes) -> None:
+        if self._zip is not None:
+            self._zip.writestr(relpath, data)
+        else:
+            path = self.tmp / relpath
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data)
+        self.count += 1
+
+    def add_file(self, relpath: str, src: Path) -> None:
+        """Copy an existing file (used to pack a folder)."""
+        if self._zip is not None:
+            self._zip.write(src, relpath)
+        else:
+            path = self.tmp / relpath
+            path.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, path)
+        self.count += 1
+
+    def commit(self, labels=None, class_names=None) -> Path:
+        """Write dataset.json ({"labels": [[path, class], ...] | null, "class_names": [...]}) and rename."""
+        data = write_dataset_json(labels, class_names)
+        if self._zip is not None:
+            self._zip.writestr("dataset.json", data)
+            self._zip.close()
+            self._zip = None
+        else:
+            (self.tmp / "dataset.json").write_bytes(data)
+        self._replace()
+        self._done = True
+        return self.dest
+
+    def _replace(self):
+        move_into_place(self.tmp, self.dest)
+
+    def abort(self):
+        if self._done:
+            return
+        if self._zip is not None:
+            self._zip.close()
+            self._zip = None
+        if self.tmp.is_dir():
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        elif self.tmp.exists():
+            self.tmp.unlink()
+        self._done = True
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is not None or not self._done:
+            self.abort()
+        return False
