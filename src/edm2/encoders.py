@@ -11,6 +11,7 @@ An encoder is described in snapshot metadata by `to_meta()` and rebuilt with
 from __future__ import annotations
 
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -51,16 +52,53 @@ def load_vae(name_or_path: str = DEFAULT_VAE, device="cpu"):
         from diffusers import AutoencoderKL
     except ImportError:
         raise VAEUnavailable("the VAE needs diffusers: pip install 'edm2[vae]' (or pip install diffusers)") from None
+    name_or_path = str(name_or_path)
+    howto = (f"either allow the download of {DEFAULT_VAE} from the Hugging Face hub (it goes to $HF_HOME, "
+             f"default ~/.cache/huggingface), or save it once with AutoencoderKL.from_pretrained(...)"
+             f".save_pretrained(DIR) on a machine with network access and pass --vae DIR")
     local = os.path.isdir(name_or_path)
+    if not local and (os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~"))
+                      or name_or_path.count("/") != 1):
+        raise VAEUnavailable(f"--vae {name_or_path}: no such folder (a VAE is a folder written by "
+                             f"save_pretrained, or a hub name like {DEFAULT_VAE}); {howto}")
+    from diffusers.utils import logging as dlogging
+    verbosity = dlogging.get_verbosity()
+    dlogging.set_verbosity_error()  # no advice about optional packages on every load
     try:
-        vae = AutoencoderKL.from_pretrained(name_or_path, local_files_only=local or None)
-    except Exception as e:
-        raise VAEUnavailable(
-            f"cannot load VAE {name_or_path!r} ({type(e).__name__}). Either allow the download of "
-            f"{DEFAULT_VAE} from the Hugging Face hub (it goes to $HF_HOME, default ~/.cache/huggingface), or "
-            f"save it once with AutoencoderKL.from_pretrained(...).save_pretrained(DIR) on a machine with "
-            f"network access and pass --vae DIR") from None
+        try:  # a local folder, or the hub name already in the cache: no network
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # deprecation chatter from huggingface_hub
+                vae = AutoencoderKL.from_pretrained(name_or_path, local_files_only=True)
+        except Exception as e:
+            if local:
+                raise VAEUnavailable(f"--vae {name_or_path}: not a diffusers AutoencoderKL folder (needs config.json "
+                                     f"and diffusion_pytorch_model.safetensors; {type(e).__name__})") from None
+            if not _hub_reachable():  # fail at once instead of minutes of retries
+                raise VAEUnavailable(f"cannot load VAE {name_or_path!r}: it is not in the Hugging Face cache and "
+                                     f"the hub cannot be reached (offline); {howto}") from None
+            try:
+                vae = AutoencoderKL.from_pretrained(name_or_path)
+            except Exception as e:
+                raise VAEUnavailable(f"cannot load VAE {name_or_path!r} ({type(e).__name__}); {howto}") from None
+    finally:
+        dlogging.set_verbosity(verbosity)
     return vae.eval().requires_grad_(False).to(device)
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """False when HF_HUB_OFFLINE is set or the hub's host does not answer within `timeout` seconds."""
+    import socket
+    from urllib.parse import urlparse
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True  # behind a proxy a direct connection says nothing; let the download try
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return True
+    except OSError:
+        return False
 
 
 class StabilityVAEEncoder:
