@@ -1,5 +1,6 @@
 """EDM sampler (Karras et al. 2022, Algorithm 2) with optional guidance by a
-second network (EDM2 Sec. 5 / autoguidance paper Eq. 1; SPEC §8).
+second network (EDM2 Sec. 5 / autoguidance paper Eq. 1; SPEC §8), and the
+per-seed random generators that make every image depend only on its seed.
 
 Every sampler-like function here takes `net(x, sigma, labels)` (Precond's
 call signature) and returns float32 samples in the network's space.
@@ -8,24 +9,31 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import torch
 
-__all__ = ["edm_sampler", "sigma_steps", "guided_denoiser"]
+__all__ = ["edm_sampler", "sigma_steps", "guided_denoiser", "SeedRandom"]
 
 
 def sigma_steps(num_steps=32, sigma_min=0.002, sigma_max=80, rho=7, device=None) -> torch.Tensor:
-    """Noise levels t_0 > ... > t_{N-1} (EDM Eq. 5) followed by t_N = 0, float32."""
+    """Noise levels t_0 > ... > t_{N-1} (EDM Eq. 5) followed by t_N = 0.
+
+    Computed in float32 arithmetic (SPEC §8: step times in float32), so the
+    steps are bit-identical to the reference's and images match seed for seed.
+    """
     if num_steps < 1:
         raise ValueError(f"num_steps={num_steps}: must be >= 1")
-    i = torch.arange(num_steps, dtype=torch.float64, device=device)
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"sigma_min={sigma_min}, sigma_max={sigma_max}: need 0 < sigma_min < sigma_max")
+    if rho <= 0:
+        raise ValueError(f"rho={rho}: must be > 0")
+    i = torch.arange(num_steps, dtype=torch.float32, device=device)
     denom = max(num_steps - 1, 1)
     t = (sigma_max ** (1 / rho) + i / denom * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
-    return torch.cat([t, torch.zeros_like(t[:1])]).to(torch.float32)
+    return torch.cat([t, torch.zeros_like(t[:1])])
 
 
 def guided_denoiser(net, gnet=None, guidance: float = 1):
-    """D~ = D_g + w (D - D_g); the guide is not evaluated when w == 1."""
+    """D~ = D_g + w (D - D_g) (autoguidance paper Eq. 1); the guide is not evaluated when w == 1."""
     if guidance != 1 and gnet is None:
         raise ValueError(f"guidance={guidance} needs a guiding network (gnet); use guidance=1 for plain sampling")
 
@@ -41,29 +49,76 @@ def guided_denoiser(net, gnet=None, guidance: float = 1):
 @torch.no_grad()
 def edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_min=0.002, sigma_max=80, rho=7,
                 guidance=1, S_churn=0, S_min=0, S_max=float("inf"), S_noise=1, randn_like=torch.randn_like):
-    """2nd-order Heun sampler of EDM, deterministic unless S_churn > 0.
+    """2nd-order Heun sampler of EDM (Karras et al. 2022, Alg. 2; SPEC §8),
+    deterministic unless S_churn > 0.
 
-    noise: unit-variance starting noise [N, C, H, W]. randn_like draws the
-    churn noise (pass per-seed generators for batch-independent results).
+    noise: unit-variance starting noise [N, C, H, W] (scaled by t_0 here).
+    labels: one-hot [N, label_dim] or None, given to both networks.
+    randn_like draws the churn noise (pass `SeedRandom.randn_like` for
+    results that do not depend on the batch). Returns float32 samples.
+    For speed, put the networks in eval mode (MPConv then caches its
+    normalised weights); everything constant over the run (the noise levels,
+    the churn factors) is computed once before the loop.
     """
     denoise = guided_denoiser(net, gnet, guidance)
     t_steps = sigma_steps(num_steps, sigma_min, sigma_max, rho, device=noise.device)
-    gamma_max = min(S_churn / num_steps, math.sqrt(2) - 1) if S_churn > 0 else 0
+    # Churn factor gamma_i per step (EDM Alg. 2 line 4), as Python floats.
+    gamma_max = min(S_churn / num_steps, math.sqrt(2) - 1) if S_churn > 0 else 0.0
+    gammas = [gamma_max if gamma_max > 0 and S_min <= t <= S_max else 0.0 for t in t_steps[:-1].tolist()]
 
     x_next = noise.to(torch.float32) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         x_cur = x_next
-        # Optional churn: raise the noise level a little, adding fresh noise.
-        if gamma_max > 0 and S_min <= t_cur <= S_max:
-            t_hat = t_cur + gamma_max * t_cur
+        # Optional churn: raise the noise level to t_hat, adding fresh noise.
+        if gammas[i] > 0:
+            t_hat = t_cur + gammas[i] * t_cur
             x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
         else:
             t_hat, x_hat = t_cur, x_cur
-        # Euler step.
+        # Euler step from (x_hat, t_hat) to t_next.
         d_cur = (x_hat - denoise(x_hat, t_hat, labels)) / t_hat
         x_next = x_hat + (t_next - t_hat) * d_cur
-        # Trapezoidal (Heun) correction, all steps but the last.
+        # Trapezoidal (Heun) correction, every step but the last (t_N = 0).
         if i < num_steps - 1:
             d_prime = (x_next - denoise(x_next, t_next, labels)) / t_next
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
     return x_next
+
+
+class SeedRandom:
+    """One `torch.Generator` per sample, seeded with seed % 2**32 (SPEC §8).
+
+    Every draw has shape [N, *per_sample_shape]; sample n's slice comes from
+    generator n alone, so a sample never depends on the batch it is in or on
+    how seeds are spread over processes. The order of draws is: noise
+    ([C, H, W] per seed), then (conditional net, no given class) the class
+    index, then churn noise inside the sampler.
+    """
+
+    def __init__(self, seeds, device="cpu"):
+        self.device = torch.device(device)
+        self.generators = [torch.Generator(self.device).manual_seed(int(s) % (1 << 32)) for s in seeds]
+
+    def __len__(self):
+        return len(self.generators)
+
+    def _check(self, size):
+        size = list(size)
+        if not size or size[0] != len(self.generators):
+            raise ValueError(f"SeedRandom: leading size {size[:1]} must equal the number of seeds ({len(self)})")
+        return size[1:]
+
+    def randn(self, size, dtype=torch.float32, device=None):
+        """Standard normal [N, *size[1:]], one slice per generator."""
+        per = self._check(size)
+        return torch.stack([torch.randn(per, generator=g, dtype=dtype, device=device or self.device)
+                            for g in self.generators])
+
+    def randn_like(self, x: torch.Tensor) -> torch.Tensor:
+        return self.randn(x.shape, dtype=x.dtype, device=x.device)
+
+    def randint(self, high: int, size, dtype=torch.int64, device=None):
+        """Integers in [0, high) of shape [N, *size[1:]], one slice per generator."""
+        per = self._check(size)
+        return torch.stack([torch.randint(high, per, generator=g, dtype=dtype, device=device or self.device)
+                            for g in self.generators])

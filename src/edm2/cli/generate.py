@@ -1,5 +1,110 @@
-"""Placeholder, replaced by the module that implements `generate`."""
+"""`edm2 generate`: a thin layer over `edm2.generate.generate_to_dir`."""
+from __future__ import annotations
+
+import argparse
+
+from ..units import parse_int_list
+
+HELP = "generate images (PNG per seed) with the EDM Heun sampler, optionally guided"
 
 
-def register(sub):
-    pass
+def register(sub) -> None:
+    p = sub.add_parser("generate", help=HELP, description=HELP + ". Under torchrun the seeds are split over "
+                       "the processes; images that already exist are skipped.")
+    # --net is checked in the handler, so that other options (e.g. a published preset) can supply it.
+    p.add_argument("--net", metavar="SNAPSHOT", help="snapshot file or run folder (latest, longest EMA)")
+    p.add_argument("--gnet", metavar="SNAPSHOT", help="guiding network: unconditional (CFG) or weaker (autoguidance)")
+    p.add_argument("--guidance", type=float, default=None, metavar="W", help="guidance weight w (default 1: none)")
+    p.add_argument("--outdir", required=True, metavar="DIR", help="folder for the PNGs")
+    p.add_argument("--seeds", default="0-63", metavar="LIST", help="seeds, e.g. 0-49999 or 1,5,10-20 (default 0-63)")
+    p.add_argument("--class", dest="class_idx", default="random", metavar="N|random",
+                   help="class of every image for a conditional net (default: random per seed)")
+    p.add_argument("--batch", type=int, default=32, metavar="B", help="images per batch per process (default 32)")
+    p.add_argument("--subdirs", action="store_true", help="put 1000 images per sub-folder (000000/, 001000/, ...)")
+    p.add_argument("--grid", metavar="FILE.png", help="also write a grid of the first --grid-count images")
+    p.add_argument("--grid-count", type=int, default=100, metavar="N", help="images in the grid (default 100)")
+    s = p.add_argument_group("sampler (SPEC §8)")
+    s.add_argument("--steps", type=int, default=32, help="Heun steps (default 32)")
+    s.add_argument("--sigma-min", type=float, default=0.002, help="lowest noise level (default 0.002)")
+    s.add_argument("--sigma-max", type=float, default=80.0, help="highest noise level (default 80)")
+    s.add_argument("--rho", type=float, default=7.0, help="time step exponent (default 7)")
+    s.add_argument("--S-churn", type=float, default=0.0, help="stochasticity (default 0: deterministic)")
+    s.add_argument("--S-min", type=float, default=0.0, help="churn only at noise levels >= this")
+    s.add_argument("--S-max", type=float, default=float("inf"), help="churn only at noise levels <= this")
+    s.add_argument("--S-noise", type=float, default=1.0, help="churn noise scale (default 1)")
+    e = p.add_argument_group("speed")
+    e.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="U-Net dtype on CUDA (default: the snapshot's)")
+    e.add_argument("--compile", action="store_true", help="torch.compile the networks (worth it for many images)")
+    e.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available, else cpu)")
+    p.set_defaults(func=run)
+
+
+def _class(text):
+    if text is None or text == "random":
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"--class {text!r}: expected a class index like 0 or 'random'") from None
+
+
+def _checked_args(args) -> dict:
+    """Everything that can be checked before loading anything (no file is written on error)."""
+    if not args.net:
+        raise ValueError("--net is required: a snapshot file or a run folder")
+    guidance = 1.0 if args.guidance is None else args.guidance
+    if guidance != 1 and not args.gnet:
+        raise ValueError(f"--guidance {guidance} needs --gnet SNAPSHOT (the guiding network); or drop --guidance")
+    seeds = parse_int_list(args.seeds, "--seeds")
+    if args.batch < 1:
+        raise ValueError(f"--batch {args.batch}: must be >= 1")
+    if args.steps < 1:
+        raise ValueError(f"--steps {args.steps}: must be >= 1")
+    if not 0 < args.sigma_min < args.sigma_max:
+        raise ValueError(f"--sigma-min {args.sigma_min} / --sigma-max {args.sigma_max}: need 0 < min < max")
+    sampler = dict(num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
+                   S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise)
+    return dict(seeds=seeds, guidance=guidance, class_idx=_class(args.class_idx), sampler=sampler)
+
+
+def run(args) -> int:
+    import torch
+    import torch.distributed as dist
+
+    from ..generate import check_class, generate_to_dir, init_distributed, load_nets
+    from ..nn import set_precision
+
+    opts = _checked_args(args)
+    rank, world = init_distributed()
+    try:
+        device = torch.device(args.device) if args.device else None
+        net, gnet, encoder, meta = load_nets(args.net, args.gnet, device)
+        check_class(net, opts["class_idx"])
+        nets = [m for m in (net, gnet) if m is not None]
+        if args.precision:
+            for m in nets:
+                set_precision(m, args.precision)
+        if args.compile:
+            net, gnet = (_compile(m) if m is not None else None for m in (net, gnet))
+        result = generate_to_dir(net, encoder, opts["seeds"], args.outdir, gnet=gnet, guidance=opts["guidance"],
+                                 class_idx=opts["class_idx"], batch_size=args.batch, device=device,
+                                 subdirs=args.subdirs, grid=args.grid, grid_count=args.grid_count, **opts["sampler"])
+    finally:
+        if world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+    if rank == 0:
+        extra = f", grid {args.grid}" if args.grid else ""
+        print(f"{args.outdir}: {len(opts['seeds']) - result['skipped']} images generated by {world} process(es), "
+              f"{result['skipped']} already there{extra}")
+    return 0
+
+
+def _compile(net):
+    """torch.compile for inference. Inductor's freezing treats the weights as
+    constants, so the weight normalisation is folded in once instead of being
+    recomputed at every network evaluation."""
+    import torch
+
+    torch._inductor.config.freezing = True
+    net.eval().requires_grad_(False)
+    return torch.compile(net)

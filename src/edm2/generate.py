@@ -1,0 +1,321 @@
+"""Image generation: batches of images from seeds (a Python iterator), and
+PNG folders named by seed, resumable and split over torchrun processes.
+
+- `generate_images(net, encoder, seeds, ...)` yields `GeneratedBatch`es
+  (uint8 images, seeds, labels); it writes nothing, so metrics can feed a
+  detector from it directly.
+- `generate_to_dir(...)` writes `{seed:06d}.png` (optionally in folders of
+  1000), skips images that exist, and can write a grid PNG.
+- `load_nets(net, gnet)` loads and checks the networks and the decoder.
+
+Every image depends only on its seed (SPEC §8): noise, random class and
+churn noise come from the seed's own generator (`edm2.sampling.SeedRandom`).
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from PIL import Image
+from tqdm import tqdm
+
+from .encoders import encoder_from_meta
+from .sampling import SeedRandom, edm_sampler
+from .snapshot import atomic_write_bytes, load_network
+
+__all__ = ["GeneratedBatch", "generate_images", "generate_to_dir", "load_nets", "check_guide", "check_class",
+           "rank_batches", "init_distributed", "default_device", "image_path", "make_grid", "SAMPLER_DEFAULTS"]
+
+# edm_sampler's keyword arguments and their defaults (SPEC §8), for the CLI and docs.
+SAMPLER_DEFAULTS = dict(num_steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0,
+                        S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0)
+
+
+@dataclass
+class GeneratedBatch:
+    """One batch of results of `generate_images`.
+
+    images: uint8 [N, C, H, W] on the CPU (or float32 network-space samples
+            when no encoder was given).
+    seeds:  the N seeds, in order.
+    labels: one-hot float32 [N, label_dim] on the CPU, or None (unconditional net).
+    classes: int64 [N] class indices, or None.
+    """
+    images: torch.Tensor
+    seeds: list
+    labels: torch.Tensor | None
+    classes: torch.Tensor | None
+
+    def __len__(self):
+        return len(self.seeds)
+
+
+# ---------------------------------------------------------------------------
+# Checks, done before anything is generated or written.
+# ---------------------------------------------------------------------------
+
+def _shape(net):
+    return net.img_resolution, net.img_channels, net.label_dim
+
+
+def check_guide(net, gnet=None, guidance: float = 1) -> None:
+    """Raise ValueError unless (gnet, guidance) is usable with net (SPEC §8)."""
+    if not math.isfinite(guidance):
+        raise ValueError(f"--guidance {guidance}: must be a finite number")
+    if gnet is None:
+        if guidance != 1:
+            raise ValueError(f"--guidance {guidance} needs a guiding network: pass --gnet SNAPSHOT "
+                             f"(unconditional for classifier-free guidance, smaller/earlier for autoguidance) "
+                             f"or use --guidance 1")
+        return
+    names = ("resolution", "channels", "label_dim")
+    for name, a, b in zip(names, _shape(net), _shape(gnet)):
+        if a != b:
+            raise ValueError(f"--gnet: its {name} is {b} but the net's is {a}; the guiding network must work "
+                             f"on the same data (resolution, channels, label dimension) as --net")
+
+
+def check_class(net, class_idx) -> None:
+    """Raise ValueError if class_idx (None = random) cannot be used with net."""
+    if class_idx is None:
+        return
+    if net.label_dim == 0:
+        raise ValueError(f"--class {class_idx}: the network is unconditional (label_dim 0); drop --class")
+    if not isinstance(class_idx, (int, np.integer)) or not 0 <= class_idx < net.label_dim:
+        raise ValueError(f"--class {class_idx}: out of range; the network has classes 0-{net.label_dim - 1} "
+                         f"(or use --class random)")
+
+
+# ---------------------------------------------------------------------------
+# Distribution over processes (torchrun).
+# ---------------------------------------------------------------------------
+
+def default_device() -> torch.device:
+    """cuda:LOCAL_RANK when CUDA is there (one GPU per torchrun process), else the CPU."""
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def init_distributed() -> tuple[int, int]:
+    """Join the process group torchrun describes in the environment (NCCL on
+    GPUs, gloo on CPUs); a no-op for a single process. Returns (rank, world_size)."""
+    if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if torch.cuda.is_available():
+            torch.cuda.set_device(default_device())
+            dist.init_process_group("nccl")
+        else:
+            dist.init_process_group("gloo")
+    return _rank_world()
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def rank_batches(seeds, batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """This process's batches of seeds.
+
+    The seeds are cut, in order, into ceil(n / (batch_size * world_size)) *
+    world_size batches of nearly equal size and dealt round-robin, so every
+    process gets the same number of batches (some may be empty only when there
+    are fewer seeds than processes), no seed twice and none left out.
+    """
+    if batch_size < 1:
+        raise ValueError(f"--batch {batch_size}: must be >= 1")
+    seeds = list(seeds)
+    num = max(math.ceil(len(seeds) / (batch_size * world_size)), 1) * world_size
+    bounds = np.linspace(0, len(seeds), num + 1).round().astype(int)
+    batches = [seeds[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+    return batches[rank::world_size]
+
+
+# ---------------------------------------------------------------------------
+# Generation.
+# ---------------------------------------------------------------------------
+
+def load_nets(net, gnet=None, device=None):
+    """Load --net (and --gnet) from anything `edm2.snapshot.load_network`
+    accepts -> (net, gnet or None, encoder, meta of net). Networks are in eval
+    mode; raises ValueError if gnet does not match net."""
+    device = torch.device(device) if device is not None else default_device()
+    net, meta = load_network(net, device=device)
+    if gnet is not None:
+        gnet, gmeta = load_network(gnet, device=device)
+        check_guide(net, gnet, guidance=2)
+        kinds = meta["encoder"].get("type"), gmeta["encoder"].get("type")
+        if kinds[0] != kinds[1]:
+            raise ValueError(f"--gnet: works in space {kinds[1]!r} but the net in {kinds[0]!r}; "
+                             f"pass a guiding network trained on the same data")
+    encoder = encoder_from_meta(meta["encoder"])
+    return net, gnet, encoder, meta
+
+
+def generate_images(net, encoder, seeds, gnet=None, guidance: float = 1, class_idx: int | None = None,
+                    batch_size: int = 32, device=None, rank: int | None = None, world_size: int | None = None,
+                    progress: bool = False, **sampler_kwargs) -> Iterator[GeneratedBatch]:
+    """Generate images for `seeds`, yielding one `GeneratedBatch` per batch.
+
+    net, gnet: denoisers with Precond's interface (gnet guides when guidance != 1).
+    encoder: decodes samples to uint8 pixels (`encoder.decode`), e.g.
+        `encoder_from_meta(meta['encoder'])`; None yields raw float32 samples.
+    class_idx: a class for every image, or None (random class per seed for a
+        conditional net, drawn from the seed's generator).
+    rank, world_size: which share of the seeds to make (`rank_batches`);
+        default: this process's place in torch.distributed, or 0 of 1.
+    sampler_kwargs: edm_sampler's num_steps, sigma_min, sigma_max, rho,
+        S_churn, S_min, S_max, S_noise.
+    Checks run at the call (ValueError), generation while iterating. The
+    networks are put in eval mode without gradients (MPConv caches weights).
+    """
+    check_guide(net, gnet, guidance)
+    check_class(net, class_idx)
+    unknown = set(sampler_kwargs) - set(SAMPLER_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown sampler options {sorted(unknown)}; allowed: {', '.join(SAMPLER_DEFAULTS)}")
+    if rank is None or world_size is None:
+        rank, world_size = _rank_world()
+    batches = rank_batches(seeds, batch_size, rank, world_size)
+    device = torch.device(device) if device is not None else default_device()
+    for m in (net, gnet):
+        if m is not None:
+            m.eval().requires_grad_(False)
+    return _generate(net, encoder, batches, gnet, guidance, class_idx, device, progress, sampler_kwargs)
+
+
+def _generate(net, encoder, batches, gnet, guidance, class_idx, device, progress, sampler_kwargs):
+    shape = [net.img_channels, net.img_resolution, net.img_resolution]
+    with tqdm(total=sum(map(len, batches)), unit="img", disable=not progress, desc="generate") as bar:
+        for seeds in batches:
+            if not seeds:
+                yield GeneratedBatch(torch.zeros([0], dtype=torch.uint8), [], None, None)
+                continue
+            # Per-seed randomness, in the order of SPEC §8: noise, class, churn.
+            rnd = SeedRandom(seeds, device)
+            noise = rnd.randn([len(seeds), *shape])
+            labels = classes = None
+            if net.label_dim:
+                if class_idx is None:
+                    classes = rnd.randint(net.label_dim, [len(seeds)])
+                else:
+                    classes = torch.full([len(seeds)], int(class_idx), dtype=torch.int64, device=device)
+                labels = torch.nn.functional.one_hot(classes, net.label_dim).to(torch.float32)
+            with torch.no_grad():
+                x = edm_sampler(net, noise, labels, gnet=gnet, guidance=guidance, randn_like=rnd.randn_like,
+                                **sampler_kwargs)
+                images = encoder.decode(x) if encoder is not None else x
+            yield GeneratedBatch(images.cpu(), list(seeds), None if labels is None else labels.cpu(),
+                                 None if classes is None else classes.cpu())
+            bar.update(len(seeds))
+
+
+# ---------------------------------------------------------------------------
+# PNG folders.
+# ---------------------------------------------------------------------------
+
+def image_path(outdir, seed: int, subdirs: bool = False) -> Path:
+    """outdir/{seed:06d}.png, or outdir/{first seed of its thousand:06d}/{seed:06d}.png with subdirs."""
+    name = f"{seed:06d}.png"
+    return Path(outdir) / f"{seed - seed % 1000:06d}" / name if subdirs else Path(outdir) / name
+
+
+def _to_pil(image: torch.Tensor) -> Image.Image:
+    """uint8 [C, H, W] (C = 1 grey, 3 RGB, 4 RGBA) -> PIL image."""
+    arr = image.permute(1, 2, 0).numpy()
+    return Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+
+
+def _png_bytes(img: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_grid(paths) -> Image.Image:
+    """Tile PNG files into a near-square grid, row by row."""
+    imgs = [Image.open(p) for p in paths]
+    cols = math.ceil(math.sqrt(len(imgs)))
+    rows = math.ceil(len(imgs) / cols)
+    w, h = imgs[0].size
+    grid = Image.new(imgs[0].mode, (cols * w, rows * h))
+    for i, img in enumerate(imgs):
+        grid.paste(img, ((i % cols) * w, (i // cols) * h))
+    return grid
+
+
+def _check_outputs(net, encoder, outdir, grid) -> None:
+    out = Path(outdir)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--outdir {out}: exists and is not a folder; choose another --outdir")
+    if grid is not None:
+        g = Path(grid)
+        if g.suffix.lower() != ".png":
+            raise ValueError(f"--grid {g}: must be a .png file name")
+        if g.is_dir():
+            raise ValueError(f"--grid {g}: is a folder; give a file name like {g / 'grid.png'}")
+    kind = getattr(encoder, "kind", None)
+    if kind == "rgb" and net.img_channels not in (1, 3, 4):
+        raise ValueError(f"the network makes {net.img_channels}-channel pixels, which PNG cannot hold "
+                         f"(1, 3 or 4 channels); its snapshot metadata says encoder 'rgb'")
+
+
+def _missing_seeds(seeds, outdir, subdirs, device) -> list[int]:
+    """Seeds whose PNG is not there yet. Rank 0 decides and broadcasts the list,
+    so every process splits the same list even while others start writing."""
+    rank, world = _rank_world()
+    if world == 1:
+        return [s for s in seeds if not image_path(outdir, s, subdirs).exists()]
+    todo = torch.tensor([s for s in seeds if not image_path(outdir, s, subdirs).exists()] if rank == 0 else [],
+                        dtype=torch.int64)
+    comm = device if dist.get_backend() == "nccl" else torch.device("cpu")
+    count = torch.tensor([len(todo)], dtype=torch.int64, device=comm)
+    dist.broadcast(count, src=0)
+    buf = todo.to(comm) if rank == 0 else torch.zeros([int(count)], dtype=torch.int64, device=comm)
+    dist.broadcast(buf, src=0)
+    return buf.cpu().tolist()
+
+
+def generate_to_dir(net, encoder, seeds, outdir, gnet=None, guidance: float = 1, class_idx: int | None = None,
+                    batch_size: int = 32, device=None, subdirs: bool = False, grid=None, grid_count: int = 100,
+                    progress: bool = True, **sampler_kwargs) -> dict:
+    """Write one PNG per seed to outdir (`image_path`), skipping images that
+    already exist, so an interrupted job can simply be re-run. Under torchrun
+    (call `init_distributed()` first) the missing seeds are split across the
+    processes. With `grid`, rank 0 then tiles the first `grid_count` seeds'
+    images into that PNG. Every file is written atomically (temp + rename).
+    Returns {'generated': n made by this process, 'skipped': n already there}.
+    """
+    seeds = [int(s) for s in seeds]
+    if encoder is None:
+        raise ValueError("generate_to_dir needs an encoder to turn samples into pixels (encoder_from_meta(meta['encoder']))")
+    if not seeds:
+        raise ValueError("--seeds: no seeds given")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError("--seeds: a seed is listed twice; each seed names one image file")
+    _check_outputs(net, encoder, outdir, grid)
+    check_guide(net, gnet, guidance)
+    check_class(net, class_idx)
+    device = torch.device(device) if device is not None else default_device()
+    todo = _missing_seeds(seeds, outdir, subdirs, device)
+    rank, world = _rank_world()
+    made = 0
+    for batch in generate_images(net, encoder, todo, gnet=gnet, guidance=guidance, class_idx=class_idx,
+                                 batch_size=batch_size, device=device, progress=progress and rank == 0,
+                                 **sampler_kwargs):
+        for seed, image in zip(batch.seeds, batch.images):
+            atomic_write_bytes(image_path(outdir, seed, subdirs), _png_bytes(_to_pil(image)))
+            made += 1
+    if world > 1:
+        dist.barrier()
+    if grid is not None and rank == 0:
+        atomic_write_bytes(grid, _png_bytes(make_grid([image_path(outdir, s, subdirs) for s in seeds[:grid_count]])))
+    return {"generated": made, "skipped": len(seeds) - len(todo)}
