@@ -17,12 +17,13 @@ __all__ = ["normalize", "mp_silu", "mp_sum", "mp_cat", "resample", "MPFourier", 
 def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:
     """Divide x by (eps + RMS over `dim`); default dim = all but the first.
 
-    The norm is computed in float32; the division happens in x's dtype
+    The norm is computed in float32 (float64 for float64 input); the division happens in x's dtype
     (paper Eq. 46, the pixel norm and the weight normalisation of Sec. 3.2).
     """
     if dim is None:
         dim = list(range(1, x.ndim))
-    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=torch.float32)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    norm = torch.linalg.vector_norm(x, dim=dim, keepdim=True, dtype=dtype)
     norm = torch.add(eps, norm, alpha=math.sqrt(norm.numel() / x.numel()))
     return x / norm.to(x.dtype)
 
