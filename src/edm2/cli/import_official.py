@@ -14,9 +14,9 @@ def register(sub) -> None:
     p.add_argument("src", metavar="SRC", help="a published .pkl file, its URL, or a folder of raw snapshot .pkl files")
     p.add_argument("dest", metavar="DEST", help="output .safetensors file, or an existing folder "
                    "(the file is then named snapshot-<nimg>-<sigma_rel>.safetensors)")
-    p.add_argument("--dtype", choices=["fp32", "fp16"], default="fp32",
-                   help="stored parameter type: fp32 (default; the published fp16 values widened exactly) or "
-                   "fp16 (as published, half the size; loading widens them)")
+    p.add_argument("--dtype", choices=["fp32", "fp16"], default=None,
+                   help="stored parameter type: fp32 (the published fp16 values widened exactly; the default for "
+                   "one file) or fp16 (as published, half the size; loading widens them; the default for a folder)")
     p.set_defaults(func=run)
 
 
@@ -28,9 +28,9 @@ def run(args) -> int:
     if Path(args.src).is_dir():
         if not Path(args.dest).is_dir():
             raise ValueError(f"{args.dest}: with a folder as SRC, DEST must be an existing folder")
-        out = convert_official_folder(args.src, args.dest, dtype=args.dtype)
+        out = convert_official_folder(args.src, args.dest, dtype=args.dtype or "fp16")
         print(f"{out}: converted the raw snapshots of {args.src}")
         return 0
-    out = import_official(args.src, args.dest, dtype=args.dtype)
+    out = import_official(args.src, args.dest, dtype=args.dtype or "fp32")
     print(f"{out}: written from {args.src}")
     return 0
