@@ -349,3 +349,34 @@ def test_convert_raw_snapshot_folder(tmp_path, capsys):
     stamp = [p.stat().st_mtime_ns for *_, p in found]
     official.convert_official_folder(raw, out, progress=False)
     assert [p.stat().st_mtime_ns for *_, p in list_snapshots(out)] == stamp
+
+
+# ---------------------------------------------------------------------------
+# edm2 generate --preset (published triple, URLs through the cache).
+# ---------------------------------------------------------------------------
+
+def test_generate_with_preset(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from edm2.presets import GENERATION_PRESETS, GenerationPreset
+
+    src = tmp_path / "cdn"
+    src.mkdir()
+    fmt.write_published(src / "edm2-img64-s-1073741-0.045.pkl", fmt.make_tiny_net(seed=3, img_channels=3), encoder="rgb")
+    fmt.write_published(src / "edm2-img64-xs-0134217-0.110.pkl", fmt.make_tiny_net(seed=4, img_channels=3),
+                        encoder="rgb")
+    net_url, gnet_url = (f"file://{src}/edm2-img64-s-1073741-0.045.pkl", f"file://{src}/edm2-img64-xs-0134217-0.110.pkl")
+    monkeypatch.setitem(GENERATION_PRESETS, "edm2-tiny-autog", GenerationPreset("edm2-tiny-autog", net_url, gnet_url,
+                                                                                 2.0, "fid", 0.0))
+    common = ["--seeds", "0-1", "--steps", "3", "--batch", "2", "--device", "cpu"]
+    assert main(["generate", "--preset", "tiny-autog", "--outdir", str(tmp_path / "a")] + common) == 0
+    assert official.cached_path(net_url).is_file() and official.cached_path(gnet_url).is_file()
+    # The same as naming the triple by hand.
+    assert main(["generate", "--net", str(src / "edm2-img64-s-1073741-0.045.pkl"), "--gnet",
+                 str(src / "edm2-img64-xs-0134217-0.110.pkl"), "--guidance", "2", "--outdir", str(tmp_path / "b")]
+                + common) == 0
+    # ... and different from the unguided net (the preset's guidance was applied).
+    assert main(["generate", "--preset", "tiny-autog", "--guidance", "1", "--outdir", str(tmp_path / "c")] + common) == 0
+    for seed in (0, 1):
+        a, b, c = (np.asarray(Image.open(tmp_path / d / f"{seed:06d}.png")) for d in "abc")
+        assert a.shape == (8, 8, 3) and np.array_equal(a, b) and not np.array_equal(a, c)

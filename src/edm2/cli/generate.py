@@ -15,6 +15,8 @@ def register(sub) -> None:
     p.add_argument("--net", metavar="SNAPSHOT", help="snapshot file or run folder (latest, longest EMA)")
     p.add_argument("--gnet", metavar="SNAPSHOT", help="guiding network: unconditional (CFG) or weaker (autoguidance)")
     p.add_argument("--guidance", type=float, default=None, metavar="W", help="guidance weight w (default 1: none)")
+    p.add_argument("--preset", metavar="NAME", help="a published model, e.g. edm2-img512-s-guid-dino: sets --net, "
+                   "--gnet, --guidance where not given (list: docs/official.md; files are downloaded once to the cache)")
     p.add_argument("--outdir", required=True, metavar="DIR", help="folder for the PNGs")
     p.add_argument("--seeds", default="0-63", metavar="LIST", help="seeds, e.g. 0-49999 or 1,5,10-20 (default 0-63)")
     p.add_argument("--class", dest="class_idx", default="random", metavar="N|random",
@@ -50,6 +52,12 @@ def _class(text):
 
 def _checked_args(args) -> dict:
     """Everything that can be checked before loading anything (no file is written on error)."""
+    if args.preset:  # the authors' published (net, gnet, guidance) triple fills in what was not given
+        from ..presets import get_generation_preset
+
+        preset = get_generation_preset(args.preset)
+        args.net, args.gnet = args.net or preset.net, args.gnet or preset.gnet
+        args.guidance = preset.guidance if args.guidance is None else args.guidance
     if not args.net:
         raise ValueError("--net is required: a snapshot file or a run folder")
     guidance = 1.0 if args.guidance is None else args.guidance
