@@ -431,7 +431,10 @@ def convert_dataset(source, dest, resolution: int | None = None, transform: str 
         img, note = to_8bit(img, channels)
         if img.size != (resolution, resolution):
             if fn is not None:
-                img = fn(img, resolution)
+                try:
+                    img = fn(img, resolution)
+                except ValueError as e:
+                    raise ValueError(f"{src.path}: image {item.name}: {e}") from None
             elif img.size[0] == img.size[1]:
                 img = img.resize((resolution, resolution), Image.LANCZOS)
             else:

@@ -75,7 +75,7 @@ def decode_image(data: bytes, where: str) -> np.ndarray:
             if img.mode not in ("L", "RGB"):
                 raise ValueError(f"{where}: image mode {img.mode} is not 8-bit grayscale or RGB; "
                                  f"prepare the dataset with `edm2 dataset convert`")
-            arr = np.asarray(img)
+            arr = np.array(img)  # a writable copy (torch warns about read-only arrays)
     except ValueError:
         raise
     except Exception as e:
