@@ -61,6 +61,11 @@ def find_phema_inputs(rundir) -> list[PhemaInput]:
     rundir = Path(rundir)
     if not rundir.is_dir():
         raise FileNotFoundError(f"--rundir {rundir}: no such folder; pass the training run folder holding snapshot-*.safetensors")
+    if not list_snapshots(rundir):  # the authors' raw snapshots (network-snapshot-<kimg>-<std>.pkl): convert once
+        from .official import convert_official_folder, list_official_pickles
+
+        if list_official_pickles(rundir):
+            rundir = convert_official_folder(rundir)  # safe import into the download cache (edm2.official)
     found = []
     for _, _, path in list_snapshots(rundir):
         meta = read_snapshot_meta(path)  # SnapshotError (a ValueError) names unreadable/truncated files
