@@ -14,7 +14,8 @@ class EDM2Loss:
 
     ln(sigma) ~ N(P_mean, P_std^2); lambda(sigma) = (sigma^2 + sd^2) / (sigma * sd)^2.
     Returns the unreduced [N, C, H, W] tensor. `generator` makes the noise
-    reproducible (used for exact resume).
+    reproducible (used for exact resume); a list of one generator per sample
+    makes each sample's noise independent of the batch it is in.
     """
 
     def __init__(self, P_mean: float = -0.4, P_std: float = 1.0, sigma_data: float = 0.5):
@@ -25,12 +26,21 @@ class EDM2Loss:
     def __call__(self, net, images, labels=None, generator: torch.Generator | None = None):
         images = images.to(torch.float32)
         n = images.shape[0]
-        rnd = torch.randn([n, 1, 1, 1], device=images.device, generator=generator)
+        rnd = _randn([n, 1, 1, 1], images.device, generator)
         sigma = (rnd * self.P_std + self.P_mean).exp()
         weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
-        noise = torch.randn(images.shape, device=images.device, generator=generator) * sigma
+        noise = _randn(images.shape, images.device, generator) * sigma
         denoised, logvar = net(images + noise, sigma, labels, return_logvar=True)
         return (weight / logvar.exp()) * ((denoised - images) ** 2) + logvar
+
+
+def _randn(shape, device, generator):
+    """Normal noise from one generator, or from a list of one generator per sample
+    (sample n's slice from generator n: the trainer's noise then does not depend on
+    how a batch is split over processes or accumulation rounds)."""
+    if isinstance(generator, (list, tuple)):
+        return torch.stack([torch.randn(list(shape[1:]), device=device, generator=g) for g in generator])
+    return torch.randn(shape, device=device, generator=generator)
 
 
 def learning_rate_schedule(cur_nimg, batch_size, ref_lr=100e-4, ref_batches=70e3, rampup_Mimg=10) -> float:

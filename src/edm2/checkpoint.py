@@ -1,0 +1,82 @@
+"""Resume checkpoints of a training run (`checkpoint-NNNNNNNNNNNN.pt` in the
+run folder).
+
+A checkpoint holds everything needed to continue bit for bit: network and
+optimizer state, every EMA profile, the image count and the seed. The data
+order and all random numbers of the trainer are functions of (seed, image
+position), so the image count is also the data-order position and the RNG
+state. Files are written with `torch.save` to memory, then atomically
+(temp file, fsync, rename); they are read with `torch.load(weights_only=True)`
+(no pickle code runs). A truncated or corrupt checkpoint is reported and the
+previous one is used.
+"""
+from __future__ import annotations
+
+import io
+import re
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .snapshot import atomic_write_bytes
+
+__all__ = ["checkpoint_name", "list_checkpoints", "save_checkpoint", "load_checkpoint", "load_latest_checkpoint",
+           "remove_stale_temp_files", "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = "edm2-checkpoint"
+_NAME_RE = re.compile(r"checkpoint-(\d{12})\.pt$")
+
+
+def checkpoint_name(nimg: int) -> str:
+    """'checkpoint-000000032768.pt': sortable by image count."""
+    return f"checkpoint-{nimg:012d}.pt"
+
+
+def list_checkpoints(folder) -> list[tuple[int, Path]]:
+    """(nimg, path) of the checkpoint files in folder, oldest first."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in folder.iterdir() if (m := _NAME_RE.fullmatch(p.name)) and p.is_file()]
+    return sorted(found)
+
+
+def save_checkpoint(path, state: dict) -> None:
+    """Serialise state (tensors, numbers, strings, dicts, lists) and write it atomically."""
+    buf = io.BytesIO()
+    torch.save({"format": CHECKPOINT_FORMAT, "version": 1, **state}, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def load_checkpoint(path, map_location="cpu") -> dict:
+    """Load one checkpoint; ValueError naming the file if it is unreadable."""
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # truncated zip, bad magic, unexpected object types, ...
+        raise ValueError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not an edm2 training checkpoint")
+    return state
+
+
+def load_latest_checkpoint(folder, map_location="cpu", warn: Callable[[str], None] = print):
+    """The newest readable checkpoint in folder -> (state, path), or (None, None).
+    Unreadable ones are reported through `warn` and skipped (never deleted)."""
+    for nimg, path in reversed(list_checkpoints(folder)):
+        try:
+            return load_checkpoint(path, map_location), path
+        except ValueError as e:
+            warn(f"warning: {e}; falling back to the previous checkpoint")
+    return None, None
+
+
+def remove_stale_temp_files(folder) -> list[Path]:
+    """Delete the temporary files a killed process left behind while writing
+    a checkpoint or snapshot (`.checkpoint-*.tmp`, `.snapshot-*.tmp`)."""
+    removed = []
+    for pattern in (".checkpoint-*.tmp", ".snapshot-*.tmp", ".grid-*.tmp", ".config.json.*.tmp"):
+        for p in Path(folder).glob(pattern):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
