@@ -155,11 +155,11 @@ def rgb_encoder_record():
     return Persistent("StandardRGBEncoder", dict(_init_args=(), _init_kwargs={}))
 
 
-def published_bytes(net: Precond, encoder="vae", extra=None) -> bytes:
+def published_bytes(net: Precond, encoder="vae", extra=None, init_kwargs=None) -> bytes:
     """The pickle the authors would have written for `net` (a snapshot: fp16 copy)."""
     ema = copy.deepcopy(net).cpu().eval().requires_grad_(False).to(torch.float16)
-    init_kwargs = {k: getattr(net, k) for k in ("img_resolution", "img_channels", "label_dim")}
-    init_kwargs.update({k: v for k, v in TINY_KWARGS.items() if k not in init_kwargs})
+    stored = {k: getattr(net, k) for k in ("img_resolution", "img_channels", "label_dim")}
+    stored.update({k: v for k, v in TINY_KWARGS.items() if k not in stored}, **(init_kwargs or {}))
     data = EasyDict(
         encoder=vae_encoder_record() if encoder == "vae" else rgb_encoder_record(),
         dataset_kwargs=EasyDict(class_name="training.dataset.ImageFolderDataset", path="datasets/tiny.zip",
@@ -167,7 +167,7 @@ def published_bytes(net: Precond, encoder="vae", extra=None) -> bytes:
         loss_fn=Persistent("EDM2Loss", dict(P_mean=-0.4, P_std=1.0, sigma_data=0.5, _init_args=(),
                                             _init_kwargs=dict(P_mean=-0.4, P_std=1.0))),
     )
-    data.ema = _record(ema, (), init_kwargs)
+    data.ema = _record(ema, (), stored)
     if extra:
         data.update(extra)
     with _fake_modules():

@@ -6,6 +6,7 @@ ordinary pickling), for a tiny network."""
 from __future__ import annotations
 
 import functools
+import hashlib
 import http.server
 import os
 import pickle
@@ -140,6 +141,7 @@ def test_import_official_cli(tiny, published, tmp_path, capsys):
     net, meta = load_snapshot(dest)
     assert torch.equal(_outputs(net)[0], _outputs(tiny[1])[0])
     assert meta["origin"]["stored_dtype"] == "fp32" and meta["origin"]["importer"] == "edm2.official"
+    assert meta["origin"]["sha256"] == hashlib.sha256(tiny[2]).hexdigest()
     # Never overwrites: one-line error, exit 2, the file is untouched.
     before = dest.read_bytes()
     with pytest.raises(SystemExit) as e:
@@ -225,6 +227,14 @@ def test_broken_and_foreign_files(tiny, tmp_path):
         official.load_official(other)
     with pytest.raises(FileNotFoundError, match="missing.pkl"):
         official.load_official(tmp_path / "missing.pkl")
+    # Stored arguments that disagree with the weights, or that our Precond does not know.
+    wrong = tmp_path / "wrong.pkl"
+    wrong.write_bytes(fmt.published_bytes(tiny[0], init_kwargs={"model_channels": 16}))
+    with pytest.raises(official.OfficialFormatError, match="weights do not match .*size mismatch"):
+        official.load_official(wrong)
+    wrong.write_bytes(fmt.published_bytes(tiny[0], init_kwargs={"fancy_option": 1}))
+    with pytest.raises(official.OfficialFormatError, match="does not know: fancy_option"):
+        official.load_official(wrong)
 
 
 # ---------------------------------------------------------------------------

@@ -77,7 +77,7 @@ class Record:
     `_buffers`, `_modules`, `_init_kwargs`, ...). Nothing of the class is run."""
 
     class_name: str = ""
-    state: dict = field(default_factory=dict)
+    state: dict = field(default_factory=dict, repr=False)
 
     def __setstate__(self, state):  # BUILD opcode (used for torch.nn.ModuleDict below)
         self.state = dict(state or {})
@@ -415,16 +415,17 @@ def load_official(source, device="cpu", name_hint: str | None = None):
     state = {k: (v.detach().to(torch.float32) if v.is_floating_point() else v.detach()) for k, v in tensors.items()}
     try:
         net.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
+    except RuntimeError as e:  # torch's message: a header line, then the missing/unexpected/mismatched keys
+        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
         raise OfficialFormatError(f"{where}: weights do not match the architecture of its _init_kwargs: "
-                                  f"{str(e).splitlines()[0]} {str(e).splitlines()[1:2]}") from None
+                                  f"{lines[-1][:300]}") from None
     net = net.to(device).eval().requires_grad_(False)
 
     encoder = _encoder_meta(data.get("encoder"), where)
     parsed = parse_official_name(name_hint or str(source))  # (0, None) for a name not in the authors' scheme
     nimg, ema_std = (parsed[1], parsed[2]) if parsed else (0, None)
     loss = data.get("loss_fn")
-    origin = {"importer": "edm2.official", "source": where, "sha256": _sha256(path),
+    origin = {"importer": "edm2.official", "source": where,
               "source_dtype": str(next(iter(tensors.values())).dtype).replace("torch.", "") if tensors else None,
               "loss": _jsonable({k: v for k, v in loss.state.items() if k in ("P_mean", "P_std", "sigma_data")}, where)
               if isinstance(loss, Record) else None}
@@ -462,6 +463,7 @@ def import_official(src, dest, dtype: str = "fp32", name_hint: str | None = None
     if dest.is_file():
         raise FileExistsError(f"{dest}: already exists; choose another DEST or remove it")
     net, meta = load_official(src, name_hint=name_hint)
+    meta["origin"]["sha256"] = _sha256(fetch(src))  # provenance of the converted file (cached if a URL)
     if dest.is_dir():
         dest = dest / snapshot_name(meta["nimg"], meta["ema_std"])
         if dest.exists():
