@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -76,6 +77,7 @@ def main():
     load = os.getloadavg()
     lines = [f"Data pipeline throughput ({args.num} images of 64x64x3; {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} CPUs, load average {load[0]:.1f} at the end)", "",
+             f"Command: `python {' '.join(sys.argv)}`", "",
              "| what | images/s |", "|---|---:|"]
     lines += [f"| {what} | {ips:,.0f} |" for what, ips in rows]
     text = "\n".join(lines) + "\n"

@@ -254,3 +254,24 @@ def test_cli_convert_info_and_errors(tmp_path, capsys):
         main(["dataset", "convert", "--source", str(src), "--dest", str(tmp_path / "o.zip"), "--resolution", "8",
               "--transform", "center-crop"])
     assert e.value.code == 2 and "already exists" in capsys.readouterr().err
+
+
+def test_zip_source_with_wrapping_folder(tmp_path):
+    src = tmp_path / "src"
+    expected = make_class_folders(src / "train", classes=("ant", "bee"), per_class=2, size=(8, 8))
+    with zipfile.ZipFile(tmp_path / "train.zip", "w") as z:
+        for name in expected:
+            z.write(src / "train" / name, f"train/{name}")
+    r = convert_dataset(tmp_path / "train.zip", tmp_path / "out", progress=False)
+    assert r.class_names == ["ant", "bee"] and r.label_dim == 2  # 'train/' is not a class
+    ds = ImageDataset(tmp_path / "out")
+    for k, name in enumerate(sorted(expected)):
+        np.testing.assert_array_equal(ds[k][0], expected[name][0].transpose(2, 0, 1))
+        assert int(ds[k][1].argmax()) == expected[name][1]
+    # a single folder of images is unlabeled, not a 1-class dataset
+    r = convert_dataset(src / "train" / "ant", tmp_path / "one", progress=False)
+    assert r.label_dim == 0 and ImageDataset(tmp_path / "one").label_dim == 0
+    with zipfile.ZipFile(tmp_path / "one.zip", "w") as z:
+        z.write(src / "train" / "ant" / "00.png", "photos/00.png")
+    r = convert_dataset(tmp_path / "one.zip", tmp_path / "one2", progress=False)
+    assert r.label_dim == 0 and any("one sub-folder" in n for n in r.notes)

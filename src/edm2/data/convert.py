@@ -209,13 +209,18 @@ def _open_collection(path: Path, use_labels: bool) -> Source:
             class_names = meta.get("class_names")
     else:  # labels from top-level sub-folder names
         kind = "zip" if is_zip else "folder"
-        in_sub = ["/" in n for n in names]
+        # A common wrapping folder (e.g. a zip of `train/` holding `train/cat/1.png`) is not a class.
+        rel = {n: n for n in names}
+        while len({r.split("/", 1)[0] for r in rel.values()}) == 1 and all(r.count("/") >= 2 for r in rel.values()):
+            rel = {n: r.split("/", 1)[1] for n, r in rel.items()}
+        in_sub = ["/" in rel[n] for n in names]
         if use_labels and all(in_sub):
-            class_names = sorted({n.split("/", 1)[0] for n in names})
+            class_names = sorted({rel[n].split("/", 1)[0] for n in names})
             index = {c: i for i, c in enumerate(class_names)}
-            labels = {n: index[n.split("/", 1)[0]] for n in names}
+            labels = {n: index[rel[n].split("/", 1)[0]] for n in names}
             if len(class_names) == 1:
-                notes.append(f"all images are in one sub-folder ({class_names[0]}): 1 class")
+                notes.append(f"all images are in one sub-folder ({class_names[0]}): no labels")
+                class_names, labels = None, None
         elif use_labels and any(in_sub):
             first = names[in_sub.index(False)]
             raise ValueError(f"--source {path} has images both at the top level (e.g. {first}) and in "

@@ -234,6 +234,11 @@ class ImageDataset:
     def raw_size(self) -> int:
         return len(self.names)
 
+    @property
+    def image_shape(self) -> list[int]:
+        """[C, H, W] of an item."""
+        return list(self._raw_shape)
+
     def __len__(self) -> int:
         return self.raw_size * (2 if self.xflip else 1)
 
