@@ -1,0 +1,181 @@
+"""Benchmark: post-hoc EMA by streaming (edm2.posthoc.reconstruct) against the
+whole-models-in-memory way (the official tool's: batches of 8 outputs held as
+fp32 models, every input loaded whole once per batch).
+
+Synthetic run: `--snapshots` files (half at sigma_rel 0.05, half at 0.10, every
+8Mi images) of a real architecture (`--preset`, default img512-s) with the
+initial weights scaled per snapshot, stored in `--dtype` (fp16 halves the disk).
+Each method runs in its own process; peak RSS comes from wait4(). Outputs of the
+two methods are compared. Prints a markdown table; `--out FILE.md` writes it.
+
+    .venv/bin/python benchmarks/phema.py                          # the issue's setting (img512-s, 64 -> 31)
+    .venv/bin/python benchmarks/phema.py --preset tiny --snapshots 16 --outputs 5   # smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from edm2.nn import Precond
+from edm2.posthoc import find_phema_inputs, plan_posthoc, reconstruct, resolve_time
+from edm2.presets import get_preset
+from edm2.snapshot import SnapshotStreamWriter, make_meta, save_state_dict, snapshot_name
+
+DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+STEP = 8 * 2 ** 20  # images between snapshots (SPEC §6 default)
+
+
+def output_stds(n: int) -> list[float]:
+    """n sigma_rel values spread over the paper's sweep range 0.010 .. 0.250."""
+    return [round(float(s), 6) for s in np.linspace(0.010, 0.250, n)]
+
+
+def make_inputs(rundir: Path, preset: str, count: int, dtype: torch.dtype) -> tuple[int, int]:
+    """Write `count` synthetic EMA snapshots; returns (bytes of one file, parameters)."""
+    p = get_preset(preset)
+    kw = p.net_kwargs(1000 if p.latent else 0)
+    torch.manual_seed(0)
+    net = Precond(**kw)
+    state, buffers = net.state_dict(), {k for k, _ in net.named_buffers()}
+    del net
+    specs = [(k, v.dtype if k in buffers else dtype, tuple(v.shape)) for k, v in state.items()]
+    rundir.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        nimg, std = STEP * (i // 2 + 1), (0.05, 0.10)[i % 2]
+        meta = make_meta(kw, nimg, std, {"type": "rgb"}, {"resolution": p.img_resolution}, {"benchmark": True})
+        w = SnapshotStreamWriter(rundir / snapshot_name(nimg, std), specs, meta)
+        for (k, dt, _), v in zip(specs, state.values()):
+            w.write(v if k in buffers else (v * (1 + 0.01 * i)).to(dt))
+        w.commit()
+    n_params = sum(v.numel() for k, v in state.items() if k not in buffers)
+    return (rundir / snapshot_name(STEP, 0.05)).stat().st_size, n_params
+
+
+def whole_models(rundir: Path, outdir: Path, stds: list[float], batch: int = 8) -> None:
+    """The baseline: per batch of outputs, fp32 accumulators of whole models; every
+    input file loaded whole (into memory) once per batch."""
+    from safetensors.torch import load_file
+
+    inputs = find_phema_inputs(rundir)
+    plan = plan_posthoc([r.nimg for r in inputs], [r.ema_std for r in inputs], stds, resolve_time(inputs), inputs)
+    buffers = {"unet.emb_fourier.freqs", "unet.emb_fourier.phases", "logvar_fourier.freqs", "logvar_fourier.phases"}
+    for b0 in range(0, len(stds), batch):
+        acc = None
+        for i, r in enumerate(plan.inputs):
+            state = load_file(str(r.path))
+            if acc is None:
+                dtypes = {k: v.dtype for k, v in state.items()}
+                acc = [{k: torch.zeros(v.shape, dtype=torch.float32) for k, v in state.items()} for _ in stds[b0:b0 + batch]]
+            for j, a in enumerate(acc):
+                for k, v in state.items():
+                    if k in buffers:  # copied, not averaged
+                        a[k] = v
+                    else:
+                        a[k].add_(v.float(), alpha=float(plan.coeffs[i, b0 + j]))
+            del state
+        for j, a in enumerate(acc):
+            std = stds[b0 + j]
+            meta = dict(plan.inputs[-1].meta, ema_std=std, nimg=plan.at_nimg)
+            save_state_dict(outdir / snapshot_name(plan.at_nimg, std), {k: v.to(dtypes[k]) for k, v in a.items()}, meta)
+        del acc
+
+
+def child(args) -> None:
+    stds = output_stds(args.outputs)
+    t0 = time.perf_counter()
+    if args.child == "stream":
+        reconstruct(args.rundir, args.outdir, stds, progress=False)
+    elif args.child == "whole":
+        whole_models(Path(args.rundir), Path(args.outdir), stds)
+    print(json.dumps({"seconds": time.perf_counter() - t0}))
+
+
+def run_child(mode: str, rundir: Path, outdir: Path, outputs: int) -> dict:
+    cmd = [sys.executable, __file__, "--child", mode, "--rundir", str(rundir), "--outdir", str(outdir),
+           "--outputs", str(outputs)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    if status:
+        raise RuntimeError(f"{mode} run failed with status {status}")
+    return {"seconds": json.loads(out.decode().strip().splitlines()[-1])["seconds"],
+            "peak_rss_gb": usage.ru_maxrss * 1024 / 1e9}
+
+
+def compare(dir_a: Path, dir_b: Path) -> float:
+    """Largest |a - b| / max|b| over every tensor of every output."""
+    from safetensors import safe_open
+
+    worst = 0.0
+    for path in sorted(dir_a.glob("snapshot-*.safetensors")):
+        with safe_open(str(path), "pt") as fa, safe_open(str(dir_b / path.name), "pt") as fb:
+            for k in fa.keys():
+                a, b = fa.get_tensor(k).double(), fb.get_tensor(k).double()
+                worst = max(worst, float((a - b).abs().max() / b.abs().max().clamp(min=1e-30)))
+    return worst
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="img512-s", help="architecture of the synthetic snapshots (default img512-s)")
+    ap.add_argument("--snapshots", type=int, default=64, help="input files, half per stored profile (default 64)")
+    ap.add_argument("--outputs", type=int, default=31, help="output profiles, 0.010..0.250 (default 31)")
+    ap.add_argument("--dtype", choices=list(DTYPES), default="fp16", help="dtype of the snapshot files (default fp16)")
+    ap.add_argument("--methods", default="stream,whole", help="which to run (default stream,whole)")
+    ap.add_argument("--workdir", help="scratch folder (default: a new one in the system temp folder, removed after)")
+    ap.add_argument("--out", help="also write the markdown table to this file")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    ap.add_argument("--rundir", help=argparse.SUPPRESS)
+    ap.add_argument("--outdir", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        return child(args)
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="edm2-phema-bench-"))
+    try:
+        t0 = time.perf_counter()
+        size, n_params = make_inputs(work / "run", args.preset, args.snapshots, DTYPES[args.dtype])
+        make_s = time.perf_counter() - t0
+        idle = run_child("none", work / "run", work / "none", args.outputs)
+        rows, dirs = [], {}
+        methods = args.methods.split(",")
+        for m in methods:
+            dirs[m] = work / f"out-{m}"
+            r = run_child(m, work / "run", dirs[m], args.outputs)
+            passes = 1 if m == "stream" else math.ceil(args.outputs / 8)
+            rows.append(f"| {m} | {r['seconds']:.1f} | {r['peak_rss_gb']:.2f} | "
+                        f"{passes * args.snapshots * size / 1e9:.1f} |")
+        diff = compare(dirs[methods[0]], dirs[methods[1]]) if len(methods) == 2 else float("nan")
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    table = "\n".join([
+        f"post-hoc EMA: {args.snapshots} snapshots of preset {args.preset} ({n_params / 1e6:.1f}M parameters, "
+        f"{args.dtype} files of {size / 1e6:.0f} MB) "
+        f"-> {args.outputs} profiles; inputs written in {make_s:.0f} s",
+        "",
+        "| method | time (s) | peak RSS (GB) | input data read (GB) |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+        f"Peak RSS of a process that only imports edm2: {idle['peak_rss_gb']:.2f} GB. "
+        f"Largest relative difference between the methods' outputs: {diff:.1e}.",
+    ])
+    print(table)
+    if args.out:
+        Path(args.out).write_text(table + "\n")
+
+
+if __name__ == "__main__":
+    main()
