@@ -95,6 +95,10 @@ def test_encode_is_resumable(small_vae, images, tmp_path, monkeypatch):
     assert len(kept) == 4
     before = {p: p.read_bytes() for p in kept}
     monkeypatch.setattr(StabilityVAEEncoder, "encode_pixels", real)
+    other = tmp_path / "other.zip"
+    other.write_bytes(src.read_bytes())
+    with pytest.raises(ValueError, match="unfinished encode of another source"):
+        encode_dataset(other, tmp_path / "lat", vae=str(small_vae), device="cpu", progress=False)
     r = encode_dataset(src, tmp_path / "lat", vae=str(small_vae), batch_size=2, device="cpu", progress=False)
     assert (r.count, r.computed) == (5, 1) and any("resumed" in n for n in r.notes)
     assert not partial.exists()

@@ -143,6 +143,7 @@ class Source:
     items: list[SourceItem]
     class_names: list[str] | None = None
     notes: list[str] = field(default_factory=list)
+    close: Callable[[], None] = lambda: None        # releases an open zip
 
     @property
     def has_labels(self) -> bool:
@@ -225,7 +226,8 @@ def _open_collection(path: Path, use_labels: bool) -> Source:
             first = names[in_sub.index(False)]
             raise ValueError(f"--source {path} has images both at the top level (e.g. {first}) and in "
                              f"sub-folders; labels come from sub-folder names: move them, or pass --no-labels")
-    return Source(path, kind, _file_items(path, names, read_bytes, labels), class_names, notes)
+    return Source(path, kind, _file_items(path, names, read_bytes, labels), class_names, notes,
+                  zf.close if is_zip else (lambda: None))
 
 
 def read_idx(path) -> np.ndarray:
@@ -379,6 +381,16 @@ def convert_dataset(source, dest, resolution: int | None = None, transform: str 
     if max_images is not None and max_images < 1:
         raise ValueError(f"--max-images {max_images}: must be >= 1")
     src = open_source(source, use_labels)
+    try:
+        return _convert(src, dest, resolution, transform, max_images, skip_bad, overwrite, class_names, workers,
+                        compress_level, progress)
+    finally:
+        src.close()
+
+
+def _convert(src: Source, dest, resolution, transform, max_images, skip_bad, overwrite, class_names, workers,
+             compress_level, progress) -> ConvertResult:
+    source = src.path
     notes = list(src.notes)
     skipped: list[str] = []
 

@@ -13,6 +13,7 @@ posterior mean through `StabilityVAEEncoder.decode`.
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -95,8 +96,9 @@ def encode_dataset(source, dest, vae: str = DEFAULT_VAE, batch_size: int = 8, de
     encoder.vae(device)  # load now: fail before any work
 
     partial = dest.with_name(dest.name + ".partial")
-    partial.mkdir(parents=True, exist_ok=True)
     shape = (8, ds.resolution // 8, ds.resolution // 8)
+    _claim_partial(partial, {"source": str(Path(source).resolve()), "count": ds.raw_size,
+                             "resolution": ds.resolution, "vae": str(vae)})
     names = [latent_name(i) for i in range(ds.raw_size)]
     todo = [i for i in range(ds.raw_size) if not _npy_ok(partial / names[i], shape)]
     if len(todo) < ds.raw_size:
@@ -113,6 +115,7 @@ def encode_dataset(source, dest, vae: str = DEFAULT_VAE, batch_size: int = 8, de
             bar.update(len(idx))
 
     labels = _labels(ds, names)
+    (partial / _MARKER).unlink()
     if dest.suffix.lower() == ".zip":
         with DatasetWriter(dest, overwrite, source) as writer:
             for name in tqdm(names, desc="packing", unit="item", disable=not progress):
@@ -124,6 +127,25 @@ def encode_dataset(source, dest, vae: str = DEFAULT_VAE, batch_size: int = 8, de
         move_into_place(partial, dest)
     ds.close()
     return LatentResult(dest, ds.raw_size, len(todo), shape[1], notes)
+
+
+_MARKER = ".edm2-encode.json"
+
+
+def _claim_partial(partial: Path, job: dict) -> None:
+    """Create DEST.partial/ with a note of the job, or check that an existing one is the same job."""
+    marker = partial / _MARKER
+    if partial.exists():
+        try:
+            old = json.loads(marker.read_text())
+        except (OSError, ValueError):
+            old = None
+        if old != job:
+            raise ValueError(f"{partial} holds an unfinished encode of another source or VAE ({old}); "
+                             f"delete that folder to start over, or rerun the same command to resume it")
+        return
+    partial.mkdir(parents=True)
+    marker.write_text(json.dumps(job))
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
