@@ -1,7 +1,6 @@
 """`edm2 dataset convert|encode|decode|info`: thin layer over edm2.data."""
 from __future__ import annotations
 
-import argparse
 import json
 
 from ..units import parse_nimg
@@ -63,8 +62,7 @@ def register(sub):
     cmds.required = True
 
     from ..data.convert import TRANSFORMS
-    p = cmds.add_parser("convert", help="image folder/zip/IDX/npz -> dataset (PNG + dataset.json)",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = cmds.add_parser("convert", help="image folder/zip/IDX/npz -> dataset (PNG + dataset.json)")
     p.add_argument("--source", required=True, help="folder or zip of images (labels from top-level sub-folders), "
                    "an existing dataset, an IDX images file (*-images-idx3-ubyte[.gz]) or a .npz")
     p.add_argument("--dest", required=True, help="output: a folder, or a .zip")
@@ -76,7 +74,7 @@ def register(sub):
     p.add_argument("--overwrite", action="store_true", help="replace an existing --dest")
     p.add_argument("--class-names", default=None, help="comma-separated names of classes 0, 1, ...")
     p.add_argument("--no-labels", action="store_true", help="ignore labels in the source")
-    p.add_argument("--workers", type=int, default=4, help="threads decoding/encoding images")
+    p.add_argument("--workers", type=int, default=4, help="threads decoding/encoding images (default %(default)s)")
     p.set_defaults(func=_convert)
 
     p = cmds.add_parser("encode", help="image dataset -> Stable Diffusion VAE latents [8, H/8, W/8] (resumable)")

@@ -104,6 +104,8 @@ class ImageDataset:
                  random_seed: int = 0):
         self.path = Path(path)
         self.xflip = bool(xflip)
+        if max_size is not None and max_size < 1:
+            raise ValueError(f"max_size={max_size}: must be >= 1 (or None for the whole dataset)")
         if not self.path.exists():
             raise FileNotFoundError(f"dataset {self.path} does not exist; create one with `edm2 dataset convert`")
         self._is_zip = self.path.is_file()
