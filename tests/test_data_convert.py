@@ -275,3 +275,15 @@ def test_zip_source_with_wrapping_folder(tmp_path):
         z.write(src / "train" / "ant" / "00.png", "photos/00.png")
     r = convert_dataset(tmp_path / "one.zip", tmp_path / "one2", progress=False)
     assert r.label_dim == 0 and any("one sub-folder" in n for n in r.notes)
+
+
+def test_shape_errors_before_any_work(tmp_path):
+    save(tmp_path / "src" / "a.png", np.zeros((8, 8, 3), np.uint8))
+    save(tmp_path / "src" / "b.png", np.zeros((8, 12, 3), np.uint8))
+    with pytest.raises(ValueError, match="b.png is 12x8, not square; pass --transform"):
+        convert_dataset(tmp_path / "src", tmp_path / "out", resolution=8, progress=False)
+    with pytest.raises(ValueError, match="b.png is 12x8, larger than --resolution 10"):
+        convert_dataset(tmp_path / "src", tmp_path / "out", resolution=10, transform="pad", progress=False)
+    with pytest.raises(ValueError, match="needs --resolution"):
+        convert_dataset(tmp_path / "src", tmp_path / "out", transform="center-crop", progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

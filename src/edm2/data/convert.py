@@ -106,7 +106,7 @@ def to_8bit(img: Image.Image, channels: int) -> tuple[Image.Image, str | None]:
         arr = np.asarray(img).astype(np.float64)
         if mode == "F" and arr.max(initial=0) <= 1.0:
             arr = arr * 255
-        elif mode != "F":
+        elif mode.startswith("I;16") or (mode == "I" and arr.max(initial=0) > 255):
             arr = arr / 257
         img = Image.fromarray(np.clip(np.round(arr), 0, 255).astype(np.uint8), "L")
     elif mode in ("1", "LA", "La"):
@@ -422,6 +422,14 @@ def _convert(src: Source, dest, resolution, transform, max_images, skip_bad, ove
             raise ValueError(f"--source {src.path}: images are {w}x{h}, not square; "
                              f"pass --resolution N and --transform center-crop")
         resolution = w
+    # Shapes that the transform cannot handle fail now, before any work.
+    for i, (w, h) in enumerate(sizes):
+        if transform is None and w != h and (w, h) != (resolution, resolution):
+            raise ValueError(f"--source {src.path}: image {good[i].name} is {w}x{h}, not square; pass --transform "
+                             f"center-crop (or center-crop-wide, center-crop-dhariwal)")
+        if transform == "pad" and (w > resolution or h > resolution):
+            raise ValueError(f"--transform pad: image {good[i].name} is {w}x{h}, larger than --resolution "
+                             f"{resolution}; use --transform center-crop")
 
     # 2. Labels and the subset.
     labels = [it.label for it in good]
