@@ -287,3 +287,14 @@ def test_shape_errors_before_any_work(tmp_path):
     with pytest.raises(ValueError, match="needs --resolution"):
         convert_dataset(tmp_path / "src", tmp_path / "out", transform="center-crop", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_output_has_usual_permissions(tmp_path):
+    import os
+    save(tmp_path / "src" / "a.png", np.zeros((8, 8, 3), np.uint8))
+    convert_dataset(tmp_path / "src", tmp_path / "o.zip", progress=False)
+    convert_dataset(tmp_path / "src", tmp_path / "o", progress=False)
+    mask = os.umask(0)
+    os.umask(mask)
+    assert (tmp_path / "o.zip").stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's private 0600
+    assert (tmp_path / "o").stat().st_mode & 0o777 == 0o777 & ~mask

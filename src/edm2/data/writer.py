@@ -28,8 +28,16 @@ def check_destination(dest, overwrite: bool = False, source=None) -> Path:
     return dest
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def move_into_place(tmp: Path, dest: Path) -> None:
-    """Rename the finished `tmp` (file or folder) to `dest`, replacing what is there."""
+    """Rename the finished `tmp` (file or folder) to `dest`, replacing what is there.
+    mkstemp/mkdtemp create private (0600/0700) entries: give them the usual permissions first."""
+    os.chmod(tmp, (0o777 if tmp.is_dir() else 0o666) & ~_umask())
     if dest.exists() and (dest.is_dir() or tmp.is_dir()):
         # Folders cannot be renamed over: move the old one aside first, then delete it.
         trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
