@@ -5,12 +5,11 @@ import math
 import numpy as np
 import pytest
 import torch
-from scipy.stats import multivariate_normal
 
 from edm2.cli import main
 from edm2.sampling import edm_sampler
 from edm2.toy import (ToyNet, ToyNetConfig, ToyTrainConfig, list_toy_snapshots, load_toy, load_toy_run,
-                      posthoc_toy, sample_toy, toy_score, train_toy, tree_mixture)
+                      posthoc_toy, sample_toy, toy_noise, toy_score, train_toy, tree_mixture)
 from edm2.toy.gmm import _tree_components
 
 
@@ -35,13 +34,20 @@ def test_tree_shape():
         tree_mixture("C")
 
 
-def test_logp_matches_scipy():
+def test_logp_matches_direct_density():
+    # Independent check: sum_k phi_k N(x; mu_k, Sigma_k + sigma^2 I) with explicit inverse and determinant.
     g = tree_mixture("A")
-    x = torch.tensor([[0.3, 0.4], [0.0, 0.0], [1.0, -0.5], [0.7, 1.1]], dtype=torch.float64)
+    comps = [c for c in _tree_components() if c[0] == "A"]
+    phi = np.array([c[1] for c in comps]) / sum(c[1] for c in comps)
+    mu, cov = np.array([c[2] for c in comps]), np.array([c[3] for c in comps])
+    x = np.array([[0.3, 0.4], [0.0, 0.0], [1.0, -0.5], [0.7, 1.1], [0.2, 0.25]])
     for sigma in (0.0, 0.05, 1.0):
-        dens = sum(float(p) * multivariate_normal(m.numpy(), (Q @ torch.diag(L + sigma ** 2) @ Q.T).numpy()).pdf(x.numpy())
-                   for p, m, L, Q in zip(g.phi, g.mu, g.L, g.Q))
-        np.testing.assert_allclose(g.logp(x, sigma).numpy(), np.log(dens), rtol=1e-9, atol=1e-9)
+        c = cov + sigma ** 2 * np.eye(2)
+        y = x[:, None, :] - mu
+        m = np.einsum("nki,kij,nkj->nk", y, np.linalg.inv(c), y)
+        dens = (phi * np.exp(-0.5 * m) / (2 * np.pi * np.sqrt(np.linalg.det(c)))).sum(1)
+        got = g.logp(torch.as_tensor(x), sigma).numpy()
+        np.testing.assert_allclose(got[dens > 1e-250], np.log(dens[dens > 1e-250]), rtol=1e-9, atol=1e-9)
 
 
 def test_score_equals_autograd_of_logp():
@@ -75,16 +81,16 @@ def test_noisy_sampling_moments():
 
 def test_exact_denoiser_sampling_reproduces_mixture():
     g = tree_mixture("A")
-    samples = sample_toy(g, 2048, seed=3)                              # 32-step Heun from sigma_max = 5
-    real = g.sample(2048, generator=torch.Generator().manual_seed(4))
+    samples = sample_toy(g, 1024, seed=3)                              # 32-step Heun from sigma_max = 5
+    real = g.sample(4096, generator=torch.Generator().manual_seed(4))
     got, ref = toy_score(samples), toy_score(real)
     assert ref["in_fraction"] > 0.98                                    # the threshold keeps ~99% of real data
-    assert abs(got["in_fraction"] - ref["in_fraction"]) < 0.015
+    assert abs(got["in_fraction"] - ref["in_fraction"]) < 0.02
     assert abs(got["mean_logp"] - ref["mean_logp"]) < 0.15
     # Sampler trajectories start at sigma_max * noise and end at the samples.
-    s2, path = sample_toy(g, 64, seed=3, trajectories=True)
-    assert path.shape == (33, 64, 2)
-    assert torch.equal(path[-1], s2) and torch.allclose(s2, samples[:64])
+    s2, path = sample_toy(g, 16, seed=3, num_steps=8, trajectories=True)
+    assert path.shape == (9, 16, 2)
+    assert torch.equal(path[-1], s2) and torch.allclose(path[0], 5 * toy_noise(16, seed=3))
 
 
 def test_toynet_preconditioning_and_denoiser():
@@ -112,11 +118,11 @@ def test_toynet_preconditioning_and_denoiser():
 
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
-    """A small trained run with snapshots (dim 32, 384 iterations)."""
+    """A small trained run with snapshots (dim 32, 256 iterations of 256 points)."""
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("toy") / "run"
-    cfg = ToyTrainConfig(hidden_dim=32, iters=384, batch_size=512, ema_stds=(0.010, 0.050, 0.100), snapshot_iters=32)
+    cfg = ToyTrainConfig(hidden_dim=32, iters=256, batch_size=256, ema_stds=(0.010, 0.050, 0.100), snapshot_iters=32)
     run = train_toy(cfg, outdir=out, progress=False)
     torch.set_num_threads(n)
     return run, out
@@ -124,16 +130,16 @@ def toy_run(tmp_path_factory):
 
 def test_training_learns_the_tree(toy_run):
     run, out = toy_run
-    assert len(list_toy_snapshots(out)) == 3 * 12
+    assert len(list_toy_snapshots(out)) == 3 * 8
     info = json.loads((out / "training.json").read_text())
-    assert info["config"]["iters"] == 384 and info["final_loss"] == pytest.approx(run.final_loss)
+    assert info["config"]["iters"] == 256 and info["final_loss"] == pytest.approx(run.final_loss)
     untrained = toy_score(sample_toy(ToyNet(ToyNetConfig(hidden_dim=32)).eval(), 1024, seed=0))
     trained = toy_score(sample_toy(run.ema, 1024, seed=0))
     assert untrained["in_fraction"] < 0.5 < trained["in_fraction"]
     assert trained["mean_logp"] > untrained["mean_logp"] + 2
     # The saved final EMA snapshot is the in-memory one, bit for bit.
-    net, meta = load_toy(out / "toy-000384-0.010.safetensors")
-    assert meta["iter"] == 384 and meta["nimg"] == 384 * 512 and meta["ema_std"] == 0.010
+    net, meta = load_toy(out / "toy-000256-0.010.safetensors")
+    assert meta["iter"] == 256 and meta["nimg"] == 256 * 256 and meta["ema_std"] == 0.010
     x = torch.randn(20, 2)
     assert torch.equal(net(x, torch.tensor(0.1)), run.ema(x, torch.tensor(0.1)))
     with pytest.raises(FileExistsError, match="already holds a toy run"):
@@ -144,7 +150,7 @@ def test_posthoc_ema_matches_tracked_profile(toy_run):
     run, out = toy_run
     # Reconstruct sigma_rel = 0.010 from the 0.050 / 0.100 snapshots only.
     rec, meta = posthoc_toy(out, 0.010, in_stds=(0.050, 0.100))
-    assert meta["ema_std"] == 0.010 and len(meta["posthoc"]["inputs"]) == 24
+    assert meta["ema_std"] == 0.010 and len(meta["posthoc"]["inputs"]) == 16
     direct = run.emas[0.010]
     w_rec, w_dir, w_far = (torch.cat([p.flatten() for p in n.parameters()]) for n in (rec, direct, run.emas[0.100]))
     assert (w_rec - w_dir).norm() < 0.5 * (w_far - w_dir).norm()
@@ -157,11 +163,11 @@ def test_posthoc_ema_matches_tracked_profile(toy_run):
 
 def test_cli(toy_run, tmp_path, capsys):
     _, out = toy_run
-    assert main(["toy", "score", "--net", str(out), "--num", "256", "--json", str(tmp_path / "s.json")]) == 0
+    assert main(["toy", "score", "--net", str(out), "--num", "128", "--json", str(tmp_path / "s.json")]) == 0
     s = json.loads((tmp_path / "s.json").read_text())
-    assert s["num"] == 256 and 0 <= s["in_fraction"] <= 1 and math.isfinite(s["mean_logp"])
+    assert s["num"] == 128 and 0 <= s["in_fraction"] <= 1 and math.isfinite(s["mean_logp"])
     assert main(["toy", "plot", "--net", str(out), "--gnet", str(out / "toy-000064-0.010.safetensors"),
-                 "--guidance", "2", "--num", "256", "--trajectories", "8", "--out", str(tmp_path / "p.png"),
+                 "--guidance", "2", "--num", "128", "--trajectories", "8", "--resolution", "40", "--out", str(tmp_path / "p.png"),
                  "--json", str(tmp_path / "p.json")]) == 0
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p["title"] for p in json.loads((tmp_path / "p.json").read_text())] == ["ground truth", "guided, w=2"]

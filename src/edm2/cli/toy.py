@@ -35,6 +35,7 @@ def register(sub):
         p.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch default; default 1)")
         if name == "plot":
             p.add_argument("--trajectories", type=int, default=0, help="draw the paths of this many samples")
+            p.add_argument("--resolution", type=int, default=200, help="ground-truth contour grid (default 200)")
             p.add_argument("--out", required=True, help="output PNG")
         p.set_defaults(func=_plot if name == "plot" else _score)
 
@@ -91,7 +92,8 @@ def _plot(args):
     net, gnet, classes = _load(args)
     panels = [ToyPanel("ground truth", None)] if args.net != "gt" else []
     panels.append(ToyPanel(_title(args) if args.net != "gt" else "ground-truth denoiser", net, gnet, args.guidance))
-    scores = plot_toy(panels, args.out, classes=classes, num=args.num, seed=args.seed, trajectories=args.trajectories)
+    scores = plot_toy(panels, args.out, classes=classes, num=args.num, seed=args.seed, trajectories=args.trajectories,
+                      resolution=args.resolution)
     _report(args, scores)
     print(f"wrote {args.out}")
 

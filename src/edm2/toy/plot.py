@@ -40,13 +40,17 @@ def plot_toy(panels, out, classes: str = "A", num: int = 4096, seed: int = 0, tr
     in grey and of `classes` in orange, samples as dots, `trajectories` of them
     as lines) into one PNG at `out` (written atomically). Returns each panel's
     toy_score dict (with its title)."""
+    if resolution < 2 or trajectories < 0 or num < 1 or not panels:
+        raise ValueError(f"plot_toy: need panels, num >= 1, resolution >= 2, trajectories >= 0 "
+                         f"(got {len(panels)}, {num}, {resolution}, {trajectories})")
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     gx, gy, pts = _grid(view, resolution)
-    regions = [(tree_mixture("AB").logp(pts).numpy(), "#e6e6e6", "#b3b3b3"),
-               (tree_mixture(classes).logp(pts).numpy(), "#ffcc99", "#cc9980")]
+    # float32 is plenty for drawing a contour (errors ~0.01 nats) and twice as fast as float64.
+    regions = [(tree_mixture("AB").logp(pts, dtype=torch.float32).numpy(), "#e6e6e6", "#b3b3b3"),
+               (tree_mixture(classes).logp(pts, dtype=torch.float32).numpy(), "#ffcc99", "#cc9980")]
     fig, axes = plt.subplots(1, len(panels), figsize=(panel_inches * len(panels), panel_inches + 0.5), squeeze=False)
     scores = []
     for ax, panel in zip(axes[0], panels):
