@@ -14,6 +14,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH)"
 	$(BIN)/pip install -q --disable-pip-version-check -e ".[test,vae,metrics]"
+	# FID's Inception (torch-fidelity): --no-deps, as its metadata asks for torchvision, which edm2 never imports
+	$(BIN)/pip install -q --disable-pip-version-check --no-deps "torch-fidelity==0.4.0"
 	touch $(STAMP)
 
 venv: $(STAMP)

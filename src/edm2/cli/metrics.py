@@ -1,5 +1,193 @@
-"""Placeholder, replaced by the module that implements `metrics`."""
+"""`edm2 metrics ref|calc|gen` and `edm2 sweep`: thin layers over
+`edm2.metrics` (reference_stats, calc_metrics, gen_metrics, sweep)."""
+from __future__ import annotations
+
+from ..units import parse_float_list, parse_int_list, parse_nimg
+
+METRICS_HELP = "comma-separated: fid, fd_dinov2 (default: ref: both; calc/gen/sweep: those in --ref)"
 
 
-def register(sub):
-    pass
+def _common(p, ref=True, images=True, batch=64):
+    if ref:
+        p.add_argument("--ref", required=True, metavar="REF",
+                       help="reference statistics: .npz from `edm2 metrics ref`, or the authors' .pkl (file or URL)")
+    p.add_argument("--metrics", metavar="LIST", help=METRICS_HELP)
+    if images:
+        p.add_argument("--num", default="50000", metavar="N", help="number of images (default 50000, as the paper)")
+    p.add_argument("--batch", type=int, default=batch, metavar="B",
+                   help=f"images per batch per process (default {batch})")
+    p.add_argument("--detector-dir", metavar="DIR",
+                   help="folder with the detector weights (default $EDM2_DETECTOR_DIR or ~/.cache/edm2/detectors)")
+    p.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available, else cpu)")
+
+
+def register(sub) -> None:
+    m = sub.add_parser("metrics", help="FID / FD_DINOv2: reference statistics, images, or a network",
+                       description="Fréchet distances (SPEC §10). Every command also runs under torchrun.")
+    msub = m.add_subparsers(dest="metrics_command", metavar="COMMAND")
+    msub.required = True
+
+    p = msub.add_parser("ref", help="reference statistics (mean, covariance) of every image of a dataset")
+    p.add_argument("--data", required=True, metavar="DATASET", help="image dataset: folder or zip of PNGs")
+    p.add_argument("--dest", required=True, metavar="REF.npz", help="output file (never overwritten)")
+    _common(p, ref=False, images=False)
+    p.add_argument("--workers", type=int, default=2, help="data loading processes (default 2)")
+    p.set_defaults(func=run_ref)
+
+    p = msub.add_parser("calc", help="metrics of a folder or zip of images")
+    p.add_argument("--images", required=True, metavar="DIR|ZIP", help="generated images (e.g. `edm2 generate` output)")
+    _common(p)
+    p.add_argument("--seed", default="0", metavar="LIST",
+                   help="seed(s) of the random subset when there are more than --num images; "
+                        "several (0,1,2) give one result each and their minimum (default 0)")
+    p.add_argument("--workers", type=int, default=2, help="data loading processes (default 2)")
+    p.add_argument("--jsonl", default="metrics.jsonl", metavar="FILE",
+                   help="results are appended to this file (default metrics.jsonl)")
+    p.set_defaults(func=run_calc)
+
+    p = msub.add_parser("gen", help="generate images on the fly (optionally guided) and evaluate them")
+    p.add_argument("--net", required=True, metavar="SNAPSHOT", help="snapshot file, run folder or authors' .pkl")
+    p.add_argument("--gnet", metavar="SNAPSHOT", help="guiding network (unconditional for CFG, weaker for autoguidance)")
+    p.add_argument("--guidance", type=float, default=1.0, metavar="W", help="guidance weight (default 1: none)")
+    _common(p, batch=32)
+    p.add_argument("--seed", default="0", metavar="LIST",
+                   help="evaluation seed(s) k: images of seeds k*N ... (k+1)*N-1; 0,1,2 gives three results and "
+                        "their minimum, as the paper reports (default 0)")
+    p.add_argument("--steps", type=int, default=32, help="sampler steps (default 32)")
+    p.add_argument("--jsonl", default="metrics.jsonl", metavar="FILE",
+                   help="results are appended to this file (default metrics.jsonl)")
+    p.set_defaults(func=run_gen)
+
+    p = sub.add_parser("sweep", help="post-hoc EMA sweep: reconstruct EMA lengths, evaluate, CSV + PNG",
+                       description="Reconstruct each EMA length (and guidance weight) with post-hoc EMA, "
+                                   "evaluate it, and write sweep.csv and sweep.png (paper Figure 5).")
+    p.add_argument("--rundir", required=True, metavar="DIR", help="training run folder with its EMA snapshots")
+    p.add_argument("--std", required=True, metavar="LIST", help="EMA lengths: 0.05,0.1 or 0.010,0.015,...,0.250")
+    p.add_argument("--at-nimg", metavar="N", help="training time in images, e.g. 8Mi (default: last snapshot)")
+    p.add_argument("--outdir", metavar="DIR", help="reconstructed snapshots, sweep.csv, sweep.png (default RUNDIR/sweep)")
+    p.add_argument("--gnet", metavar="SNAPSHOT", help="guiding network for --guidance")
+    p.add_argument("--guidance", default="1", metavar="LIST", help="guidance weight(s), e.g. 1,1.2,1.4 (default 1)")
+    _common(p, batch=32)
+    p.add_argument("--seed", type=int, default=0, help="evaluation seed k: seeds k*N ... (k+1)*N-1 (default 0)")
+    p.add_argument("--steps", type=int, default=32, help="sampler steps (default 32)")
+    p.set_defaults(func=run_sweep)
+
+
+def _num(args):
+    num = parse_nimg(args.num, "--num")
+    if num < 2:
+        raise ValueError(f"--num {num}: need at least 2 images (the paper uses 50000)")
+    return num
+
+
+def _device(args):
+    import torch
+
+    from ..generate import default_device
+
+    return torch.device(args.device) if args.device else default_device()
+
+
+def _finish(world):
+    import torch.distributed as dist
+
+    if world > 1 and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _report(results: list, seeds: list, num: int, jsonl: str, source: dict, ref: str, rank: int) -> None:
+    from ..metrics import append_jsonl
+
+    if rank != 0:
+        return
+    for seed, values in zip(seeds, results):
+        print(f"seed {seed}  " + "  ".join(f"{m} {v:.4f}" for m, v in values.items()) + f"  ({num} images)")
+        append_jsonl(jsonl, {**source, "ref": ref, "num": num, "seed": seed, "results": values})
+    if len(results) > 1:
+        print("min    " + "  ".join(f"{m} {min(r[m] for r in results):.4f}" for m in results[0]))
+    print(f"appended to {jsonl}")
+
+
+def run_ref(args) -> int:
+    from ..generate import init_distributed
+    from ..metrics import reference_stats
+
+    rank, world = init_distributed()
+    try:
+        stats = reference_stats(args.data, args.dest, metrics=args.metrics or "fid,fd_dinov2", batch_size=args.batch,
+                                workers=args.workers, detector_dir=args.detector_dir, device=_device(args))
+    finally:
+        _finish(world)
+    if rank == 0:
+        for m, s in stats.items():
+            print(f"{m}: {s.num} images, {s.dim}-d features")
+        print(f"wrote {args.dest}")
+    return 0
+
+
+def run_calc(args) -> int:
+    from ..generate import init_distributed
+    from ..metrics import calc_metrics, load_detectors, load_ref, resolve_metrics
+
+    num, seeds = _num(args), parse_int_list(args.seed, "--seed")
+    ref = load_ref(args.ref)
+    metrics = resolve_metrics(args.metrics, ref, args.ref)
+    rank, world = init_distributed()
+    try:
+        dets = load_detectors(metrics, args.detector_dir, _device(args))
+        results = [calc_metrics(args.images, ref, metrics, num=num, seed=s, batch_size=args.batch,
+                                workers=args.workers, detector_dir=args.detector_dir, device=_device(args),
+                                detectors=dets) for s in seeds]
+    finally:
+        _finish(world)
+    _report(results, seeds, num, args.jsonl, {"images": str(args.images)}, args.ref, rank)
+    return 0
+
+
+def run_gen(args) -> int:
+    from ..generate import init_distributed
+    from ..metrics import gen_metrics, load_detectors, load_ref, resolve_metrics
+
+    num, seeds = _num(args), parse_int_list(args.seed, "--seed")
+    if args.guidance != 1 and not args.gnet:
+        raise ValueError(f"--guidance {args.guidance} needs --gnet SNAPSHOT (the guiding network); or drop --guidance")
+    ref = load_ref(args.ref)
+    metrics = resolve_metrics(args.metrics, ref, args.ref)
+    rank, world = init_distributed()
+    try:
+        dets = load_detectors(metrics, args.detector_dir, _device(args))
+        results = []
+        for s in seeds:
+            results.append(gen_metrics(args.net, ref, gnet=args.gnet, guidance=args.guidance, metrics=metrics,
+                                       num=num, seed=s, batch_size=args.batch, detector_dir=args.detector_dir,
+                                       device=_device(args), detectors=dets, num_steps=args.steps))
+    finally:
+        _finish(world)
+    source = {"net": str(args.net), "gnet": args.gnet and str(args.gnet), "guidance": args.guidance}
+    _report(results, seeds, num, args.jsonl, source, args.ref, rank)
+    return 0
+
+
+def run_sweep(args) -> int:
+    from ..generate import init_distributed
+    from ..metrics import sweep
+    from ..metrics.sweep import best_rows
+
+    num = _num(args)
+    stds = parse_float_list(args.std, "--std")
+    guidance = parse_float_list(args.guidance, "--guidance")
+    at_nimg = None if args.at_nimg is None else parse_nimg(args.at_nimg, "--at-nimg")
+    rank, world = init_distributed()
+    try:
+        rows = sweep(args.rundir, stds, args.ref, outdir=args.outdir, at_nimg=at_nimg, metrics=args.metrics,
+                     num=num, seed=args.seed, gnet=args.gnet, guidance=guidance, batch_size=args.batch,
+                     detector_dir=args.detector_dir, device=_device(args), num_steps=args.steps)
+    finally:
+        _finish(world)
+    if rank == 0:
+        for m, r in best_rows(rows, [k for k in rows[0] if k not in ("ema_std", "guidance", "nimg", "num", "seed")]).items():
+            print(f"best {m} {r[m]:.4f}: sigma_rel {r['ema_std']:.4f}, guidance {r['guidance']:g}")
+        from pathlib import Path
+        outdir = Path(args.outdir) if args.outdir else Path(args.rundir) / "sweep"
+        print(f"wrote {outdir / 'sweep.csv'} and {outdir / 'sweep.png'}")
+    return 0

@@ -1,0 +1,290 @@
+"""Feature detectors behind one interface (SPEC §10): a `Detector` takes uint8
+images [N, C, H, W] (C = 1 grey, repeated to RGB, or 3) and returns float32
+features [N, feature_dim].
+
+- `InceptionDetector` (metric "fid"): the FID Inception-v3, torch-fidelity's
+  port of the TensorFlow graph inception-2015-12-05 (2048-d pool features,
+  TF1-style bilinear resize to 299x299), with torch-fidelity's weight file.
+- `DINOv2Detector` (metric "fd_dinov2"): DINOv2 ViT-L/14 from Hugging Face
+  transformers (`Dinov2Model`, 1024-d class token after the final norm), fed
+  as SPEC §10 says: bicubic antialiased resize to 224 on 0-255 floats, /255,
+  ImageNet mean/std.
+- `TinyDetector` (metric "fd_tiny"): a cheap, fixed, seeded stand-in with the
+  same interface, for smoke tests of the pipeline. It is not a metric to
+  report.
+
+Weights are looked up in one folder (`detector_dir`): the argument /
+`--detector-dir`, else $EDM2_DETECTOR_DIR, else ~/.cache/edm2/detectors.
+Where a network is reachable they are downloaded on first use; offline a
+missing file raises FileNotFoundError naming it and where to put it.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+__all__ = ["Detector", "InceptionDetector", "DINOv2Detector", "TinyDetector", "DETECTORS", "detector_dir",
+           "load_detector", "random_detector", "INCEPTION_FILE", "INCEPTION_URL", "DINOV2_FOLDER", "DINOV2_HUB"]
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
+DINOV2_FOLDER = "dinov2-large"          # <detector_dir>/dinov2-large/{config.json, model.safetensors}
+DINOV2_HUB = "facebook/dinov2-large"    # its Hugging Face hub name (ViT-L/14)
+# facebook/dinov2-large's architecture (for random initialisation without a download).
+DINOV2_VITL14 = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, mlp_ratio=4, patch_size=14,
+                     image_size=518, layer_norm_eps=1e-6, layerscale_value=1.0, qkv_bias=True, use_swiglu_ffn=False)
+
+
+def detector_dir(path=None) -> Path:
+    """Folder holding the detector weights: `path`, else $EDM2_DETECTOR_DIR, else ~/.cache/edm2/detectors."""
+    if path is not None:
+        return Path(path)
+    return Path(os.environ.get("EDM2_DETECTOR_DIR") or Path.home() / ".cache" / "edm2" / "detectors")
+
+
+def _offline() -> bool:
+    return any(os.environ.get(k, "") not in ("", "0") for k in ("EDM2_OFFLINE", "HF_HUB_OFFLINE"))
+
+
+class Detector(torch.nn.Module):
+    """uint8 images [N, 1 or 3, H, W] -> float32 features [N, feature_dim]."""
+
+    metric = ""
+    feature_dim = 0
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"{type(self).__name__}: expected uint8 images [N, 1 or 3, H, W], got "
+                             f"{images.dtype} {list(images.shape)}")
+        if images.shape[1] == 1:
+            images = images.repeat(1, 3, 1, 1)  # grayscale -> RGB
+        with torch.no_grad():
+            return self.features(images).to(torch.float32)
+
+    def features(self, rgb: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------
+# Inception-v3 (FID)
+# ---------------------------------------------------------------------------
+
+def _torch_fidelity_inception():
+    """torch-fidelity's FeatureExtractorInceptionV3 class.
+
+    The module itself needs only torch, but the package's __init__ also imports
+    its CLIP/VGG/dataset code, which needs torchvision (not installable beside
+    a CPU torch from PyPI). Without torchvision we register the package as a
+    bare namespace (no __init__ run) and import just the Inception module."""
+    if "torch_fidelity" not in sys.modules and importlib.util.find_spec("torchvision") is None:
+        spec = importlib.util.find_spec("torch_fidelity")
+        if spec is None:
+            raise RuntimeError("FID needs torch-fidelity: pip install --no-deps torch-fidelity==0.4.0 "
+                               "(or `make venv`, which installs it)")
+        package = types.ModuleType("torch_fidelity")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["torch_fidelity"] = package
+    try:
+        return importlib.import_module("torch_fidelity.feature_extractor_inceptionv3").FeatureExtractorInceptionV3
+    except ImportError as e:
+        raise RuntimeError(f"FID needs torch-fidelity ({e}): pip install --no-deps torch-fidelity==0.4.0") from None
+
+
+class InceptionDetector(Detector):
+    """FID Inception-v3 (TF inception-2015-12-05 graph, torch-fidelity's port).
+
+    state_dict: the weights (torch-fidelity's file, read with
+    `torch.load(..., weights_only=True)` by `load_detector`), or None to keep
+    PyTorch's random initialisation (tests, benchmarks)."""
+
+    metric = "fid"
+    feature_dim = 2048
+
+    def __init__(self, state_dict: dict | None = None):
+        super().__init__()
+        import io
+
+        base = _torch_fidelity_inception()
+
+        class _Net(base):
+            # The library's constructor loads weights with an unrestricted torch.load; we hand it a tiny
+            # buffer holding None (skipped below) and load the real weights ourselves, tensors only.
+            def load_state_dict(self, state, *args, **kwargs):
+                return None if state is None else super().load_state_dict(state, *args, **kwargs)
+
+        buf = io.BytesIO()
+        torch.save(None, buf)
+        buf.seek(0)
+        self.net = _Net("inception-v3-compat", ["2048"], feature_extractor_weights_path=buf)
+        if state_dict is not None:
+            self.net.load_state_dict(state_dict, strict=True)
+
+    def features(self, rgb):
+        return self.net(rgb)[0]
+
+
+def _load_inception(folder: Path, download: bool, device) -> InceptionDetector:
+    path = folder / INCEPTION_FILE
+    hub_copy = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE  # where torch-fidelity caches it
+    if not path.is_file() and hub_copy.is_file():
+        path = hub_copy
+    why = ""
+    if not path.is_file() and download and not _offline():
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(INCEPTION_URL, str(path), progress=True)  # temp file + rename
+        except Exception as e:
+            why = f"; downloading {INCEPTION_URL} failed ({type(e).__name__})"
+    if not path.is_file():
+        raise FileNotFoundError(f"FID weights {path} not found{why}: download {INCEPTION_URL} on a machine with "
+                                f"network access and put it at {path} (the folder is --detector-dir or "
+                                f"$EDM2_DETECTOR_DIR)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return InceptionDetector(state).to(device)
+    except Exception as e:
+        raise ValueError(f"{path}: not torch-fidelity's Inception-v3 weight file ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0][:200]}); delete it and download {INCEPTION_URL} again") from None
+
+
+# ---------------------------------------------------------------------------
+# DINOv2 ViT-L/14 (FD_DINOv2)
+# ---------------------------------------------------------------------------
+
+class DINOv2Detector(Detector):
+    """DINOv2 ViT-L/14 class token (1024-d) with SPEC §10's preprocessing.
+
+    model: a transformers `Dinov2Model`; None builds facebook/dinov2-large's
+    architecture with random weights."""
+
+    metric = "fd_dinov2"
+    feature_dim = 1024
+    resolution = 224
+
+    def __init__(self, model=None):
+        super().__init__()
+        if model is None:
+            model = _random_dinov2()
+        self.model = model.eval().requires_grad_(False)
+        self.feature_dim = int(model.config.hidden_size)
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).reshape(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).reshape(1, 3, 1, 1), persistent=False)
+
+    def features(self, rgb):
+        x = rgb.to(torch.float32)
+        x = F.interpolate(x, size=(self.resolution, self.resolution), mode="bicubic", antialias=True)  # no clamp
+        x = (x / 255 - self.mean) / self.std
+        return self.model(pixel_values=x).pooler_output  # = final layernorm of the class token
+
+
+def _random_dinov2(config: dict = DINOV2_VITL14):
+    """Dinov2Model of the given architecture with random weights, initialised
+    like transformers does (N(0, 0.02) matrices and embeddings, LayerNorm 1/0,
+    zero biases, layer scales 1) but without its slow truncated normal: the
+    model is built on the meta device and filled in place (seed with torch.manual_seed)."""
+    from transformers import Dinov2Config, Dinov2Model
+
+    with torch.device("meta"):
+        model = Dinov2Model(Dinov2Config(**config))
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.ndim >= 2:
+                p.normal_(0, 0.02)
+            elif name.endswith("lambda1"):
+                p.fill_(model.config.layerscale_value)
+            elif name.endswith("weight"):
+                p.fill_(1)
+            else:
+                p.zero_()
+    return model
+
+
+def _load_dinov2(folder: Path, download: bool, device) -> DINOv2Detector:
+    from transformers import Dinov2Model
+
+    local = folder / DINOV2_FOLDER
+    how = (f"on a machine with network access run `hf download {DINOV2_HUB} --local-dir {DINOV2_FOLDER}` "
+           f"(or Dinov2Model.from_pretrained('{DINOV2_HUB}').save_pretrained('{DINOV2_FOLDER}')) and copy that "
+           f"folder to {local} (the parent is --detector-dir or $EDM2_DETECTOR_DIR)")
+    if local.exists():
+        missing = [n for n in ("config.json", "model.safetensors") if not (local / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"FD_DINOv2 weights: {local / missing[0]} is missing; {how}")
+        try:
+            model = Dinov2Model.from_pretrained(str(local), local_files_only=True)
+        except Exception as e:
+            raise ValueError(f"{local}: not a DINOv2 model folder ({type(e).__name__}: "
+                             f"{str(e).splitlines()[0][:200]}); {how}") from None
+    else:
+        try:  # the Hugging Face cache ($HF_HOME), downloading into it unless offline
+            model = Dinov2Model.from_pretrained(DINOV2_HUB, local_files_only=not download or _offline())
+        except Exception as e:
+            raise FileNotFoundError(f"FD_DINOv2 weights: {local} not found and {DINOV2_HUB} is not in the Hugging "
+                                    f"Face cache{'' if download and not _offline() else ' (offline)'} "
+                                    f"({type(e).__name__}); {how}") from None
+    if model.config.hidden_size != 1024 or model.config.patch_size != 14:
+        raise ValueError(f"{local}: hidden size {model.config.hidden_size} / patch {model.config.patch_size}; "
+                         f"FD_DINOv2 is defined with ViT-L/14 (1024 / 14)")
+    return DINOv2Detector(model).to(device)
+
+
+# ---------------------------------------------------------------------------
+# Stand-in for tests
+# ---------------------------------------------------------------------------
+
+class TinyDetector(Detector):
+    """A fixed random feature map for smoke tests (not a published metric):
+    bilinear resize to 32x32, /127.5 - 1, one seeded 4x4/stride-4 conv with
+    `feature_dim // 2` filters, ReLU, then the spatial mean and standard
+    deviation of each filter -> `feature_dim` features."""
+
+    metric = "fd_tiny"
+
+    def __init__(self, feature_dim: int = 16, seed: int = 0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.feature_dim = 2 * (feature_dim // 2)
+        self.register_buffer("weight", torch.randn([feature_dim // 2, 3, 4, 4], generator=g) / 7)
+
+    def features(self, rgb):
+        x = F.interpolate(rgb.to(torch.float32), size=(32, 32), mode="bilinear", antialias=True) / 127.5 - 1
+        y = F.relu(F.conv2d(x, self.weight.to(x.device), stride=4)).flatten(2)
+        return torch.cat([y.mean(2), y.std(2)], dim=1)
+
+
+# metric name -> (detector class, loader(folder, download, device))
+DETECTORS = {
+    "fid": (InceptionDetector, _load_inception),
+    "fd_dinov2": (DINOv2Detector, _load_dinov2),
+    "fd_tiny": (TinyDetector, lambda folder, download, device: TinyDetector().to(device)),
+}
+
+
+def _check_metric(metric):
+    if metric not in DETECTORS:
+        raise ValueError(f"--metrics: unknown metric {metric!r}; choose from fid, fd_dinov2 "
+                         f"(fd_tiny is a test stand-in)")
+
+
+def load_detector(metric: str, weights_dir=None, device="cpu", download: bool = True) -> Detector:
+    """The detector of `metric` ("fid", "fd_dinov2" or "fd_tiny") with its
+    published weights from `detector_dir(weights_dir)` (downloaded there on
+    first use unless `download=False` or $EDM2_OFFLINE / $HF_HUB_OFFLINE is set),
+    in eval mode on `device`."""
+    _check_metric(metric)
+    return DETECTORS[metric][1](detector_dir(weights_dir), download, torch.device(device)).eval()
+
+
+def random_detector(metric: str, seed: int = 0, device="cpu") -> Detector:
+    """The detector's real architecture with random weights (seeded), for tests and timing."""
+    _check_metric(metric)
+    torch.manual_seed(seed)
+    return DETECTORS[metric][0]().to(device).eval()

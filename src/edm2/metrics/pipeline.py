@@ -1,0 +1,269 @@
+"""Reference statistics and metrics of image folders or of a network (SPEC §10).
+
+- `reference_stats(data, dest)`: mean and covariance of every image of a
+  dataset, per metric, saved as .npz (float64, no pickle).
+- `calc_metrics(images, ref)`: Fréchet distances of a folder/zip of images
+  (a seeded random subset of `num` when it holds more).
+- `gen_metrics(net, ref, gnet=None, guidance=1)`: generate `num` images on the
+  fly (seeds seed·num ... (seed+1)·num - 1) with `edm2.generate` and evaluate
+  them, guided or not, writing no image.
+
+Under torchrun every process takes its share of the images; the float64
+feature sums are then added over the processes (`FeatureStats.all_reduce`),
+so the result does not depend on the number of processes. Only rank 0
+writes files.
+"""
+from __future__ import annotations
+
+import datetime
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..snapshot import atomic_write_bytes
+from .detectors import DETECTORS, load_detector
+from .stats import FeatureStats, frechet_distance
+
+__all__ = ["REF_FORMAT", "save_ref", "load_ref", "load_detectors", "resolve_metrics", "compute_stats",
+           "distances", "reference_stats", "calc_metrics", "gen_metrics", "gen_seeds", "append_jsonl"]
+
+REF_FORMAT = "edm2-ref-v1"
+
+
+def _rank_world():
+    from ..generate import init_distributed
+
+    return init_distributed()
+
+
+def _device(device):
+    from ..generate import default_device
+
+    return torch.device(device) if device is not None else default_device()
+
+
+# ---------------------------------------------------------------------------
+# Reference statistics files
+# ---------------------------------------------------------------------------
+
+def save_ref(path, stats: dict, source: str = "") -> Path:
+    """Write {metric: FeatureStats} as .npz: `<metric>_mu`, `<metric>_sigma`
+    (float64), `<metric>_num`, plus `format` and `source` (strings). Atomic."""
+    arrays = {"format": np.array(REF_FORMAT), "source": np.array(str(source))}
+    for metric, s in stats.items():
+        arrays[f"{metric}_mu"] = s.mean()
+        arrays[f"{metric}_sigma"] = s.cov()
+        arrays[f"{metric}_num"] = np.array(s.num, dtype=np.int64)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def load_ref(path) -> dict:
+    """Reference statistics -> {metric: {'mu': [D], 'sigma': [D, D]}} (float64).
+
+    Reads our .npz (`save_ref`), and through `edm2.official.load_reference_stats`
+    the authors' published EDM2 .pkl (restricted unpickler, also URLs) and the
+    older EDM .npz (FID only)."""
+    text = str(path)
+    if "://" not in text and not Path(text).is_file():
+        raise FileNotFoundError(f"--ref {text}: no such file; compute one with `edm2 metrics ref --data DATASET "
+                                f"--dest {text}` or pass the authors' reference .pkl")
+    if text.endswith(".npz") and "://" not in text:
+        try:
+            with np.load(text, allow_pickle=False) as z:
+                if "format" in z.files:
+                    if str(z["format"]) != REF_FORMAT:
+                        raise ValueError(f"--ref {text}: format {str(z['format'])!r}, this edm2 reads {REF_FORMAT!r}")
+                    names = [k[:-3] for k in z.files if k.endswith("_mu")]
+                    return {m: {"mu": z[f"{m}_mu"].astype(np.float64), "sigma": z[f"{m}_sigma"].astype(np.float64)}
+                            for m in names}
+        except (OSError, ValueError, KeyError) as e:
+            if isinstance(e, ValueError) and str(e).startswith("--ref"):
+                raise
+            raise ValueError(f"--ref {text}: unreadable statistics file ({type(e).__name__}: {e})") from None
+    from ..official import load_reference_stats
+
+    return load_reference_stats(text)
+
+
+# ---------------------------------------------------------------------------
+# Building blocks
+# ---------------------------------------------------------------------------
+
+def resolve_metrics(metrics, ref: dict | None = None, ref_path="REF") -> list[str]:
+    """'fid,fd_dinov2' / list / None -> list of metric names, checked against the
+    known detectors and (if given) the metrics the reference holds. None: every
+    metric in the reference (or fid and fd_dinov2 without one)."""
+    if metrics is None:
+        names = [m for m in (ref or {"fid": 0, "fd_dinov2": 0}) if m in DETECTORS]
+        if not names:
+            raise ValueError(f"--ref {ref_path}: holds no statistics of a known metric ({', '.join(ref)})")
+    else:
+        names = [m.strip() for m in metrics.split(",")] if isinstance(metrics, str) else list(metrics)
+        names = list(dict.fromkeys(m for m in names if m))
+        if not names:
+            raise ValueError("--metrics: empty; give e.g. fid,fd_dinov2")
+    for m in names:
+        if m not in DETECTORS:
+            raise ValueError(f"--metrics: unknown metric {m!r}; choose from fid, fd_dinov2")
+        if ref is not None and m not in ref:
+            raise ValueError(f"--ref {ref_path}: has no {m} statistics (it holds {', '.join(ref)}); recompute it "
+                             f"with `edm2 metrics ref --metrics {','.join(names)}` or drop {m} from --metrics")
+    return names
+
+
+def load_detectors(metrics, detector_dir=None, device="cpu", download: bool = True) -> dict:
+    """{metric: Detector} for a list of metric names (see `load_detector`)."""
+    return {m: load_detector(m, detector_dir, device, download) for m in metrics}
+
+
+def compute_stats(batches, detectors: dict, device="cpu") -> dict:
+    """Feed uint8 image batches [N, C, H, W] to every detector ->
+    {metric: FeatureStats}, summed over torch.distributed processes."""
+    stats = {m: FeatureStats(d.feature_dim, device) for m, d in detectors.items()}
+    for images in batches:
+        if len(images) == 0:
+            continue
+        images = torch.as_tensor(images).to(device)
+        for m, det in detectors.items():
+            stats[m].append(det(images))
+    for s in stats.values():
+        s.all_reduce()
+    return stats
+
+
+def distances(stats: dict, ref: dict) -> dict:
+    """{metric: Fréchet distance of FeatureStats to the reference}."""
+    out = {}
+    for m, s in stats.items():
+        if ref[m]["mu"].shape != (s.dim,):
+            raise ValueError(f"reference {m} statistics are {ref[m]['mu'].shape[0]}-d but the detector gives "
+                             f"{s.dim}-d features; the reference was made with another detector")
+        out[m] = frechet_distance(s.mean(), s.cov(), ref[m]["mu"], ref[m]["sigma"])
+    return out
+
+
+def _open_images(path, what: str):
+    from ..data import ImageDataset
+
+    ds = ImageDataset(path, use_labels=False)
+    if ds.is_latent:
+        raise ValueError(f"{what} {path}: holds VAE latents; statistics are computed on pixels, so pass the "
+                         f"image dataset (folder or zip of PNGs) the latents were encoded from")
+    if ds.num_channels not in (1, 3):
+        raise ValueError(f"{what} {path}: {ds.num_channels}-channel images; detectors take grayscale or RGB")
+    return ds
+
+
+def _dataset_batches(ds, indices, batch_size: int, workers: int):
+    if batch_size < 1:
+        raise ValueError(f"--batch {batch_size}: must be >= 1")
+    loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, list(indices)), batch_size=batch_size,
+                                         num_workers=workers, collate_fn=lambda b: torch.from_numpy(
+                                             np.stack([item for item, _ in b])))
+    yield from loader
+
+
+def _progress(batches, total, desc, enabled):
+    from tqdm import tqdm
+
+    with tqdm(total=total, unit="img", desc=desc, disable=not enabled) as bar:
+        for b in batches:
+            bar.update(len(b))
+            yield b
+
+
+# ---------------------------------------------------------------------------
+# Public entry points
+# ---------------------------------------------------------------------------
+
+def reference_stats(data, dest, metrics=("fid", "fd_dinov2"), batch_size: int = 64, workers: int = 2,
+                    detector_dir=None, device=None, progress: bool = True, detectors: dict | None = None) -> dict:
+    """Statistics of every image of the dataset `data` (folder or zip) for each
+    metric, saved to `dest` (.npz, never overwritten). Returns {metric: FeatureStats}.
+    detectors: preloaded {metric: Detector} (default: `load_detectors`)."""
+    dest = Path(dest)
+    if dest.suffix != ".npz":
+        raise ValueError(f"--dest {dest}: reference statistics are written as .npz; use a name ending in .npz")
+    if dest.exists():
+        raise FileExistsError(f"--dest {dest}: already exists; delete it or choose another name")
+    metrics = resolve_metrics(list(detectors) if detectors else metrics)
+    ds = _open_images(data, "--data")
+    rank, world = _rank_world()
+    device = _device(device)
+    detectors = detectors or load_detectors(metrics, detector_dir, device)
+    batches = _dataset_batches(ds, range(rank, len(ds), world), batch_size, workers)
+    stats = compute_stats(_progress(batches, len(range(rank, len(ds), world)), "ref", progress and rank == 0),
+                          detectors, device)
+    if rank == 0:
+        save_ref(dest, stats, source=str(data))
+    return stats
+
+
+def calc_metrics(images, ref, metrics=None, num: int = 50000, seed: int = 0, batch_size: int = 64,
+                 workers: int = 2, detector_dir=None, device=None, progress: bool = True,
+                 detectors: dict | None = None) -> dict:
+    """Fréchet distances of the images in a folder/zip against the reference
+    statistics `ref` (path or loaded dict). With more than `num` images a random
+    subset of `num` is used (seeded by `seed`); fewer is an error.
+    Returns {metric: value}."""
+    ref_path, ref = (ref, load_ref(ref)) if not isinstance(ref, dict) else ("REF", ref)
+    metrics = resolve_metrics(metrics, ref, ref_path)
+    ds = _open_images(images, "--images")
+    if num < 2 or len(ds) < num:
+        raise ValueError(f"--images {images}: holds {len(ds)} images but --num is {num}; pass --num {len(ds)} "
+                         f"or fewer (at least 2; the paper uses 50000)")
+    chosen = np.arange(len(ds)) if len(ds) == num else np.sort(
+        np.random.RandomState(seed % (1 << 32)).choice(len(ds), num, replace=False))
+    rank, world = _rank_world()
+    device = _device(device)
+    detectors = {m: detectors[m] for m in metrics} if detectors else load_detectors(metrics, detector_dir, device)
+    mine = chosen[rank::world]
+    batches = _dataset_batches(ds, mine, batch_size, workers)
+    stats = compute_stats(_progress(batches, len(mine), "calc", progress and rank == 0), detectors, device)
+    return distances(stats, ref)
+
+
+def gen_seeds(num: int, seed: int = 0) -> range:
+    """Seeds of evaluation `seed`: seed·num ... (seed+1)·num - 1 (disjoint for seeds 0, 1, 2)."""
+    return range(seed * num, (seed + 1) * num)
+
+
+def gen_metrics(net, ref, gnet=None, guidance: float = 1, metrics=None, num: int = 50000, seed: int = 0,
+                batch_size: int = 32, detector_dir=None, device=None, progress: bool = True,
+                detectors: dict | None = None, **sampler_kwargs) -> dict:
+    """Generate `num` images with `net` (snapshot, run folder or authors' .pkl;
+    guided by `gnet` with weight `guidance`) for the seeds `gen_seeds(num, seed)`
+    and return {metric: Fréchet distance to `ref`}. Nothing is written.
+    sampler_kwargs: edm_sampler's options (num_steps, S_churn, ...)."""
+    from ..generate import check_guide, generate_images, load_nets
+
+    ref_path, ref = (ref, load_ref(ref)) if not isinstance(ref, dict) else ("REF", ref)
+    metrics = resolve_metrics(metrics, ref, ref_path)
+    if num < 2:
+        raise ValueError(f"--num {num}: need at least 2 images (the paper uses 50000)")
+    rank, world = _rank_world()
+    device = _device(device)
+    net, gnet, encoder, _ = load_nets(net, gnet, device)
+    check_guide(net, gnet, guidance)
+    detectors = {m: detectors[m] for m in metrics} if detectors else load_detectors(metrics, detector_dir, device)
+    batches = (b.images for b in generate_images(net, encoder, gen_seeds(num, seed), gnet=gnet, guidance=guidance,
+                                                   batch_size=batch_size, device=device, rank=rank,
+                                                   world_size=world, progress=progress and rank == 0,
+                                                   **sampler_kwargs))
+    return distances(compute_stats(batches, detectors, device), ref)
+
+
+def append_jsonl(path, record: dict) -> None:
+    """Append one JSON line to `path` (rewritten atomically: temp file + rename)."""
+    path = Path(path)
+    old = path.read_bytes() if path.is_file() else b""
+    if old and not old.endswith(b"\n"):
+        old += b"\n"
+    record = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **record}
+    atomic_write_bytes(path, old + (json.dumps(record) + "\n").encode())

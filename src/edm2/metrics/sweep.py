@@ -1,0 +1,145 @@
+"""EMA-length sweep (paper Sec. 3.2 / Figure 5): reconstruct a run's network
+at several EMA lengths with post-hoc EMA (`edm2.posthoc.reconstruct`),
+evaluate each (optionally at several guidance weights) with `gen_metrics`,
+and write `sweep.csv` and `sweep.png` (metric vs EMA length, and vs guidance
+when several are given), so the best EMA length is one command away.
+"""
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+from ..snapshot import atomic_write_bytes, read_snapshot_meta
+from ..units import parse_float_list
+from .pipeline import _device, _rank_world, gen_metrics, load_detectors, load_ref, resolve_metrics
+
+__all__ = ["sweep", "write_csv", "plot_sweep", "best_rows"]
+
+CSV_NAME, PNG_NAME = "sweep.csv", "sweep.png"
+
+
+def write_csv(path, rows: list[dict], metrics: list[str]) -> None:
+    """rows -> CSV (ema_std, guidance, nimg, num, seed, one column per metric), atomically."""
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, ["ema_std", "guidance", "nimg", "num", "seed", *metrics], lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(path, buf.getvalue().encode())
+
+
+def best_rows(rows: list[dict], metrics: list[str]) -> dict:
+    """{metric: the row with the lowest value}."""
+    return {m: min(rows, key=lambda r: r[m]) for m in metrics}
+
+
+def plot_sweep(rows: list[dict], metrics: list[str], path=None) -> bytes:
+    """PNG (bytes; also written to `path`) with one column per metric: top,
+    the metric against the EMA length sigma_rel, one line per guidance weight
+    (like the paper's Figure 5), the best point ringed; bottom (with several
+    guidance weights), the metric against guidance, one line per EMA length."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    stds = sorted({r["ema_std"] for r in rows})
+    ws = sorted({r["guidance"] for r in rows})
+    nrows = 2 if len(ws) > 1 else 1
+    fig, axes = plt.subplots(nrows, len(metrics), figsize=(4.5 * len(metrics), 3.6 * nrows), squeeze=False)
+    for col, m in enumerate(metrics):
+        ax = axes[0, col]
+        for w in ws:
+            pts = sorted((r["ema_std"], r[m]) for r in rows if r["guidance"] == w)
+            ax.plot(*zip(*pts), "o-", ms=3, label=f"guidance {w:g}")
+        best = min(rows, key=lambda r: r[m])
+        ax.plot(best["ema_std"], best[m], "o", ms=10, mfc="none", color="k")
+        ax.set_title(f"{m}: best {best[m]:.3f} at sigma_rel {best['ema_std']:.3f}"
+                     + (f", w {best['guidance']:g}" if len(ws) > 1 else ""), fontsize=9)
+        ax.set_xlabel("EMA length sigma_rel")
+        ax.set_ylabel(m)
+        ax.grid(alpha=0.3)
+        if len(ws) > 1:
+            ax.legend(fontsize=7)
+            ax2 = axes[1, col]
+            for s in stds:
+                pts = sorted((r["guidance"], r[m]) for r in rows if r["ema_std"] == s)
+                ax2.plot(*zip(*pts), "o-", ms=3, label=f"sigma_rel {s:.3f}")
+            ax2.set_xlabel("guidance weight")
+            ax2.set_ylabel(m)
+            ax2.grid(alpha=0.3)
+            ax2.legend(fontsize=7)
+    nimg, num = rows[0]["nimg"], rows[0]["num"]
+    fig.suptitle(f"post-hoc EMA sweep at nimg={nimg}, {num} images per point", fontsize=10)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    plt.close(fig)
+    if path is not None:
+        atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def sweep(rundir, stds, ref, outdir=None, at_nimg=None, metrics=None, num: int = 50000, seed: int = 0,
+          gnet=None, guidance=(1.0,), batch_size: int = 32, detector_dir=None, device=None,
+          progress: bool = True, detectors: dict | None = None, **sampler_kwargs) -> list[dict]:
+    """Reconstruct `rundir` at each EMA length in `stds` (list or '0.05,0.1' /
+    '0.010,0.015,...,0.250') at time `at_nimg` (default: the last snapshot) into
+    `outdir` (default rundir/sweep), evaluate every (EMA length, guidance)
+    pair on `num` generated images against `ref`, and write outdir/sweep.csv
+    (after every point) and outdir/sweep.png. Returns the rows (dicts with
+    ema_std, guidance, nimg, num, seed and one value per metric).
+    Under torchrun rank 0 reconstructs and writes, all processes generate."""
+    import torch.distributed as dist
+
+    from ..posthoc import reconstruct
+
+    stds = list(dict.fromkeys(parse_float_list(stds, "--std")))
+    ws = list(dict.fromkeys(parse_float_list(guidance, "--guidance")))
+    if gnet is None and any(w != 1 for w in ws):
+        raise ValueError(f"--guidance {','.join(f'{w:g}' for w in ws)}: needs a guiding network --gnet "
+                         f"(or use --guidance 1)")
+    ref_path, ref = (ref, load_ref(ref)) if not isinstance(ref, dict) else ("REF", ref)
+    metrics = resolve_metrics(metrics, ref, ref_path)
+    outdir = Path(outdir) if outdir is not None else Path(rundir) / "sweep"
+    csv_path, png_path = outdir / CSV_NAME, outdir / PNG_NAME
+    for p in (csv_path, png_path):
+        if p.exists():
+            raise FileExistsError(f"{p}: a sweep was already written there; choose another --outdir")
+    rank, world = _rank_world()
+    device = _device(device)
+    if gnet is not None:  # fail before the reconstruction if the guide does not fit the run's network
+        from ..generate import load_nets
+        from ..posthoc import find_phema_inputs
+
+        inputs = find_phema_inputs(rundir)
+        if inputs:
+            load_nets(inputs[-1].path, gnet, "cpu")
+    detectors = {m: detectors[m] for m in metrics} if detectors else load_detectors(metrics, detector_dir, device)
+
+    if rank == 0:
+        paths = reconstruct(rundir, outdir, stds, at_nimg=at_nimg, progress=progress)
+    if world > 1:
+        dist.barrier()
+    if rank != 0:
+        from ..snapshot import snapshot_name
+        from ..posthoc import find_phema_inputs, resolve_time
+
+        t = resolve_time(find_phema_inputs(rundir), at_nimg)
+        paths = [outdir / snapshot_name(t, s) for s in stds]
+
+    rows = []
+    for path, std in zip(paths, stds):
+        nimg = int(read_snapshot_meta(path)["nimg"])
+        for w in ws:
+            values = gen_metrics(path, ref, gnet=gnet if w != 1 else None, guidance=w, metrics=metrics, num=num,
+                                 seed=seed, batch_size=batch_size, device=device, progress=progress,
+                                 detectors=detectors, **sampler_kwargs)
+            rows.append({"ema_std": std, "guidance": w, "nimg": nimg, "num": num, "seed": seed, **values})
+            if rank == 0:
+                write_csv(csv_path, rows, metrics)
+                if progress:
+                    print(f"sigma_rel {std:.4f}  guidance {w:g}  " +
+                          "  ".join(f"{m} {values[m]:.4f}" for m in metrics), flush=True)
+    if rank == 0:
+        plot_sweep(rows, metrics, png_path)
+    return rows
