@@ -88,6 +88,8 @@ class MPConv(torch.nn.Module):
     (its version counter or storage) or the module returns to training.
     """
 
+    use_cache = True  # class-wide switch (benchmarks/network.py measures both ways)
+
     def __init__(self, in_channels: int, out_channels: int, kernel=()):
         super().__init__()
         self.in_channels = in_channels
@@ -118,7 +120,8 @@ class MPConv(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, gain=1) -> torch.Tensor:
         use_cache = (
-            not self.training
+            self.use_cache
+            and not self.training
             and not (torch.is_grad_enabled() and self.weight.requires_grad)
             and not torch.compiler.is_compiling()
             and self.weight.device.type != "meta"
