@@ -79,7 +79,7 @@ def run(args) -> int:
     import torch
     import torch.distributed as dist
 
-    from ..generate import check_class, generate_to_dir, init_distributed, load_nets
+    from ..generate import check_class, compile_for_inference, generate_to_dir, init_distributed, load_nets
     from ..nn import set_precision
 
     opts = _checked_args(args)
@@ -93,7 +93,7 @@ def run(args) -> int:
             for m in nets:
                 set_precision(m, args.precision)
         if args.compile:
-            net, gnet = (_compile(m) if m is not None else None for m in (net, gnet))
+            net, gnet = (compile_for_inference(m) if m is not None else None for m in (net, gnet))
         result = generate_to_dir(net, encoder, opts["seeds"], args.outdir, gnet=gnet, guidance=opts["guidance"],
                                  class_idx=opts["class_idx"], batch_size=args.batch, device=device,
                                  subdirs=args.subdirs, grid=args.grid, grid_count=args.grid_count, **opts["sampler"])
@@ -106,13 +106,3 @@ def run(args) -> int:
               f"{result['skipped']} already there{extra}")
     return 0
 
-
-def _compile(net):
-    """torch.compile for inference. Inductor's freezing treats the weights as
-    constants, so the weight normalisation is folded in once instead of being
-    recomputed at every network evaluation."""
-    import torch
-
-    torch._inductor.config.freezing = True
-    net.eval().requires_grad_(False)
-    return torch.compile(net)

@@ -1,0 +1,211 @@
+"""edm2.generate and `edm2 generate`: per-seed reproducibility (batch size,
+torchrun), resumable PNG folders, grid, latent decoding, bad input."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from edm2.cli import main
+from edm2.encoders import StandardRGBEncoder
+from edm2.generate import generate_images, generate_to_dir, load_nets, rank_batches
+from edm2.nn import Precond
+from edm2.presets import get_preset
+from edm2.snapshot import make_meta, save_snapshot
+
+STEPS = "3"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny nets: thread hand-offs cost more than they save (badly so on a loaded machine).
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def write_snapshot(path, label_dim=3, resolution=16, channels=1, seed=0, encoder=None):
+    """A tiny random network with non-zero gains (a fresh one outputs c_skip * x only)."""
+    torch.manual_seed(seed)
+    kw = dict(get_preset("tiny").net_kwargs(label_dim), img_resolution=resolution, img_channels=channels)
+    net = Precond(**kw)
+    with torch.no_grad():
+        net.unet.out_gain.fill_(1.0)
+        for name, p in net.named_parameters():
+            if name.endswith("emb_gain"):
+                p.fill_(0.5)
+    encoder = encoder or StandardRGBEncoder().to_meta()
+    meta = make_meta(kw, 64, 0.1, encoder, {"resolution": resolution, "channels": channels, "label_dim": label_dim})
+    save_snapshot(path, net, meta)
+    return path
+
+
+@pytest.fixture(scope="module")
+def snaps(tmp_path_factory):
+    d = tmp_path_factory.mktemp("snaps")
+    return {"cond": write_snapshot(d / "cond.safetensors", label_dim=3),
+            "cond2": write_snapshot(d / "cond2.safetensors", label_dim=3, seed=1),
+            "uncond": write_snapshot(d / "uncond.safetensors", label_dim=0),
+            "res8": write_snapshot(d / "res8.safetensors", label_dim=3, resolution=8)}
+
+
+def read_pngs(folder):
+    return {p.relative_to(folder).as_posix(): np.asarray(Image.open(p)) for p in sorted(Path(folder).rglob("*.png"))}
+
+
+def assert_same_pixels(a, b):
+    """uint8 images equal, except that CPU oneDNN/MKL convolutions and matmuls
+    sum in a batch-size-dependent order (float32 differences ~1e-6), which may
+    flip a rare pixel that sits on a rounding boundary by one step."""
+    diff = np.abs(a.astype(int) - b.astype(int))
+    assert diff.max() <= 1 and (diff > 0).mean() <= 0.002, (diff.max(), (diff > 0).mean())
+
+
+def collect(batches):
+    out = {}
+    for b in batches:
+        for i, s in enumerate(b.seeds):
+            out[s] = (b.images[i], None if b.classes is None else int(b.classes[i]))
+    return out
+
+
+def test_rank_batches_split_without_gaps_or_duplicates():
+    seeds = list(range(10, 33))
+    for world in (1, 2, 3, 8):
+        parts = [rank_batches(seeds, 4, r, world) for r in range(world)]
+        assert len({len(p) for p in parts}) == 1  # same number of batches on every rank
+        flat = [s for p in parts for b in p for s in b]
+        assert sorted(flat) == seeds and all(len(b) <= 4 for p in parts for b in p)
+
+
+def test_same_images_for_any_batch_size(snaps):
+    net, _, encoder, _ = load_nets(snaps["cond"], device="cpu")
+    opts = dict(num_steps=4, S_churn=5, S_min=0.05, S_max=50)  # churn noise must be per seed too
+    one = collect(generate_images(net, encoder, range(14), batch_size=1, device="cpu", **opts))
+    seven = collect(generate_images(net, encoder, range(14), batch_size=7, device="cpu", **opts))
+    raw1 = torch.cat([b.images for b in generate_images(net, None, range(14), batch_size=1, device="cpu", **opts)])
+    raw7 = torch.cat([b.images for b in generate_images(net, None, range(14), batch_size=7, device="cpu", **opts)])
+    assert (raw1 - raw7).abs().max() < 1e-4
+    assert sorted(one) == list(range(14))
+    for s in range(14):
+        assert one[s][1] == seven[s][1]  # same random class
+        assert one[s][0].dtype == torch.uint8 and one[s][0].shape == (1, 16, 16)
+        assert_same_pixels(one[s][0].numpy(), seven[s][0].numpy())
+    assert len({c for _, c in one.values()}) > 1  # random classes vary
+    assert not torch.equal(one[0][0], one[1][0])
+    # A fixed class and a different class give different images from the same seed.
+    c0 = collect(generate_images(net, encoder, [3], class_idx=0, device="cpu", num_steps=4))[3]
+    c2 = collect(generate_images(net, encoder, [3], class_idx=2, device="cpu", num_steps=4))[3]
+    assert c0[1] == 0 and c2[1] == 2 and not torch.equal(c0[0], c2[0])
+
+
+def test_torchrun_two_processes_match_one(snaps, tmp_path):
+    args = ["generate", "--net", str(snaps["cond"]), "--seeds", "995-1005", "--batch", "3", "--steps", STEPS,
+            "--subdirs"]
+    main(args + ["--outdir", str(tmp_path / "one"), "--grid", str(tmp_path / "grid.png")])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        "-m", "edm2"] + args + ["--outdir", str(tmp_path / "two")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "by 2 process(es)" in r.stdout
+    one, two = read_pngs(tmp_path / "one"), read_pngs(tmp_path / "two")
+    expected = [f"000000/{s:06d}.png" for s in range(995, 1000)] + [f"001000/{s:06d}.png" for s in range(1000, 1006)]
+    assert sorted(one) == sorted(two) == sorted(expected)
+    for name in one:
+        assert_same_pixels(one[name], two[name])
+    # Grid: 11 images -> 4 columns x 3 rows of 16x16 grey images.
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.size == (64, 48) and grid.mode == "L"
+    assert np.array_equal(np.asarray(grid)[16:32, 32:48], one["001000/001001.png"])
+
+
+def test_rerun_skips_existing_images(snaps, tmp_path):
+    net, _, encoder, _ = load_nets(snaps["uncond"], device="cpu")
+    out = tmp_path / "out"
+    r = generate_to_dir(net, encoder, range(6), out, batch_size=4, device="cpu", num_steps=3, progress=False)
+    assert r == {"generated": 6, "skipped": 0}
+    first = read_pngs(out)
+    (out / "000002.png").unlink()
+    marker = np.zeros([16, 16], np.uint8)
+    Image.fromarray(marker).save(out / "000003.png")
+    r = generate_to_dir(net, encoder, range(6), out, batch_size=4, device="cpu", num_steps=3, progress=False)
+    assert r == {"generated": 1, "skipped": 5}
+    again = read_pngs(out)
+    assert np.array_equal(again["000002.png"], first["000002.png"])
+    assert np.array_equal(again["000003.png"], marker)  # existing files are never rewritten
+    assert not [p for p in out.iterdir() if p.suffix != ".png"]  # no temp files left
+
+
+def test_latent_network_decoded_with_vae_from_metadata(tmp_path):
+    pytest.importorskip("diffusers")
+    from diffusers import AutoencoderKL
+
+    from edm2.encoders import StabilityVAEEncoder
+    from edm2.sampling import SeedRandom, edm_sampler
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(8, 8, 8, 8),
+                        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        layers_per_block=1, norm_num_groups=4)
+    vae.save_pretrained(tmp_path / "vae")
+    enc = StabilityVAEEncoder(vae_name=str(tmp_path / "vae")).to_meta()
+    snap = write_snapshot(tmp_path / "latent.safetensors", label_dim=0, resolution=8, channels=4, encoder=enc)
+    main(["generate", "--net", str(snap), "--outdir", str(tmp_path / "out"), "--seeds", "0-9", "--batch", "10",
+          "--steps", "2"])
+    imgs = read_pngs(tmp_path / "out")
+    assert sorted(imgs) == [f"{s:06d}.png" for s in range(10)]
+    assert imgs["000007.png"].shape == (64, 64, 3)
+    # The PNG is the VAE decoding (after undoing the standardisation) of seed 7's sample.
+    net, _, encoder, _ = load_nets(snap, device="cpu")
+    x = edm_sampler(net, SeedRandom([7]).randn([1, 4, 8, 8]), num_steps=2)
+    with torch.no_grad():
+        z = (x - encoder._const(encoder.bias, x)) / encoder._const(encoder.scale, x)
+        ref = vae.decode(z)["sample"].clamp(0, 1).mul(255).to(torch.uint8)[0].permute(1, 2, 0).numpy()
+    assert_same_pixels(imgs["000007.png"], ref)
+
+
+def bad_cases(snaps, tmp_path):
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(b"not a safetensors file at all")
+    return [
+        (["--net", str(tmp_path / "missing.safetensors")], "missing"),
+        (["--net", str(junk)], "junk.safetensors"),
+        (["--net", str(snaps["cond"]), "--guidance", "2"], "--gnet"),
+        (["--net", str(snaps["cond"]), "--gnet", str(snaps["res8"]), "--guidance", "2"], "resolution"),
+        (["--net", str(snaps["cond"]), "--gnet", str(snaps["uncond"]), "--guidance", "2"], "label_dim"),
+        (["--net", str(snaps["cond"]), "--class", "3"], "--class"),
+        (["--net", str(snaps["cond"]), "--class", "cat"], "--class"),
+        (["--net", str(snaps["uncond"]), "--class", "0"], "unconditional"),
+        (["--net", str(snaps["cond"]), "--seeds", "5-2"], "--seeds"),
+        (["--net", str(snaps["cond"]), "--seeds", "0-x"], "--seeds"),
+        (["--net", str(snaps["cond"]), "--grid", str(tmp_path / "grid.jpg")], "--grid"),
+        (["--seeds", "0-3"], "--net"),
+    ]
+
+
+def test_bad_input_is_one_line_error_and_writes_nothing(snaps, tmp_path, capsys):
+    for extra, needle in bad_cases(snaps, tmp_path):
+        out = tmp_path / "out"
+        with pytest.raises(SystemExit) as e:
+            main(["generate", "--outdir", str(out), "--steps", "1"] + extra)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2, extra
+        assert len(err.splitlines()) == 1 and needle in err, (extra, err)
+        assert not out.exists() and not (tmp_path / "grid.jpg").exists(), extra
+
+
+def test_guided_generation_uses_gnet(snaps, tmp_path):
+    base = ["generate", "--net", str(snaps["cond"]), "--seeds", "0-1", "--steps", STEPS, "--class", "1"]
+    main(base + ["--outdir", str(tmp_path / "plain")])
+    main(base + ["--outdir", str(tmp_path / "same"), "--gnet", str(snaps["cond"]), "--guidance", "3"])
+    main(base + ["--outdir", str(tmp_path / "guided"), "--gnet", str(snaps["cond2"]), "--guidance", "3"])
+    plain, same, guided = (read_pngs(tmp_path / d) for d in ("plain", "same", "guided"))
+    for name in plain:
+        assert_same_pixels(plain[name], same[name])  # guiding a net by itself changes nothing
+        assert np.abs(plain[name].astype(int) - guided[name].astype(int)).max() > 5
