@@ -66,6 +66,8 @@ def _checked_args(args) -> dict:
     seeds = parse_int_list(args.seeds, "--seeds")
     if args.batch < 1:
         raise ValueError(f"--batch {args.batch}: must be >= 1")
+    if args.grid_count < 1:
+        raise ValueError(f"--grid-count {args.grid_count}: must be >= 1")
     if args.steps < 1:
         raise ValueError(f"--steps {args.steps}: must be >= 1")
     if not 0 < args.sigma_min < args.sigma_max:
@@ -79,13 +81,18 @@ def run(args) -> int:
     import torch
     import torch.distributed as dist
 
-    from ..generate import check_class, compile_for_inference, generate_to_dir, init_distributed, load_nets
+    from ..generate import (check_class, compile_for_inference, default_device, generate_to_dir,
+                            init_distributed, load_nets)
     from ..nn import set_precision
 
     opts = _checked_args(args)
     rank, world = init_distributed()
     try:
         device = torch.device(args.device) if args.device else None
+        if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+        if device is not None and device.type == "cuda" and device.index is None:
+            device = default_device()  # one GPU per torchrun process: cuda:LOCAL_RANK
         net, gnet, encoder, meta = load_nets(args.net, args.gnet, device)
         check_class(net, opts["class_idx"])
         nets = [m for m in (net, gnet) if m is not None]
