@@ -173,9 +173,13 @@ def test_latent_network_decoded_with_vae_from_metadata(tmp_path):
 def bad_cases(snaps, tmp_path):
     junk = tmp_path / "junk.safetensors"
     junk.write_bytes(b"not a safetensors file at all")
+    from safetensors.torch import save_file
+    foreign = tmp_path / "foreign.safetensors"  # a valid safetensors file, but not an edm2 snapshot
+    save_file({"w": torch.zeros(2)}, str(foreign))
     return [
         (["--net", str(tmp_path / "missing.safetensors")], "missing"),
         (["--net", str(junk)], "junk.safetensors"),
+        (["--net", str(foreign)], "not an edm2 snapshot"),
         (["--net", str(snaps["cond"]), "--guidance", "2"], "--gnet"),
         (["--net", str(snaps["cond"]), "--gnet", str(snaps["res8"]), "--guidance", "2"], "resolution"),
         (["--net", str(snaps["cond"]), "--gnet", str(snaps["uncond"]), "--guidance", "2"], "label_dim"),
