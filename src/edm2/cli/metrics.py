@@ -46,9 +46,11 @@ def register(sub) -> None:
     p.set_defaults(func=run_calc)
 
     p = msub.add_parser("gen", help="generate images on the fly (optionally guided) and evaluate them")
-    p.add_argument("--net", required=True, metavar="SNAPSHOT", help="snapshot file, run folder or authors' .pkl")
+    p.add_argument("--net", metavar="SNAPSHOT", help="snapshot file, run folder or authors' .pkl (file or URL)")
     p.add_argument("--gnet", metavar="SNAPSHOT", help="guiding network (unconditional for CFG, weaker for autoguidance)")
-    p.add_argument("--guidance", type=float, default=1.0, metavar="W", help="guidance weight (default 1: none)")
+    p.add_argument("--guidance", type=float, metavar="W", help="guidance weight (default 1: none)")
+    p.add_argument("--preset", metavar="NAME", help="a published model, e.g. edm2-img512-s-guid-fid: sets --net, "
+                   "--gnet and --guidance where not given")
     _common(p, batch=32)
     p.add_argument("--seed", default="0", metavar="LIST",
                    help="evaluation seed(s) k: images of seeds k*N ... (k+1)*N-1; 0,1,2 gives three results and "
@@ -149,6 +151,15 @@ def run_gen(args) -> int:
     from ..metrics import gen_metrics, load_detectors, load_ref, resolve_metrics
 
     num, seeds = _num(args), parse_int_list(args.seed, "--seed")
+    if args.preset:  # the authors' published (net, gnet, guidance) triple fills in what was not given
+        from ..presets import get_generation_preset
+
+        preset = get_generation_preset(args.preset)
+        args.net, args.gnet = args.net or preset.net, args.gnet or preset.gnet
+        args.guidance = preset.guidance if args.guidance is None else args.guidance
+    if not args.net:
+        raise ValueError("--net is required: a snapshot file, run folder or .pkl (or give --preset)")
+    args.guidance = 1.0 if args.guidance is None else args.guidance
     if args.guidance != 1 and not args.gnet:
         raise ValueError(f"--guidance {args.guidance} needs --gnet SNAPSHOT (the guiding network); or drop --guidance")
     ref = load_ref(args.ref)
