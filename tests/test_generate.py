@@ -51,7 +51,8 @@ def snaps(tmp_path_factory):
     return {"cond": write_snapshot(d / "cond.safetensors", label_dim=3),
             "cond2": write_snapshot(d / "cond2.safetensors", label_dim=3, seed=1),
             "uncond": write_snapshot(d / "uncond.safetensors", label_dim=0),
-            "res8": write_snapshot(d / "res8.safetensors", label_dim=3, resolution=8)}
+            "res8": write_snapshot(d / "res8.safetensors", label_dim=3, resolution=8),
+            "labels5": write_snapshot(d / "labels5.safetensors", label_dim=5)}
 
 
 def read_pngs(folder):
@@ -182,7 +183,7 @@ def bad_cases(snaps, tmp_path):
         (["--net", str(foreign)], "not an edm2 snapshot"),
         (["--net", str(snaps["cond"]), "--guidance", "2"], "--gnet"),
         (["--net", str(snaps["cond"]), "--gnet", str(snaps["res8"]), "--guidance", "2"], "resolution"),
-        (["--net", str(snaps["cond"]), "--gnet", str(snaps["uncond"]), "--guidance", "2"], "label_dim"),
+        (["--net", str(snaps["cond"]), "--gnet", str(snaps["labels5"]), "--guidance", "2"], "label_dim"),
         (["--net", str(snaps["cond"]), "--class", "3"], "--class"),
         (["--net", str(snaps["cond"]), "--class", "cat"], "--class"),
         (["--net", str(snaps["uncond"]), "--class", "0"], "unconditional"),
@@ -209,7 +210,11 @@ def test_guided_generation_uses_gnet(snaps, tmp_path):
     main(base + ["--outdir", str(tmp_path / "plain")])
     main(base + ["--outdir", str(tmp_path / "same"), "--gnet", str(snaps["cond"]), "--guidance", "3"])
     main(base + ["--outdir", str(tmp_path / "guided"), "--gnet", str(snaps["cond2"]), "--guidance", "3"])
-    plain, same, guided = (read_pngs(tmp_path / d) for d in ("plain", "same", "guided"))
+    # Classifier-free guidance: an unconditional guide (label_dim 0) is accepted.
+    main(base + ["--outdir", str(tmp_path / "cfg"), "--gnet", str(snaps["uncond"]), "--guidance", "3"])
+    plain, same, guided, cfg = (read_pngs(tmp_path / d) for d in ("plain", "same", "guided", "cfg"))
+    assert sorted(plain) == sorted(cfg) == ["000000.png", "000001.png"]
     for name in plain:
         assert_same_pixels(plain[name], same[name])  # guiding a net by itself changes nothing
         assert np.abs(plain[name].astype(int) - guided[name].astype(int)).max() > 5
+        assert np.abs(plain[name].astype(int) - cfg[name].astype(int)).max() > 5

@@ -30,7 +30,8 @@ from .encoders import encoder_from_meta
 from .sampling import SeedRandom, edm_sampler
 from .snapshot import atomic_write_bytes, load_network
 
-__all__ = ["GeneratedBatch", "generate_images", "generate_to_dir", "load_nets", "check_guide", "check_class",
+__all__ = ["GeneratedBatch", "generate_images", "generate_to_dir", "load_nets", "check_guide", "check_gnet_matches",
+           "check_class",
            "rank_batches", "init_distributed", "default_device", "image_path", "make_grid", "compile_for_inference",
            "SAMPLER_DEFAULTS"]
 
@@ -76,11 +77,19 @@ def check_guide(net, gnet=None, guidance: float = 1) -> None:
                              f"(unconditional for classifier-free guidance, smaller/earlier for autoguidance) "
                              f"or use --guidance 1")
         return
+    check_gnet_matches(net, gnet)
+
+
+def check_gnet_matches(net, gnet) -> None:
+    """Raise ValueError unless gnet works on the net's data: same resolution and
+    channels, and the same label dimension or 0 (an unconditional guide, as
+    EDM2's classifier-free guidance uses; it ignores the labels)."""
     names = ("resolution", "channels", "label_dim")
     for name, a, b in zip(names, _shape(net), _shape(gnet)):
-        if a != b:
+        if a != b and not (name == "label_dim" and b == 0):
             raise ValueError(f"--gnet: its {name} is {b} but the net's is {a}; the guiding network must work "
-                             f"on the same data (resolution, channels, label dimension) as --net")
+                             f"on the same data (resolution, channels) and labels (the net's label_dim, or 0 "
+                             f"for an unconditional guide) as --net")
 
 
 def check_class(net, class_idx) -> None:
@@ -163,7 +172,7 @@ def load_nets(net, gnet=None, device=None):
     net, meta = load_network(net, device=device)
     if gnet is not None:
         gnet, gmeta = load_network(gnet, device=device)
-        check_guide(net, gnet, guidance=2)
+        check_gnet_matches(net, gnet)
         kinds = meta["encoder"].get("type"), gmeta["encoder"].get("type")
         if kinds[0] != kinds[1]:
             raise ValueError(f"--gnet: works in space {kinds[1]!r} but the net in {kinds[0]!r}; "
