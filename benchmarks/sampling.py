@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -82,6 +83,7 @@ def main():
         first, best = time_evals(net, args.batch, 1000, args.evals)
         rows.append((f"{args.net_preset} D(x;σ), batch {args.batch}, 64×64×4", mode, f"{best:.3f} s/eval",
                      f"{first:.1f} s"))
+        print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
     for mode in modes:
         net = make_net(args.cpu_preset, args.cpu_label_dim)
         net = compile_for_inference(net) if mode == "compiled" else net
@@ -90,6 +92,7 @@ def main():
         rows.append((f"{args.cpu_preset} {args.steps}-step sampling, batch {args.cpu_batch}, "
                      f"{p.img_resolution}×{p.img_resolution}×{p.img_channels}, {args.cpu_images} images", mode,
                      f"{ips:.2f} img/s", f"{warm:.1f} s"))
+        print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
 
     lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}",
              "", "| what | mode | speed | first call / warm-up (incl. compile) |", "|---|---|---|---|"]
