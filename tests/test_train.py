@@ -1,0 +1,311 @@
+"""Training: exact resume, crash safety, DDP and gradient accumulation,
+snapshots/grids, and refusal of bad input (edm2.training, `edm2 train`)."""
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from edm2.checkpoint import list_checkpoints, load_checkpoint
+from edm2.cli import main as cli_main
+from edm2.loss import learning_rate_schedule
+from edm2.snapshot import list_snapshots, load_network, read_snapshot_meta
+from edm2.training import TrainConfig, _StreamSampler, stream_indices, train
+
+BATCH = 8
+# The tiny preset on 16x16 grey images, no sample grids: a step takes a fraction of a second.
+COMMON = dict(preset="tiny", batch=BATCH, status=16, snapshot=16, checkpoint=16, grid=0)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Two threads on two shared cores are much slower than one (OpenMP spinning).
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def make_dataset(path, n=24, channels=1, labels=True, res=16):
+    """n images of 4 classes (a bar whose height depends on the class), dataset.json labels."""
+    path.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    entries = []
+    for i in range(n):
+        c = i % 4
+        img = np.zeros([res, res, channels], np.uint8)
+        img[2 + 3 * c:4 + 3 * c, 2:res - 2] = rng.integers(150, 255)
+        Image.fromarray(img[:, :, 0] if channels == 1 else img).save(path / f"{i:04d}.png")
+        entries.append([f"{i:04d}.png", c])
+    if labels:
+        (path / "dataset.json").write_text(json.dumps({"labels": entries, "class_names": list("abcd")}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data") / "ds")
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory, data):
+    """An uninterrupted run of 6 steps (48 images)."""
+    out = tmp_path_factory.mktemp("ref") / "run"
+    result = train(TrainConfig(outdir=str(out), data=str(data), duration=48, **COMMON))
+    assert result.finished and result.nimg == 48
+    return out
+
+
+def _state(run, nimg=None):
+    ckpts = list_checkpoints(run)
+    path = ckpts[-1][1] if nimg is None else dict(ckpts)[nimg]
+    return load_checkpoint(path)
+
+
+def _assert_bitwise_equal(a, b):
+    assert a["nimg"] == b["nimg"]
+    for k, v in a["net"].items():
+        assert torch.equal(v, b["net"][k]), k
+    for std in a["ema"]:
+        for k, v in a["ema"][std].items():
+            assert torch.equal(v, b["ema"][std][k]), (std, k)
+
+
+def test_run_folder_contents(reference_run):
+    names = {p.name for p in reference_run.iterdir()}
+    assert {"config.json", "log.txt", "stats.jsonl", "checkpoint-000000000048.pt"} <= names
+    # One snapshot per EMA profile at 0 (fresh run), 16, 32, 48 images, sortable names.
+    snaps = list_snapshots(reference_run)
+    assert [(n, s) for n, s, _ in snaps] == [(n, s) for n in (0, 16, 32, 48) for s in (0.05, 0.10)]
+    meta = read_snapshot_meta(snaps[-1][2])
+    assert meta["nimg"] == 48 and meta["ema_std"] == 0.10
+    assert meta["dataset"]["resolution"] == 16 and meta["dataset"]["channels"] == 1
+    assert meta["dataset"]["label_dim"] == 4 and meta["dataset"]["class_names"] == list("abcd")
+    assert meta["encoder"]["type"] == "rgb" and meta["origin"]["preset"] == "tiny"
+    net, _ = load_network(reference_run)  # what generation and metrics read
+    assert net.label_dim == 4 and net.img_resolution == 16
+    # The snapshot at image 0 is the initial network (no EMA update yet); later ones moved away from it.
+    first = load_network(snaps[0][2])[0].state_dict()
+    state = _state(reference_run)
+    assert not torch.equal(first["unet.out_conv.weight"], state["ema"]["0.100000"]["unet.out_conv.weight"])
+    # Status records: lr follows SPEC §5 with the image count before the step; the loss is finite.
+    stats = [json.loads(line) for line in (reference_run / "stats.jsonl").read_text().splitlines()]
+    assert [s["nimg"] for s in stats] == [0, 16, 32, 48]
+    for s in stats:
+        assert s["lr"] == pytest.approx(learning_rate_schedule(s["nimg"], BATCH, 0.01, 100, 0.0001))
+    assert all(np.isfinite(s["loss"]) for s in stats[1:])
+
+
+def test_stopped_and_resumed_run_is_bitwise_identical(tmp_path, data, reference_run):
+    out = tmp_path / "run"
+    cfg = dict(outdir=str(out), data=str(data), duration=48, **COMMON)
+    first = train(TrainConfig(slice=24, **cfg))  # stops at 24 with a checkpoint (not a multiple of 16)
+    assert first.nimg == 24 and not first.finished
+    assert [n for n, _ in list_checkpoints(out)] == [16, 24]
+    second = train(TrainConfig(**cfg))            # the same command resumes
+    assert second.nimg == 48 and second.finished
+    assert "resuming from checkpoint-000000000024.pt" in (out / "log.txt").read_text()
+    _assert_bitwise_equal(_state(out), _state(reference_run))
+
+
+def test_corrupt_checkpoint_falls_back_to_the_previous_one(tmp_path, data, reference_run):
+    out = tmp_path / "run"
+    cfg = dict(outdir=str(out), data=str(data), duration=48, **COMMON)
+    train(TrainConfig(slice=24, **cfg))
+    latest = out / "checkpoint-000000000024.pt"
+    latest.write_bytes(latest.read_bytes()[:1000])  # truncated
+    train(TrainConfig(**cfg))
+    log = (out / "log.txt").read_text()
+    assert "checkpoint-000000000024.pt: unreadable checkpoint" in log
+    assert "resuming from checkpoint-000000000016.pt" in log
+    _assert_bitwise_equal(_state(out), _state(reference_run))
+
+
+_KILLER = textwrap.dedent("""
+    import json, os, signal, sys
+    import torch
+    torch.set_num_threads(1)
+    import edm2.checkpoint as ck
+    real, calls = ck.atomic_write_bytes, []
+    def write_then_die(path, data):
+        calls.append(path)
+        if len(calls) == 2:  # the second checkpoint: half written, then SIGKILL
+            with open(path.parent / f".{path.name}.killed.tmp", "wb") as f:
+                f.write(data[: len(data) // 2]); f.flush(); os.fsync(f.fileno())
+            os.kill(os.getpid(), signal.SIGKILL)
+        real(path, data)
+    ck.atomic_write_bytes = write_then_die
+    from edm2.training import TrainConfig, train
+    train(TrainConfig(**json.loads(sys.argv[1])))
+""")
+
+
+def test_sigkill_while_writing_a_checkpoint_loses_nothing(tmp_path, data, reference_run):
+    out = tmp_path / "run"
+    cfg = dict(outdir=str(out), data=str(data), duration=48, **COMMON)
+    proc = subprocess.run([sys.executable, "-c", _KILLER, json.dumps(cfg)], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    assert [n for n, _ in list_checkpoints(out)] == [16]         # 32 never landed
+    assert list(out.glob(".checkpoint-*.tmp"))                     # the half-written temp file
+    train(TrainConfig(**cfg))
+    assert not list(out.glob(".checkpoint-*.tmp"))                 # cleaned up on resume
+    assert "resuming from checkpoint-000000000016.pt" in (out / "log.txt").read_text()
+    _assert_bitwise_equal(_state(out), _state(reference_run))
+    assert [(n, s) for n, s, _ in list_snapshots(out)] == [(n, s) for n, s, _ in list_snapshots(reference_run)]
+
+
+@pytest.fixture(scope="module")
+def three_steps(tmp_path_factory, data):
+    """3 steps of 8 images in one process, no accumulation."""
+    out = tmp_path_factory.mktemp("three") / "run"
+    train(TrainConfig(outdir=str(out), data=str(data), duration=24, **COMMON))
+    return _state(out)
+
+
+# Same images, same per-sample noise; only the order of floating-point sums
+# differs, so after 3 Adam steps the weights agree to about 1e-6.
+TOL = 1e-4
+
+
+def _max_diff(a, b):
+    keys = [k for k in a["net"] if a["net"][k].is_floating_point()]
+    return max(float((a["net"][k] - b["net"][k]).abs().max()) for k in keys)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tmp_path, data, three_steps):
+    out = tmp_path / "run"
+    train(TrainConfig(outdir=str(out), data=str(data), duration=24, batch_gpu=2, **COMMON))  # 4 rounds of 2
+    state = _state(out)
+    assert _max_diff(state, three_steps) < TOL
+    # ... and it is a real comparison: a different seed moves the weights far more.
+    other = tmp_path / "other"
+    train(TrainConfig(outdir=str(other), data=str(data), duration=24, seed=1, **COMMON))
+    assert _max_diff(_state(other), three_steps) > 100 * TOL
+
+
+def test_two_process_ddp_matches_one_process(tmp_path, data, three_steps):
+    out = tmp_path / "run"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "-m", "edm2", "train", "--outdir", str(out), "--data", str(data), "--preset", "tiny", "--batch", "8",
+           "--duration", "24", "--status", "16", "--snapshot", "16", "--checkpoint", "16", "--grid", "0"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "batch 8 (2 process(es) x 4 x 1 round(s))" in (out / "log.txt").read_text()
+    assert _max_diff(_state(out), three_steps) < TOL
+
+
+def test_data_order_is_a_function_of_position():
+    size, seed = 10, 3
+    stream = stream_indices(size, seed, range(30))
+    for e in range(3):  # every epoch is a permutation of the dataset
+        assert sorted(stream[10 * e:10 * e + 10]) == list(range(size))
+    assert stream[:10] != stream[10:20]
+    # Two processes with micro-batches of 2 see exactly the one-process stream, split.
+    one = _StreamSampler(size, seed, 0, 8, 8, 0, 1)
+    two = [_StreamSampler(size, seed, 0, 8, 2, r, 2) for r in range(2)]
+    it1, it2 = iter(one), [iter(s) for s in two]
+    for _ in range(4):
+        want = next(it1)
+        got = [i for it in it2 for _ in range(2) for i in next(it)]
+        assert got == want
+    # Resuming at image 16 continues the same stream.
+    assert next(iter(_StreamSampler(size, seed, 16, 8, 8, 0, 1))) == stream[16:24]
+
+
+def test_sample_grid_rows_are_classes(tmp_path, data):
+    out = tmp_path / "run"
+    train(TrainConfig(outdir=str(out), data=str(data), duration=8, **dict(COMMON, snapshot=8, grid=4)))
+    grid = Image.open(out / "grid-000000000008.png")
+    assert grid.size == (1 * 16, 4 * 16)  # 4 classes (rows) x 1 seed
+    assert not (out / "grid-000000000000.png").exists()
+
+
+def test_latent_dataset_trains_in_standardised_latent_space(tmp_path):
+    ds = tmp_path / "latents"
+    ds.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        mean = rng.normal(0, 4, [4, 8, 8]).astype(np.float32)
+        np.save(ds / f"{i}.npy", np.concatenate([mean, np.full_like(mean, 0.1)]))
+    out = tmp_path / "run"
+    train(TrainConfig(outdir=str(out), data=str(ds), duration=8, **dict(COMMON, snapshot=8)))
+    meta = read_snapshot_meta(list_snapshots(out)[-1][2])
+    assert meta["encoder"]["type"] == "sd-vae" and meta["dataset"]["channels"] == 4
+    assert meta["net_kwargs"]["img_channels"] == 4 and meta["dataset"]["label_dim"] == 0
+
+
+# ---------------------------------------------------------------------------
+# Bad input: one line, exit status 2, nothing written.
+# ---------------------------------------------------------------------------
+
+def _fails(capsys, *argv):
+    with pytest.raises(SystemExit) as e:
+        cli_main(["train", *argv])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("edm2 train: error:") and "\n" not in err, err
+    return err
+
+
+def _listing(folder):
+    return sorted((p.name, p.stat().st_mtime_ns, p.stat().st_size) for p in Path(folder).rglob("*"))
+
+
+def test_bad_data_is_refused(tmp_path, capsys, data):
+    out = tmp_path / "out"
+    assert "does not exist" in _fails(capsys, "--outdir", str(out), "--data", str(tmp_path / "missing"))
+    (tmp_path / "empty").mkdir()
+    assert "holds no images" in _fails(capsys, "--outdir", str(out), "--data", str(tmp_path / "empty"))
+    bad = make_dataset(tmp_path / "bad", n=6, labels=False)
+    (bad / "0003.png").write_bytes(b"not a png at all")
+    assert "0003.png" in _fails(capsys, "--outdir", str(out), "--data", str(bad), "--preset", "tiny")
+    rgba = tmp_path / "rgba"
+    rgba.mkdir()
+    Image.fromarray(np.zeros([16, 16, 4], np.uint8)).save(rgba / "a.png")
+    assert "RGBA" in _fails(capsys, "--outdir", str(out), "--data", str(rgba), "--preset", "tiny")
+    nolabels = make_dataset(tmp_path / "nolabels", n=4, labels=False)
+    assert "--cond" in _fails(capsys, "--outdir", str(out), "--data", str(nolabels), "--cond", "--preset", "tiny")
+    assert "--duration 20" in _fails(capsys, "--outdir", str(out), "--data", str(data), "--preset", "tiny",
+                                     "--duration", "20")
+    assert "--snapshot 12" in _fails(capsys, "--outdir", str(out), "--data", str(data), "--preset", "tiny",
+                                     "--snapshot", "12")
+    assert "--batch-gpu 3" in _fails(capsys, "--outdir", str(out), "--data", str(data), "--preset", "tiny",
+                                     "--batch-gpu", "3")
+    assert not out.exists()
+
+
+def test_a_different_run_in_outdir_is_refused_unless_force_new(tmp_path, capsys, data, reference_run):
+    before = _listing(reference_run)
+    base = ["--outdir", str(reference_run), "--data", str(data), "--preset", "tiny", "--batch", "8", "--status", "16",
+            "--snapshot", "16", "--checkpoint", "16", "--grid", "0"]
+    err = _fails(capsys, *base, "--duration", "48", "--lr", "0.02")
+    assert "holds a different run" in err and "lr" in err and "--force-new" in err
+    assert _listing(reference_run) == before
+    # A folder that is not a run is refused too.
+    other = tmp_path / "photos"
+    other.mkdir()
+    (other / "cat.jpg").write_bytes(b"x")
+    assert "not an edm2 run" in _fails(capsys, *base[2:], "--outdir", str(other), "--duration", "48")
+    # The same command on the finished run resumes and has nothing to do (session options may change).
+    assert cli_main(["train", *base, "--duration", "48", "--workers", "0"]) == 0
+    # --force-new keeps the old run aside.
+    fresh = tmp_path / "fresh"
+    train(TrainConfig(outdir=str(fresh), data=str(data), duration=8, **COMMON))
+    assert cli_main(["train", *base[2:], "--outdir", str(fresh), "--duration", "8", "--lr", "0.02", "--force-new"]) == 0
+    assert (fresh / "previous-1" / "config.json").is_file()
+    assert json.loads((fresh / "config.json").read_text())["lr"] == 0.02
+
+
+def test_dry_run_writes_nothing(tmp_path, capsys, data):
+    out = tmp_path / "run"
+    assert cli_main(["train", "--outdir", str(out), "--data", str(data), "--preset", "tiny", "--dry-run"]) == 0
+    text = capsys.readouterr().out
+    assert '"preset": "tiny"' in text and "parameters" in text and "run folder: fresh" in text
+    assert not out.exists()
