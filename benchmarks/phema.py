@@ -74,15 +74,16 @@ def whole_models(rundir: Path, outdir: Path, stds: list[float], batch: int = 8) 
         acc = None
         for i, r in enumerate(plan.inputs):
             state = load_file(str(r.path))
+            dtypes = {k: v.dtype for k, v in state.items()}  # the outputs keep the inputs' dtypes
+            state = {k: v if k in buffers else v.float() for k, v in state.items()}
             if acc is None:
-                dtypes = {k: v.dtype for k, v in state.items()}
                 acc = [{k: torch.zeros(v.shape, dtype=torch.float32) for k, v in state.items()} for _ in stds[b0:b0 + batch]]
             for j, a in enumerate(acc):
                 for k, v in state.items():
                     if k in buffers:  # copied, not averaged
                         a[k] = v
                     else:
-                        a[k].add_(v.float(), alpha=float(plan.coeffs[i, b0 + j]))
+                        a[k].add_(v, alpha=float(plan.coeffs[i, b0 + j]))
             del state
         for j, a in enumerate(acc):
             std = stds[b0 + j]
@@ -155,7 +156,8 @@ def main() -> None:
             r = run_child(m, work / "run", dirs[m], args.outputs)
             passes = 1 if m == "stream" else math.ceil(args.outputs / 8)
             rows.append(f"| {m} | {r['seconds']:.1f} | {r['peak_rss_gb']:.2f} | "
-                        f"{passes * args.snapshots * size / 1e9:.1f} |")
+                        f"{passes * args.snapshots * size / 1e9:.2f} |")
+            print(rows[-1], file=sys.stderr, flush=True)  # partial results survive an interrupted run
         diff = compare(dirs[methods[0]], dirs[methods[1]]) if len(methods) == 2 else float("nan")
     finally:
         if not args.workdir:

@@ -193,7 +193,7 @@ class _Readers:
     """Memory-mapped inputs. Touched pages of a mapping count in our RSS until it is
     closed, so the files are reopened after every `budget` bytes read."""
 
-    def __init__(self, paths, budget=256 << 20):
+    def __init__(self, paths, budget=128 << 20):
         self.paths, self.budget, self.read, self.stack = paths, budget, 0, None
         self.reopen()
 
@@ -219,6 +219,18 @@ class _Readers:
             self.stack.close()
 
 
+# Conversions and the GEMM go through numpy: torch's thread pool costs milliseconds
+# per call on small tensors when the CPU is busy, numpy's does not.
+def _as_numpy(t: torch.Tensor) -> np.ndarray:
+    return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def _from_numpy(x: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    if dtype == torch.bfloat16:
+        return torch.from_numpy(x).to(dtype)
+    return torch.from_numpy(x.astype(torch.empty((), dtype=dtype).numpy().dtype, copy=False))
+
+
 def _stream(plan: PosthocPlan, specs, buffers, writers, chunk_elems: int, progress: bool):
     """theta_out[j] = sum_i coeffs[i, j] theta_in[i] per row block: one float32 GEMM
     [out, in] x [in, block] (SPEC §7: solved in float64, accumulated in float32).
@@ -242,10 +254,10 @@ def _stream(plan: PosthocPlan, specs, buffers, writers, chunk_elems: int, progre
                 r1 = min(rows, r0 + step)
                 block = np.empty((n_in, (r1 - r0) * row_elems), dtype=np.float32)
                 for i in range(n_in):
-                    block[i] = readers.rows(i, name, r0, r1, len(shape)).reshape(-1).float().numpy()
-                out = torch.from_numpy(coef @ block)  # numpy's GEMM: far less thread overhead on small blocks
+                    block[i] = _as_numpy(readers.rows(i, name, r0, r1, len(shape))).reshape(-1)
+                out = coef @ block
                 for j, w in enumerate(writers):
-                    w.write(out[j].to(dtype))
+                    w.write(_from_numpy(out[j], dtype))
                 readers.maybe_reopen()
     finally:
         readers.close()
