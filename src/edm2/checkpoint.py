@@ -9,11 +9,16 @@ state. Files are written with `torch.save` to memory, then atomically
 (temp file, fsync, rename); they are read with `torch.load(weights_only=True)`
 (no pickle code runs). A truncated or corrupt checkpoint is reported and the
 previous one is used.
+
+`check_run_folder` decides whether an output folder is a new run, the same run
+(resume) or a different one (refused unless started over with `archive_run`).
 """
 from __future__ import annotations
 
 import io
+import json
 import re
+import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -22,7 +27,7 @@ import torch
 from .snapshot import atomic_write_bytes
 
 __all__ = ["checkpoint_name", "list_checkpoints", "save_checkpoint", "load_checkpoint", "load_latest_checkpoint",
-           "remove_stale_temp_files", "CHECKPOINT_FORMAT"]
+           "remove_stale_temp_files", "check_run_folder", "archive_run", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "edm2-checkpoint"
 _NAME_RE = re.compile(r"checkpoint-(\d{12})\.pt$")
@@ -80,3 +85,52 @@ def remove_stale_temp_files(folder) -> list[Path]:
             p.unlink(missing_ok=True)
             removed.append(p)
     return removed
+
+
+def check_run_folder(identity: dict, outdir, force_new: bool = False) -> str:
+    """What to do with outdir for a run described by `identity` (the settings that
+    define a run, stored as config.json): 'fresh', 'resume' (same settings) or
+    'archive' (force_new over an existing run). Reads only; ValueError on a conflict."""
+    out = Path(outdir)
+    if not out.exists():
+        return "fresh"
+    if not out.is_dir():
+        raise ValueError(f"--outdir {out}: exists and is not a folder; choose another --outdir")
+    cfg = out / "config.json"
+    if not cfg.is_file():
+        if any(out.iterdir()):
+            raise ValueError(f"--outdir {out}: not empty and has no config.json, so it is not an edm2 run; "
+                             f"choose a new or empty folder")
+        return "fresh"
+    if force_new:
+        return "archive"
+    try:
+        old = json.loads(cfg.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{cfg}: unreadable ({e}); use another --outdir, or --force-new to start over") from None
+    new = json.loads(json.dumps(identity))
+    diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    if diff:
+        shown = "; ".join(f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in diff[:3])
+        raise ValueError(f"--outdir {out} holds a different run ({shown}); use another --outdir, or --force-new to "
+                         f"start over there (its files move to {out}/previous-N/)")
+    return "resume"
+
+
+def _short(v, n=60):
+    s = json.dumps(v)
+    return s if len(s) <= n else s[:n] + "..."
+
+
+def archive_run(out) -> Path:
+    """Move the run in `out` into out/previous-N/ (nothing is deleted)."""
+    out = Path(out)
+    n = 1
+    while (out / f"previous-{n}").exists():
+        n += 1
+    dest = out / f"previous-{n}"
+    dest.mkdir()
+    for p in list(out.iterdir()):
+        if p != dest and not p.name.startswith("previous-"):
+            shutil.move(str(p), dest / p.name)
+    return dest

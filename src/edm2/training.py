@@ -23,12 +23,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
 import json
-import math
 import os
-import resource
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,8 +35,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .checkpoint import (checkpoint_name, list_checkpoints, load_latest_checkpoint, remove_stale_temp_files,
-                         save_checkpoint)
+from .checkpoint import (archive_run, check_run_folder, checkpoint_name, load_latest_checkpoint,
+                         remove_stale_temp_files, save_checkpoint)
 from .ema import PowerFunctionEMA
 from .encoders import StabilityVAEEncoder, StandardRGBEncoder, VAEUnavailable
 from .loss import EDM2Loss, learning_rate_schedule
@@ -48,8 +44,9 @@ from .nn import Precond
 from .nn.unet import DTYPES
 from .presets import get_preset
 from .snapshot import atomic_write_bytes, load_network, make_meta, save_snapshot, snapshot_name
+from .trainlog import Reporter, report_status, save_grid
 
-__all__ = ["TrainConfig", "RunPlan", "TrainResult", "plan_run", "check_run_folder", "train", "describe",
+__all__ = ["TrainConfig", "RunPlan", "TrainResult", "plan_run", "train", "describe",
            "stream_indices", "sample_seed", "SESSION_FIELDS"]
 
 
@@ -243,53 +240,6 @@ def _check_items(ds, limit: int = 2000) -> None:
         ds[i]
 
 
-def check_run_folder(plan: RunPlan, outdir, force_new: bool = False) -> str:
-    """'fresh', 'resume' or 'archive' (force_new over an existing run): what
-    train() will do with outdir. Reads only; raises ValueError on a conflict."""
-    out = Path(outdir)
-    if not out.exists():
-        return "fresh"
-    if not out.is_dir():
-        raise ValueError(f"--outdir {out}: exists and is not a folder; choose another --outdir")
-    cfg = out / "config.json"
-    if not cfg.is_file():
-        if any(out.iterdir()):
-            raise ValueError(f"--outdir {out}: not empty and has no config.json, so it is not an edm2 run; "
-                             f"choose a new or empty folder")
-        return "fresh"
-    if force_new:
-        return "archive"
-    try:
-        old = json.loads(cfg.read_text())
-    except (OSError, ValueError) as e:
-        raise ValueError(f"{cfg}: unreadable ({e}); use another --outdir, or --force-new to start over") from None
-    new = json.loads(json.dumps(plan.identity()))
-    diff = [k for k in sorted(set(old) | set(new)) if k not in SESSION_FIELDS and old.get(k) != new.get(k)]
-    if diff:
-        shown = "; ".join(f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in diff[:3])
-        raise ValueError(f"--outdir {out} holds a different run ({shown}); use another --outdir, or --force-new to "
-                         f"start over there (its files move to {out}/previous-N/)")
-    return "resume"
-
-
-def _short(v, n=60):
-    s = json.dumps(v)
-    return s if len(s) <= n else s[:n] + "..."
-
-
-def _archive(out: Path) -> Path:
-    """Move the run in `out` into out/previous-N/ (nothing is deleted)."""
-    n = 1
-    while (out / f"previous-{n}").exists():
-        n += 1
-    dest = out / f"previous-{n}"
-    dest.mkdir()
-    for p in list(out.iterdir()):
-        if p != dest and not p.name.startswith("previous-"):
-            shutil.move(str(p), dest / p.name)
-    return dest
-
-
 def describe(plan: RunPlan, mode: str | None = None) -> str:
     """The resolved configuration and the network size, as text (--dry-run)."""
     with torch.device("meta"):
@@ -348,79 +298,6 @@ class _StreamSampler(torch.utils.data.Sampler):
 
 
 # ---------------------------------------------------------------------------
-# Output: log.txt, stats.jsonl, TensorBoard, sample grids.
-# ---------------------------------------------------------------------------
-
-class _Reporter:
-    """Status lines to the terminal and log.txt, records to stats.jsonl and
-    TensorBoard (rank 0 only; the others stay silent)."""
-
-    def __init__(self, outdir: Path | None, active: bool, bar=None):
-        self.outdir, self.active, self.bar, self.tb = outdir, active, bar, None
-        if active and outdir is not None:
-            try:
-                from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
-                self.tb = SummaryWriter(str(outdir / "tensorboard"))
-            except ImportError:
-                pass
-
-    def log(self, msg: str) -> None:
-        if not self.active:
-            return
-        (self.bar.write if self.bar is not None else print)(msg)
-        if self.outdir is not None:
-            with open(self.outdir / "log.txt", "a") as f:
-                f.write(msg + "\n")
-
-    def stats(self, record: dict) -> None:
-        if not self.active:
-            return
-        with open(self.outdir / "stats.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for k, v in record.items():
-                if k != "nimg" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(f"train/{k}", v, record["nimg"])
-            self.tb.flush()
-
-    def close(self):
-        if self.tb is not None:
-            self.tb.close()
-
-
-def _memory(device) -> tuple[float, float]:
-    """(peak CPU resident memory, peak GPU memory allocated), GiB."""
-    cpu = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30  # ru_maxrss is KiB on Linux
-    gpu = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else 0.0
-    return cpu, gpu
-
-
-def save_grid(path, net, encoder, count: int, device) -> None:
-    """A PNG of `count` samples (EDM sampler, SPEC §8, seeds 0, 1, ...): for a
-    conditional net one row per class (first 10 classes, same seeds in every
-    row), else a near-square grid."""
-    from PIL import Image
-
-    from .generate import generate_images
-
-    rows = min(net.label_dim, 10) if net.label_dim else max(int(math.sqrt(count)), 1)
-    cols = max(math.ceil(count / rows), 1)
-    images = []
-    for row in range(rows):
-        seeds = range(cols) if net.label_dim else range(row * cols, (row + 1) * cols)
-        for b in generate_images(net, encoder, seeds, class_idx=row if net.label_dim else None,
-                                 batch_size=cols, device=device, rank=0, world_size=1):
-            images.append(b.images)
-    x = torch.cat(images)                                           # [rows*cols, C, H, W] uint8
-    c, h, w = x.shape[1:]
-    x = x.reshape(rows, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, c).numpy()
-    img = Image.fromarray(x[:, :, 0] if c == 1 else x)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
-
-
-# ---------------------------------------------------------------------------
 # The loop.
 # ---------------------------------------------------------------------------
 
@@ -446,7 +323,7 @@ def train(config: TrainConfig, dry_run: bool = False) -> TrainResult | str:
 def _train(config: TrainConfig, rank: int, world: int, dry_run: bool, device: torch.device):
     plan, ds = plan_run(config, world, str(device))
     out = Path(config.outdir)
-    mode = check_run_folder(plan, out, config.force_new)
+    mode = check_run_folder(plan.identity(), out, config.force_new)
     if dry_run:
         return describe(plan, mode)
     if device.type == "cuda":
@@ -461,7 +338,7 @@ def _train(config: TrainConfig, rank: int, world: int, dry_run: bool, device: to
     # The run folder: rank 0 prepares it, the others wait.
     if rank == 0:
         if mode == "archive":
-            _archive(out)
+            archive_run(out)
         out.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_files(out)
         if mode != "resume":
@@ -470,7 +347,7 @@ def _train(config: TrainConfig, rank: int, world: int, dry_run: bool, device: to
         dist.barrier()
     progress = sys.stderr.isatty() if config.progress is None else config.progress
     bar = None
-    rep = _Reporter(out, rank == 0)
+    rep = Reporter(out, rank == 0)
 
     # Network, optimizer (SPEC §5), EMA (SPEC §7, rank 0 only), resume state.
     torch.manual_seed(sample_seed(plan.seed, 3, 0))
@@ -494,6 +371,7 @@ def _train(config: TrainConfig, rank: int, world: int, dry_run: bool, device: to
     stop_nimg = plan.duration if plan.slice is None else min(plan.duration, start_nimg + plan.slice)
     if cur_nimg >= stop_nimg:
         rep.log(f"nothing to do: the run in {out} is at {cur_nimg} images of --duration {plan.duration}")
+        rep.close()
         return TrainResult(outdir=out, nimg=cur_nimg, finished=True)
     n_params = sum(p.numel() for p in net.parameters())
     rep.log(f"run {out}: {plan.preset}, {n_params:,} parameters, data {plan.data} ({len(ds)} items, "
@@ -534,7 +412,7 @@ def _train(config: TrainConfig, rank: int, world: int, dry_run: bool, device: to
             t0 = time.time()
             # Status (SPEC §6 default: every 128Ki images).
             if cur_nimg % plan.status == 0 or done:
-                t_last, nimg_last, loss_sum, loss_count = _status(
+                t_last, nimg_last, loss_sum, loss_count = report_status(
                     rep, plan, cur_nimg, t_last, nimg_last, t_maint, loss_sum, loss_count, device, world)
                 t_maint = 0.0
             # Snapshots of every EMA profile (also at image 0 of a fresh run) and a sample grid.
@@ -611,23 +489,3 @@ def _next_batch(data_iter):
     except ValueError as e:
         lines = [ln for ln in str(e).splitlines() if ln.strip()]
         raise ValueError(lines[-1] if lines else str(e)) from None
-
-
-def _status(rep, plan, cur_nimg, t_last, nimg_last, t_maint, loss_sum, loss_count, device, world):
-    """Report the interval since the last status; returns fresh counters."""
-    stats = torch.stack([loss_sum, torch.tensor(float(loss_count), dtype=torch.float64, device=device)])
-    if world > 1:
-        dist.all_reduce(stats)
-    now = time.time()
-    span = max(now - t_last - t_maint, 1e-9)
-    done = cur_nimg - nimg_last
-    loss = float(stats[0] / stats[1]) if stats[1] > 0 else float("nan")
-    lr = learning_rate_schedule(cur_nimg, plan.batch, plan.lr, plan.decay, plan.rampup_Mimg)
-    cpu_mem, gpu_mem = _memory(device)
-    record = dict(nimg=cur_nimg, kimg=cur_nimg / 1000, sec_per_kimg=span / done * 1000 if done else float("nan"),
-                  img_per_sec=done / span if done else float("nan"), loss=loss, lr=lr,
-                  cpu_mem_gib=round(cpu_mem, 3), gpu_mem_gib=round(gpu_mem, 3), time=now)
-    rep.log(f"kimg {cur_nimg / 1000:<9.3f} sec/kimg {record['sec_per_kimg']:<8.2f} img/s {record['img_per_sec']:<7.1f} "
-            f"loss {loss:<8.4f} lr {lr:<9.3e} cpumem {cpu_mem:<6.2f} gpumem {gpu_mem:.2f}")
-    rep.stats(record)
-    return now, cur_nimg, torch.zeros([], dtype=torch.float64, device=device), 0

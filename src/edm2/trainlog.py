@@ -1,0 +1,109 @@
+"""Output of a training run besides snapshots and checkpoints: status lines
+(terminal and log.txt), stats.jsonl records, TensorBoard scalars (when the
+tensorboard package is installed) and sample-grid PNGs."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import resource
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from .loss import learning_rate_schedule
+from .snapshot import atomic_write_bytes
+
+__all__ = ["Reporter", "save_grid", "report_status", "peak_memory"]
+
+
+class Reporter:
+    """Status lines to the terminal and log.txt, records to stats.jsonl and
+    TensorBoard (rank 0 only; the others stay silent)."""
+
+    def __init__(self, outdir: Path | None, active: bool, bar=None):
+        self.outdir, self.active, self.bar, self.tb = outdir, active, bar, None
+        if active and outdir is not None:
+            try:
+                from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+                self.tb = SummaryWriter(str(outdir / "tensorboard"))
+            except ImportError:
+                pass
+
+    def log(self, msg: str) -> None:
+        if not self.active:
+            return
+        (self.bar.write if self.bar is not None else print)(msg)
+        if self.outdir is not None:
+            with open(self.outdir / "log.txt", "a") as f:
+                f.write(msg + "\n")
+
+    def stats(self, record: dict) -> None:
+        if not self.active:
+            return
+        clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
+        with open(self.outdir / "stats.jsonl", "a") as f:
+            f.write(json.dumps(clean) + "\n")  # strict JSON: NaN (no images yet) becomes null
+        if self.tb is not None:
+            for k, v in record.items():
+                if k != "nimg" and isinstance(v, (int, float)) and math.isfinite(v):
+                    self.tb.add_scalar(f"train/{k}", v, record["nimg"])
+            self.tb.flush()
+
+    def close(self):
+        if self.tb is not None:
+            self.tb.close()
+
+
+def peak_memory(device) -> tuple[float, float]:
+    """(peak CPU resident memory, peak GPU memory allocated), GiB."""
+    cpu = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2 ** 30  # ru_maxrss is KiB on Linux
+    gpu = torch.cuda.max_memory_allocated(device) / 2 ** 30 if device.type == "cuda" else 0.0
+    return cpu, gpu
+
+
+def save_grid(path, net, encoder, count: int, device) -> None:
+    """A PNG of `count` samples (EDM sampler, SPEC §8, seeds 0, 1, ...): for a
+    conditional net one row per class (first 10 classes, same seeds in every
+    row), else a near-square grid."""
+    from PIL import Image
+
+    from .generate import generate_images
+
+    rows = min(net.label_dim, 10) if net.label_dim else max(int(math.sqrt(count)), 1)
+    cols = max(math.ceil(count / rows), 1)
+    images = []
+    for row in range(rows):
+        seeds = range(cols) if net.label_dim else range(row * cols, (row + 1) * cols)
+        for b in generate_images(net, encoder, seeds, class_idx=row if net.label_dim else None,
+                                 batch_size=cols, device=device, rank=0, world_size=1):
+            images.append(b.images)
+    x = torch.cat(images)                                           # [rows*cols, C, H, W] uint8
+    c, h, w = x.shape[1:]
+    x = x.reshape(rows, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, c).numpy()
+    img = Image.fromarray(x[:, :, 0] if c == 1 else x)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def report_status(rep, plan, cur_nimg, t_last, nimg_last, t_maint, loss_sum, loss_count, device, world):
+    """Report the interval since the last status; returns fresh counters."""
+    stats = torch.stack([loss_sum, torch.tensor(float(loss_count), dtype=torch.float64, device=device)])
+    if world > 1:
+        dist.all_reduce(stats)
+    now = time.time()
+    span = max(now - t_last - t_maint, 1e-9)
+    done = cur_nimg - nimg_last
+    loss = float(stats[0] / stats[1]) if stats[1] > 0 else float("nan")
+    lr = learning_rate_schedule(cur_nimg, plan.batch, plan.lr, plan.decay, plan.rampup_Mimg)
+    cpu_mem, gpu_mem = peak_memory(device)
+    record = dict(nimg=cur_nimg, kimg=cur_nimg / 1000, sec_per_kimg=span / done * 1000 if done else float("nan"),
+                  img_per_sec=done / span if done else float("nan"), loss=loss, lr=lr,
+                  cpu_mem_gib=round(cpu_mem, 3), gpu_mem_gib=round(gpu_mem, 3), time=now)
+    rep.log(f"kimg {cur_nimg / 1000:<9.3f} sec/kimg {record['sec_per_kimg']:<8.2f} img/s {record['img_per_sec']:<7.1f} "
+            f"loss {loss:<8.4f} lr {lr:<9.3e} cpumem {cpu_mem:<6.2f} gpumem {gpu_mem:.2f}")
+    rep.stats(record)
+    return now, cur_nimg, torch.zeros([], dtype=torch.float64, device=device), 0
