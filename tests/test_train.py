@@ -241,6 +241,15 @@ def test_latent_dataset_trains_in_standardised_latent_space(tmp_path):
     assert meta["net_kwargs"]["img_channels"] == 4 and meta["dataset"]["label_dim"] == 0
 
 
+def test_init_starts_from_another_network(tmp_path, data, reference_run):
+    out = tmp_path / "finetune"
+    train(TrainConfig(outdir=str(out), data=str(data), duration=8, init=str(reference_run), **COMMON))
+    start = load_network(out / "snapshot-000000000000-0.100.safetensors")[0].state_dict()
+    init = load_network(reference_run)[0].state_dict()  # its latest, longest EMA
+    assert all(torch.equal(v, init[k]) for k, v in start.items())
+    assert read_snapshot_meta(out / "snapshot-000000000000-0.100.safetensors")["net_kwargs"]["label_dim"] == 4
+
+
 # ---------------------------------------------------------------------------
 # Bad input: one line, exit status 2, nothing written.
 # ---------------------------------------------------------------------------
