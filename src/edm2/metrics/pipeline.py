@@ -160,12 +160,15 @@ def _open_images(path, what: str):
     return ds
 
 
+def _stack_images(items):
+    return torch.from_numpy(np.stack([image for image, _ in items]))
+
+
 def _dataset_batches(ds, indices, batch_size: int, workers: int):
     if batch_size < 1:
         raise ValueError(f"--batch {batch_size}: must be >= 1")
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, list(indices)), batch_size=batch_size,
-                                         num_workers=workers, collate_fn=lambda b: torch.from_numpy(
-                                             np.stack([item for item, _ in b])))
+                                         num_workers=workers, collate_fn=_stack_images)
     yield from loader
 
 
