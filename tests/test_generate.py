@@ -87,16 +87,15 @@ def test_rank_batches_split_without_gaps_or_duplicates():
 def test_same_images_for_any_batch_size(snaps):
     net, _, encoder, _ = load_nets(snaps["cond"], device="cpu")
     opts = dict(num_steps=4, S_churn=5, S_min=0.05, S_max=50)  # churn noise must be per seed too
-    one = collect(generate_images(net, encoder, range(14), batch_size=1, device="cpu", **opts))
-    seven = collect(generate_images(net, encoder, range(14), batch_size=7, device="cpu", **opts))
-    raw1 = torch.cat([b.images for b in generate_images(net, None, range(14), batch_size=1, device="cpu", **opts)])
-    raw7 = torch.cat([b.images for b in generate_images(net, None, range(14), batch_size=7, device="cpu", **opts)])
-    assert (raw1 - raw7).abs().max() < 1e-4
-    assert sorted(one) == list(range(14))
-    for s in range(14):
-        assert one[s][1] == seven[s][1]  # same random class
+    one = collect(generate_images(net, encoder, range(9), batch_size=1, device="cpu", **opts))
+    raw7 = collect(generate_images(net, None, range(9), batch_size=7, device="cpu", **opts))  # batches of 5 + 4
+    raw1 = collect(generate_images(net, None, range(9), batch_size=1, device="cpu", **opts))
+    assert sorted(one) == sorted(raw7) == list(range(9))
+    for s in range(9):
+        assert one[s][1] == raw7[s][1]  # same random class
         assert one[s][0].dtype == torch.uint8 and one[s][0].shape == (1, 16, 16)
-        assert_same_pixels(one[s][0].numpy(), seven[s][0].numpy())
+        assert (raw1[s][0] - raw7[s][0]).abs().max() < 1e-4  # float32 samples agree to rounding
+        assert_same_pixels(one[s][0].numpy(), encoder.decode(raw7[s][0]).numpy())
     assert len({c for _, c in one.values()}) > 1  # random classes vary
     assert not torch.equal(one[0][0], one[1][0])
     # A fixed class and a different class give different images from the same seed.
