@@ -1,8 +1,6 @@
 """`edm2 generate`: a thin layer over `edm2.generate.generate_to_dir`."""
 from __future__ import annotations
 
-import argparse
-
 from ..units import parse_int_list
 
 HELP = "generate images (PNG per seed) with the EDM Heun sampler, optionally guided"
