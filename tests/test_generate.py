@@ -211,8 +211,12 @@ def test_guided_generation_uses_gnet(snaps, tmp_path):
     main(base + ["--outdir", str(tmp_path / "guided"), "--gnet", str(snaps["cond2"]), "--guidance", "3"])
     # Classifier-free guidance: an unconditional guide (label_dim 0) is accepted.
     main(base + ["--outdir", str(tmp_path / "cfg"), "--gnet", str(snaps["uncond"]), "--guidance", "3"])
+    # --precision only changes the U-Net dtype on CUDA: on the CPU the images stay the fp32 ones.
+    main(base + ["--outdir", str(tmp_path / "bf16"), "--precision", "bf16"])
     plain, same, guided, cfg = (read_pngs(tmp_path / d) for d in ("plain", "same", "guided", "cfg"))
     assert sorted(plain) == sorted(cfg) == ["000000.png", "000001.png"]
+    for name, img in read_pngs(tmp_path / "bf16").items():
+        assert np.array_equal(img, plain[name])
     for name in plain:
         assert_same_pixels(plain[name], same[name])  # guiding a net by itself changes nothing
         assert np.abs(plain[name].astype(int) - guided[name].astype(int)).max() > 5
