@@ -6,7 +6,9 @@ Synthetic run: `--snapshots` files (half at sigma_rel 0.05, half at 0.10, every
 8Mi images) of a real architecture (`--preset`, default img512-s) with the
 initial weights scaled per snapshot, stored in `--dtype` (fp16 halves the disk).
 Each method runs in its own process; peak RSS comes from wait4(). Outputs of the
-two methods are compared. Prints a markdown table; `--out FILE.md` writes it.
+two methods are compared (first and last profile). Prints a markdown table;
+`--out FILE.md` writes it. Disk: about (snapshots + outputs + 2) files, i.e.
+~55 GB for the default img512-s setting in fp16 (checked before starting).
 
     .venv/bin/python benchmarks/phema.py                          # the issue's setting (img512-s, 64 -> 31)
     .venv/bin/python benchmarks/phema.py --preset tiny --snapshots 16 --outputs 5   # smoke test
@@ -51,12 +53,13 @@ def make_inputs(rundir: Path, preset: str, count: int, dtype: torch.dtype) -> tu
     del net
     specs = [(k, v.dtype if k in buffers else dtype, tuple(v.shape)) for k, v in state.items()]
     rundir.mkdir(parents=True, exist_ok=True)
+    np_dtype = torch.empty((), dtype=dtype).numpy().dtype
     for i in range(count):
         nimg, std = STEP * (i // 2 + 1), (0.05, 0.10)[i % 2]
         meta = make_meta(kw, nimg, std, {"type": "rgb"}, {"resolution": p.img_resolution}, {"benchmark": True})
         w = SnapshotStreamWriter(rundir / snapshot_name(nimg, std), specs, meta)
-        for (k, dt, _), v in zip(specs, state.values()):
-            w.write(v if k in buffers else (v * (1 + 0.01 * i)).to(dt))
+        for (k, _, _), v in zip(specs, state.values()):  # numpy: cheap on a busy CPU
+            w.write(v if k in buffers else torch.from_numpy(np.asarray(v.numpy() * (1 + 0.01 * i), dtype=np_dtype)))
         w.commit()
     n_params = sum(v.numel() for k, v in state.items() if k not in buffers)
     return (rundir / snapshot_name(STEP, 0.05)).stat().st_size, n_params
@@ -115,7 +118,7 @@ def run_child(mode: str, rundir: Path, outdir: Path, outputs: int) -> dict:
 
 
 def compare(dir_a: Path, dir_b: Path) -> float:
-    """Largest |a - b| / max|b| over every tensor of every output."""
+    """Largest |a - b| / max|b| over every tensor of the outputs kept in dir_a (first and last profile)."""
     from safetensors import safe_open
 
     worst = 0.0
@@ -144,6 +147,13 @@ def main() -> None:
         return child(args)
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="edm2-phema-bench-"))
+    p = get_preset(args.preset)
+    with torch.device("meta"):
+        n_elems = sum(v.numel() for v in Precond(**p.net_kwargs(1000 if p.latent else 0)).state_dict().values())
+    need = (args.snapshots + args.outputs + 2) * n_elems * (2 if args.dtype == "fp16" else 4)
+    if shutil.disk_usage(work).free < need * 1.05:
+        raise SystemExit(f"{work}: needs about {need / 1e9:.0f} GB free disk (inputs + outputs); use --workdir "
+                         f"elsewhere or a smaller --preset/--snapshots")
     try:
         t0 = time.perf_counter()
         size, n_params = make_inputs(work / "run", args.preset, args.snapshots, DTYPES[args.dtype])
@@ -158,6 +168,9 @@ def main() -> None:
             rows.append(f"| {m} | {r['seconds']:.1f} | {r['peak_rss_gb']:.2f} | "
                         f"{passes * args.snapshots * size / 1e9:.2f} |")
             print(rows[-1], file=sys.stderr, flush=True)  # partial results survive an interrupted run
+            if m == methods[0]:  # keep two outputs to compare with the other method; free the disk
+                for path in sorted(dirs[m].glob("snapshot-*.safetensors"))[1:-1]:
+                    path.unlink()
         diff = compare(dirs[methods[0]], dirs[methods[1]]) if len(methods) == 2 else float("nan")
     finally:
         if not args.workdir:
