@@ -86,7 +86,7 @@ class TrainConfig:
     init: str | None = None              # start from this network (anything load_network accepts)
     device: str | None = None            # default: cuda:LOCAL_RANK if available, else cpu
     workers: int | None = None           # DataLoader workers (default: 2 on CUDA, 0 on the CPU)
-    grid: int = 100                      # images in the sample grid at each snapshot (0: none)
+    grid: int = 60                       # images in the sample grid at each snapshot (0: none)
     force_new: bool = False              # start over in an outdir that holds a run (old files kept aside)
     progress: bool | None = None         # tqdm bar (None: when stderr is a terminal)
 

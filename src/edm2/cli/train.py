@@ -43,7 +43,8 @@ def register(sub) -> None:
     s.add_argument("--init", metavar="SNAPSHOT", help="start from this network (snapshot, run folder or .pkl): fine-tuning")
     s.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available, else cpu)")
     s.add_argument("--workers", type=int, metavar="N", help="data loader processes (default: 2 on CUDA, 0 on CPU)")
-    s.add_argument("--grid", type=int, default=100, metavar="N", help="images in the sample grid at each snapshot (0: none)")
+    s.add_argument("--grid", type=int, default=60, metavar="N", help="images in the sample grid at each snapshot "
+                   "(conditional: 10 class rows; 0: none)")
     s.add_argument("--force-new", action="store_true", help="start over in an --outdir that holds another run "
                    "(its files move to DIR/previous-N/)")
     s.add_argument("-n", "--dry-run", action="store_true", help="print the resolved configuration and network size; "
