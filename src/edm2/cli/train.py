@@ -1,21 +1,18 @@
 """`edm2 train`: a thin layer over `edm2.training.train(TrainConfig(...))`."""
 from __future__ import annotations
 
-import argparse
-
 HELP = "train an EDM2 model (re-running the same command resumes)"
 
 
 def register(sub) -> None:
     p = sub.add_parser("train", help=HELP, description=HELP + ". Without --data it trains on the built-in "
                        "Fashion-MNIST. Sizes count images and accept Ki/Mi/Gi suffixes (128Ki = 131072). "
-                       "Several GPUs or nodes: launch with torchrun. Documentation: docs/training.md.",
-                       formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                       "Several GPUs or nodes: launch with torchrun. Documentation: docs/training.md.")
     p.add_argument("--outdir", required=True, metavar="DIR", help="run folder (snapshots, checkpoints, logs)")
     p.add_argument("--data", metavar="PATH", help="dataset folder or zip (images or 8-channel latents); "
                    "default: the built-in Fashion-MNIST")
     p.add_argument("--preset", default="cpu-32", metavar="NAME", help="training preset (cpu-32, tiny, img512-xs, "
-                   "img64-s, ...; the edm2- prefix is accepted)")
+                   "img64-s, ...; the edm2- prefix is accepted; default cpu-32)")
     c = p.add_mutually_exclusive_group()
     c.add_argument("--cond", dest="cond", action="store_true", default=None,
                    help="class-conditional (default: if the dataset has labels)")
@@ -37,9 +34,9 @@ def register(sub) -> None:
     o.add_argument("--checkpoint", metavar="N", help="checkpoint interval, images")
     s = p.add_argument_group("session")
     s.add_argument("--slice", metavar="N", help="train at most N images in this invocation, then checkpoint and stop")
-    s.add_argument("--precision", default="fp16", choices=["fp32", "bf16", "fp16"], help="U-Net dtype on CUDA")
+    s.add_argument("--precision", default="fp16", choices=["fp32", "bf16", "fp16"], help="U-Net dtype on CUDA (default fp16, as the reference; the CPU computes in fp32)")
     s.add_argument("--compile", action="store_true", help="torch.compile the network")
-    s.add_argument("--seed", type=int, default=0, help="random seed (initialisation, data order, noise)")
+    s.add_argument("--seed", type=int, default=0, help="random seed: initialisation, data order, noise (default 0)")
     s.add_argument("--init", metavar="SNAPSHOT", help="start from this network (snapshot, run folder or .pkl): fine-tuning")
     s.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available, else cpu)")
     s.add_argument("--workers", type=int, metavar="N", help="data loader processes (default: 2 on CUDA, 0 on CPU)")
