@@ -178,7 +178,8 @@ def test_cli(toy_run, tmp_path, capsys):
                       (["score", "--net", str(tmp_path / "missing")], "no such toy snapshot"),
                       (["score", "--net", str(tmp_path / "p.png")], "not a toy snapshot"),
                       (["train", "--outdir", str(tmp_path / "tiny")], "already holds a toy run"),
-                      (["train", "--dim", "0", "--outdir", str(tmp_path / "x")], "must both be >= 1")]:
+                      (["train", "--dim", "0", "--outdir", str(tmp_path / "x")], "must both be >= 1"),
+                      (["train", "--ema", "0.5", "--outdir", str(tmp_path / "x")], "sigma_rel")]:
         capsys.readouterr()
         with pytest.raises(SystemExit) as e:
             main(["toy", *argv])

@@ -21,7 +21,7 @@ import torch
 import tqdm
 
 from ..loss import learning_rate_schedule
-from ..phema import power_function_beta, solve_posthoc_coefficients
+from ..phema import power_function_beta, solve_posthoc_coefficients, std_to_exp
 from ..snapshot import atomic_write_bytes
 from .gmm import CLASSES, tree_mixture
 from .model import ToyNet, ToyNetConfig, load_toy, read_toy_meta, save_toy
@@ -59,7 +59,8 @@ class ToyTrainConfig:
         if self.snapshot_iters < 0:
             raise ValueError(f"--snapshot-every={self.snapshot_iters} must be >= 0")
         if not self.ema_stds:
-            raise ValueError("ema_stds: track at least one EMA profile")
+            raise ValueError("--ema: track at least one EMA profile")
+        std_to_exp(list(self.ema_stds))  # raises ValueError naming the allowed sigma_rel range
         self.net_config().check()
 
     def net_config(self) -> ToyNetConfig:
