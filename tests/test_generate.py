@@ -20,13 +20,7 @@ from edm2.snapshot import make_meta, save_snapshot
 STEPS = "3"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny nets: thread hand-offs cost more than they save (badly so on a loaded machine).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def write_snapshot(path, label_dim=3, resolution=16, channels=1, seed=0, encoder=None):

@@ -24,19 +24,12 @@ from edm2.nn import Precond
 from edm2.presets import get_preset
 from edm2.snapshot import make_meta, save_snapshot, snapshot_name
 
-# Tiny image counts are the point here; the few-samples warning is tested once, explicitly.
-pytestmark = pytest.mark.filterwarnings("ignore:only .* images for")
-
 STEPS = 2        # sampler steps: the pipeline, not image quality, is under test
 RES = 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+# Tiny image counts are the point here; the few-samples warning is tested once, explicitly.
+pytestmark = [pytest.mark.filterwarnings("ignore:only .* images for"), pytest.mark.usefixtures("one_thread")]
 
 
 # ---------------------------------------------------------------------------

@@ -10,13 +10,7 @@ from edm2.presets import get_preset
 from edm2.sampling import SeedRandom, edm_sampler, guided_denoiser, sigma_steps
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny tensors: thread hand-offs cost more than they save (badly so on a loaded machine).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # Data ~ N(mu, diag(s^2)) in 4 dims, stored as [N, 4, 1, 1] images.

@@ -13,13 +13,7 @@ from edm2.toy import (ToyNet, ToyNetConfig, ToyTrainConfig, list_toy_snapshots, 
 from edm2.toy.gmm import _tree_components
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The toy's ops are small; on a shared 2-core CI box a second intra-op thread only contends.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_tree_shape():

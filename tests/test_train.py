@@ -23,13 +23,7 @@ BATCH = 8
 COMMON = dict(preset="tiny", batch=BATCH, status=16, snapshot=16, checkpoint=16, grid=0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Two threads on two shared cores are much slower than one (OpenMP spinning).
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def make_dataset(path, n=24, channels=1, labels=True, res=16):
