@@ -1,7 +1,7 @@
 """Data pipeline throughput: `convert_dataset` images/s at 64×64 and
 `ImageDataset` + DataLoader reading images/s with 0 and 2 worker processes.
 
-    .venv/bin/python benchmarks/data.py [--num 2000] [--out docs/benchmarks/data.md]
+    .venv/bin/python benchmarks/data.py [--num 2000] [--out data.md]
 
 The source is a folder of synthetic 96×80 RGB PNGs in 10 class sub-folders
 (smooth gradients plus noise, so PNG compression does real work), converted

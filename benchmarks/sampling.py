@@ -3,7 +3,7 @@
 with the CPU preset, eager and torch.compile'd. Randomly initialised
 networks (speed does not depend on the weights' values).
 
-    python benchmarks/sampling.py [--out docs/benchmarks/sampling.md]
+    python benchmarks/sampling.py [--out sampling.md]
     python benchmarks/sampling.py --evals 2 --cpu-images 8 --no-compile   # quick check
 """
 from __future__ import annotations

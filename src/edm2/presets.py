@@ -96,7 +96,7 @@ PRESETS["cpu-32"] = Preset(
     description="32x32 grey or RGB on a laptop CPU (the Fashion-MNIST demo)",
     img_resolution=32, img_channels=1, latent=False,
     # Narrow and shallow for ~8 min on 2 cores; batch 32: twice the steps of 64 per image, which
-    # matters more than batch noise this early (docs/training.md, "The CPU presets").
+    # matters more than batch noise this early (README, "The CPU presets").
     model_channels=24, channel_mult=(1, 2, 2), num_blocks=1, attn_resolutions=(8,), channels_per_head=32,
     lr=0.0100, decay=2000, rampup_Mimg=0.002, P_mean=-0.8, P_std=1.6,
     batch=32, duration=16 * Ki, status=2 * Ki, snapshot=8 * Ki, checkpoint=8 * Ki)
@@ -129,7 +129,7 @@ def get_preset(name: str) -> Preset:
 # post-hoc reconstruction files and guidance weight; the metric each preset
 # optimises and the value they report). `edm2 generate --preset NAME` resolves
 # a preset through `get_generation_preset`; URLs are fetched into the download
-# cache by edm2.official (see docs/official.md).
+# cache by edm2.official (see README, "The authors' published models").
 
 OFFICIAL_ROOT = "https://nvlabs-fi-cdn.nvidia.com/edm2"
 POSTHOC_URL = f"{OFFICIAL_ROOT}/posthoc-reconstructions"      # edm2-img512-s-2147483-0.130.pkl, ...
@@ -207,5 +207,5 @@ def get_generation_preset(name: str) -> GenerationPreset:
     key = name if name.startswith("edm2-") else f"edm2-{name}"
     if key not in GENERATION_PRESETS:
         raise ValueError(f"unknown generation preset {name!r}; allowed: {', '.join(GENERATION_PRESETS)} "
-                         f"(see docs/official.md)")
+                         f"(see the README section 'The authors' published models')")
     return GENERATION_PRESETS[key]

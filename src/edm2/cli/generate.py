@@ -14,7 +14,7 @@ def register(sub) -> None:
     p.add_argument("--gnet", metavar="SNAPSHOT", help="guiding network: unconditional (CFG) or weaker (autoguidance)")
     p.add_argument("--guidance", type=float, default=None, metavar="W", help="guidance weight w (default 1: none)")
     p.add_argument("--preset", metavar="NAME", help="a published model, e.g. edm2-img512-s-guid-dino: sets --net, "
-                   "--gnet, --guidance where not given (list: docs/official.md; files are downloaded once to the cache)")
+                   "--gnet, --guidance where not given (list: README, published models; files are downloaded once to the cache)")
     p.add_argument("--outdir", required=True, metavar="DIR", help="folder for the PNGs")
     p.add_argument("--seeds", default="0-63", metavar="LIST", help="seeds, e.g. 0-49999 or 1,5,10-20 (default 0-63)")
     p.add_argument("--class", dest="class_idx", default="random", metavar="N|random",

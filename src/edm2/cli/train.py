@@ -7,7 +7,7 @@ HELP = "train an EDM2 model (re-running the same command resumes)"
 def register(sub) -> None:
     p = sub.add_parser("train", help=HELP, description=HELP + ". Without --data it trains on the built-in "
                        "Fashion-MNIST. Sizes count images and accept Ki/Mi/Gi suffixes (128Ki = 131072). "
-                       "Several GPUs or nodes: launch with torchrun. Documentation: docs/training.md.")
+                       "Several GPUs or nodes: launch with torchrun. Documentation: the README section Training.")
     p.add_argument("--outdir", required=True, metavar="DIR", help="run folder (snapshots, checkpoints, logs)")
     p.add_argument("--data", metavar="PATH", help="dataset folder or zip (images or 8-channel latents); "
                    "default: the built-in Fashion-MNIST")
