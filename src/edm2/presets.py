@@ -8,7 +8,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-__all__ = ["Preset", "PRESETS", "get_preset", "preset_names",
+__all__ = ["Preset", "PRESETS", "get_preset", "preset_names", "apply_generation_preset",
            "GenerationPreset", "GENERATION_PRESETS", "get_generation_preset"]
 
 Ki, Mi, Gi = 2 ** 10, 2 ** 20, 2 ** 30
@@ -209,3 +209,13 @@ def get_generation_preset(name: str) -> GenerationPreset:
         raise ValueError(f"unknown generation preset {name!r}; allowed: {', '.join(GENERATION_PRESETS)} "
                          f"(see the README section 'The authors' published models')")
     return GENERATION_PRESETS[key]
+
+
+def apply_generation_preset(name: str | None, net=None, gnet=None, guidance=None):
+    """(net, gnet, guidance) with a published preset filling in what was not
+    given; explicit values win, as in the authors' generate script."""
+    if name:
+        preset = get_generation_preset(name)
+        net, gnet = net or preset.net, gnet or preset.gnet
+        guidance = preset.guidance if guidance is None else guidance
+    return net, gnet, guidance

@@ -1,6 +1,7 @@
 """`edm2 generate`: a thin layer over `edm2.generate.generate_to_dir`."""
 from __future__ import annotations
 
+from ..presets import apply_generation_preset
 from ..units import parse_int_list
 
 HELP = "generate images (PNG per seed) with the EDM Heun sampler, optionally guided"
@@ -50,12 +51,8 @@ def _class(text):
 
 def _checked_args(args) -> dict:
     """Everything that can be checked before loading anything (no file is written on error)."""
-    if args.preset:  # the authors' published (net, gnet, guidance) triple fills in what was not given
-        from ..presets import get_generation_preset
-
-        preset = get_generation_preset(args.preset)
-        args.net, args.gnet = args.net or preset.net, args.gnet or preset.gnet
-        args.guidance = preset.guidance if args.guidance is None else args.guidance
+    # The authors' published (net, gnet, guidance) triple fills in what was not given.
+    args.net, args.gnet, args.guidance = apply_generation_preset(args.preset, args.net, args.gnet, args.guidance)
     if not args.net:
         raise ValueError("--net is required: a snapshot file or a run folder")
     guidance = 1.0 if args.guidance is None else args.guidance

@@ -2,6 +2,7 @@
 `edm2.metrics` (reference_stats, calc_metrics, gen_metrics, sweep)."""
 from __future__ import annotations
 
+from ..presets import apply_generation_preset
 from ..units import parse_float_list, parse_int_list, parse_nimg
 
 METRICS_HELP = "comma-separated: fid, fd_dinov2 (default: ref: both; calc/gen/sweep: those in --ref)"
@@ -151,12 +152,8 @@ def run_gen(args) -> int:
     from ..metrics import gen_metrics, load_detectors, load_ref, resolve_metrics
 
     num, seeds = _num(args), parse_int_list(args.seed, "--seed")
-    if args.preset:  # the authors' published (net, gnet, guidance) triple fills in what was not given
-        from ..presets import get_generation_preset
-
-        preset = get_generation_preset(args.preset)
-        args.net, args.gnet = args.net or preset.net, args.gnet or preset.gnet
-        args.guidance = preset.guidance if args.guidance is None else args.guidance
+    # The authors' published (net, gnet, guidance) triple fills in what was not given.
+    args.net, args.gnet, args.guidance = apply_generation_preset(args.preset, args.net, args.gnet, args.guidance)
     if not args.net:
         raise ValueError("--net is required: a snapshot file, run folder or .pkl (or give --preset)")
     args.guidance = 1.0 if args.guidance is None else args.guidance

@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .dataset import IMAGE_EXTENSIONS, LATENT_EXTENSION, list_dataset_files, read_dataset_json
+from .dataset import IMAGE_EXTENSIONS, LATENT_EXTENSION, list_dataset_files, match_labels, read_dataset_json
 from .writer import DatasetWriter, check_destination, item_name
 
 __all__ = ["convert_dataset", "ConvertResult", "open_source", "Source", "SourceItem", "TRANSFORMS",
@@ -196,15 +196,7 @@ def _open_collection(path: Path, use_labels: bool) -> Source:
         meta = read_dataset_json(read_bytes("dataset.json"), f"{path}/dataset.json")
         kind = "dataset"
         if meta["labels"] is not None and use_labels:
-            labels = {str(p).replace("\\", "/"): c for p, c in meta["labels"]}
-            missing = sorted(set(labels) - set(names))
-            if missing:
-                raise ValueError(f"{path}/dataset.json names {len(missing)} file(s) that do not exist "
-                                 f"(first: {missing[0]}); fix the labels or restore the files")
-            unlabeled = [n for n in names if n not in labels]
-            if unlabeled:
-                raise ValueError(f"{path}/dataset.json has no label for {len(unlabeled)} image(s) "
-                                 f"(first: {unlabeled[0]}); add labels or remove the images")
+            labels = match_labels(meta["labels"], names, f"{path}/dataset.json")
             if not all(isinstance(c, int) and c >= 0 for c in labels.values()):
                 raise ValueError(f"{path}/dataset.json: labels must be class indices >= 0 for conversion")
             class_names = meta.get("class_names")

@@ -67,6 +67,21 @@ def read_dataset_json(data: bytes, where: str) -> dict:
     return meta
 
 
+def match_labels(labels, names, where: str) -> dict:
+    """{file: label} from dataset.json's label list, checked against the files
+    present: every label names an existing file and every file has a label."""
+    label_map = {str(p).replace("\\", "/"): c for p, c in labels}
+    missing = sorted(set(label_map) - set(names))
+    if missing:
+        raise ValueError(f"{where} names {len(missing)} file(s) that are not in the dataset "
+                         f"(first: {missing[0]}); fix the labels or restore the files")
+    unlabeled = [n for n in names if n not in label_map]
+    if unlabeled:
+        raise ValueError(f"{where} has no label for {len(unlabeled)} file(s) "
+                         f"(first: {unlabeled[0]}); add labels or remove the files")
+    return label_map
+
+
 def decode_image(data: bytes, where: str) -> np.ndarray:
     """Encoded image bytes -> CHW uint8 (grayscale -> [1, H, W], RGB -> [3, H, W])."""
     try:
@@ -131,15 +146,7 @@ class ImageDataset:
             meta = read_dataset_json(self._read("dataset.json"), f"{self.path}/dataset.json")
             self.class_names = meta.get("class_names")
             if meta["labels"] is not None:
-                label_map = {str(p).replace("\\", "/"): c for p, c in meta["labels"]}
-                missing = sorted(set(label_map) - set(names))
-                if missing:
-                    raise ValueError(f"{self.path}/dataset.json names {len(missing)} file(s) that are not in the "
-                                     f"dataset (first: {missing[0]}); fix the labels or restore the files")
-                unlabeled = [n for n in names if n not in label_map]
-                if unlabeled:
-                    raise ValueError(f"{self.path}/dataset.json has no label for {len(unlabeled)} file(s) "
-                                     f"(first: {unlabeled[0]}); add them or delete the files")
+                label_map = match_labels(meta["labels"], names, f"{self.path}/dataset.json")
 
         # Subset as in the reference: a seeded random choice, kept in file order.
         idx = np.arange(len(names))
