@@ -9,7 +9,7 @@ then samples 8192 points (noise seed 0, 32-step Heun, sigma_max 5) with no
 guidance, CFG and autoguidance at the same weights and scores them against
 the exact class-A density. Prints a markdown table; --out FILE.md writes it.
 
-    python benchmarks/toy.py [--out docs/benchmarks/toy.md] [--workdir DIR] [--plot docs/images/toy_samples.png]
+    python benchmarks/toy.py [--out toy.md] [--workdir DIR] [--plot docs/images/toy_samples.png]
 
 With --workdir, finished runs found there are reused (their training time is
 read from training.json) and new ones are kept.
