@@ -145,6 +145,7 @@ def main() -> None:
         return child(args)
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="edm2-phema-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
     p = get_preset(args.preset)
     with torch.device("meta"):
         n_elems = sum(v.numel() for v in Precond(**p.net_kwargs(1000 if p.latent else 0)).state_dict().values())
