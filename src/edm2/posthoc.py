@@ -12,7 +12,6 @@ models. Outputs are ordinary edm2 snapshots (`edm2.snapshot`), named by
 from __future__ import annotations
 
 import copy
-import io
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 from .phema import check_std, profile_density, profile_fit_error, solve_posthoc_coefficients
-from .snapshot import (SnapshotError, SnapshotStreamWriter, atomic_write_bytes, build_net, list_snapshots,
+from .snapshot import (SnapshotError, SnapshotStreamWriter, atomic_write_bytes, build_net, list_snapshots, save_figure,
                        read_snapshot_meta, snapshot_name)
 
 __all__ = ["PhemaInput", "PosthocPlan", "find_phema_inputs", "resolve_time", "plan_posthoc", "reconstruct",
@@ -151,12 +150,7 @@ def plot_profiles(plan: PosthocPlan, j: int, path=None) -> bytes:
     ax0.set_ylabel("weight density x t")
     fig.suptitle(f"post-hoc EMA at nimg={t}", fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    if path is not None:
-        atomic_write_bytes(path, buf.getvalue())
-    return buf.getvalue()
+    return save_figure(fig, path)
 
 
 def _tensor_layout(inputs: list[PhemaInput]):

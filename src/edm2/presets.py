@@ -6,7 +6,7 @@ arguments of `edm2.nn.Precond`; the training fields feed the trainer.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 __all__ = ["Preset", "PRESETS", "get_preset", "preset_names", "apply_generation_preset",
            "GenerationPreset", "GENERATION_PRESETS", "get_generation_preset"]

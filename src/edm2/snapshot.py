@@ -81,6 +81,21 @@ def atomic_write_bytes(path, data: bytes) -> None:
         raise
 
 
+def save_figure(fig, path=None, dpi: int = 100) -> bytes:
+    """Render a matplotlib figure to PNG bytes, close it, and write it
+    atomically to `path` when given."""
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    plt.close(fig)
+    if path is not None:
+        atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
 def save_state_dict(path, tensors: dict, meta: dict) -> None:
     """Atomically write tensors + metadata as a snapshot file."""
     from safetensors.torch import save

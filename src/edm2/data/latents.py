@@ -175,7 +175,7 @@ def decode_dataset(source, dest, vae: str = DEFAULT_VAE, batch_size: int = 8, de
     encoder = StabilityVAEEncoder(vae_name=vae, batch_size=batch_size)
     encoder.vae(device)
     from PIL import Image
-    names, labels = [], []
+    names = []
     with DatasetWriter(dest, overwrite, source) as writer, \
             tqdm(total=ds.raw_size, desc="decoding", unit="img", disable=not progress) as bar:
         for idx, items in _batches(ds, list(range(ds.raw_size)), batch_size, workers):

@@ -10,7 +10,7 @@ import csv
 import io
 from pathlib import Path
 
-from ..snapshot import atomic_write_bytes, read_snapshot_meta
+from ..snapshot import atomic_write_bytes, read_snapshot_meta, save_figure
 from ..units import parse_float_list
 from .pipeline import _device, _rank_world, gen_metrics, load_detectors, load_ref, resolve_metrics
 
@@ -71,12 +71,7 @@ def plot_sweep(rows: list[dict], metrics: list[str], path=None) -> bytes:
     nimg, num = rows[0]["nimg"], rows[0]["num"]
     fig.suptitle(f"post-hoc EMA sweep at nimg={nimg}, {num} images per point", fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    if path is not None:
-        atomic_write_bytes(path, buf.getvalue())
-    return buf.getvalue()
+    return save_figure(fig, path)
 
 
 def sweep(rundir, stds, ref, outdir=None, at_nimg=None, metrics=None, num: int = 50000, seed: int = 0,

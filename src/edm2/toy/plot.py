@@ -3,13 +3,12 @@ optional sampling trajectories, one panel per configuration (cf. the
 autoguidance paper's Fig. 1)."""
 from __future__ import annotations
 
-import io
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from ..snapshot import atomic_write_bytes
+from ..snapshot import save_figure
 from .evaluate import IN_LOGP, sample_toy, toy_score
 from .gmm import tree_mixture
 
@@ -77,8 +76,5 @@ def plot_toy(panels, out, classes: str = "A", num: int = 4096, seed: int = 0, tr
         ax.set_yticks([])
         ax.set_title(f"{panel.title}\nin {score['in_fraction']:.3f}, log p {score['mean_logp']:.2f}", fontsize=9)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
-    atomic_write_bytes(out, buf.getvalue())
+    save_figure(fig, out, dpi=dpi)
     return scores
