@@ -112,7 +112,9 @@ def sweep(rundir, stds, ref, outdir=None, at_nimg=None, metrics=None, num: int =
     detectors = {m: detectors[m] for m in metrics} if detectors else load_detectors(metrics, detector_dir, device)
 
     if rank == 0:
-        paths = reconstruct(rundir, outdir, stds, at_nimg=at_nimg, progress=progress)
+        # The sweep.csv check above guards the folder; snapshots left by an interrupted sweep are
+        # rebuilt (posthoc never replaces the run's own snapshots).
+        paths = reconstruct(rundir, outdir, stds, at_nimg=at_nimg, overwrite=True, progress=progress)
     if world > 1:
         dist.barrier()
     if rank != 0:
