@@ -1,4 +1,4 @@
-"""Training presets: the paper's ImageNet recipes (SPEC §6) and small ones.
+"""Training presets: the paper's ImageNet recipes (Table 6) and small ones.
 
 A preset is plain data. `Preset.net_kwargs(label_dim)` gives the keyword
 arguments of `edm2.nn.Precond`; the training fields feed the trainer.
@@ -21,15 +21,15 @@ class Preset:
     # Data the preset is made for.
     img_resolution: int
     img_channels: int
-    latent: bool                      # True: SD-VAE latents (SPEC §9); False: pixels
-    # Architecture (U-Net arguments; everything else at SPEC §3 defaults).
+    latent: bool                      # True: SD-VAE latents (App. B.1); False: pixels
+    # Architecture (U-Net arguments; everything else at the defaults of Figure 22).
     model_channels: int
     channel_mult: tuple = (1, 2, 3, 4)
     num_blocks: int = 3
     attn_resolutions: tuple = (16, 8)
     dropout: float = 0.0
     channels_per_head: int = 64
-    # Optimisation (SPEC §5).
+    # Optimisation (App. B.2, B.5, Eq. 67).
     lr: float = 0.0100                # ref_lr
     decay: float = 70000              # ref_batches
     rampup_Mimg: float = 10           # learning-rate warm-up, decimal millions of images
@@ -123,7 +123,7 @@ def get_preset(name: str) -> Preset:
 
 # ---------------------------------------------------------------------------
 # Generation presets of the authors' published models (net, gnet, guidance).
-# Filled in by the import-official work (issue 8).
+# The authors' published models (docs/published-models.md).
 # ---------------------------------------------------------------------------
 # Facts taken from the authors' README / generate_images.py (preset name ->
 # post-hoc reconstruction files and guidance weight; the metric each preset

@@ -24,7 +24,7 @@ def register(sub) -> None:
     p.add_argument("--subdirs", action="store_true", help="put 1000 images per sub-folder (000000/, 001000/, ...)")
     p.add_argument("--grid", metavar="FILE.png", help="also write a grid of the first --grid-count images")
     p.add_argument("--grid-count", type=int, default=100, metavar="N", help="images in the grid (default 100)")
-    s = p.add_argument_group("sampler (SPEC §8)")
+    s = p.add_argument_group("sampler (EDM Heun, paper App. D.1)")
     s.add_argument("--steps", type=int, default=32, help="Heun steps (default 32)")
     s.add_argument("--sigma-min", type=float, default=0.002, help="lowest noise level (default 0.002)")
     s.add_argument("--sigma-max", type=float, default=80.0, help="highest noise level (default 80)")
