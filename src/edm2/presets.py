@@ -9,7 +9,7 @@ import dataclasses
 from dataclasses import dataclass
 
 __all__ = ["Preset", "PRESETS", "get_preset", "preset_names", "apply_generation_preset",
-           "GenerationPreset", "GENERATION_PRESETS", "get_generation_preset"]
+           "GenerationPreset", "GENERATION_PRESETS", "get_generation_preset", "format_generation_presets"]
 
 Ki, Mi, Gi = 2 ** 10, 2 ** 20, 2 ** 30
 
@@ -123,13 +123,13 @@ def get_preset(name: str) -> Preset:
 
 # ---------------------------------------------------------------------------
 # Generation presets of the authors' published models (net, gnet, guidance).
-# The authors' published models (docs/published-models.md).
+# Usage: docs/published-models.md.
 # ---------------------------------------------------------------------------
 # Facts taken from the authors' README / generate_images.py (preset name ->
 # post-hoc reconstruction files and guidance weight; the metric each preset
 # optimises and the value they report). `edm2 generate --preset NAME` resolves
 # a preset through `get_generation_preset`; URLs are fetched into the download
-# cache by edm2.official (see README, "The authors' published models").
+# cache by edm2.official (docs/published-models.md).
 
 OFFICIAL_ROOT = "https://nvlabs-fi-cdn.nvidia.com/edm2"
 POSTHOC_URL = f"{OFFICIAL_ROOT}/posthoc-reconstructions"      # edm2-img512-s-2147483-0.130.pkl, ...
@@ -207,8 +207,32 @@ def get_generation_preset(name: str) -> GenerationPreset:
     key = name if name.startswith("edm2-") else f"edm2-{name}"
     if key not in GENERATION_PRESETS:
         raise ValueError(f"unknown generation preset {name!r}; allowed: {', '.join(GENERATION_PRESETS)} "
-                         f"(see the README section 'The authors' published models')")
+                         f"(`edm2 generate --list-presets` lists them)")
     return GENERATION_PRESETS[key]
+
+
+def format_generation_presets(markdown: bool = False) -> str:
+    """The table of `GENERATION_PRESETS`: name, guidance weight, the metric it
+    was tuned for and the authors' reported value, then the net and gnet files
+    (names under `POSTHOC_URL`, without `.pkl`). `markdown=True` gives a
+    Markdown table (the documentation's), else aligned plain text
+    (`edm2 generate --list-presets`)."""
+    metric = {"fid": "FID", "fd_dinov2": "FD_DINOv2"}
+    header = ["preset", "guidance", "tuned for", "reported", "net", "gnet"]
+
+    def stem(url):
+        return url.rsplit("/", 1)[-1].removesuffix(".pkl") if url else "-"
+
+    rows = [[p.name, f"{p.guidance:g}", metric.get(p.metric, p.metric), f"{p.reported:g}", stem(p.net), stem(p.gnet)]
+            for p in GENERATION_PRESETS.values()]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(f"`{c}`" if i in (0, 4, 5) and c != "-" else c for i, c in enumerate(r)) + " |"
+                  for r in rows]
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    return "\n".join([*lines, f"(files: {POSTHOC_URL}/NAME.pkl)"])
 
 
 def apply_generation_preset(name: str | None, net=None, gnet=None, guidance=None):
