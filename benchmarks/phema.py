@@ -10,7 +10,7 @@ two methods are compared (first and last profile). Prints a markdown table;
 `--out FILE.md` writes it. Disk: about (snapshots + outputs + 2) files, i.e.
 ~55 GB for the default img512-s setting in fp16 (checked before starting).
 
-    .venv/bin/python benchmarks/phema.py                          # the issue's setting (img512-s, 64 -> 31)
+    .venv/bin/python benchmarks/phema.py                          # img512-s, 64 snapshots -> 31 outputs
     .venv/bin/python benchmarks/phema.py --preset tiny --snapshots 16 --outputs 5   # smoke test
 """
 from __future__ import annotations
@@ -34,7 +34,7 @@ from edm2.presets import get_preset
 from edm2.snapshot import SnapshotStreamWriter, make_meta, save_state_dict, snapshot_name
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
-STEP = 8 * 2 ** 20  # images between snapshots (SPEC §6 default)
+STEP = 8 * 2 ** 20  # images between snapshots (the paper's default, App. C.5)
 
 
 def output_stds(n: int) -> list[float]:

@@ -1,4 +1,4 @@
-"""Benchmark of the 2D toy example (issue 9): training time of the dim-64 model,
+"""Benchmark of the 2D toy example: training time of the dim-64 model,
 the autoguidance ordering (autoguidance paper, Sec. 3 / Fig. 1) and post-hoc EMA.
 
 Trains, with fixed seeds:

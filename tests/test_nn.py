@@ -280,7 +280,7 @@ def test_sdpa_matches_explicit_attention():
     x = torch.randn(3, 64, 8, 8)
     with torch.no_grad():
         y = block.attention(x)
-        # Explicit formula of SPEC §2 step 6.
+        # Explicit formula of cosine attention (paper App. B.3, Eqs. 30-34).
         n, c, h, w = x.shape
         heads = block.num_heads
         qkv = block.attn_qkv(x).reshape(n, heads, c // heads, 3, h * w)

@@ -1,4 +1,4 @@
-"""Post-hoc EMA math (edm2.phema; SPEC §7, paper Sec. 3 and Appendix C)."""
+"""Post-hoc EMA math (edm2.phema; paper Sec. 3 and Appendix C)."""
 import numpy as np
 import pytest
 from scipy.integrate import quad
@@ -14,7 +14,7 @@ def test_std_to_exp_check_values_and_round_trip():
     g = std_to_exp(s)
     assert g.shape == s.shape
     np.testing.assert_allclose(exp_to_std(g), s, rtol=0, atol=1e-10)
-    # Independent check: the largest real root of the cubic of SPEC §7, found by numpy.
+    # Independent check: the largest real root of the cubic of Eq. 126, found by numpy.
     for v in (0.002, 0.05, 0.1, 0.25):
         roots = np.roots([1, 7, 16 - v ** -2, 12 - v ** -2])
         assert std_to_exp(v) == pytest.approx(roots[abs(roots.imag) < 1e-9].real.max(), rel=1e-12)

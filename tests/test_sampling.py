@@ -1,5 +1,5 @@
 """edm2.sampling: noise levels, Heun accuracy on a Gaussian with its ideal
-denoiser, churn, guidance, and per-seed generators (SPEC §8)."""
+denoiser, churn, guidance, and per-seed generators (paper App. D.1; docs/design.md#sampler)."""
 import math
 
 import pytest

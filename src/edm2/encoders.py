@@ -1,4 +1,4 @@
-"""Mapping between dataset items and the network's space (SPEC §9).
+"""Mapping between dataset items and the network's space (paper App. B.1, "Latent diffusion").
 
 - `StandardRGBEncoder`: uint8 pixels <-> [-1, 1].
 - `StabilityVAEEncoder`: 8-channel latent items (posterior mean, std of the
@@ -29,7 +29,7 @@ class VAEUnavailable(RuntimeError):
 
 
 class StandardRGBEncoder:
-    """Pixel-space data: x / 127.5 - 1 and back (SPEC §9)."""
+    """Pixel-space data: x / 127.5 - 1 and back (docs/design.md#latents)."""
 
     kind = "rgb"
 
@@ -102,7 +102,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 class StabilityVAEEncoder:
-    """Latent-space data through the SD VAE; standardisation of SPEC §9."""
+    """Latent-space data through the SD VAE; standardisation of paper App. B.1."""
 
     kind = "sd-vae"
 

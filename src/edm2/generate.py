@@ -8,7 +8,7 @@ PNG folders named by seed, resumable and split over torchrun processes.
   1000), skips images that exist, and can write a grid PNG.
 - `load_nets(net, gnet)` loads and checks the networks and the decoder.
 
-Every image depends only on its seed (SPEC §8): noise, random class and
+Every image depends only on its seed (docs/design.md#per-seed-randomness): noise, random class and
 churn noise come from the seed's own generator (`edm2.sampling.SeedRandom`).
 """
 from __future__ import annotations
@@ -35,7 +35,7 @@ __all__ = ["GeneratedBatch", "generate_images", "generate_to_dir", "load_nets", 
            "rank_batches", "init_distributed", "default_device", "image_path", "make_grid", "compile_for_inference",
            "SAMPLER_DEFAULTS"]
 
-# edm_sampler's keyword arguments and their defaults (SPEC §8), for the CLI and docs.
+# edm_sampler's keyword arguments and their defaults (paper App. D.1), for the CLI and docs.
 SAMPLER_DEFAULTS = dict(num_steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0,
                         S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0)
 
@@ -68,7 +68,7 @@ def _shape(net):
 
 
 def check_guide(net, gnet=None, guidance: float = 1) -> None:
-    """Raise ValueError unless (gnet, guidance) is usable with net (SPEC §8)."""
+    """Raise ValueError unless (gnet, guidance) is usable with net (docs/design.md#guidance)."""
     if not math.isfinite(guidance):
         raise ValueError(f"--guidance {guidance}: must be a finite number")
     if gnet is None:
@@ -155,7 +155,7 @@ def rank_batches(seeds, batch_size: int, rank: int = 0, world_size: int = 1) -> 
 
 def compile_for_inference(net):
     """torch.compile a network for sampling. Inductor's freezing treats the
-    weights as constants, so the weight normalisation (SPEC §1) is folded in
+    weights as constants, so the weight normalisation (Eq. 47) is folded in
     once at compile time instead of being recomputed at every evaluation
     (eager mode gets the same from MPConv's eval-mode weight cache). Sets
     torch._inductor.config.freezing for the process; the first call compiles."""
@@ -220,7 +220,7 @@ def _generate(net, encoder, batches, gnet, guidance, class_idx, device, progress
             if not seeds:
                 yield GeneratedBatch(torch.zeros([0], dtype=torch.uint8), [], None, None)
                 continue
-            # Per-seed randomness, in the order of SPEC §8: noise, class, churn.
+            # Per-seed randomness, in the authors' order: noise, class, churn.
             rnd = SeedRandom(seeds, device)
             noise = rnd.randn([len(seeds), *shape])
             labels = classes = None

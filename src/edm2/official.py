@@ -1,4 +1,4 @@
-"""Safe import of the authors' published EDM2 files (issue 8).
+"""Safe import of the authors' published EDM2 files (docs/published-models.md).
 
 NVIDIA publishes its EDM2 models (post-hoc reconstructions such as
 `edm2-img512-s-2147483-0.130.pkl`, raw training snapshots such as
@@ -275,7 +275,7 @@ _NAME_RE = re.compile(r"(.*)-(\d+)-(\d+\.\d+)\.pkl$")
 
 def kimg_to_nimg(kimg: int) -> int:
     """The authors name files by kimg = nimg // 1000 of a multiple of 1024 images;
-    recover nimg exactly (SPEC §7)."""
+    recover nimg exactly (docs/design.md#post-hoc-reconstruction)."""
     return (int(kimg) * 1000 + 999) // 1024 * 1024
 
 
@@ -370,7 +370,7 @@ def _encoder_meta(record, where) -> dict:
     final_std = float(kw.get("final_std", 0.5))
     if "raw_mean" in kw and "raw_std" in kw:
         raw_mean, raw_std = kw["raw_mean"], kw["raw_std"]
-    else:  # invert scale = final_std / raw_std, bias = final_mean - raw_mean * scale (SPEC §9)
+    else:  # invert scale = final_std / raw_std, bias = final_mean - raw_mean * scale (App. B.1)
         scale = np.asarray(st["scale"], np.float64).ravel()
         bias = np.asarray(st["bias"], np.float64).ravel()
         raw_std = final_std / scale

@@ -1,5 +1,5 @@
 """Power-function EMA and the math of its post-hoc reconstruction (paper
-Sec. 3.1-3.2 and Appendix C; SPEC §7). Everything here is numpy float64 and
+Sec. 3.1-3.2 and Appendix C). Everything here is numpy float64 and
 vectorised over arrays; the file streaming lives in `edm2.posthoc`.
 
 A profile with exponent gamma, ending at time t (counted in training images),
@@ -29,7 +29,7 @@ def check_std(sigma_rel, name: str = "sigma_rel") -> np.ndarray:
 
 
 def exp_to_std(gamma):
-    """Relative standard deviation of the power-function profile (SPEC §7, Eq. 123):
+    """Relative standard deviation of the power-function profile (Eq. 123):
     sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3)))."""
     gamma = np.asarray(gamma, dtype=np.float64)
     if np.any(~(gamma > -1)):
@@ -59,7 +59,7 @@ def std_to_exp(sigma_rel):
 
 def power_function_beta(sigma_rel, t_next, t_delta):
     """EMA decay for the update that brings the image count to t_next with a
-    batch of t_delta: beta = (1 - t_delta / t_next)^(gamma + 1) (SPEC §7, Eq. 124).
+    batch of t_delta: beta = (1 - t_delta / t_next)^(gamma + 1) (Eq. 127).
     Counting images, not steps; the first update (t_next == t_delta) gives 0 (a copy).
     Broadcasts over all three arguments."""
     gamma = np.asarray(std_to_exp(sigma_rel))
@@ -80,7 +80,7 @@ def _check_times(t, name):
 
 def profile_inner_product(t_a, sigma_rel_a, t_b, sigma_rel_b):
     """<p_a, p_b> = integral of p_a(tau) p_b(tau) d tau of two power-function
-    profiles (SPEC §7, Eq. 127), broadcasting:
+    profiles (Eq. 151, Algorithm 3), broadcasting:
     (g_a+1)(g_b+1) (t_a/t_b)^e / ((g_a+g_b+1) max(t_a, t_b)), e = g_b if t_a < t_b else -g_a."""
     t_a = _check_times(t_a, "t_a")
     t_b = _check_times(t_b, "t_b")

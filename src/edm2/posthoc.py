@@ -1,5 +1,5 @@
 """Post-hoc EMA: build snapshots of any EMA length after training from the
-run's stored snapshots (paper Sec. 3.2, Figure 4; SPEC §7).
+run's stored snapshots (paper Sec. 3.2, Figure 4, App. C.5).
 
 The math is in `edm2.phema`; this module lists a run's snapshots, checks
 them, and streams the linear combinations tensor by tensor: every input file
@@ -104,7 +104,7 @@ def resolve_time(inputs, at_nimg=None, at_kimg=None) -> int:
 
 def plan_posthoc(in_nimg, in_std, stds, at_nimg, inputs=None) -> PosthocPlan:
     """Coefficients for the wanted sigma_rel list at time at_nimg from stored profiles
-    (in_nimg, in_std); only those with 0 < nimg <= at_nimg take part (SPEC §7)."""
+    (in_nimg, in_std); only those with 0 < nimg <= at_nimg take part (docs/design.md#post-hoc-reconstruction)."""
     stds = [float(s) for s in np.atleast_1d(check_std(stds, "--std"))]
     in_nimg, in_std = np.asarray(in_nimg, np.int64), np.asarray(in_std, np.float64)
     use = (in_nimg > 0) & (in_nimg <= at_nimg)
@@ -227,7 +227,7 @@ def _from_numpy(x: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 
 def _stream(plan: PosthocPlan, specs, buffers, writers, chunk_elems: int, progress: bool):
     """theta_out[j] = sum_i coeffs[i, j] theta_in[i] per row block: one float32 GEMM
-    [out, in] x [in, block] (SPEC §7: solved in float64, accumulated in float32).
+    [out, in] x [in, block] (solved in float64, accumulated in float32).
     Buffers (MPFourier freqs/phases) are copied from the latest input, not averaged."""
     from tqdm import tqdm
 
@@ -269,7 +269,7 @@ def _output_meta(plan: PosthocPlan, j: int) -> dict:
 
 def reconstruct(rundir, outdir, stds, at_nimg=None, at_kimg=None, plot=False, overwrite=False,
                 progress=True, chunk_elems=1 << 18) -> list[Path]:
-    """Write post-hoc EMA snapshots of a training run (SPEC §7).
+    """Write post-hoc EMA snapshots of a training run (paper Sec. 3.2, App. C.5).
 
     rundir: the run folder (its snapshot-<nimg>-<sigma_rel>.safetensors files);
     outdir: where outputs go, named snapshot_name(t, sigma_rel);

@@ -1,5 +1,5 @@
 """EDM sampler (Karras et al. 2022, Algorithm 2) with optional guidance by a
-second network (EDM2 Sec. 5 / autoguidance paper Eq. 1; SPEC §8), and the
+second network (paper App. D.1, Eq. 152; autoguidance paper Eq. 1), and the
 per-seed random generators that make every image depend only on its seed.
 
 Every sampler-like function here takes `net(x, sigma, labels)` (Precond's
@@ -17,7 +17,7 @@ __all__ = ["edm_sampler", "sigma_steps", "guided_denoiser", "SeedRandom"]
 def sigma_steps(num_steps=32, sigma_min=0.002, sigma_max=80, rho=7, device=None) -> torch.Tensor:
     """Noise levels t_0 > ... > t_{N-1} (EDM Eq. 5) followed by t_N = 0.
 
-    Computed in float32 arithmetic (SPEC §8: step times in float32), so the
+    Computed in float32 arithmetic (step times in float32, as the authors' code), so the
     steps are bit-identical to the reference's and images match seed for seed.
     """
     if num_steps < 1:
@@ -49,7 +49,7 @@ def guided_denoiser(net, gnet=None, guidance: float = 1):
 @torch.no_grad()
 def edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_min=0.002, sigma_max=80, rho=7,
                 guidance=1, S_churn=0, S_min=0, S_max=float("inf"), S_noise=1, randn_like=torch.randn_like):
-    """2nd-order Heun sampler of EDM (Karras et al. 2022, Alg. 2; SPEC §8),
+    """2nd-order Heun sampler of EDM (Karras et al. 2022, Alg. 2; paper App. D.1),
     deterministic unless S_churn > 0.
 
     noise: unit-variance starting noise [N, C, H, W] (scaled by t_0 here).
@@ -86,7 +86,7 @@ def edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_min=0.00
 
 
 class SeedRandom:
-    """One `torch.Generator` per sample, seeded with seed % 2**32 (SPEC §8).
+    """One `torch.Generator` per sample, seeded with seed % 2**32 (docs/design.md#per-seed-randomness).
 
     Every draw has shape [N, *per_sample_shape]; sample n's slice comes from
     generator n alone, so a sample never depends on the batch it is in or on

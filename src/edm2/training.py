@@ -1,4 +1,4 @@
-"""The EDM2 training loop (paper Sec. 2-3 and Appendix B.2; SPEC §5-§7).
+"""The EDM2 training loop (paper Sec. 2-3, App. B.2, B.5, C.3-C.5, D.2).
 
 `train(TrainConfig(outdir=...))` trains a `Precond` on a dataset (the
 built-in Fashion-MNIST by default) on the CPU, one GPU, or many processes
@@ -54,7 +54,7 @@ __all__ = ["TrainConfig", "RunPlan", "TrainResult", "plan_run", "train", "descri
 class TrainConfig:
     """What the user asks for. None means "the preset's value" (or automatic).
 
-    Sizes count training images (SPEC §5). `batch` is the global batch;
+    Sizes count training images (docs/design.md#units). `batch` is the global batch;
     `batch_gpu` the micro-batch per process (gradient accumulation when it is
     smaller than batch / processes). `slice` stops this invocation after that
     many images (with a checkpoint); re-running continues.
@@ -182,7 +182,7 @@ def plan_run(config: TrainConfig, world_size: int = 1, device: str = "cpu"):
     ema_std = parse_float_list(_pick(config.ema_std, preset.ema_std), "--ema-std")
     PowerFunctionEMA(torch.nn.Linear(1, 1), ema_std)  # validates the widths
 
-    # Data: pixels (1 or 3 channels) or 8-channel VAE latents (SPEC §9).
+    # Data: pixels (1 or 3 channels) or 8-channel VAE latents (App. B.1).
     path = Path(config.data) if config.data is not None else builtin_dataset_path()
     ds = ImageDataset(path, xflip=config.xflip, use_labels=config.cond is not False)
     if config.cond and not ds.has_labels:
@@ -328,7 +328,7 @@ def _train(config: TrainConfig, rank: int, world: int, dry_run: bool, device: to
         return describe(plan, mode)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = False   # SPEC §5: no TF32
+        torch.backends.cuda.matmul.allow_tf32 = False   # no TF32 (docs/design.md#optimisation)
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cudnn.benchmark = True
     elif world > 1:  # share the cores between the processes of this node
@@ -349,7 +349,7 @@ def _train(config: TrainConfig, rank: int, world: int, dry_run: bool, device: to
     bar = None
     rep = Reporter(out, rank == 0)
 
-    # Network, optimizer (SPEC §5), EMA (SPEC §7, rank 0 only), resume state.
+    # Network, optimizer (App. B.2), EMA (App. C.3-C.5, rank 0 only), resume state.
     torch.manual_seed(sample_seed(plan.seed, 3, 0))
     net = Precond(**plan.net_kwargs).to(device).train().requires_grad_(True)
     if plan.init is not None:
@@ -410,7 +410,7 @@ def _train(config: TrainConfig, rank: int, world: int, dry_run: bool, device: to
         while True:
             done = cur_nimg >= stop_nimg
             t0 = time.time()
-            # Status (SPEC §6 default: every 128Ki images).
+            # Status (default: every 128Ki images).
             if cur_nimg % plan.status == 0 or done:
                 t_last, nimg_last, loss_sum, loss_count = report_status(
                     rep, plan, cur_nimg, t_last, nimg_last, t_maint, loss_sum, loss_count, device, world)
@@ -441,7 +441,7 @@ def _train(config: TrainConfig, rank: int, world: int, dry_run: bool, device: to
             if done:
                 break
 
-            # One optimizer step over `batch` images (SPEC §5).
+            # One optimizer step over `batch` images (Eq. 67 learning rate).
             lr = learning_rate_schedule(cur_nimg, plan.batch, plan.lr, plan.decay, plan.rampup_Mimg)
             for g in opt.param_groups:
                 g["lr"] = lr
@@ -453,7 +453,7 @@ def _train(config: TrainConfig, rank: int, world: int, dry_run: bool, device: to
                         for i in range(len(images))]
                 torch.manual_seed(sample_seed(plan.seed, 2, first))  # dropout masks
                 images = images.to(device, non_blocking=True)
-                if ds.is_latent:  # one posterior sample per item, from the item's own generator (SPEC §9)
+                if ds.is_latent:  # one posterior sample per item, from the item's own generator (App. B.1)
                     x = torch.cat([encoder.encode_latents(images[i:i + 1], g) for i, g in enumerate(gens)])
                 else:
                     x = encoder.encode_latents(images)

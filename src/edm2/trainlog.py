@@ -65,7 +65,7 @@ def peak_memory(device) -> tuple[float, float]:
 
 
 def save_grid(path, net, encoder, count: int, device) -> None:
-    """A PNG of `count` samples (EDM sampler, SPEC §8, seeds 0, 1, ...): for a
+    """A PNG of `count` samples (EDM sampler, App. D.1, seeds 0, 1, ...): for a
     conditional net one row per class (first 10 classes, same seeds in every
     row), else a near-square grid."""
     from PIL import Image

@@ -9,7 +9,7 @@ _SUFFIX = {"": 1, "Ki": 2 ** 10, "Mi": 2 ** 20, "Gi": 2 ** 30, "K": 10 ** 3, "M"
 
 
 def parse_nimg(text, name: str = "size") -> int:
-    """'128Ki' -> 131072, '8Mi' -> 8388608, '1.5Mi', '20000' (images, SPEC §5).
+    """'128Ki' -> 131072, '8Mi' -> 8388608, '1.5Mi', '20000' (images; docs/design.md#units).
     Binary suffixes Ki/Mi/Gi and decimal K/M/G; the result must be a whole number >= 0."""
     if isinstance(text, int):
         value = text

@@ -1,10 +1,23 @@
 """`edm2 generate`: a thin layer over `edm2.generate.generate_to_dir`."""
 from __future__ import annotations
 
-from ..presets import apply_generation_preset
+import argparse
+
+from ..presets import apply_generation_preset, format_generation_presets
 from ..units import parse_int_list
 
 HELP = "generate images (PNG per seed) with the EDM Heun sampler, optionally guided"
+
+
+class _ListPresets(argparse.Action):
+    """`--list-presets`: print the published generation presets and exit (needs no other option)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(format_generation_presets())
+        parser.exit()
 
 
 def register(sub) -> None:
@@ -15,7 +28,8 @@ def register(sub) -> None:
     p.add_argument("--gnet", metavar="SNAPSHOT", help="guiding network: unconditional (CFG) or weaker (autoguidance)")
     p.add_argument("--guidance", type=float, default=None, metavar="W", help="guidance weight w (default 1: none)")
     p.add_argument("--preset", metavar="NAME", help="a published model, e.g. edm2-img512-s-guid-dino: sets --net, "
-                   "--gnet, --guidance where not given (list: README, published models; files are downloaded once to the cache)")
+                   "--gnet, --guidance where not given (files are downloaded once to the cache)")
+    p.add_argument("--list-presets", action=_ListPresets, help="list the published presets (--preset NAME) and exit")
     p.add_argument("--outdir", required=True, metavar="DIR", help="folder for the PNGs")
     p.add_argument("--seeds", default="0-63", metavar="LIST", help="seeds, e.g. 0-49999 or 1,5,10-20 (default 0-63)")
     p.add_argument("--class", dest="class_idx", default="random", metavar="N|random",
@@ -24,7 +38,7 @@ def register(sub) -> None:
     p.add_argument("--subdirs", action="store_true", help="put 1000 images per sub-folder (000000/, 001000/, ...)")
     p.add_argument("--grid", metavar="FILE.png", help="also write a grid of the first --grid-count images")
     p.add_argument("--grid-count", type=int, default=100, metavar="N", help="images in the grid (default 100)")
-    s = p.add_argument_group("sampler (SPEC §8)")
+    s = p.add_argument_group("sampler (EDM Heun, paper App. D.1)")
     s.add_argument("--steps", type=int, default=32, help="Heun steps (default 32)")
     s.add_argument("--sigma-min", type=float, default=0.002, help="lowest noise level (default 0.002)")
     s.add_argument("--sigma-max", type=float, default=80.0, help="highest noise level (default 80)")

@@ -24,7 +24,7 @@ def _common(p, ref=True, images=True, batch=64):
 
 def register(sub) -> None:
     m = sub.add_parser("metrics", help="FID / FD_DINOv2: reference statistics, images, or a network",
-                       description="Fréchet distances (SPEC §10). Every command also runs under torchrun.")
+                       description="Fréchet distances (paper App. D.4, A.5). Every command also runs under torchrun.")
     msub = m.add_subparsers(dest="metrics_command", metavar="COMMAND")
     msub.required = True
 

@@ -1,4 +1,4 @@
-"""`edm2 phema`: a thin layer over `edm2.posthoc.reconstruct` (post-hoc EMA, SPEC §7)."""
+"""`edm2 phema`: a thin layer over `edm2.posthoc.reconstruct` (post-hoc EMA, paper Sec. 3.2, App. C.5)."""
 from __future__ import annotations
 
 from ..units import parse_float_list, parse_nimg

@@ -32,7 +32,7 @@ def register(sub) -> None:
     o.add_argument("--status", metavar="N", help="status interval, images")
     o.add_argument("--snapshot", metavar="N", help="snapshot interval, images")
     o.add_argument("--checkpoint", metavar="N", help="checkpoint interval, images")
-    s = p.add_argument_group("session")
+    s = p.add_argument_group("this invocation (may change when a run is resumed)")
     s.add_argument("--slice", metavar="N", help="train at most N images in this invocation, then checkpoint and stop")
     s.add_argument("--precision", default="fp16", choices=["fp32", "bf16", "fp16"], help="U-Net dtype on CUDA (default fp16, as the reference; the CPU computes in fp32)")
     s.add_argument("--compile", action="store_true", help="torch.compile the network")

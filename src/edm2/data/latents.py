@@ -1,4 +1,4 @@
-"""Stable Diffusion VAE latents (SPEC §9) for the ImageNet-512 recipe.
+"""Stable Diffusion VAE latents (paper App. B.1) for the ImageNet-512 recipe.
 
 `encode_dataset`: image dataset -> latent dataset of float32 `.npy` items
 [8, H/8, W/8] = [posterior mean (4), posterior std (4)] of the VAE encoder,
@@ -164,7 +164,7 @@ def decode_dataset(source, dest, vae: str = DEFAULT_VAE, batch_size: int = 8, de
 
     Each item's posterior mean is standardised and passed to `StabilityVAEEncoder.decode`,
     which undoes the standardisation, runs the VAE decoder, clamps to [0, 1] and
-    truncates x·255 to uint8 (SPEC §9): the net effect is VAE.decode(mean), the
+    truncates x·255 to uint8 (as the authors' code): the net effect is VAE.decode(mean), the
     constants being applied exactly once in each direction.
     """
     dest = check_destination(dest, overwrite, source)

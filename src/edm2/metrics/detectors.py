@@ -1,4 +1,4 @@
-"""Feature detectors behind one interface (SPEC §10): a `Detector` takes uint8
+"""Feature detectors behind one interface (docs/design.md#metrics): a `Detector` takes uint8
 images [N, C, H, W] (C = 1 grey, repeated to RGB, or 3) and returns float32
 features [N, feature_dim].
 
@@ -7,7 +7,7 @@ features [N, feature_dim].
   TF1-style bilinear resize to 299x299), with torch-fidelity's weight file.
 - `DINOv2Detector` (metric "fd_dinov2"): DINOv2 ViT-L/14 from Hugging Face
   transformers (`Dinov2Model`, 1024-d class token after the final norm), fed
-  as SPEC §10 says: bicubic antialiased resize to 224 on 0-255 floats, /255,
+  as docs/design.md#metrics says: bicubic antialiased resize to 224 on 0-255 floats, /255,
   ImageNet mean/std.
 - `TinyDetector` (metric "fd_tiny"): a cheap, fixed, seeded stand-in with the
   same interface, for smoke tests of the pipeline. It is not a metric to
@@ -159,7 +159,7 @@ def _load_inception(folder: Path, download: bool, device) -> InceptionDetector:
 # ---------------------------------------------------------------------------
 
 class DINOv2Detector(Detector):
-    """DINOv2 ViT-L/14 class token (1024-d) with SPEC §10's preprocessing.
+    """DINOv2 ViT-L/14 class token (1024-d) with the preprocessing of docs/design.md#metrics.
 
     model: a transformers `Dinov2Model`; None builds facebook/dinov2-large's
     architecture with random weights."""

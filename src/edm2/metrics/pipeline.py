@@ -1,4 +1,4 @@
-"""Reference statistics and metrics of image folders or of a network (SPEC §10).
+"""Reference statistics and metrics of image folders or of a network (paper App. D.4, A.5).
 
 - `reference_stats(data, dest)`: mean and covariance of every image of a
   dataset, per metric, saved as .npz (float64, no pickle).

@@ -1,4 +1,4 @@
-"""Feature statistics and the Fréchet distance (SPEC §10).
+"""Feature statistics and the Fréchet distance (paper App. D.4, A.5).
 
 `FeatureStats` accumulates the sum and the sum of outer products of feature
 vectors in float64 (so batches, and processes under torchrun, can be merged
@@ -95,7 +95,7 @@ def trace_sqrt_product(sigma1, sigma2) -> float:
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """Fréchet distance of two Gaussians (SPEC §10), float64:
+    """Fréchet distance of two Gaussians, float64:
     |mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)

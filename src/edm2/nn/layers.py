@@ -1,4 +1,4 @@
-"""Magnitude-preserving primitives of EDM2 (paper Sec. 3, config G; SPEC §1).
+"""Magnitude-preserving primitives of EDM2 (paper Sec. 2.2-2.5, config G; App. B.4-B.7, Eqs. 47, 66, 75, 81, 88, 103).
 
 Every function here keeps the expected RMS of unit-variance inputs at 1:
 that is the property the paper builds the whole network on.

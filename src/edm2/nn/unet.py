@@ -1,6 +1,6 @@
 """The EDM2 U-Net (config G of the paper, Fig. 21) and its EDM preconditioning.
 
-Module and parameter names follow SPEC §2-§4 exactly so that the state dict
+Module and parameter names follow the authors' code exactly so that the state dict
 of `Precond` matches the authors' published checkpoints key for key.
 """
 from __future__ import annotations
@@ -50,7 +50,7 @@ class Block(torch.nn.Module):
         self.res_balance = res_balance
         self.attn_balance = attn_balance
         self.clip_act = clip_act
-        # Creation order matters for seeded initialisation parity (SPEC §2).
+        # Creation order matters for seeded initialisation parity (docs/design.md#block).
         self.emb_gain = torch.nn.Parameter(torch.zeros([]))
         self.conv_res0 = MPConv(out_channels if flavor == "enc" else in_channels, out_channels, kernel=[3, 3])
         self.emb_linear = MPConv(emb_channels, out_channels, kernel=[])
@@ -184,7 +184,7 @@ class UNet(torch.nn.Module):
 
 class Precond(torch.nn.Module):
     """EDM preconditioning D(x; sigma) around the U-Net, plus the learned
-    uncertainty u(sigma) used by the loss (paper Sec. 2 and B.2, SPEC §4).
+    uncertainty u(sigma) used by the loss (paper App. B.1 Eqs. 4-8, App. B.2 Eq. 21).
 
     `reduced_dtype` ('fp16' as the reference, or 'bf16') is the dtype the
     U-Net runs in when `use_fp16` is set and the input is on CUDA.
