@@ -28,7 +28,8 @@ from tqdm import tqdm
 
 from .encoders import encoder_from_meta
 from .sampling import SeedRandom, edm_sampler
-from .snapshot import atomic_write_bytes, load_network
+from .loading import load_network
+from .snapshot import atomic_write_bytes
 
 __all__ = ["GeneratedBatch", "generate_images", "generate_to_dir", "load_nets", "check_guide", "check_gnet_matches",
            "check_class",
@@ -165,7 +166,7 @@ def compile_for_inference(net):
 
 
 def load_nets(net, gnet=None, device=None):
-    """Load --net (and --gnet) from anything `edm2.snapshot.load_network`
+    """Load --net (and --gnet) from anything `edm2.loading.load_network`
     accepts -> (net, gnet or None, encoder, meta of net). Networks are in eval
     mode; raises ValueError if gnet does not match net."""
     device = torch.device(device) if device is not None else default_device()

@@ -39,11 +39,12 @@ from .checkpoint import (archive_run, check_run_folder, checkpoint_name, load_la
                          remove_stale_temp_files, save_checkpoint)
 from .ema import PowerFunctionEMA
 from .encoders import StabilityVAEEncoder, StandardRGBEncoder, VAEUnavailable
+from .loading import load_network
 from .loss import EDM2Loss, learning_rate_schedule
 from .nn import Precond
 from .nn.unet import DTYPES
 from .presets import get_preset
-from .snapshot import atomic_write_bytes, load_network, make_meta, save_snapshot, snapshot_name
+from .snapshot import atomic_write_bytes, make_meta, save_snapshot, snapshot_name
 from .trainlog import Reporter, report_status, save_grid
 
 __all__ = ["TrainConfig", "RunPlan", "TrainResult", "plan_run", "train", "describe",
