@@ -37,6 +37,7 @@ from tqdm import tqdm
 
 from .checkpoint import (archive_run, check_run_folder, checkpoint_name, load_latest_checkpoint,
                          remove_stale_temp_files, save_checkpoint)
+from .distributed import default_device, init_distributed
 from .ema import PowerFunctionEMA
 from .encoders import StabilityVAEEncoder, StandardRGBEncoder, VAEUnavailable
 from .loading import load_network
@@ -308,8 +309,6 @@ def train(config: TrainConfig, dry_run: bool = False) -> TrainResult | str:
     Under torchrun every process calls this; rank 0 writes the files.
     With dry_run, nothing is trained or written: returns `describe()`'s text.
     """
-    from .generate import default_device, init_distributed
-
     created_group = not (dist.is_available() and dist.is_initialized())
     rank, world = init_distributed() if not dry_run else (0, 1)
     created_group = created_group and world > 1

@@ -10,9 +10,10 @@ import csv
 import io
 from pathlib import Path
 
+from ..distributed import init_distributed, resolve_device
 from ..snapshot import atomic_write_bytes, read_snapshot_meta, save_figure
 from ..units import parse_float_list
-from .pipeline import _device, _rank_world, gen_metrics, load_detectors, load_ref, resolve_metrics
+from .pipeline import gen_metrics, load_detectors, load_ref, resolve_metrics
 
 __all__ = ["sweep", "write_csv", "plot_sweep", "best_rows"]
 
@@ -100,8 +101,8 @@ def sweep(rundir, stds, ref, outdir=None, at_nimg=None, metrics=None, num: int =
     for p in (csv_path, png_path):
         if p.exists():
             raise FileExistsError(f"{p}: a sweep was already written there; choose another --outdir")
-    rank, world = _rank_world()
-    device = _device(device)
+    rank, world = init_distributed()
+    device = resolve_device(device)
     if gnet is not None:  # fail before the reconstruction if the guide does not fit the run's network
         from ..generate import load_nets
         from ..posthoc import find_phema_inputs
