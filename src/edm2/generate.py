@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from .distributed import rank_world, resolve_device
 from .encoders import encoder_from_meta
-from .sampling import SeedRandom, edm_sampler
+from .sampling import SeedRandom, check_guidance, edm_sampler
 from .loading import load_network
 from .snapshot import atomic_write_bytes
 
@@ -67,16 +67,11 @@ def _shape(net):
 
 
 def check_guide(net, gnet=None, guidance: float = 1) -> None:
-    """Raise ValueError unless (gnet, guidance) is usable with net (SPEC §8)."""
-    if not math.isfinite(guidance):
-        raise ValueError(f"--guidance {guidance}: must be a finite number")
-    if gnet is None:
-        if guidance != 1:
-            raise ValueError(f"--guidance {guidance} needs a guiding network: pass --gnet SNAPSHOT "
-                             f"(unconditional for classifier-free guidance, smaller/earlier for autoguidance) "
-                             f"or use --guidance 1")
-        return
-    check_gnet_matches(net, gnet)
+    """Raise ValueError unless (gnet, guidance) is usable with net (SPEC §8):
+    `edm2.sampling.check_guidance`, then `check_gnet_matches` when there is a gnet."""
+    check_guidance(guidance, gnet)
+    if gnet is not None:
+        check_gnet_matches(net, gnet)
 
 
 def check_gnet_matches(net, gnet) -> None:

@@ -51,13 +51,14 @@ def _class(text):
 
 def _checked_args(args) -> dict:
     """Everything that can be checked before loading anything (no file is written on error)."""
+    from ..sampling import check_guidance
+
     # The authors' published (net, gnet, guidance) triple fills in what was not given.
     args.net, args.gnet, args.guidance = apply_generation_preset(args.preset, args.net, args.gnet, args.guidance)
     if not args.net:
         raise ValueError("--net is required: a snapshot file or a run folder")
     guidance = 1.0 if args.guidance is None else args.guidance
-    if guidance != 1 and not args.gnet:
-        raise ValueError(f"--guidance {guidance} needs --gnet SNAPSHOT (the guiding network); or drop --guidance")
+    check_guidance(guidance, args.gnet)
     seeds = parse_int_list(args.seeds, "--seeds")
     if args.batch < 1:
         raise ValueError(f"--batch {args.batch}: must be >= 1")

@@ -153,6 +153,7 @@ def run_calc(args) -> int:
 
 def run_gen(args) -> int:
     from ..metrics import gen_metrics, load_detectors, load_ref, resolve_metrics
+    from ..sampling import check_guidance
 
     num, seeds = _num(args), parse_int_list(args.seed, "--seed")
     # The authors' published (net, gnet, guidance) triple fills in what was not given.
@@ -160,8 +161,7 @@ def run_gen(args) -> int:
     if not args.net:
         raise ValueError("--net is required: a snapshot file, run folder or .pkl (or give --preset)")
     args.guidance = 1.0 if args.guidance is None else args.guidance
-    if args.guidance != 1 and not args.gnet:
-        raise ValueError(f"--guidance {args.guidance} needs --gnet SNAPSHOT (the guiding network); or drop --guidance")
+    check_guidance(args.guidance, args.gnet)
     ref = load_ref(args.ref)
     metrics = resolve_metrics(args.metrics, ref, args.ref)
     rank, world = _start()

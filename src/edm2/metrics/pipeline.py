@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from ..distributed import init_distributed, resolve_device
+from ..sampling import check_guidance
 from ..snapshot import atomic_write_bytes
 from .detectors import DETECTORS, load_detector
 from .stats import FeatureStats, frechet_distance
@@ -233,16 +234,16 @@ def gen_metrics(net, ref, gnet=None, guidance: float = 1, metrics=None, num: int
     guided by `gnet` with weight `guidance`) for the seeds `gen_seeds(num, seed)`
     and return {metric: Fréchet distance to `ref`}. Nothing is written.
     sampler_kwargs: edm_sampler's options (num_steps, S_churn, ...)."""
-    from ..generate import check_guide, generate_images, load_nets
+    from ..generate import generate_images, load_nets
 
     ref_path, ref = (ref, load_ref(ref)) if not isinstance(ref, dict) else ("REF", ref)
     metrics = resolve_metrics(metrics, ref, ref_path)
     if num < 2:
         raise ValueError(f"--num {num}: need at least 2 images (the paper uses 50000)")
+    check_guidance(guidance, gnet)
     rank, world = init_distributed()
     device = resolve_device(device)
-    net, gnet, encoder, _ = load_nets(net, gnet, device)
-    check_guide(net, gnet, guidance)
+    net, gnet, encoder, _ = load_nets(net, gnet, device)  # also checks that gnet fits net
     detectors = {m: detectors[m] for m in metrics} if detectors else load_detectors(metrics, detector_dir, device)
     batches = (b.images for b in generate_images(net, encoder, gen_seeds(num, seed), gnet=gnet, guidance=guidance,
                                                    batch_size=batch_size, device=device, rank=rank,

@@ -11,6 +11,7 @@ import io
 from pathlib import Path
 
 from ..distributed import init_distributed, resolve_device
+from ..sampling import check_guidance
 from ..snapshot import atomic_write_bytes, read_snapshot_meta, save_figure
 from ..units import parse_float_list
 from .pipeline import gen_metrics, load_detectors, load_ref, resolve_metrics
@@ -91,9 +92,8 @@ def sweep(rundir, stds, ref, outdir=None, at_nimg=None, metrics=None, num: int =
 
     stds = list(dict.fromkeys(parse_float_list(stds, "--std")))
     ws = list(dict.fromkeys(parse_float_list(guidance, "--guidance")))
-    if gnet is None and any(w != 1 for w in ws):
-        raise ValueError(f"--guidance {','.join(f'{w:g}' for w in ws)}: needs a guiding network --gnet "
-                         f"(or use --guidance 1)")
+    for w in ws:
+        check_guidance(w, gnet)
     ref_path, ref = (ref, load_ref(ref)) if not isinstance(ref, dict) else ("REF", ref)
     metrics = resolve_metrics(metrics, ref, ref_path)
     outdir = Path(outdir) if outdir is not None else Path(rundir) / "sweep"
