@@ -25,7 +25,8 @@ import official_format as fmt  # noqa: E402
 from edm2 import official  # noqa: E402
 from edm2.cli import main  # noqa: E402
 from edm2.encoders import StabilityVAEEncoder, encoder_from_meta  # noqa: E402
-from edm2.snapshot import load_network, load_snapshot, read_snapshot_meta  # noqa: E402
+from edm2.loading import load_network  # noqa: E402
+from edm2.snapshot import load_snapshot, read_snapshot_meta  # noqa: E402
 
 POSTHOC_NAME = "edm2-img512-s-2147483-0.130.pkl"
 

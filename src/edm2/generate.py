@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -26,14 +25,14 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
+from .distributed import rank_world, resolve_device
 from .encoders import encoder_from_meta
-from .sampling import SeedRandom, edm_sampler
-from .snapshot import atomic_write_bytes, load_network
+from .sampling import SeedRandom, check_guidance, edm_sampler
+from .loading import load_network
+from .snapshot import atomic_write_bytes
 
 __all__ = ["GeneratedBatch", "generate_images", "generate_to_dir", "load_nets", "check_guide", "check_gnet_matches",
-           "check_class",
-           "rank_batches", "init_distributed", "default_device", "image_path", "make_grid", "compile_for_inference",
-           "SAMPLER_DEFAULTS"]
+           "check_class", "rank_batches", "image_path", "make_grid", "compile_for_inference", "SAMPLER_DEFAULTS"]
 
 # edm_sampler's keyword arguments and their defaults (paper App. D.1), for the CLI and docs.
 SAMPLER_DEFAULTS = dict(num_steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0,
@@ -68,16 +67,11 @@ def _shape(net):
 
 
 def check_guide(net, gnet=None, guidance: float = 1) -> None:
-    """Raise ValueError unless (gnet, guidance) is usable with net (docs/design.md#guidance)."""
-    if not math.isfinite(guidance):
-        raise ValueError(f"--guidance {guidance}: must be a finite number")
-    if gnet is None:
-        if guidance != 1:
-            raise ValueError(f"--guidance {guidance} needs a guiding network: pass --gnet SNAPSHOT "
-                             f"(unconditional for classifier-free guidance, smaller/earlier for autoguidance) "
-                             f"or use --guidance 1")
-        return
-    check_gnet_matches(net, gnet)
+    """Raise ValueError unless (gnet, guidance) is usable with net (docs/design.md#guidance):
+    `edm2.sampling.check_guidance`, then `check_gnet_matches` when there is a gnet."""
+    check_guidance(guidance, gnet)
+    if gnet is not None:
+        check_gnet_matches(net, gnet)
 
 
 def check_gnet_matches(net, gnet) -> None:
@@ -106,31 +100,6 @@ def check_class(net, class_idx) -> None:
 # ---------------------------------------------------------------------------
 # Distribution over processes (torchrun).
 # ---------------------------------------------------------------------------
-
-def default_device() -> torch.device:
-    """cuda:LOCAL_RANK when CUDA is there (one GPU per torchrun process), else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join the process group torchrun describes in the environment (NCCL on
-    GPUs, gloo on CPUs); a no-op for a single process. Returns (rank, world_size)."""
-    if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        if torch.cuda.is_available():
-            torch.cuda.set_device(default_device())
-            dist.init_process_group("nccl")
-        else:
-            dist.init_process_group("gloo")
-    return _rank_world()
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
 
 def rank_batches(seeds, batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
     """This process's batches of seeds.
@@ -165,10 +134,10 @@ def compile_for_inference(net):
 
 
 def load_nets(net, gnet=None, device=None):
-    """Load --net (and --gnet) from anything `edm2.snapshot.load_network`
+    """Load --net (and --gnet) from anything `edm2.loading.load_network`
     accepts -> (net, gnet or None, encoder, meta of net). Networks are in eval
     mode; raises ValueError if gnet does not match net."""
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     net, meta = load_network(net, device=device)
     if gnet is not None:
         gnet, gmeta = load_network(gnet, device=device)
@@ -204,9 +173,9 @@ def generate_images(net, encoder, seeds, gnet=None, guidance: float = 1, class_i
     if unknown:
         raise ValueError(f"unknown sampler options {sorted(unknown)}; allowed: {', '.join(SAMPLER_DEFAULTS)}")
     if rank is None or world_size is None:
-        rank, world_size = _rank_world()
+        rank, world_size = rank_world()
     batches = rank_batches(seeds, batch_size, rank, world_size)
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     for m in (net, gnet):
         if m is not None:
             m.eval().requires_grad_(False)
@@ -292,7 +261,7 @@ def _check_outputs(net, encoder, outdir, grid) -> None:
 def _missing_seeds(seeds, outdir, subdirs, device) -> list[int]:
     """Seeds whose PNG is not there yet. Rank 0 decides and broadcasts the list,
     so every process splits the same list even while others start writing."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     if world == 1:
         return [s for s in seeds if not image_path(outdir, s, subdirs).exists()]
     todo = torch.tensor([s for s in seeds if not image_path(outdir, s, subdirs).exists()] if rank == 0 else [],
@@ -310,7 +279,7 @@ def generate_to_dir(net, encoder, seeds, outdir, gnet=None, guidance: float = 1,
                     progress: bool = True, **sampler_kwargs) -> dict:
     """Write one PNG per seed to outdir (`image_path`), skipping images that
     already exist, so an interrupted job can simply be re-run. Under torchrun
-    (call `init_distributed()` first) the missing seeds are split across the
+    (call `edm2.distributed.init_distributed()` first) the missing seeds are split across the
     processes. With `grid`, rank 0 then tiles the first `grid_count` seeds'
     images into that PNG. Every file is written atomically (temp + rename).
     Returns {'generated': n made by this process, 'skipped': n already there}.
@@ -325,9 +294,9 @@ def generate_to_dir(net, encoder, seeds, outdir, gnet=None, guidance: float = 1,
     _check_outputs(net, encoder, outdir, grid)
     check_guide(net, gnet, guidance)
     check_class(net, class_idx)
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     todo = _missing_seeds(seeds, outdir, subdirs, device)
-    rank, world = _rank_world()
+    rank, world = rank_world()
     made = 0
     for batch in generate_images(net, encoder, todo, gnet=gnet, guidance=guidance, class_idx=class_idx,
                                  batch_size=batch_size, device=device, progress=progress and rank == 0,

@@ -25,7 +25,7 @@ The records are then mapped onto our `edm2.nn.Precond` (architecture from the
 `_init_kwargs` the authors' persistence wrapper stores, weights loaded
 strictly) and our snapshot metadata (`edm2.snapshot.make_meta`). Published fp16
 weights and buffers are widened to float32 (exact: every fp16 value is a
-float32 value). `load_network` (edm2.snapshot) routes every `.pkl` path or URL
+float32 value). `edm2.loading.load_network` routes every `.pkl` path or URL
 here, so generation, metrics, post-hoc EMA and `train --init` accept them.
 """
 from __future__ import annotations
@@ -47,8 +47,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-__all__ = ["UnsafePickleError", "OfficialFormatError", "DownloadError", "Record", "safe_unpickle",
+from .encoders import StabilityVAEEncoder, StandardRGBEncoder
+from .nn import Block, Precond, UNet
+from .snapshot import build_net, make_meta, save_snapshot, snapshot_name
+
+__all__ = ["UnsafePickleError", "OfficialFormatError", "DownloadError", "Record", "safe_unpickle", "is_url",
            "cache_dir", "cached_path", "fetch", "parse_official_name", "kimg_to_nimg",
            "load_official", "import_official", "convert_official_folder", "list_official_pickles",
            "load_reference_stats"]
@@ -200,7 +205,8 @@ def _unpickle_file(path: Path):
 # Downloads to a cache folder.
 # ---------------------------------------------------------------------------
 
-def _is_url(source) -> bool:
+def is_url(source) -> bool:
+    """Does `source` name a URL (rather than a local path)?"""
     return isinstance(source, str) and "://" in source
 
 
@@ -225,7 +231,7 @@ def fetch(source, progress: bool = True) -> Path:
     """A local path as given, or the cached copy of a URL (downloaded once, to a
     temporary file renamed into place when complete, so the cache never holds a
     partial file). Offline, raises DownloadError naming where to put the file by hand."""
-    if not _is_url(source):
+    if not is_url(source):
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
@@ -252,8 +258,6 @@ def fetch(source, progress: bool = True) -> Path:
 
 
 def _download(url, out, progress):
-    from tqdm import tqdm
-
     with urllib.request.urlopen(url, timeout=60) as response:
         total = int(response.headers.get("Content-Length") or 0) or None
         with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(url), disable=not progress) as bar:
@@ -281,7 +285,7 @@ def kimg_to_nimg(kimg: int) -> int:
 
 def parse_official_name(name) -> tuple[str, int, float] | None:
     """'edm2-img512-s-2147483-0.130.pkl' -> ('edm2-img512-s', 2147483648, 0.13); None if not such a name."""
-    m = _NAME_RE.fullmatch(os.path.basename(urllib.parse.urlsplit(str(name)).path if _is_url(name) else str(name)))
+    m = _NAME_RE.fullmatch(os.path.basename(urllib.parse.urlsplit(str(name)).path if is_url(name) else str(name)))
     if not m:
         return None
     return m.group(1), kimg_to_nimg(int(m.group(2))), float(m.group(3))
@@ -289,8 +293,6 @@ def parse_official_name(name) -> tuple[str, int, float] | None:
 
 def _precond_kwargs_allowed() -> set:
     """Keyword arguments our Precond accepts (its own, the U-Net's, the blocks')."""
-    from .nn import Block, Precond, UNet
-
     per_block = {"in_channels", "out_channels", "emb_channels", "flavor", "resample_mode", "attention"}
     names = set()
     for cls in (Precond, UNet, Block):
@@ -358,8 +360,6 @@ def _tensors_of(record: Record, where, prefix="") -> dict:
 
 def _encoder_meta(record, where) -> dict:
     """Our encoder metadata for the authors' encoder record (None: pixels, their default)."""
-    from .encoders import StabilityVAEEncoder, StandardRGBEncoder
-
     if record is None or (isinstance(record, Record) and record.class_name == "StandardRGBEncoder"):
         return StandardRGBEncoder().to_meta()
     if not isinstance(record, Record) or record.class_name != "StabilityVAEEncoder":
@@ -394,8 +394,6 @@ def load_official(source, device="cpu", name_hint: str | None = None):
 
     nimg and ema_std come from the file name (`...-<kimg>-<sigma_rel>.pkl`), or
     from `name_hint` (an original name, if the file was renamed)."""
-    from .snapshot import build_net, make_meta
-
     path = fetch(source)
     where = str(source)
     data = _unpickle_file(path)
@@ -453,8 +451,6 @@ def import_official(src, dest, dtype: str = "fp32", name_hint: str | None = None
     `dtype`: 'fp32' (default; the published fp16 values widened exactly) or
     'fp16' (parameters stored as published, half the size; loading widens them).
     Returns the written path."""
-    from .snapshot import save_snapshot, snapshot_name
-
     if dtype not in _DTYPES:
         raise ValueError(f"--dtype {dtype!r}: allowed: {', '.join(_DTYPES)}")
     dest = Path(dest)
@@ -488,10 +484,6 @@ def convert_official_folder(folder, dest=None, dtype: str = "fp16", progress: bo
     into edm2 snapshots, for post-hoc EMA reconstruction. By default the parameters stay
     fp16 as published (lossless, half the size of float32; loading widens them). `dest` defaults to a folder in the cache named after
     the source folder. Files converted before are skipped. Returns the folder."""
-    from tqdm import tqdm
-
-    from .snapshot import snapshot_name
-
     folder = Path(folder)
     pkls = list_official_pickles(folder) if folder.is_dir() else []
     if not pkls:

@@ -11,7 +11,7 @@ import math
 
 import torch
 
-__all__ = ["edm_sampler", "sigma_steps", "guided_denoiser", "SeedRandom"]
+__all__ = ["edm_sampler", "sigma_steps", "guided_denoiser", "check_guidance", "SeedRandom"]
 
 
 def sigma_steps(num_steps=32, sigma_min=0.002, sigma_max=80, rho=7, device=None) -> torch.Tensor:
@@ -32,10 +32,23 @@ def sigma_steps(num_steps=32, sigma_min=0.002, sigma_max=80, rho=7, device=None)
     return torch.cat([t, torch.zeros_like(t[:1])])
 
 
+def check_guidance(guidance: float, gnet=None) -> None:
+    """Raise ValueError unless the guidance weight w can be used: a finite
+    number, and w != 1 only with a guiding network `gnet` (a network, or the
+    name of one before it is loaded). w = 1 is plain sampling.
+    The one check of this rule: the sampler, generation, metrics and the CLI
+    commands all call it."""
+    if not math.isfinite(guidance):
+        raise ValueError(f"--guidance {guidance}: must be a finite number")
+    if guidance != 1 and (gnet is None or (isinstance(gnet, str) and not gnet)):
+        raise ValueError(f"--guidance {guidance:g} needs --gnet, a guiding network (unconditional for "
+                         f"classifier-free guidance, smaller or less trained for autoguidance); "
+                         f"or use --guidance 1")
+
+
 def guided_denoiser(net, gnet=None, guidance: float = 1):
     """D~ = D_g + w (D - D_g) (autoguidance paper Eq. 1); the guide is not evaluated when w == 1."""
-    if guidance != 1 and gnet is None:
-        raise ValueError(f"guidance={guidance} needs a guiding network (gnet); use guidance=1 for plain sampling")
+    check_guidance(guidance, gnet)
 
     def denoise(x, t, labels):
         d = net(x, t, labels).to(torch.float32)

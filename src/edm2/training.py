@@ -37,13 +37,15 @@ from tqdm import tqdm
 
 from .checkpoint import (archive_run, check_run_folder, checkpoint_name, load_latest_checkpoint,
                          remove_stale_temp_files, save_checkpoint)
+from .distributed import default_device, init_distributed
 from .ema import PowerFunctionEMA
 from .encoders import StabilityVAEEncoder, StandardRGBEncoder, VAEUnavailable
+from .loading import load_network
 from .loss import EDM2Loss, learning_rate_schedule
 from .nn import Precond
 from .nn.unet import DTYPES
 from .presets import get_preset
-from .snapshot import atomic_write_bytes, load_network, make_meta, save_snapshot, snapshot_name
+from .snapshot import atomic_write_bytes, make_meta, save_snapshot, snapshot_name
 from .trainlog import Reporter, report_status, save_grid
 
 __all__ = ["TrainConfig", "RunPlan", "TrainResult", "plan_run", "train", "describe",
@@ -307,8 +309,6 @@ def train(config: TrainConfig, dry_run: bool = False) -> TrainResult | str:
     Under torchrun every process calls this; rank 0 writes the files.
     With dry_run, nothing is trained or written: returns `describe()`'s text.
     """
-    from .generate import default_device, init_distributed
-
     created_group = not (dist.is_available() and dist.is_initialized())
     rank, world = init_distributed() if not dry_run else (0, 1)
     created_group = created_group and world > 1

@@ -23,6 +23,8 @@ def _convert(args):
 
 def _encode(args):
     from ..data import encode_dataset
+    from ..distributed import configure_threads
+    configure_threads()
     r = encode_dataset(args.source, args.dest, vae=args.vae, batch_size=args.batch, device=args.device,
                        overwrite=args.overwrite, workers=args.workers)
     for note in r.notes:
@@ -32,6 +34,8 @@ def _encode(args):
 
 def _decode(args):
     from ..data import decode_dataset
+    from ..distributed import configure_threads
+    configure_threads()
     r = decode_dataset(args.source, args.dest, vae=args.vae, batch_size=args.batch, device=args.device,
                        overwrite=args.overwrite, workers=args.workers)
     print(f"wrote {r.count} images of 3x{r.resolution}x{r.resolution} to {r.dest}")

@@ -83,19 +83,25 @@ def _num(args):
     return num
 
 
+def _start():
+    """Join torchrun's process group (if any) and set the CPU threads -> (rank, world_size)."""
+    from ..distributed import configure_threads, init_distributed
+
+    rank_world = init_distributed()
+    configure_threads()
+    return rank_world
+
+
 def _device(args):
-    import torch
+    from ..distributed import resolve_device
 
-    from ..generate import default_device
-
-    return torch.device(args.device) if args.device else default_device()
+    return resolve_device(args.device)
 
 
-def _finish(world):
-    import torch.distributed as dist
+def _finish():
+    from ..distributed import shutdown_distributed
 
-    if world > 1 and dist.is_initialized():
-        dist.destroy_process_group()
+    shutdown_distributed()
 
 
 def _report(results: list, seeds: list, num: int, jsonl: str, source: dict, ref: str, rank: int) -> None:
@@ -112,15 +118,14 @@ def _report(results: list, seeds: list, num: int, jsonl: str, source: dict, ref:
 
 
 def run_ref(args) -> int:
-    from ..generate import init_distributed
     from ..metrics import reference_stats
 
-    rank, world = init_distributed()
+    rank, world = _start()
     try:
         stats = reference_stats(args.data, args.dest, metrics=args.metrics or "fid,fd_dinov2", batch_size=args.batch,
                                 workers=args.workers, detector_dir=args.detector_dir, device=_device(args))
     finally:
-        _finish(world)
+        _finish()
     if rank == 0:
         for m, s in stats.items():
             print(f"{m}: {s.num} images, {s.dim}-d features")
@@ -129,27 +134,26 @@ def run_ref(args) -> int:
 
 
 def run_calc(args) -> int:
-    from ..generate import init_distributed
     from ..metrics import calc_metrics, load_detectors, load_ref, resolve_metrics
 
     num, seeds = _num(args), parse_int_list(args.seed, "--seed")
     ref = load_ref(args.ref)
     metrics = resolve_metrics(args.metrics, ref, args.ref)
-    rank, world = init_distributed()
+    rank, world = _start()
     try:
         dets = load_detectors(metrics, args.detector_dir, _device(args))
         results = [calc_metrics(args.images, ref, metrics, num=num, seed=s, batch_size=args.batch,
                                 workers=args.workers, detector_dir=args.detector_dir, device=_device(args),
                                 detectors=dets) for s in seeds]
     finally:
-        _finish(world)
+        _finish()
     _report(results, seeds, num, args.jsonl, {"images": str(args.images)}, args.ref, rank)
     return 0
 
 
 def run_gen(args) -> int:
-    from ..generate import init_distributed
     from ..metrics import gen_metrics, load_detectors, load_ref, resolve_metrics
+    from ..sampling import check_guidance
 
     num, seeds = _num(args), parse_int_list(args.seed, "--seed")
     # The authors' published (net, gnet, guidance) triple fills in what was not given.
@@ -157,11 +161,10 @@ def run_gen(args) -> int:
     if not args.net:
         raise ValueError("--net is required: a snapshot file, run folder or .pkl (or give --preset)")
     args.guidance = 1.0 if args.guidance is None else args.guidance
-    if args.guidance != 1 and not args.gnet:
-        raise ValueError(f"--guidance {args.guidance} needs --gnet SNAPSHOT (the guiding network); or drop --guidance")
+    check_guidance(args.guidance, args.gnet)
     ref = load_ref(args.ref)
     metrics = resolve_metrics(args.metrics, ref, args.ref)
-    rank, world = init_distributed()
+    rank, world = _start()
     try:
         dets = load_detectors(metrics, args.detector_dir, _device(args))
         results = []
@@ -170,14 +173,13 @@ def run_gen(args) -> int:
                                        num=num, seed=s, batch_size=args.batch, detector_dir=args.detector_dir,
                                        device=_device(args), detectors=dets, num_steps=args.steps))
     finally:
-        _finish(world)
+        _finish()
     source = {"net": str(args.net), "gnet": args.gnet and str(args.gnet), "guidance": args.guidance}
     _report(results, seeds, num, args.jsonl, source, args.ref, rank)
     return 0
 
 
 def run_sweep(args) -> int:
-    from ..generate import init_distributed
     from ..metrics import sweep
     from ..metrics.sweep import best_rows
 
@@ -185,13 +187,13 @@ def run_sweep(args) -> int:
     stds = parse_float_list(args.std, "--std")
     guidance = parse_float_list(args.guidance, "--guidance")
     at_nimg = None if args.at_nimg is None else parse_nimg(args.at_nimg, "--at-nimg")
-    rank, world = init_distributed()
+    rank, world = _start()
     try:
         rows = sweep(args.rundir, stds, args.ref, outdir=args.outdir, at_nimg=at_nimg, metrics=args.metrics,
                      num=num, seed=args.seed, gnet=args.gnet, guidance=guidance, batch_size=args.batch,
                      detector_dir=args.detector_dir, device=_device(args), num_steps=args.steps)
     finally:
-        _finish(world)
+        _finish()
     if rank == 0:
         for m, r in best_rows(rows, [k for k in rows[0] if k not in ("ema_std", "guidance", "nimg", "num", "seed")]).items():
             print(f"best {m} {r[m]:.4f}: sigma_rel {r['ema_std']:.4f}, guidance {r['guidance']:g}")

@@ -55,14 +55,14 @@ def _train(args):
 def _load(args):
     import torch
 
+    from ..sampling import check_guidance
     from ..toy import load_toy_run, tree_mixture
 
     if args.threads > 0:  # small ops: extra threads only contend on a busy CPU
         torch.set_num_threads(args.threads)
     if args.num < 1:
         raise ValueError(f"--num={args.num}: must be >= 1")
-    if args.guidance != 1 and args.gnet is None:
-        raise ValueError(f"--guidance={args.guidance} needs --gnet (the guiding model)")
+    check_guidance(args.guidance, args.gnet)
     if args.net == "gt":
         classes = args.classes or "A"
         net = tree_mixture(classes)

@@ -23,11 +23,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..distributed import resolve_device
 from ..encoders import DEFAULT_VAE, StabilityVAEEncoder
 from .dataset import ImageDataset
 from .writer import DatasetWriter, check_destination, item_name, move_into_place, write_dataset_json
 
-__all__ = ["encode_dataset", "decode_dataset", "LatentResult", "latent_name", "default_device"]
+__all__ = ["encode_dataset", "decode_dataset", "LatentResult", "latent_name"]
 
 
 @dataclass
@@ -42,10 +43,6 @@ class LatentResult:
 def latent_name(idx: int) -> str:
     """The official tool's name of latent items: '00000/img-mean-std-00000000.npy'."""
     return item_name(idx, "npy", "img-mean-std-")
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _labels(ds: ImageDataset, names: list[str]):
@@ -91,7 +88,7 @@ def encode_dataset(source, dest, vae: str = DEFAULT_VAE, batch_size: int = 8, de
         raise ValueError(f"--source {source}: resolution {ds.resolution} is not a multiple of 8 (the VAE "
                          f"downsamples by 8); convert it with --resolution N, N a multiple of 8")
     notes = ["grayscale images repeated to RGB for the VAE"] if ds.num_channels == 1 else []
-    device = device or default_device()
+    device = resolve_device(device)
     encoder = StabilityVAEEncoder(vae_name=vae, batch_size=batch_size)
     encoder.vae(device)  # load now: fail before any work
 
@@ -171,7 +168,7 @@ def decode_dataset(source, dest, vae: str = DEFAULT_VAE, batch_size: int = 8, de
     ds = ImageDataset(source)
     if not ds.is_latent:
         raise ValueError(f"--source {source} holds images, not latents; decode needs a latent dataset")
-    device = device or default_device()
+    device = resolve_device(device)
     encoder = StabilityVAEEncoder(vae_name=vae, batch_size=batch_size)
     encoder.vae(device)
     from PIL import Image

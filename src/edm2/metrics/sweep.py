@@ -10,9 +10,11 @@ import csv
 import io
 from pathlib import Path
 
+from ..distributed import init_distributed, resolve_device
+from ..sampling import check_guidance
 from ..snapshot import atomic_write_bytes, read_snapshot_meta, save_figure
 from ..units import parse_float_list
-from .pipeline import _device, _rank_world, gen_metrics, load_detectors, load_ref, resolve_metrics
+from .pipeline import gen_metrics, load_detectors, load_ref, resolve_metrics
 
 __all__ = ["sweep", "write_csv", "plot_sweep", "best_rows"]
 
@@ -90,9 +92,8 @@ def sweep(rundir, stds, ref, outdir=None, at_nimg=None, metrics=None, num: int =
 
     stds = list(dict.fromkeys(parse_float_list(stds, "--std")))
     ws = list(dict.fromkeys(parse_float_list(guidance, "--guidance")))
-    if gnet is None and any(w != 1 for w in ws):
-        raise ValueError(f"--guidance {','.join(f'{w:g}' for w in ws)}: needs a guiding network --gnet "
-                         f"(or use --guidance 1)")
+    for w in ws:
+        check_guidance(w, gnet)
     ref_path, ref = (ref, load_ref(ref)) if not isinstance(ref, dict) else ("REF", ref)
     metrics = resolve_metrics(metrics, ref, ref_path)
     outdir = Path(outdir) if outdir is not None else Path(rundir) / "sweep"
@@ -100,8 +101,8 @@ def sweep(rundir, stds, ref, outdir=None, at_nimg=None, metrics=None, num: int =
     for p in (csv_path, png_path):
         if p.exists():
             raise FileExistsError(f"{p}: a sweep was already written there; choose another --outdir")
-    rank, world = _rank_world()
-    device = _device(device)
+    rank, world = init_distributed()
+    device = resolve_device(device)
     if gnet is not None:  # fail before the reconstruction if the guide does not fit the run's network
         from ..generate import load_nets
         from ..posthoc import find_phema_inputs
