@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..snapshot import atomic_write_bytes
+from ..fileio import atomic_write_bytes
 from .detectors import DETECTORS, load_detector
 from .stats import FeatureStats, frechet_distance
 

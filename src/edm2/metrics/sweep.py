@@ -10,7 +10,8 @@ import csv
 import io
 from pathlib import Path
 
-from ..snapshot import atomic_write_bytes, read_snapshot_meta, save_figure
+from ..fileio import atomic_write_bytes, save_figure
+from ..snapshot import read_snapshot_meta
 from ..units import parse_float_list
 from .pipeline import _device, _rank_world, gen_metrics, load_detectors, load_ref, resolve_metrics
 
