@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from edm2.snapshot import atomic_write_bytes
+from edm2.fileio import atomic_write_bytes
 from edm2.toy import (ToyPanel, ToyTrainConfig, load_toy_run, plot_toy, posthoc_toy, sample_toy, toy_score,
                       train_toy, tree_mixture)
 

@@ -24,7 +24,7 @@ from typing import Callable
 
 import torch
 
-from .snapshot import atomic_write_bytes
+from .fileio import atomic_write_bytes, remove_temp_files
 
 __all__ = ["checkpoint_name", "list_checkpoints", "save_checkpoint", "load_checkpoint", "load_latest_checkpoint",
            "remove_stale_temp_files", "check_run_folder", "archive_run", "CHECKPOINT_FORMAT"]
@@ -79,12 +79,7 @@ def load_latest_checkpoint(folder, map_location="cpu", warn: Callable[[str], Non
 def remove_stale_temp_files(folder) -> list[Path]:
     """Delete the temporary files a killed process left behind while writing
     a checkpoint or snapshot (`.checkpoint-*.tmp`, `.snapshot-*.tmp`)."""
-    removed = []
-    for pattern in (".checkpoint-*.tmp", ".snapshot-*.tmp", ".grid-*.tmp", ".config.json.*.tmp"):
-        for p in Path(folder).glob(pattern):
-            p.unlink(missing_ok=True)
-            removed.append(p)
-    return removed
+    return remove_temp_files(folder, ("checkpoint-", "snapshot-", "grid-", "config.json."))
 
 
 def check_run_folder(identity: dict, outdir, force_new: bool = False) -> str:

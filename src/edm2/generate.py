@@ -13,7 +13,6 @@ churn noise come from the seed's own generator (`edm2.sampling.SeedRandom`).
 """
 from __future__ import annotations
 
-import io
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +26,9 @@ from tqdm import tqdm
 
 from .distributed import rank_world, resolve_device
 from .encoders import encoder_from_meta
-from .sampling import SeedRandom, check_guidance, edm_sampler
+from .fileio import atomic_write_bytes, png_bytes
 from .loading import load_network
-from .snapshot import atomic_write_bytes
+from .sampling import SeedRandom, check_guidance, edm_sampler
 
 __all__ = ["GeneratedBatch", "generate_images", "generate_to_dir", "load_nets", "check_guide", "check_gnet_matches",
            "check_class", "rank_batches", "image_path", "make_grid", "compile_for_inference", "SAMPLER_DEFAULTS"]
@@ -224,12 +223,6 @@ def _to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
 
 
-def _png_bytes(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def make_grid(paths) -> Image.Image:
     """Tile PNG files into a near-square grid, row by row."""
     imgs = [Image.open(p) for p in paths]
@@ -302,10 +295,10 @@ def generate_to_dir(net, encoder, seeds, outdir, gnet=None, guidance: float = 1,
                                  batch_size=batch_size, device=device, progress=progress and rank == 0,
                                  **sampler_kwargs):
         for seed, image in zip(batch.seeds, batch.images):
-            atomic_write_bytes(image_path(outdir, seed, subdirs), _png_bytes(_to_pil(image)))
+            atomic_write_bytes(image_path(outdir, seed, subdirs), png_bytes(_to_pil(image)))
             made += 1
     if world > 1:
         dist.barrier()
     if grid is not None and rank == 0:
-        atomic_write_bytes(grid, _png_bytes(make_grid([image_path(outdir, s, subdirs) for s in seeds[:grid_count]])))
+        atomic_write_bytes(grid, png_bytes(make_grid([image_path(outdir, s, subdirs) for s in seeds[:grid_count]])))
     return {"generated": made, "skipped": len(seeds) - len(todo)}

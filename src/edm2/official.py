@@ -37,7 +37,6 @@ import io
 import os
 import pickle
 import re
-import tempfile
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -50,6 +49,7 @@ import torch
 from tqdm import tqdm
 
 from .encoders import StabilityVAEEncoder, StandardRGBEncoder
+from .fileio import AtomicWriter
 from .nn import Block, Precond, UNet
 from .snapshot import build_net, make_meta, save_snapshot, snapshot_name
 
@@ -239,21 +239,13 @@ def fetch(source, progress: bool = True) -> Path:
     dest = cached_path(source)
     if dest.is_file():
         return dest
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     try:
-        with os.fdopen(fd, "wb") as out:
+        with AtomicWriter(dest) as out:  # the temp file is removed if anything fails
             _download(source, out, progress)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, dest)
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", None) or e
         raise DownloadError(f"cannot download {source} ({reason}); if this machine is offline, fetch the file "
                             f"elsewhere and place it at {dest} (cache folder {cache_dir()}, set by $EDM2_CACHE)") from None
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return dest
 
 

@@ -20,8 +20,9 @@ import numpy as np
 import torch
 
 from .phema import check_std, profile_density, profile_fit_error, solve_posthoc_coefficients
-from .snapshot import (SnapshotError, SnapshotStreamWriter, atomic_write_bytes, build_net, list_snapshots, save_figure,
-                       read_snapshot_meta, snapshot_name)
+from .fileio import atomic_write_bytes, save_figure
+from .snapshot import (SnapshotError, SnapshotStreamWriter, build_net, list_snapshots, read_snapshot_meta,
+                       snapshot_name)
 
 __all__ = ["PhemaInput", "PosthocPlan", "find_phema_inputs", "resolve_time", "plan_posthoc", "reconstruct",
            "plot_profiles", "plot_name"]

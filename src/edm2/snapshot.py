@@ -24,18 +24,18 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
+from .fileio import AtomicWriter, atomic_write_bytes
 from .nn import Precond
 
 __all__ = ["SnapshotError", "FORMAT", "snapshot_name", "parse_snapshot_name", "make_meta", "save_snapshot",
            "save_state_dict", "read_snapshot_meta", "load_snapshot", "build_net", "list_snapshots",
-           "atomic_write_bytes", "SnapshotStreamWriter"]
+           "SnapshotStreamWriter"]
 
 FORMAT = "edm2-snapshot"
 VERSION = 1
@@ -64,41 +64,6 @@ def make_meta(net_kwargs: dict, nimg: int, ema_std, encoder: dict, dataset: dict
     return {"format": FORMAT, "version": VERSION, "net_kwargs": dict(net_kwargs), "nimg": int(nimg),
             "ema_std": None if ema_std is None else float(ema_std), "encoder": dict(encoder),
             "dataset": dict(dataset), "origin": dict(origin or {})}
-
-
-def atomic_write_bytes(path, data: bytes) -> None:
-    """Write to a temporary file in the same folder, fsync, then rename over path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def save_figure(fig, path=None, dpi: int = 100) -> bytes:
-    """Render a matplotlib figure to PNG bytes, close it, and write it
-    atomically to `path` when given."""
-    import io
-
-    import matplotlib.pyplot as plt
-
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    plt.close(fig)
-    if path is not None:
-        atomic_write_bytes(path, buf.getvalue())
-    return buf.getvalue()
 
 
 def save_state_dict(path, tensors: dict, meta: dict) -> None:
@@ -140,32 +105,27 @@ class SnapshotStreamWriter:
             offset += nbytes
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)  # keep the data 8-byte aligned, like safetensors does
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, self.tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
-        self.file = os.fdopen(fd, "wb")
+        self.file = AtomicWriter(self.path)  # temp file in the target folder, removed on any failure
+        self.tmp = self.file.tmp
         self.file.write(len(text).to_bytes(8, "little") + text)
         self.remaining = offset
 
     def write(self, data: torch.Tensor) -> None:
         raw = data.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy()
         if raw.nbytes > self.remaining:
+            self.abort()
             raise RuntimeError(f"{self.path}: more tensor data than the header declares")
         self.file.write(memoryview(raw))
         self.remaining -= raw.nbytes
 
     def commit(self) -> Path:
         if self.remaining:
+            self.abort()
             raise RuntimeError(f"{self.path}: {self.remaining} bytes of tensor data missing")
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.tmp, self.path)
-        return self.path
+        return self.file.commit()
 
     def abort(self) -> None:
-        self.file.close()
-        if os.path.exists(self.tmp):
-            os.unlink(self.tmp)
+        self.file.abort()
 
 
 def _check_meta(meta, path) -> None:

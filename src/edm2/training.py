@@ -45,7 +45,8 @@ from .loss import EDM2Loss, learning_rate_schedule
 from .nn import Precond
 from .nn.unet import DTYPES
 from .presets import get_preset
-from .snapshot import atomic_write_bytes, make_meta, save_snapshot, snapshot_name
+from .fileio import atomic_write_bytes
+from .snapshot import make_meta, save_snapshot, snapshot_name
 from .trainlog import Reporter, report_status, save_grid
 
 __all__ = ["TrainConfig", "RunPlan", "TrainResult", "plan_run", "train", "describe",

@@ -3,7 +3,6 @@
 tensorboard package is installed) and sample-grid PNGs."""
 from __future__ import annotations
 
-import io
 import json
 import math
 import resource
@@ -14,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from .loss import learning_rate_schedule
-from .snapshot import atomic_write_bytes
+from .fileio import atomic_write_bytes, png_bytes
 
 __all__ = ["Reporter", "save_grid", "report_status", "peak_memory"]
 
@@ -68,8 +67,6 @@ def save_grid(path, net, encoder, count: int, device) -> None:
     """A PNG of `count` samples (EDM sampler, App. D.1, seeds 0, 1, ...): for a
     conditional net one row per class (first 10 classes, same seeds in every
     row), else a near-square grid."""
-    from PIL import Image
-
     from .generate import generate_images
 
     rows = min(net.label_dim, 10) if net.label_dim else max(int(math.sqrt(count)), 1)
@@ -83,10 +80,7 @@ def save_grid(path, net, encoder, count: int, device) -> None:
     x = torch.cat(images)                                           # [rows*cols, C, H, W] uint8
     c, h, w = x.shape[1:]
     x = x.reshape(rows, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, c).numpy()
-    img = Image.fromarray(x[:, :, 0] if c == 1 else x)
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    atomic_write_bytes(path, buf.getvalue())
+    atomic_write_bytes(path, png_bytes(x))
 
 
 def report_status(rep, plan, cur_nimg, t_last, nimg_last, t_maint, loss_sum, loss_count, device, world):

@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import (dataset, flops, generate, import_official, metrics, phema, toy, train)
+from ..fileio import describe_os_error
+from . import dataset, flops, generate, import_official, metrics, phema, toy, train
 
 _COMMAND_MODULES = [train, generate, phema, dataset, metrics, flops, import_official, toy]
 
@@ -34,8 +35,20 @@ def main(argv=None) -> int:
         result = args.func(args)
     except (CLIError, ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         # User errors: one line, non-zero exit. (Bugs with other types keep their traceback.)
-        print(f"edm2 {args.command}: error: {e}", file=sys.stderr)
+        print(f"edm2 {args.command}: error: {_one_line(e)}", file=sys.stderr)
         sys.exit(2)
+    except OSError as e:
+        # The machine said no (disk full, read-only folder, permissions): one line naming the file.
+        print(f"edm2 {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
+        sys.exit(1)
     if isinstance(result, int) and result:
         sys.exit(result)
     return 0
+
+
+def _one_line(e: BaseException) -> str:
+    """The error's message on one line (some libraries' messages span several)."""
+    if isinstance(e, OSError) and not str(e).strip():
+        return describe_os_error(e)
+    text = str(e) if not isinstance(e, OSError) or e.strerror is None else describe_os_error(e)
+    return " ".join(part.strip() for part in text.splitlines() if part.strip()) or type(e).__name__

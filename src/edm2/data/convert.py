@@ -30,6 +30,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from ..fileio import png_bytes
 from .dataset import IMAGE_EXTENSIONS, LATENT_EXTENSION, list_dataset_files, match_labels, read_dataset_json
 from .writer import DatasetWriter, check_destination, item_name
 
@@ -457,9 +458,7 @@ def _convert(src: Source, dest, resolution, transform, max_images, skip_bad, ove
             else:
                 raise ValueError(f"{src.path}: image {item.name} is {img.size[0]}x{img.size[1]}, not square; "
                                  f"pass --transform center-crop (or center-crop-wide, center-crop-dhariwal)")
-        buf = io.BytesIO()
-        img.save(buf, format="PNG", compress_level=compress_level)
-        return buf.getvalue(), None, note
+        return png_bytes(img, compress_level), None, note
 
     converted = Counter()
     out_labels = []

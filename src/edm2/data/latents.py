@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +24,7 @@ from tqdm import tqdm
 
 from ..distributed import resolve_device
 from ..encoders import DEFAULT_VAE, StabilityVAEEncoder
+from ..fileio import atomic_write_bytes, png_bytes
 from .dataset import ImageDataset
 from .writer import DatasetWriter, check_destination, item_name, move_into_place, write_dataset_json
 
@@ -120,7 +120,7 @@ def encode_dataset(source, dest, vae: str = DEFAULT_VAE, batch_size: int = 8, de
             writer.commit(labels, ds.class_names)
         shutil.rmtree(partial)
     else:
-        (partial / "dataset.json").write_bytes(write_dataset_json(labels, ds.class_names))
+        atomic_write_bytes(partial / "dataset.json", write_dataset_json(labels, ds.class_names))
         move_into_place(partial, dest)
     ds.close()
     return LatentResult(dest, ds.raw_size, len(todo), shape[1], notes)
@@ -142,7 +142,7 @@ def _claim_partial(partial: Path, job: dict) -> None:
                              f"delete that folder to start over, or rerun the same command to resume it")
         return
     partial.mkdir(parents=True)
-    marker.write_text(json.dumps(job))
+    atomic_write_bytes(marker, json.dumps(job).encode())
 
 
 def _save_npy(path: Path, arr: np.ndarray) -> None:
@@ -150,9 +150,7 @@ def _save_npy(path: Path, arr: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(arr, dtype=np.float32), allow_pickle=False)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(buf.getvalue())
-    os.replace(tmp, path)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def decode_dataset(source, dest, vae: str = DEFAULT_VAE, batch_size: int = 8, device: str | None = None,
@@ -171,7 +169,6 @@ def decode_dataset(source, dest, vae: str = DEFAULT_VAE, batch_size: int = 8, de
     device = resolve_device(device)
     encoder = StabilityVAEEncoder(vae_name=vae, batch_size=batch_size)
     encoder.vae(device)
-    from PIL import Image
     names = []
     with DatasetWriter(dest, overwrite, source) as writer, \
             tqdm(total=ds.raw_size, desc="decoding", unit="img", disable=not progress) as bar:
@@ -180,10 +177,8 @@ def decode_dataset(source, dest, vae: str = DEFAULT_VAE, batch_size: int = 8, de
             z = mean * encoder._const(encoder.scale, mean) + encoder._const(encoder.bias, mean)
             pixels = encoder.decode(z).cpu().numpy()
             for i, img in zip(idx, pixels):
-                buf = io.BytesIO()
-                Image.fromarray(img.transpose(1, 2, 0), "RGB").save(buf, format="PNG", compress_level=1)
                 name = item_name(i)
-                writer.add(name, buf.getvalue())
+                writer.add(name, png_bytes(img.transpose(1, 2, 0), compress_level=1))
                 names.append(name)
             bar.update(len(idx))
         writer.commit(_labels(ds, names), ds.class_names)

@@ -10,6 +10,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
+from ..fileio import AtomicWriter, WriteError, describe_os_error
+
 __all__ = ["DatasetWriter", "check_destination", "item_name", "move_into_place", "write_dataset_json"]
 
 
@@ -68,48 +70,69 @@ class DatasetWriter:
         self.dest = check_destination(dest, overwrite, source)
         self.overwrite = overwrite
         self.is_zip = self.dest.suffix.lower() == ".zip"
-        self.dest.parent.mkdir(parents=True, exist_ok=True)
-        prefix = f".{self.dest.name}."
-        if self.is_zip:
-            fd, tmp = tempfile.mkstemp(prefix=prefix, suffix=".tmp", dir=self.dest.parent)
-            os.close(fd)
-            self.tmp = Path(tmp)
-            self._zip = zipfile.ZipFile(self.tmp, "w", compression=zipfile.ZIP_STORED)
-        else:
-            self.tmp = Path(tempfile.mkdtemp(prefix=prefix, suffix=".tmp", dir=self.dest.parent))
-            self._zip = None
+        self._zip = self._file = None
         self.count = 0
         self._done = False
+        if self.is_zip:
+            self._file = AtomicWriter(self.dest)  # WriteError (one line) if the folder is not writable
+            self.tmp = self._file.tmp
+            self._zip = zipfile.ZipFile(self._file, "w", compression=zipfile.ZIP_STORED)
+        else:
+            try:
+                self.dest.parent.mkdir(parents=True, exist_ok=True)
+                self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", suffix=".tmp", dir=self.dest.parent))
+            except OSError as e:
+                raise WriteError(describe_os_error(e, self.dest), e.errno) from None
+
+    def _failed(self, e: OSError):
+        """Remove the partial output and raise one line naming the destination."""
+        self.abort()
+        if isinstance(e, WriteError):
+            raise WriteError(str(e).replace(str(self.tmp), str(self.dest)), e.code) from None
+        raise WriteError(describe_os_error(e, self.dest), e.errno) from None
 
     def add(self, relpath: str, data: bytes) -> None:
-        if self._zip is not None:
-            self._zip.writestr(relpath, data)
-        else:
-            path = self.tmp / relpath
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(data)
+        try:
+            if self._zip is not None:
+                self._zip.writestr(relpath, data)
+            else:
+                path = self.tmp / relpath
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_bytes(data)
+        except OSError as e:
+            self._failed(e)
         self.count += 1
 
     def add_file(self, relpath: str, src: Path) -> None:
         """Copy an existing file (used to pack a folder)."""
-        if self._zip is not None:
-            self._zip.write(src, relpath)
-        else:
-            path = self.tmp / relpath
-            path.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(src, path)
+        try:
+            if self._zip is not None:
+                self._zip.write(src, relpath)
+            else:
+                path = self.tmp / relpath
+                path.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, path)
+        except OSError as e:
+            if not Path(src).is_file():
+                self.abort()
+                raise
+            self._failed(e)
         self.count += 1
 
     def commit(self, labels=None, class_names=None) -> Path:
         """Write dataset.json ({"labels": [[path, class], ...] | null, "class_names": [...]}) and rename."""
         data = write_dataset_json(labels, class_names)
-        if self._zip is not None:
-            self._zip.writestr("dataset.json", data)
-            self._zip.close()
-            self._zip = None
-        else:
-            (self.tmp / "dataset.json").write_bytes(data)
-        self._replace()
+        try:
+            if self._zip is not None:
+                self._zip.writestr("dataset.json", data)
+                self._zip.close()  # writes the central directory: can fail on a full disk
+                self._zip = None
+                self._file.finish()
+            else:
+                (self.tmp / "dataset.json").write_bytes(data)
+            self._replace()
+        except OSError as e:
+            self._failed(e)
         self._done = True
         return self.dest
 
@@ -117,16 +140,26 @@ class DatasetWriter:
         move_into_place(self.tmp, self.dest)
 
     def abort(self):
+        """Remove the temporary output; never raises (a second failure, e.g. the zip's
+        own close on a full disk, must not leave a dataset-sized temp file behind)."""
         if self._done:
             return
+        self._done = True
         if self._zip is not None:
-            self._zip.close()
-            self._zip = None
+            zf, self._zip = self._zip, None
+            try:
+                zf.close()
+            except Exception:
+                pass
+        if self._file is not None:
+            self._file.abort()
         if self.tmp.is_dir():
             shutil.rmtree(self.tmp, ignore_errors=True)
         elif self.tmp.exists():
-            self.tmp.unlink()
-        self._done = True
+            try:
+                self.tmp.unlink()
+            except OSError:
+                pass
 
     def __enter__(self):
         return self

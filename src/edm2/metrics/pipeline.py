@@ -24,8 +24,8 @@ import numpy as np
 import torch
 
 from ..distributed import init_distributed, resolve_device
+from ..fileio import atomic_write_bytes
 from ..sampling import check_guidance
-from ..snapshot import atomic_write_bytes
 from .detectors import DETECTORS, load_detector
 from .stats import FeatureStats, frechet_distance
 

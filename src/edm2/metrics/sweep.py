@@ -11,8 +11,9 @@ import io
 from pathlib import Path
 
 from ..distributed import init_distributed, resolve_device
+from ..fileio import atomic_write_bytes, save_figure
 from ..sampling import check_guidance
-from ..snapshot import atomic_write_bytes, read_snapshot_meta, save_figure
+from ..snapshot import read_snapshot_meta
 from ..units import parse_float_list
 from .pipeline import gen_metrics, load_detectors, load_ref, resolve_metrics
 

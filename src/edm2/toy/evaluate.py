@@ -14,7 +14,7 @@ import json
 import torch
 
 from ..sampling import edm_sampler
-from ..snapshot import atomic_write_bytes
+from ..fileio import atomic_write_bytes
 from .gmm import tree_mixture
 
 __all__ = ["IN_LOGP", "toy_noise", "sample_toy", "toy_score", "write_score_json"]

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from ..nn import MPConv, mp_silu
-from ..snapshot import atomic_write_bytes
+from ..fileio import atomic_write_bytes
 
 __all__ = ["ToyNetConfig", "ToyNet", "save_toy", "load_toy", "TOY_FORMAT"]
 

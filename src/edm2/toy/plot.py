@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..snapshot import save_figure
+from ..fileio import save_figure
 from .evaluate import IN_LOGP, sample_toy, toy_score
 from .gmm import tree_mixture
 

@@ -22,7 +22,7 @@ import tqdm
 
 from ..loss import learning_rate_schedule
 from ..phema import power_function_beta, solve_posthoc_coefficients, std_to_exp
-from ..snapshot import atomic_write_bytes
+from ..fileio import atomic_write_bytes
 from .gmm import CLASSES, tree_mixture
 from .model import ToyNet, ToyNetConfig, load_toy, read_toy_meta, save_toy
 

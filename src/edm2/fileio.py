@@ -1,0 +1,405 @@
+"""Writing files safely: the one place where edm2 puts bytes on disk.
+
+- `atomic_write_bytes(path, data)` and `AtomicWriter` (a context manager for
+  outputs too large to hold in memory): the data goes to a temporary file
+  `.<name>.<random>.tmp` in the target folder, is fsynced and then renamed
+  over `path`. Readers therefore see the old file or the complete new one,
+  never a half-written one. On any failure (disk full, read-only folder, an
+  interrupt, even a failing close) the temporary file is removed and one
+  `WriteError` naming the file and the fix is raised.
+- `png_bytes(image)`: PNG encoding to bytes; `save_figure(fig, path)`: a
+  matplotlib figure as PNG, written atomically.
+- `RunLock(folder)`: an exclusive lock file per run/output folder, so two
+  processes never write into the same folder at once.
+- `remove_temp_files(folder, prefixes)`: delete temporary files a killed
+  process left behind (only call it while holding the folder's `RunLock`).
+"""
+from __future__ import annotations
+
+import errno
+import io
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = ["WriteError", "describe_os_error", "atomic_write_bytes", "AtomicWriter", "png_bytes", "save_figure",
+           "RunLock", "LockError", "remove_temp_files", "temp_name_matches", "LOCK_NAME"]
+
+LOCK_NAME = ".edm2.lock"
+
+
+class WriteError(OSError):
+    """A file could not be written (disk full, read-only, permission denied, ...).
+    Its message is one line naming the file and what to do; nothing partial is left."""
+
+    def __init__(self, message: str, code: int | None = None):
+        super().__init__(message)
+        self.code = code
+
+
+def describe_os_error(e: OSError, path=None) -> str:
+    """One line for an OSError: the file, what went wrong and the usual fix."""
+    path = path if path is not None else (e.filename or "?")
+    code = e.errno
+    if code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
+        return f"{path}: no space left on the device; free some space or choose a folder on another disk"
+    if code == errno.EROFS:
+        return f"{path}: the file system is read-only; choose a folder you can write to"
+    if code in (errno.EACCES, errno.EPERM):
+        return f"{path}: permission denied; choose a folder you can write to (or fix its permissions)"
+    if code == errno.ENOENT:
+        return f"{path}: no such file or folder"
+    if code == errno.ENOTDIR:
+        return f"{path}: a part of this path is a file, not a folder; choose another path"
+    if code == errno.EISDIR:
+        return f"{path}: is a folder; give a file name"
+    if isinstance(e, WriteError):
+        return str(e)
+    reason = e.strerror or str(e) or type(e).__name__
+    return f"{path}: {reason}"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _quiet(fn, *args) -> None:
+    """Call fn for cleanup; a second failure must not hide the first or leave files."""
+    try:
+        fn(*args)
+    except OSError:
+        pass
+
+
+class AtomicWriter:
+    """A file-like object writing `path` atomically (temp file in the same folder,
+    fsync, rename). Use as a context manager:
+
+        with AtomicWriter(path) as f:
+            f.write(header)
+            f.write(block)           # as many times as needed
+
+    Leaving the block normally commits (renames into place); an exception
+    (including KeyboardInterrupt) aborts: the temp file is removed whatever
+    happens during the cleanup. `commit()` / `abort()` can also be called
+    directly. Failures to write raise `WriteError` (an OSError) with a
+    one-line message. It supports write/tell/seek/flush, enough for zipfile."""
+
+    def __init__(self, path):
+        self.path = Path(path)
+        self.tmp = None
+        self._fd = None
+        self._pos = 0
+        self.closed = False
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=self.path.parent)
+        except OSError as e:
+            raise WriteError(describe_os_error(e, self.path), e.errno) from None
+        self._fd, self.tmp = fd, Path(tmp)
+
+    # -- file-like interface -------------------------------------------------
+    def write(self, data) -> int:
+        view = memoryview(data).cast("B")
+        total = len(view)
+        try:
+            while view:
+                n = os.write(self._fd, view)
+                view = view[n:]
+        except OSError as e:
+            self._fail(e)
+        self._pos += total
+        return total
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        self._pos = os.lseek(self._fd, offset, whence)
+        return self._pos
+
+    def flush(self) -> None:
+        pass  # unbuffered: every write() went to the kernel
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def seekable(self) -> bool:
+        return True
+
+    def writable(self) -> bool:
+        return True
+
+    # -- completion ----------------------------------------------------------
+    def finish(self) -> Path:
+        """fsync and close the temporary file, and give it the usual permissions
+        (mkstemp makes it private) -> its path; the caller moves it into place
+        (or calls abort()). `commit()` does this and the rename."""
+        try:
+            if self._fd is not None:
+                os.fsync(self._fd)
+                fd, self._fd = self._fd, None
+                os.close(fd)
+            os.chmod(self.tmp, 0o666 & ~_umask())
+        except OSError as e:
+            self._fail(e)
+        return self.tmp
+
+    def commit(self) -> Path:
+        """fsync, close and rename into place -> path."""
+        self.finish()
+        try:
+            os.replace(self.tmp, self.path)
+        except OSError as e:
+            self._fail(e)
+        self.closed = True
+        return self.path
+
+    def abort(self) -> None:
+        """Remove the temporary file (never raises)."""
+        if self._fd is not None:
+            fd, self._fd = self._fd, None
+            _quiet(os.close, fd)
+        if self.tmp is not None:
+            _quiet(os.unlink, self.tmp)
+        self.closed = True
+
+    def _fail(self, e: OSError):
+        self.abort()
+        raise WriteError(describe_os_error(e, self.path), e.errno) from None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            self.commit()
+            return False
+        self.abort()
+        if isinstance(exc, OSError) and not isinstance(exc, WriteError):
+            raise WriteError(describe_os_error(exc, self.path), exc.errno) from None
+        return False
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write `data` to `path` atomically (temp file + fsync + rename); on failure
+    nothing is left behind and `WriteError` says why in one line."""
+    with AtomicWriter(path) as f:
+        f.write(data)
+    return Path(path)
+
+
+def png_bytes(image, compress_level: int = 6) -> bytes:
+    """Encode a PIL image or a uint8 array ([H, W] or [H, W, C], C in 1, 3, 4) as PNG."""
+    from PIL import Image
+
+    if not isinstance(image, Image.Image):
+        import numpy as np
+
+        arr = np.asarray(image)
+        if arr.dtype != np.uint8:
+            raise ValueError(f"png_bytes: expected uint8 pixels, got {arr.dtype}")
+        image = Image.fromarray(arr[:, :, 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=compress_level)
+    return buf.getvalue()
+
+
+def save_figure(fig, path=None, dpi: int = 100) -> bytes:
+    """Render a matplotlib figure to PNG bytes, close it, and write it
+    atomically to `path` when given."""
+    import matplotlib.pyplot as plt
+
+    buf = io.BytesIO()
+    try:
+        fig.savefig(buf, format="png", dpi=dpi)
+    finally:
+        plt.close(fig)
+    if path is not None:
+        atomic_write_bytes(path, buf.getvalue())
+    return buf.getvalue()
+
+
+def temp_name_matches(name: str, prefixes=None) -> bool:
+    """Whether `name` is one of AtomicWriter's temporary files (`.<target>.<random>.tmp`),
+    optionally only for targets starting with one of `prefixes`."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return False
+    return prefixes is None or any(name[1:].startswith(p) for p in prefixes)
+
+
+def remove_temp_files(folder, prefixes=None) -> list[Path]:
+    """Delete the temporary files (`.<target>.<random>.tmp`) that a killed process
+    left in `folder`, optionally only those of targets starting with `prefixes`.
+    Call it only while holding the folder's RunLock (another process's temp
+    files are in use)."""
+    folder = Path(folder)
+    removed = []
+    if not folder.is_dir():
+        return removed
+    for p in folder.iterdir():
+        if temp_name_matches(p.name, prefixes) and p.is_file():
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return sorted(removed)
+
+
+# ---------------------------------------------------------------------------
+# One writer per folder.
+# ---------------------------------------------------------------------------
+
+class LockError(RuntimeError):
+    """The folder is in use by another process (or its lock cannot be judged)."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # exists, owned by someone else
+    except OSError:
+        return True
+    return True
+
+
+class RunLock:
+    """Exclusive lock on an output folder: the file `<folder>/.edm2.lock`,
+    created with O_EXCL and holding the owner's pid, host and start time.
+
+        with RunLock(outdir):
+            ...  # only this process writes into outdir
+
+    A lock left by a process that is gone (same host, pid not alive) is taken
+    over with a note through `warn`; a live owner, or a lock from another host
+    (its process cannot be checked from here), is refused with a `LockError`
+    naming the lock file and how to remove it. The folder is created if
+    needed, and removed again on release if it was created here and is still
+    empty (a refused command leaves nothing behind)."""
+
+    def __init__(self, folder, what: str = "output folder", warn=None):
+        self.folder = Path(folder)
+        self.path = self.folder / LOCK_NAME
+        self.what = what
+        self.warn = warn if warn is not None else (lambda msg: print(msg, file=sys.stderr))
+        self._token = None
+        self._created_folder = False
+
+    def _describe(self) -> dict:
+        return {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv)[:500]}
+
+    def _read(self):
+        try:
+            text = self.path.read_text()
+            info = json.loads(text)
+            return text, (info if isinstance(info, dict) else None)
+        except FileNotFoundError:
+            return None, None
+        except (OSError, ValueError):
+            return "", None
+
+    def acquire(self) -> "RunLock":
+        if self._token is not None:
+            raise LockError(f"{self.path}: already held by this object")
+        if self.folder.exists() and not self.folder.is_dir():
+            raise LockError(f"{self.folder}: exists and is not a folder; choose another {self.what}")
+        try:
+            if not self.folder.exists():
+                self.folder.mkdir(parents=True)
+                self._created_folder = True
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise WriteError(describe_os_error(e, self.folder), e.errno) from None
+        for _ in range(20):
+            token = json.dumps(self._describe())
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                self._judge_existing()
+                continue
+            except OSError as e:
+                self._cleanup_folder()
+                raise WriteError(describe_os_error(e, self.path), e.errno) from None
+            try:
+                os.write(fd, token.encode())
+                os.close(fd)
+            except OSError as e:
+                _quiet(os.close, fd)
+                _quiet(os.unlink, self.path)
+                self._cleanup_folder()
+                raise WriteError(describe_os_error(e, self.path), e.errno) from None
+            self._token = token
+            return self
+        raise LockError(f"{self.path}: could not take the lock (it keeps changing); is another edm2 "
+                        f"command starting in {self.folder}?")
+
+    def _judge_existing(self) -> None:
+        """Remove a stale lock, or raise LockError."""
+        text, info = self._read()
+        if text is None:
+            return  # vanished meanwhile: try again
+        fix = f"if no edm2 command is using {self.folder}, delete {self.path} and retry"
+        if info is None:
+            # Unreadable: a writer killed between creating and filling it, or a foreign file.
+            try:
+                age = time.time() - self.path.stat().st_mtime
+            except FileNotFoundError:
+                return
+            if age < 10:
+                time.sleep(0.2)
+                return
+            self.warn(f"note: {self.path}: replacing an unreadable lock file (last changed {age:.0f} s ago)")
+            self._remove_if_unchanged(text)
+            return
+        pid, host, started = info.get("pid"), info.get("host"), info.get("started", "?")
+        if host != socket.gethostname():
+            self._cleanup_folder()
+            raise LockError(f"{self.folder} is in use by process {pid} on host {host} (since {started}), "
+                            f"lock file {self.path}; {fix}")
+        if isinstance(pid, int) and pid > 0 and _pid_alive(pid):
+            self._cleanup_folder()
+            who = "this process" if pid == os.getpid() else f"process {pid}"
+            raise LockError(f"{self.folder} is in use by {who} (since {started}), lock file {self.path}; "
+                            f"wait for it to finish or stop it, or choose another {self.what}")
+        self.warn(f"note: {self.path}: taking over the lock of process {pid} (started {started}), "
+                  f"which is no longer running")
+        self._remove_if_unchanged(text)
+
+    def _remove_if_unchanged(self, text: str) -> None:
+        now, _ = self._read()
+        if now == text:
+            _quiet(os.unlink, self.path)
+
+    def _cleanup_folder(self) -> None:
+        if self._created_folder:
+            _quiet(os.rmdir, self.folder)  # only succeeds while empty
+            self._created_folder = False
+
+    def release(self) -> None:
+        if self._token is None:
+            return
+        text, _ = self._read()
+        if text == self._token:
+            _quiet(os.unlink, self.path)
+        self._token = None
+        self._cleanup_folder()
+
+    @property
+    def held(self) -> bool:
+        return self._token is not None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, exc_type, exc, tb):
+        self.release()
+        return False

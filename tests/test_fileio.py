@@ -1,0 +1,234 @@
+"""edm2.fileio: atomic writes that never leave temp files, PNG bytes, RunLock."""
+import errno
+import json
+import os
+import socket
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from edm2 import fileio
+from edm2.fileio import AtomicWriter, LockError, RunLock, WriteError, atomic_write_bytes, png_bytes, remove_temp_files
+
+
+def _listing(folder):
+    return sorted(p.name for p in folder.iterdir())
+
+
+def test_atomic_write_replaces_whole_file(tmp_path):
+    path = tmp_path / "sub" / "a.bin"
+    atomic_write_bytes(path, b"first")
+    atomic_write_bytes(path, b"second version")
+    assert path.read_bytes() == b"second version"
+    assert _listing(path.parent) == ["a.bin"]
+    assert oct(path.stat().st_mode & 0o777) == oct(0o666 & ~fileio._umask())
+
+
+def _enospc(*args, **kwargs):
+    raise OSError(errno.ENOSPC, "No space left on device")
+
+
+def test_enospc_during_write_leaves_nothing(tmp_path, monkeypatch):
+    path = tmp_path / "out.bin"
+    path.write_bytes(b"old contents")
+    monkeypatch.setattr(os, "write", _enospc)
+    with pytest.raises(WriteError) as info:
+        atomic_write_bytes(path, b"x" * 1000)
+    monkeypatch.undo()
+    msg = str(info.value)
+    assert "\n" not in msg and str(path) in msg and "no space left" in msg
+    assert info.value.code == errno.ENOSPC
+    assert _listing(tmp_path) == ["out.bin"] and path.read_bytes() == b"old contents"
+
+
+def test_enospc_in_fsync_and_failing_close_leave_nothing(tmp_path, monkeypatch):
+    """The disk fills at the fsync, and the cleanup's own close fails as well:
+    still one WriteError about the disk, and no temp file."""
+    path = tmp_path / "out.bin"
+    real_close = os.close
+    opened = []
+
+    def failing_close(fd):
+        opened.append(fd)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", _enospc)
+    monkeypatch.setattr(os, "close", failing_close)
+    with pytest.raises(WriteError, match="no space left on the device"):
+        with AtomicWriter(path) as f:
+            f.write(b"abc" * 100)
+    monkeypatch.undo()
+    for fd in opened:
+        real_close(fd)
+    assert _listing(tmp_path) == []
+
+
+def test_failing_close_at_commit(tmp_path, monkeypatch):
+    path = tmp_path / "out.bin"
+    real_close = os.close
+    opened = []
+
+    def failing_close(fd):
+        opened.append(fd)
+        raise OSError(errno.EIO, "Input/output error")
+
+    w = AtomicWriter(path)
+    w.write(b"data")
+    monkeypatch.setattr(os, "close", failing_close)
+    with pytest.raises(WriteError, match="Input/output error"):
+        w.commit()
+    monkeypatch.undo()
+    for fd in opened:
+        real_close(fd)
+    assert _listing(tmp_path) == []
+
+
+def test_exception_inside_block_aborts(tmp_path):
+    path = tmp_path / "out.bin"
+    with pytest.raises(KeyError):
+        with AtomicWriter(path) as f:
+            f.write(b"partial")
+            raise KeyError("boom")
+    assert _listing(tmp_path) == []
+
+
+def test_zipfile_on_atomic_writer_and_failing_zip_close(tmp_path, monkeypatch):
+    """A zip written through AtomicWriter is valid; when its close (central
+    directory) fails on a full disk, aborting still removes the temp file."""
+    good = tmp_path / "good.zip"
+    with AtomicWriter(good) as f:
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:
+            zf.writestr("a.txt", b"hello")
+            zf.writestr("b/c.txt", b"x" * 5000)
+    with zipfile.ZipFile(good) as zf:
+        assert zf.read("b/c.txt") == b"x" * 5000 and zf.namelist() == ["a.txt", "b/c.txt"]
+
+    w = AtomicWriter(tmp_path / "bad.zip")
+    zf = zipfile.ZipFile(w, "w")
+    zf.writestr("a.txt", b"hello" * 1000)
+    monkeypatch.setattr(os, "write", _enospc)
+    with pytest.raises(WriteError):
+        zf.close()
+    monkeypatch.undo()
+    w.abort()  # already done by the failed write; a second call must be harmless
+    assert _listing(tmp_path) == ["good.zip"]
+
+
+def test_read_only_parent_is_one_line(tmp_path, monkeypatch):
+    def no_mkstemp(*a, **k):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(fileio.tempfile, "mkstemp", no_mkstemp)
+    with pytest.raises(WriteError, match="read-only; choose a folder you can write to"):
+        atomic_write_bytes(tmp_path / "x.bin", b"1")
+
+
+def test_png_bytes_round_trip():
+    rgb = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+    grey = np.arange(20, dtype=np.uint8).reshape(4, 5, 1)
+    import io
+    for arr in (rgb, grey, grey[:, :, 0]):
+        back = np.asarray(Image.open(io.BytesIO(png_bytes(arr))))
+        np.testing.assert_array_equal(back, arr.reshape(back.shape))
+    with pytest.raises(ValueError, match="uint8"):
+        png_bytes(rgb.astype(np.float32))
+
+
+def test_remove_temp_files(tmp_path):
+    for name in (".snapshot-1.safetensors.abc.tmp", ".grid.png.x.tmp", "snapshot-1.safetensors", "notes.tmp"):
+        (tmp_path / name).write_bytes(b"")
+    removed = remove_temp_files(tmp_path, ("snapshot-",))
+    assert [p.name for p in removed] == [".snapshot-1.safetensors.abc.tmp"]
+    assert remove_temp_files(tmp_path)[0].name == ".grid.png.x.tmp"
+    assert _listing(tmp_path) == ["notes.tmp", "snapshot-1.safetensors"]
+
+
+# ---------------------------------------------------------------------------
+# RunLock
+# ---------------------------------------------------------------------------
+
+def test_runlock_excludes_and_releases(tmp_path):
+    out = tmp_path / "run"
+    with RunLock(out) as lock:
+        info = json.loads(lock.path.read_text())
+        assert info["pid"] == os.getpid() and info["host"] == socket.gethostname()
+        with pytest.raises(LockError) as e:
+            RunLock(out).acquire()
+        assert str(lock.path) in str(e.value) and "in use by this process" in str(e.value)
+        (out / "result.txt").write_text("kept")
+    assert _listing(out) == ["result.txt"]
+
+
+def test_runlock_removes_folder_it_created_when_empty(tmp_path):
+    with RunLock(tmp_path / "new"):
+        pass
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "old").mkdir()
+    with RunLock(tmp_path / "old"):
+        pass
+    assert (tmp_path / "old").is_dir()
+
+
+def _dead_pid():
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_runlock_takes_over_stale_lock(tmp_path):
+    (tmp_path / fileio.LOCK_NAME).write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname(),
+                                                         "started": "2026-01-01T00:00:00"}))
+    notes = []
+    with RunLock(tmp_path, warn=notes.append) as lock:
+        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
+    assert len(notes) == 1 and "no longer running" in notes[0]
+    assert _listing(tmp_path) == []
+
+
+def test_runlock_refuses_live_owner_and_other_host(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        lockfile = tmp_path / fileio.LOCK_NAME
+        lockfile.write_text(json.dumps({"pid": proc.pid, "host": socket.gethostname(), "started": "t0"}))
+        with pytest.raises(LockError, match=f"in use by process {proc.pid}"):
+            RunLock(tmp_path).acquire()
+        lockfile.write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "t0"}))
+        with pytest.raises(LockError) as e:
+            RunLock(tmp_path).acquire()
+        msg = str(e.value)
+        assert "host elsewhere" in msg and f"delete {lockfile}" in msg and "\n" not in msg
+        assert json.loads(lockfile.read_text())["host"] == "elsewhere"  # untouched
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_runlock_refuses_a_file(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(LockError, match="not a folder"):
+        RunLock(tmp_path / "f").acquire()
+
+
+@pytest.mark.parametrize("dest", ["out.zip", "outdir"])
+def test_dataset_writer_disk_full_leaves_nothing(tmp_path, monkeypatch, dest):
+    """A full disk while a dataset is written (zip: also at the zip's own close)
+    removes the whole temporary output and says so in one line."""
+    from edm2.data.writer import DatasetWriter
+
+    writer = DatasetWriter(tmp_path / dest)
+    writer.add("00000/img00000000.png", b"x" * 3000)
+    if dest.endswith(".zip"):
+        monkeypatch.setattr(os, "write", _enospc)
+    else:
+        monkeypatch.setattr(type(tmp_path), "write_bytes", _enospc)
+    with pytest.raises(WriteError) as e:
+        with writer:
+            writer.add("00000/img00000001.png", b"y" * 3000)
+            writer.commit([], None)
+    monkeypatch.undo()
+    assert str(tmp_path / dest) in str(e.value) and "no space left" in str(e.value)
+    assert _listing(tmp_path) == []
