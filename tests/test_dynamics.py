@@ -178,3 +178,22 @@ def test_plots_write_pngs(tmp_path):
         plot_dynamics([tmp_path], tmp_path / "x.png")
     with pytest.raises(ValueError, match="no records of the 'raw'"):
         plot_dynamics([a], tmp_path / "x.png", net="raw")
+
+
+def test_plot_command(tmp_path, capsys):
+    from edm2.cli import main
+
+    a = _synthetic_run(tmp_path / "C", 20.0)
+    b = _synthetic_run(tmp_path / "G", 0.0)
+    main(["dynamics", "plot", str(a), str(b), "--out", str(tmp_path / "fig.png"), "--labels", "C,G"])
+    assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "fig-loss.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as e:
+        main(["dynamics", "plot", str(empty), "--out", str(tmp_path / "bad.png")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no dynamics.jsonl" in err and str(empty) in err
+    assert not (tmp_path / "bad.png").exists()
