@@ -9,9 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import (dataset, dynamics, flops, generate, import_official, metrics, phema, toy, train)
+from . import (dataset, dynamics, flops, generate, import_official, metrics, phema, probe, toy, train)
 
-_COMMAND_MODULES = [train, generate, phema, dataset, metrics, flops, import_official, toy, dynamics]
+_COMMAND_MODULES = [train, generate, phema, dataset, metrics, flops, import_official, toy, dynamics, probe]
 
 
 class CLIError(Exception):
