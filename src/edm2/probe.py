@@ -78,7 +78,8 @@ def _resolve_layers(net, layers) -> list[str]:
     for name in layers:
         full = name if name in allowed else (f"dec.{name}" if f"dec.{name}" in allowed else None)
         if full is None:
-            raise ValueError(f"--layer {name!r}: no such block; allowed: {', '.join(allowed)} (or 'all' decoder blocks)")
+            raise ValueError(f"--layer {name!r}: no such block; allowed: {', '.join(allowed)} "
+                             f"(or 'all' decoder blocks)")
         out.append(full)
     return out
 
