@@ -175,7 +175,8 @@ def read_cifar(path, split: str = "train") -> CifarData:
         fmt, kind, layout = found
         missing = [n for n in layout[split] if not files.has(n)]
         if missing:
-            raise ValueError(f"--source {path}: the {split} split lacks {', '.join(missing)}; the archive is incomplete")
+            raise ValueError(f"--source {path}: the {split} split lacks {', '.join(missing)}; "
+                             f"the archive is incomplete")
         num_classes = 10 if kind == "cifar-10" else 100
         if fmt == "python":
             meta_where = f"{path}:{layout['meta']}"
