@@ -56,7 +56,7 @@ from .snapshot import build_net, make_meta, save_snapshot, snapshot_name
 __all__ = ["UnsafePickleError", "OfficialFormatError", "DownloadError", "Record", "safe_unpickle", "is_url",
            "cache_dir", "cached_path", "fetch", "parse_official_name", "kimg_to_nimg",
            "load_official", "import_official", "convert_official_folder", "list_official_pickles",
-           "load_reference_stats"]
+           "load_reference_stats", "unpickle_numpy_data", "NUMPY_ARRAY_GLOBALS"]
 
 
 class UnsafePickleError(ValueError):
@@ -160,19 +160,25 @@ for _mod in ("numpy.core.multiarray", "numpy._core.multiarray"):  # numpy 1.x / 
     _ALLOWED[(_mod, "scalar")] = _numpy_core().scalar
 
 
+# Globals that a pickle of plain numpy arrays needs (e.g. the CIFAR python batches, read by edm2.data).
+NUMPY_ARRAY_GLOBALS = {k: v for k, v in _ALLOWED.items() if k[0].startswith("numpy")}
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, where):
-        super().__init__(file)
+    def __init__(self, file, where, allowed=None, refusal=None, **kwargs):
+        super().__init__(file, **kwargs)
         self.where = where
+        self.allowed = _ALLOWED if allowed is None else allowed
+        self.refusal = refusal or ("edm2's allow-list for the authors' EDM2 files; nothing from the file was run. "
+                                   "Only NVIDIA's published EDM2 network/statistics pickles can be read")
 
     def find_class(self, module, name):
         # Every global the pickle names passes through here before it can be called.
-        target = _ALLOWED.get((module, name))
+        target = self.allowed.get((module, name))
         if target is None:
             raise UnsafePickleError(
-                f"{self.where}: refused: the pickle asks for the global '{module}.{name}', which is not on edm2's "
-                f"allow-list for the authors' EDM2 files; nothing from the file was run. Only NVIDIA's published "
-                f"EDM2 network/statistics pickles can be read")
+                f"{self.where}: refused: the pickle asks for the global '{module}.{name}', which is not on "
+                f"{self.refusal}")
         return target
 
     def persistent_load(self, pid):
@@ -192,6 +198,21 @@ def safe_unpickle(source, where=None):
     except Exception as e:  # truncated file, wrong format, malformed records, ...
         raise OfficialFormatError(f"{where}: not a readable pickle of the authors' EDM2 format "
                                   f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+
+def unpickle_numpy_data(data: bytes, where: str, refusal: str):
+    """Unpickle a pickle that holds only builtin containers, numbers, strings
+    and numpy arrays (allow-list NUMPY_ARRAY_GLOBALS; no object dtypes), as
+    Python 2 wrote them (8-bit strings read as latin-1 text). Raises
+    UnsafePickleError naming any other global (nothing is run), ValueError for
+    a broken pickle."""
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data), where, NUMPY_ARRAY_GLOBALS, refusal, encoding="latin1").load()
+    except UnsafePickleError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{where}: not a readable pickle ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def _unpickle_file(path: Path):

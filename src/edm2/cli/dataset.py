@@ -12,7 +12,7 @@ def _convert(args):
     r = convert_dataset(args.source, args.dest, resolution=args.resolution, transform=args.transform,
                         max_images=None if args.max_images is None else parse_nimg(args.max_images, "--max-images"),
                         skip_bad=args.skip_bad, overwrite=args.overwrite, class_names=names,
-                        use_labels=not args.no_labels, workers=args.workers)
+                        use_labels=not args.no_labels, workers=args.workers, split=args.split)
     for note in r.notes:
         print(f"note: {note}")
     for bad in r.skipped[:20]:
@@ -68,7 +68,10 @@ def register(sub):
     from ..data.convert import TRANSFORMS
     p = cmds.add_parser("convert", help="image folder/zip/IDX/npz -> dataset (PNG + dataset.json)")
     p.add_argument("--source", required=True, help="folder or zip of images (labels from top-level sub-folders), "
-                   "an existing dataset, an IDX images file (*-images-idx3-ubyte[.gz]) or a .npz")
+                   "an existing dataset, an IDX images file (*-images-idx3-ubyte[.gz]), a .npz, a CIFAR-10/100 "
+                   "tarball (python or binary version) or a Tiny-ImageNet folder")
+    p.add_argument("--split", default=None, help="part of a CIFAR (train, test) or Tiny-ImageNet (train, val) "
+                   "source (default: train)")
     p.add_argument("--dest", required=True, help="output: a folder, or a .zip")
     p.add_argument("--resolution", type=int, default=None, help="output N x N (default: the images' own size)")
     p.add_argument("--transform", choices=list(TRANSFORMS), default=None,
