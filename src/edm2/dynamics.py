@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .snapshot import atomic_write_bytes, save_figure
+from .fileio import atomic_write_bytes, save_figure
 
 __all__ = ["bucket_of", "bucket_sort_key", "Layer", "find_layers", "Probe", "make_probe", "probe_from_dataset",
            "measure", "weight_magnitudes", "relative_updates", "gradient_norms", "DynamicsTracker",

@@ -34,7 +34,8 @@ from tqdm import tqdm
 
 from .data import ImageDataset
 from .encoders import encoder_from_meta
-from .snapshot import atomic_write_bytes, load_network
+from .fileio import atomic_write_bytes
+from .loading import load_network
 
 __all__ = ["list_layers", "default_layer", "extract_features", "fit_linear_classifier", "ProbeResult",
            "linear_probe", "probe_sweep", "write_probe_csv", "CSV_FIELDS"]
