@@ -29,7 +29,7 @@ def register(sub) -> None:
 
 
 def _run(args) -> None:
-    from ..generate import default_device
+    from ..distributed import default_device
     from ..probe import default_layer, list_layers, probe_sweep, write_probe_csv
     from ..loading import load_network
     from ..units import parse_float_list
