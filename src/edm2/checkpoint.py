@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from .fileio import atomic_write_bytes, remove_temp_files
+from .nn import precision_kwargs
 
 __all__ = ["checkpoint_name", "list_checkpoints", "save_checkpoint", "load_checkpoint", "load_latest_checkpoint",
            "remove_stale_temp_files", "check_run_folder", "archive_run", "CHECKPOINT_FORMAT"]
@@ -103,6 +104,8 @@ def check_run_folder(identity: dict, outdir, force_new: bool = False) -> str:
         old = json.loads(cfg.read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"{cfg}: unreadable ({e}); use another --outdir, or --force-new to start over") from None
+    if isinstance(old.get("net_kwargs"), dict):  # runs of edm2 0.1 stored use_fp16/reduced_dtype
+        old["net_kwargs"] = precision_kwargs(old["net_kwargs"])
     new = json.loads(json.dumps(identity))
     diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if diff:
