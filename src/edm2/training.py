@@ -30,7 +30,7 @@ import contextlib
 import dataclasses
 import enum
 import json
-import os
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,13 +41,13 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .checkpoint import (archive_run, check_run_folder, checkpoint_name, load_latest_checkpoint,
+from .checkpoint import (archive_run, check_restart, check_run_folder, checkpoint_name, load_latest_checkpoint,
                          remove_stale_temp_files, save_checkpoint)
 from .data import ImageDataset, builtin_dataset_path
-from .distributed import default_device, init_distributed
+from .distributed import configure_threads, default_device, init_distributed
 from .ema import PowerFunctionEMA
 from .encoders import StabilityVAEEncoder, StandardRGBEncoder, VAEUnavailable, encoder_from_meta
-from .fileio import atomic_write_bytes
+from .fileio import LockError, RunLock, atomic_write_bytes
 from .loading import load_network
 from .loss import EDM2Loss, learning_rate_schedule
 from .nn import DTYPES, Precond
@@ -126,27 +126,62 @@ def plan_run(config: TrainConfig, world_size: int = 1, device: str = "cpu"):
     Raises ValueError / FileNotFoundError naming the argument and the fix."""
     preset = get_preset(config.preset)
     sizes = _resolve_sizes(config, preset, world_size)
-    if config.precision not in DTYPES:
-        raise ValueError(f"precision={config.precision!r}: allowed: {', '.join(DTYPES)}")
-    if config.seed < 0:
-        raise ValueError(f"seed={config.seed}: must be >= 0")
-    ema_std = parse_float_list(_pick(config.ema_std, preset.ema_std), "ema_std")
-    PowerFunctionEMA(torch.nn.Linear(1, 1), ema_std)  # validates the widths
+    values = _check_values(config, preset)
+    ema_std = _check_ema_std(config, preset)
     ds, encoder, dataset = _open_dataset(config)
     net_kwargs = _resolve_net_kwargs(config, preset, ds, dataset["channels"])
     on_cuda = torch.device(device).type == "cuda"
     plan = RunPlan(
         preset=preset.name, data=dataset["path"], cond=ds.has_labels, xflip=config.xflip,
         net_kwargs=net_kwargs, encoder=encoder.to_meta(), dataset=dataset, batch=sizes["batch"],
-        lr=float(_pick(config.lr, preset.lr)), decay=float(_pick(config.decay, preset.decay)),
-        rampup_Mimg=float(_pick(config.rampup_Mimg, preset.rampup_Mimg)),
-        P_mean=float(_pick(config.P_mean, preset.P_mean)), P_std=float(_pick(config.P_std, preset.P_std)),
-        ema_std=ema_std, precision=config.precision, loss_scaling=float(config.loss_scaling), seed=config.seed,
+        lr=values["lr"], decay=values["decay"], rampup_Mimg=values["rampup_Mimg"], P_mean=values["P_mean"],
+        P_std=values["P_std"], ema_std=ema_std, precision=config.precision, loss_scaling=values["loss_scaling"],
+        seed=config.seed,
         init=config.init, duration=sizes["duration"], status=sizes["status"], snapshot=sizes["snapshot"],
         checkpoint=sizes["checkpoint"], slice=config.slice, batch_gpu=sizes["batch_gpu"], compile=config.compile,
         device=str(device), world_size=world_size, workers=_pick(config.workers, 2 if on_cuda else 0),
         grid=config.grid)
     return plan, ds
+
+
+# The real-valued settings: (low, high, low allowed, what the value must be); high is never allowed.
+_RANGES = {"lr": (0, math.inf, False, "a finite number > 0"),
+           "decay": (0, math.inf, True, "a finite number >= 0"),
+           "rampup_Mimg": (0, math.inf, True, "a finite number >= 0"),
+           "P_mean": (-math.inf, math.inf, False, "a finite number"),
+           "P_std": (0, math.inf, False, "a finite number > 0"),
+           "dropout": (0, 1, True, "in [0, 1)"),
+           "loss_scaling": (0, math.inf, False, "a finite number > 0")}
+
+
+def _check_values(config: TrainConfig, preset) -> dict:
+    """The real-valued settings (the override, else the preset's), each checked
+    finite and in range; also the whole-number and string settings."""
+    values = {}
+    for name, (low, high, low_ok, must) in _RANGES.items():
+        given = getattr(config, name)
+        value = float(_pick(given, getattr(preset, name, None)))
+        if not ((low < value or (low_ok and value == low)) and value < high):
+            where = "" if given is not None else f" (from preset {preset.name})"
+            raise ValueError(f"{name}={value}{where}: must be {must}")
+        values[name] = value
+    if config.precision not in DTYPES:
+        raise ValueError(f"precision={config.precision!r}: allowed: {', '.join(DTYPES)}")
+    for name in ("seed", "workers", "grid", "threads", "channels"):
+        value = getattr(config, name)
+        low = 1 if name in ("threads", "channels") else 0
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ValueError(f"{name}={value!r}: must be a whole number >= {low}")
+    return values
+
+
+def _check_ema_std(config: TrainConfig, preset) -> list:
+    ema_std = parse_float_list(_pick(config.ema_std, preset.ema_std), "ema_std")
+    try:
+        PowerFunctionEMA(torch.nn.Linear(1, 1), ema_std)  # validates the widths
+    except ValueError as e:
+        raise ValueError(f"ema_std={','.join(map(str, ema_std))}: {e}") from None
+    return ema_std
 
 
 def _resolve_sizes(config: TrainConfig, preset, world_size: int) -> dict:
@@ -325,6 +360,7 @@ class Run:
     batches: Iterator | None = None        # (images, labels) micro-batches of this process
     meter: StatusMeter | None = None
     bar: tqdm | None = None
+    lock: RunLock | None = None            # the run folder's lock (rank 0)
 
     @property
     def per_rank(self) -> int:
@@ -336,9 +372,12 @@ class Run:
         return self.per_rank // self.plan.batch_gpu
 
     def close(self) -> None:
+        """Close the progress bar and the reporter; release the run folder."""
         if self.bar is not None:
             self.bar.close()
         self.reporter.close()
+        if self.lock is not None:
+            self.lock.release()
 
 
 Hook = Callable[[Run], None]   # called as hook(run) at every maintenance point
@@ -346,40 +385,88 @@ Hook = Callable[[Run], None]   # called as hook(run) at every maintenance point
 
 def setup(config: TrainConfig, rank: int = 0, world: int = 1, device: torch.device | None = None,
           hooks: tuple[Hook, ...] = ()) -> Run:
-    """Check the configuration, prepare the run folder and build the network,
-    optimizer and EMA, restored from the newest checkpoint when resuming."""
+    """Check the configuration, lock and prepare the run folder, and build the
+    network, optimizer and EMA, restored from the newest checkpoint when resuming.
+    Nothing in the run folder changes when a check fails."""
     device = device or (torch.device(config.device) if config.device else default_device())
     plan, ds = plan_run(config, world, str(device))
     out = Path(config.outdir)
-    mode = check_run_folder(plan.identity(), out, config.force_new)
-    _configure_device(device, world)
-    _prepare_folder(plan, out, mode, rank, world)
-    progress = sys.stderr.isatty() if config.progress is None else config.progress
-    net = build_network(plan, device)
-    run = Run(plan=plan, out=out, rank=rank, world=world, device=device, data=ds, net=net,
-              opt=build_optimizer(plan, net), ema=PowerFunctionEMA(net, plan.ema_std) if rank == 0 else None,
-              loss_fn=EDM2Loss(P_mean=plan.P_mean, P_std=plan.P_std, sigma_data=net.sigma_data),
-              encoder=encoder_from_meta(plan.encoder), reporter=Reporter(out, rank == 0), nimg=0, start_nimg=0, stop_nimg=0,
-              result=TrainResult(outdir=out, nimg=0, finished=False), grid=plan.grid, hooks=list(hooks))
-    if mode == "resume":
-        _restore(run)
-    run.start_nimg = run.result.nimg = run.nimg
+    lock = _lock_run_folder(out, rank, world)
+    try:
+        mode = check_run_folder(plan.identity(), out, config.force_new)
+        state, path, notes = _find_resume_state(out, mode, device)
+        _configure_device(device, config.threads)
+        _prepare_folder(plan, out, mode, rank, world)
+        run = _build_run(plan, ds, out, rank, world, device, hooks)
+        run.lock = lock
+        for note in notes:
+            run.reporter.log(note)
+        if state is not None:
+            _restore(run, state, path)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
     run.stop_nimg = plan.duration if plan.slice is None else min(plan.duration, run.nimg + plan.slice)
+    progress = sys.stderr.isatty() if config.progress is None else config.progress
     if rank == 0 and run.nimg < run.stop_nimg:
         run.bar = tqdm(total=run.stop_nimg - run.nimg, unit="img", disable=not progress, dynamic_ncols=True)
         run.reporter.bar = run.bar
     return run
 
 
-def _configure_device(device: torch.device, world: int) -> None:
+def _lock_run_folder(out: Path, rank: int, world: int) -> RunLock | None:
+    """Rank 0 takes the run folder's lock (another live invocation of the run is
+    refused); under torchrun every process learns the outcome."""
+    lock, error = None, None
+    if rank == 0:
+        try:
+            lock = RunLock(out, "outdir").acquire()
+        except (LockError, OSError) as e:
+            error = e
+    if world > 1:
+        message = [None if error is None else str(error)]
+        dist.broadcast_object_list(message, src=0)
+        if rank != 0 and message[0] is not None:
+            raise LockError(message[0])
+    if error is not None:
+        raise error
+    return lock
+
+
+def _find_resume_state(out: Path, mode: str, device: torch.device):
+    """(checkpoint state, its path, notes about unreadable newer checkpoints) to
+    resume from; (None, None, []) for a new run. Refuses to start from image 0
+    in a run folder whose files that would overwrite (see `check_restart`)."""
+    if mode != "resume":
+        return None, None, []
+    notes = []
+    state, path = load_latest_checkpoint(out, map_location=device, warn=notes.append)
+    if state is None:
+        check_restart(out)
+    return state, path, notes
+
+
+def _build_run(plan: RunPlan, ds, out: Path, rank: int, world: int, device: torch.device, hooks) -> Run:
+    net = build_network(plan, device)
+    return Run(plan=plan, out=out, rank=rank, world=world, device=device, data=ds, net=net,
+               opt=build_optimizer(plan, net), ema=PowerFunctionEMA(net, plan.ema_std) if rank == 0 else None,
+               loss_fn=EDM2Loss(P_mean=plan.P_mean, P_std=plan.P_std, sigma_data=net.sigma_data),
+               encoder=encoder_from_meta(plan.encoder), reporter=Reporter(out, rank == 0), nimg=0, start_nimg=0,
+               stop_nimg=0, result=TrainResult(outdir=out, nimg=0, finished=False), grid=plan.grid,
+               hooks=list(hooks))
+
+
+def _configure_device(device: torch.device, threads: int | None) -> None:
+    """CUDA: no TF32, cuDNN autotuning. CPU threads: `threads` when given, else as they are
+    (`edm2 train` sets them with `edm2.distributed.configure_threads`)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = False   # no TF32 (docs/design.md#optimisation)
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cudnn.benchmark = True
-    elif world > 1:  # share the cores between the processes of this node
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    if threads is not None:
+        configure_threads(threads)
 
 
 def _prepare_folder(plan: RunPlan, out: Path, mode: str, rank: int, world: int) -> None:
@@ -409,16 +496,13 @@ def build_optimizer(plan: RunPlan, net: Precond) -> torch.optim.Optimizer:
     return torch.optim.Adam(net.parameters(), lr=0.0, betas=(0.9, 0.99), eps=1e-8)
 
 
-def _restore(run: Run) -> None:
-    """Network, optimizer, EMA and image count from the newest readable checkpoint."""
-    state, path = load_latest_checkpoint(run.out, map_location=run.device, warn=run.reporter.log)
-    if state is None:
-        return
+def _restore(run: Run, state: dict, path: Path) -> None:
+    """Network, optimizer, EMA and image count from a checkpoint's state."""
     run.net.load_state_dict(state["net"])
     run.opt.load_state_dict(state["optimizer"])
     if run.ema is not None:
         run.ema.load_state_dict(state["ema"])
-    run.nimg = int(state["nimg"])
+    run.nimg = run.start_nimg = run.result.nimg = int(state["nimg"])
     run.reporter.log(f"resuming from {path.name} at {run.nimg} images")
 
 

@@ -84,6 +84,7 @@ def cli_message(message: str) -> str:
 
 
 def run(args) -> int:
+    from ..distributed import configure_threads
     from ..training import dry_run, train
 
     try:
@@ -91,6 +92,7 @@ def run(args) -> int:
         if args.dry_run:
             print(dry_run(config))
         else:
+            configure_threads(config.threads)  # OMP_NUM_THREADS, else the cores shared, at most 4 a process
             train(config)
     except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
         raise _same_kind(e, cli_message(str(e))) from None
