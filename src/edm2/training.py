@@ -197,8 +197,8 @@ def _resolve_sizes(config: TrainConfig, preset, world_size: int) -> dict:
     if batch_gpu < 1 or per_rank % batch_gpu:
         raise ValueError(f"batch_gpu={batch_gpu}: must divide the per-process batch {per_rank} "
                          f"(batch={batch} over {world_size} processes)")
-    sizes = dict(duration=_pick(config.duration, preset.duration), status=_pick(config.status, preset.status),
-                 snapshot=_pick(config.snapshot, preset.snapshot), checkpoint=_pick(config.checkpoint, preset.checkpoint))
+    sizes = {name: _pick(getattr(config, name), getattr(preset, name))
+             for name in ("duration", "status", "snapshot", "checkpoint")}
     if config.slice is not None:
         sizes["slice"] = config.slice
     for name, value in sizes.items():
@@ -239,7 +239,8 @@ def _resolve_net_kwargs(config: TrainConfig, preset, ds, channels: int) -> dict:
                 raise ValueError(f"init={config.init}: the network has {name}={net_kwargs.get(name)} but the "
                                  f"dataset needs {want}; pick a network trained on data like {config.data}")
         if config.channels is not None or config.dropout is not None:
-            raise ValueError("channels/dropout cannot change the architecture of an init network; drop them")
+            raise ValueError(f"init={config.init}: channels and dropout cannot change the architecture of the "
+                             f"network it names; drop them")
     else:
         net_kwargs = preset.replace(model_channels=_pick(config.channels, preset.model_channels),
                                     dropout=_pick(config.dropout, preset.dropout)).net_kwargs(ds.label_dim)

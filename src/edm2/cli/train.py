@@ -14,7 +14,8 @@ from ..units import parse_float_list, parse_nimg
 
 HELP = "train an EDM2 model (re-running the same command resumes)"
 
-_GROUPS = {"overrides": "overrides of the preset (default: the preset's value)", "session": "this invocation (may change when a run is resumed)"}
+_GROUPS = {"overrides": "overrides of the preset (default: the preset's value)",
+           "session": "this invocation (may change when a run is resumed)"}
 _TYPES = {"int": int, "float": float}
 
 
