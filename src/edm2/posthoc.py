@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .nn import precision_kwargs
 from .phema import check_std, profile_density, profile_fit_error, solve_posthoc_coefficients
 from .fileio import atomic_write_bytes, save_figure
 from .snapshot import (SnapshotError, SnapshotStreamWriter, build_net, list_snapshots, read_snapshot_meta,
@@ -77,7 +78,7 @@ def find_phema_inputs(rundir) -> list[PhemaInput]:
         if (a.nimg, a.ema_std) == (b.nimg, b.ema_std):
             raise ValueError(f"{a.path} and {b.path}: both hold nimg={a.nimg}, sigma_rel={a.ema_std}; remove one")
     for r in found[1:]:
-        if r.meta["net_kwargs"] != found[0].meta["net_kwargs"]:
+        if precision_kwargs(r.meta["net_kwargs"]) != precision_kwargs(found[0].meta["net_kwargs"]):
             raise ValueError(f"{found[0].path} and {r.path}: different architectures (net_kwargs) in one run folder; "
                              f"move the snapshots of other runs elsewhere")
     return found

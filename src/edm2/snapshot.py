@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from .fileio import AtomicWriter, atomic_write_bytes
-from .nn import Precond
+from .nn import Precond, precision_kwargs
 
 __all__ = ["SnapshotError", "FORMAT", "snapshot_name", "parse_snapshot_name", "make_meta", "save_snapshot",
            "save_state_dict", "read_snapshot_meta", "load_snapshot", "build_net", "list_snapshots",
@@ -157,7 +157,7 @@ def read_snapshot_meta(path) -> dict:
 
 def build_net(meta: dict, device="cpu"):
     """An (uninitialised) Precond of the architecture that `meta` describes."""
-    net = Precond(**meta["net_kwargs"])
+    net = Precond(**precision_kwargs(meta["net_kwargs"]))  # older metadata: use_fp16/reduced_dtype
     # Built under `torch.device("meta")` (load_snapshot): no data to move yet.
     return net if next(net.parameters()).is_meta else net.to(device)
 
