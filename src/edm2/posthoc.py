@@ -18,11 +18,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from tqdm import tqdm
 
+from .official import convert_official_folder, list_official_pickles
 from .phema import check_std, profile_density, profile_fit_error, solve_posthoc_coefficients
 from .fileio import atomic_write_bytes, save_figure
 from .snapshot import (SnapshotError, SnapshotStreamWriter, build_net, list_snapshots, read_snapshot_meta,
                        snapshot_name)
+from .units import parse_float_list
 
 __all__ = ["PhemaInput", "PosthocPlan", "find_phema_inputs", "resolve_time", "plan_posthoc", "reconstruct",
            "plot_profiles", "plot_name"]
@@ -62,8 +66,6 @@ def find_phema_inputs(rundir) -> list[PhemaInput]:
     if not rundir.is_dir():
         raise FileNotFoundError(f"--rundir {rundir}: no such folder; pass the training run folder holding snapshot-*.safetensors")
     if not list_snapshots(rundir):  # the authors' raw snapshots (network-snapshot-<kimg>-<std>.pkl): convert once
-        from .official import convert_official_folder, list_official_pickles
-
         if list_official_pickles(rundir):
             rundir = convert_official_folder(rundir)  # safe import into the download cache (edm2.official)
     found = []
@@ -127,6 +129,7 @@ def plot_profiles(plan: PosthocPlan, j: int, path=None) -> bytes:
     """PNG (bytes; also written to `path` if given) of output j, like the paper's
     Figure 4: left, the stored profiles scaled by their coefficients; right, the
     wanted profile against the one the combination realises."""
+    # Imported when a figure is drawn: pyplot takes seconds to import, and most commands draw none.
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -157,8 +160,6 @@ def plot_profiles(plan: PosthocPlan, j: int, path=None) -> bytes:
 def _tensor_layout(inputs: list[PhemaInput]):
     """Names/shapes from the architecture, checked against every input's header, and
     equal buffers; output dtypes from the latest input. -> (specs, buffer names)."""
-    from safetensors import safe_open
-
     with torch.device("meta"):
         net = build_net(inputs[-1].meta)
     shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
@@ -193,8 +194,6 @@ class _Readers:
         self.reopen()
 
     def reopen(self):
-        from safetensors import safe_open
-
         self.close()
         self.stack = ExitStack()
         self.files = [self.stack.enter_context(safe_open(str(p), framework="pt")) for p in self.paths]
@@ -230,8 +229,6 @@ def _stream(plan: PosthocPlan, specs, buffers, writers, chunk_elems: int, progre
     """theta_out[j] = sum_i coeffs[i, j] theta_in[i] per row block: one float32 GEMM
     [out, in] x [in, block] (solved in float64, accumulated in float32).
     Buffers (MPFourier freqs/phases) are copied from the latest input, not averaged."""
-    from tqdm import tqdm
-
     coef = plan.coeffs.T.astype(np.float32)  # [out, in]
     n_in = coef.shape[1]
     readers = _Readers([r.path for r in plan.inputs])
@@ -279,8 +276,6 @@ def reconstruct(rundir, outdir, stds, at_nimg=None, at_kimg=None, plot=False, ov
     plot: also write phema-<nimg>-<sigma_rel>.png per output (plot_profiles);
     overwrite: replace existing output files (never an input).
     Everything is checked before anything is written. Returns the snapshot paths."""
-    from .units import parse_float_list
-
     stds = list(dict.fromkeys(parse_float_list(stds, "--std")))
     check_std(stds, "--std")
     inputs = find_phema_inputs(rundir)

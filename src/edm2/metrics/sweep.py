@@ -10,10 +10,14 @@ import csv
 import io
 from pathlib import Path
 
+import torch.distributed as dist
+
 from ..distributed import init_distributed, resolve_device
 from ..fileio import atomic_write_bytes, save_figure
+from ..generate import load_nets
+from ..posthoc import find_phema_inputs, reconstruct, resolve_time
 from ..sampling import check_guidance
-from ..snapshot import read_snapshot_meta
+from ..snapshot import read_snapshot_meta, snapshot_name
 from ..units import parse_float_list
 from .pipeline import gen_metrics, load_detectors, load_ref, resolve_metrics
 
@@ -41,6 +45,7 @@ def plot_sweep(rows: list[dict], metrics: list[str], path=None) -> bytes:
     the metric against the EMA length sigma_rel, one line per guidance weight
     (like the paper's Figure 5), the best point ringed; bottom (with several
     guidance weights), the metric against guidance, one line per EMA length."""
+    # Imported when a figure is drawn: pyplot takes seconds to import, and most commands draw none.
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -87,10 +92,6 @@ def sweep(rundir, stds, ref, outdir=None, at_nimg=None, metrics=None, num: int =
     (after every point) and outdir/sweep.png. Returns the rows (dicts with
     ema_std, guidance, nimg, num, seed and one value per metric).
     Under torchrun rank 0 reconstructs and writes, all processes generate."""
-    import torch.distributed as dist
-
-    from ..posthoc import reconstruct
-
     stds = list(dict.fromkeys(parse_float_list(stds, "--std")))
     ws = list(dict.fromkeys(parse_float_list(guidance, "--guidance")))
     for w in ws:
@@ -105,9 +106,6 @@ def sweep(rundir, stds, ref, outdir=None, at_nimg=None, metrics=None, num: int =
     rank, world = init_distributed()
     device = resolve_device(device)
     if gnet is not None:  # fail before the reconstruction if the guide does not fit the run's network
-        from ..generate import load_nets
-        from ..posthoc import find_phema_inputs
-
         inputs = find_phema_inputs(rundir)
         if inputs:
             load_nets(inputs[-1].path, gnet, "cpu")
@@ -120,9 +118,6 @@ def sweep(rundir, stds, ref, outdir=None, at_nimg=None, metrics=None, num: int =
     if world > 1:
         dist.barrier()
     if rank != 0:
-        from ..snapshot import snapshot_name
-        from ..posthoc import find_phema_inputs, resolve_time
-
         t = resolve_time(find_phema_inputs(rundir), at_nimg)
         paths = [outdir / snapshot_name(t, s) for s in stds]
 

@@ -42,6 +42,7 @@ def plot_toy(panels, out, classes: str = "A", num: int = 4096, seed: int = 0, tr
     if resolution < 2 or trajectories < 0 or num < 1 or not panels:
         raise ValueError(f"plot_toy: need panels, num >= 1, resolution >= 2, trajectories >= 0 "
                          f"(got {len(panels)}, {num}, {resolution}, {trajectories})")
+    # Imported when a figure is drawn: pyplot takes seconds to import, and most commands draw none.
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
