@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from .official import convert_official_folder, list_official_pickles
 from .phema import check_std, profile_density, profile_fit_error, solve_posthoc_coefficients
-from .fileio import atomic_write_bytes, save_figure
+from .fileio import atomic_write_bytes, pyplot, save_figure
 from .snapshot import (SnapshotError, SnapshotStreamWriter, build_net, list_snapshots, read_snapshot_meta,
                        snapshot_name)
 from .units import parse_float_list
@@ -129,10 +129,7 @@ def plot_profiles(plan: PosthocPlan, j: int, path=None) -> bytes:
     """PNG (bytes; also written to `path` if given) of output j, like the paper's
     Figure 4: left, the stored profiles scaled by their coefficients; right, the
     wanted profile against the one the combination realises."""
-    # Imported when a figure is drawn: pyplot takes seconds to import, and most commands draw none.
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     t, std, X = plan.at_nimg, plan.stds[j], plan.coeffs[:, j]
     tau = np.unique(np.concatenate([np.linspace(0, t, 2001), plan.in_nimg, plan.in_nimg * (1 + 1e-9)]))

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch.distributed as dist
 
 from ..distributed import init_distributed, resolve_device
-from ..fileio import atomic_write_bytes, save_figure
+from ..fileio import atomic_write_bytes, pyplot, save_figure
 from ..generate import load_nets
 from ..posthoc import find_phema_inputs, reconstruct, resolve_time
 from ..sampling import check_guidance
@@ -45,10 +45,7 @@ def plot_sweep(rows: list[dict], metrics: list[str], path=None) -> bytes:
     the metric against the EMA length sigma_rel, one line per guidance weight
     (like the paper's Figure 5), the best point ringed; bottom (with several
     guidance weights), the metric against guidance, one line per EMA length."""
-    # Imported when a figure is drawn: pyplot takes seconds to import, and most commands draw none.
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     stds = sorted({r["ema_std"] for r in rows})
     ws = sorted({r["guidance"] for r in rows})
