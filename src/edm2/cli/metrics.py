@@ -165,12 +165,12 @@ def run_gen(args) -> int:
 
 def run_sweep(args) -> int:
     num = _num(args)
-    stds = parse_float_list(args.std, "--std")
+    sigma_rels = parse_float_list(args.std, "--std")
     guidance = parse_float_list(args.guidance, "--guidance")
     at_nimg = None if args.at_nimg is None else parse_nimg(args.at_nimg, "--at-nimg")
     rank, world = _start()
     try:
-        rows = sweep(args.rundir, stds, args.ref, outdir=args.outdir, at_nimg=at_nimg, metrics=args.metrics,
+        rows = sweep(args.rundir, sigma_rels, args.ref, outdir=args.outdir, at_nimg=at_nimg, metrics=args.metrics,
                      num=num, seed=args.seed, gnet=args.gnet, guidance=guidance, batch_size=args.batch,
                      detector_dir=args.detector_dir, device=resolve_device(args.device), num_steps=args.steps)
     finally:

@@ -25,9 +25,9 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    stds = parse_float_list(args.std, "--std")
+    sigma_rels = parse_float_list(args.std, "--std")
     at_nimg = None if args.at_nimg is None else parse_nimg(args.at_nimg, "--at-nimg")
-    paths = reconstruct(args.rundir, args.outdir, stds, at_nimg=at_nimg, at_kimg=args.at_kimg,
+    paths = reconstruct(args.rundir, args.outdir, sigma_rels, at_nimg=at_nimg, at_kimg=args.at_kimg,
                         plot=args.plot, overwrite=args.overwrite)
     for path in paths:
         info = read_snapshot_meta(path)["origin"]["phema"]
