@@ -91,7 +91,7 @@ class Persistent:
 
 
 # Attributes of our modules that the authors' classes do not have.
-_OURS_ONLY = {"_cache", "in_channels", "reduced_dtype", "label_dim"}
+_OURS_ONLY = {"in_channels", "reduced_dtype", "label_dim"}
 
 
 def _init_args(module, name_in_parent):

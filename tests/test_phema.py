@@ -3,14 +3,14 @@ import numpy as np
 import pytest
 from scipy.integrate import quad
 
-from edm2.phema import (MAX_STD, exp_to_std, power_function_beta, profile_density, profile_fit_error,
+from edm2.phema import (MAX_SIGMA_REL, exp_to_std, power_function_beta, profile_density, profile_fit_error,
                         profile_inner_product, solve_posthoc_coefficients, std_to_exp)
 
 
 def test_std_to_exp_check_values_and_round_trip():
     assert std_to_exp(0.05) == pytest.approx(16.97, abs=0.005)
     assert std_to_exp(0.10) == pytest.approx(6.94, abs=0.005)
-    s = np.linspace(1e-3, MAX_STD - 1e-6, 5001)
+    s = np.linspace(1e-3, MAX_SIGMA_REL - 1e-6, 5001)
     g = std_to_exp(s)
     assert g.shape == s.shape
     np.testing.assert_allclose(exp_to_std(g), s, rtol=0, atol=1e-10)
@@ -21,7 +21,7 @@ def test_std_to_exp_check_values_and_round_trip():
     assert std_to_exp(np.array([[0.05, 0.1]])).shape == (1, 2)
 
 
-@pytest.mark.parametrize("bad", [0.0, -0.05, MAX_STD, 0.29, float("nan")])
+@pytest.mark.parametrize("bad", [0.0, -0.05, MAX_SIGMA_REL, 0.29, float("nan")])
 def test_std_out_of_range_is_an_error(bad):
     with pytest.raises(ValueError, match="0.2887"):
         std_to_exp(bad)

@@ -48,7 +48,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .fileio import atomic_write_bytes, save_figure
+from .fileio import atomic_write_bytes, pyplot, save_figure
 
 __all__ = ["bucket_of", "bucket_sort_key", "Layer", "find_layers", "Probe", "make_probe", "probe_from_dataset",
            "measure", "weight_magnitudes", "relative_updates", "gradient_norms", "DynamicsTracker",
@@ -383,7 +383,8 @@ class DynamicsTracker:
         self.tb = None
         if tensorboard:
             try:
-                from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+                # Optional and slow to import: only when a run is logged, and only if installed.
+                from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(str(Path(outdir) / "tensorboard"))
             except ImportError:
                 pass
@@ -483,7 +484,7 @@ def _x_axis(nimg_max: int):
 
 
 def _depth_colours(buckets):
-    import matplotlib
+    import matplotlib  # loaded by pyplot() already; imported here, as there, only when drawing
 
     resolutions = sorted({int(b.split("-")[1].split("x")[0]) for b in buckets}, reverse=True)
     cmap = matplotlib.colormaps["viridis"]
@@ -496,9 +497,7 @@ def plot_dynamics(runs, out=None, net: str = "ema", quantities=None, labels=None
     column per run, one curve per bucket (colour: resolution; encoder solid,
     decoder dashed). `runs`: run folders or dynamics.jsonl files. Written
     atomically to `out` when given; returns the PNG bytes."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     runs = list(runs)
     data = []
@@ -548,9 +547,8 @@ def plot_loss_profile(runs, out=None, net: str = "ema", labels=None, dpi: int = 
     per bin at the last measurement of each run (solid) with exp(u(sigma))
     (dashed; the uncertainty loss drives exp(u) towards the weighted loss,
     paper App. B.2); right, the last u(sigma) of each run. Written atomically to `out`."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
+    import matplotlib  # for its colormaps; already loaded by pyplot()
 
     runs = list(runs)
     labels = list(labels or [Path(r).name if Path(r).is_dir() else Path(r).parent.name for r in runs])

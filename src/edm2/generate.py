@@ -125,7 +125,7 @@ def compile_for_inference(net):
     """torch.compile a network for sampling. Inductor's freezing treats the
     weights as constants, so the weight normalisation (Eq. 47) is folded in
     once at compile time instead of being recomputed at every evaluation
-    (eager mode gets the same from MPConv's eval-mode weight cache). Sets
+    (eager mode normalises the weights at every call). Sets
     torch._inductor.config.freezing for the process; the first call compiles."""
     torch._inductor.config.freezing = True
     net.eval().requires_grad_(False)
@@ -164,7 +164,7 @@ def generate_images(net, encoder, seeds, gnet=None, guidance: float = 1, class_i
     sampler_kwargs: edm_sampler's num_steps, sigma_min, sigma_max, rho,
         S_churn, S_min, S_max, S_noise.
     Checks run at the call (ValueError), generation while iterating. The
-    networks are put in eval mode without gradients (MPConv caches weights).
+    networks are put in eval mode without gradients.
     """
     check_guide(net, gnet, guidance)
     check_class(net, class_idx)

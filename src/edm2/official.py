@@ -405,7 +405,7 @@ def load_official(source, device="cpu", name_hint: str | None = None):
     """Load one of the authors' network pickles (path or URL) safely ->
     (Precond in eval mode, snapshot metadata as `edm2.snapshot.make_meta`).
 
-    nimg and ema_std come from the file name (`...-<kimg>-<sigma_rel>.pkl`), or
+    nimg and sigma_rel come from the file name (`...-<kimg>-<sigma_rel>.pkl`), or
     from `name_hint` (an original name, if the file was renamed)."""
     path = fetch(source)
     where = str(source)
@@ -434,13 +434,13 @@ def load_official(source, device="cpu", name_hint: str | None = None):
 
     encoder = _encoder_meta(data.get("encoder"), where)
     parsed = parse_official_name(name_hint or str(source))  # (0, None) for a name not in the authors' scheme
-    nimg, ema_std = (parsed[1], parsed[2]) if parsed else (0, None)
+    nimg, sigma_rel = (parsed[1], parsed[2]) if parsed else (0, None)
     loss = data.get("loss_fn")
     origin = {"importer": "edm2.official", "source": where,
               "source_dtype": str(next(iter(tensors.values())).dtype).replace("torch.", "") if tensors else None,
               "loss": _jsonable({k: v for k, v in loss.state.items() if k in ("P_mean", "P_std", "sigma_data")}, where)
               if isinstance(loss, Record) else None}
-    meta = make_meta(net_kwargs, nimg, ema_std, encoder, _dataset_meta(net_kwargs, encoder, data.get("dataset_kwargs"),
+    meta = make_meta(net_kwargs, nimg, sigma_rel, encoder, _dataset_meta(net_kwargs, encoder, data.get("dataset_kwargs"),
                                                                        where), origin)
     return net, meta
 
@@ -460,7 +460,7 @@ def import_official(src, dest, dtype: str = "fp32", name_hint: str | None = None
     """Convert a published pickle (path or URL) into an edm2 snapshot file.
 
     `dest`: a `.safetensors` file, or an existing folder (the file is then named
-    by `edm2.snapshot.snapshot_name(nimg, ema_std)`). Never overwrites.
+    by `edm2.snapshot.snapshot_name(nimg, sigma_rel)`). Never overwrites.
     `dtype`: 'fp32' (default; the published fp16 values widened exactly) or
     'fp16' (parameters stored as published, half the size; loading widens them).
     Returns the written path."""
@@ -506,8 +506,8 @@ def convert_official_folder(folder, dest=None, dtype: str = "fp16", progress: bo
         dest = cache_dir() / "converted" / f"{folder.resolve().name}-{key}"
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    for nimg, std, path in tqdm(pkls, desc="converting published snapshots", unit="file", disable=not progress):
-        if not (dest / snapshot_name(nimg, std)).exists():
+    for nimg, sigma_rel, path in tqdm(pkls, desc="converting published snapshots", unit="file", disable=not progress):
+        if not (dest / snapshot_name(nimg, sigma_rel)).exists():
             import_official(path, dest, dtype=dtype)
     return dest
 

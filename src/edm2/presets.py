@@ -8,8 +8,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-__all__ = ["Preset", "PRESETS", "get_preset", "preset_names", "apply_generation_preset",
-           "GenerationPreset", "GENERATION_PRESETS", "get_generation_preset", "format_generation_presets"]
+__all__ = ["Preset", "PRESETS", "get_preset", "apply_generation_preset", "GenerationPreset", "GENERATION_PRESETS",
+           "get_generation_preset", "format_generation_presets", "POSTHOC_URL"]
 
 Ki, Mi, Gi = 2 ** 10, 2 ** 20, 2 ** 30
 
@@ -109,10 +109,6 @@ PRESETS["tiny"] = Preset(
     batch=8, duration=64, status=16, snapshot=32, checkpoint=32)
 
 
-def preset_names() -> list[str]:
-    return list(PRESETS)
-
-
 def get_preset(name: str) -> Preset:
     """Look up a preset; the reference's `edm2-` prefix is accepted too."""
     key = name[len("edm2-"):] if name.startswith("edm2-") else name
@@ -131,10 +127,8 @@ def get_preset(name: str) -> Preset:
 # a preset through `get_generation_preset`; URLs are fetched into the download
 # cache by edm2.official (docs/published-models.md).
 
-OFFICIAL_ROOT = "https://nvlabs-fi-cdn.nvidia.com/edm2"
-POSTHOC_URL = f"{OFFICIAL_ROOT}/posthoc-reconstructions"      # edm2-img512-s-2147483-0.130.pkl, ...
-RAW_SNAPSHOTS_URL = f"{OFFICIAL_ROOT}/raw-snapshots"           # <model>/network-snapshot-0134217-0.050.pkl, ...
-DATASET_REFS_URL = f"{OFFICIAL_ROOT}/dataset-refs"             # img512.pkl, img64.pkl (FID, FD_DINOv2 statistics)
+# The authors' post-hoc reconstructions: edm2-img512-s-2147483-0.130.pkl, ...
+POSTHOC_URL = "https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions"
 
 
 @dataclass(frozen=True)

@@ -69,9 +69,8 @@ def edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_min=0.00
     labels: one-hot [N, label_dim] or None, given to both networks.
     randn_like draws the churn noise (pass `SeedRandom.randn_like` for
     results that do not depend on the batch). Returns float32 samples.
-    For speed, put the networks in eval mode (MPConv then caches its
-    normalised weights); everything constant over the run (the noise levels,
-    the churn factors) is computed once before the loop.
+    Everything constant over the run (the noise levels, the churn factors)
+    is computed once before the loop.
     """
     denoise = guided_denoiser(net, gnet, guidance)
     t_steps = sigma_steps(num_steps, sigma_min, sigma_max, rho, device=noise.device)

@@ -46,23 +46,24 @@ class SnapshotError(ValueError):
     """A file is missing, unreadable, truncated or not an edm2 snapshot."""
 
 
-def snapshot_name(nimg: int, ema_std: float | None) -> str:
-    """'snapshot-000008388608-0.050.safetensors': sortable by nimg, then sigma_rel."""
-    tag = "raw" if ema_std is None else f"{ema_std:.3f}"
+def snapshot_name(nimg: int, sigma_rel: float | None) -> str:
+    """'snapshot-000008388608-0.050.safetensors': sortable by nimg, then sigma_rel (None: raw weights)."""
+    tag = "raw" if sigma_rel is None else f"{sigma_rel:.3f}"
     return f"snapshot-{nimg:012d}-{tag}.safetensors"
 
 
 def parse_snapshot_name(name: str):
-    """Inverse of snapshot_name -> (nimg, ema_std or None), or None if not a snapshot name."""
+    """Inverse of snapshot_name -> (nimg, sigma_rel or None), or None if not a snapshot name."""
     m = _NAME_RE.search(os.path.basename(str(name)))
     if not m:
         return None
     return int(m.group(1)), (None if m.group(2) == "raw" else float(m.group(2)))
 
 
-def make_meta(net_kwargs: dict, nimg: int, ema_std, encoder: dict, dataset: dict, origin: dict | None = None) -> dict:
+def make_meta(net_kwargs: dict, nimg: int, sigma_rel, encoder: dict, dataset: dict, origin: dict | None = None) -> dict:
+    """Snapshot metadata (schema in the module docstring); sigma_rel is stored as "ema_std"."""
     return {"format": FORMAT, "version": VERSION, "net_kwargs": dict(net_kwargs), "nimg": int(nimg),
-            "ema_std": None if ema_std is None else float(ema_std), "encoder": dict(encoder),
+            "ema_std": None if sigma_rel is None else float(sigma_rel), "encoder": dict(encoder),
             "dataset": dict(dataset), "origin": dict(origin or {})}
 
 
@@ -184,7 +185,7 @@ def load_snapshot(path, device="cpu", eval_mode: bool = True):
 
 
 def list_snapshots(folder) -> list[tuple[int, float | None, Path]]:
-    """Snapshot files in a folder named by snapshot_name(), sorted by (nimg, ema_std)."""
+    """Snapshot files in a folder named by snapshot_name() -> [(nimg, sigma_rel or None, path)], sorted."""
     out = []
     for p in Path(folder).iterdir():
         parsed = parse_snapshot_name(p.name)

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .generate import generate_images
 from .fileio import atomic_write_bytes, png_bytes
 
 __all__ = ["Reporter", "StatusMeter", "save_grid", "peak_memory"]
@@ -26,7 +27,8 @@ class Reporter:
         self.outdir, self.active, self.bar, self.tb = outdir, active, bar, None
         if active and outdir is not None:
             try:
-                from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+                # Optional and slow to import: only when a run is logged, and only if installed.
+                from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(str(outdir / "tensorboard"))
             except ImportError:
                 pass
@@ -67,8 +69,6 @@ def save_grid(path, net, encoder, count: int, device) -> None:
     """A PNG of `count` samples (EDM sampler, App. D.1, seeds 0, 1, ...): for a
     conditional net one row per class (first 10 classes, same seeds in every
     row), else a near-square grid."""
-    from .generate import generate_images
-
     rows = min(net.label_dim, 10) if net.label_dim else max(int(math.sqrt(count)), 1)
     cols = max(math.ceil(count / rows), 1)
     images = []

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 import json
 
+from ..data import convert_dataset, dataset_info, decode_dataset, encode_dataset, format_info
+from ..data.convert import TRANSFORMS
+from ..distributed import configure_threads
+from ..encoders import DEFAULT_VAE
 from ..units import parse_nimg
 
 
 def _convert(args):
-    from ..data import convert_dataset
     names = None if args.class_names is None else [n.strip() for n in args.class_names.split(",")]
     r = convert_dataset(args.source, args.dest, resolution=args.resolution, transform=args.transform,
                         max_images=None if args.max_images is None else parse_nimg(args.max_images, "--max-images"),
@@ -22,8 +25,6 @@ def _convert(args):
 
 
 def _encode(args):
-    from ..data import encode_dataset
-    from ..distributed import configure_threads
     configure_threads()
     r = encode_dataset(args.source, args.dest, vae=args.vae, batch_size=args.batch, device=args.device,
                        overwrite=args.overwrite, workers=args.workers)
@@ -33,8 +34,6 @@ def _encode(args):
 
 
 def _decode(args):
-    from ..data import decode_dataset
-    from ..distributed import configure_threads
     configure_threads()
     r = decode_dataset(args.source, args.dest, vae=args.vae, batch_size=args.batch, device=args.device,
                        overwrite=args.overwrite, workers=args.workers)
@@ -42,13 +41,11 @@ def _decode(args):
 
 
 def _info(args):
-    from ..data import dataset_info, format_info
     info = dataset_info(args.path)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
 
 
 def _vae_options(p):
-    from ..encoders import DEFAULT_VAE
     p.add_argument("--source", required=True, help="input dataset (folder or .zip)")
     p.add_argument("--dest", required=True, help="output dataset: a folder, or a .zip")
     p.add_argument("--vae", default=DEFAULT_VAE, help="diffusers AutoencoderKL: hub name or a save_pretrained "
@@ -65,7 +62,6 @@ def register(sub):
     cmds = ds.add_subparsers(dest="dataset_command", metavar="SUBCOMMAND")
     cmds.required = True
 
-    from ..data.convert import TRANSFORMS
     p = cmds.add_parser("convert", help="image folder/zip/IDX/npz -> dataset (PNG + dataset.json)")
     p.add_argument("--source", required=True, help="folder or zip of images (labels from top-level sub-folders), "
                    "an existing dataset, an IDX images file (*-images-idx3-ubyte[.gz]), a .npz, a CIFAR-10/100 "

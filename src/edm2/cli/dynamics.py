@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..dynamics import plot_dynamics, plot_loss_profile
+
 HELP = "figures of the training dynamics recorded with `edm2 train --dynamics N`"
 
 
@@ -26,8 +28,6 @@ def register(sub) -> None:
 
 
 def _plot(args) -> None:
-    from ..dynamics import plot_dynamics, plot_loss_profile
-
     out = Path(args.out)
     if out.suffix.lower() != ".png":
         raise ValueError(f"--out {out}: give a .png file name")

@@ -3,7 +3,13 @@ from __future__ import annotations
 
 import argparse
 
+import torch
+
+from ..distributed import configure_threads, default_device, init_distributed, shutdown_distributed
+from ..generate import check_class, compile_for_inference, generate_to_dir, load_nets
+from ..nn import set_precision
 from ..presets import apply_generation_preset, format_generation_presets
+from ..sampling import check_guidance
 from ..units import parse_int_list
 
 HELP = "generate images (PNG per seed) with the EDM Heun sampler, optionally guided"
@@ -65,8 +71,6 @@ def _class(text):
 
 def _checked_args(args) -> dict:
     """Everything that can be checked before loading anything (no file is written on error)."""
-    from ..sampling import check_guidance
-
     # The authors' published (net, gnet, guidance) triple fills in what was not given.
     args.net, args.gnet, args.guidance = apply_generation_preset(args.preset, args.net, args.gnet, args.guidance)
     if not args.net:
@@ -88,12 +92,6 @@ def _checked_args(args) -> dict:
 
 
 def run(args) -> int:
-    import torch
-
-    from ..distributed import configure_threads, default_device, init_distributed, shutdown_distributed
-    from ..generate import check_class, compile_for_inference, generate_to_dir, load_nets
-    from ..nn import set_precision
-
     opts = _checked_args(args)
     rank, world = init_distributed()
     configure_threads()

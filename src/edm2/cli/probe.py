@@ -1,6 +1,11 @@
 """`edm2 probe`: thin layer over edm2.probe (linear-probe accuracy of a denoiser's features)."""
 from __future__ import annotations
 
+from ..distributed import configure_threads, resolve_device
+from ..loading import load_network
+from ..probe import default_layer, list_layers, probe_sweep, write_probe_csv
+from ..units import parse_float_list
+
 HELP = "linear-probe accuracy of an unconditional denoiser's block features at a noise level"
 
 
@@ -29,12 +34,8 @@ def register(sub) -> None:
 
 
 def _run(args) -> None:
-    from ..distributed import default_device
-    from ..probe import default_layer, list_layers, probe_sweep, write_probe_csv
-    from ..loading import load_network
-    from ..units import parse_float_list
-
-    device = args.device or str(default_device())
+    configure_threads()
+    device = str(resolve_device(args.device))
     net, meta = load_network(args.net, device=device)
     if args.list_layers:
         default = default_layer(net)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import io
 import os
 import sys
 import types
@@ -109,8 +110,6 @@ class InceptionDetector(Detector):
 
     def __init__(self, state_dict: dict | None = None):
         super().__init__()
-        import io
-
         base = _torch_fidelity_inception()
 
         class _Net(base):
@@ -189,7 +188,7 @@ def _random_dinov2(config: dict = DINOV2_VITL14):
     like transformers does (N(0, 0.02) matrices and embeddings, LayerNorm 1/0,
     zero biases, layer scales 1) but without its slow truncated normal: the
     model is built on the meta device and filled in place (seed with torch.manual_seed)."""
-    from transformers import Dinov2Config, Dinov2Model
+    from transformers import Dinov2Config, Dinov2Model  # optional (edm2[metrics]) and slow to import
 
     with torch.device("meta"):
         model = Dinov2Model(Dinov2Config(**config))
@@ -208,7 +207,7 @@ def _random_dinov2(config: dict = DINOV2_VITL14):
 
 
 def _load_dinov2(folder: Path, download: bool, device) -> DINOv2Detector:
-    from transformers import Dinov2Model
+    from transformers import Dinov2Model  # optional (edm2[metrics]) and slow to import
 
     local = folder / DINOV2_FOLDER
     how = (f"on a machine with network access run `hf download {DINOV2_HUB} --local-dir {DINOV2_FOLDER}` "

@@ -22,9 +22,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from ..data import ImageDataset
 from ..distributed import init_distributed, resolve_device
 from ..fileio import atomic_write_bytes
+from ..generate import generate_images, load_nets
+from ..official import load_reference_stats
 from ..sampling import check_guidance
 from .detectors import DETECTORS, load_detector
 from .stats import FeatureStats, frechet_distance
@@ -76,8 +80,6 @@ def load_ref(path) -> dict:
             if isinstance(e, ValueError) and str(e).startswith("--ref"):
                 raise
             raise ValueError(f"--ref {text}: unreadable statistics file ({type(e).__name__}: {e})") from None
-    from ..official import load_reference_stats
-
     return load_reference_stats(text)
 
 
@@ -139,8 +141,6 @@ def distances(stats: dict, ref: dict) -> dict:
 
 
 def _open_images(path, what: str):
-    from ..data import ImageDataset
-
     ds = ImageDataset(path, use_labels=False)
     if ds.is_latent:
         raise ValueError(f"{what} {path}: holds VAE latents; statistics are computed on pixels, so pass the "
@@ -163,8 +163,6 @@ def _dataset_batches(ds, indices, batch_size: int, workers: int):
 
 
 def _progress(batches, total, desc, enabled):
-    from tqdm import tqdm
-
     with tqdm(total=total, unit="img", desc=desc, disable=not enabled) as bar:
         for b in batches:
             bar.update(len(b))
@@ -234,8 +232,6 @@ def gen_metrics(net, ref, gnet=None, guidance: float = 1, metrics=None, num: int
     guided by `gnet` with weight `guidance`) for the seeds `gen_seeds(num, seed)`
     and return {metric: Fréchet distance to `ref`}. Nothing is written.
     sampler_kwargs: edm_sampler's options (num_steps, S_churn, ...)."""
-    from ..generate import generate_images, load_nets
-
     ref_path, ref = (ref, load_ref(ref)) if not isinstance(ref, dict) else ("REF", ref)
     metrics = resolve_metrics(metrics, ref, ref_path)
     if num < 2:

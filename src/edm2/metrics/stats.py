@@ -16,6 +16,7 @@ import warnings
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 __all__ = ["FeatureStats", "frechet_distance", "sqrt_psd", "trace_sqrt_product"]
 
@@ -49,8 +50,6 @@ class FeatureStats:
 
     def all_reduce(self) -> None:
         """Sum the statistics over every torch.distributed process (no-op without a process group)."""
-        import torch.distributed as dist
-
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
         comm = self.sum.device if dist.get_backend() == "nccl" else torch.device("cpu")
