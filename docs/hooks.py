@@ -9,14 +9,26 @@ In a page's Markdown,
     <!-- edm2:generation-presets -->     the published presets (`edm2 generate --list-presets`)
 
 are replaced by Markdown tables. An unknown command is a build error.
+
+Pages in `OPTIONAL_PAGES` are added to the "Guides" section of the navigation
+when they exist, so that mkdocs.yml need not change when one is written.
 """
 from __future__ import annotations
 
 import argparse
 import re
+from pathlib import Path
 
 from edm2.cli import build_parser
 from edm2.presets import PRESETS, format_generation_presets
+
+# Guides written together with the features they describe: file -> navigation title.
+OPTIONAL_PAGES = {
+    "ablation.md": "Ablation ladder",
+    "dynamics.md": "Training dynamics",
+    "integrations.md": "Integrations",
+    "reliability.md": "Reliability",
+}
 
 MARKER = re.compile(r"<!--\s*edm2:([a-z-]+)\s*([^>]*?)\s*-->")
 
@@ -111,3 +123,22 @@ def _replace(match: re.Match) -> str:
 
 def on_page_markdown(markdown: str, page, config, files) -> str:
     return MARKER.sub(_replace, markdown)
+
+
+def _nav_files(nav) -> set:
+    found = set()
+    for item in nav or []:
+        value = next(iter(item.values())) if isinstance(item, dict) else item
+        found |= _nav_files(value) if isinstance(value, list) else {value}
+    return found
+
+
+def on_config(config):
+    """Add the optional pages that exist to the "Guides" section of the navigation."""
+    nav = config["nav"]
+    listed = _nav_files(nav)
+    guides = next(item["Guides"] for item in nav if isinstance(item, dict) and "Guides" in item)
+    for name, title in OPTIONAL_PAGES.items():
+        if name not in listed and (Path(config["docs_dir"]) / name).is_file():
+            guides.append({title: name})
+    return config
