@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..export import export_hf
+from ..sampling import check_guidance
 
 HELP = "export a snapshot as a Hugging Face model folder (--format hf) or a diffusers pipeline (--format diffusers)"
 
@@ -33,8 +34,7 @@ def run(args) -> int:
         print(f"{out}: Hugging Face model folder of {args.snapshot} (Precond.from_pretrained)")
         return 0
     guidance = 1.0 if args.guidance is None else args.guidance
-    if guidance != 1 and args.gnet is None:
-        raise ValueError(f"--guidance {guidance} needs --gnet SNAPSHOT (the guiding network)")
+    check_guidance(guidance, args.gnet)
     try:
         from ..pipeline import export_diffusers
     except ImportError:
