@@ -13,6 +13,7 @@ class _Toy(torch.nn.Module):
         super().__init__()
         self.w = torch.nn.Parameter(torch.zeros(n))
         self.register_buffer("b", torch.zeros(n))
+        self.register_buffer("count", torch.zeros([], dtype=torch.int64))
 
 
 def _trajectory(k, n=5):
@@ -61,24 +62,41 @@ def test_tracked_profile_is_the_power_function_average_of_the_image_count(std):
     assert np.abs(wrong - want).max() > 1e-2
 
 
-def test_first_update_copies_and_buffers_are_copied_not_averaged():
+def test_first_update_copies_float_buffers_are_averaged_integer_buffers_copied():
     net = _Toy()
     ema = PowerFunctionEMA(net, stds=[0.05, 0.10])
     with torch.no_grad():
         net.w.copy_(torch.tensor([1.0, -2.0, 3.5, 0.25, 7.0]))
         net.b.fill_(3.0)
+        net.count.fill_(1)
     ema.update(net, 8, 8)  # t == dt: beta = 0
     for m in ema.nets.values():
-        assert torch.equal(m.w, net.w.detach())
+        assert torch.equal(m.w, net.w.detach()) and torch.equal(m.b, net.b) and int(m.count) == 1
         assert not m.w.requires_grad and not m.training
     with torch.no_grad():
         net.w.zero_()
         net.b.fill_(-1.0)
+        net.count.fill_(2)
     ema.update(net, 16, 8)
     gamma = std_to_exp(0.10)
     beta = (1 - 8 / 16) ** (gamma + 1)
     np.testing.assert_allclose(ema.nets[0.10].w.numpy(), beta * np.array([1.0, -2.0, 3.5, 0.25, 7.0]), rtol=0, atol=1e-6)
-    assert torch.equal(ema.nets[0.10].b, torch.full([5], -1.0))  # copied, not averaged
+    np.testing.assert_allclose(ema.nets[0.10].b.numpy(), np.full(5, beta * 3.0 - (1 - beta)), rtol=0, atol=1e-6)
+    assert ema.nets[0.10].count.dtype == torch.int64 and int(ema.nets[0.10].count) == 2  # copied, not averaged
+    # A float buffer that never changes stays bit-identical (lerp of equal values).
+    with torch.no_grad():
+        net.b.fill_(0.1)
+    for t in (24, 32, 40):
+        ema.update(net, t)
+    other = PowerFunctionEMA(net, stds=[0.05])
+    for t in (8, 16, 24):
+        other.update(net, t)
+    assert torch.equal(other.nets[0.05].b, net.b)
+    # batch_size, when given, must agree with the images since the previous update.
+    with pytest.raises(ValueError, match="every k"):
+        ema.update(net, 48, 16)
+    with pytest.raises(ValueError, match="must exceed"):
+        ema.update(net, 40)
 
 
 def test_state_dict_round_trip_and_profile_mismatch():

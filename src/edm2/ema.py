@@ -1,72 +1,208 @@
-"""Power-function EMA tracked during training (paper Sec. 3.1 Eq. 2, App. C.4 Eq. 127).
+"""Power-function EMA for any `torch.nn.Module`, with snapshots for post-hoc
+EMA (paper Sec. 3.1 Eq. 2, Sec. 3.2, App. C.4 Eq. 127; docs/integrations.md).
 
-For every relative width sigma_rel the tracker keeps an fp32 copy of the
-network. After the optimizer step that brings the image count to t with a
-batch of dt images:
+For every relative width sigma_rel the tracker keeps a copy of the module. An
+update at image count t, whose previous update was at image count t_prev, does
 
-    ema <- beta * ema + (1 - beta) * theta,   beta = (1 - dt / t)^(gamma + 1)
+    ema <- beta * ema + (1 - beta) * theta,   beta = (t_prev / t)^(gamma + 1)
 
-with gamma = std_to_exp(sigma_rel). t counts images, not steps, so the first
-update (t == dt) has beta = 0 and copies the network. Unrolled, the tracked
-average is exactly the power-function average of the piecewise-constant
-trajectory theta(tau) = theta_k on (t_{k-1}, t_k]:
+with gamma = std_to_exp(sigma_rel) (Eq. 127 with t_delta = t - t_prev). Time is
+the true number of training images (or samples, or steps: any count that grows
+linearly with training), so the first update (t_prev = 0) copies the module and
+an update every k optimizer steps is as exact as one per step: unrolled, the
+average is the power-function average of the trajectory sampled at the update
+times, held constant between them,
 
-    ema(t_K) = sum_k theta_k (t_k^(gamma+1) - t_{k-1}^(gamma+1)) / t_K^(gamma+1).
+    ema(t_J) = sum_j theta(t_j) (t_j^(gamma+1) - t_{j-1}^(gamma+1)) / t_J^(gamma+1).
 
-Buffers (the Fourier features) are copied from the live network, not averaged.
+Under DDP only rank 0 needs a tracker; pass it the global image count (all
+ranks' batches). Parameters and floating-point buffers are averaged (a buffer
+that never changes stays bit-identical); other buffers (integer counters) are
+copied from the module.
+
+`save_snapshots` writes one edm2 snapshot per profile (safetensors + JSON, see
+edm2.snapshot); `reconstruct` turns a folder of them into the weights of any
+other sigma_rel with the streaming code of `edm2 phema` (edm2.posthoc).
 """
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import torch
 
-from .phema import power_function_beta, std_to_exp
+from .phema import check_sigma_rel, std_to_exp
+from .posthoc import find_phema_inputs, plan_posthoc, resolve_time, stream_state_dicts
+from .snapshot import FORMAT, VERSION, save_state_dict, snapshot_name
 
-__all__ = ["PowerFunctionEMA"]
+__all__ = ["PowerFunctionEMA", "reconstruct", "trackable"]
+
+
+def trackable(net: torch.nn.Module) -> torch.nn.Module:
+    """The module behind DistributedDataParallel / torch.compile wrappers."""
+    while True:
+        if isinstance(net, torch.nn.parallel.DistributedDataParallel):
+            net = net.module
+        elif hasattr(net, "_orig_mod") and isinstance(net._orig_mod, torch.nn.Module):
+            net = net._orig_mod
+        else:
+            return net
 
 
 class PowerFunctionEMA:
-    """EMA profiles of a network, one per sigma_rel in `stds`.
+    """Power-function EMA profiles of a module, one per sigma_rel in `stds`.
 
-    `update(net, cur_nimg, batch_size)` after every optimizer step;
-    `nets` maps sigma_rel -> the averaged network (eval mode, no gradients);
+    net: the module being trained (DDP / torch.compile wrappers are looked through).
+    stds: the EMA lengths sigma_rel to track, each in (0, 0.2887).
+    dtype: dtype of the averaged parameters and float buffers (float32; float64 for
+        tests of exactness).
+    outdir, snapshot_every: with both, `update` writes `save_snapshots(outdir)`
+        whenever the image count reaches a multiple of snapshot_every (in images).
+    meta: extra snapshot metadata (a dict like edm2.snapshot.make_meta returns,
+        minus nimg and ema_std), e.g. net_kwargs so that `edm2 generate` can load a
+        tracked Precond; by default the snapshots describe a generic module.
+
+    `update(net, cur_nimg)` after an optimizer step (every step or every k steps);
+    `nets` maps sigma_rel -> averaged module (eval mode, no gradients);
     `state_dict()` / `load_state_dict()` for checkpoints.
     """
 
-    def __init__(self, net: torch.nn.Module, stds=(0.050, 0.100)):
+    def __init__(self, net: torch.nn.Module, stds=(0.050, 0.100), dtype: torch.dtype = torch.float32,
+                 outdir=None, snapshot_every: int | None = None, meta: dict | None = None):
         self.stds = [float(s) for s in stds]
+        if not self.stds:
+            raise ValueError("--ema-std: track at least one EMA length sigma_rel")
         if len(set(self.stds)) != len(self.stds):
             raise ValueError(f"--ema-std {self.stds}: every value must be different")
-        for s in self.stds:
-            std_to_exp(s)  # raises ValueError for a width outside (0, sqrt(1/12))
+        check_sigma_rel(self.stds, "--ema-std")
+        if (outdir is None) != (snapshot_every is None):
+            raise ValueError("PowerFunctionEMA: give both outdir and snapshot_every (images), or neither")
+        if snapshot_every is not None and int(snapshot_every) < 1:
+            raise ValueError(f"snapshot_every={snapshot_every}: must be a positive number of images")
+        self.gammas = {s: float(std_to_exp(s)) for s in self.stds}
+        self.dtype = dtype
+        self.outdir = None if outdir is None else Path(outdir)
+        self.snapshot_every = None if snapshot_every is None else int(snapshot_every)
+        self.meta = meta
+        self.nimg = 0  # image count of the last update (None: unknown, after loading an old checkpoint)
+        net = trackable(net)
         self.nets = {}
         for s in self.stds:
-            ema = copy.deepcopy(net).float().eval().requires_grad_(False)
+            ema = copy.deepcopy(net).eval().requires_grad_(False)
+            for t in _averaged(ema):
+                t.data = t.data.to(dtype)
             self.nets[s] = ema
 
     @torch.no_grad()
-    def update(self, net: torch.nn.Module, cur_nimg: int, batch_size: int) -> None:
-        """Fold in the parameters of `net` right after the step that brought
-        the image count to cur_nimg (the step consumed batch_size images)."""
-        src_params = [p.detach() for p in net.parameters()]
-        src_buffers = list(net.buffers())
+    def update(self, net: torch.nn.Module, cur_nimg: int, batch_size: int | None = None) -> list[Path]:
+        """Fold in `net` right after the optimizer step that brought the image count
+        to cur_nimg. batch_size (optional) is checked against the images since the
+        previous update. Returns the snapshot files written (see snapshot_every)."""
+        cur_nimg = int(cur_nimg)
+        prev = self.nimg
+        if prev is None:  # resumed from a checkpoint without the count: trust batch_size
+            if batch_size is None:
+                raise ValueError("PowerFunctionEMA.update: the previous image count is unknown; pass batch_size")
+            prev = cur_nimg - int(batch_size)
+        elif batch_size is not None and cur_nimg - prev != int(batch_size):
+            raise ValueError(f"PowerFunctionEMA.update: cur_nimg={cur_nimg} is {cur_nimg - prev} images after the "
+                             f"previous update (nimg {prev}), not batch_size={batch_size}; when updating every k "
+                             f"steps, omit batch_size (the tracker remembers the previous count)")
+        if not 0 <= prev < cur_nimg:
+            raise ValueError(f"PowerFunctionEMA.update: cur_nimg={cur_nimg} must exceed the previous update's {prev}")
+        net = trackable(net)
+        src = list(_averaged(net))
+        src_copied = list(_copied(net))
         for s, ema in self.nets.items():
-            beta = float(power_function_beta(s, cur_nimg, batch_size))
-            for p_ema, p in zip(ema.parameters(), src_params):
+            # Eq. 127 with t_delta = t - t_prev; exact in float64, and 0 (a copy) at the first update.
+            beta = (prev / cur_nimg) ** (self.gammas[s] + 1)
+            for e, p in zip(_averaged(ema), src):
                 # lerp(end, w) = ema + w (theta - ema) = beta ema + (1 - beta) theta; w = 1 gives theta exactly.
-                p_ema.lerp_(p.to(torch.float32), 1 - beta)
-            for b_ema, b in zip(ema.buffers(), src_buffers):
-                b_ema.copy_(b)
+                e.lerp_(p.detach().to(e.dtype), 1 - beta)
+            for e, b in zip(_copied(ema), src_copied):
+                e.copy_(b)
+        self.nimg = cur_nimg
+        if self.snapshot_every is not None and cur_nimg // self.snapshot_every > prev // self.snapshot_every:
+            return self.save_snapshots(self.outdir)
+        return []
+
+    def save_snapshots(self, outdir) -> list[Path]:
+        """Write every profile as outdir/snapshot-<nimg>-<sigma_rel>.safetensors
+        (atomically; an existing file of the same name is replaced). These are
+        the inputs of `reconstruct` and `edm2 phema`."""
+        if self.nimg is None or self.nimg <= 0:
+            raise ValueError("PowerFunctionEMA.save_snapshots: no update yet (post-hoc EMA needs nimg > 0)")
+        outdir = Path(outdir)
+        base = self.meta if self.meta is not None else _generic_meta(next(iter(self.nets.values())))
+        paths = []
+        for s, ema in self.nets.items():
+            meta = copy.deepcopy(base)
+            meta.update(format=FORMAT, version=VERSION, nimg=self.nimg, ema_std=s)
+            meta.setdefault("net_kwargs", None)
+            meta.setdefault("origin", {})
+            path = outdir / snapshot_name(self.nimg, s)
+            save_state_dict(path, ema.state_dict(), meta)
+            paths.append(path)
+        return paths
 
     def state_dict(self) -> dict:
-        """{f'{sigma_rel:.6f}': state dict} (plain tensors, loadable with weights_only=True)."""
+        """{f'{sigma_rel:.6f}': module state dict} (plain tensors, loadable with
+        torch.load(weights_only=True)). The image count of the last update is
+        `self.nimg`; give it back to load_state_dict."""
         return {f"{s:.6f}": {k: v.detach().clone() for k, v in ema.state_dict().items()} for s, ema in self.nets.items()}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, nimg: int | None = None) -> None:
+        """Restore the profiles. nimg: the image count they were saved at (then
+        updates every k steps stay exact); without it the next update needs batch_size."""
         want = {f"{s:.6f}" for s in self.stds}
         if set(state) != want:
             raise ValueError(f"checkpoint holds EMA profiles {sorted(state)} but the run tracks {sorted(want)}; "
                              f"resume with the same --ema-std")
         for s, ema in self.nets.items():
             ema.load_state_dict(state[f"{s:.6f}"])
+        self.nimg = None if nimg is None else int(nimg)
+
+
+def _averaged(net: torch.nn.Module):
+    """Parameters, then floating-point buffers, in module order."""
+    yield from net.parameters()
+    for b in net.buffers():
+        if b.is_floating_point():
+            yield b
+
+
+def _copied(net: torch.nn.Module):
+    for b in net.buffers():
+        if not b.is_floating_point():
+            yield b
+
+
+def _generic_meta(net: torch.nn.Module) -> dict:
+    cls = type(net)
+    return {"net_kwargs": None, "encoder": {}, "dataset": {},
+            "origin": {"module": f"{cls.__module__}.{cls.__qualname__}", "tool": "edm2.ema.PowerFunctionEMA"}}
+
+
+def reconstruct(folder, sigma_rel, at: int | None = None, model: torch.nn.Module | None = None,
+                progress: bool = False):
+    """Post-hoc EMA (Sec. 3.2): the weights of EMA length sigma_rel at image count
+    `at` (default: the last snapshot), from the snapshots in `folder` written by
+    `PowerFunctionEMA.save_snapshots` (or `edm2 train`).
+
+    Uses the least-squares combination and the streaming reader of `edm2 phema`
+    (edm2.posthoc). Returns the state dict (float tensors in the snapshots'
+    dtype), or, with `model`, loads it into the model (strictly) and returns the
+    model. A list of sigma_rel values gives a list of state dicts."""
+    many = not isinstance(sigma_rel, (int, float))
+    stds = [float(s) for s in (sigma_rel if many else [sigma_rel])]
+    check_sigma_rel(stds, "sigma_rel")
+    if many and model is not None:
+        raise ValueError("reconstruct: pass one sigma_rel when loading into a model")
+    inputs = find_phema_inputs(folder)
+    t = resolve_time(inputs, at_nimg=at)
+    plan = plan_posthoc([r.nimg for r in inputs], [r.sigma_rel for r in inputs], stds, t, inputs)
+    states = stream_state_dicts(plan, progress=progress)
+    if model is None:
+        return states if many else states[0]
+    trackable(model).load_state_dict(states[0], strict=True)
+    return model

@@ -107,7 +107,8 @@ class StabilityVAEEncoder:
     kind = "sd-vae"
 
     def __init__(self, vae_name: str = DEFAULT_VAE, raw_mean=RAW_MEAN, raw_std=RAW_STD,
-                 final_mean: float = 0.0, final_std: float = 0.5, batch_size: int = 8):
+                 final_mean: float = 0.0, final_std: float = 0.5, batch_size: int = 8, vae=None):
+        """vae: an already loaded AutoencoderKL to use instead of loading vae_name."""
         self.vae_name = vae_name
         self.raw_mean = np.asarray(raw_mean, dtype=np.float32)
         self.raw_std = np.asarray(raw_std, dtype=np.float32)
@@ -116,7 +117,7 @@ class StabilityVAEEncoder:
         self.scale = self.final_std / self.raw_std                       # 0.5 / raw_std
         self.bias = self.final_mean - self.raw_mean * self.scale          # -raw_mean * scale
         self.batch_size = batch_size
-        self._vae = None
+        self._vae = vae
 
     def to_meta(self) -> dict:
         return {"type": self.kind, "vae_name": self.vae_name, "raw_mean": self.raw_mean.tolist(),
@@ -161,12 +162,15 @@ class StabilityVAEEncoder:
         return torch.cat(outs)
 
 
-def encoder_from_meta(meta: dict):
-    """Rebuild the encoder that a snapshot's metadata (meta['encoder']) describes."""
+def encoder_from_meta(meta: dict, vae=None):
+    """Rebuild the encoder that a snapshot's metadata (meta['encoder']) describes;
+    `vae`: an AutoencoderKL object for latent encoders (else loaded by name when needed)."""
     kind = meta.get("type")
     if kind == StandardRGBEncoder.kind:
+        if vae is not None:
+            raise ValueError("a pixel-space network (encoder 'rgb') takes no VAE")
         return StandardRGBEncoder()
     if kind == StabilityVAEEncoder.kind:
         args = {k: meta[k] for k in ("vae_name", "raw_mean", "raw_std", "final_mean", "final_std") if k in meta}
-        return StabilityVAEEncoder(**args)
+        return StabilityVAEEncoder(**args, vae=vae)
     raise ValueError(f"unknown encoder type {kind!r} in snapshot metadata; allowed: 'rgb', 'sd-vae'")

@@ -20,6 +20,7 @@ import errno
 import io
 import json
 import os
+import shutil
 import socket
 import sys
 import tempfile
@@ -29,8 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-__all__ = ["WriteError", "describe_os_error", "atomic_write_bytes", "AtomicWriter", "png_bytes", "pyplot",
-           "save_figure", "RunLock", "LockError", "remove_temp_files", "temp_name_matches", "LOCK_NAME"]
+__all__ = ["WriteError", "describe_os_error", "atomic_write_bytes", "AtomicWriter", "atomic_folder", "png_bytes",
+           "pyplot", "save_figure", "RunLock", "LockError", "remove_temp_files", "temp_name_matches", "LOCK_NAME"]
 
 LOCK_NAME = ".edm2.lock"
 
@@ -196,6 +197,38 @@ def atomic_write_bytes(path, data: bytes) -> Path:
     with AtomicWriter(path) as f:
         f.write(data)
     return Path(path)
+
+
+def atomic_folder(outdir, write, overwrite: bool = False) -> Path:
+    """Create the folder `outdir` with `write(tmp_folder)`: everything goes to a
+    temporary folder `.<name>.<random>.tmp` beside it, renamed into place at the
+    end, so a failure leaves nothing behind and an existing outdir is replaced
+    (only with overwrite; a non-empty one is refused otherwise) once the new one
+    is complete."""
+    outdir = Path(outdir)
+    if outdir.exists() and not outdir.is_dir():
+        raise FileExistsError(f"--outdir {outdir}: exists and is not a folder")
+    if outdir.is_dir() and any(outdir.iterdir()) and not overwrite:
+        raise FileExistsError(f"--outdir {outdir}: exists and is not empty; pass --overwrite or choose another folder")
+    try:
+        outdir.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", suffix=".tmp", dir=outdir.parent))
+    except OSError as e:
+        raise WriteError(describe_os_error(e, outdir)) from None
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o777 & ~_umask())
+        old = None
+        if outdir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", suffix=".tmp", dir=outdir.parent))
+            os.replace(outdir, old)
+        os.replace(tmp, outdir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return outdir
 
 
 def png_bytes(image, compress_level: int = 6) -> bytes:

@@ -30,8 +30,9 @@ from .fileio import atomic_write_bytes, png_bytes
 from .loading import load_network
 from .sampling import SeedRandom, check_guidance, edm_sampler
 
-__all__ = ["GeneratedBatch", "generate_images", "generate_to_dir", "load_nets", "check_guide", "check_gnet_matches",
-           "check_class", "rank_batches", "image_path", "make_grid", "compile_for_inference", "SAMPLER_DEFAULTS"]
+__all__ = ["GeneratedBatch", "generate_images", "sample_batch", "generate_to_dir", "load_nets", "check_guide",
+           "check_gnet_matches", "check_class", "rank_batches", "image_path", "make_grid", "compile_for_inference",
+           "SAMPLER_DEFAULTS"]
 
 # edm_sampler's keyword arguments and their defaults (paper App. D.1), for the CLI and docs.
 SAMPLER_DEFAULTS = dict(num_steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0,
@@ -181,27 +182,42 @@ def generate_images(net, encoder, seeds, gnet=None, guidance: float = 1, class_i
     return _generate(net, encoder, batches, gnet, guidance, class_idx, device, progress, sampler_kwargs)
 
 
+def sample_batch(net, encoder, rnd: SeedRandom, class_idx=None, gnet=None, guidance: float = 1, **sampler_kwargs):
+    """One batch from per-sample generators `rnd` -> (images, labels, classes).
+
+    The draws follow the authors' order: noise, then (conditional net) the class
+    index when class_idx is None, then churn noise inside edm_sampler.
+    class_idx: None (random per sample), an int for every sample, or an int64
+    tensor [N] of per-sample classes. images: encoder.decode of the samples
+    (uint8 pixels), or the float32 network-space samples when encoder is None.
+    labels (one-hot float32) and classes (int64) are None for an unconditional net.
+    This is the one place that turns seeds into images (generate_images and
+    edm2.pipeline.EDM2Pipeline call it)."""
+    n, device = len(rnd), rnd.device
+    noise = rnd.randn([n, net.img_channels, net.img_resolution, net.img_resolution])
+    labels = classes = None
+    if net.label_dim:
+        if class_idx is None:
+            classes = rnd.randint(net.label_dim, [n])
+        elif torch.is_tensor(class_idx):
+            classes = class_idx.to(device=device, dtype=torch.int64).reshape(n)
+        else:
+            classes = torch.full([n], int(class_idx), dtype=torch.int64, device=device)
+        labels = torch.nn.functional.one_hot(classes, net.label_dim).to(torch.float32)
+    with torch.no_grad():
+        x = edm_sampler(net, noise, labels, gnet=gnet, guidance=guidance, randn_like=rnd.randn_like, **sampler_kwargs)
+        images = encoder.decode(x) if encoder is not None else x
+    return images, labels, classes
+
+
 def _generate(net, encoder, batches, gnet, guidance, class_idx, device, progress, sampler_kwargs):
-    shape = [net.img_channels, net.img_resolution, net.img_resolution]
     with tqdm(total=sum(map(len, batches)), unit="img", disable=not progress, desc="generate") as bar:
         for seeds in batches:
             if not seeds:
                 yield GeneratedBatch(torch.zeros([0], dtype=torch.uint8), [], None, None)
                 continue
-            # Per-seed randomness, in the authors' order: noise, class, churn.
-            rnd = SeedRandom(seeds, device)
-            noise = rnd.randn([len(seeds), *shape])
-            labels = classes = None
-            if net.label_dim:
-                if class_idx is None:
-                    classes = rnd.randint(net.label_dim, [len(seeds)])
-                else:
-                    classes = torch.full([len(seeds)], int(class_idx), dtype=torch.int64, device=device)
-                labels = torch.nn.functional.one_hot(classes, net.label_dim).to(torch.float32)
-            with torch.no_grad():
-                x = edm_sampler(net, noise, labels, gnet=gnet, guidance=guidance, randn_like=rnd.randn_like,
-                                **sampler_kwargs)
-                images = encoder.decode(x) if encoder is not None else x
+            images, labels, classes = sample_batch(net, encoder, SeedRandom(seeds, device), class_idx, gnet, guidance,
+                                                   **sampler_kwargs)
             yield GeneratedBatch(images.cpu(), list(seeds), None if labels is None else labels.cpu(),
                                  None if classes is None else classes.cpu())
             bar.update(len(seeds))

@@ -30,9 +30,12 @@ from .snapshot import (SnapshotError, SnapshotStreamWriter, build_net, list_snap
 from .units import parse_float_list
 
 __all__ = ["PhemaInput", "PosthocPlan", "find_phema_inputs", "resolve_time", "plan_posthoc", "reconstruct",
-           "plot_profiles", "plot_name"]
+           "stream_state_dicts", "plot_profiles", "plot_name"]
 
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+# Tensors of these dtypes (integer buffers such as counters) are copied from the latest input, not averaged.
+_COPIED_DTYPES = {"I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                  "BOOL": torch.bool}
 
 
 @dataclass(frozen=True)
@@ -156,31 +159,47 @@ def plot_profiles(plan: PosthocPlan, j: int, path=None) -> bytes:
 
 
 def _tensor_layout(inputs: list[PhemaInput]):
-    """Names/shapes from the architecture, checked against every input's header, and
-    equal buffers; output dtypes from the latest input. -> (specs, buffer names)."""
-    with torch.device("meta"):
-        net = build_net(inputs[-1].meta)
-    shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
-    buffers = {k for k, _ in net.named_buffers()}
+    """Names/shapes/dtypes of the tensors, checked across every input, and the
+    names copied from the latest input instead of averaged -> (specs, copied names).
+
+    edm2 networks (metadata with net_kwargs): the layout comes from the
+    architecture and the copied tensors are its buffers (fixed at initialisation,
+    so inputs that differ come from different runs). Snapshots of any other
+    module (edm2.ema.PowerFunctionEMA, net_kwargs null): the layout comes from
+    the latest file, and only non-float tensors (integer buffers) are copied."""
+    if inputs[-1].meta.get("net_kwargs") is not None:
+        with torch.device("meta"):
+            net = build_net(inputs[-1].meta)
+        shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        buffers = {k for k, _ in net.named_buffers()}
+        what = "the architecture in its metadata"
+    else:
+        with safe_open(str(inputs[-1].path), framework="pt") as f:
+            shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+            buffers = {k for k in shapes if f.get_slice(k).get_dtype() not in _TORCH_DTYPES}
+        what = f"the tensors of {inputs[-1].path.name}"
     dtypes, first = {}, {}
     for r in reversed(inputs):
         with safe_open(str(r.path), framework="pt") as f:
             got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
             if got != shapes:
-                raise SnapshotError(f"{r.path}: tensors do not match the architecture in its metadata; "
-                                    f"the file is damaged or not written by edm2")
+                raise SnapshotError(f"{r.path}: tensors do not match {what}; the file is damaged, not written by "
+                                    f"edm2, or from another model")
             for k in shapes:
                 dtypes.setdefault(k, f.get_slice(k).get_dtype())
+            if inputs[-1].meta.get("net_kwargs") is None:
+                continue
             # Buffers are fixed at initialisation: inputs that differ come from different runs.
             for k in buffers:
                 first.setdefault(k, (f.get_tensor(k), r.path))
                 if not torch.equal(f.get_tensor(k), first[k][0]):
                     raise ValueError(f"{r.path} and {first[k][1]}: different {k} (fixed at initialisation), so "
                                      f"they come from different runs; keep one run per folder")
-    bad = sorted({d for d in dtypes.values() if d not in _TORCH_DTYPES})
+    bad = sorted({d for k, d in dtypes.items() if d not in _TORCH_DTYPES and (k not in buffers or d not in _COPIED_DTYPES)})
     if bad:
         raise SnapshotError(f"{inputs[-1].path}: tensor dtypes {bad} cannot be averaged")
-    return [(k, _TORCH_DTYPES[dtypes[k]], shapes[k]) for k in shapes], buffers
+    all_dtypes = {**_TORCH_DTYPES, **_COPIED_DTYPES}
+    return [(k, all_dtypes[dtypes[k]], shapes[k]) for k in shapes], buffers
 
 
 class _Readers:
@@ -261,6 +280,36 @@ def _output_meta(plan: PosthocPlan, j: int) -> dict:
         "inputs": [{"file": r.path.name, "nimg": r.nimg, "ema_std": r.sigma_rel, "coeff": float(c)}
                    for r, c in zip(plan.inputs, plan.coeffs[:, j])]}
     return meta
+
+
+class _StateDictWriter:
+    """`_stream`'s output side for in-memory results: fills one tensor per spec
+    from the row blocks, in order."""
+
+    def __init__(self, specs):
+        self.state = {name: torch.empty(shape, dtype=dtype) for name, dtype, shape in specs}
+        self.flat = [(t.view(-1) if t.dim() else t.view(1)) for t in self.state.values()]
+        self.i, self.pos = 0, 0
+
+    def write(self, data: torch.Tensor) -> None:
+        data = data.reshape(-1)
+        while data.numel():
+            dst = self.flat[self.i]
+            n = min(data.numel(), dst.numel() - self.pos)
+            dst[self.pos:self.pos + n] = data[:n]
+            data, self.pos = data[n:], self.pos + n
+            if self.pos == dst.numel():
+                self.i, self.pos = self.i + 1, 0
+
+
+def stream_state_dicts(plan: PosthocPlan, progress: bool = False, chunk_elems: int = 1 << 18) -> list[dict]:
+    """The outputs of a plan made from files (plan_posthoc(..., inputs)) as state
+    dicts in memory, one per wanted sigma_rel, computed by the same streaming
+    combination that `reconstruct` writes to files."""
+    specs, buffers = _tensor_layout(plan.inputs)
+    writers = [_StateDictWriter(specs) for _ in plan.sigma_rels]
+    _stream(plan, specs, buffers, writers, chunk_elems, progress)
+    return [w.state for w in writers]
 
 
 def reconstruct(rundir, outdir, sigma_rels, at_nimg=None, at_kimg=None, plot=False, overwrite=False,

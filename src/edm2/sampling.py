@@ -111,6 +111,20 @@ class SeedRandom:
         self.device = torch.device(device)
         self.generators = [torch.Generator(self.device).manual_seed(int(s) % (1 << 32)) for s in seeds]
 
+    @classmethod
+    def from_generators(cls, generators) -> "SeedRandom":
+        """Draw from given torch.Generators, one per sample (the same object may
+        repeat: its samples then draw one after another from it)."""
+        generators = list(generators)
+        if not generators:
+            raise ValueError("SeedRandom.from_generators: no generators")
+        devices = {torch.device(g.device) for g in generators}
+        if len(devices) != 1:
+            raise ValueError(f"SeedRandom.from_generators: generators on several devices {sorted(map(str, devices))}")
+        out = cls([])
+        out.device, out.generators = devices.pop(), generators
+        return out
+
     def __len__(self):
         return len(self.generators)
 

@@ -158,6 +158,10 @@ def read_snapshot_meta(path) -> dict:
 
 def build_net(meta: dict, device="cpu"):
     """An (uninitialised) Precond of the architecture that `meta` describes."""
+    if meta.get("net_kwargs") is None:  # written by edm2.ema.PowerFunctionEMA for a module of the user's
+        raise SnapshotError(f"the snapshot holds a {meta.get('origin', {}).get('module', 'user-defined module')}, "
+                            f"not an edm2 network; load its tensors into that module (edm2.ema.reconstruct, "
+                            f"safetensors.torch.load_file)")
     net = Precond(**precision_kwargs(meta["net_kwargs"]))  # older metadata: use_fp16/reduced_dtype
     # Built under `torch.device("meta")` (load_snapshot): no data to move yet.
     return net if next(net.parameters()).is_meta else net.to(device)

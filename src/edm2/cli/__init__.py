@@ -10,9 +10,9 @@ import argparse
 import sys
 
 from ..fileio import describe_os_error
-from . import dataset, dynamics, flops, generate, import_official, metrics, phema, probe, toy, train
+from . import dataset, dynamics, export, flops, generate, import_official, metrics, phema, probe, toy, train
 
-_COMMAND_MODULES = [train, generate, phema, dataset, metrics, flops, import_official, toy, dynamics, probe]
+_COMMAND_MODULES = [train, generate, phema, dataset, metrics, flops, import_official, export, toy, dynamics, probe]
 
 
 class CLIError(Exception):

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..hub import HubMixin
 from .layers import MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize, resample
 
 __all__ = ["Block", "UNet", "Precond", "set_precision", "precision_kwargs", "DTYPES"]
@@ -182,7 +183,7 @@ class UNet(torch.nn.Module):
         return self.out_conv(x, gain=self.out_gain)
 
 
-class Precond(torch.nn.Module):
+class Precond(torch.nn.Module, HubMixin):
     """EDM preconditioning D(x; sigma) around the U-Net, plus the learned
     uncertainty u(sigma) used by the loss (paper App. B.1 Eqs. 4-8, App. B.2 Eq. 21).
 
@@ -190,7 +191,12 @@ class Precond(torch.nn.Module):
     'fp16' (as the reference), 'bf16' or 'fp32'; on the CPU it always runs in
     float32. `use_fp16` is the authors' name for the choice fp16/fp32, accepted
     so that their stored constructor arguments build our network.
+
+    `save_pretrained(dir)` / `Precond.from_pretrained(dir_or_repo_id)` follow the
+    Hugging Face Hub conventions (edm2.hub.HubMixin; docs/integrations.md).
     """
+
+    _hub_config_classes = (UNet, Block)
 
     def __init__(
         self,
@@ -255,9 +261,12 @@ def set_precision(net: Precond, precision: str) -> None:
     net.precision = precision
 
 
-def precision_kwargs(net_kwargs: dict) -> dict:
+def precision_kwargs(net_kwargs: dict | None) -> dict | None:
     """Stored `Precond` arguments with the older pair use_fp16 (the authors'
-    name) / reduced_dtype (edm2 0.1) replaced by the one `precision` knob."""
+    name) / reduced_dtype (edm2 0.1) replaced by the one `precision` knob.
+    None (a snapshot of a module that is not an edm2 network) stays None."""
+    if net_kwargs is None:
+        return None
     kwargs = dict(net_kwargs)
     if "use_fp16" in kwargs or "reduced_dtype" in kwargs:
         use_fp16 = kwargs.pop("use_fp16", True)

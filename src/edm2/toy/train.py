@@ -10,7 +10,6 @@ image trainer, so the EMA profiles and post-hoc math are the same.
 """
 from __future__ import annotations
 
-import copy
 import json
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,9 +19,10 @@ import numpy as np
 import torch
 import tqdm
 
+from ..ema import PowerFunctionEMA
 from ..loss import learning_rate_schedule
-from ..phema import power_function_beta, solve_posthoc_coefficients, std_to_exp
 from ..fileio import atomic_write_bytes
+from ..phema import solve_posthoc_coefficients, std_to_exp
 from .gmm import CLASSES, tree_mixture
 from .model import ToyNet, ToyNetConfig, load_toy, read_toy_meta, save_toy
 
@@ -121,7 +121,8 @@ def _train(config: ToyTrainConfig, outdir, progress: bool) -> ToyRun:
     gen = torch.Generator().manual_seed(config.seed)
     gt = tree_mixture(config.classes)
     net = ToyNet(config.net_config()).train().requires_grad_(True)
-    emas = {std: copy.deepcopy(net).eval().requires_grad_(False) for std in config.ema_stds}
+    tracker = PowerFunctionEMA(net, config.ema_stds)
+    emas = tracker.nets
     opt = torch.optim.Adam(net.parameters(), betas=(0.9, 0.99), eps=1e-8)
     B, S = config.batch_size, config.sigma_groups
     snapshots, losses = [], []
@@ -143,11 +144,7 @@ def _train(config: ToyTrainConfig, outdir, progress: bool) -> ToyRun:
         losses.append(loss.item())
         # Power-function EMA (EDM2 Eq. 124), time in points seen after this step.
         t_next = (it + 1) * B
-        with torch.no_grad():
-            for std, ema in emas.items():
-                beta = float(power_function_beta(std, t_next, B))
-                for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-                    p_ema.lerp_(p_net.detach(), 1 - beta)
+        tracker.update(net, t_next, B)
         last = it + 1 == config.iters
         if outdir is not None and (last or (config.snapshot_iters and (it + 1) % config.snapshot_iters == 0)):
             for std, ema in emas.items():

@@ -1,0 +1,45 @@
+"""`edm2 export`: a thin layer over `edm2.export.export_hf` and `edm2.pipeline.export_diffusers`."""
+from __future__ import annotations
+
+from ..export import export_hf
+from ..sampling import check_guidance
+
+HELP = "export a snapshot as a Hugging Face model folder (--format hf) or a diffusers pipeline (--format diffusers)"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("export", help=HELP, description=HELP + ". hf: config.json + model.safetensors (+ edm2.json, "
+                       "README.md), loadable with Precond.from_pretrained. diffusers: an EDM2Pipeline folder "
+                       "(model_index.json, net/, gnet/, vae/), loadable with EDM2Pipeline.from_pretrained. "
+                       "Nothing is written unless the whole export succeeds. See docs/integrations.md.")
+    p.add_argument("snapshot", metavar="SNAPSHOT", help="snapshot file, run folder (latest, longest EMA), "
+                   "or one of the authors' published .pkl files / URLs")
+    p.add_argument("--format", required=True, choices=["hf", "diffusers"], help="what to write")
+    p.add_argument("--outdir", required=True, metavar="DIR", help="the folder to create")
+    p.add_argument("--gnet", metavar="SNAPSHOT", help="diffusers: guiding network for guidance (CFG or autoguidance)")
+    p.add_argument("--guidance", type=float, default=None, metavar="W", help="diffusers: default guidance_scale "
+                   "(needs --gnet)")
+    p.add_argument("--vae", metavar="DIR|NAME", help="diffusers, latent networks: the VAE (default: the one named "
+                   "in the snapshot, from the Hugging Face cache)")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists and is not empty")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    if args.format == "hf":
+        for opt in ("gnet", "guidance", "vae"):
+            if getattr(args, opt) is not None:
+                raise ValueError(f"--{opt}: only for --format diffusers (--format hf exports one network)")
+        out = export_hf(args.snapshot, args.outdir, overwrite=args.overwrite)
+        print(f"{out}: Hugging Face model folder of {args.snapshot} (Precond.from_pretrained)")
+        return 0
+    guidance = 1.0 if args.guidance is None else args.guidance
+    check_guidance(guidance, args.gnet)
+    try:
+        from ..pipeline import export_diffusers
+    except ImportError:
+        raise ValueError("--format diffusers needs diffusers: pip install 'edm2[vae]'") from None
+    out = export_diffusers(args.snapshot, args.outdir, gnet=args.gnet, vae=args.vae, guidance=guidance,
+                           overwrite=args.overwrite)
+    print(f"{out}: EDM2Pipeline folder of {args.snapshot} (EDM2Pipeline.from_pretrained)")
+    return 0

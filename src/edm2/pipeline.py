@@ -1,0 +1,289 @@
+"""`EDM2Pipeline`: EDM2 networks as a diffusers pipeline (docs/integrations.md).
+
+    pipe = EDM2Pipeline.from_pretrained("folder or user/repo")
+    images = pipe(class_labels=[88, 207], num_inference_steps=32, guidance_scale=1.4,
+                  generator=[torch.Generator().manual_seed(s) for s in (0, 1)]).images
+
+The pipeline holds the denoiser `net`, an optional guiding network `gnet`
+(unconditional for classifier-free guidance, smaller/earlier for autoguidance),
+the optional Stable Diffusion VAE `vae` (AutoencoderKL, latent networks), and in
+its config the encoder's standardisation, the class names and the sampler
+settings. Sampling runs edm2.generate.sample_batch, so an image depends only on
+its generator, and seeds give the same images as `edm2 generate --seeds`.
+
+Folders: model_index.json + net/ (+ gnet/) in the Hugging Face layout of
+edm2.hub (config.json, model.safetensors) + vae/ (diffusers). Loading reads JSON
+and safetensors only; it never imports or runs code named in the files.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput
+from huggingface_hub import snapshot_download
+from PIL import Image
+
+from .encoders import StabilityVAEEncoder, StandardRGBEncoder, encoder_from_meta
+from .generate import SAMPLER_DEFAULTS, check_class, check_guide, load_nets, sample_batch
+from .fileio import atomic_folder
+from .hub import CONFIG_NAME, _looks_local
+from .nn import Precond
+from .sampling import SeedRandom
+
+__all__ = ["EDM2Pipeline", "export_diffusers"]
+
+_NETS = ("net", "gnet")
+_SAMPLER_KEYS = tuple(k for k in SAMPLER_DEFAULTS if k != "num_steps")
+_CONFIG_KEYS = {"_class_name", "_diffusers_version", "_name_or_path", "net", "gnet", "vae", "encoder", "class_names",
+                "sampler", "guidance"}
+
+
+class EDM2Pipeline(DiffusionPipeline):
+    """Class-conditional or unconditional image generation with an EDM2 network.
+
+    net: the denoiser (edm2.nn.Precond or another edm2.hub.HubMixin network).
+    gnet: guiding network for guidance_scale != 1 (optional).
+    vae: AutoencoderKL decoding the latents of a latent network (None for pixels).
+    encoder: the network's data space, as in snapshot metadata ({'type': 'rgb'} or
+        the 'sd-vae' standardisation); default: 'rgb' without a VAE, else the
+        Stable Diffusion standardisation (edm2.encoders).
+    class_names: names of the classes (informational).
+    sampler: edm_sampler defaults (sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise).
+    guidance: default guidance_scale.
+    """
+
+    model_cpu_offload_seq = "net->gnet->vae"
+
+    def __init__(self, net, gnet=None, vae=None, encoder: dict | None = None, class_names=None,
+                 sampler: dict | None = None, guidance: float = 1.0):
+        super().__init__()
+        if encoder is None:
+            encoder = StandardRGBEncoder().to_meta() if vae is None else StabilityVAEEncoder().to_meta()
+        check_guide(net, gnet, float(guidance))
+        sampler = _check_sampler(sampler or {})
+        encoder_from_meta(encoder, vae=vae)  # checks the type and that a pixel network has no VAE
+        if encoder.get("type") == StabilityVAEEncoder.kind and vae is None:
+            raise ValueError("a latent network (encoder 'sd-vae') needs its VAE: pass vae=AutoencoderKL(...)")
+        self.register_modules(net=net, gnet=gnet, vae=vae)
+        self.register_to_config(encoder=dict(encoder), class_names=None if class_names is None else list(class_names),
+                                sampler=sampler, guidance=float(guidance))
+
+    # ------------------------------------------------------------------ building
+
+    @classmethod
+    def from_snapshot(cls, net, gnet=None, vae=None, guidance: float = 1.0, device="cpu", **sampler):
+        """A pipeline from edm2 snapshots (anything `edm2 generate --net/--gnet`
+        accepts). vae: an AutoencoderKL, a folder or hub name; default: the one
+        named in the snapshot's metadata (latent networks only)."""
+        net, gnet, encoder, meta = load_nets(net, gnet, device=device)
+        if isinstance(encoder, StabilityVAEEncoder):
+            if vae is None or isinstance(vae, (str, os.PathLike)):
+                if vae is not None:
+                    encoder.vae_name = str(vae)
+                vae = encoder.vae(device)
+        elif vae is not None:
+            raise ValueError(f"{meta.get('origin', {}).get('run', 'the network')}: a pixel-space network takes no VAE")
+        return cls(net=net, gnet=gnet, vae=vae, encoder=encoder.to_meta(),
+                   class_names=meta.get("dataset", {}).get("class_names"), sampler=sampler, guidance=guidance)
+
+    # ------------------------------------------------------------------ files
+
+    def save_pretrained(self, save_directory, overwrite: bool = True, **kwargs):
+        """Write model_index.json, net/, gnet/ (if any) and vae/ (if any), all
+        safetensors + JSON. The folder appears complete or not at all."""
+        if kwargs:
+            raise ValueError(f"EDM2Pipeline.save_pretrained: unsupported options {sorted(kwargs)}")
+
+        def write(tmp: Path):
+            self.save_config(tmp)
+            for name in _NETS:
+                module = getattr(self, name)
+                if module is not None:
+                    module.save_pretrained(tmp / name)
+            if self.vae is not None:
+                self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+
+        return atomic_folder(save_directory, write, overwrite=overwrite)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, device="cpu", revision=None, cache_dir=None,
+                        local_files_only: bool = False, token=None, **overrides):
+        """Load a folder written by save_pretrained / `edm2 export --format diffusers`,
+        or a Hub repo id (downloaded through the Hub client's cache). `overrides`
+        replace components (net=..., gnet=None, vae=...)."""
+        src = str(pretrained_model_name_or_path)
+        if os.path.isdir(src):
+            folder = Path(src)
+        elif _looks_local(src):
+            raise FileNotFoundError(f"{src}: no such folder (an EDM2Pipeline folder holds model_index.json; "
+                                    f"write one with save_pretrained or `edm2 export --format diffusers`)")
+        else:
+            folder = Path(snapshot_download(src, revision=revision, cache_dir=cache_dir, token=token,
+                                            local_files_only=local_files_only,
+                                            allow_patterns=["*.json", "*.safetensors", "*.md"]))
+        index = folder / cls.config_name
+        if not index.is_file():
+            raise FileNotFoundError(f"{folder}: not a pipeline folder (no {cls.config_name}); write one with "
+                                    f"EDM2Pipeline.save_pretrained or `edm2 export --format diffusers`")
+        try:
+            config = json.loads(index.read_text())
+        except ValueError as e:
+            raise ValueError(f"{index}: not valid JSON ({e})") from None
+        if not isinstance(config, dict) or config.get("_class_name") != cls.__name__:
+            raise ValueError(f"{index}: written for {config.get('_class_name') if isinstance(config, dict) else None!r}, "
+                             f"not {cls.__name__}")
+        unknown = sorted(set(config) - _CONFIG_KEYS)
+        if unknown:
+            raise ValueError(f"{index}: unknown field(s) {unknown}; known: {', '.join(sorted(_CONFIG_KEYS))}")
+        unknown = sorted(set(overrides) - {"net", "gnet", "vae"})
+        if unknown:
+            raise ValueError(f"EDM2Pipeline.from_pretrained: unknown option(s) {unknown}")
+        parts = {}
+        for name in ("net", "gnet", "vae"):
+            if name in overrides:
+                parts[name] = overrides[name]
+                continue
+            parts[name] = _load_component(folder, index, name, config.get(name), device)
+        if parts["net"] is None:
+            raise ValueError(f"{index}: no 'net' component")
+        return cls(**parts, encoder=config.get("encoder"), class_names=config.get("class_names"),
+                   sampler=config.get("sampler"), guidance=config.get("guidance", 1.0))
+
+    # ------------------------------------------------------------------ sampling
+
+    @torch.no_grad()
+    def __call__(self, class_labels=None, num_inference_steps: int = 32, guidance_scale: float | None = None,
+                 generator=None, seeds=None, num_images: int | None = None, output_type: str = "pil",
+                 return_dict: bool = True, **sampler_kwargs):
+        """Generate images.
+
+        class_labels: a class index per image, one index for all, or None (a random
+            class per image, drawn from its generator, for a conditional network).
+        num_inference_steps: EDM sampler steps (2 network evaluations each but the last).
+        guidance_scale: w of D_g + w (D - D_g) with the gnet component; default: the config's.
+        generator: a torch.Generator per image (a single one is shared by the batch),
+            or seeds: integers, one per image (the noise of `edm2 generate --seeds`).
+            With neither, seeds come from torch's global generator.
+        num_images: how many images, when class_labels/seeds/generators do not say.
+        output_type: 'pil' (list of PIL images), 'np' (float32 [N, H, W, C] in [0, 1]),
+            'pt' (float32 [N, C, H, W] in [0, 1]), 'uint8' (uint8 [N, C, H, W]) or
+            'latent' (the network's float32 output, not decoded).
+        sampler_kwargs: sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise
+            (default: the config's sampler settings).
+        Returns ImagePipelineOutput(images=...) or, with return_dict=False, (images,).
+        """
+        net, gnet = self.net, self.gnet
+        guidance = float(self.config.guidance if guidance_scale is None else guidance_scale)
+        check_guide(net, gnet, guidance)  # w != 1 needs the 'gnet' component
+        if output_type not in ("pil", "np", "pt", "uint8", "latent"):
+            raise ValueError(f"output_type={output_type!r}; allowed: 'pil', 'np', 'pt', 'uint8', 'latent'")
+        options = dict(self.config.sampler or {})
+        options.update(_check_sampler(sampler_kwargs))
+        device = next(net.parameters()).device
+        n = _count(class_labels, generator, seeds, num_images)
+        if seeds is not None:
+            if generator is not None:
+                raise ValueError("give either generator or seeds, not both")
+            rnd = SeedRandom(seeds, device)
+        elif generator is None:
+            rnd = SeedRandom(torch.randint(0, 1 << 31, [n]).tolist(), device)
+        elif isinstance(generator, torch.Generator):
+            rnd = SeedRandom.from_generators([generator] * n)
+        else:
+            rnd = SeedRandom.from_generators(generator)
+        if len(rnd) != n:
+            raise ValueError(f"{len(rnd)} generators/seeds for {n} images; give one per image")
+        classes = _classes(net, class_labels, n)
+        vae = self.vae.to(device) if self.vae is not None else None
+        encoder = None if output_type == "latent" else encoder_from_meta(self.config.encoder, vae=vae)
+        for m in (net, gnet):
+            if m is not None:
+                m.eval().requires_grad_(False)
+        images, _, _ = sample_batch(net, encoder, rnd, classes, gnet, guidance, num_steps=int(num_inference_steps),
+                                    **options)
+        if output_type in ("latent", "uint8"):
+            out = images
+        elif output_type == "pt":
+            out = images.to(torch.float32) / 255
+        else:
+            arr = images.permute(0, 2, 3, 1).cpu().numpy()
+            out = arr.astype(np.float32) / 255 if output_type == "np" else [_to_pil(a) for a in arr]
+        return ImagePipelineOutput(images=out) if return_dict else (out,)
+
+
+def _to_pil(arr: np.ndarray) -> Image.Image:
+    return Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
+
+
+def _count(class_labels, generator, seeds, num_images) -> int:
+    sizes = {}
+    if class_labels is not None and not isinstance(class_labels, (int, np.integer)):
+        sizes["class_labels"] = len(class_labels)
+    if seeds is not None:
+        sizes["seeds"] = len(seeds)
+    if generator is not None and not isinstance(generator, torch.Generator):
+        sizes["generator"] = len(generator)
+    if num_images is not None:
+        sizes["num_images"] = int(num_images)
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"inconsistent numbers of images: {sizes}")
+    n = next(iter(sizes.values()), 1)
+    if n < 1:
+        raise ValueError("no images requested")
+    return n
+
+
+def _classes(net, class_labels, n):
+    if class_labels is None:
+        return None
+    if net.label_dim == 0:
+        raise ValueError("class_labels: the network is unconditional (label_dim 0); drop class_labels")
+    labels = [class_labels] * n if isinstance(class_labels, (int, np.integer)) else list(class_labels)
+    for c in labels:
+        check_class(net, int(c) if isinstance(c, (int, np.integer)) else c)
+    return torch.tensor([int(c) for c in labels], dtype=torch.int64)
+
+
+def _check_sampler(options: dict) -> dict:
+    unknown = sorted(set(options) - set(_SAMPLER_KEYS))
+    if unknown:
+        raise ValueError(f"unknown sampler option(s) {unknown}; allowed: {', '.join(_SAMPLER_KEYS)} "
+                         f"(and num_inference_steps)")
+    return {k: float(v) for k, v in options.items()}
+
+
+def _load_component(folder: Path, index: Path, name: str, entry, device):
+    """One component named in model_index.json, loaded by our own fixed classes."""
+    if entry is None or list(entry) == [None, None]:
+        return None
+    if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
+        raise ValueError(f"{index}: component {name!r} must be [library, class], got {entry!r}")
+    library, class_name = entry
+    sub = folder / name
+    if not sub.is_dir():
+        raise FileNotFoundError(f"{sub}: missing; {index} lists component {name!r}")
+    if name in _NETS:
+        if not (str(library).split(".")[0] == "edm2" and class_name == Precond.__name__):
+            raise ValueError(f"{index}: component {name!r} is {entry!r}; this edm2 loads edm2 Precond networks")
+        return Precond.from_pretrained(sub, map_location=str(device))
+    if class_name != "AutoencoderKL":
+        raise ValueError(f"{index}: component 'vae' is {entry!r}; expected a diffusers AutoencoderKL")
+    if not (sub / CONFIG_NAME).is_file():
+        raise FileNotFoundError(f"{sub}: not a diffusers AutoencoderKL folder (no {CONFIG_NAME})")
+    try:
+        vae = AutoencoderKL.from_pretrained(sub, use_safetensors=True, local_files_only=True)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise ValueError(f"{sub}: cannot load the VAE ({str(e).splitlines()[0]})") from None
+    return vae.eval().requires_grad_(False).to(device)
+
+
+def export_diffusers(net, outdir, gnet=None, vae=None, guidance: float = 1.0, overwrite: bool = False, **sampler) -> Path:
+    """`edm2 export --format diffusers`: an EDM2Pipeline folder from edm2 snapshots
+    (EDM2Pipeline.from_snapshot, then save_pretrained)."""
+    pipe = EDM2Pipeline.from_snapshot(net, gnet=gnet, vae=vae, guidance=guidance, **sampler)
+    return pipe.save_pretrained(outdir, overwrite=overwrite)
+

@@ -1,0 +1,145 @@
+"""EDM2Pipeline (diffusers): the same images as `edm2 generate --seeds`, bitwise on
+CPU, for pixel and latent networks, guidance, save/load round trips, bad input."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+diffusers = pytest.importorskip("diffusers")
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_data_vae import SMALL_CONFIG  # noqa: E402
+from test_generate import write_snapshot  # noqa: E402
+
+from edm2.cli import main  # noqa: E402
+from edm2.encoders import StabilityVAEEncoder  # noqa: E402
+from edm2.pipeline import EDM2Pipeline  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+STEPS = 3
+SEEDS = [0, 1, 7, 12]
+
+
+@pytest.fixture(scope="module")
+def nets(tmp_path_factory):
+    d = tmp_path_factory.mktemp("nets")
+    torch.manual_seed(0)
+    diffusers.AutoencoderKL(**SMALL_CONFIG).save_pretrained(d / "vae")
+    latent = StabilityVAEEncoder(vae_name=str(d / "vae")).to_meta()
+    return {"cond": write_snapshot(d / "cond.safetensors", label_dim=3, channels=3),
+            "uncond": write_snapshot(d / "uncond.safetensors", label_dim=0, channels=3, seed=1),
+            "latent": write_snapshot(d / "latent.safetensors", label_dim=3, resolution=8, channels=4, seed=2,
+                                     encoder=latent),
+            "vae": d / "vae"}
+
+
+def _generate(tmp_path, net, *extra):
+    out = tmp_path / "gen"
+    main(["generate", "--net", str(net), "--outdir", str(out), "--seeds", ",".join(map(str, SEEDS)),
+          "--steps", str(STEPS), "--batch", str(len(SEEDS)), "--device", "cpu", *extra])
+    return [np.asarray(Image.open(out / f"{s:06d}.png")) for s in SEEDS]
+
+
+def _assert_same(pil_images, pngs):
+    assert len(pil_images) == len(pngs)
+    for img, ref in zip(pil_images, pngs):
+        got = np.asarray(img)
+        assert got.dtype == ref.dtype and got.shape == ref.shape and np.array_equal(got, ref)
+
+
+def test_pixel_network_same_images_as_generate(nets, tmp_path):
+    pipe = EDM2Pipeline.from_snapshot(nets["cond"])
+    # A fixed class for every image (generate --class 1).
+    ref = _generate(tmp_path / "a", nets["cond"], "--class", "1")
+    _assert_same(pipe(class_labels=[1] * 4, num_inference_steps=STEPS, seeds=SEEDS).images, ref)
+    gens = [torch.Generator().manual_seed(s) for s in SEEDS]
+    _assert_same(pipe(class_labels=1, num_inference_steps=STEPS, generator=gens).images, ref)
+    # A random class per seed, drawn from the seed's generator like generate does.
+    ref = _generate(tmp_path / "b", nets["cond"])
+    _assert_same(pipe(num_inference_steps=STEPS, seeds=SEEDS).images, ref)
+    # Per-image classes, other outputs.
+    mixed = pipe(class_labels=[0, 2, 1, 2], num_inference_steps=STEPS, seeds=SEEDS, output_type="uint8").images
+    assert mixed.dtype == torch.uint8 and mixed.shape == (4, 3, 16, 16)
+    one = pipe(class_labels=[2], num_inference_steps=STEPS, seeds=[12], output_type="uint8").images
+    # An image depends on its seed and class alone, not on the batch (up to the rare pixel
+    # that CPU kernels' batch-size-dependent summation order moves by one step).
+    assert (one[0].int() - mixed[3].int()).abs().max() <= 1 and (one[0] == mixed[3]).float().mean() > 0.99
+    arr = pipe(class_labels=[0, 2, 1, 2], num_inference_steps=STEPS, seeds=SEEDS, output_type="np").images
+    assert arr.dtype == np.float32 and np.array_equal(arr * 255, mixed.permute(0, 2, 3, 1).numpy().astype(np.float32))
+    assert not torch.equal(mixed[0], mixed[1])
+
+
+def test_guidance_with_a_second_network_and_save_load(nets, tmp_path):
+    """CFG with an unconditional guide (autoguidance works the same with a weaker conditional one)."""
+    ref = _generate(tmp_path / "a", nets["cond"], "--gnet", str(nets["uncond"]), "--guidance", "1.7", "--class", "2")
+    pipe = EDM2Pipeline.from_snapshot(nets["cond"], gnet=nets["uncond"], guidance=1.7)
+    _assert_same(pipe(class_labels=2, num_inference_steps=STEPS, seeds=SEEDS).images, ref)
+    unguided = pipe(class_labels=2, num_inference_steps=STEPS, seeds=SEEDS, guidance_scale=1.0, output_type="uint8")
+    assert not torch.equal(unguided.images, torch.from_numpy(np.stack(ref)).permute(0, 3, 1, 2))
+
+    pipe.save_pretrained(tmp_path / "p")
+    index = json.loads((tmp_path / "p" / "model_index.json").read_text())
+    assert index["_class_name"] == "EDM2Pipeline" and index["guidance"] == 1.7 and index["vae"] == [None, None]
+    assert (tmp_path / "p" / "net" / "model.safetensors").is_file() and (tmp_path / "p" / "gnet" / "config.json").is_file()
+    back = EDM2Pipeline.from_pretrained(tmp_path / "p")
+    _assert_same(back(class_labels=2, num_inference_steps=STEPS, seeds=SEEDS).images, ref)
+
+
+def test_latent_network_with_vae_same_images_and_round_trip(nets, tmp_path):
+    ref = _generate(tmp_path / "a", nets["latent"], "--class", "0")
+    assert ref[0].shape == (64, 64, 3)  # 8x8 latents decoded by the 8x VAE
+    assert main(["export", "--format", "diffusers", str(nets["latent"]), "--outdir", str(tmp_path / "p")]) == 0
+    assert (tmp_path / "p" / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    pipe = EDM2Pipeline.from_pretrained(str(tmp_path / "p"))
+    assert isinstance(pipe.vae, diffusers.AutoencoderKL) and pipe.config.encoder["type"] == "sd-vae"
+    _assert_same(pipe(class_labels=0, num_inference_steps=STEPS, seeds=SEEDS).images, ref)
+    lat = pipe(class_labels=0, num_inference_steps=STEPS, seeds=SEEDS, output_type="latent").images
+    assert lat.shape == (4, 4, 8, 8) and lat.dtype == torch.float32
+
+
+def test_bad_input(nets, tmp_path, capsys):
+    pipe = EDM2Pipeline.from_snapshot(nets["cond"])
+    with pytest.raises(ValueError, match="needs --gnet, a guiding network"):
+        pipe(seeds=[0], guidance_scale=2.0, num_inference_steps=STEPS)
+    with pytest.raises(ValueError, match="out of range"):
+        pipe(class_labels=[5], seeds=[0], num_inference_steps=STEPS)
+    with pytest.raises(ValueError, match="inconsistent numbers"):
+        pipe(class_labels=[0, 1], seeds=[0], num_inference_steps=STEPS)
+    with pytest.raises(ValueError, match="unknown sampler option"):
+        pipe(seeds=[0], num_inference_steps=STEPS, sigma_maximum=3)
+    with pytest.raises(ValueError, match="needs its VAE"):
+        EDM2Pipeline.from_snapshot(nets["latent"]).__class__(net=pipe.net, encoder={"type": "sd-vae"})
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="not a pipeline folder"):
+        EDM2Pipeline.from_pretrained(tmp_path / "empty")
+    pipe.save_pretrained(tmp_path / "p")
+    index = tmp_path / "p" / "model_index.json"
+    good = json.loads(index.read_text())
+    index.write_text(json.dumps(dict(good, scheduler=["diffusers", "DDIMScheduler"])))
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['scheduler'\]"):
+        EDM2Pipeline.from_pretrained(tmp_path / "p")
+    index.write_text(json.dumps(dict(good, net=["os", "system"])))
+    with pytest.raises(ValueError, match="loads edm2 Precond"):
+        EDM2Pipeline.from_pretrained(tmp_path / "p")
+    index.write_text(json.dumps(good))
+    (tmp_path / "p" / "net" / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match="model.safetensors: missing"):
+        EDM2Pipeline.from_pretrained(tmp_path / "p")
+
+    # CLI: one line, exit 2, nothing written.
+    for argv in (["export", "--format", "diffusers", str(tmp_path / "empty"), "--outdir", str(tmp_path / "o")],
+                 ["export", "--format", "diffusers", str(nets["cond"]), "--outdir", str(tmp_path / "o"),
+                  "--guidance", "2"],
+                 ["export", "--format", "diffusers", str(nets["cond"]), "--outdir", str(tmp_path / "o"),
+                  "--vae", str(nets["vae"])]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "p"]
