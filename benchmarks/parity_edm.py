@@ -111,19 +111,21 @@ def compare(size: str, networks, loss_mod, batch: int, seed: int = 0) -> dict:
         out[f"D_{mode}"] = rel(d_o, d_t)
 
     # 3. The loss with the same noise (training mode: dropout seeded as well), and its gradients.
-    theirs.train()
-    ours.train()
-    torch.manual_seed(seed + 5)
-    l_t = loss_mod.EDMLoss()(theirs, y, labels)
-    torch.manual_seed(seed + 5)
-    l_o = EDMLoss()(ours, y, labels)
-    out["loss"] = (l_t.sum().item() / batch, l_o.sum().item() / batch)
-    out["loss_rel"] = rel(l_o, l_t)
-    l_t.sum().backward()
-    l_o.sum().backward()
-    g_t = torch.cat([p.grad.flatten() for p in theirs.parameters()])
-    g_o = torch.cat([p.grad.flatten() for p in ours.model.parameters()])
-    out["grad"] = rel(g_o, g_t)
+    # One network at a time, so that only one autograd graph is alive (img512-s needs several GB each).
+    losses, grads = [], []
+    for net, loss_fn, params in ((theirs, loss_mod.EDMLoss(), theirs.parameters),
+                                 (ours, EDMLoss(), ours.model.parameters)):
+        net.train()
+        torch.manual_seed(seed + 5)
+        loss = loss_fn(net, y, labels)
+        loss.sum().backward()
+        losses.append(loss.detach())
+        grads.append(torch.cat([p.grad.flatten() for p in params()]))
+        net.zero_grad(set_to_none=True)
+        del loss
+    out["loss"] = (losses[0].sum().item() / batch, losses[1].sum().item() / batch)
+    out["loss_rel"] = rel(losses[1], losses[0])
+    out["grad"] = rel(grads[1], grads[0])
     out["seconds"] = time.perf_counter() - t0
     return out
 
