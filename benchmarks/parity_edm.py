@@ -41,9 +41,18 @@ SIZES = {
 }
 
 
-def rel(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
-    a, b = a.double(), b.double()
-    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item(), ((a - b).abs().max() / b.abs().max().clamp_min(1e-300)).item()
+def rel(a, b) -> tuple[float, float]:
+    """(||a - b|| / ||b||, max|a - b| / max|b|) of two tensors or two lists of tensors, in float64
+    one tensor at a time (the gradients of img512-s would need 10 GB at once)."""
+    a, b = ([a], [b]) if torch.is_tensor(a) else (a, b)
+    diff2 = norm2 = diff_max = b_max = 0.0
+    for x, y in zip(a, b):
+        d = x.double() - y.double()
+        diff2 += d.square().sum().item()
+        norm2 += y.double().square().sum().item()
+        diff_max = max(diff_max, d.abs().max().item())
+        b_max = max(b_max, y.abs().max().item())
+    return math.sqrt(diff2) / max(math.sqrt(norm2), 1e-300), diff_max / max(b_max, 1e-300)
 
 
 def fmt(r) -> str:
@@ -120,8 +129,7 @@ def compare(size: str, networks, loss_mod, batch: int, seed: int = 0) -> dict:
         loss = loss_fn(net, y, labels)
         loss.sum().backward()
         losses.append(loss.detach())
-        grads.append(torch.cat([p.grad.flatten() for p in params()]))
-        net.zero_grad(set_to_none=True)
+        grads.append([p.grad for p in params()])
         del loss
     out["loss"] = (losses[0].sum().item() / batch, losses[1].sum().item() / batch)
     out["loss_rel"] = rel(losses[1], losses[0])
