@@ -35,7 +35,7 @@ from .phema import check_sigma_rel, std_to_exp
 from .posthoc import find_phema_inputs, plan_posthoc, resolve_time, stream_state_dicts
 from .snapshot import FORMAT, VERSION, save_state_dict, snapshot_name
 
-__all__ = ["PowerFunctionEMA", "reconstruct", "trackable"]
+__all__ = ["PowerFunctionEMA", "TraditionalEMA", "reconstruct", "trackable"]
 
 
 def trackable(net: torch.nn.Module) -> torch.nn.Module:
@@ -206,3 +206,69 @@ def reconstruct(folder, sigma_rel, at: int | None = None, model: torch.nn.Module
         return states if many else states[0]
     trackable(model).load_state_dict(states[0], strict=True)
     return model
+
+
+class TraditionalEMA:
+    """Traditional exponential moving average with a half-life in images, as
+    used by config A of the paper's Table 1 (App. B.1: half-life 50M images)
+    with EDM's ramp-up (Karras et al. 2022).
+
+    After the optimizer step that consumed `batch_size` images and brought the
+    count to `cur_nimg`:
+
+        h    = min(halflife_nimg, rampup_ratio * (cur_nimg - batch_size))
+        beta = 0.5 ** (batch_size / max(h, 1e-8))
+        ema <- beta * ema + (1 - beta) * theta
+
+    The ramp uses the count before the step, as EDM does, so the first update
+    (cur_nimg == batch_size) has beta = 0 and copies the network; early on the
+    half-life is `rampup_ratio` of the training so far. `rampup_ratio=None`
+    turns the ramp off.
+
+    Same interface as `PowerFunctionEMA`: `update(net, cur_nimg, batch_size)`,
+    `nets` (one entry, keyed by the half-life in images as a float: the
+    snapshot of a traditional EMA carries a half-life, not a sigma_rel),
+    `state_dict()` / `load_state_dict()`. Buffers are copied from the live
+    network, not averaged.
+    """
+
+    def __init__(self, net: torch.nn.Module, halflife_nimg: float = 50e6, rampup_ratio: float | None = 0.05):
+        if not halflife_nimg >= 1:
+            raise ValueError(f"EMA half-life {halflife_nimg!r} images: must be at least 1 (the paper's config A: 50e6)")
+        if rampup_ratio is not None and not rampup_ratio > 0:
+            raise ValueError(f"EMA ramp-up ratio {rampup_ratio!r}: must be positive, or None for no ramp-up")
+        self.halflife_nimg = float(halflife_nimg)
+        self.rampup_ratio = None if rampup_ratio is None else float(rampup_ratio)
+        self.nets = {self.halflife_nimg: copy.deepcopy(net).float().eval().requires_grad_(False)}
+
+    def beta(self, cur_nimg: int, batch_size: int) -> float:
+        """Decay of the update after the step that brought the count to cur_nimg."""
+        halflife = self.halflife_nimg
+        if self.rampup_ratio is not None:
+            halflife = min(halflife, self.rampup_ratio * (cur_nimg - batch_size))
+        return 0.5 ** (batch_size / max(halflife, 1e-8))
+
+    @torch.no_grad()
+    def update(self, net: torch.nn.Module, cur_nimg: int, batch_size: int) -> None:
+        """Fold in the parameters of `net` right after the step that brought
+        the image count to cur_nimg (the step consumed batch_size images)."""
+        beta = self.beta(cur_nimg, batch_size)
+        ema = self.nets[self.halflife_nimg]
+        for p_ema, p in zip(ema.parameters(), net.parameters()):
+            p_ema.lerp_(p.detach().to(torch.float32), 1 - beta)
+        for b_ema, b in zip(ema.buffers(), net.buffers()):
+            b_ema.copy_(b)
+
+    def state_dict(self) -> dict:
+        """{f'halflife_nimg={h:.0f}': state dict} (plain tensors, loadable with weights_only=True)."""
+        return {self._key: {k: v.detach().clone() for k, v in self.nets[self.halflife_nimg].state_dict().items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != {self._key}:
+            raise ValueError(f"checkpoint holds EMA {sorted(state)} but the run tracks {self._key}; "
+                             f"resume with the same EMA half-life")
+        self.nets[self.halflife_nimg].load_state_dict(state[self._key])
+
+    @property
+    def _key(self) -> str:
+        return f"halflife_nimg={self.halflife_nimg:.0f}"

@@ -1,12 +1,13 @@
-"""EDM2 training loss with learned uncertainty, and the learning-rate schedule
-(paper App. B.1 Eqs. 13-16, App. B.2 Eq. 21; App. B.5 Eq. 67)."""
+"""EDM2 training loss with learned uncertainty, EDM's loss (config A of the
+paper's Table 1), and the learning-rate schedule (paper App. B.1 Eqs. 13-16,
+App. B.2 Eq. 21; App. B.5 Eq. 67)."""
 from __future__ import annotations
 
 import math
 
 import torch
 
-__all__ = ["EDM2Loss", "learning_rate_schedule"]
+__all__ = ["EDM2Loss", "EDMLoss", "learning_rate_schedule"]
 
 
 class EDM2Loss:
@@ -24,14 +25,41 @@ class EDM2Loss:
         self.sigma_data = sigma_data
 
     def __call__(self, net, images, labels=None, generator: torch.Generator | None = None):
-        images = images.to(torch.float32)
-        n = images.shape[0]
-        rnd = _randn([n, 1, 1, 1], images.device, generator)
-        sigma = (rnd * self.P_std + self.P_mean).exp()
-        weight = (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
-        noise = _randn(images.shape, images.device, generator) * sigma
-        denoised, logvar = net(images + noise, sigma, labels, return_logvar=True)
+        images, sigma, weight, noisy = _noise(images, self.P_mean, self.P_std, self.sigma_data, generator)
+        denoised, logvar = net(noisy, sigma, labels, return_logvar=True)
         return (weight / logvar.exp()) * ((denoised - images) ** 2) + logvar
+
+
+class EDMLoss:
+    """EDM's loss (Karras et al. 2022), used by config A of the paper's Table 1
+    (App. B.1): per element lambda(sigma) * (D(y+n; sigma) - y)^2.
+
+    ln(sigma) ~ N(P_mean, P_std^2), lambda(sigma) = (sigma^2 + sd^2) / (sigma * sd)^2,
+    n ~ N(0, sigma^2 I). Same calling convention and noise draws as `EDM2Loss`
+    (noise level first, then the noise, from `generator` or one generator per
+    sample); the network is called without `return_logvar`. Returns the
+    unreduced [N, C, H, W] tensor.
+    """
+
+    def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5):
+        self.P_mean = P_mean
+        self.P_std = P_std
+        self.sigma_data = sigma_data
+
+    def __call__(self, net, images, labels=None, generator: torch.Generator | None = None):
+        images, sigma, weight, noisy = _noise(images, self.P_mean, self.P_std, self.sigma_data, generator)
+        return weight * ((net(noisy, sigma, labels) - images) ** 2)
+
+
+def _noise(images, P_mean, P_std, sigma_data, generator):
+    """(float32 images y, sigma [N,1,1,1] with ln sigma ~ N(P_mean, P_std^2),
+    lambda(sigma), y + n with n ~ N(0, sigma^2)); sigma is drawn before n."""
+    images = images.to(torch.float32)
+    rnd = _randn([images.shape[0], 1, 1, 1], images.device, generator)
+    sigma = (rnd * P_std + P_mean).exp()
+    weight = (sigma ** 2 + sigma_data ** 2) / (sigma * sigma_data) ** 2
+    noise = _randn(images.shape, images.device, generator) * sigma
+    return images, sigma, weight, images + noise
 
 
 def _randn(shape, device, generator):
