@@ -57,8 +57,9 @@ from .trainconfig import TrainConfig
 from .trainlog import Reporter, StatusMeter, save_grid
 from .units import parse_float_list
 
-__all__ = ["TrainConfig", "RunPlan", "TrainResult", "Run", "Stream", "plan_run", "setup", "train", "train_loop",
-           "dry_run", "describe", "stream_indices", "sample_seed", "SESSION_FIELDS"]
+__all__ = ["TrainConfig", "RunPlan", "TrainResult", "Run", "Stream", "plan_run", "setup", "start_session", "train",
+           "train_loop", "dry_run", "describe", "stream_indices", "sample_seed", "build_network", "build_optimizer",
+           "build_ema", "build_loss", "SESSION_FIELDS"]
 
 
 # Fields of RunPlan that may change between invocations of the same run.
@@ -177,6 +178,8 @@ def _check_values(config: TrainConfig, preset) -> dict:
 
 def _check_ema_std(config: TrainConfig, preset) -> list:
     ema_std = parse_float_list(_pick(config.ema_std, preset.ema_std), "ema_std")
+    if len(set(ema_std)) != len(ema_std):
+        raise ValueError(f"ema_std={','.join(map(str, ema_std))}: every value must be different")
     try:
         PowerFunctionEMA(torch.nn.Linear(1, 1), ema_std)  # validates the widths
     except ValueError as e:
@@ -451,8 +454,8 @@ def _find_resume_state(out: Path, mode: str, device: torch.device):
 def _build_run(plan: RunPlan, ds, out: Path, rank: int, world: int, device: torch.device, hooks) -> Run:
     net = build_network(plan, device)
     return Run(plan=plan, out=out, rank=rank, world=world, device=device, data=ds, net=net,
-               opt=build_optimizer(plan, net), ema=PowerFunctionEMA(net, plan.ema_std) if rank == 0 else None,
-               loss_fn=EDM2Loss(P_mean=plan.P_mean, P_std=plan.P_std, sigma_data=net.sigma_data),
+               opt=build_optimizer(plan, net), ema=build_ema(plan, net) if rank == 0 else None,
+               loss_fn=build_loss(plan, net),
                encoder=encoder_from_meta(plan.encoder), reporter=Reporter(out, rank == 0), nimg=0, start_nimg=0,
                stop_nimg=0, result=TrainResult(outdir=out, nimg=0, finished=False), grid=plan.grid,
                hooks=list(hooks))
@@ -495,6 +498,16 @@ def build_network(plan: RunPlan, device: torch.device) -> Precond:
 def build_optimizer(plan: RunPlan, net: Precond) -> torch.optim.Optimizer:
     """Adam with the paper's betas (App. B.2); the learning rate is set every step."""
     return torch.optim.Adam(net.parameters(), lr=0.0, betas=(0.9, 0.99), eps=1e-8)
+
+
+def build_ema(plan: RunPlan, net: Precond) -> PowerFunctionEMA:
+    """Power-function EMA profiles of the widths plan.ema_std (paper Sec. 3.1, App. C.4)."""
+    return PowerFunctionEMA(net, plan.ema_std)
+
+
+def build_loss(plan: RunPlan, net: Precond) -> EDM2Loss:
+    """The EDM2 loss with learned uncertainty (paper App. B.2 Eq. 21)."""
+    return EDM2Loss(P_mean=plan.P_mean, P_std=plan.P_std, sigma_data=net.sigma_data)
 
 
 def _restore(run: Run, state: dict, path: Path) -> None:
@@ -646,7 +659,7 @@ def train_step(run: Run) -> None:
         x, labels, gens = _micro_batch(run, first)
         sync = run.ddp.no_sync() if run.ddp is not None and r < run.rounds - 1 else contextlib.nullcontext()
         with sync:
-            loss = run.loss_fn(run.model, x, labels, generator=gens)   # per-pixel loss, paper Eq. 8
+            loss = run.loss_fn(run.model, x, labels, generator=gens)   # per-element loss, paper App. B.2 Eq. 21
             loss.sum().mul(plan.loss_scaling / run.per_rank).backward()
         run.meter.add_loss(loss)
     for p in run.net.parameters():
