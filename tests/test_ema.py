@@ -77,7 +77,8 @@ def test_first_update_copies_and_buffers_are_copied_not_averaged():
     ema.update(net, 16, 8)
     gamma = std_to_exp(0.10)
     beta = (1 - 8 / 16) ** (gamma + 1)
-    np.testing.assert_allclose(ema.nets[0.10].w.numpy(), beta * np.array([1.0, -2.0, 3.5, 0.25, 7.0]), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(ema.nets[0.10].w.numpy(), beta * np.array([1.0, -2.0, 3.5, 0.25, 7.0]),
+                               rtol=0, atol=1e-6)
     assert torch.equal(ema.nets[0.10].b, torch.full([5], -1.0))  # copied, not averaged
 
 

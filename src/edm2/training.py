@@ -35,17 +35,23 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .checkpoint import (archive_run, check_run_folder, checkpoint_name, load_latest_checkpoint,
-                         remove_stale_temp_files, save_checkpoint)
+from .checkpoint import (
+    archive_run,
+    check_run_folder,
+    checkpoint_name,
+    load_latest_checkpoint,
+    remove_stale_temp_files,
+    save_checkpoint,
+)
 from .distributed import default_device, init_distributed
 from .ema import PowerFunctionEMA
 from .encoders import StabilityVAEEncoder, StandardRGBEncoder, VAEUnavailable
+from .fileio import atomic_write_bytes
 from .loading import load_network
 from .loss import EDM2Loss, learning_rate_schedule
 from .nn import Precond
 from .nn.unet import DTYPES
 from .presets import get_preset
-from .fileio import atomic_write_bytes
 from .snapshot import make_meta, save_snapshot, snapshot_name
 from .trainlog import Reporter, report_status, save_grid
 

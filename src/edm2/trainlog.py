@@ -12,9 +12,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from .fileio import atomic_write_bytes, png_bytes
 from .generate import generate_images
 from .loss import learning_rate_schedule
-from .fileio import atomic_write_bytes, png_bytes
 
 __all__ = ["Reporter", "save_grid", "report_status", "peak_memory"]
 

@@ -20,9 +20,9 @@ import numpy as np
 import torch
 import tqdm
 
+from ..fileio import atomic_write_bytes
 from ..loss import learning_rate_schedule
 from ..phema import power_function_beta, solve_posthoc_coefficients, std_to_exp
-from ..fileio import atomic_write_bytes
 from .gmm import CLASSES, tree_mixture
 from .model import ToyNet, ToyNetConfig, load_toy, read_toy_meta, save_toy
 
