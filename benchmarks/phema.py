@@ -70,7 +70,8 @@ def whole_models(rundir: Path, outdir: Path, sigma_rels: list[float], batch: int
     from safetensors.torch import load_file
 
     inputs = find_phema_inputs(rundir)
-    plan = plan_posthoc([r.nimg for r in inputs], [r.sigma_rel for r in inputs], sigma_rels, resolve_time(inputs), inputs)
+    plan = plan_posthoc([r.nimg for r in inputs], [r.sigma_rel for r in inputs], sigma_rels, resolve_time(inputs),
+                        inputs)
     buffers = {"unet.emb_fourier.freqs", "unet.emb_fourier.phases", "logvar_fourier.freqs", "logvar_fourier.phases"}
     for b0 in range(0, len(sigma_rels), batch):
         acc = None
@@ -79,7 +80,8 @@ def whole_models(rundir: Path, outdir: Path, sigma_rels: list[float], batch: int
             dtypes = {k: v.dtype for k, v in state.items()}  # the outputs keep the inputs' dtypes
             state = {k: v if k in buffers else v.float() for k, v in state.items()}
             if acc is None:
-                acc = [{k: torch.zeros(v.shape, dtype=torch.float32) for k, v in state.items()} for _ in sigma_rels[b0:b0 + batch]]
+                acc = [{k: torch.zeros(v.shape, dtype=torch.float32) for k, v in state.items()}
+                       for _ in sigma_rels[b0:b0 + batch]]
             for j, a in enumerate(acc):
                 for k, v in state.items():
                     if k in buffers:  # copied, not averaged
@@ -90,7 +92,8 @@ def whole_models(rundir: Path, outdir: Path, sigma_rels: list[float], batch: int
         for j, a in enumerate(acc):
             sigma_rel = sigma_rels[b0 + j]
             meta = dict(plan.inputs[-1].meta, ema_std=sigma_rel, nimg=plan.at_nimg)
-            save_state_dict(outdir / snapshot_name(plan.at_nimg, sigma_rel), {k: v.to(dtypes[k]) for k, v in a.items()}, meta)
+            save_state_dict(outdir / snapshot_name(plan.at_nimg, sigma_rel), {k: v.to(dtypes[k]) for k, v in a.items()},
+                            meta)
         del acc
 
 

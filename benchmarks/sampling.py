@@ -94,7 +94,8 @@ def main():
                      f"{ips:.2f} img/s", f"{warm:.1f} s"))
         print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
 
-    lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}",
+    cpu = platform.processor() or platform.machine()
+    lines = [f"torch {torch.__version__}, {torch.get_num_threads()} threads, {cpu}",
              "", "| what | mode | speed | first call / warm-up (incl. compile) |", "|---|---|---|---|"]
     lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows]
     table = "\n".join(lines)

@@ -28,8 +28,17 @@ from pathlib import Path
 import torch
 
 from edm2.fileio import atomic_write_bytes
-from edm2.toy import (ToyPanel, ToyTrainConfig, load_toy_run, plot_toy, posthoc_toy, sample_toy, toy_score,
-                      train_toy, tree_mixture)
+from edm2.toy import (
+    ToyPanel,
+    ToyTrainConfig,
+    load_toy_run,
+    plot_toy,
+    posthoc_toy,
+    sample_toy,
+    toy_score,
+    train_toy,
+    tree_mixture,
+)
 
 RUNS = {
     "main": ToyTrainConfig(classes="A", hidden_dim=64, iters=4096),
@@ -87,7 +96,7 @@ def main(argv=None):
     for label, w, frac, logp, sec in rows:
         lines.append(f"| {label} | {'' if w != w else f'{w:g}'} | {frac:.4f} | {logp:.3f} | {sec:.1f} |")
     lines += ["", "| training run | classes | dim | iterations | batch | seconds |", "|---|---|---|---|---|---|"]
-    for name, (folder, seconds, reused) in runs.items():
+    for name, (_folder, seconds, reused) in runs.items():
         c = RUNS[name]
         lines.append(f"| {name}{' (reused)' if reused else ''} | {c.classes} | {c.hidden_dim} | {c.iters} | "
                      f"{c.batch_size} | {seconds:.1f} |")

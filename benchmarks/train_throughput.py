@@ -103,10 +103,10 @@ def main() -> None:
         if "error" in r:
             lines.append(f"| {r['case']} | {r['mode']} | | error: {r['error']} | | | | |")
         else:
-            lines.append(f"| {r['case']} | {r['mode']} | {r['batch']} | {r['img_per_sec']:.2f} | {r['cpu_mem_gib']:.2f} "
-                         f"| {r['gpu_mem_gib']:.2f} | {r['device']} | {r['threads']} |")
-    lines.append(f"\n{args.steps} timed steps after {args.warmup} warm-up steps; {platform.processor() or platform.machine()}, "
-                 f"{os.cpu_count()} CPUs.")
+            lines.append(f"| {r['case']} | {r['mode']} | {r['batch']} | {r['img_per_sec']:.2f} "
+                         f"| {r['cpu_mem_gib']:.2f} | {r['gpu_mem_gib']:.2f} | {r['device']} | {r['threads']} |")
+    cpu = platform.processor() or platform.machine()
+    lines.append(f"\n{args.steps} timed steps after {args.warmup} warm-up steps; {cpu}, {os.cpu_count()} CPUs.")
     table = "\n".join(lines)
     print(table)
     if args.out:

@@ -128,7 +128,8 @@ def _record(module, init_args=(), init_kwargs=None):
     state["_modules"] = children
     state["_init_args"] = tuple(init_args)
     state["_init_kwargs"] = dict(init_kwargs or {})
-    class_name = {Precond: "Precond", UNet: "UNet", Block: "Block", MPConv: "MPConv", MPFourier: "MPFourier"}[type(module)]
+    names = {Precond: "Precond", UNet: "UNet", Block: "Block", MPConv: "MPConv", MPFourier: "MPFourier"}
+    class_name = names[type(module)]
     return Persistent(class_name, state)
 
 

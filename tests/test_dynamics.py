@@ -4,8 +4,18 @@ import math
 import pytest
 import torch
 
-from edm2.dynamics import (DynamicsTracker, bucket_of, find_layers, load_dynamics, make_probe, measure,
-                           plot_dynamics, plot_loss_profile, relative_updates, weight_magnitudes)
+from edm2.dynamics import (
+    DynamicsTracker,
+    bucket_of,
+    find_layers,
+    load_dynamics,
+    make_probe,
+    measure,
+    plot_dynamics,
+    plot_loss_profile,
+    relative_updates,
+    weight_magnitudes,
+)
 from edm2.nn import Precond
 from edm2.presets import get_preset
 
@@ -159,7 +169,8 @@ def _synthetic_run(folder, growth):
             nimg = i * 2 ** 20
             rec = {"nimg": nimg, "net": "ema"}
             for q in ("act_max", "act_mean", "weight_max", "weight_mean"):
-                rec[q] = {b: 1.0 + growth * i * (k + 1) for k, b in enumerate(["enc-32x32", "enc-16x16", "dec-16x16", "dec-32x32"])}
+                buckets = ["enc-32x32", "enc-16x16", "dec-16x16", "dec-32x32"]
+                rec[q] = {b: 1.0 + growth * i * (k + 1) for k, b in enumerate(buckets)}
             rec["update"] = None if i == 0 else {"enc-32x32": 0.01, "dec-32x32": 0.02}
             rec["loss_sigma"], rec["loss"] = [0.1, 1.0, 10.0], [0.5, 0.3, 0.2]
             rec["u_sigma"], rec["u"] = [0.1, 1.0, 10.0], [math.log(0.5), math.log(0.3), math.log(0.2)]

@@ -9,7 +9,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import official_format as fmt  # noqa: E402
-
 from edm2.cli import main  # noqa: E402
 from edm2.export import export_hf  # noqa: E402
 from edm2.nn import Precond  # noqa: E402

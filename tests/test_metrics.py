@@ -262,7 +262,8 @@ def test_sweep_two_points_with_guidance_writes_csv_and_png(files, tmp_path, caps
     assert f"sigma_rel {float(best['ema_std']):.4f}, guidance {float(best['guidance']):g}" in capsys.readouterr().out
     # A second sweep into the same folder would overwrite it: refused.
     assert _cli_error(["sweep", "--rundir", str(run), "--std", "0.06", "--ref", str(files["ref"]), "--num", "6",
-                       "--outdir", str(out)], capsys) .endswith("a sweep was already written there; choose another --outdir")
+                       "--outdir", str(out)], capsys) .endswith(
+        "a sweep was already written there; choose another --outdir")
 
 
 # ---------------------------------------------------------------------------

@@ -5,8 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from edm2.nn import (Block, MPConv, MPFourier, Precond, mp_cat, mp_silu, mp_sum, normalize,
-                     set_precision)
+from edm2.nn import Block, MPConv, MPFourier, Precond, mp_cat, mp_silu, mp_sum, normalize, set_precision
 from edm2.presets import get_preset
 
 

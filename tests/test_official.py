@@ -21,7 +21,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import official_format as fmt  # noqa: E402
-
 from edm2 import official  # noqa: E402
 from edm2.cli import main  # noqa: E402
 from edm2.encoders import StabilityVAEEncoder, encoder_from_meta  # noqa: E402
@@ -373,7 +372,8 @@ def test_generate_with_preset(tmp_path, monkeypatch):
 
     src = tmp_path / "cdn"
     src.mkdir()
-    fmt.write_published(src / "edm2-img64-s-1073741-0.045.pkl", fmt.make_tiny_net(seed=3, img_channels=3), encoder="rgb")
+    fmt.write_published(src / "edm2-img64-s-1073741-0.045.pkl", fmt.make_tiny_net(seed=3, img_channels=3),
+                        encoder="rgb")
     fmt.write_published(src / "edm2-img64-xs-0134217-0.110.pkl", fmt.make_tiny_net(seed=4, img_channels=3),
                         encoder="rgb")
     net_url, gnet_url = (f"file://{src}/edm2-img64-s-1073741-0.045.pkl", f"file://{src}/edm2-img64-xs-0134217-0.110.pkl")
@@ -387,7 +387,8 @@ def test_generate_with_preset(tmp_path, monkeypatch):
                  str(src / "edm2-img64-xs-0134217-0.110.pkl"), "--guidance", "2", "--outdir", str(tmp_path / "b")]
                 + common) == 0
     # ... and different from the unguided net (the preset's guidance was applied).
-    assert main(["generate", "--preset", "tiny-autog", "--guidance", "1", "--outdir", str(tmp_path / "c")] + common) == 0
+    argv = ["generate", "--preset", "tiny-autog", "--guidance", "1", "--outdir", str(tmp_path / "c")]
+    assert main(argv + common) == 0
     for seed in (0, 1):
         a, b, c = (np.asarray(Image.open(tmp_path / d / f"{seed:06d}.png")) for d in "abc")
         assert a.shape == (8, 8, 3) and np.array_equal(a, b) and not np.array_equal(a, c)

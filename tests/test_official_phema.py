@@ -10,7 +10,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 import official_format as fmt  # noqa: E402
-
 from edm2.cli import main  # noqa: E402
 from edm2.phema import solve_posthoc_coefficients  # noqa: E402
 from edm2.snapshot import load_snapshot, read_snapshot_meta  # noqa: E402

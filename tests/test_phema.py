@@ -3,8 +3,16 @@ import numpy as np
 import pytest
 from scipy.integrate import quad
 
-from edm2.phema import (MAX_SIGMA_REL, exp_to_std, power_function_beta, profile_density, profile_fit_error,
-                        profile_inner_product, solve_posthoc_coefficients, std_to_exp)
+from edm2.phema import (
+    MAX_SIGMA_REL,
+    exp_to_std,
+    power_function_beta,
+    profile_density,
+    profile_fit_error,
+    profile_inner_product,
+    solve_posthoc_coefficients,
+    std_to_exp,
+)
 
 
 def test_std_to_exp_check_values_and_round_trip():
@@ -56,7 +64,8 @@ def test_inner_product_and_fit_error_match_numerical_integrals():
     in_t, in_std = np.repeat([200.0, 400.0, 600.0], 2), np.tile([0.05, 0.10], 3)
     X = solve_posthoc_coefficients(in_t, in_std, 600.0, [0.08])
     mix = lambda tau: sum(X[i, 0] * profile_density(tau, in_t[i], in_std[i]) for i in range(6))
-    diff2 = quad(lambda tau: (mix(tau) - profile_density(tau, 600.0, 0.08)) ** 2, 0, 600, points=[200, 400], limit=400)[0]
+    diff2 = quad(lambda tau: (mix(tau) - profile_density(tau, 600.0, 0.08)) ** 2, 0, 600, points=[200, 400],
+                 limit=400)[0]
     norm2 = profile_inner_product(600.0, 0.08, 600.0, 0.08)
     assert profile_fit_error(in_t, in_std, X, 600.0, [0.08])[0] == pytest.approx(np.sqrt(diff2 / norm2), rel=1e-4)
 

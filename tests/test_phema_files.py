@@ -34,7 +34,8 @@ def make_run(folder, seed=0, dtype=torch.float32, model_channels=16, times=TIMES
             with torch.no_grad():
                 for p in net.parameters():
                     p.add_(torch.randn_like(p))
-            meta = make_meta(kw, t, std, StandardRGBEncoder().to_meta(), dataset, {"preset": "tiny", "run": str(folder)})
+            origin = {"preset": "tiny", "run": str(folder)}
+            meta = make_meta(kw, t, std, StandardRGBEncoder().to_meta(), dataset, origin)
             save_snapshot(folder / snapshot_name(t, std), net, meta, dtype=dtype)
     return folder
 
@@ -109,7 +110,8 @@ def test_default_time_fp16_inputs_and_earlier_outputs_ignored(tmp_path):
     (path,) = reconstruct(folder, tmp_path / "out", [0.13], progress=False)
     assert path.name == snapshot_name(TIMES[2], 0.13)  # default time: the last snapshot
     assert all(v.dtype == torch.float16 for k, v in load_file(path).items() if k.endswith("weight"))
-    torch.testing.assert_close(load_file(path)["unet.out_conv.weight"], load_file(folder / path.name)["unet.out_conv.weight"])
+    name = "unet.out_conv.weight"
+    torch.testing.assert_close(load_file(path)[name], load_file(folder / path.name)[name])
 
 
 def test_cli_phema_and_overwrite(run, tmp_path, capsys):

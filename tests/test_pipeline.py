@@ -12,12 +12,11 @@ from PIL import Image
 diffusers = pytest.importorskip("diffusers")
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_data_vae import SMALL_CONFIG  # noqa: E402
-from test_generate import write_snapshot  # noqa: E402
-
 from edm2.cli import main  # noqa: E402
 from edm2.encoders import StabilityVAEEncoder  # noqa: E402
 from edm2.pipeline import EDM2Pipeline  # noqa: E402
+from test_data_vae import SMALL_CONFIG  # noqa: E402
+from test_generate import write_snapshot  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

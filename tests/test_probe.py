@@ -8,8 +8,15 @@ from edm2.cli import main
 from edm2.data import convert_dataset
 from edm2.nn import Precond
 from edm2.presets import get_preset
-from edm2.probe import (CSV_FIELDS, default_layer, fit_linear_classifier, linear_probe, list_layers, probe_sweep,
-                        write_probe_csv)
+from edm2.probe import (
+    CSV_FIELDS,
+    default_layer,
+    fit_linear_classifier,
+    linear_probe,
+    list_layers,
+    probe_sweep,
+    write_probe_csv,
+)
 from edm2.snapshot import make_meta, save_snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -9,12 +9,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
-from test_train import make_dataset
 
 from edm2.checkpoint import list_checkpoints
 from edm2.cli import main as cli_main
 from edm2.fileio import LOCK_NAME
 from edm2.training import TrainConfig, train
+from test_train import make_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

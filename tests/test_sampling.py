@@ -9,7 +9,6 @@ from edm2.nn import Precond
 from edm2.presets import get_preset
 from edm2.sampling import SeedRandom, check_guidance, edm_sampler, guided_denoiser, sigma_steps
 
-
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -8,10 +8,21 @@ import torch
 
 from edm2.cli import main
 from edm2.sampling import edm_sampler
-from edm2.toy import (ToyNet, ToyNetConfig, ToyTrainConfig, list_toy_snapshots, load_toy, load_toy_run,
-                      posthoc_toy, sample_toy, toy_noise, toy_score, train_toy, tree_mixture)
+from edm2.toy import (
+    ToyNet,
+    ToyNetConfig,
+    ToyTrainConfig,
+    list_toy_snapshots,
+    load_toy,
+    load_toy_run,
+    posthoc_toy,
+    sample_toy,
+    toy_noise,
+    toy_score,
+    train_toy,
+    tree_mixture,
+)
 from edm2.toy.gmm import _tree_components
-
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -161,7 +172,8 @@ def test_cli(toy_run, tmp_path, capsys):
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["num"] == 128 and 0 <= s["in_fraction"] <= 1 and math.isfinite(s["mean_logp"])
     assert main(["toy", "plot", "--net", str(out), "--gnet", str(out / "toy-000064-0.010.safetensors"),
-                 "--guidance", "2", "--num", "128", "--trajectories", "8", "--resolution", "40", "--out", str(tmp_path / "p.png"),
+                 "--guidance", "2", "--num", "128", "--trajectories", "8", "--resolution", "40",
+                 "--out", str(tmp_path / "p.png"),
                  "--json", str(tmp_path / "p.json")]) == 0
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert [p["title"] for p in json.loads((tmp_path / "p.json").read_text())] == ["ground truth", "guided, w=2"]

@@ -14,8 +14,8 @@ from PIL import Image
 
 from edm2.checkpoint import list_checkpoints, load_checkpoint
 from edm2.cli import main as cli_main
-from edm2.loss import learning_rate_schedule
 from edm2.loading import load_network
+from edm2.loss import learning_rate_schedule
 from edm2.snapshot import list_snapshots, read_snapshot_meta
 from edm2.training import TrainConfig, _StreamSampler, stream_indices, train
 

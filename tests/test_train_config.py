@@ -11,8 +11,8 @@ import torch
 from edm2.checkpoint import check_run_folder
 from edm2.cli import build_parser
 from edm2.cli.train import cli_message, config_from_args, flag
-from edm2.nn import Precond, precision_kwargs
 from edm2.loading import load_network
+from edm2.nn import Precond, precision_kwargs
 from edm2.snapshot import make_meta, save_snapshot
 from edm2.training import Stream, TrainConfig, sample_seed
 

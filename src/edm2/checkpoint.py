@@ -19,8 +19,8 @@ import io
 import json
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -62,7 +62,8 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, bad magic, unexpected object types, ...
-        raise ValueError(f"{path}: unreadable checkpoint ({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise ValueError(f"{path}: unreadable checkpoint "
+                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not an edm2 training checkpoint")
     return state
@@ -71,7 +72,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
 def load_latest_checkpoint(folder, map_location="cpu", warn: Callable[[str], None] = print):
     """The newest readable checkpoint in folder -> (state, path), or (None, None).
     Unreadable ones are reported through `warn` and skipped (never deleted)."""
-    for nimg, path in reversed(list_checkpoints(folder)):
+    for _nimg, path in reversed(list_checkpoints(folder)):
         try:
             return load_checkpoint(path, map_location), path
         except ValueError as e:

@@ -33,8 +33,8 @@ import os
 import torch
 import torch.distributed as dist
 
-__all__ = ["default_device", "resolve_device", "init_distributed", "rank_world", "shutdown_distributed", "configure_threads",
-           "available_cores", "DEFAULT_MAX_THREADS"]
+__all__ = ["default_device", "resolve_device", "init_distributed", "rank_world", "shutdown_distributed",
+           "configure_threads", "available_cores", "DEFAULT_MAX_THREADS"]
 
 # Upper limit of the automatic thread count (more rarely pays off for edm2's CPU work).
 DEFAULT_MAX_THREADS = 4

@@ -159,7 +159,8 @@ def gradient_norms(net: torch.nn.Module, scale: float = 1.0) -> dict | None:
         if layer.weight.grad is not None:
             per[layer.bucket] = per.get(layer.bucket, 0.0) + float(layer.weight.grad.to(torch.float32).square().sum())
     return {"grad_norm": total,
-            "grad_norm_bucket": {b: math.sqrt(v) / scale for b, v in sorted(per.items(), key=lambda kv: bucket_sort_key(kv[0]))}}
+            "grad_norm_bucket": {b: math.sqrt(v) / scale
+                                 for b, v in sorted(per.items(), key=lambda kv: bucket_sort_key(kv[0]))}}
 
 
 # ---------------------------------------------------------------------------
@@ -400,7 +401,8 @@ class DynamicsTracker:
             rec = {"nimg": int(nimg), "net": tag, **(extra or {}).get(tag, {})}
             rec.update(measure(net, self.probe, batch_size=self.batch_size))
             rec["update"] = relative_updates(net, self.before[tag]) if tag in self.before else None
-            self.before[tag] = {layer.name: layer.weight.detach().to(torch.float32).clone() for layer in find_layers(net)}
+            self.before[tag] = {layer.name: layer.weight.detach().to(torch.float32).clone()
+                                for layer in find_layers(net)}
             if grad_net is not None and tag == "raw":
                 rec.update(gradient_norms(grad_net, grad_scale) or {})
             records.append(rec)

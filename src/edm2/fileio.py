@@ -349,7 +349,7 @@ class RunLock:
         except (OSError, ValueError):
             return "", None
 
-    def acquire(self) -> "RunLock":
+    def acquire(self) -> RunLock:
         if self._token is not None:
             raise LockError(f"{self.path}: already held by this object")
         if self.folder.exists() and not self.folder.is_dir():

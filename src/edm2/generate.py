@@ -14,9 +14,9 @@ churn noise come from the seed's own generator (`edm2.sampling.SeedRandom`).
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import torch
@@ -295,7 +295,8 @@ def generate_to_dir(net, encoder, seeds, outdir, gnet=None, guidance: float = 1,
     """
     seeds = [int(s) for s in seeds]
     if encoder is None:
-        raise ValueError("generate_to_dir needs an encoder to turn samples into pixels (encoder_from_meta(meta['encoder']))")
+        raise ValueError("generate_to_dir needs an encoder to turn samples into pixels "
+                         "(encoder_from_meta(meta['encoder']))")
     if not seeds:
         raise ValueError("--seeds: no seeds given")
     if len(set(seeds)) != len(seeds):

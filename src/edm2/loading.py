@@ -25,7 +25,8 @@ def resolve_snapshot_path(source) -> Path:
     if path.is_dir():
         found = [r for r in list_snapshots(path) if r[1] is not None] or list_snapshots(path)
         if not found:
-            raise SnapshotError(f"{path}: folder holds no snapshot-*.safetensors files; pass a snapshot file or a run folder")
+            raise SnapshotError(f"{path}: folder holds no snapshot-*.safetensors files; "
+                                f"pass a snapshot file or a run folder")
         last = max(r[0] for r in found)
         return [r for r in found if r[0] == last][-1][2]
     if not path.exists():

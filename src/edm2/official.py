@@ -266,7 +266,8 @@ def fetch(source, progress: bool = True) -> Path:
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", None) or e
         raise DownloadError(f"cannot download {source} ({reason}); if this machine is offline, fetch the file "
-                            f"elsewhere and place it at {dest} (cache folder {cache_dir()}, set by $EDM2_CACHE)") from None
+                            f"elsewhere and place it at {dest} (cache folder {cache_dir()}, "
+                            f"set by $EDM2_CACHE)") from None
     return dest
 
 
@@ -440,8 +441,8 @@ def load_official(source, device="cpu", name_hint: str | None = None):
               "source_dtype": str(next(iter(tensors.values())).dtype).replace("torch.", "") if tensors else None,
               "loss": _jsonable({k: v for k, v in loss.state.items() if k in ("P_mean", "P_std", "sigma_data")}, where)
               if isinstance(loss, Record) else None}
-    meta = make_meta(net_kwargs, nimg, sigma_rel, encoder, _dataset_meta(net_kwargs, encoder, data.get("dataset_kwargs"),
-                                                                       where), origin)
+    dataset = _dataset_meta(net_kwargs, encoder, data.get("dataset_kwargs"), where)
+    meta = make_meta(net_kwargs, nimg, sigma_rel, encoder, dataset, origin)
     return net, meta
 
 
@@ -495,8 +496,8 @@ def list_official_pickles(folder) -> list[tuple[int, float, Path]]:
 def convert_official_folder(folder, dest=None, dtype: str = "fp16", progress: bool = True) -> Path:
     """Convert a folder of the authors' raw snapshots (`network-snapshot-0134217-0.050.pkl`, ...)
     into edm2 snapshots, for post-hoc EMA reconstruction. By default the parameters stay
-    fp16 as published (lossless, half the size of float32; loading widens them). `dest` defaults to a folder in the cache named after
-    the source folder. Files converted before are skipped. Returns the folder."""
+    fp16 as published (lossless, half the size of float32; loading widens them). `dest` defaults
+    to a folder in the cache named after the source folder. Files converted before are skipped. Returns the folder."""
     folder = Path(folder)
     pkls = list_official_pickles(folder) if folder.is_dir() else []
     if not pkls:

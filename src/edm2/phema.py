@@ -25,7 +25,8 @@ def check_sigma_rel(sigma_rel, name: str = "sigma_rel") -> np.ndarray:
     bad = ~((s > 0) & (s < MAX_SIGMA_REL))  # also catches NaN
     if np.any(bad):
         raise ValueError(f"{name}={np.atleast_1d(s)[np.atleast_1d(bad)].tolist()}: every EMA length sigma_rel "
-                         f"must lie in (0, {MAX_SIGMA_REL:.4f}); {MAX_SIGMA_REL:.4f} is the flat average of all of training")
+                         f"must lie in (0, {MAX_SIGMA_REL:.4f}); {MAX_SIGMA_REL:.4f} is the flat average "
+                         f"of all of training")
     return s
 
 

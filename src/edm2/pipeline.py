@@ -28,8 +28,8 @@ from huggingface_hub import snapshot_download
 from PIL import Image
 
 from .encoders import StabilityVAEEncoder, StandardRGBEncoder, encoder_from_meta
-from .generate import SAMPLER_DEFAULTS, check_class, check_guide, load_nets, sample_batch
 from .fileio import atomic_folder
+from .generate import SAMPLER_DEFAULTS, check_class, check_guide, load_nets, sample_batch
 from .hub import CONFIG_NAME, _looks_local
 from .nn import Precond
 from .sampling import SeedRandom
@@ -276,7 +276,7 @@ def _load_component(folder: Path, index: Path, name: str, entry, device):
         raise FileNotFoundError(f"{sub}: not a diffusers AutoencoderKL folder (no {CONFIG_NAME})")
     try:
         vae = AutoencoderKL.from_pretrained(sub, use_safetensors=True, local_files_only=True)
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError) as e:
         raise ValueError(f"{sub}: cannot load the VAE ({str(e).splitlines()[0]})") from None
     return vae.eval().requires_grad_(False).to(device)
 

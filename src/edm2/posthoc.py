@@ -25,8 +25,7 @@ from .fileio import atomic_write_bytes, pyplot, save_figure
 from .nn import precision_kwargs
 from .official import convert_official_folder, list_official_pickles
 from .phema import check_sigma_rel, profile_density, profile_fit_error, solve_posthoc_coefficients
-from .snapshot import (SnapshotError, SnapshotStreamWriter, build_net, list_snapshots, read_snapshot_meta,
-                       snapshot_name)
+from .snapshot import SnapshotError, SnapshotStreamWriter, build_net, list_snapshots, read_snapshot_meta, snapshot_name
 from .units import parse_float_list
 
 __all__ = ["PhemaInput", "PosthocPlan", "find_phema_inputs", "resolve_time", "plan_posthoc", "reconstruct",
@@ -68,7 +67,8 @@ def find_phema_inputs(rundir) -> list[PhemaInput]:
     This is the one place that lists inputs (a converter for other formats hooks in here)."""
     rundir = Path(rundir)
     if not rundir.is_dir():
-        raise FileNotFoundError(f"--rundir {rundir}: no such folder; pass the training run folder holding snapshot-*.safetensors")
+        raise FileNotFoundError(f"--rundir {rundir}: no such folder; pass the training run folder holding "
+                                f"snapshot-*.safetensors")
     if not list_snapshots(rundir):  # the authors' raw snapshots (network-snapshot-<kimg>-<sigma_rel>.pkl): convert once
         if list_official_pickles(rundir):
             rundir = convert_official_folder(rundir)  # safe import into the download cache (edm2.official)
@@ -144,7 +144,8 @@ def plot_profiles(plan: PosthocPlan, j: int, path=None) -> bytes:
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
     for i, part in enumerate(parts):
         ax0.plot(x, part, lw=0.8, color="tab:blue" if plan.in_sigma_rel[i] == plan.in_sigma_rel.min() else "tab:orange")
-    ax0.set_title(f"{len(X)} stored profiles x coefficients (blue: sigma_rel {plan.in_sigma_rel.min():.3f})", fontsize=9)
+    ax0.set_title(f"{len(X)} stored profiles x coefficients (blue: sigma_rel {plan.in_sigma_rel.min():.3f})",
+                  fontsize=9)
     ax1.plot(x, profile_density(tau, t, sigma_rel) * t, "k--", lw=2, label=f"wanted, sigma_rel={sigma_rel:.3f}")
     ax1.plot(x, parts.sum(0), color="tab:red", lw=1.2, label="realised by the combination")
     ax1.set_title(f"relative L2 error {plan.fit_error[j]:.2e}", fontsize=9)

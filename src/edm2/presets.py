@@ -57,7 +57,7 @@ class Preset:
             channels_per_head=self.channels_per_head,
         )
 
-    def replace(self, **changes) -> "Preset":
+    def replace(self, **changes) -> Preset:
         return dataclasses.replace(self, **changes)
 
 

@@ -112,7 +112,7 @@ class SeedRandom:
         self.generators = [torch.Generator(self.device).manual_seed(int(s) % (1 << 32)) for s in seeds]
 
     @classmethod
-    def from_generators(cls, generators) -> "SeedRandom":
+    def from_generators(cls, generators) -> SeedRandom:
         """Draw from given torch.Generators, one per sample (the same object may
         repeat: its samples then draw one after another from it)."""
         generators = list(generators)

@@ -32,17 +32,24 @@ import enum
 import json
 import math
 import sys
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .checkpoint import (archive_run, check_restart, check_run_folder, checkpoint_name, load_latest_checkpoint,
-                         remove_stale_temp_files, save_checkpoint)
+from .checkpoint import (
+    archive_run,
+    check_restart,
+    check_run_folder,
+    checkpoint_name,
+    load_latest_checkpoint,
+    remove_stale_temp_files,
+    save_checkpoint,
+)
 from .data import ImageDataset, builtin_dataset_path
 from .distributed import configure_threads, default_device, init_distributed
 from .ema import PowerFunctionEMA

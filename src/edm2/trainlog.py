@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .generate import generate_images
 from .fileio import atomic_write_bytes, png_bytes
+from .generate import generate_images
 
 __all__ = ["Reporter", "StatusMeter", "save_grid", "peak_memory"]
 

@@ -45,7 +45,8 @@ def parse_float_list(text, name: str = "list") -> list[float]:
         else:
             values = [float(p) for p in parts]
     except ValueError:
-        raise ValueError(f"{name}={text!r}: expected numbers like 0.05,0.1 or a range like 0.010,0.015,...,0.250") from None
+        raise ValueError(f"{name}={text!r}: expected numbers like 0.05,0.1 "
+                         f"or a range like 0.010,0.015,...,0.250") from None
     if not values:
         raise ValueError(f"{name}={text!r}: empty list")
     return values

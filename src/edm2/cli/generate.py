@@ -54,7 +54,8 @@ def register(sub) -> None:
     s.add_argument("--S-max", type=float, default=float("inf"), help="churn only at noise levels <= this")
     s.add_argument("--S-noise", type=float, default=1.0, help="churn noise scale (default 1)")
     e = p.add_argument_group("speed")
-    e.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="U-Net dtype on CUDA (default: the snapshot's)")
+    e.add_argument("--precision", choices=["fp32", "fp16", "bf16"],
+                   help="U-Net dtype on CUDA (default: the snapshot's)")
     e.add_argument("--compile", action="store_true", help="torch.compile the networks (worth it for many images)")
     e.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available, else cpu)")
     p.set_defaults(func=run)

@@ -5,8 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..distributed import configure_threads, init_distributed, resolve_device, shutdown_distributed
-from ..metrics import (append_jsonl, calc_metrics, gen_metrics, load_detectors, load_ref, reference_stats,
-                       resolve_metrics, sweep)
+from ..metrics import (
+    append_jsonl,
+    calc_metrics,
+    gen_metrics,
+    load_detectors,
+    load_ref,
+    reference_stats,
+    resolve_metrics,
+    sweep,
+)
 from ..metrics.sweep import best_rows
 from ..presets import apply_generation_preset
 from ..sampling import check_guidance
@@ -55,7 +63,8 @@ def register(sub) -> None:
 
     p = msub.add_parser("gen", help="generate images on the fly (optionally guided) and evaluate them")
     p.add_argument("--net", metavar="SNAPSHOT", help="snapshot file, run folder or authors' .pkl (file or URL)")
-    p.add_argument("--gnet", metavar="SNAPSHOT", help="guiding network (unconditional for CFG, weaker for autoguidance)")
+    p.add_argument("--gnet", metavar="SNAPSHOT",
+                   help="guiding network (unconditional for CFG, weaker for autoguidance)")
     p.add_argument("--guidance", type=float, metavar="W", help="guidance weight (default 1: none)")
     p.add_argument("--preset", metavar="NAME", help="a published model, e.g. edm2-img512-s-guid-fid: sets --net, "
                    "--gnet and --guidance where not given")
@@ -74,7 +83,8 @@ def register(sub) -> None:
     p.add_argument("--rundir", required=True, metavar="DIR", help="training run folder with its EMA snapshots")
     p.add_argument("--std", required=True, metavar="LIST", help="EMA lengths: 0.05,0.1 or 0.010,0.015,...,0.250")
     p.add_argument("--at-nimg", metavar="N", help="training time in images, e.g. 8Mi (default: last snapshot)")
-    p.add_argument("--outdir", metavar="DIR", help="reconstructed snapshots, sweep.csv, sweep.png (default RUNDIR/sweep)")
+    p.add_argument("--outdir", metavar="DIR",
+                   help="reconstructed snapshots, sweep.csv, sweep.png (default RUNDIR/sweep)")
     p.add_argument("--gnet", metavar="SNAPSHOT", help="guiding network for --guidance")
     p.add_argument("--guidance", default="1", metavar="LIST", help="guidance weight(s), e.g. 1,1.2,1.4 (default 1)")
     _common(p, batch=32)
@@ -112,7 +122,8 @@ def run_ref(args) -> int:
     rank, world = _start()
     try:
         stats = reference_stats(args.data, args.dest, metrics=args.metrics or "fid,fd_dinov2", batch_size=args.batch,
-                                workers=args.workers, detector_dir=args.detector_dir, device=resolve_device(args.device))
+                                workers=args.workers, detector_dir=args.detector_dir,
+                                device=resolve_device(args.device))
     finally:
         shutdown_distributed()
     if rank == 0:
@@ -130,7 +141,8 @@ def run_calc(args) -> int:
     try:
         dets = load_detectors(metrics, args.detector_dir, resolve_device(args.device))
         results = [calc_metrics(args.images, ref, metrics, num=num, seed=s, batch_size=args.batch,
-                                workers=args.workers, detector_dir=args.detector_dir, device=resolve_device(args.device),
+                                workers=args.workers, detector_dir=args.detector_dir,
+                                device=resolve_device(args.device),
                                 detectors=dets) for s in seeds]
     finally:
         shutdown_distributed()
@@ -176,7 +188,8 @@ def run_sweep(args) -> int:
     finally:
         shutdown_distributed()
     if rank == 0:
-        for m, r in best_rows(rows, [k for k in rows[0] if k not in ("ema_std", "guidance", "nimg", "num", "seed")]).items():
+        metrics = [k for k in rows[0] if k not in ("ema_std", "guidance", "nimg", "num", "seed")]
+        for m, r in best_rows(rows, metrics).items():
             print(f"best {m} {r[m]:.4f}: sigma_rel {r['ema_std']:.4f}, guidance {r['guidance']:g}")
         outdir = Path(args.outdir) if args.outdir else Path(args.rundir) / "sweep"
         print(f"wrote {outdir / 'sweep.csv'} and {outdir / 'sweep.png'}")

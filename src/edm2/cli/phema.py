@@ -16,7 +16,8 @@ def register(sub) -> None:
     p.add_argument("--std", required=True, metavar="LIST",
                    help="EMA lengths sigma_rel in (0, 0.2887): 0.05,0.1 or a range 0.010,0.015,...,0.250")
     when = p.add_mutually_exclusive_group()
-    when.add_argument("--at-nimg", metavar="N", help="training time in images, e.g. 8388608 or 8Mi (default: last snapshot)")
+    when.add_argument("--at-nimg", metavar="N",
+                      help="training time in images, e.g. 8388608 or 8Mi (default: last snapshot)")
     when.add_argument("--at-kimg", metavar="K", type=int, help="training time in the reference's kimg naming")
     p.add_argument("--plot", action="store_true", help="also write phema-<nimg>-<sigma_rel>.png per output "
                    "(wanted against realised weighting of past training, like the paper's Figure 4)")

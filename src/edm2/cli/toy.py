@@ -3,8 +3,17 @@ from __future__ import annotations
 
 from ..distributed import configure_threads
 from ..sampling import check_guidance
-from ..toy import (ToyPanel, ToyTrainConfig, load_toy_run, plot_toy, sample_toy, toy_score, train_toy, tree_mixture,
-                   write_score_json)
+from ..toy import (
+    ToyPanel,
+    ToyTrainConfig,
+    load_toy_run,
+    plot_toy,
+    sample_toy,
+    toy_score,
+    train_toy,
+    tree_mixture,
+    write_score_json,
+)
 from ..units import parse_float_list
 
 
@@ -14,12 +23,14 @@ def register(sub):
     cmds.required = True
 
     t = cmds.add_parser("train", help="train a toy model (edm2.toy.train_toy)")
-    t.add_argument("--classes", default="A", choices=["A", "B", "AB"], help="ground truth to learn (AB = unconditional)")
+    t.add_argument("--classes", default="A", choices=["A", "B", "AB"],
+                   help="ground truth to learn (AB = unconditional)")
     t.add_argument("--layers", type=int, default=4, help="hidden layers (default 4)")
     t.add_argument("--dim", type=int, default=64, help="hidden features (default 64)")
     t.add_argument("--iters", type=int, default=4096, help="training iterations (default 4096)")
     t.add_argument("--batch", type=int, default=1024, help="points per iteration (default 1024)")
-    t.add_argument("--ema", default="0.010,0.050,0.100", help="tracked EMA sigma_rel list; the first is the default model")
+    t.add_argument("--ema", default="0.010,0.050,0.100",
+                   help="tracked EMA sigma_rel list; the first is the default model")
     t.add_argument("--snapshot-every", type=int, default=256, help="iterations between snapshots (0 = only the last)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch default; default 1)")
@@ -34,7 +45,8 @@ def register(sub):
         p.add_argument("--guidance", type=float, default=1.0, help="guidance weight w (needs --gnet unless 1)")
         p.add_argument("--ema-std", type=float, default=None,
                        help="EMA sigma_rel of --net inside a run folder; untracked values are reconstructed post hoc")
-        p.add_argument("--classes", default=None, choices=["A", "B", "AB"], help="ground truth to score against (default: the net's)")
+        p.add_argument("--classes", default=None, choices=["A", "B", "AB"],
+                       help="ground truth to score against (default: the net's)")
         p.add_argument("--num", type=int, default=4096, help="samples (default 4096)")
         p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
         p.add_argument("--json", default=None, help="also write the score(s) to this JSON file")
@@ -73,7 +85,8 @@ def _load(args):
 
 def _report(args, scores):
     for s in scores:
-        print(f"{s['title']}: in_fraction {s['in_fraction']:.4f}  mean_logp {s['mean_logp']:.4f}  (n={s['num']}, class {s['classes']})")
+        print(f"{s['title']}: in_fraction {s['in_fraction']:.4f}  mean_logp {s['mean_logp']:.4f}  "
+              f"(n={s['num']}, class {s['classes']})")
     if args.json:
         write_score_json(args.json, scores if len(scores) > 1 else scores[0])
 

@@ -23,10 +23,10 @@ import io
 import struct
 import zipfile
 from collections import Counter, defaultdict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 from PIL import Image
@@ -501,7 +501,7 @@ def _convert(src: Source, dest, resolution, transform, max_images, skip_bad, ove
         chunk = 256
         for start in range(0, len(good), chunk):
             batch = good[start:start + chunk]
-            for item, label, (data, error, note) in zip(batch, labels[start:start + chunk], pool.map(process, batch)):
+            for _item, label, (data, error, note) in zip(batch, labels[start:start + chunk], pool.map(process, batch)):
                 bar.update(1)
                 if error is not None:
                     if not skip_bad:

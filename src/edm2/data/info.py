@@ -36,9 +36,9 @@ def dataset_info(path) -> dict:
 def format_info(info: dict) -> str:
     """Human-readable text of `dataset_info`'s dict."""
     shape = f"{info['channels']}x{info['resolution']}x{info['resolution']}"
+    images = f" (images {info['image_resolution']}x{info['image_resolution']})" if info["kind"] == "latents" else ""
     lines = [f"dataset     {info['path']} ({info['format']}, {info['bytes'] / 2**20:.1f} MiB)",
-             f"items       {info['count']} {info['kind']} of {shape}"
-             + (f" (images {info['image_resolution']}x{info['image_resolution']})" if info["kind"] == "latents" else "")]
+             f"items       {info['count']} {info['kind']} of {shape}{images}"]
     if not info["label_dim"]:
         lines.append("labels      none")
         return "\n".join(lines)

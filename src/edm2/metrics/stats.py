@@ -41,7 +41,7 @@ class FeatureStats:
         self.sum += x.sum(0)
         self.sum_sq += x.T @ x
 
-    def merge(self, other: "FeatureStats") -> None:
+    def merge(self, other: FeatureStats) -> None:
         if other.dim != self.dim:
             raise ValueError(f"FeatureStats: cannot merge {other.dim}-d statistics into {self.dim}-d ones")
         self.num += other.num

@@ -139,7 +139,8 @@ class UNet(torch.nn.Module):
                 cin, cout = cout, channels
                 self.enc[f"{res}x{res}_conv"] = MPConv(cin, cout, kernel=[3, 3])
             else:
-                self.enc[f"{res}x{res}_down"] = Block(cout, cout, cemb, flavor="enc", resample_mode="down", **block_kwargs)
+                self.enc[f"{res}x{res}_down"] = Block(cout, cout, cemb, flavor="enc", resample_mode="down",
+                                                      **block_kwargs)
             for idx in range(num_blocks):
                 cin, cout = cout, channels
                 self.enc[f"{res}x{res}_block{idx}"] = Block(
@@ -287,8 +288,10 @@ def check_architecture(img_resolution, img_channels, label_dim, model_channels, 
     if not isinstance(model_channels, int) or model_channels < 1:
         raise ValueError(f"model_channels={model_channels!r}: must be a positive integer")
     if len(channel_mult) == 0 or any((not isinstance(m, int)) or m < 1 for m in channel_mult):
-        raise ValueError(f"channel_mult={list(channel_mult)!r}: must be a non-empty list of positive integers, e.g. [1, 2, 3, 4]")
+        raise ValueError(f"channel_mult={list(channel_mult)!r}: must be a non-empty list of positive integers, "
+                         f"e.g. [1, 2, 3, 4]")
     if (r >> (len(channel_mult) - 1)) < 1:
-        raise ValueError(f"channel_mult has {len(channel_mult)} levels, too many for img_resolution={r} (at most {r.bit_length()})")
+        raise ValueError(f"channel_mult has {len(channel_mult)} levels, too many for img_resolution={r} "
+                         f"(at most {r.bit_length()})")
     if not isinstance(num_blocks, int) or num_blocks < 1:
         raise ValueError(f"num_blocks={num_blocks!r}: must be an integer >= 1")

@@ -137,7 +137,7 @@ class GaussianMixture:
         return (self.mu[k] + torch.einsum("nij,nj->ni", self.Q[k], scaled)).to(dtype)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tree_components(seed=2, depth_limit=7):
     """Components of both classes, as (class, phi, mu, Sigma) tuples.
 
@@ -173,7 +173,7 @@ def _tree_components(seed=2, depth_limit=7):
     return tuple(comps)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def tree_mixture(classes: str = "A") -> GaussianMixture:
     """The ground truth of class 'A', 'B' or both ('AB') as a GaussianMixture."""
     if classes not in CLASSES:

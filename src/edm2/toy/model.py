@@ -23,8 +23,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from ..nn import MPConv, mp_silu
 from ..fileio import atomic_write_bytes
+from ..nn import MPConv, mp_silu
 
 __all__ = ["ToyNetConfig", "ToyNet", "save_toy", "load_toy", "TOY_FORMAT"]
 
@@ -102,7 +102,8 @@ def read_toy_meta(path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {})[TOY_FORMAT])
     except Exception:
-        raise ValueError(f"{path}: not a toy snapshot (expected a .safetensors file written by `edm2 toy train`)") from None
+        raise ValueError(f"{path}: not a toy snapshot "
+                         f"(expected a .safetensors file written by `edm2 toy train`)") from None
     return meta
 
 

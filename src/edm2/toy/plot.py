@@ -34,7 +34,8 @@ def _grid(view, resolution):
 
 
 def plot_toy(panels, out, classes: str = "A", num: int = 4096, seed: int = 0, trajectories: int = 0,
-             view=(-0.9, 1.5, -0.9, 1.5), resolution: int = 200, panel_inches: float = 3.6, dpi: int = 80) -> list[dict]:
+             view=(-0.9, 1.5, -0.9, 1.5), resolution: int = 200, panel_inches: float = 3.6,
+             dpi: int = 80) -> list[dict]:
     """Draw every panel (ground-truth regions log p >= IN_LOGP of both classes
     in grey and of `classes` in orange, samples as dots, `trajectories` of them
     as lines) into one PNG at `out` (written atomically). Returns each panel's

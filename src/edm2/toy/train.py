@@ -20,8 +20,8 @@ import torch
 import tqdm
 
 from ..ema import PowerFunctionEMA
-from ..loss import learning_rate_schedule
 from ..fileio import atomic_write_bytes
+from ..loss import learning_rate_schedule
 from ..phema import solve_posthoc_coefficients, std_to_exp
 from .gmm import CLASSES, tree_mixture
 from .model import ToyNet, ToyNetConfig, load_toy, read_toy_meta, save_toy
