@@ -18,8 +18,9 @@ MARKDOWN = [ROOT / "README.md", ROOT / "BENCHMARKS.md", ROOT / "CONTRIBUTING.md"
 CODE = [*sorted((ROOT / "src").rglob("*.py")), *sorted((ROOT / "tests").glob("*.py")),
         *sorted((ROOT / "benchmarks").glob("*.py"))]
 
-# A repository path: src/..., tests/..., benchmarks/..., docs/..., .ci/... (no placeholders).
-PATH = re.compile(r"(?<![\w./~-])((?:src|tests|benchmarks|docs|\.ci)/[\w./-]*[\w/])(#[\w-]+)?(?![\w<{*])")
+# A repository path: src/..., tests/..., benchmarks/..., docs/..., .ci/... (no placeholders),
+# with an optional #anchor (Markdown) or ::name (a function or class of a Python file).
+PATH = re.compile(r"(?<![\w./~-])((?:src|tests|benchmarks|docs|\.ci)/[\w./-]*[\w/])(#[\w-]+)?(?:::(\w+))?(?![\w<{*])")
 
 
 def optional_pages() -> set:
@@ -56,7 +57,7 @@ def cited(paths):
             if path.suffix == ".md" and line.startswith("```"):
                 fenced = not fenced
             for m in PATH.finditer(line):
-                yield path, number, m.group(1), m.group(2)
+                yield path, number, m.group(1), m.group(2), m.group(3)
 
 
 def test_slugify_matches_mkdocs_rules():
@@ -66,9 +67,10 @@ def test_slugify_matches_mkdocs_rules():
 
 
 def test_every_cited_repository_path_and_anchor_exists():
+    """Paths, docs anchors and test names cited anywhere exist."""
     missing, pending = [], optional_pages()
     assert "docs/dynamics.md" in pending
-    for source, number, rel, anchor in cited(MARKDOWN + CODE):
+    for source, number, rel, anchor, name in cited(MARKDOWN + CODE):
         target = ROOT / rel
         if not target.exists() and rel in pending:
             continue
@@ -76,6 +78,8 @@ def test_every_cited_repository_path_and_anchor_exists():
             missing.append(f"{source.relative_to(ROOT)}:{number}: {rel} does not exist")
         elif anchor and target.suffix == ".md" and anchor[1:] not in anchors(target):
             missing.append(f"{source.relative_to(ROOT)}:{number}: {rel}{anchor}: no such heading")
+        elif name and not re.search(rf"^\s*(?:async def|def|class) {name}\b", target.read_text(), re.MULTILINE):
+            missing.append(f"{source.relative_to(ROOT)}:{number}: {rel}::{name}: no such function or class")
     assert not missing, "\n".join(missing)
 
 
