@@ -4,6 +4,7 @@ path or docs anchor that the docs, README, BENCHMARKS.md and the code cite
 exists."""
 import os
 import re
+import shlex
 import subprocess
 import sys
 import unicodedata
@@ -17,8 +18,9 @@ MARKDOWN = [ROOT / "README.md", ROOT / "BENCHMARKS.md", ROOT / "CONTRIBUTING.md"
 CODE = [*sorted((ROOT / "src").rglob("*.py")), *sorted((ROOT / "tests").glob("*.py")),
         *sorted((ROOT / "benchmarks").glob("*.py"))]
 
-# A repository path: src/..., tests/..., benchmarks/..., docs/..., .ci/... (no placeholders).
-PATH = re.compile(r"(?<![\w./~-])((?:src|tests|benchmarks|docs|\.ci)/[\w./-]*[\w/])(#[\w-]+)?(?![\w<{*])")
+# A repository path: src/..., tests/..., benchmarks/..., docs/..., .ci/... (no placeholders),
+# with an optional #anchor (Markdown) or ::name (a function or class of a Python file).
+PATH = re.compile(r"(?<![\w./~-])((?:src|tests|benchmarks|docs|\.ci)/[\w./-]*[\w/])(#[\w-]+)?(?:::(\w+))?(?![\w<{*])")
 
 
 def optional_pages() -> set:
@@ -55,7 +57,7 @@ def cited(paths):
             if path.suffix == ".md" and line.startswith("```"):
                 fenced = not fenced
             for m in PATH.finditer(line):
-                yield path, number, m.group(1), m.group(2)
+                yield path, number, m.group(1), m.group(2), m.group(3)
 
 
 def test_slugify_matches_mkdocs_rules():
@@ -65,9 +67,10 @@ def test_slugify_matches_mkdocs_rules():
 
 
 def test_every_cited_repository_path_and_anchor_exists():
+    """Paths, docs anchors and test names cited anywhere exist."""
     missing, pending = [], optional_pages()
     assert "docs/dynamics.md" in pending
-    for source, number, rel, anchor in cited(MARKDOWN + CODE):
+    for source, number, rel, anchor, name in cited(MARKDOWN + CODE):
         target = ROOT / rel
         if not target.exists() and rel in pending:
             continue
@@ -75,6 +78,8 @@ def test_every_cited_repository_path_and_anchor_exists():
             missing.append(f"{source.relative_to(ROOT)}:{number}: {rel} does not exist")
         elif anchor and target.suffix == ".md" and anchor[1:] not in anchors(target):
             missing.append(f"{source.relative_to(ROOT)}:{number}: {rel}{anchor}: no such heading")
+        elif name and not re.search(rf"^\s*(?:async def|def|class) {name}\b", target.read_text(), re.MULTILINE):
+            missing.append(f"{source.relative_to(ROOT)}:{number}: {rel}::{name}: no such function or class")
     assert not missing, "\n".join(missing)
 
 
@@ -96,3 +101,68 @@ def test_docs_build_strict(tmp_path):
     assert "edm2-img512-xxl-autog-fid" in published and "edm2-img512-m-0268435-0.155" in published
     api = (site / "api" / "index.html").read_text()
     assert 'id="edm2.nn.Precond"' in api and 'id="edm2.phema.solve_posthoc_coefficients"' in api
+
+
+def shell_commands(text: str, fenced_only: bool):
+    """Commands of a Markdown text: lines of ```bash blocks (continuations joined) and,
+    unless fenced_only, `inline code` spans that start with a command."""
+    for block in re.findall(r"```bash\n(.*?)```", text, re.DOTALL):
+        for line in re.sub(r"\\\n\s*", " ", block).splitlines():
+            line = line.split(" #")[0].strip()
+            if line and not line.startswith("#"):
+                yield line
+    if not fenced_only:
+        yield from re.findall(r"`((?:time |OMP_NUM_THREADS=\d+ )*(?:python|\.venv/bin/python|edm2) [^`]+)`", text)
+
+
+def edm2_args(command: str):
+    """The arguments after `edm2` (or `-m edm2 [--]`) of a shell command, else None."""
+    words = shlex.split(command)
+    if "edm2" not in words:
+        return None
+    args = words[words.index("edm2") + 1:]
+    return args[1:] if args[:1] == ["--"] else args
+
+
+def test_documented_edm2_commands_parse(capsys):
+    """Every `edm2 ...` example of the README, the docs and BENCHMARKS.md is accepted
+    by edm2's own parser (nothing runs)."""
+    from edm2.cli import build_parser
+
+    bad, count = [], 0
+    for path in MARKDOWN:
+        for command in shell_commands(path.read_text(), fenced_only=path.name != "BENCHMARKS.md"):
+            args = edm2_args(command)
+            if args is None:
+                continue
+            count += 1
+            try:
+                build_parser().parse_args(args)
+            except SystemExit as e:  # --help / --list-presets exit with 0
+                if e.code:
+                    bad.append(f"{path.name}: {command}")
+    capsys.readouterr()
+    assert count >= 50, count
+    assert not bad, "\n".join(bad)
+
+
+def test_benchmark_commands_name_existing_scripts_and_their_options():
+    """Every benchmark command (`python` + a script of the benchmarks folder) of BENCHMARKS.md and the docs names a
+    script that exists and options that script defines."""
+    checked, bad = 0, []
+    for path in [ROOT / "BENCHMARKS.md", *sorted(DOCS.glob("*.md"))]:
+        for command in shell_commands(path.read_text(), fenced_only=False):
+            m = re.search(r"(?:^|\s)(benchmarks/\w+\.py)((?:\s+\S+)*)", command)
+            if not m:
+                continue
+            checked += 1
+            script = ROOT / m.group(1)
+            if not script.is_file():
+                bad.append(f"{path.name}: {command}: no {m.group(1)}")
+                continue
+            defined = set(re.findall(r"add_argument\(\s*\"(--[\w-]+)\"", script.read_text()))
+            for option in re.findall(r"(?<!\S)(--[\w-]+)", m.group(2)):
+                if option not in defined:
+                    bad.append(f"{path.name}: {command}: {m.group(1)} has no option {option}")
+    assert checked >= 10, checked
+    assert not bad, "\n".join(bad)

@@ -73,7 +73,7 @@ def _randn(shape, device, generator):
 
 def learning_rate_schedule(cur_nimg, batch_size, ref_lr=100e-4, ref_batches=70e3, rampup_Mimg=10) -> float:
     """Inverse-square-root decay after ref_batches, linear warm-up over rampup_Mimg
-    decimal millions of images (paper Eq. 121). cur_nimg counts images before the step."""
+    decimal millions of images (paper Eq. 67, Figs. 16-22). cur_nimg counts images before the step."""
     lr = ref_lr
     if ref_batches > 0:
         lr /= math.sqrt(max(cur_nimg / (ref_batches * batch_size), 1))

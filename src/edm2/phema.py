@@ -105,7 +105,7 @@ def _inputs_and_outputs(in_t, in_std, out_t, out_std):
 
 def solve_posthoc_coefficients(in_t, in_std, out_t, out_std):
     """Least-squares combination of stored profiles that best matches each
-    wanted profile in L2 (Sec. 3.2, Eq. 128-130): solve A X = B with
+    wanted profile in L2 (Sec. 3.2, App. C.5, Eqs. 129-143): solve A X = B with
     A[i, i'] = <p_i, p_i'> and B[i, j] = <p_i, p_j>, then normalise every column
     to sum 1 (so a constant parameter is reproduced exactly). Returns X of shape
     [len(in), len(out)]: theta_out[j] = sum_i X[i, j] theta_in[i]."""

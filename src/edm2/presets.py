@@ -90,13 +90,13 @@ for _n, _c, _lr, _d, _do, _pm, _ps, _dur in _PAPER:
     _latent = _n.startswith("img512")
     PRESETS[_n] = _imagenet(_n, 64, 4 if _latent else 3, _c, _lr, _d, _do, _pm, _ps, _dur, _latent)
 
-# Small presets of our own, for CPUs and small data sets (README: "Presets").
+# Small presets of our own, for CPUs and small data sets (docs/design.md#presets).
 PRESETS["cpu-32"] = Preset(
     name="cpu-32",
     description="32x32 grey or RGB on a laptop CPU (the Fashion-MNIST demo)",
     img_resolution=32, img_channels=1, latent=False,
     # Narrow and shallow for ~8 min on 2 cores; batch 32: twice the steps of 64 per image, which
-    # matters more than batch noise this early (README, "The CPU presets").
+    # matters more than batch noise this early (docs/training.md#the-cpu-presets).
     model_channels=24, channel_mult=(1, 2, 2), num_blocks=1, attn_resolutions=(8,), channels_per_head=32,
     lr=0.0100, decay=2000, rampup_Mimg=0.002, P_mean=-0.8, P_std=1.6,
     batch=32, duration=16 * Ki, status=2 * Ki, snapshot=8 * Ki, checkpoint=8 * Ki)

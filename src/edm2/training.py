@@ -666,7 +666,7 @@ def train_step(run: Run) -> None:
         x, labels, gens = _micro_batch(run, first)
         sync = run.ddp.no_sync() if run.ddp is not None and r < run.rounds - 1 else contextlib.nullcontext()
         with sync:
-            loss = run.loss_fn(run.model, x, labels, generator=gens)   # per-element loss, paper App. B.2 Eq. 21
+            loss = run.loss_fn(run.model, x, labels, generator=gens)   # per-pixel loss, paper Eq. 21
             loss.sum().mul(plan.loss_scaling / run.per_rank).backward()
         run.meter.add_loss(loss)
     for p in run.net.parameters():

@@ -1,7 +1,7 @@
 """Datasets: the reader (`ImageDataset`), conversion of image collections
 (`convert_dataset`), VAE latents (`encode_dataset`, `decode_dataset`),
 a summary (`dataset_info`) and the built-in Fashion-MNIST set
-(`builtin_dataset_path`). Format: see README, "Datasets"."""
+(`builtin_dataset_path`). Format: docs/datasets.md."""
 from .builtin import FASHION_MNIST_CLASSES, builtin_dataset_path, default_cache_dir
 from .convert import TRANSFORMS, ConvertResult, balanced_subset, convert_dataset, open_source, read_idx
 from .dataset import ImageDataset

@@ -18,7 +18,7 @@ def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:
     """Divide x by (eps + RMS over `dim`); default dim = all but the first.
 
     The norm is computed in float32 (float64 for float64 input); the division happens in x's dtype
-    (paper Eq. 46, the pixel norm and the weight normalisation of Sec. 3.2).
+    (the weight normalisation of paper Eq. 47 and the pixel norm of Eq. 30).
     """
     if dim is None:
         dim = list(range(1, x.ndim))
@@ -29,7 +29,7 @@ def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:
 
 
 def mp_silu(x: torch.Tensor) -> torch.Tensor:
-    """SiLU scaled to unit output RMS for unit-normal input (Sec. B.2)."""
+    """SiLU scaled to unit output RMS for unit-normal input (paper Eq. 81)."""
     return F.silu(x) / 0.596
 
 
@@ -61,7 +61,7 @@ def resample(x: torch.Tensor, mode: str = "keep", f=(1, 1)) -> torch.Tensor:
 
 
 class MPFourier(torch.nn.Module):
-    """Random Fourier features of a scalar, magnitude preserving (Sec. B.2)."""
+    """Random Fourier features of a scalar, magnitude preserving (paper Eqs. 35-36, 75)."""
 
     def __init__(self, num_channels: int, bandwidth: float = 1):
         super().__init__()
@@ -77,7 +77,7 @@ class MPFourier(torch.nn.Module):
 class MPConv(torch.nn.Module):
     """Convolution or fully connected layer with forced weight normalisation.
 
-    Paper Sec. 3.2 / Eq. 81-85: in training mode the stored weight is
+    Paper App. B.4-B.5 (Eqs. 47, 66; Algorithm 1): in training mode the stored weight is
     re-normalised to unit RMS per output channel before every use, and the
     forward pass normalises it once more inside autograd, then scales by
     gain / sqrt(fan_in). There is no bias.

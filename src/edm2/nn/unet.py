@@ -1,4 +1,4 @@
-"""The EDM2 U-Net (config G of the paper, Fig. 21) and its EDM preconditioning.
+"""The EDM2 U-Net (config G of the paper, Fig. 22) and its EDM preconditioning.
 
 Module and parameter names follow the authors' code exactly so that the state dict
 of `Precond` matches the authors' published checkpoints key for key.
@@ -18,7 +18,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 class Block(torch.nn.Module):
-    """Residual U-Net block, encoder or decoder flavour (paper Fig. 21)."""
+    """Residual U-Net block, encoder or decoder flavour (paper Fig. 22)."""
 
     def __init__(
         self,
@@ -65,7 +65,7 @@ class Block(torch.nn.Module):
         if self.flavor == "enc":
             if self.conv_skip is not None:
                 x = self.conv_skip(x)
-            x = normalize(x, dim=1)  # pixel norm (Eq. 46)
+            x = normalize(x, dim=1)  # pixel norm (Eq. 30)
 
         # Residual branch, modulated by the embedding (gain starts at 0).
         y = self.conv_res0(mp_silu(x))
@@ -87,7 +87,7 @@ class Block(torch.nn.Module):
         return x
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
-        """Cosine attention: q, k, v normalised per head (Sec. B.2), via SDPA."""
+        """Cosine attention: q, k, v normalised per head (paper App. B.3, Eqs. 30-34), via SDPA."""
         n, c, h, w = x.shape
         ch = c // self.num_heads
         qkv = self.attn_qkv(x).reshape(n, self.num_heads, ch, 3, h * w)
@@ -98,7 +98,7 @@ class Block(torch.nn.Module):
 
 
 class UNet(torch.nn.Module):
-    """EDM2 U-Net F(x, c_noise, labels) (paper Fig. 21, config G)."""
+    """EDM2 U-Net F(x, c_noise, labels) (paper Fig. 22, config G)."""
 
     def __init__(
         self,
@@ -240,7 +240,7 @@ class Precond(torch.nn.Module, HubMixin):
             class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
         dtype = self.compute_dtype(x.device, force_fp32)
 
-        # EDM preconditioning (Karras et al. 2022, Table 1; paper Eq. 4-7).
+        # EDM preconditioning (Karras et al. 2022, Table 1; paper Eqs. 4-8).
         sd = self.sigma_data
         c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
         c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
