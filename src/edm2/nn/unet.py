@@ -264,6 +264,8 @@ def set_precision(net: Precond, precision: str) -> None:
 def precision_kwargs(net_kwargs: dict) -> dict:
     """Stored `Precond` arguments with the older pair use_fp16 (the authors'
     name) / reduced_dtype (edm2 0.1) replaced by the one `precision` knob."""
+    if net_kwargs is None:  # a snapshot of a user's module (edm2.ema), not of a Precond
+        return None
     kwargs = dict(net_kwargs)
     if "use_fp16" in kwargs or "reduced_dtype" in kwargs:
         use_fp16 = kwargs.pop("use_fp16", True)
