@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from .validate import check_guidance, check_sampler_options
+
 __all__ = ["edm_sampler", "sigma_steps", "guided_denoiser", "SeedRandom"]
 
 
@@ -60,6 +62,10 @@ def edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_min=0.00
     normalised weights); everything constant over the run (the noise levels,
     the churn factors) is computed once before the loop.
     """
+    opts = check_sampler_options(dict(num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
+                                      S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise))
+    num_steps, S_churn, S_min, S_max, S_noise = (opts[k] for k in ("num_steps", "S_churn", "S_min", "S_max", "S_noise"))
+    check_guidance(guidance)
     denoise = guided_denoiser(net, gnet, guidance)
     t_steps = sigma_steps(num_steps, sigma_min, sigma_max, rho, device=noise.device)
     # Churn factor gamma_i per step (EDM Alg. 2 line 4), as Python floats.

@@ -43,7 +43,7 @@ from .loss import EDM2Loss, learning_rate_schedule
 from .nn import Precond
 from .nn.unet import DTYPES
 from .presets import get_preset
-from .snapshot import atomic_write_bytes, load_network, make_meta, save_snapshot, snapshot_name
+from .snapshot import atomic_write_bytes, load_network, make_meta, run_fingerprint, save_snapshot, snapshot_name
 from .trainlog import Reporter, report_status, save_grid
 
 __all__ = ["TrainConfig", "RunPlan", "TrainResult", "plan_run", "train", "describe",
@@ -395,7 +395,8 @@ def _train(config: TrainConfig, rank: int, world: int, dry_run: bool, device: to
                                          prefetch_factor=2 if plan.workers else None)
     per_rank, rounds = plan.batch // world, plan.batch // world // plan.batch_gpu
     dataset_meta = {k: plan.dataset[k] for k in ("resolution", "channels", "label_dim", "class_names", "path")}
-    origin = {"preset": plan.preset, "run": str(out.resolve()), "seed": plan.seed, "tool": "edm2 train"}
+    origin = {"preset": plan.preset, "run": str(out.resolve()), "seed": plan.seed, "tool": "edm2 train",
+              "run_id": run_fingerprint(plan.identity())}  # post-hoc EMA refuses to mix runs
     result = TrainResult(outdir=out, nimg=cur_nimg, finished=False)
     grid = plan.grid
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from ..presets import apply_generation_preset
 from ..units import parse_float_list, parse_int_list, parse_nimg
+from ..validate import check_guidance, check_sampler_options
 
 METRICS_HELP = "comma-separated: fid, fd_dinov2 (default: ref: both; calc/gen/sweep: those in --ref)"
 
@@ -152,11 +153,12 @@ def run_gen(args) -> int:
     from ..metrics import gen_metrics, load_detectors, load_ref, resolve_metrics
 
     num, seeds = _num(args), parse_int_list(args.seed, "--seed")
+    check_sampler_options({"num_steps": args.steps})
     # The authors' published (net, gnet, guidance) triple fills in what was not given.
     args.net, args.gnet, args.guidance = apply_generation_preset(args.preset, args.net, args.gnet, args.guidance)
     if not args.net:
         raise ValueError("--net is required: a snapshot file, run folder or .pkl (or give --preset)")
-    args.guidance = 1.0 if args.guidance is None else args.guidance
+    args.guidance = check_guidance(1.0 if args.guidance is None else args.guidance)
     if args.guidance != 1 and not args.gnet:
         raise ValueError(f"--guidance {args.guidance} needs --gnet SNAPSHOT (the guiding network); or drop --guidance")
     ref = load_ref(args.ref)
@@ -183,7 +185,8 @@ def run_sweep(args) -> int:
 
     num = _num(args)
     stds = parse_float_list(args.std, "--std")
-    guidance = parse_float_list(args.guidance, "--guidance")
+    guidance = [check_guidance(w) for w in parse_float_list(args.guidance, "--guidance")]
+    check_sampler_options({"num_steps": args.steps})
     at_nimg = None if args.at_nimg is None else parse_nimg(args.at_nimg, "--at-nimg")
     rank, world = init_distributed()
     try:

@@ -56,11 +56,13 @@ def _load(args):
     import torch
 
     from ..toy import load_toy_run, tree_mixture
+    from ..validate import check_guidance
 
     if args.threads > 0:  # small ops: extra threads only contend on a busy CPU
         torch.set_num_threads(args.threads)
     if args.num < 1:
         raise ValueError(f"--num={args.num}: must be >= 1")
+    check_guidance(args.guidance)
     if args.guidance != 1 and args.gnet is None:
         raise ValueError(f"--guidance={args.guidance} needs --gnet (the guiding model)")
     if args.net == "gt":

@@ -8,12 +8,12 @@ against reference statistics, and post-hoc EMA sweeps.
 """
 from .detectors import (DETECTORS, DINOv2Detector, Detector, InceptionDetector, TinyDetector, detector_dir,
                         load_detector, random_detector)
-from .pipeline import (append_jsonl, calc_metrics, compute_stats, distances, gen_metrics, gen_seeds, load_detectors, load_ref,
-                       reference_stats, resolve_metrics, save_ref)
+from .pipeline import (append_jsonl, calc_metrics, check_metric_value, check_ref_stats, compute_stats, distances,
+                       gen_metrics, gen_seeds, load_detectors, load_ref, reference_stats, resolve_metrics, save_ref)
 from .stats import FeatureStats, frechet_distance
 from .sweep import plot_sweep, sweep
 
 __all__ = ["DETECTORS", "Detector", "InceptionDetector", "DINOv2Detector", "TinyDetector", "detector_dir",
            "load_detector", "random_detector", "FeatureStats", "frechet_distance", "append_jsonl", "calc_metrics",
            "compute_stats", "distances", "gen_metrics", "gen_seeds", "load_detectors", "load_ref", "reference_stats",
-           "resolve_metrics", "save_ref", "sweep", "plot_sweep"]
+           "resolve_metrics", "save_ref", "sweep", "plot_sweep", "check_ref_stats", "check_metric_value"]

@@ -13,6 +13,7 @@ from pathlib import Path
 from ..fileio import atomic_write_bytes, save_figure
 from ..snapshot import read_snapshot_meta
 from ..units import parse_float_list
+from ..validate import check_guidance, check_sampler_options
 from .pipeline import _device, _rank_world, gen_metrics, load_detectors, load_ref, resolve_metrics
 
 __all__ = ["sweep", "write_csv", "plot_sweep", "best_rows"]
@@ -90,7 +91,8 @@ def sweep(rundir, stds, ref, outdir=None, at_nimg=None, metrics=None, num: int =
     from ..posthoc import reconstruct
 
     stds = list(dict.fromkeys(parse_float_list(stds, "--std")))
-    ws = list(dict.fromkeys(parse_float_list(guidance, "--guidance")))
+    ws = [check_guidance(w) for w in dict.fromkeys(parse_float_list(guidance, "--guidance"))]
+    check_sampler_options(sampler_kwargs)
     if gnet is None and any(w != 1 for w in ws):
         raise ValueError(f"--guidance {','.join(f'{w:g}' for w in ws)}: needs a guiding network --gnet "
                          f"(or use --guidance 1)")
