@@ -426,12 +426,17 @@ def generate_to_dir(net, encoder, seeds, outdir, gnet=None, guidance: float = 1,
             atomic_write_bytes(Path(outdir) / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
         todo = _missing_seeds(seeds, outdir, subdirs, device)
         made = 0
-        for batch in generate_images(net, encoder, todo, gnet=gnet, guidance=guidance, class_idx=class_idx,
-                                     batch_size=batch_size, device=device, progress=progress and rank == 0,
-                                     **sampler_kwargs):
-            for seed, image in zip(batch.seeds, batch.images):
-                atomic_write_bytes(image_path(outdir, seed, subdirs), png_bytes(_to_pil(image)))
-                made += 1
+        try:
+            for batch in generate_images(net, encoder, todo, gnet=gnet, guidance=guidance, class_idx=class_idx,
+                                         batch_size=batch_size, device=device, progress=progress and rank == 0,
+                                         **sampler_kwargs):
+                for seed, image in zip(batch.seeds, batch.images):
+                    atomic_write_bytes(image_path(outdir, seed, subdirs), png_bytes(_to_pil(image)))
+                    made += 1
+        except BaseException:
+            if fresh and rank == 0 and world == 1 and made == 0:  # leave a new folder as it was
+                (Path(outdir) / MANIFEST_NAME).unlink(missing_ok=True)
+            raise
         if world > 1:
             dist.barrier()
         if grid is not None and rank == 0:

@@ -99,5 +99,5 @@ def safe_error_text(e: BaseException, limit: int = 200) -> str:
     unpickles data files, so that advice must not reach the user."""
     first = (str(e).strip().splitlines() or [""])[0][:limit]
     if any(h in str(e) for h in _UNSAFE_HINTS):
-        return "the file holds Python objects besides plain tensors/arrays, which edm2 does not load"
+        return "not a plain tensor/array file; edm2 never loads pickled Python objects from data files"
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
