@@ -3,8 +3,7 @@
     python benchmarks/network.py [--presets img512-xs,cpu-32] [--batch 2] [--repeats 3] [--compile] [--out FILE.md]
 
 For each preset: seconds per image for an eval-mode forward pass (the
-sampler's workload; with MPConv's normalised-weight cache and without it)
-and a training-mode forward+backward pass (the trainer's),
+sampler's workload) and a training-mode forward+backward pass (the trainer's),
 eager and, with --compile, torch.compile'd. The last column turns the
 time into achieved GFLOP/s from the MAC count of edm2.flops (forward = 1x,
 forward+backward = 3x the forward MACs), which shows how close the run is
@@ -20,7 +19,7 @@ import time
 import torch
 
 from edm2.flops import count_network
-from edm2.nn import MPConv, Precond
+from edm2.nn import Precond
 from edm2.presets import get_preset
 
 
@@ -59,13 +58,9 @@ def run(preset: str, batch: int, repeats: int, compiled: bool, label_dim: int = 
         net.zero_grad(set_to_none=True)
 
     fwd = bench(forward, repeats) / batch
-    MPConv.use_cache = False  # eval forward recomputing the normalised weights every call
-    fwd_nocache = bench(forward, repeats) / batch
-    MPConv.use_cache = True
     fb = bench(forward_backward, repeats) / batch
     macs = count_network(preset, label_dim=label_dim).macs_matmul
     return dict(preset=preset, mode="compile" if compiled else "eager", batch=batch, fwd=fwd, fb=fb,
-                fwd_nocache=fwd_nocache,
                 gflops_fwd=2 * macs / fwd / 1e9, gflops_fb=6 * macs / fb / 1e9)
 
 
@@ -87,11 +82,11 @@ def main():
         f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads, fp32, batch {args.batch}, best of {args.repeats}",
         "",
-        "| preset | mode | forward s/img | forward, no weight cache | fwd+bwd s/img | fwd GFLOP/s | fwd+bwd GFLOP/s |",
-        "|---|---|---|---|---|---|---|",
+        "| preset | mode | forward s/img | fwd+bwd s/img | fwd GFLOP/s | fwd+bwd GFLOP/s |",
+        "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r['preset']} | {r['mode']} | {r['fwd']:.3f} | {r['fwd_nocache']:.3f} | {r['fb']:.3f} | "
+        lines.append(f"| {r['preset']} | {r['mode']} | {r['fwd']:.3f} | {r['fb']:.3f} | "
                      f"{r['gflops_fwd']:.0f} | {r['gflops_fb']:.0f} |")
     table = "\n".join(lines)
     print(table)

@@ -10,7 +10,7 @@ two methods are compared (first and last profile). Prints a markdown table;
 `--out FILE.md` writes it. Disk: about (snapshots + outputs + 2) files, i.e.
 ~55 GB for the default img512-s setting in fp16 (checked before starting).
 
-    .venv/bin/python benchmarks/phema.py                          # the issue's setting (img512-s, 64 -> 31)
+    .venv/bin/python benchmarks/phema.py                          # img512-s, 64 snapshots -> 31 outputs
     .venv/bin/python benchmarks/phema.py --preset tiny --snapshots 16 --outputs 5   # smoke test
 """
 from __future__ import annotations
@@ -34,10 +34,10 @@ from edm2.presets import get_preset
 from edm2.snapshot import SnapshotStreamWriter, make_meta, save_state_dict, snapshot_name
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
-STEP = 8 * 2 ** 20  # images between snapshots (SPEC §6 default)
+STEP = 8 * 2 ** 20  # images between snapshots (the paper's default, App. C.5)
 
 
-def output_stds(n: int) -> list[float]:
+def output_sigma_rels(n: int) -> list[float]:
     """n sigma_rel values spread over the paper's sweep range 0.010 .. 0.250."""
     return [round(float(s), 6) for s in np.linspace(0.010, 0.250, n)]
 
@@ -54,9 +54,9 @@ def make_inputs(rundir: Path, preset: str, count: int, dtype: torch.dtype) -> tu
     rundir.mkdir(parents=True, exist_ok=True)
     np_dtype = torch.empty((), dtype=dtype).numpy().dtype
     for i in range(count):
-        nimg, std = STEP * (i // 2 + 1), (0.05, 0.10)[i % 2]
-        meta = make_meta(kw, nimg, std, {"type": "rgb"}, {"resolution": p.img_resolution}, {"benchmark": True})
-        w = SnapshotStreamWriter(rundir / snapshot_name(nimg, std), specs, meta)
+        nimg, sigma_rel = STEP * (i // 2 + 1), (0.05, 0.10)[i % 2]
+        meta = make_meta(kw, nimg, sigma_rel, {"type": "rgb"}, {"resolution": p.img_resolution}, {"benchmark": True})
+        w = SnapshotStreamWriter(rundir / snapshot_name(nimg, sigma_rel), specs, meta)
         for (k, _, _), v in zip(specs, state.values()):  # numpy: cheap on a busy CPU
             w.write(v if k in buffers else torch.from_numpy(np.asarray(v.numpy() * (1 + 0.01 * i), dtype=np_dtype)))
         w.commit()
@@ -64,22 +64,22 @@ def make_inputs(rundir: Path, preset: str, count: int, dtype: torch.dtype) -> tu
     return (rundir / snapshot_name(STEP, 0.05)).stat().st_size, n_params
 
 
-def whole_models(rundir: Path, outdir: Path, stds: list[float], batch: int = 8) -> None:
+def whole_models(rundir: Path, outdir: Path, sigma_rels: list[float], batch: int = 8) -> None:
     """The baseline: per batch of outputs, fp32 accumulators of whole models; every
     input file loaded whole (into memory) once per batch."""
     from safetensors.torch import load_file
 
     inputs = find_phema_inputs(rundir)
-    plan = plan_posthoc([r.nimg for r in inputs], [r.ema_std for r in inputs], stds, resolve_time(inputs), inputs)
+    plan = plan_posthoc([r.nimg for r in inputs], [r.sigma_rel for r in inputs], sigma_rels, resolve_time(inputs), inputs)
     buffers = {"unet.emb_fourier.freqs", "unet.emb_fourier.phases", "logvar_fourier.freqs", "logvar_fourier.phases"}
-    for b0 in range(0, len(stds), batch):
+    for b0 in range(0, len(sigma_rels), batch):
         acc = None
         for i, r in enumerate(plan.inputs):
             state = load_file(str(r.path))
             dtypes = {k: v.dtype for k, v in state.items()}  # the outputs keep the inputs' dtypes
             state = {k: v if k in buffers else v.float() for k, v in state.items()}
             if acc is None:
-                acc = [{k: torch.zeros(v.shape, dtype=torch.float32) for k, v in state.items()} for _ in stds[b0:b0 + batch]]
+                acc = [{k: torch.zeros(v.shape, dtype=torch.float32) for k, v in state.items()} for _ in sigma_rels[b0:b0 + batch]]
             for j, a in enumerate(acc):
                 for k, v in state.items():
                     if k in buffers:  # copied, not averaged
@@ -88,19 +88,19 @@ def whole_models(rundir: Path, outdir: Path, stds: list[float], batch: int = 8) 
                         a[k].add_(v, alpha=float(plan.coeffs[i, b0 + j]))
             del state
         for j, a in enumerate(acc):
-            std = stds[b0 + j]
-            meta = dict(plan.inputs[-1].meta, ema_std=std, nimg=plan.at_nimg)
-            save_state_dict(outdir / snapshot_name(plan.at_nimg, std), {k: v.to(dtypes[k]) for k, v in a.items()}, meta)
+            sigma_rel = sigma_rels[b0 + j]
+            meta = dict(plan.inputs[-1].meta, ema_std=sigma_rel, nimg=plan.at_nimg)
+            save_state_dict(outdir / snapshot_name(plan.at_nimg, sigma_rel), {k: v.to(dtypes[k]) for k, v in a.items()}, meta)
         del acc
 
 
 def child(args) -> None:
-    stds = output_stds(args.outputs)
+    sigma_rels = output_sigma_rels(args.outputs)
     t0 = time.perf_counter()
     if args.child == "stream":
-        reconstruct(args.rundir, args.outdir, stds, progress=False)
+        reconstruct(args.rundir, args.outdir, sigma_rels, progress=False)
     elif args.child == "whole":
-        whole_models(Path(args.rundir), Path(args.outdir), stds)
+        whole_models(Path(args.rundir), Path(args.outdir), sigma_rels)
     seconds = time.perf_counter() - t0
     # VmHWM: peak resident memory of this process since exec (a fork's ru_maxrss would
     # start from the parent's RSS). Includes the mapped pages of the input files.

@@ -1,4 +1,4 @@
-"""Benchmark of the 2D toy example (issue 9): training time of the dim-64 model,
+"""Benchmark of the 2D toy example: training time of the dim-64 model,
 the autoguidance ordering (autoguidance paper, Sec. 3 / Fig. 1) and post-hoc EMA.
 
 Trains, with fixed seeds:
@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from edm2.snapshot import atomic_write_bytes
+from edm2.fileio import atomic_write_bytes
 from edm2.toy import (ToyPanel, ToyTrainConfig, load_toy_run, plot_toy, posthoc_toy, sample_toy, toy_score,
                       train_toy, tree_mixture)
 

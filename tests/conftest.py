@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -7,8 +9,24 @@ def one_thread():
     """Run a test module's tiny networks on one intra-op thread: with tensors this
     small, thread hand-offs cost more than they save (badly so on a shared 2-core
     machine, where OpenMP threads spin). Modules opt in with
-    `pytestmark = pytest.mark.usefixtures("one_thread")`."""
-    old = torch.get_num_threads()
+    `pytestmark = pytest.mark.usefixtures("one_thread")`. OMP_NUM_THREADS=1 keeps
+    the CLI commands, which call `edm2.distributed.configure_threads()`, at one
+    thread as well."""
+    old, old_env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
     yield
     torch.set_num_threads(old)
+    if old_env is None:
+        del os.environ["OMP_NUM_THREADS"]
+    else:
+        os.environ["OMP_NUM_THREADS"] = old_env
+
+
+@pytest.fixture(autouse=True)
+def keep_thread_count():
+    """A CLI command run in-process sets torch's thread count for the process
+    (`configure_threads`); give the next test the count it had before."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)

@@ -1,7 +1,7 @@
 """Test-only writer of pickles in the authors' published EDM2 format.
 
-What the authors' training/reconstruction code writes (see edm2/official.py
-and docs/official.md): `pickle.dump` of a `dnnlib.util.EasyDict` with keys
+What the authors' training/reconstruction code writes (see src/edm2/official.py
+and docs/published-models.md): `pickle.dump` of a `dnnlib.util.EasyDict` with keys
 `encoder`, `dataset_kwargs`, `loss_fn`, `ema`, where every object of their
 "persistent" classes is written as a call
 `torch_utils.persistence._reconstruct_persistent_obj(meta)` with
@@ -91,7 +91,7 @@ class Persistent:
 
 
 # Attributes of our modules that the authors' classes do not have.
-_OURS_ONLY = {"_cache", "in_channels", "reduced_dtype", "label_dim"}
+_OURS_ONLY = {"in_channels", "reduced_dtype", "label_dim"}
 
 
 def _init_args(module, name_in_parent):

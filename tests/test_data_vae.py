@@ -55,7 +55,7 @@ def test_encode_writes_raw_posterior_then_decode(small_vae, images, tmp_path):
     np.testing.assert_allclose(items[:, :4], dist.mean.numpy(), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(items[:, 4:], dist.std.numpy(), rtol=1e-4, atol=1e-5)
 
-    # Training applies the SPEC §9 standardisation exactly once: (mean - raw_mean) * 0.5 / raw_std.
+    # Training applies the App. B.1 standardisation exactly once: (mean - raw_mean) * 0.5 / raw_std.
     enc = StabilityVAEEncoder(vae_name=str(small_vae))
     mean_only = torch.from_numpy(items).clone()
     mean_only[:, 4:] = 0

@@ -1,4 +1,4 @@
-"""Power-function EMA tracking during training (SPEC §7, paper Eq. 124)."""
+"""Power-function EMA tracking during training (paper Eq. 2 / Eq. 127)."""
 import numpy as np
 import pytest
 import torch

@@ -215,3 +215,25 @@ def test_guided_generation_uses_gnet(snaps, tmp_path):
         assert_same_pixels(plain[name], same[name])  # guiding a net by itself changes nothing
         assert np.abs(plain[name].astype(int) - guided[name].astype(int)).max() > 5
         assert np.abs(plain[name].astype(int) - cfg[name].astype(int)).max() > 5
+
+
+def test_list_presets_prints_the_published_table_and_needs_no_other_option(capsys):
+    from edm2.presets import GENERATION_PRESETS, POSTHOC_URL, format_generation_presets
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["generate", "--list-presets"])  # no --outdir: the listing exits before the required-option check
+    assert exit_info.value.code == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["preset", "guidance", "tuned", "for", "reported", "net", "gnet"]
+    assert len(lines) == 1 + len(GENERATION_PRESETS) + 1
+    rows = {line.split()[0]: line.split() for line in lines[1:-1]}
+    assert set(rows) == set(GENERATION_PRESETS)
+    assert rows["edm2-img512-s-guid-dino"] == ["edm2-img512-s-guid-dino", "1.9", "FD_DINOv2", "52.32",
+                                               "edm2-img512-s-2147483-0.085", "edm2-img512-xs-uncond-2147483-0.085"]
+    assert rows["edm2-img64-xl-fid"] == ["edm2-img64-xl-fid", "1", "FID", "1.33", "edm2-img64-xl-0671088-0.040", "-"]
+    assert lines[-1] == f"(files: {POSTHOC_URL}/NAME.pkl)"
+    # The documentation's Markdown form has the same rows.
+    md = format_generation_presets(markdown=True).splitlines()
+    assert len(md) == 2 + len(GENERATION_PRESETS)
+    assert "| `edm2-img512-xxl-autog-fid` | 2.05 | FID | 1.25 | `edm2-img512-xxl-0939524-0.075` | " \
+           "`edm2-img512-m-0268435-0.155` |" in md

@@ -1,4 +1,4 @@
-"""Loss (SPEC §5), learning-rate schedule, presets and the FLOP counter."""
+"""Loss (paper App. B.2, Eq. 21), learning-rate schedule, presets and the FLOP counter."""
 import math
 
 import pytest

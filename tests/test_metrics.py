@@ -229,7 +229,7 @@ def test_gen_under_torchrun_matches_one_process(files):
     d = files["dir"]
     jsonl = d / "torchrun.jsonl"
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29531",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "edm2", "--", "metrics", "gen", "--net", str(files["net"]), "--ref", str(files["ref"]), "--num", "10",
            "--batch", "3", "--steps", str(STEPS), "--jsonl", str(jsonl)]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)

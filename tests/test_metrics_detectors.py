@@ -60,7 +60,7 @@ def test_dinov2_weight_folder_round_trip_and_offline_error(images, tmp_path, mon
     expected = DINOv2Detector(model)(images)
     assert loaded(images).shape == (2, 1024)
     assert torch.allclose(loaded(images), expected, rtol=0, atol=1e-5)
-    # SPEC §10 preprocessing: bicubic antialiased resize of 0-255 floats to 224, /255, ImageNet mean/std.
+    # FD_DINOv2 preprocessing (docs/design.md#metrics): bicubic antialiased resize of 0-255 floats to 224, /255, ImageNet mean/std.
     x = torch.nn.functional.interpolate(images.float(), size=(224, 224), mode="bicubic", antialias=True) / 255
     x = (x - torch.tensor([0.485, 0.456, 0.406])[:, None, None]) / torch.tensor([0.229, 0.224, 0.225])[:, None, None]
     with torch.no_grad():

@@ -1,4 +1,4 @@
-"""Safe import of the authors' published EDM2 pickles (edm2.official, issue 8).
+"""Safe import of the authors' published EDM2 pickles (edm2.official).
 
 The pickles are written by tests/official_format.py in the published format
 (persistence records with module_src, EasyDict, fp16 tensors through torch's
@@ -25,7 +25,8 @@ import official_format as fmt  # noqa: E402
 from edm2 import official  # noqa: E402
 from edm2.cli import main  # noqa: E402
 from edm2.encoders import StabilityVAEEncoder, encoder_from_meta  # noqa: E402
-from edm2.snapshot import load_network, load_snapshot, read_snapshot_meta  # noqa: E402
+from edm2.loading import load_network  # noqa: E402
+from edm2.snapshot import load_snapshot, read_snapshot_meta  # noqa: E402
 
 POSTHOC_NAME = "edm2-img512-s-2147483-0.130.pkl"
 
@@ -347,7 +348,7 @@ def test_convert_raw_snapshot_folder(tmp_path, capsys):
     from edm2.snapshot import list_snapshots
 
     found = list_snapshots(out)
-    # kimg 1 -> 1024 images, kimg 2 -> 2048 (SPEC §7), sigma_rel from the name.
+    # kimg 1 -> 1024 images, kimg 2 -> 2048 (docs/design.md#post-hoc-reconstruction), sigma_rel from the name.
     assert [(n, s) for n, s, _ in found] == [(1024, 0.05), (1024, 0.10), (2048, 0.05), (2048, 0.10)]
     for nimg, std, path in found:
         net, meta = load_snapshot(path)

@@ -41,7 +41,7 @@ def test_phema_on_raw_published_snapshots(tmp_path):
 
     out = tmp_path / "out"
     assert main(["phema", "--rundir", str(raw), "--outdir", str(out), "--std", "0.07"]) == 0
-    # kimg 3 -> nimg 3072 (SPEC §7), the last snapshot's time.
+    # kimg 3 -> nimg 3072 (docs/design.md#post-hoc-reconstruction), the last snapshot's time.
     path = out / "snapshot-000000003072-0.070.safetensors"
     net, meta = load_snapshot(path)
     assert meta["nimg"] == 3072 and meta["ema_std"] == 0.07

@@ -1,27 +1,27 @@
-"""Post-hoc EMA math (edm2.phema; SPEC §7, paper Sec. 3 and Appendix C)."""
+"""Post-hoc EMA math (edm2.phema; paper Sec. 3 and Appendix C)."""
 import numpy as np
 import pytest
 from scipy.integrate import quad
 
-from edm2.phema import (MAX_STD, exp_to_std, power_function_beta, profile_density, profile_fit_error,
+from edm2.phema import (MAX_SIGMA_REL, exp_to_std, power_function_beta, profile_density, profile_fit_error,
                         profile_inner_product, solve_posthoc_coefficients, std_to_exp)
 
 
 def test_std_to_exp_check_values_and_round_trip():
     assert std_to_exp(0.05) == pytest.approx(16.97, abs=0.005)
     assert std_to_exp(0.10) == pytest.approx(6.94, abs=0.005)
-    s = np.linspace(1e-3, MAX_STD - 1e-6, 5001)
+    s = np.linspace(1e-3, MAX_SIGMA_REL - 1e-6, 5001)
     g = std_to_exp(s)
     assert g.shape == s.shape
     np.testing.assert_allclose(exp_to_std(g), s, rtol=0, atol=1e-10)
-    # Independent check: the largest real root of the cubic of SPEC §7, found by numpy.
+    # Independent check: the largest real root of the cubic of Eq. 126, found by numpy.
     for v in (0.002, 0.05, 0.1, 0.25):
         roots = np.roots([1, 7, 16 - v ** -2, 12 - v ** -2])
         assert std_to_exp(v) == pytest.approx(roots[abs(roots.imag) < 1e-9].real.max(), rel=1e-12)
     assert std_to_exp(np.array([[0.05, 0.1]])).shape == (1, 2)
 
 
-@pytest.mark.parametrize("bad", [0.0, -0.05, MAX_STD, 0.29, float("nan")])
+@pytest.mark.parametrize("bad", [0.0, -0.05, MAX_SIGMA_REL, 0.29, float("nan")])
 def test_std_out_of_range_is_an_error(bad):
     with pytest.raises(ValueError, match="0.2887"):
         std_to_exp(bad)

@@ -43,7 +43,7 @@ def make_run(folder, seed=0, dtype=torch.float32, model_channels=16, times=TIMES
 def run(tmp_path_factory):
     folder = make_run(tmp_path_factory.mktemp("phema") / "run")
     # Neither a raw-weight snapshot nor a training-state file is an EMA input, and
-    # the trainer's snapshots at image 0 take no part (SPEC §7: 0 < nimg).
+    # the trainer's snapshots at image 0 take no part (0 < nimg; docs/design.md#post-hoc-reconstruction).
     net, meta = load_snapshot(folder / snapshot_name(TIMES[-1], 0.10))
     save_snapshot(folder / snapshot_name(TIMES[-1], None), net, meta | {"ema_std": None})
     for std in STORED:

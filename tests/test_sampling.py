@@ -1,5 +1,5 @@
 """edm2.sampling: noise levels, Heun accuracy on a Gaussian with its ideal
-denoiser, churn, guidance, and per-seed generators (SPEC §8)."""
+denoiser, churn, guidance, and per-seed generators (paper App. D.1; docs/design.md#sampler)."""
 import math
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 
 from edm2.nn import Precond
 from edm2.presets import get_preset
-from edm2.sampling import SeedRandom, edm_sampler, guided_denoiser, sigma_steps
+from edm2.sampling import SeedRandom, check_guidance, edm_sampler, guided_denoiser, sigma_steps
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -154,3 +154,16 @@ def test_seed_random_is_per_seed():
     assert torch.equal(alone.randn_like(noise[:1])[0], rnd.randn_like(noise)[1])
     with pytest.raises(ValueError, match="number of seeds"):
         rnd.randn([2, 4])
+
+
+def test_check_guidance_is_the_one_rule():
+    check_guidance(1.0)                      # plain sampling needs no guide
+    check_guidance(2.0, gnet="guide.safetensors")
+    for gnet in (None, ""):
+        with pytest.raises(ValueError, match="--guidance 2 needs --gnet"):
+            check_guidance(2.0, gnet)
+    with pytest.raises(ValueError, match="finite"):
+        check_guidance(float("nan"), gnet="guide.safetensors")
+    net = lambda x, t, labels: x  # noqa: E731
+    with pytest.raises(ValueError, match="--guidance 1.5 needs --gnet"):
+        guided_denoiser(net, None, 1.5)

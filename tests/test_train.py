@@ -15,7 +15,8 @@ from PIL import Image
 from edm2.checkpoint import list_checkpoints, load_checkpoint
 from edm2.cli import main as cli_main
 from edm2.loss import learning_rate_schedule
-from edm2.snapshot import list_snapshots, load_network, read_snapshot_meta
+from edm2.loading import load_network
+from edm2.snapshot import list_snapshots, read_snapshot_meta
 from edm2.training import TrainConfig, _StreamSampler, stream_indices, train
 
 BATCH = 8
@@ -88,7 +89,7 @@ def test_run_folder_contents(reference_run):
     first = load_network(snaps[0][2])[0].state_dict()
     state = _state(reference_run)
     assert not torch.equal(first["unet.out_conv.weight"], state["ema"]["0.100000"]["unet.out_conv.weight"])
-    # Status records: lr follows SPEC §5 with the image count before the step; the loss is finite.
+    # Status records: lr follows Eq. 67 with the image count before the step; the loss is finite.
     stats = [json.loads(line) for line in (reference_run / "stats.jsonl").read_text().splitlines()]
     assert [s["nimg"] for s in stats] == [0, 16, 32, 48]
     for s in stats:
@@ -296,7 +297,7 @@ def test_a_different_run_in_outdir_is_refused_unless_force_new(tmp_path, capsys,
     other.mkdir()
     (other / "cat.jpg").write_bytes(b"x")
     assert "not an edm2 run" in _fails(capsys, *base[2:], "--outdir", str(other), "--duration", "48")
-    # The same command on the finished run resumes and has nothing to do (session options may change).
+    # The same command on the finished run resumes and has nothing to do (per-invocation options may change).
     assert cli_main(["train", *base, "--duration", "48", "--workers", "0"]) == 0
     # --force-new keeps the old run aside.
     fresh = tmp_path / "fresh"

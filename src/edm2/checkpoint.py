@@ -24,13 +24,16 @@ from typing import Callable
 
 import torch
 
-from .fileio import atomic_write_bytes, remove_temp_files
+from .fileio import LOCK_NAME, atomic_write_bytes, remove_temp_files
+from .nn import precision_kwargs
+from .snapshot import list_snapshots
 from .validate import safe_error_text
 
 __all__ = ["checkpoint_name", "list_checkpoints", "save_checkpoint", "load_checkpoint", "load_latest_checkpoint",
-           "remove_stale_temp_files", "check_run_folder", "archive_run", "CHECKPOINT_FORMAT"]
+           "remove_stale_temp_files", "check_run_folder", "check_restart", "archive_run", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "edm2-checkpoint"
+_NOT_RUN_FILES = {LOCK_NAME}   # files in a run folder that belong to no run (kept by archive_run)
 _NAME_RE = re.compile(r"checkpoint-(\d{12})\.pt$")
 
 
@@ -91,11 +94,11 @@ def check_run_folder(identity: dict, outdir, force_new: bool = False) -> str:
     if not out.exists():
         return "fresh"
     if not out.is_dir():
-        raise ValueError(f"--outdir {out}: exists and is not a folder; choose another --outdir")
+        raise ValueError(f"outdir={out}: exists and is not a folder; choose another outdir")
     cfg = out / "config.json"
     if not cfg.is_file():
-        if any(out.iterdir()):
-            raise ValueError(f"--outdir {out}: not empty and has no config.json, so it is not an edm2 run; "
+        if any(p.name not in _NOT_RUN_FILES for p in out.iterdir()):
+            raise ValueError(f"outdir={out}: not empty and has no config.json, so it is not an edm2 run; "
                              f"choose a new or empty folder")
         return "fresh"
     if force_new:
@@ -103,14 +106,31 @@ def check_run_folder(identity: dict, outdir, force_new: bool = False) -> str:
     try:
         old = json.loads(cfg.read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"{cfg}: unreadable ({e}); use another --outdir, or --force-new to start over") from None
+        raise ValueError(f"{cfg}: unreadable ({e}); use another outdir, or force_new=True to start over") from None
+    if isinstance(old.get("net_kwargs"), dict):  # runs of edm2 0.1 stored use_fp16/reduced_dtype
+        old["net_kwargs"] = precision_kwargs(old["net_kwargs"])
     new = json.loads(json.dumps(identity))
     diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if diff:
         shown = "; ".join(f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in diff[:3])
-        raise ValueError(f"--outdir {out} holds a different run ({shown}); use another --outdir, or --force-new to "
+        raise ValueError(f"outdir={out} holds a different run ({shown}); use another outdir, or force_new=True to "
                          f"start over there (its files move to {out}/previous-N/)")
     return "resume"
+
+
+def check_restart(folder) -> None:
+    """Refuse (ValueError) to start a run again from image 0 in a folder whose
+    checkpoints are all unreadable or missing while it holds files of that run
+    beyond its start (snapshots after image 0, sample grids, checkpoints):
+    starting over would overwrite them."""
+    folder = Path(folder)
+    checkpoints = [p for _, p in list_checkpoints(folder)]
+    kept = checkpoints + [p for n, _, p in list_snapshots(folder) if n > 0] + sorted(folder.glob("grid-*.png"))
+    if kept:
+        why = f"its {len(checkpoints)} checkpoint(s) are unreadable" if checkpoints else "it has no checkpoint"
+        raise ValueError(f"outdir={folder}: holds a run ({len(kept)} snapshot/grid/checkpoint files) but {why}; "
+                         f"starting again from image 0 would overwrite them; use force_new=True to start over "
+                         f"(the old files move to {folder}/previous-N/)")
 
 
 def _short(v, n=60):
@@ -127,6 +147,6 @@ def archive_run(out) -> Path:
     dest = out / f"previous-{n}"
     dest.mkdir()
     for p in list(out.iterdir()):
-        if p != dest and not p.name.startswith("previous-"):
+        if p != dest and not p.name.startswith("previous-") and p.name not in _NOT_RUN_FILES:
             shutil.move(str(p), dest / p.name)
     return dest

@@ -1,4 +1,4 @@
-"""Power-function EMA tracked during training (paper Sec. 3.1, Eq. 124; SPEC §7).
+"""Power-function EMA tracked during training (paper Sec. 3.1 Eq. 2, App. C.4 Eq. 127).
 
 For every relative width sigma_rel the tracker keeps an fp32 copy of the
 network. After the optimizer step that brings the image count to t with a

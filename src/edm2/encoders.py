@@ -1,4 +1,4 @@
-"""Mapping between dataset items and the network's space (SPEC §9).
+"""Mapping between dataset items and the network's space (paper App. B.1, "Latent diffusion").
 
 - `StandardRGBEncoder`: uint8 pixels <-> [-1, 1].
 - `StabilityVAEEncoder`: 8-channel latent items (posterior mean, std of the
@@ -11,7 +11,9 @@ An encoder is described in snapshot metadata by `to_meta()` and rebuilt with
 from __future__ import annotations
 
 import os
+import socket
 import warnings
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -29,7 +31,7 @@ class VAEUnavailable(RuntimeError):
 
 
 class StandardRGBEncoder:
-    """Pixel-space data: x / 127.5 - 1 and back (SPEC §9)."""
+    """Pixel-space data: x / 127.5 - 1 and back (docs/design.md#latents)."""
 
     kind = "rgb"
 
@@ -49,7 +51,7 @@ def load_vae(name_or_path: str = DEFAULT_VAE, device="cpu"):
     """Load the Stable Diffusion VAE with diffusers, from a local folder or the
     Hugging Face cache/hub. Raises VAEUnavailable with a how-to when it can't."""
     try:
-        from diffusers import AutoencoderKL
+        from diffusers import AutoencoderKL  # optional (edm2[vae]) and slow to import
     except ImportError:
         raise VAEUnavailable("the VAE needs diffusers: pip install 'edm2[vae]' (or pip install diffusers)") from None
     name_or_path = str(name_or_path)
@@ -61,7 +63,7 @@ def load_vae(name_or_path: str = DEFAULT_VAE, device="cpu"):
                       or name_or_path.count("/") != 1):
         raise VAEUnavailable(f"--vae {name_or_path}: no such folder (a VAE is a folder written by "
                              f"save_pretrained, or a hub name like {DEFAULT_VAE}); {howto}")
-    from diffusers.utils import logging as dlogging
+    from diffusers.utils import logging as dlogging  # diffusers is importable here (checked above)
     verbosity = dlogging.get_verbosity()
     dlogging.set_verbosity_error()  # no advice about optional packages on every load
     try:
@@ -87,8 +89,6 @@ def load_vae(name_or_path: str = DEFAULT_VAE, device="cpu"):
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
     """False when HF_HUB_OFFLINE is set or the hub's host does not answer within `timeout` seconds."""
-    import socket
-    from urllib.parse import urlparse
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
         return False
     if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
@@ -102,7 +102,7 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
 
 
 class StabilityVAEEncoder:
-    """Latent-space data through the SD VAE; standardisation of SPEC §9."""
+    """Latent-space data through the SD VAE; standardisation of paper App. B.1."""
 
     kind = "sd-vae"
 

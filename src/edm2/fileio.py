@@ -26,8 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
-__all__ = ["WriteError", "describe_os_error", "atomic_write_bytes", "AtomicWriter", "png_bytes", "save_figure",
-           "RunLock", "LockError", "remove_temp_files", "temp_name_matches", "LOCK_NAME"]
+import numpy as np
+from PIL import Image
+
+__all__ = ["WriteError", "describe_os_error", "atomic_write_bytes", "AtomicWriter", "png_bytes", "pyplot",
+           "save_figure", "RunLock", "LockError", "remove_temp_files", "temp_name_matches", "LOCK_NAME"]
 
 LOCK_NAME = ".edm2.lock"
 
@@ -215,11 +218,7 @@ def atomic_write_bytes(path, data: bytes) -> Path:
 
 def png_bytes(image, compress_level: int = 6) -> bytes:
     """Encode a PIL image or a uint8 array ([H, W] or [H, W, C], C in 1, 3, 4) as PNG."""
-    from PIL import Image
-
     if not isinstance(image, Image.Image):
-        import numpy as np
-
         arr = np.asarray(image)
         if arr.dtype != np.uint8:
             raise ValueError(f"png_bytes: expected uint8 pixels, got {arr.dtype}")
@@ -229,11 +228,22 @@ def png_bytes(image, compress_level: int = 6) -> bytes:
     return buf.getvalue()
 
 
+def pyplot():
+    """matplotlib.pyplot with the non-interactive Agg backend (figures are only
+    ever written to files). Imported on first use: pyplot takes seconds to
+    import, and most commands draw nothing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def save_figure(fig, path=None, dpi: int = 100) -> bytes:
     """Render a matplotlib figure to PNG bytes, close it, and write it
     atomically to `path` when given."""
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     buf = io.BytesIO()
     try:
         fig.savefig(buf, format="png", dpi=dpi)

@@ -4,7 +4,7 @@ Counting uses `torch.utils.flop_counter.FlopCounterMode` on the meta device,
 so even img512-xxl is counted in seconds without allocating any weights.
 Convolutions, matrix products and attention products come from PyTorch's own
 formulas (FLOPs / 2 = MACs). Like the paper's counter, the total also adds
-element-wise work (SPEC §13): one operation per output element, three for
+element-wise work (paper App. D.5): one operation per output element, three for
 SiLU and softmax, one per input element for norms and pooling. Those
 formulas are handed to the same FlopCounterMode through `custom_mapping`.
 On the meta device attention decomposes into bmm + softmax, so both parts are
@@ -53,7 +53,7 @@ class FlopReport:
     name: str
     params: int
     macs_matmul: int      # convolutions, matrix products, attention products
-    ops_elementwise: int  # element-wise operations (SPEC §13 weights)
+    ops_elementwise: int  # element-wise operations (weights above)
     input_shape: tuple
 
     @property

@@ -13,7 +13,7 @@ networks' weight fingerprints, sampler settings, guidance, class) and is
 locked (`edm2.fileio.RunLock`) while images are written; a later call with
 another network or other settings is refused instead of mixing images.
 
-Every image depends only on its seed (SPEC §8): noise, random class and
+Every image depends only on its seed (docs/design.md#per-seed-randomness): noise, random class and
 churn noise come from the seed's own generator (`edm2.sampling.SeedRandom`).
 """
 from __future__ import annotations
@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,18 +32,18 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
+from .distributed import rank_world, resolve_device
 from .encoders import encoder_from_meta
-from .sampling import SeedRandom, edm_sampler
 from .fileio import RunLock, atomic_write_bytes, png_bytes
-from .snapshot import load_network
-from .validate import SAMPLER_OPTION_NAMES, check_guidance, check_sampler_options
+from .loading import load_network
+from .sampling import SeedRandom, check_guidance, edm_sampler
+from .validate import SAMPLER_OPTION_NAMES, check_sampler_options
 
 __all__ = ["GeneratedBatch", "generate_images", "generate_to_dir", "load_nets", "check_guide", "check_gnet_matches",
-           "check_class",
-           "rank_batches", "init_distributed", "default_device", "image_path", "make_grid", "compile_for_inference",
-           "SAMPLER_DEFAULTS", "MANIFEST_NAME", "net_fingerprint", "output_manifest", "check_output_folder"]
+           "check_class", "rank_batches", "image_path", "make_grid", "compile_for_inference", "SAMPLER_DEFAULTS",
+           "MANIFEST_NAME", "net_fingerprint", "output_manifest", "check_output_folder"]
 
-# edm_sampler's keyword arguments and their defaults (SPEC §8), for the CLI and docs.
+# edm_sampler's keyword arguments and their defaults (paper App. D.1), for the CLI and docs.
 SAMPLER_DEFAULTS = dict(num_steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0,
                         S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0)
 
@@ -77,15 +76,11 @@ def _shape(net):
 
 
 def check_guide(net, gnet=None, guidance: float = 1) -> None:
-    """Raise ValueError unless (gnet, guidance) is usable with net (SPEC §8)."""
-    check_guidance(guidance)
-    if gnet is None:
-        if guidance != 1:
-            raise ValueError(f"--guidance {guidance} needs a guiding network: pass --gnet SNAPSHOT "
-                             f"(unconditional for classifier-free guidance, smaller/earlier for autoguidance) "
-                             f"or use --guidance 1")
-        return
-    check_gnet_matches(net, gnet)
+    """Raise ValueError unless (gnet, guidance) is usable with net (docs/design.md#guidance):
+    `edm2.sampling.check_guidance`, then `check_gnet_matches` when there is a gnet."""
+    check_guidance(guidance, gnet)
+    if gnet is not None:
+        check_gnet_matches(net, gnet)
 
 
 def check_gnet_matches(net, gnet) -> None:
@@ -115,31 +110,6 @@ def check_class(net, class_idx) -> None:
 # Distribution over processes (torchrun).
 # ---------------------------------------------------------------------------
 
-def default_device() -> torch.device:
-    """cuda:LOCAL_RANK when CUDA is there (one GPU per torchrun process), else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return torch.device("cpu")
-
-
-def init_distributed() -> tuple[int, int]:
-    """Join the process group torchrun describes in the environment (NCCL on
-    GPUs, gloo on CPUs); a no-op for a single process. Returns (rank, world_size)."""
-    if dist.is_available() and not dist.is_initialized() and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        if torch.cuda.is_available():
-            torch.cuda.set_device(default_device())
-            dist.init_process_group("nccl")
-        else:
-            dist.init_process_group("gloo")
-    return _rank_world()
-
-
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 def rank_batches(seeds, batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
     """This process's batches of seeds.
 
@@ -163,9 +133,9 @@ def rank_batches(seeds, batch_size: int, rank: int = 0, world_size: int = 1) -> 
 
 def compile_for_inference(net):
     """torch.compile a network for sampling. Inductor's freezing treats the
-    weights as constants, so the weight normalisation (SPEC §1) is folded in
+    weights as constants, so the weight normalisation (Eq. 47) is folded in
     once at compile time instead of being recomputed at every evaluation
-    (eager mode gets the same from MPConv's eval-mode weight cache). Sets
+    (eager mode normalises the weights at every call). Sets
     torch._inductor.config.freezing for the process; the first call compiles."""
     torch._inductor.config.freezing = True
     net.eval().requires_grad_(False)
@@ -173,10 +143,10 @@ def compile_for_inference(net):
 
 
 def load_nets(net, gnet=None, device=None):
-    """Load --net (and --gnet) from anything `edm2.snapshot.load_network`
+    """Load --net (and --gnet) from anything `edm2.loading.load_network`
     accepts -> (net, gnet or None, encoder, meta of net). Networks are in eval
     mode; raises ValueError if gnet does not match net."""
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     net, meta = load_network(net, device=device)
     if gnet is not None:
         gnet, gmeta = load_network(gnet, device=device)
@@ -204,7 +174,7 @@ def generate_images(net, encoder, seeds, gnet=None, guidance: float = 1, class_i
     sampler_kwargs: edm_sampler's num_steps, sigma_min, sigma_max, rho,
         S_churn, S_min, S_max, S_noise.
     Checks run at the call (ValueError), generation while iterating. The
-    networks are put in eval mode without gradients (MPConv caches weights).
+    networks are put in eval mode without gradients.
     """
     check_guide(net, gnet, guidance)
     check_class(net, class_idx)
@@ -213,9 +183,9 @@ def generate_images(net, encoder, seeds, gnet=None, guidance: float = 1, class_i
         raise ValueError(f"unknown sampler options {sorted(unknown)}; allowed: {', '.join(SAMPLER_DEFAULTS)}")
     sampler_kwargs = check_sampler_options({**SAMPLER_DEFAULTS, **sampler_kwargs})
     if rank is None or world_size is None:
-        rank, world_size = _rank_world()
+        rank, world_size = rank_world()
     batches = rank_batches(seeds, batch_size, rank, world_size)
-    device = torch.device(device) if device is not None else default_device()
+    device = resolve_device(device)
     for m in (net, gnet):
         if m is not None:
             m.eval().requires_grad_(False)
@@ -229,7 +199,7 @@ def _generate(net, encoder, batches, gnet, guidance, class_idx, device, progress
             if not seeds:
                 yield GeneratedBatch(torch.zeros([0], dtype=torch.uint8), [], None, None)
                 continue
-            # Per-seed randomness, in the order of SPEC §8: noise, class, churn.
+            # Per-seed randomness, in the authors' order: noise, class, churn.
             rnd = SeedRandom(seeds, device)
             noise = rnd.randn([len(seeds), *shape])
             labels = classes = None
@@ -374,7 +344,7 @@ def check_output_folder(outdir, manifest: dict) -> bool:
 def _missing_seeds(seeds, outdir, subdirs, device) -> list[int]:
     """Seeds whose PNG is not there yet. Rank 0 decides and broadcasts the list,
     so every process splits the same list even while others start writing."""
-    rank, world = _rank_world()
+    rank, world = rank_world()
     if world == 1:
         return [s for s in seeds if not image_path(outdir, s, subdirs).exists()]
     todo = torch.tensor([s for s in seeds if not image_path(outdir, s, subdirs).exists()] if rank == 0 else [],
@@ -392,7 +362,7 @@ def generate_to_dir(net, encoder, seeds, outdir, gnet=None, guidance: float = 1,
                     progress: bool = True, sources: dict | None = None, **sampler_kwargs) -> dict:
     """Write one PNG per seed to outdir (`image_path`), skipping images that
     already exist, so an interrupted job can simply be re-run. Under torchrun
-    (call `init_distributed()` first) the missing seeds are split across the
+    (call `edm2.distributed.init_distributed()` first) the missing seeds are split across the
     processes. With `grid`, rank 0 then tiles the first `grid_count` seeds'
     images into that PNG. Every file is written atomically (temp + rename).
     The folder is locked while images are written (`RunLock`) and records
@@ -416,8 +386,8 @@ def generate_to_dir(net, encoder, seeds, outdir, gnet=None, guidance: float = 1,
     sampler_kwargs = check_sampler_options({**SAMPLER_DEFAULTS, **sampler_kwargs})
     manifest = output_manifest(net, gnet if guidance != 1 else None, guidance, class_idx, encoder, sources,
                                **sampler_kwargs)
-    device = torch.device(device) if device is not None else default_device()
-    rank, world = _rank_world()
+    device = resolve_device(device)
+    rank, world = rank_world()
     with RunLock(outdir, "--outdir") if rank == 0 else nullcontext():
         fresh = check_output_folder(outdir, manifest)  # every process reads, before anything is written
         if world > 1:

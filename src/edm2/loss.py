@@ -1,5 +1,5 @@
 """EDM2 training loss with learned uncertainty, and the learning-rate schedule
-(paper Sec. 2, Eq. 8 and Sec. B.2 / Eq. 121; SPEC §5)."""
+(paper App. B.1 Eqs. 13-16, App. B.2 Eq. 21; App. B.5 Eq. 67)."""
 from __future__ import annotations
 
 import math

@@ -1,4 +1,4 @@
-"""Safe import of the authors' published EDM2 files (issue 8).
+"""Safe import of the authors' published EDM2 files (docs/published-models.md).
 
 NVIDIA publishes its EDM2 models (post-hoc reconstructions such as
 `edm2-img512-s-2147483-0.130.pkl`, raw training snapshots such as
@@ -25,7 +25,7 @@ The records are then mapped onto our `edm2.nn.Precond` (architecture from the
 `_init_kwargs` the authors' persistence wrapper stores, weights loaded
 strictly) and our snapshot metadata (`edm2.snapshot.make_meta`). Published fp16
 weights and buffers are widened to float32 (exact: every fp16 value is a
-float32 value). `load_network` (edm2.snapshot) routes every `.pkl` path or URL
+float32 value). `edm2.loading.load_network` routes every `.pkl` path or URL
 here, so generation, metrics, post-hoc EMA and `train --init` accept them.
 """
 from __future__ import annotations
@@ -46,14 +46,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from .encoders import StabilityVAEEncoder, StandardRGBEncoder
 from .fileio import AtomicWriter
+from .nn import Block, Precond, UNet
+from .snapshot import build_net, make_meta, save_snapshot, snapshot_name
 from .validate import safe_error_text
 
-__all__ = ["UnsafePickleError", "OfficialFormatError", "DownloadError", "Record", "safe_unpickle",
+__all__ = ["UnsafePickleError", "OfficialFormatError", "DownloadError", "Record", "safe_unpickle", "is_url",
            "cache_dir", "cached_path", "fetch", "parse_official_name", "kimg_to_nimg",
            "load_official", "import_official", "convert_official_folder", "list_official_pickles",
-           "load_reference_stats"]
+           "load_reference_stats", "unpickle_numpy_data", "NUMPY_ARRAY_GLOBALS"]
 
 
 class UnsafePickleError(ValueError):
@@ -157,19 +161,25 @@ for _mod in ("numpy.core.multiarray", "numpy._core.multiarray"):  # numpy 1.x / 
     _ALLOWED[(_mod, "scalar")] = _numpy_core().scalar
 
 
+# Globals that a pickle of plain numpy arrays needs (e.g. the CIFAR python batches, read by edm2.data).
+NUMPY_ARRAY_GLOBALS = {k: v for k, v in _ALLOWED.items() if k[0].startswith("numpy")}
+
+
 class _RestrictedUnpickler(pickle.Unpickler):
-    def __init__(self, file, where):
-        super().__init__(file)
+    def __init__(self, file, where, allowed=None, refusal=None, **kwargs):
+        super().__init__(file, **kwargs)
         self.where = where
+        self.allowed = _ALLOWED if allowed is None else allowed
+        self.refusal = refusal or ("edm2's allow-list for the authors' EDM2 files; nothing from the file was run. "
+                                   "Only NVIDIA's published EDM2 network/statistics pickles can be read")
 
     def find_class(self, module, name):
         # Every global the pickle names passes through here before it can be called.
-        target = _ALLOWED.get((module, name))
+        target = self.allowed.get((module, name))
         if target is None:
             raise UnsafePickleError(
-                f"{self.where}: refused: the pickle asks for the global '{module}.{name}', which is not on edm2's "
-                f"allow-list for the authors' EDM2 files; nothing from the file was run. Only NVIDIA's published "
-                f"EDM2 network/statistics pickles can be read")
+                f"{self.where}: refused: the pickle asks for the global '{module}.{name}', which is not on "
+                f"{self.refusal}")
         return target
 
     def persistent_load(self, pid):
@@ -191,6 +201,21 @@ def safe_unpickle(source, where=None):
                                   f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
 
 
+def unpickle_numpy_data(data: bytes, where: str, refusal: str):
+    """Unpickle a pickle that holds only builtin containers, numbers, strings
+    and numpy arrays (allow-list NUMPY_ARRAY_GLOBALS; no object dtypes), as
+    Python 2 wrote them (8-bit strings read as latin-1 text). Raises
+    UnsafePickleError naming any other global (nothing is run), ValueError for
+    a broken pickle."""
+    try:
+        return _RestrictedUnpickler(io.BytesIO(data), where, NUMPY_ARRAY_GLOBALS, refusal, encoding="latin1").load()
+    except UnsafePickleError:
+        raise
+    except Exception as e:
+        raise ValueError(f"{where}: not a readable pickle ({type(e).__name__}: "
+                         f"{str(e).splitlines()[0] if str(e) else ''})") from None
+
+
 def _unpickle_file(path: Path):
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
@@ -202,7 +227,8 @@ def _unpickle_file(path: Path):
 # Downloads to a cache folder.
 # ---------------------------------------------------------------------------
 
-def _is_url(source) -> bool:
+def is_url(source) -> bool:
+    """Does `source` name a URL (rather than a local path)?"""
     return isinstance(source, str) and "://" in source
 
 
@@ -227,7 +253,7 @@ def fetch(source, progress: bool = True) -> Path:
     """A local path as given, or the cached copy of a URL (downloaded once, to a
     temporary file renamed into place when complete, so the cache never holds a
     partial file). Offline, raises DownloadError naming where to put the file by hand."""
-    if not _is_url(source):
+    if not is_url(source):
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such file")
@@ -246,8 +272,6 @@ def fetch(source, progress: bool = True) -> Path:
 
 
 def _download(url, out, progress):
-    from tqdm import tqdm
-
     with urllib.request.urlopen(url, timeout=60) as response:
         total = int(response.headers.get("Content-Length") or 0) or None
         with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(url), disable=not progress) as bar:
@@ -269,13 +293,13 @@ _NAME_RE = re.compile(r"(.*)-(\d+)-(\d+\.\d+)\.pkl$")
 
 def kimg_to_nimg(kimg: int) -> int:
     """The authors name files by kimg = nimg // 1000 of a multiple of 1024 images;
-    recover nimg exactly (SPEC §7)."""
+    recover nimg exactly (docs/design.md#post-hoc-reconstruction)."""
     return (int(kimg) * 1000 + 999) // 1024 * 1024
 
 
 def parse_official_name(name) -> tuple[str, int, float] | None:
     """'edm2-img512-s-2147483-0.130.pkl' -> ('edm2-img512-s', 2147483648, 0.13); None if not such a name."""
-    m = _NAME_RE.fullmatch(os.path.basename(urllib.parse.urlsplit(str(name)).path if _is_url(name) else str(name)))
+    m = _NAME_RE.fullmatch(os.path.basename(urllib.parse.urlsplit(str(name)).path if is_url(name) else str(name)))
     if not m:
         return None
     return m.group(1), kimg_to_nimg(int(m.group(2))), float(m.group(3))
@@ -283,8 +307,6 @@ def parse_official_name(name) -> tuple[str, int, float] | None:
 
 def _precond_kwargs_allowed() -> set:
     """Keyword arguments our Precond accepts (its own, the U-Net's, the blocks')."""
-    from .nn import Block, Precond, UNet
-
     per_block = {"in_channels", "out_channels", "emb_channels", "flavor", "resample_mode", "attention"}
     names = set()
     for cls in (Precond, UNet, Block):
@@ -352,8 +374,6 @@ def _tensors_of(record: Record, where, prefix="") -> dict:
 
 def _encoder_meta(record, where) -> dict:
     """Our encoder metadata for the authors' encoder record (None: pixels, their default)."""
-    from .encoders import StabilityVAEEncoder, StandardRGBEncoder
-
     if record is None or (isinstance(record, Record) and record.class_name == "StandardRGBEncoder"):
         return StandardRGBEncoder().to_meta()
     if not isinstance(record, Record) or record.class_name != "StabilityVAEEncoder":
@@ -364,7 +384,7 @@ def _encoder_meta(record, where) -> dict:
     final_std = float(kw.get("final_std", 0.5))
     if "raw_mean" in kw and "raw_std" in kw:
         raw_mean, raw_std = kw["raw_mean"], kw["raw_std"]
-    else:  # invert scale = final_std / raw_std, bias = final_mean - raw_mean * scale (SPEC §9)
+    else:  # invert scale = final_std / raw_std, bias = final_mean - raw_mean * scale (App. B.1)
         scale = np.asarray(st["scale"], np.float64).ravel()
         bias = np.asarray(st["bias"], np.float64).ravel()
         raw_std = final_std / scale
@@ -386,10 +406,8 @@ def load_official(source, device="cpu", name_hint: str | None = None):
     """Load one of the authors' network pickles (path or URL) safely ->
     (Precond in eval mode, snapshot metadata as `edm2.snapshot.make_meta`).
 
-    nimg and ema_std come from the file name (`...-<kimg>-<sigma_rel>.pkl`), or
+    nimg and sigma_rel come from the file name (`...-<kimg>-<sigma_rel>.pkl`), or
     from `name_hint` (an original name, if the file was renamed)."""
-    from .snapshot import build_net, make_meta
-
     path = fetch(source)
     where = str(source)
     data = _unpickle_file(path)
@@ -417,13 +435,13 @@ def load_official(source, device="cpu", name_hint: str | None = None):
 
     encoder = _encoder_meta(data.get("encoder"), where)
     parsed = parse_official_name(name_hint or str(source))  # (0, None) for a name not in the authors' scheme
-    nimg, ema_std = (parsed[1], parsed[2]) if parsed else (0, None)
+    nimg, sigma_rel = (parsed[1], parsed[2]) if parsed else (0, None)
     loss = data.get("loss_fn")
     origin = {"importer": "edm2.official", "source": where,
               "source_dtype": str(next(iter(tensors.values())).dtype).replace("torch.", "") if tensors else None,
               "loss": _jsonable({k: v for k, v in loss.state.items() if k in ("P_mean", "P_std", "sigma_data")}, where)
               if isinstance(loss, Record) else None}
-    meta = make_meta(net_kwargs, nimg, ema_std, encoder, _dataset_meta(net_kwargs, encoder, data.get("dataset_kwargs"),
+    meta = make_meta(net_kwargs, nimg, sigma_rel, encoder, _dataset_meta(net_kwargs, encoder, data.get("dataset_kwargs"),
                                                                        where), origin)
     return net, meta
 
@@ -443,12 +461,10 @@ def import_official(src, dest, dtype: str = "fp32", name_hint: str | None = None
     """Convert a published pickle (path or URL) into an edm2 snapshot file.
 
     `dest`: a `.safetensors` file, or an existing folder (the file is then named
-    by `edm2.snapshot.snapshot_name(nimg, ema_std)`). Never overwrites.
+    by `edm2.snapshot.snapshot_name(nimg, sigma_rel)`). Never overwrites.
     `dtype`: 'fp32' (default; the published fp16 values widened exactly) or
     'fp16' (parameters stored as published, half the size; loading widens them).
     Returns the written path."""
-    from .snapshot import save_snapshot, snapshot_name
-
     if dtype not in _DTYPES:
         raise ValueError(f"--dtype {dtype!r}: allowed: {', '.join(_DTYPES)}")
     dest = Path(dest)
@@ -482,10 +498,6 @@ def convert_official_folder(folder, dest=None, dtype: str = "fp16", progress: bo
     into edm2 snapshots, for post-hoc EMA reconstruction. By default the parameters stay
     fp16 as published (lossless, half the size of float32; loading widens them). `dest` defaults to a folder in the cache named after
     the source folder. Files converted before are skipped. Returns the folder."""
-    from tqdm import tqdm
-
-    from .snapshot import snapshot_name
-
     folder = Path(folder)
     pkls = list_official_pickles(folder) if folder.is_dir() else []
     if not pkls:
@@ -495,8 +507,8 @@ def convert_official_folder(folder, dest=None, dtype: str = "fp16", progress: bo
         dest = cache_dir() / "converted" / f"{folder.resolve().name}-{key}"
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
-    for nimg, std, path in tqdm(pkls, desc="converting published snapshots", unit="file", disable=not progress):
-        if not (dest / snapshot_name(nimg, std)).exists():
+    for nimg, sigma_rel, path in tqdm(pkls, desc="converting published snapshots", unit="file", disable=not progress):
+        if not (dest / snapshot_name(nimg, sigma_rel)).exists():
             import_official(path, dest, dtype=dtype)
     return dest
 

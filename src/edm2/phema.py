@@ -1,5 +1,5 @@
 """Power-function EMA and the math of its post-hoc reconstruction (paper
-Sec. 3.1-3.2 and Appendix C; SPEC §7). Everything here is numpy float64 and
+Sec. 3.1-3.2 and Appendix C). Everything here is numpy float64 and
 vectorised over arrays; the file streaming lives in `edm2.posthoc`.
 
 A profile with exponent gamma, ending at time t (counted in training images),
@@ -12,24 +12,25 @@ from __future__ import annotations
 import numpy as np
 
 __all__ = ["exp_to_std", "std_to_exp", "power_function_beta", "profile_inner_product",
-           "solve_posthoc_coefficients", "profile_density", "profile_fit_error", "check_std", "MAX_STD"]
+           "solve_posthoc_coefficients", "profile_density", "profile_fit_error", "check_sigma_rel",
+           "MAX_SIGMA_REL"]
 
-MAX_STD = float(np.sqrt(1 / 12))  # sigma_rel of gamma = 0, the flat profile (upper bound, 0.2887)
+MAX_SIGMA_REL = float(np.sqrt(1 / 12))  # sigma_rel of gamma = 0, the flat profile (upper bound, 0.2887)
 
 
-def check_std(sigma_rel, name: str = "sigma_rel") -> np.ndarray:
+def check_sigma_rel(sigma_rel, name: str = "sigma_rel") -> np.ndarray:
     """Return sigma_rel as a float64 array, or raise ValueError unless every
-    value lies in the open interval (0, MAX_STD)."""
+    value lies in the open interval (0, MAX_SIGMA_REL)."""
     s = np.asarray(sigma_rel, dtype=np.float64)
-    bad = ~((s > 0) & (s < MAX_STD))  # also catches NaN
+    bad = ~((s > 0) & (s < MAX_SIGMA_REL))  # also catches NaN
     if np.any(bad):
         raise ValueError(f"{name}={np.atleast_1d(s)[np.atleast_1d(bad)].tolist()}: every EMA length sigma_rel "
-                         f"must lie in (0, {MAX_STD:.4f}); {MAX_STD:.4f} is the flat average of all of training")
+                         f"must lie in (0, {MAX_SIGMA_REL:.4f}); {MAX_SIGMA_REL:.4f} is the flat average of all of training")
     return s
 
 
 def exp_to_std(gamma):
-    """Relative standard deviation of the power-function profile (SPEC §7, Eq. 123):
+    """Relative standard deviation of the power-function profile (Eq. 123):
     sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3)))."""
     gamma = np.asarray(gamma, dtype=np.float64)
     if np.any(~(gamma > -1)):
@@ -43,9 +44,9 @@ def std_to_exp(sigma_rel):
     f(g) = g^3 + 7 g^2 + (16 - s^-2) g + (12 - s^-2) = (g+2)^2 (g+3) - (g+1)/s^2 (Eq. 125).
 
     Vectorised Newton iteration started at g0 = 1/s: there f(g0) = 6/s^2 + 16/s + 12 > 0,
-    and f is convex and increasing right of its largest root (> 0 for s < MAX_STD),
+    and f is convex and increasing right of its largest root (> 0 for s < MAX_SIGMA_REL),
     so the iterates decrease monotonically onto that root."""
-    s = check_std(sigma_rel)
+    s = check_sigma_rel(sigma_rel)
     c = s ** -2
     g = 1 / s
     for _ in range(100):
@@ -59,7 +60,7 @@ def std_to_exp(sigma_rel):
 
 def power_function_beta(sigma_rel, t_next, t_delta):
     """EMA decay for the update that brings the image count to t_next with a
-    batch of t_delta: beta = (1 - t_delta / t_next)^(gamma + 1) (SPEC §7, Eq. 124).
+    batch of t_delta: beta = (1 - t_delta / t_next)^(gamma + 1) (Eq. 127).
     Counting images, not steps; the first update (t_next == t_delta) gives 0 (a copy).
     Broadcasts over all three arguments."""
     gamma = np.asarray(std_to_exp(sigma_rel))
@@ -80,7 +81,7 @@ def _check_times(t, name):
 
 def profile_inner_product(t_a, sigma_rel_a, t_b, sigma_rel_b):
     """<p_a, p_b> = integral of p_a(tau) p_b(tau) d tau of two power-function
-    profiles (SPEC §7, Eq. 127), broadcasting:
+    profiles (Eq. 151, Algorithm 3), broadcasting:
     (g_a+1)(g_b+1) (t_a/t_b)^e / ((g_a+g_b+1) max(t_a, t_b)), e = g_b if t_a < t_b else -g_a."""
     t_a = _check_times(t_a, "t_a")
     t_b = _check_times(t_b, "t_b")
@@ -96,8 +97,8 @@ def _inputs_and_outputs(in_t, in_std, out_t, out_std):
     in_std = np.broadcast_to(np.asarray(in_std, np.float64), in_t.shape).ravel()
     out_t, out_std = np.broadcast_arrays(np.atleast_1d(_check_times(out_t, "out_t")).ravel(),
                                          np.atleast_1d(np.asarray(out_std, np.float64)).ravel())
-    check_std(in_std, "in_std")
-    check_std(out_std, "out_std")
+    check_sigma_rel(in_std, "in_std")
+    check_sigma_rel(out_std, "out_std")
     return in_t, in_std, out_t, out_std
 
 

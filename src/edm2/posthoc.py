@@ -1,5 +1,5 @@
 """Post-hoc EMA: build snapshots of any EMA length after training from the
-run's stored snapshots (paper Sec. 3.2, Figure 4; SPEC §7).
+run's stored snapshots (paper Sec. 3.2, Figure 4, App. C.5).
 
 The math is in `edm2.phema`; this module lists a run's snapshots, checks
 them, and streams the linear combinations tensor by tensor: every input file
@@ -19,11 +19,16 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
+from tqdm import tqdm
 
-from .phema import check_std, profile_density, profile_fit_error, solve_posthoc_coefficients
-from .fileio import RunLock, atomic_write_bytes, remove_temp_files, save_figure
+from .fileio import RunLock, atomic_write_bytes, pyplot, remove_temp_files, save_figure
+from .nn import precision_kwargs
+from .official import convert_official_folder, list_official_pickles
+from .phema import check_sigma_rel, profile_density, profile_fit_error, solve_posthoc_coefficients
 from .snapshot import (SnapshotError, SnapshotStreamWriter, build_net, list_snapshots, read_snapshot_meta,
                        snapshot_name)
+from .units import parse_float_list
 
 __all__ = ["PhemaInput", "PosthocPlan", "find_phema_inputs", "check_one_run", "resolve_time", "plan_posthoc", "reconstruct",
            "plot_profiles", "plot_name"]
@@ -36,7 +41,7 @@ class PhemaInput:
     """One stored EMA snapshot of a run: file, training images seen, sigma_rel, metadata."""
     path: Path
     nimg: int
-    ema_std: float
+    sigma_rel: float
     meta: dict = field(repr=False, compare=False)
 
 
@@ -44,9 +49,9 @@ class PhemaInput:
 class PosthocPlan:
     """Which stored profiles make which wanted profile: coeffs[i, j] weights input i in output j."""
     in_nimg: np.ndarray      # [in] end times of the stored profiles (training images)
-    in_std: np.ndarray       # [in] their sigma_rel
+    in_sigma_rel: np.ndarray  # [in] their sigma_rel
     at_nimg: int             # time of every output
-    stds: list               # [out] wanted sigma_rel
+    sigma_rels: list         # [out] wanted sigma_rel
     coeffs: np.ndarray       # [in, out], columns sum to 1
     fit_error: np.ndarray    # [out] relative L2 error of the realised profile (phema.profile_fit_error)
     inputs: list = None      # [in] PhemaInput, when planned from files
@@ -62,9 +67,7 @@ def find_phema_inputs(rundir) -> list[PhemaInput]:
     rundir = Path(rundir)
     if not rundir.is_dir():
         raise FileNotFoundError(f"--rundir {rundir}: no such folder; pass the training run folder holding snapshot-*.safetensors")
-    if not list_snapshots(rundir):  # the authors' raw snapshots (network-snapshot-<kimg>-<std>.pkl): convert once
-        from .official import convert_official_folder, list_official_pickles
-
+    if not list_snapshots(rundir):  # the authors' raw snapshots (network-snapshot-<kimg>-<sigma_rel>.pkl): convert once
         if list_official_pickles(rundir):
             rundir = convert_official_folder(rundir)  # safe import into the download cache (edm2.official)
     found = []
@@ -73,12 +76,12 @@ def find_phema_inputs(rundir) -> list[PhemaInput]:
         if meta.get("ema_std") is None or "phema" in meta.get("origin", {}):
             continue
         found.append(PhemaInput(path, int(meta["nimg"]), float(meta["ema_std"]), meta))
-    found.sort(key=lambda r: (r.nimg, r.ema_std))
+    found.sort(key=lambda r: (r.nimg, r.sigma_rel))
     for a, b in zip(found, found[1:]):
-        if (a.nimg, a.ema_std) == (b.nimg, b.ema_std):
-            raise ValueError(f"{a.path} and {b.path}: both hold nimg={a.nimg}, sigma_rel={a.ema_std}; remove one")
+        if (a.nimg, a.sigma_rel) == (b.nimg, b.sigma_rel):
+            raise ValueError(f"{a.path} and {b.path}: both hold nimg={a.nimg}, sigma_rel={a.sigma_rel}; remove one")
     for r in found[1:]:
-        if r.meta["net_kwargs"] != found[0].meta["net_kwargs"]:
+        if precision_kwargs(r.meta["net_kwargs"]) != precision_kwargs(found[0].meta["net_kwargs"]):
             raise ValueError(f"{found[0].path} and {r.path}: different architectures (net_kwargs) in one run folder; "
                              f"move the snapshots of other runs elsewhere")
     check_one_run(found)
@@ -137,45 +140,43 @@ def resolve_time(inputs, at_nimg=None, at_kimg=None) -> int:
     return t
 
 
-def plan_posthoc(in_nimg, in_std, stds, at_nimg, inputs=None) -> PosthocPlan:
+def plan_posthoc(in_nimg, in_sigma_rel, sigma_rels, at_nimg, inputs=None) -> PosthocPlan:
     """Coefficients for the wanted sigma_rel list at time at_nimg from stored profiles
-    (in_nimg, in_std); only those with 0 < nimg <= at_nimg take part (SPEC §7)."""
-    stds = [float(s) for s in np.atleast_1d(check_std(stds, "--std"))]
-    in_nimg, in_std = np.asarray(in_nimg, np.int64), np.asarray(in_std, np.float64)
+    (in_nimg, in_sigma_rel); only those with 0 < nimg <= at_nimg take part (docs/design.md#post-hoc-reconstruction)."""
+    sigma_rels = [float(s) for s in np.atleast_1d(check_sigma_rel(sigma_rels, "--std"))]
+    in_nimg, in_sigma_rel = np.asarray(in_nimg, np.int64), np.asarray(in_sigma_rel, np.float64)
     use = (in_nimg > 0) & (in_nimg <= at_nimg)
     if use.sum() < 2:
         raise ValueError(f"only {int(use.sum())} snapshot(s) with 0 < nimg <= {at_nimg}; post-hoc EMA needs at least 2 "
                          f"(train longer or choose a later --at-nimg)")
     inputs = None if inputs is None else [r for r, u in zip(inputs, use) if u]
-    in_nimg, in_std = in_nimg[use], in_std[use]
-    X = solve_posthoc_coefficients(in_nimg, in_std, at_nimg, stds)
-    err = profile_fit_error(in_nimg, in_std, X, at_nimg, stds)
-    return PosthocPlan(in_nimg, in_std, int(at_nimg), stds, X, err, inputs)
+    in_nimg, in_sigma_rel = in_nimg[use], in_sigma_rel[use]
+    X = solve_posthoc_coefficients(in_nimg, in_sigma_rel, at_nimg, sigma_rels)
+    err = profile_fit_error(in_nimg, in_sigma_rel, X, at_nimg, sigma_rels)
+    return PosthocPlan(in_nimg, in_sigma_rel, int(at_nimg), sigma_rels, X, err, inputs)
 
 
-def plot_name(nimg: int, std: float) -> str:
-    return snapshot_name(nimg, std).replace("snapshot-", "phema-").replace(".safetensors", ".png")
+def plot_name(nimg: int, sigma_rel: float) -> str:
+    return snapshot_name(nimg, sigma_rel).replace("snapshot-", "phema-").replace(".safetensors", ".png")
 
 
 def plot_profiles(plan: PosthocPlan, j: int, path=None) -> bytes:
     """PNG (bytes; also written to `path` if given) of output j, like the paper's
     Figure 4: left, the stored profiles scaled by their coefficients; right, the
     wanted profile against the one the combination realises."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
-    t, std, X = plan.at_nimg, plan.stds[j], plan.coeffs[:, j]
+    t, sigma_rel, X = plan.at_nimg, plan.sigma_rels[j], plan.coeffs[:, j]
     tau = np.unique(np.concatenate([np.linspace(0, t, 2001), plan.in_nimg, plan.in_nimg * (1 + 1e-9)]))
     tau = tau[tau <= t]
     unit, scale = next((u, s) for u, s in (("Mi", 2 ** 20), ("Ki", 2 ** 10), ("", 1)) if t >= 4 * s)
     x = tau / scale
-    parts = X[:, None] * profile_density(tau[None, :], plan.in_nimg[:, None], plan.in_std[:, None]) * t
+    parts = X[:, None] * profile_density(tau[None, :], plan.in_nimg[:, None], plan.in_sigma_rel[:, None]) * t
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
     for i, part in enumerate(parts):
-        ax0.plot(x, part, lw=0.8, color="tab:blue" if plan.in_std[i] == plan.in_std.min() else "tab:orange")
-    ax0.set_title(f"{len(X)} stored profiles x coefficients (blue: sigma_rel {plan.in_std.min():.3f})", fontsize=9)
-    ax1.plot(x, profile_density(tau, t, std) * t, "k--", lw=2, label=f"wanted, sigma_rel={std:.3f}")
+        ax0.plot(x, part, lw=0.8, color="tab:blue" if plan.in_sigma_rel[i] == plan.in_sigma_rel.min() else "tab:orange")
+    ax0.set_title(f"{len(X)} stored profiles x coefficients (blue: sigma_rel {plan.in_sigma_rel.min():.3f})", fontsize=9)
+    ax1.plot(x, profile_density(tau, t, sigma_rel) * t, "k--", lw=2, label=f"wanted, sigma_rel={sigma_rel:.3f}")
     ax1.plot(x, parts.sum(0), color="tab:red", lw=1.2, label="realised by the combination")
     ax1.set_title(f"relative L2 error {plan.fit_error[j]:.2e}", fontsize=9)
     ax1.legend(fontsize=8)
@@ -191,8 +192,6 @@ def plot_profiles(plan: PosthocPlan, j: int, path=None) -> bytes:
 def _tensor_layout(inputs: list[PhemaInput]):
     """Names/shapes from the architecture, checked against every input's header, and
     equal buffers; output dtypes from the latest input. -> (specs, buffer names)."""
-    from safetensors import safe_open
-
     with torch.device("meta"):
         net = build_net(inputs[-1].meta)
     shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
@@ -227,8 +226,6 @@ class _Readers:
         self.reopen()
 
     def reopen(self):
-        from safetensors import safe_open
-
         self.close()
         self.stack = ExitStack()
         self.files = [self.stack.enter_context(safe_open(str(p), framework="pt")) for p in self.paths]
@@ -262,10 +259,8 @@ def _from_numpy(x: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 
 def _stream(plan: PosthocPlan, specs, buffers, writers, chunk_elems: int, progress: bool):
     """theta_out[j] = sum_i coeffs[i, j] theta_in[i] per row block: one float32 GEMM
-    [out, in] x [in, block] (SPEC §7: solved in float64, accumulated in float32).
+    [out, in] x [in, block] (solved in float64, accumulated in float32).
     Buffers (MPFourier freqs/phases) are copied from the latest input, not averaged."""
-    from tqdm import tqdm
-
     coef = plan.coeffs.T.astype(np.float32)  # [out, in]
     n_in = coef.shape[1]
     readers = _Readers([r.path for r in plan.inputs])
@@ -294,41 +289,39 @@ def _stream(plan: PosthocPlan, specs, buffers, writers, chunk_elems: int, progre
 
 def _output_meta(plan: PosthocPlan, j: int) -> dict:
     meta = copy.deepcopy(plan.inputs[-1].meta)
-    meta["nimg"], meta["ema_std"] = plan.at_nimg, plan.stds[j]
+    meta["nimg"], meta["ema_std"] = plan.at_nimg, plan.sigma_rels[j]
     meta["origin"]["phema"] = {
-        "at_nimg": plan.at_nimg, "ema_std": plan.stds[j], "fit_error": float(plan.fit_error[j]),
-        "inputs": [{"file": r.path.name, "nimg": r.nimg, "ema_std": r.ema_std, "coeff": float(c)}
+        "at_nimg": plan.at_nimg, "ema_std": plan.sigma_rels[j], "fit_error": float(plan.fit_error[j]),
+        "inputs": [{"file": r.path.name, "nimg": r.nimg, "ema_std": r.sigma_rel, "coeff": float(c)}
                    for r, c in zip(plan.inputs, plan.coeffs[:, j])]}
     return meta
 
 
-def reconstruct(rundir, outdir, stds, at_nimg=None, at_kimg=None, plot=False, overwrite=False,
+def reconstruct(rundir, outdir, sigma_rels, at_nimg=None, at_kimg=None, plot=False, overwrite=False,
                 progress=True, chunk_elems=1 << 18) -> list[Path]:
-    """Write post-hoc EMA snapshots of a training run (SPEC §7).
+    """Write post-hoc EMA snapshots of a training run (paper Sec. 3.2, App. C.5).
 
     rundir: the run folder (its snapshot-<nimg>-<sigma_rel>.safetensors files);
     outdir: where outputs go, named snapshot_name(t, sigma_rel);
-    stds: wanted sigma_rel values (list or '0.05,0.1' / '0.010,0.015,...,0.250');
+    sigma_rels: wanted sigma_rel values (list or '0.05,0.1' / '0.010,0.015,...,0.250');
     at_nimg / at_kimg: output time (default: the last snapshot);
     plot: also write phema-<nimg>-<sigma_rel>.png per output (plot_profiles);
     overwrite: replace existing output files (never an input).
     Everything is checked before anything is written. Returns the snapshot paths."""
-    from .units import parse_float_list
-
-    stds = list(dict.fromkeys(parse_float_list(stds, "--std")))
-    check_std(stds, "--std")
+    sigma_rels = list(dict.fromkeys(parse_float_list(sigma_rels, "--std")))
+    check_sigma_rel(sigma_rels, "--std")
     inputs = find_phema_inputs(rundir)
     t = resolve_time(inputs, at_nimg, at_kimg)
-    plan = plan_posthoc([r.nimg for r in inputs], [r.ema_std for r in inputs], stds, t, inputs)
+    plan = plan_posthoc([r.nimg for r in inputs], [r.sigma_rel for r in inputs], sigma_rels, t, inputs)
 
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
         raise FileExistsError(f"--outdir {outdir}: exists and is not a folder")
-    names = [snapshot_name(t, s) for s in stds]
+    names = [snapshot_name(t, s) for s in sigma_rels]
     if len(set(names)) < len(names):
-        raise ValueError(f"--std {stds}: values that agree to 3 decimals would share a file name; drop one")
+        raise ValueError(f"--std {sigma_rels}: values that agree to 3 decimals would share a file name; drop one")
     out_paths = [outdir / n for n in names]
-    png_paths = [outdir / plot_name(t, s) for s in stds] if plot else []
+    png_paths = [outdir / plot_name(t, s) for s in sigma_rels] if plot else []
     in_files = {r.path.resolve() for r in inputs}
     for p in out_paths:
         if p.resolve() in in_files:
@@ -339,7 +332,7 @@ def reconstruct(rundir, outdir, stds, at_nimg=None, at_kimg=None, plot=False, ov
         remove_temp_files(outdir, ("snapshot-", "phema-"))
         # Outputs of exactly this reconstruction (same inputs, time, EMA length) are kept: a re-run resumes.
         done = [p.is_file() and _same_output(p, _output_meta(plan, j)) for j, p in enumerate(out_paths)]
-        todo = [j for j in range(len(stds)) if not done[j]]
+        todo = [j for j in range(len(sigma_rels)) if not done[j]]
         in_way = [out_paths[j] for j in todo if out_paths[j].exists()]
         in_way += [png_paths[j] for j in todo if plot and png_paths[j].exists()]
         if in_way and not overwrite:
@@ -357,7 +350,7 @@ def reconstruct(rundir, outdir, stds, at_nimg=None, at_kimg=None, plot=False, ov
             for w in writers:
                 w.abort()
             raise
-        for j in range(len(stds)) if plot else []:
+        for j in range(len(sigma_rels)) if plot else []:
             if j in todo or not png_paths[j].exists():
                 atomic_write_bytes(png_paths[j], plot_profiles(plan, j))
     return out_paths

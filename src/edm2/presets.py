@@ -1,4 +1,4 @@
-"""Training presets: the paper's ImageNet recipes (SPEC §6) and small ones.
+"""Training presets: the paper's ImageNet recipes (Table 6) and small ones.
 
 A preset is plain data. `Preset.net_kwargs(label_dim)` gives the keyword
 arguments of `edm2.nn.Precond`; the training fields feed the trainer.
@@ -8,8 +8,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
-__all__ = ["Preset", "PRESETS", "get_preset", "preset_names", "apply_generation_preset",
-           "GenerationPreset", "GENERATION_PRESETS", "get_generation_preset"]
+__all__ = ["Preset", "PRESETS", "get_preset", "apply_generation_preset", "GenerationPreset", "GENERATION_PRESETS",
+           "get_generation_preset", "format_generation_presets", "POSTHOC_URL"]
 
 Ki, Mi, Gi = 2 ** 10, 2 ** 20, 2 ** 30
 
@@ -21,15 +21,15 @@ class Preset:
     # Data the preset is made for.
     img_resolution: int
     img_channels: int
-    latent: bool                      # True: SD-VAE latents (SPEC §9); False: pixels
-    # Architecture (U-Net arguments; everything else at SPEC §3 defaults).
+    latent: bool                      # True: SD-VAE latents (App. B.1); False: pixels
+    # Architecture (U-Net arguments; everything else at the defaults of Figure 22).
     model_channels: int
     channel_mult: tuple = (1, 2, 3, 4)
     num_blocks: int = 3
     attn_resolutions: tuple = (16, 8)
     dropout: float = 0.0
     channels_per_head: int = 64
-    # Optimisation (SPEC §5).
+    # Optimisation (App. B.2, B.5, Eq. 67).
     lr: float = 0.0100                # ref_lr
     decay: float = 70000              # ref_batches
     rampup_Mimg: float = 10           # learning-rate warm-up, decimal millions of images
@@ -109,10 +109,6 @@ PRESETS["tiny"] = Preset(
     batch=8, duration=64, status=16, snapshot=32, checkpoint=32)
 
 
-def preset_names() -> list[str]:
-    return list(PRESETS)
-
-
 def get_preset(name: str) -> Preset:
     """Look up a preset; the reference's `edm2-` prefix is accepted too."""
     key = name[len("edm2-"):] if name.startswith("edm2-") else name
@@ -123,18 +119,16 @@ def get_preset(name: str) -> Preset:
 
 # ---------------------------------------------------------------------------
 # Generation presets of the authors' published models (net, gnet, guidance).
-# Filled in by the import-official work (issue 8).
+# Usage: docs/published-models.md.
 # ---------------------------------------------------------------------------
 # Facts taken from the authors' README / generate_images.py (preset name ->
 # post-hoc reconstruction files and guidance weight; the metric each preset
 # optimises and the value they report). `edm2 generate --preset NAME` resolves
 # a preset through `get_generation_preset`; URLs are fetched into the download
-# cache by edm2.official (see README, "The authors' published models").
+# cache by edm2.official (docs/published-models.md).
 
-OFFICIAL_ROOT = "https://nvlabs-fi-cdn.nvidia.com/edm2"
-POSTHOC_URL = f"{OFFICIAL_ROOT}/posthoc-reconstructions"      # edm2-img512-s-2147483-0.130.pkl, ...
-RAW_SNAPSHOTS_URL = f"{OFFICIAL_ROOT}/raw-snapshots"           # <model>/network-snapshot-0134217-0.050.pkl, ...
-DATASET_REFS_URL = f"{OFFICIAL_ROOT}/dataset-refs"             # img512.pkl, img64.pkl (FID, FD_DINOv2 statistics)
+# The authors' post-hoc reconstructions: edm2-img512-s-2147483-0.130.pkl, ...
+POSTHOC_URL = "https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions"
 
 
 @dataclass(frozen=True)
@@ -207,8 +201,32 @@ def get_generation_preset(name: str) -> GenerationPreset:
     key = name if name.startswith("edm2-") else f"edm2-{name}"
     if key not in GENERATION_PRESETS:
         raise ValueError(f"unknown generation preset {name!r}; allowed: {', '.join(GENERATION_PRESETS)} "
-                         f"(see the README section 'The authors' published models')")
+                         f"(`edm2 generate --list-presets` lists them)")
     return GENERATION_PRESETS[key]
+
+
+def format_generation_presets(markdown: bool = False) -> str:
+    """The table of `GENERATION_PRESETS`: name, guidance weight, the metric it
+    was tuned for and the authors' reported value, then the net and gnet files
+    (names under `POSTHOC_URL`, without `.pkl`). `markdown=True` gives a
+    Markdown table (the documentation's), else aligned plain text
+    (`edm2 generate --list-presets`)."""
+    metric = {"fid": "FID", "fd_dinov2": "FD_DINOv2"}
+    header = ["preset", "guidance", "tuned for", "reported", "net", "gnet"]
+
+    def stem(url):
+        return url.rsplit("/", 1)[-1].removesuffix(".pkl") if url else "-"
+
+    rows = [[p.name, f"{p.guidance:g}", metric.get(p.metric, p.metric), f"{p.reported:g}", stem(p.net), stem(p.gnet)]
+            for p in GENERATION_PRESETS.values()]
+    if markdown:
+        lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(f"`{c}`" if i in (0, 4, 5) and c != "-" else c for i, c in enumerate(r)) + " |"
+                  for r in rows]
+        return "\n".join(lines)
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
+    return "\n".join([*lines, f"(files: {POSTHOC_URL}/NAME.pkl)"])
 
 
 def apply_generation_preset(name: str | None, net=None, gnet=None, guidance=None):

@@ -1,5 +1,5 @@
 """EDM sampler (Karras et al. 2022, Algorithm 2) with optional guidance by a
-second network (EDM2 Sec. 5 / autoguidance paper Eq. 1; SPEC §8), and the
+second network (paper App. D.1, Eq. 152; autoguidance paper Eq. 1), and the
 per-seed random generators that make every image depend only on its seed.
 
 Every sampler-like function here takes `net(x, sigma, labels)` (Precond's
@@ -11,15 +11,15 @@ import math
 
 import torch
 
-from .validate import check_guidance, check_sampler_options
+from .validate import check_float, check_sampler_options
 
-__all__ = ["edm_sampler", "sigma_steps", "guided_denoiser", "SeedRandom"]
+__all__ = ["edm_sampler", "sigma_steps", "guided_denoiser", "check_guidance", "SeedRandom"]
 
 
 def sigma_steps(num_steps=32, sigma_min=0.002, sigma_max=80, rho=7, device=None) -> torch.Tensor:
     """Noise levels t_0 > ... > t_{N-1} (EDM Eq. 5) followed by t_N = 0.
 
-    Computed in float32 arithmetic (SPEC §8: step times in float32), so the
+    Computed in float32 arithmetic (step times in float32, as the authors' code), so the
     steps are bit-identical to the reference's and images match seed for seed.
     """
     if num_steps < 1:
@@ -34,10 +34,22 @@ def sigma_steps(num_steps=32, sigma_min=0.002, sigma_max=80, rho=7, device=None)
     return torch.cat([t, torch.zeros_like(t[:1])])
 
 
+def check_guidance(guidance: float, gnet=None) -> None:
+    """Raise ValueError unless the guidance weight w can be used: a finite
+    number >= 0, and w != 1 only with a guiding network `gnet` (a network, or the
+    name of one before it is loaded). w = 1 is plain sampling.
+    The one check of this rule: the sampler, generation, metrics and the CLI
+    commands all call it."""
+    check_float(guidance, "--guidance", lo=0)  # finite; w < 0 would push away from the conditional net
+    if guidance != 1 and (gnet is None or (isinstance(gnet, str) and not gnet)):
+        raise ValueError(f"--guidance {guidance:g} needs --gnet, a guiding network (unconditional for "
+                         f"classifier-free guidance, smaller or less trained for autoguidance); "
+                         f"or use --guidance 1")
+
+
 def guided_denoiser(net, gnet=None, guidance: float = 1):
     """D~ = D_g + w (D - D_g) (autoguidance paper Eq. 1); the guide is not evaluated when w == 1."""
-    if guidance != 1 and gnet is None:
-        raise ValueError(f"guidance={guidance} needs a guiding network (gnet); use guidance=1 for plain sampling")
+    check_guidance(guidance, gnet)
 
     def denoise(x, t, labels):
         d = net(x, t, labels).to(torch.float32)
@@ -51,21 +63,19 @@ def guided_denoiser(net, gnet=None, guidance: float = 1):
 @torch.no_grad()
 def edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_min=0.002, sigma_max=80, rho=7,
                 guidance=1, S_churn=0, S_min=0, S_max=float("inf"), S_noise=1, randn_like=torch.randn_like):
-    """2nd-order Heun sampler of EDM (Karras et al. 2022, Alg. 2; SPEC §8),
+    """2nd-order Heun sampler of EDM (Karras et al. 2022, Alg. 2; paper App. D.1),
     deterministic unless S_churn > 0.
 
     noise: unit-variance starting noise [N, C, H, W] (scaled by t_0 here).
     labels: one-hot [N, label_dim] or None, given to both networks.
     randn_like draws the churn noise (pass `SeedRandom.randn_like` for
     results that do not depend on the batch). Returns float32 samples.
-    For speed, put the networks in eval mode (MPConv then caches its
-    normalised weights); everything constant over the run (the noise levels,
-    the churn factors) is computed once before the loop.
+    Everything constant over the run (the noise levels, the churn factors)
+    is computed once before the loop.
     """
     opts = check_sampler_options(dict(num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
                                       S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise))
     num_steps, S_churn, S_min, S_max, S_noise = (opts[k] for k in ("num_steps", "S_churn", "S_min", "S_max", "S_noise"))
-    check_guidance(guidance)
     denoise = guided_denoiser(net, gnet, guidance)
     t_steps = sigma_steps(num_steps, sigma_min, sigma_max, rho, device=noise.device)
     # Churn factor gamma_i per step (EDM Alg. 2 line 4), as Python floats.
@@ -92,7 +102,7 @@ def edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_min=0.00
 
 
 class SeedRandom:
-    """One `torch.Generator` per sample, seeded with seed % 2**32 (SPEC §8).
+    """One `torch.Generator` per sample, seeded with seed % 2**32 (docs/design.md#per-seed-randomness).
 
     Every draw has shape [N, *per_sample_shape]; sample n's slice comes from
     generator n alone, so a sample never depends on the batch it is in or on

@@ -4,6 +4,8 @@ header) with everything needed to rebuild and use the network.
 
 This is the one reader/writer of snapshot files; training, post-hoc EMA,
 generation, metrics and import all go through it. Loading never unpickles.
+Opening whatever a user names (a run folder, a URL, one of the authors'
+published .pkl files) is `edm2.loading`'s job; this module is the format only.
 
 Metadata schema (version 1):
     {
@@ -26,13 +28,15 @@ import re
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 
-from .fileio import AtomicWriter, atomic_write_bytes, save_figure  # noqa: F401 (re-exported)
+from .fileio import AtomicWriter, atomic_write_bytes
+from .nn import Precond, precision_kwargs
 
 __all__ = ["SnapshotError", "FORMAT", "snapshot_name", "parse_snapshot_name", "make_meta", "save_snapshot",
            "save_state_dict", "read_snapshot_meta", "load_snapshot", "build_net", "list_snapshots",
-           "resolve_snapshot_path", "load_network", "run_fingerprint",
-           "atomic_write_bytes", "save_figure", "SnapshotStreamWriter"]
+           "run_fingerprint", "SnapshotStreamWriter"]
 
 FORMAT = "edm2-snapshot"
 VERSION = 1
@@ -43,14 +47,14 @@ class SnapshotError(ValueError):
     """A file is missing, unreadable, truncated or not an edm2 snapshot."""
 
 
-def snapshot_name(nimg: int, ema_std: float | None) -> str:
-    """'snapshot-000008388608-0.050.safetensors': sortable by nimg, then sigma_rel."""
-    tag = "raw" if ema_std is None else f"{ema_std:.3f}"
+def snapshot_name(nimg: int, sigma_rel: float | None) -> str:
+    """'snapshot-000008388608-0.050.safetensors': sortable by nimg, then sigma_rel (None: raw weights)."""
+    tag = "raw" if sigma_rel is None else f"{sigma_rel:.3f}"
     return f"snapshot-{nimg:012d}-{tag}.safetensors"
 
 
 def parse_snapshot_name(name: str):
-    """Inverse of snapshot_name -> (nimg, ema_std or None), or None if not a snapshot name."""
+    """Inverse of snapshot_name -> (nimg, sigma_rel or None), or None if not a snapshot name."""
     m = _NAME_RE.search(os.path.basename(str(name)))
     if not m:
         return None
@@ -67,16 +71,15 @@ def run_fingerprint(identity: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def make_meta(net_kwargs: dict, nimg: int, ema_std, encoder: dict, dataset: dict, origin: dict | None = None) -> dict:
+def make_meta(net_kwargs: dict, nimg: int, sigma_rel, encoder: dict, dataset: dict, origin: dict | None = None) -> dict:
+    """Snapshot metadata (schema in the module docstring); sigma_rel is stored as "ema_std"."""
     return {"format": FORMAT, "version": VERSION, "net_kwargs": dict(net_kwargs), "nimg": int(nimg),
-            "ema_std": None if ema_std is None else float(ema_std), "encoder": dict(encoder),
+            "ema_std": None if sigma_rel is None else float(sigma_rel), "encoder": dict(encoder),
             "dataset": dict(dataset), "origin": dict(origin or {})}
 
 
 def save_state_dict(path, tensors: dict, meta: dict) -> None:
     """Atomically write tensors + metadata as a snapshot file."""
-    from safetensors.torch import save
-
     _check_meta(meta, path)
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     atomic_write_bytes(path, save(tensors, metadata={"edm2": json.dumps(meta)}))
@@ -148,8 +151,6 @@ def _check_meta(meta, path) -> None:
 
 def read_snapshot_meta(path) -> dict:
     """Read only the JSON metadata of a snapshot (cheap: the header only)."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise SnapshotError(f"{path}: no such snapshot file")
@@ -168,17 +169,13 @@ def read_snapshot_meta(path) -> dict:
 
 def build_net(meta: dict, device="cpu"):
     """An (uninitialised) Precond of the architecture that `meta` describes."""
-    from .nn import Precond
-
-    net = Precond(**meta["net_kwargs"])
+    net = Precond(**precision_kwargs(meta["net_kwargs"]))  # older metadata: use_fp16/reduced_dtype
     # Built under `torch.device("meta")` (load_snapshot): no data to move yet.
     return net if next(net.parameters()).is_meta else net.to(device)
 
 
 def load_snapshot(path, device="cpu", eval_mode: bool = True):
     """Load a snapshot -> (Precond, meta). Strict: every key and shape must match."""
-    from safetensors.torch import load_file
-
     meta = read_snapshot_meta(path)
     with torch.device("meta"):
         net = build_net(meta)
@@ -199,40 +196,10 @@ def load_snapshot(path, device="cpu", eval_mode: bool = True):
 
 
 def list_snapshots(folder) -> list[tuple[int, float | None, Path]]:
-    """Snapshot files in a folder named by snapshot_name(), sorted by (nimg, ema_std)."""
+    """Snapshot files in a folder named by snapshot_name() -> [(nimg, sigma_rel or None, path)], sorted."""
     out = []
     for p in Path(folder).iterdir():
         parsed = parse_snapshot_name(p.name)
         if parsed is not None and p.is_file():
             out.append((parsed[0], parsed[1], p))
     return sorted(out, key=lambda r: (r[0], -1 if r[1] is None else r[1]))
-
-
-def _is_url(source) -> bool:
-    return isinstance(source, str) and "://" in source
-
-
-def resolve_snapshot_path(source) -> Path:
-    """A snapshot file as given, or for a run folder its preferred snapshot:
-    the latest nimg, and among those the longest stored EMA (largest sigma_rel)."""
-    path = Path(source)
-    if path.is_dir():
-        found = [r for r in list_snapshots(path) if r[1] is not None] or list_snapshots(path)
-        if not found:
-            raise SnapshotError(f"{path}: folder holds no snapshot-*.safetensors files; pass a snapshot file or a run folder")
-        last = max(r[0] for r in found)
-        return [r for r in found if r[0] == last][-1][2]
-    if not path.exists():
-        raise SnapshotError(f"{path}: no such snapshot file or run folder")
-    return path
-
-
-def load_network(source, device="cpu"):
-    """Load a network from anything a user may name -> (Precond in eval mode, meta):
-    an edm2 snapshot file, a run folder (see resolve_snapshot_path), or one of the
-    authors' published .pkl files / URLs (imported safely by edm2.official)."""
-    if _is_url(source) or str(source).endswith(".pkl"):
-        from .official import load_official  # restricted unpickler, never executes code
-
-        return load_official(source, device=device)
-    return load_snapshot(resolve_snapshot_path(source), device=device)

@@ -1,4 +1,4 @@
-"""The EDM2 training loop (paper Sec. 2-3 and Appendix B.2; SPEC §5-§7).
+"""The EDM2 training loop (paper Sec. 2-3, App. B.2, B.5, C.3-C.5, D.2).
 
 `train(TrainConfig(outdir=...))` trains a `Precond` on a dataset (the
 built-in Fashion-MNIST by default) on the CPU, one GPU, or many processes
@@ -13,82 +13,52 @@ folder:
     tensorboard/                        event files, when tensorboard is installed
 
 Re-running the same command resumes from the newest readable checkpoint.
-Everything random is a function of (seed, image position): the data order
-(one seeded permutation per epoch), each sample's noise level and noise (its
-own generator, so results do not depend on how a batch is split over
-processes or accumulation rounds), and dropout. So a resumed run is bit for
-bit the uninterrupted one on the CPU.
+Everything random is a function of (seed, stream, position), see `Stream`:
+the data order (one seeded permutation per epoch), each sample's noise level
+and noise (its own generator, so results do not depend on how a batch is
+split over processes or accumulation rounds), dropout and the initial
+weights. So a resumed run is bit for bit the uninterrupted one on the CPU.
+
+The code reads top to bottom: `setup` builds a `Run` (network, optimizer, EMA,
+loss, data, run folder, reporter and status meter), `train_loop` repeats
+learning rate -> maintenance (status, snapshots, checkpoint) -> one step ->
+EMA -> count, each a small function of the `Run`.
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import enum
 import json
-import os
+import math
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable, Iterator
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from .checkpoint import (archive_run, check_run_folder, checkpoint_name, load_latest_checkpoint,
+from .checkpoint import (archive_run, check_restart, check_run_folder, checkpoint_name, load_latest_checkpoint,
                          remove_stale_temp_files, save_checkpoint)
+from .data import ImageDataset, builtin_dataset_path
+from .distributed import configure_threads, default_device, init_distributed
 from .ema import PowerFunctionEMA
-from .encoders import StabilityVAEEncoder, StandardRGBEncoder, VAEUnavailable
+from .encoders import StabilityVAEEncoder, StandardRGBEncoder, VAEUnavailable, encoder_from_meta
+from .fileio import LockError, RunLock, atomic_write_bytes
+from .loading import load_network
 from .loss import EDM2Loss, learning_rate_schedule
-from .nn import Precond
-from .nn.unet import DTYPES
+from .nn import DTYPES, Precond
 from .presets import get_preset
-from .snapshot import atomic_write_bytes, load_network, make_meta, run_fingerprint, save_snapshot, snapshot_name
-from .trainlog import Reporter, report_status, save_grid
+from .snapshot import make_meta, run_fingerprint, save_snapshot, snapshot_name
+from .trainconfig import TrainConfig
+from .trainlog import Reporter, StatusMeter, save_grid
+from .units import parse_float_list
 
-__all__ = ["TrainConfig", "RunPlan", "TrainResult", "plan_run", "train", "describe",
-           "stream_indices", "sample_seed", "SESSION_FIELDS"]
-
-
-@dataclass
-class TrainConfig:
-    """What the user asks for. None means "the preset's value" (or automatic).
-
-    Sizes count training images (SPEC §5). `batch` is the global batch;
-    `batch_gpu` the micro-batch per process (gradient accumulation when it is
-    smaller than batch / processes). `slice` stops this invocation after that
-    many images (with a checkpoint); re-running continues.
-    """
-    outdir: str
-    data: str | None = None              # dataset folder/zip; None: built-in Fashion-MNIST
-    preset: str = "cpu-32"
-    cond: bool | None = None             # None: conditional iff the dataset has labels
-    xflip: bool = False                  # x-flip augmentation (doubles the dataset)
-    duration: int | None = None
-    batch: int | None = None
-    batch_gpu: int | None = None
-    lr: float | None = None
-    decay: float | None = None
-    rampup_Mimg: float | None = None
-    channels: int | None = None
-    dropout: float | None = None
-    P_mean: float | None = None
-    P_std: float | None = None
-    ema_std: tuple | None = None
-    status: int | None = None
-    snapshot: int | None = None
-    checkpoint: int | None = None
-    slice: int | None = None
-    precision: str = "fp16"              # U-Net dtype on CUDA (fp32 on the CPU whatever this says)
-    loss_scaling: float = 1.0
-    compile: bool = False
-    seed: int = 0
-    init: str | None = None              # start from this network (anything load_network accepts)
-    device: str | None = None            # default: cuda:LOCAL_RANK if available, else cpu
-    workers: int | None = None           # DataLoader workers (default: 2 on CUDA, 0 on the CPU)
-    grid: int = 60                       # images in the sample grid at each snapshot (0: none)
-    force_new: bool = False              # start over in an outdir that holds a run (old files kept aside)
-    progress: bool | None = None         # tqdm bar (None: when stderr is a terminal)
+__all__ = ["TrainConfig", "RunPlan", "TrainResult", "Run", "Stream", "plan_run", "setup", "train", "train_loop",
+           "dry_run", "describe", "stream_indices", "sample_seed", "SESSION_FIELDS"]
 
 
 # Fields of RunPlan that may change between invocations of the same run.
@@ -143,7 +113,8 @@ class TrainResult:
 
 
 # ---------------------------------------------------------------------------
-# Resolving and checking (nothing is written before these pass).
+# Resolving and checking (nothing is written before these pass). Errors name
+# the Python argument (`batch=3: ...`); `edm2 train` shows the flag instead.
 # ---------------------------------------------------------------------------
 
 def _pick(value, default):
@@ -152,42 +123,99 @@ def _pick(value, default):
 
 def plan_run(config: TrainConfig, world_size: int = 1, device: str = "cpu"):
     """Open the dataset and merge the preset with the overrides -> (RunPlan, ImageDataset).
-    Raises ValueError / FileNotFoundError naming the option and the fix."""
-    from .data import ImageDataset, builtin_dataset_path
-    from .units import parse_float_list
-
+    Raises ValueError / FileNotFoundError naming the argument and the fix."""
     preset = get_preset(config.preset)
+    sizes = _resolve_sizes(config, preset, world_size)
+    values = _check_values(config, preset)
+    ema_std = _check_ema_std(config, preset)
+    ds, encoder, dataset = _open_dataset(config)
+    net_kwargs = _resolve_net_kwargs(config, preset, ds, dataset["channels"])
+    on_cuda = torch.device(device).type == "cuda"
+    plan = RunPlan(
+        preset=preset.name, data=dataset["path"], cond=ds.has_labels, xflip=config.xflip,
+        net_kwargs=net_kwargs, encoder=encoder.to_meta(), dataset=dataset, batch=sizes["batch"],
+        lr=values["lr"], decay=values["decay"], rampup_Mimg=values["rampup_Mimg"], P_mean=values["P_mean"],
+        P_std=values["P_std"], ema_std=ema_std, precision=config.precision, loss_scaling=values["loss_scaling"],
+        seed=config.seed,
+        init=config.init, duration=sizes["duration"], status=sizes["status"], snapshot=sizes["snapshot"],
+        checkpoint=sizes["checkpoint"], slice=config.slice, batch_gpu=sizes["batch_gpu"], compile=config.compile,
+        device=str(device), world_size=world_size, workers=_pick(config.workers, 2 if on_cuda else 0),
+        grid=config.grid)
+    return plan, ds
+
+
+# The real-valued settings: (low, high, low allowed, what the value must be); high is never allowed.
+_RANGES = {"lr": (0, math.inf, False, "a finite number > 0"),
+           "decay": (0, math.inf, True, "a finite number >= 0"),
+           "rampup_Mimg": (0, math.inf, True, "a finite number >= 0"),
+           "P_mean": (-math.inf, math.inf, False, "a finite number"),
+           "P_std": (0, math.inf, False, "a finite number > 0"),
+           "dropout": (0, 1, True, "in [0, 1)"),
+           "loss_scaling": (0, math.inf, False, "a finite number > 0")}
+
+
+def _check_values(config: TrainConfig, preset) -> dict:
+    """The real-valued settings (the override, else the preset's), each checked
+    finite and in range; also the whole-number and string settings."""
+    values = {}
+    for name, (low, high, low_ok, must) in _RANGES.items():
+        given = getattr(config, name)
+        value = float(_pick(given, getattr(preset, name, None)))
+        if not ((low < value or (low_ok and value == low)) and value < high):
+            where = "" if given is not None else f" (from preset {preset.name})"
+            raise ValueError(f"{name}={value}{where}: must be {must}")
+        values[name] = value
+    if config.precision not in DTYPES:
+        raise ValueError(f"precision={config.precision!r}: allowed: {', '.join(DTYPES)}")
+    for name in ("seed", "workers", "grid", "threads", "channels"):
+        value = getattr(config, name)
+        low = 1 if name in ("threads", "channels") else 0
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
+            raise ValueError(f"{name}={value!r}: must be a whole number >= {low}")
+    return values
+
+
+def _check_ema_std(config: TrainConfig, preset) -> list:
+    ema_std = parse_float_list(_pick(config.ema_std, preset.ema_std), "ema_std")
+    try:
+        PowerFunctionEMA(torch.nn.Linear(1, 1), ema_std)  # validates the widths
+    except ValueError as e:
+        raise ValueError(f"ema_std={','.join(map(str, ema_std))}: {e}") from None
+    return ema_std
+
+
+def _resolve_sizes(config: TrainConfig, preset, world_size: int) -> dict:
+    """batch, batch_gpu and the image counts, checked against each other."""
     batch = int(_pick(config.batch, preset.batch))
     if batch < 1:
-        raise ValueError(f"--batch {batch}: must be >= 1")
+        raise ValueError(f"batch={batch}: must be >= 1")
     if batch % world_size:
-        raise ValueError(f"--batch {batch}: not divisible by the {world_size} processes; pick a multiple of {world_size}")
+        raise ValueError(f"batch={batch}: not divisible by the {world_size} processes; "
+                         f"pick a multiple of {world_size}")
     per_rank = batch // world_size
     batch_gpu = int(_pick(config.batch_gpu, per_rank))
     if batch_gpu < 1 or per_rank % batch_gpu:
-        raise ValueError(f"--batch-gpu {batch_gpu}: must divide the per-process batch {per_rank} "
-                         f"(--batch {batch} over {world_size} processes)")
-    sizes = dict(duration=_pick(config.duration, preset.duration), status=_pick(config.status, preset.status),
-                 snapshot=_pick(config.snapshot, preset.snapshot), checkpoint=_pick(config.checkpoint, preset.checkpoint))
+        raise ValueError(f"batch_gpu={batch_gpu}: must divide the per-process batch {per_rank} "
+                         f"(batch={batch} over {world_size} processes)")
+    sizes = {name: _pick(getattr(config, name), getattr(preset, name))
+             for name in ("duration", "status", "snapshot", "checkpoint")}
     if config.slice is not None:
         sizes["slice"] = config.slice
     for name, value in sizes.items():
         if value < 1 or value % batch:
-            raise ValueError(f"--{name} {value}: must be a positive multiple of --batch {batch} "
+            raise ValueError(f"{name}={value}: must be a positive multiple of batch={batch} "
                              f"(e.g. {max(value // batch, 1) * batch})")
-    if config.precision not in DTYPES:
-        raise ValueError(f"--precision {config.precision!r}: allowed: {', '.join(DTYPES)}")
-    if config.seed < 0:
-        raise ValueError(f"--seed {config.seed}: must be >= 0")
-    ema_std = parse_float_list(_pick(config.ema_std, preset.ema_std), "--ema-std")
-    PowerFunctionEMA(torch.nn.Linear(1, 1), ema_std)  # validates the widths
+    return dict(sizes, batch=batch, batch_gpu=batch_gpu)
 
-    # Data: pixels (1 or 3 channels) or 8-channel VAE latents (SPEC §9).
+
+def _open_dataset(config: TrainConfig):
+    """The dataset -> (ImageDataset, encoder, dataset description). Pixels (1 or
+    3 channels) or 8-channel VAE latents (App. B.1)."""
     path = Path(config.data) if config.data is not None else builtin_dataset_path()
     ds = ImageDataset(path, xflip=config.xflip, use_labels=config.cond is not False)
     if config.cond and not ds.has_labels:
-        raise ValueError(f"--cond: dataset {path} has no labels (no dataset.json with labels); "
-                         f"use --uncond or add labels with `edm2 dataset convert`")
+        raise ValueError(f"cond=True: dataset {path} has no labels (no dataset.json with labels); "
+                         f"use cond=False or add labels with `edm2 dataset convert`")
     if ds.is_latent:
         encoder, channels = StabilityVAEEncoder(), 4
     elif ds.num_channels in (1, 3):
@@ -198,39 +226,29 @@ def plan_run(config: TrainConfig, world_size: int = 1, device: str = "cpu"):
     _check_items(ds)
     dataset = dict(resolution=ds.resolution, channels=channels, label_dim=ds.label_dim,
                    class_names=ds.class_names, path=str(path.resolve()), size=ds.raw_size, xflip=ds.xflip)
+    return ds, encoder, dataset
 
-    # Network: the preset's architecture, or that of --init (fine-tuning).
+
+def _resolve_net_kwargs(config: TrainConfig, preset, ds, channels: int) -> dict:
+    """Precond arguments: the preset's architecture, or that of `init` (fine-tuning)."""
     if config.init is not None:
-        init_net, init_meta = load_network(config.init)
-        net_kwargs = dict(init_meta["net_kwargs"])
+        _, init_meta = load_network(config.init)
+        net_kwargs = {k: v for k, v in init_meta["net_kwargs"].items() if k not in ("use_fp16", "reduced_dtype")}
         for name, want in (("img_resolution", ds.resolution), ("img_channels", channels), ("label_dim", ds.label_dim)):
             if net_kwargs.get(name) != want:
-                raise ValueError(f"--init {config.init}: the network has {name}={net_kwargs.get(name)} but the "
-                                 f"dataset needs {want}; pick a network trained on data like {path}")
+                raise ValueError(f"init={config.init}: the network has {name}={net_kwargs.get(name)} but the "
+                                 f"dataset needs {want}; pick a network trained on data like {config.data}")
         if config.channels is not None or config.dropout is not None:
-            raise ValueError("--channels/--dropout cannot change the architecture of an --init network; drop them")
+            raise ValueError(f"init={config.init}: channels and dropout cannot change the architecture of the "
+                             f"network it names; drop them")
     else:
         net_kwargs = preset.replace(model_channels=_pick(config.channels, preset.model_channels),
                                     dropout=_pick(config.dropout, preset.dropout)).net_kwargs(ds.label_dim)
         net_kwargs.update(img_resolution=ds.resolution, img_channels=channels)
-    net_kwargs.update(use_fp16=config.precision != "fp32",
-                      reduced_dtype=config.precision if config.precision != "fp32" else "fp16")
+    net_kwargs["precision"] = config.precision
     with torch.device("meta"):
         Precond(**net_kwargs)  # ValueError for an impossible architecture
-
-    on_cuda = torch.device(device).type == "cuda"
-    plan = RunPlan(
-        preset=preset.name, data=str(path.resolve()), cond=ds.has_labels, xflip=config.xflip,
-        net_kwargs=net_kwargs, encoder=encoder.to_meta(), dataset=dataset, batch=batch,
-        lr=float(_pick(config.lr, preset.lr)), decay=float(_pick(config.decay, preset.decay)),
-        rampup_Mimg=float(_pick(config.rampup_Mimg, preset.rampup_Mimg)),
-        P_mean=float(_pick(config.P_mean, preset.P_mean)), P_std=float(_pick(config.P_std, preset.P_std)),
-        ema_std=ema_std, precision=config.precision, loss_scaling=float(config.loss_scaling), seed=config.seed,
-        init=config.init, duration=sizes["duration"], status=sizes["status"], snapshot=sizes["snapshot"],
-        checkpoint=sizes["checkpoint"], slice=config.slice, batch_gpu=batch_gpu, compile=config.compile,
-        device=str(device), world_size=world_size, workers=_pick(config.workers, 2 if on_cuda else 0),
-        grid=config.grid)
-    return plan, ds
+    return net_kwargs
 
 
 def _check_items(ds, limit: int = 2000) -> None:
@@ -241,7 +259,7 @@ def _check_items(ds, limit: int = 2000) -> None:
 
 
 def describe(plan: RunPlan, mode: str | None = None) -> str:
-    """The resolved configuration and the network size, as text (--dry-run)."""
+    """The resolved configuration and the network size, as text."""
     with torch.device("meta"):
         net = Precond(**plan.net_kwargs)
     n_params = sum(p.numel() for p in net.parameters())
@@ -253,13 +271,29 @@ def describe(plan: RunPlan, mode: str | None = None) -> str:
     return "\n".join(lines)
 
 
+def dry_run(config: TrainConfig) -> str:
+    """What `train(config)` would do, as text: the resolved plan, the network
+    size and what happens to the run folder. Trains nothing, writes nothing."""
+    device = torch.device(config.device) if config.device else default_device()
+    plan, _ = plan_run(config, 1, str(device))
+    return describe(plan, check_run_folder(plan.identity(), Path(config.outdir), config.force_new))
+
+
 # ---------------------------------------------------------------------------
-# Deterministic randomness: functions of (seed, image position).
+# Deterministic randomness: functions of (seed, stream, position).
 # ---------------------------------------------------------------------------
 
-def sample_seed(seed: int, stream: int, position: int) -> int:
+class Stream(enum.IntEnum):
+    """The independent random streams of a run, and what `position` counts in each."""
+    DATA_ORDER = 0   # position: epoch (one permutation of the dataset each)
+    NOISE = 1        # position: image (its noise level and noise)
+    DROPOUT = 2      # position: first image of a micro-batch
+    INIT = 3         # position: 0 (the initial weights)
+
+
+def sample_seed(seed: int, stream: Stream, position: int) -> int:
     """A 63-bit generator seed for (seed, stream, position), well mixed."""
-    return int(np.random.SeedSequence([seed, stream, position]).generate_state(1, np.uint64)[0]) >> 1
+    return int(np.random.SeedSequence([seed, int(stream), position]).generate_state(1, np.uint64)[0]) >> 1
 
 
 def stream_indices(size: int, seed: int, positions, cache: dict | None = None) -> list[int]:
@@ -271,7 +305,7 @@ def stream_indices(size: int, seed: int, positions, cache: dict | None = None) -
     for p in positions:
         e = p // size
         if e not in perms:
-            g = torch.Generator().manual_seed(sample_seed(seed, 0, e))
+            g = torch.Generator().manual_seed(sample_seed(seed, Stream.DATA_ORDER, e))
             if len(perms) >= 2:
                 perms.pop(min(perms))
             perms[e] = torch.randperm(size, generator=g).tolist()
@@ -298,44 +332,146 @@ class _StreamSampler(torch.utils.data.Sampler):
 
 
 # ---------------------------------------------------------------------------
-# The loop.
+# Setup: everything the loop needs, in one `Run`.
 # ---------------------------------------------------------------------------
 
-def train(config: TrainConfig, dry_run: bool = False) -> TrainResult | str:
-    """Train (or resume) the run in config.outdir; see the module docstring.
+@dataclass
+class Run:
+    """One invocation of a training run: what `setup` builds and the loop uses."""
+    plan: RunPlan
+    out: Path
+    rank: int
+    world: int
+    device: torch.device
+    data: ImageDataset
+    net: Precond
+    opt: torch.optim.Optimizer
+    ema: PowerFunctionEMA | None          # rank 0 only
+    loss_fn: EDM2Loss
+    encoder: object                        # StandardRGBEncoder or StabilityVAEEncoder
+    reporter: Reporter
+    nimg: int                              # images trained so far
+    start_nimg: int                        # ... when this invocation started
+    stop_nimg: int                         # ... when it will stop
+    result: TrainResult
+    grid: int                              # images per sample grid (0 once grids turn out impossible)
+    hooks: list = field(default_factory=list)   # called as hook(run) at every maintenance point
+    model: torch.nn.Module | None = None   # what the loss calls: net, its DDP wrapper, compiled
+    ddp: torch.nn.parallel.DistributedDataParallel | None = None
+    batches: Iterator | None = None        # (images, labels) micro-batches of this process
+    meter: StatusMeter | None = None
+    bar: tqdm | None = None
+    lock: RunLock | None = None            # the run folder's lock (rank 0)
 
-    Under torchrun every process calls this; rank 0 writes the files.
-    With dry_run, nothing is trained or written: returns `describe()`'s text.
-    """
-    from .generate import default_device, init_distributed
+    @property
+    def per_rank(self) -> int:
+        return self.plan.batch // self.world
 
-    created_group = not (dist.is_available() and dist.is_initialized())
-    rank, world = init_distributed() if not dry_run else (0, 1)
-    created_group = created_group and world > 1
-    try:
-        return _train(config, rank, world, dry_run,
-                      torch.device(config.device) if config.device else default_device())
-    finally:
-        if created_group and dist.is_initialized():
-            dist.destroy_process_group()
+    @property
+    def rounds(self) -> int:
+        """Micro-batches per step (gradient accumulation)."""
+        return self.per_rank // self.plan.batch_gpu
+
+    def close(self) -> None:
+        """Close the progress bar and the reporter; release the run folder."""
+        if self.bar is not None:
+            self.bar.close()
+        self.reporter.close()
+        if self.lock is not None:
+            self.lock.release()
 
 
-def _train(config: TrainConfig, rank: int, world: int, dry_run: bool, device: torch.device):
+Hook = Callable[[Run], None]   # called as hook(run) at every maintenance point
+
+
+def setup(config: TrainConfig, rank: int = 0, world: int = 1, device: torch.device | None = None,
+          hooks: tuple[Hook, ...] = ()) -> Run:
+    """Check the configuration, lock and prepare the run folder, and build the
+    network, optimizer and EMA, restored from the newest checkpoint when resuming.
+    Nothing in the run folder changes when a check fails."""
+    device = device or (torch.device(config.device) if config.device else default_device())
     plan, ds = plan_run(config, world, str(device))
     out = Path(config.outdir)
-    mode = check_run_folder(plan.identity(), out, config.force_new)
-    if dry_run:
-        return describe(plan, mode)
+    lock = _lock_run_folder(out, rank, world)
+    try:
+        mode = check_run_folder(plan.identity(), out, config.force_new)
+        state, path, notes = _find_resume_state(out, mode, device)
+        _configure_device(device, config.threads)
+        _prepare_folder(plan, out, mode, rank, world)
+        run = _build_run(plan, ds, out, rank, world, device, hooks)
+        run.lock = lock
+        for note in notes:
+            run.reporter.log(note)
+        if state is not None:
+            _restore(run, state, path)
+    except BaseException:
+        if lock is not None:
+            lock.release()
+        raise
+    run.stop_nimg = plan.duration if plan.slice is None else min(plan.duration, run.nimg + plan.slice)
+    progress = sys.stderr.isatty() if config.progress is None else config.progress
+    if rank == 0 and run.nimg < run.stop_nimg:
+        run.bar = tqdm(total=run.stop_nimg - run.nimg, unit="img", disable=not progress, dynamic_ncols=True)
+        run.reporter.bar = run.bar
+    return run
+
+
+def _lock_run_folder(out: Path, rank: int, world: int) -> RunLock | None:
+    """Rank 0 takes the run folder's lock (another live invocation of the run is
+    refused); under torchrun every process learns the outcome."""
+    lock, error = None, None
+    if rank == 0:
+        try:
+            lock = RunLock(out, "outdir").acquire()
+        except (LockError, OSError) as e:
+            error = e
+    if world > 1:
+        message = [None if error is None else str(error)]
+        dist.broadcast_object_list(message, src=0)
+        if rank != 0 and message[0] is not None:
+            raise LockError(message[0])
+    if error is not None:
+        raise error
+    return lock
+
+
+def _find_resume_state(out: Path, mode: str, device: torch.device):
+    """(checkpoint state, its path, notes about unreadable newer checkpoints) to
+    resume from; (None, None, []) for a new run. Refuses to start from image 0
+    in a run folder whose files that would overwrite (see `check_restart`)."""
+    if mode != "resume":
+        return None, None, []
+    notes = []
+    state, path = load_latest_checkpoint(out, map_location=device, warn=notes.append)
+    if state is None:
+        check_restart(out)
+    return state, path, notes
+
+
+def _build_run(plan: RunPlan, ds, out: Path, rank: int, world: int, device: torch.device, hooks) -> Run:
+    net = build_network(plan, device)
+    return Run(plan=plan, out=out, rank=rank, world=world, device=device, data=ds, net=net,
+               opt=build_optimizer(plan, net), ema=PowerFunctionEMA(net, plan.ema_std) if rank == 0 else None,
+               loss_fn=EDM2Loss(P_mean=plan.P_mean, P_std=plan.P_std, sigma_data=net.sigma_data),
+               encoder=encoder_from_meta(plan.encoder), reporter=Reporter(out, rank == 0), nimg=0, start_nimg=0,
+               stop_nimg=0, result=TrainResult(outdir=out, nimg=0, finished=False), grid=plan.grid,
+               hooks=list(hooks))
+
+
+def _configure_device(device: torch.device, threads: int | None) -> None:
+    """CUDA: no TF32, cuDNN autotuning. CPU threads: `threads` when given, else as they are
+    (`edm2 train` sets them with `edm2.distributed.configure_threads`)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
-        torch.backends.cuda.matmul.allow_tf32 = False   # SPEC §5: no TF32
+        torch.backends.cuda.matmul.allow_tf32 = False   # no TF32 (docs/design.md#optimisation)
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cudnn.benchmark = True
-    elif world > 1:  # share the cores between the processes of this node
-        local = int(os.environ.get("LOCAL_WORLD_SIZE", world))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+    if threads is not None:
+        configure_threads(threads)
 
-    # The run folder: rank 0 prepares it, the others wait.
+
+def _prepare_folder(plan: RunPlan, out: Path, mode: str, rank: int, world: int) -> None:
+    """Rank 0 prepares the run folder (archive, temp files, config.json); the others wait."""
     if rank == 0:
         if mode == "archive":
             archive_run(out)
@@ -345,148 +481,203 @@ def _train(config: TrainConfig, rank: int, world: int, dry_run: bool, device: to
             atomic_write_bytes(out / "config.json", json.dumps(plan.identity(), indent=2).encode())
     if world > 1:
         dist.barrier()
-    progress = sys.stderr.isatty() if config.progress is None else config.progress
-    bar = None
-    rep = Reporter(out, rank == 0)
 
-    # Network, optimizer (SPEC §5), EMA (SPEC §7, rank 0 only), resume state.
-    torch.manual_seed(sample_seed(plan.seed, 3, 0))
+
+def build_network(plan: RunPlan, device: torch.device) -> Precond:
+    """The network to train: seeded initial weights, or those of `plan.init`."""
+    torch.manual_seed(sample_seed(plan.seed, Stream.INIT, 0))
     net = Precond(**plan.net_kwargs).to(device).train().requires_grad_(True)
     if plan.init is not None:
         net.load_state_dict(load_network(plan.init)[0].state_dict())
-    opt = torch.optim.Adam(net.parameters(), lr=0.0, betas=(0.9, 0.99), eps=1e-8)
-    ema = PowerFunctionEMA(net, plan.ema_std) if rank == 0 else None
-    state, ckpt_path = load_latest_checkpoint(out, map_location=device, warn=rep.log) if mode == "resume" else (None, None)
-    cur_nimg = 0
-    if state is not None:
-        net.load_state_dict(state["net"])
-        opt.load_state_dict(state["optimizer"])
-        if ema is not None:
-            ema.load_state_dict(state["ema"])
-        cur_nimg = int(state["nimg"])
-        rep.log(f"resuming from {ckpt_path.name} at {cur_nimg} images")
-        del state
-    start_nimg = cur_nimg
-    fresh = start_nimg == 0
-    stop_nimg = plan.duration if plan.slice is None else min(plan.duration, start_nimg + plan.slice)
-    if cur_nimg >= stop_nimg:
-        rep.log(f"nothing to do: the run in {out} is at {cur_nimg} images of --duration {plan.duration}")
-        rep.close()
-        return TrainResult(outdir=out, nimg=cur_nimg, finished=True)
-    n_params = sum(p.numel() for p in net.parameters())
-    rep.log(f"run {out}: {plan.preset}, {n_params:,} parameters, data {plan.data} ({len(ds)} items, "
-            f"{plan.dataset['channels']}x{ds.resolution}x{ds.resolution}, label_dim {ds.label_dim}), "
-            f"batch {plan.batch} ({world} process(es) x {plan.batch_gpu} x {plan.batch // world // plan.batch_gpu} "
-            f"round(s)), device {device}, images {start_nimg} -> {stop_nimg} of {plan.duration}")
+    return net
 
-    model = ddp = None
-    if world > 1:
-        model = ddp = torch.nn.parallel.DistributedDataParallel(
-            net, device_ids=[device] if device.type == "cuda" else None, broadcast_buffers=False)
-    model = model or net
+
+def build_optimizer(plan: RunPlan, net: Precond) -> torch.optim.Optimizer:
+    """Adam with the paper's betas (App. B.2); the learning rate is set every step."""
+    return torch.optim.Adam(net.parameters(), lr=0.0, betas=(0.9, 0.99), eps=1e-8)
+
+
+def _restore(run: Run, state: dict, path: Path) -> None:
+    """Network, optimizer, EMA and image count from a checkpoint's state."""
+    run.net.load_state_dict(state["net"])
+    run.opt.load_state_dict(state["optimizer"])
+    if run.ema is not None:
+        run.ema.load_state_dict(state["ema"])
+    run.nimg = run.start_nimg = run.result.nimg = int(state["nimg"])
+    run.reporter.log(f"resuming from {path.name} at {run.nimg} images")
+
+
+def start_session(run: Run) -> None:
+    """The parts only a run with work to do needs: DDP, compilation, the data
+    loader from the current image on, the status meter; and the opening line."""
+    plan, ds = run.plan, run.data
+    run.model = run.net
+    if run.world > 1:
+        run.model = run.ddp = torch.nn.parallel.DistributedDataParallel(
+            run.net, device_ids=[run.device] if run.device.type == "cuda" else None, broadcast_buffers=False)
     if plan.compile:
-        model = torch.compile(model)
-    loss_fn = EDM2Loss(P_mean=plan.P_mean, P_std=plan.P_std, sigma_data=net.sigma_data)
-    encoder = StabilityVAEEncoder(**{k: v for k, v in plan.encoder.items() if k != "type"}) \
-        if plan.encoder["type"] == StabilityVAEEncoder.kind else StandardRGBEncoder()
-    sampler = _StreamSampler(len(ds), plan.seed, cur_nimg, plan.batch, plan.batch_gpu, rank, world)
-    loader = torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=plan.workers,
-                                         pin_memory=device.type == "cuda",
-                                         prefetch_factor=2 if plan.workers else None)
-    per_rank, rounds = plan.batch // world, plan.batch // world // plan.batch_gpu
-    dataset_meta = {k: plan.dataset[k] for k in ("resolution", "channels", "label_dim", "class_names", "path")}
-    origin = {"preset": plan.preset, "run": str(out.resolve()), "seed": plan.seed, "tool": "edm2 train",
-              "run_id": run_fingerprint(plan.identity())}  # post-hoc EMA refuses to mix runs
-    result = TrainResult(outdir=out, nimg=cur_nimg, finished=False)
-    grid = plan.grid
+        run.model = torch.compile(run.model)
+    sampler = _StreamSampler(len(ds), plan.seed, run.nimg, plan.batch, plan.batch_gpu, run.rank, run.world)
+    run.batches = iter(torch.utils.data.DataLoader(ds, batch_sampler=sampler, num_workers=plan.workers,
+                                                   pin_memory=run.device.type == "cuda",
+                                                   prefetch_factor=2 if plan.workers else None))
+    run.meter = StatusMeter(run.device, run.world, run.nimg)
+    n_params = sum(p.numel() for p in run.net.parameters())
+    run.reporter.log(
+        f"run {run.out}: {plan.preset}, {n_params:,} parameters, data {plan.data} ({len(ds)} items, "
+        f"{plan.dataset['channels']}x{ds.resolution}x{ds.resolution}, label_dim {ds.label_dim}), "
+        f"batch {plan.batch} ({run.world} process(es) x {plan.batch_gpu} x {run.rounds} round(s)), "
+        f"device {run.device}, images {run.start_nimg} -> {run.stop_nimg} of {plan.duration}")
 
-    if rank == 0:
-        bar = tqdm(total=stop_nimg - start_nimg, unit="img", disable=not progress, dynamic_ncols=True)
-        rep.bar = bar
-    data_iter = iter(loader)
-    loss_sum = torch.zeros([], dtype=torch.float64, device=device)
-    loss_count = 0
-    t_last, nimg_last, t_maint = time.time(), cur_nimg, 0.0
+
+# ---------------------------------------------------------------------------
+# The loop.
+# ---------------------------------------------------------------------------
+
+def train(config: TrainConfig, hooks: tuple[Hook, ...] = ()) -> TrainResult:
+    """Train (or resume) the run in config.outdir; see the module docstring.
+
+    Under torchrun every process calls this; rank 0 writes the files. `hooks`:
+    callables hook(run) called at every maintenance point (before each step
+    and at the end), e.g. to measure something every N images.
+    """
+    with _process_group() as (rank, world):
+        run = setup(config, rank, world, hooks=hooks)
+        try:
+            if run.nimg >= run.stop_nimg:
+                run.reporter.log(f"nothing to do: the run in {run.out} is at {run.nimg} images "
+                                 f"of duration {run.plan.duration}")
+                run.result.finished = True
+                return run.result
+            start_session(run)
+            return train_loop(run)
+        finally:
+            run.close()
+
+
+@contextlib.contextmanager
+def _process_group():
+    """(rank, world) of this process; joins (and afterwards leaves) the torchrun group."""
+    created = not (dist.is_available() and dist.is_initialized())
+    rank, world = init_distributed()
     try:
-        while True:
-            done = cur_nimg >= stop_nimg
-            t0 = time.time()
-            # Status (SPEC §6 default: every 128Ki images).
-            if cur_nimg % plan.status == 0 or done:
-                t_last, nimg_last, loss_sum, loss_count = report_status(
-                    rep, plan, cur_nimg, t_last, nimg_last, t_maint, loss_sum, loss_count, device, world)
-                t_maint = 0.0
-            # Snapshots of every EMA profile (also at image 0 of a fresh run) and a sample grid.
-            if rank == 0 and (cur_nimg % plan.snapshot == 0 or cur_nimg == plan.duration) \
-                    and (cur_nimg != start_nimg or fresh):
-                for std, ema_net in ema.nets.items():
-                    path = out / snapshot_name(cur_nimg, std)
-                    save_snapshot(path, ema_net, make_meta(plan.net_kwargs, cur_nimg, std, plan.encoder,
-                                                           dataset_meta, origin))
-                    result.snapshots.append(path)
-                if grid and cur_nimg > 0:  # (a grid of the untrained network would be noise)
-                    try:
-                        save_grid(out / f"grid-{cur_nimg:012d}.png", ema.nets[max(ema.nets)], encoder, grid, device)
-                    except VAEUnavailable as e:
-                        rep.log(f"no sample grids: {e}")
-                        grid = 0
-                    for m in ema.nets.values():
-                        m.eval()  # drops the MPConv weight caches
-            # Resume checkpoint (and at the end of this invocation).
-            if rank == 0 and cur_nimg != start_nimg and (cur_nimg % plan.checkpoint == 0 or done):
-                path = out / checkpoint_name(cur_nimg)
-                save_checkpoint(path, {"net": net.state_dict(), "optimizer": opt.state_dict(), "ema": ema.state_dict(),
-                                       "nimg": cur_nimg, "seed": plan.seed, "data_position": cur_nimg})
-                result.checkpoint = path
-            t_maint += time.time() - t0
-            if done:
-                break
-
-            # One optimizer step over `batch` images (SPEC §5).
-            lr = learning_rate_schedule(cur_nimg, plan.batch, plan.lr, plan.decay, plan.rampup_Mimg)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            opt.zero_grad(set_to_none=True)
-            for r in range(rounds):
-                first = cur_nimg + rank * per_rank + r * plan.batch_gpu
-                images, labels = _next_batch(data_iter)
-                gens = [torch.Generator(device).manual_seed(sample_seed(plan.seed, 1, first + i))
-                        for i in range(len(images))]
-                torch.manual_seed(sample_seed(plan.seed, 2, first))  # dropout masks
-                images = images.to(device, non_blocking=True)
-                if ds.is_latent:  # one posterior sample per item, from the item's own generator (SPEC §9)
-                    x = torch.cat([encoder.encode_latents(images[i:i + 1], g) for i, g in enumerate(gens)])
-                else:
-                    x = encoder.encode_latents(images)
-                labels = labels.to(device) if ds.label_dim else None
-                sync = ddp.no_sync() if ddp is not None and r < rounds - 1 else contextlib.nullcontext()
-                with sync:
-                    loss = loss_fn(model, x, labels, generator=gens)
-                    loss.sum().mul(plan.loss_scaling / per_rank).backward()
-                loss_sum += loss.detach().sum().double()
-                loss_count += loss.numel()
-            for p in net.parameters():
-                if p.grad is not None:
-                    torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
-            opt.step()
-            cur_nimg += plan.batch
-            if ema is not None:
-                ema.update(net, cur_nimg, plan.batch)
-            if bar is not None:
-                bar.update(plan.batch)
+        yield rank, world
     finally:
-        if bar is not None:
-            bar.close()
-        rep.close()
-    result.nimg = cur_nimg
-    result.finished = cur_nimg >= plan.duration
-    return result
+        if created and world > 1 and dist.is_initialized():
+            dist.destroy_process_group()
 
 
-def _next_batch(data_iter):
+def train_loop(run: Run) -> TrainResult:
+    """Steps from run.nimg to run.stop_nimg; maintenance before each step and at the end."""
+    while True:
+        lr = set_learning_rate(run)
+        with run.meter.maintenance():
+            maintenance(run, lr)
+        if run.nimg >= run.stop_nimg:
+            break
+        train_step(run)
+        if run.ema is not None:
+            run.ema.update(run.net, run.nimg + run.plan.batch, run.plan.batch)
+        run.nimg += run.plan.batch
+        if run.bar is not None:
+            run.bar.update(run.plan.batch)
+    run.result.nimg = run.nimg
+    run.result.finished = run.nimg >= run.plan.duration
+    return run.result
+
+
+def set_learning_rate(run: Run) -> float:
+    """The learning rate of the coming step (paper Eq. 67: inverse square-root decay)."""
+    plan = run.plan
+    lr = learning_rate_schedule(run.nimg, plan.batch, plan.lr, plan.decay, plan.rampup_Mimg)
+    for g in run.opt.param_groups:
+        g["lr"] = lr
+    return lr
+
+
+def maintenance(run: Run, lr: float) -> None:
+    """Status line, snapshots and grid, checkpoint, hooks: whichever is due at run.nimg."""
+    plan, nimg, done = run.plan, run.nimg, run.nimg >= run.stop_nimg
+    if nimg % plan.status == 0 or done:
+        run.meter.report(run.reporter, nimg, lr)
+    if run.rank == 0 and (nimg % plan.snapshot == 0 or nimg == plan.duration) \
+            and (nimg != run.start_nimg or nimg == 0):   # also at image 0 of a fresh run
+        save_snapshots(run)
+    if run.rank == 0 and nimg != run.start_nimg and (nimg % plan.checkpoint == 0 or done):
+        save_run_checkpoint(run)
+    for hook in run.hooks:
+        hook(run)
+
+
+def save_snapshots(run: Run) -> None:
+    """One snapshot per EMA profile, and a sample grid of the longest one."""
+    plan, nimg = run.plan, run.nimg
+    dataset = {k: plan.dataset[k] for k in ("resolution", "channels", "label_dim", "class_names", "path")}
+    origin = {"preset": plan.preset, "run": str(run.out.resolve()), "seed": plan.seed, "tool": "edm2 train",
+              "run_id": run_fingerprint(plan.identity())}  # post-hoc EMA refuses to mix runs
+    for std, ema_net in run.ema.nets.items():
+        path = run.out / snapshot_name(nimg, std)
+        save_snapshot(path, ema_net, make_meta(plan.net_kwargs, nimg, std, plan.encoder, dataset, origin))
+        run.result.snapshots.append(path)
+    if run.grid and nimg > 0:  # (a grid of the untrained network would be noise)
+        try:
+            save_grid(run.out / f"grid-{nimg:012d}.png", run.ema.nets[max(run.ema.nets)], run.encoder, run.grid,
+                      run.device)
+        except VAEUnavailable as e:
+            run.reporter.log(f"no sample grids: {e}")
+            run.grid = 0
+        for m in run.ema.nets.values():
+            m.eval()  # drops the MPConv weight caches
+
+
+def save_run_checkpoint(run: Run) -> None:
+    path = run.out / checkpoint_name(run.nimg)
+    save_checkpoint(path, {"net": run.net.state_dict(), "optimizer": run.opt.state_dict(),
+                           "ema": run.ema.state_dict(), "nimg": run.nimg, "seed": run.plan.seed,
+                           "data_position": run.nimg})
+    run.result.checkpoint = path
+
+
+def train_step(run: Run) -> None:
+    """One optimizer step over plan.batch images, in run.rounds micro-batches per process."""
+    plan = run.plan
+    run.opt.zero_grad(set_to_none=True)
+    for r in range(run.rounds):
+        first = run.nimg + run.rank * run.per_rank + r * plan.batch_gpu
+        x, labels, gens = _micro_batch(run, first)
+        sync = run.ddp.no_sync() if run.ddp is not None and r < run.rounds - 1 else contextlib.nullcontext()
+        with sync:
+            loss = run.loss_fn(run.model, x, labels, generator=gens)   # per-pixel loss, paper Eq. 8
+            loss.sum().mul(plan.loss_scaling / run.per_rank).backward()
+        run.meter.add_loss(loss)
+    for p in run.net.parameters():
+        if p.grad is not None:
+            torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
+    run.opt.step()
+
+
+def _micro_batch(run: Run, first: int):
+    """The next micro-batch, whose first image is at stream position `first`:
+    (encoded images, labels or None, one noise generator per image). Seeds the
+    dropout masks of this micro-batch."""
+    images, labels = _next_batch(run.batches)
+    gens = [torch.Generator(run.device).manual_seed(sample_seed(run.plan.seed, Stream.NOISE, first + i))
+            for i in range(len(images))]
+    torch.manual_seed(sample_seed(run.plan.seed, Stream.DROPOUT, first))
+    images = images.to(run.device, non_blocking=True)
+    if run.data.is_latent:  # one posterior sample per item, from the item's own generator (App. B.1)
+        x = torch.cat([run.encoder.encode_latents(images[i:i + 1], g) for i, g in enumerate(gens)])
+    else:
+        x = run.encoder.encode_latents(images)
+    labels = labels.to(run.device) if run.data.label_dim else None
+    return x, labels, gens
+
+
+def _next_batch(batches: Iterator):
     """The next micro-batch; a data error (possibly from a worker) becomes one line."""
     try:
-        return next(data_iter)
+        return next(batches)
     except ValueError as e:
         lines = [ln for ln in str(e).splitlines() if ln.strip()]
         raise ValueError(lines[-1] if lines else str(e)) from None
+

@@ -3,6 +3,7 @@
 tensorboard package is installed) and sample-grid PNGs."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import resource
@@ -12,10 +13,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .loss import learning_rate_schedule
+from .generate import generate_images
 from .fileio import atomic_write_bytes, png_bytes
 
-__all__ = ["Reporter", "save_grid", "report_status", "peak_memory"]
+__all__ = ["Reporter", "StatusMeter", "save_grid", "peak_memory"]
 
 
 class Reporter:
@@ -26,7 +27,8 @@ class Reporter:
         self.outdir, self.active, self.bar, self.tb = outdir, active, bar, None
         if active and outdir is not None:
             try:
-                from torch.utils.tensorboard import SummaryWriter  # needs the tensorboard package
+                # Optional and slow to import: only when a run is logged, and only if installed.
+                from torch.utils.tensorboard import SummaryWriter
                 self.tb = SummaryWriter(str(outdir / "tensorboard"))
             except ImportError:
                 pass
@@ -64,11 +66,9 @@ def peak_memory(device) -> tuple[float, float]:
 
 
 def save_grid(path, net, encoder, count: int, device) -> None:
-    """A PNG of `count` samples (EDM sampler, SPEC §8, seeds 0, 1, ...): for a
+    """A PNG of `count` samples (EDM sampler, App. D.1, seeds 0, 1, ...): for a
     conditional net one row per class (first 10 classes, same seeds in every
     row), else a near-square grid."""
-    from .generate import generate_images
-
     rows = min(net.label_dim, 10) if net.label_dim else max(int(math.sqrt(count)), 1)
     cols = max(math.ceil(count / rows), 1)
     images = []
@@ -83,21 +83,53 @@ def save_grid(path, net, encoder, count: int, device) -> None:
     atomic_write_bytes(path, png_bytes(x))
 
 
-def report_status(rep, plan, cur_nimg, t_last, nimg_last, t_maint, loss_sum, loss_count, device, world):
-    """Report the interval since the last status; returns fresh counters."""
-    stats = torch.stack([loss_sum, torch.tensor(float(loss_count), dtype=torch.float64, device=device)])
-    if world > 1:
-        dist.all_reduce(stats)
-    now = time.time()
-    span = max(now - t_last - t_maint, 1e-9)
-    done = cur_nimg - nimg_last
-    loss = float(stats[0] / stats[1]) if stats[1] > 0 else float("nan")
-    lr = learning_rate_schedule(cur_nimg, plan.batch, plan.lr, plan.decay, plan.rampup_Mimg)
-    cpu_mem, gpu_mem = peak_memory(device)
-    record = dict(nimg=cur_nimg, kimg=cur_nimg / 1000, sec_per_kimg=span / done * 1000 if done else float("nan"),
-                  img_per_sec=done / span if done else float("nan"), loss=loss, lr=lr,
-                  cpu_mem_gib=round(cpu_mem, 3), gpu_mem_gib=round(gpu_mem, 3), time=now)
-    rep.log(f"kimg {cur_nimg / 1000:<9.3f} sec/kimg {record['sec_per_kimg']:<8.2f} img/s {record['img_per_sec']:<7.1f} "
-            f"loss {loss:<8.4f} lr {lr:<9.3e} cpumem {cpu_mem:<6.2f} gpumem {gpu_mem:.2f}")
-    rep.stats(record)
-    return now, cur_nimg, torch.zeros([], dtype=torch.float64, device=device), 0
+class StatusMeter:
+    """The counters between two status lines: the summed training loss and its
+    count (all-reduced over processes when reported), and the time spent, less
+    the time of maintenance (snapshots, grids, checkpoints)."""
+
+    def __init__(self, device, world: int, nimg: int):
+        self.device, self.world = device, world
+        self.maintenance_seconds = 0.0
+        self._reset(time.time(), nimg)
+
+    def _reset(self, now: float, nimg: int) -> None:
+        self.t_last, self.nimg_last = now, nimg
+        self.loss_sum = torch.zeros([], dtype=torch.float64, device=self.device)
+        self.loss_count = 0
+
+    def add_loss(self, loss: torch.Tensor) -> None:
+        """Count the per-sample losses of one micro-batch."""
+        self.loss_sum += loss.detach().sum().double()
+        self.loss_count += loss.numel()
+
+    @contextlib.contextmanager
+    def maintenance(self):
+        """Time spent in this block does not count as training time."""
+        t0 = time.time()
+        try:
+            yield
+        finally:
+            self.maintenance_seconds += time.time() - t0
+
+    def report(self, rep: Reporter, nimg: int, lr: float) -> dict:
+        """Report the interval since the last status (all processes take part); start a new one."""
+        stats = torch.stack([self.loss_sum, torch.tensor(float(self.loss_count), dtype=torch.float64,
+                                                         device=self.device)])
+        if self.world > 1:
+            dist.all_reduce(stats)
+        now = time.time()
+        span = max(now - self.t_last - self.maintenance_seconds, 1e-9)
+        done = nimg - self.nimg_last
+        loss = float(stats[0] / stats[1]) if stats[1] > 0 else float("nan")
+        cpu_mem, gpu_mem = peak_memory(self.device)
+        record = dict(nimg=nimg, kimg=nimg / 1000, sec_per_kimg=span / done * 1000 if done else float("nan"),
+                      img_per_sec=done / span if done else float("nan"), loss=loss, lr=lr,
+                      cpu_mem_gib=round(cpu_mem, 3), gpu_mem_gib=round(gpu_mem, 3), time=now)
+        rep.log(f"kimg {nimg / 1000:<9.3f} sec/kimg {record['sec_per_kimg']:<8.2f} "
+                f"img/s {record['img_per_sec']:<7.1f} loss {loss:<8.4f} lr {lr:<9.3e} "
+                f"cpumem {cpu_mem:<6.2f} gpumem {gpu_mem:.2f}")
+        rep.stats(record)
+        self._reset(now, nimg)
+        self.maintenance_seconds = 0.0
+        return record

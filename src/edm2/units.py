@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["parse_nimg", "parse_float_list", "parse_int_list", "format_nimg"]
+__all__ = ["parse_nimg", "parse_float_list", "parse_int_list"]
 
 _SUFFIX = {"": 1, "Ki": 2 ** 10, "Mi": 2 ** 20, "Gi": 2 ** 30, "K": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9}
 
 
 def parse_nimg(text, name: str = "size") -> int:
-    """'128Ki' -> 131072, '8Mi' -> 8388608, '1.5Mi', '20000' (images, SPEC §5).
+    """'128Ki' -> 131072, '8Mi' -> 8388608, '1.5Mi', '20000' (images; docs/design.md#units).
     Binary suffixes Ki/Mi/Gi and decimal K/M/G; the result must be a whole number >= 0."""
     if isinstance(text, int):
         value = text
@@ -24,14 +24,6 @@ def parse_nimg(text, name: str = "size") -> int:
     if value < 0:
         raise ValueError(f"{name}={text!r}: must be >= 0")
     return value
-
-
-def format_nimg(nimg: int) -> str:
-    """Short human form: 131072 -> '128Ki'."""
-    for suffix in ("Gi", "Mi", "Ki"):
-        if nimg and nimg % _SUFFIX[suffix] == 0:
-            return f"{nimg // _SUFFIX[suffix]}{suffix}"
-    return str(nimg)
 
 
 def parse_float_list(text, name: str = "list") -> list[float]:

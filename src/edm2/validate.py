@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["check_float", "check_int", "check_sampler_options", "check_guidance", "SAMPLER_OPTION_NAMES",
+__all__ = ["check_float", "check_int", "check_sampler_options", "SAMPLER_OPTION_NAMES",
            "safe_error_text", "UNSAFE_ADVICE"]
 
 # Command-line names of edm_sampler's keyword arguments (messages name what the user typed).
@@ -57,12 +57,6 @@ def check_int(value, name: str, lo: int | None = None, hi: int | None = None) ->
     if (lo is not None and x < lo) or (hi is not None and x > hi):
         raise ValueError(f"{name} {x}: must be a whole number {_range_text(lo, hi, False, False)}")
     return x
-
-
-def check_guidance(guidance, name: str = "--guidance") -> float:
-    """Guidance weight w (paper of autoguidance / CFG: D = gnet + w (net - gnet)):
-    finite and >= 0 (1 = no guidance)."""
-    return check_float(guidance, name, lo=0)
 
 
 def check_sampler_options(options: dict) -> dict:

@@ -11,9 +11,9 @@ import sys
 
 from ..fileio import describe_os_error
 from ..validate import UNSAFE_ADVICE, safe_error_text
-from . import dataset, flops, generate, import_official, metrics, phema, toy, train
+from . import dataset, dynamics, flops, generate, import_official, metrics, phema, probe, toy, train
 
-_COMMAND_MODULES = [train, generate, phema, dataset, metrics, flops, import_official, toy]
+_COMMAND_MODULES = [train, generate, phema, dataset, metrics, flops, import_official, toy, dynamics, probe]
 
 
 class CLIError(Exception):

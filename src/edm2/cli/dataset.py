@@ -3,16 +3,19 @@ from __future__ import annotations
 
 import json
 
+from ..data import convert_dataset, dataset_info, decode_dataset, encode_dataset, format_info
+from ..data.convert import TRANSFORMS
+from ..distributed import configure_threads
+from ..encoders import DEFAULT_VAE
 from ..units import parse_nimg
 
 
 def _convert(args):
-    from ..data import convert_dataset
     names = None if args.class_names is None else [n.strip() for n in args.class_names.split(",")]
     r = convert_dataset(args.source, args.dest, resolution=args.resolution, transform=args.transform,
                         max_images=None if args.max_images is None else parse_nimg(args.max_images, "--max-images"),
                         skip_bad=args.skip_bad, overwrite=args.overwrite, class_names=names,
-                        use_labels=not args.no_labels, workers=args.workers)
+                        use_labels=not args.no_labels, workers=args.workers, split=args.split)
     for note in r.notes:
         print(f"note: {note}")
     for bad in r.skipped[:20]:
@@ -22,7 +25,7 @@ def _convert(args):
 
 
 def _encode(args):
-    from ..data import encode_dataset
+    configure_threads()
     r = encode_dataset(args.source, args.dest, vae=args.vae, batch_size=args.batch, device=args.device,
                        overwrite=args.overwrite, workers=args.workers)
     for note in r.notes:
@@ -31,20 +34,18 @@ def _encode(args):
 
 
 def _decode(args):
-    from ..data import decode_dataset
+    configure_threads()
     r = decode_dataset(args.source, args.dest, vae=args.vae, batch_size=args.batch, device=args.device,
                        overwrite=args.overwrite, workers=args.workers)
     print(f"wrote {r.count} images of 3x{r.resolution}x{r.resolution} to {r.dest}")
 
 
 def _info(args):
-    from ..data import dataset_info, format_info
     info = dataset_info(args.path)
     print(json.dumps(info, indent=2) if args.json else format_info(info))
 
 
 def _vae_options(p):
-    from ..encoders import DEFAULT_VAE
     p.add_argument("--source", required=True, help="input dataset (folder or .zip)")
     p.add_argument("--dest", required=True, help="output dataset: a folder, or a .zip")
     p.add_argument("--vae", default=DEFAULT_VAE, help="diffusers AutoencoderKL: hub name or a save_pretrained "
@@ -61,10 +62,12 @@ def register(sub):
     cmds = ds.add_subparsers(dest="dataset_command", metavar="SUBCOMMAND")
     cmds.required = True
 
-    from ..data.convert import TRANSFORMS
     p = cmds.add_parser("convert", help="image folder/zip/IDX/npz -> dataset (PNG + dataset.json)")
     p.add_argument("--source", required=True, help="folder or zip of images (labels from top-level sub-folders), "
-                   "an existing dataset, an IDX images file (*-images-idx3-ubyte[.gz]) or a .npz")
+                   "an existing dataset, an IDX images file (*-images-idx3-ubyte[.gz]), a .npz, a CIFAR-10/100 "
+                   "tarball (python or binary version) or a Tiny-ImageNet folder")
+    p.add_argument("--split", default=None, help="part of a CIFAR (train, test) or Tiny-ImageNet (train, val) "
+                   "source (default: train)")
     p.add_argument("--dest", required=True, help="output: a folder, or a .zip")
     p.add_argument("--resolution", type=int, default=None, help="output N x N (default: the images' own size)")
     p.add_argument("--transform", choices=list(TRANSFORMS), default=None,

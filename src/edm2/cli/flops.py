@@ -1,6 +1,8 @@
 """`edm2 flops`: parameter count and multiply-accumulates of a network."""
 from __future__ import annotations
 
+from ..flops import count_network, format_report
+
 
 def register(sub):
     p = sub.add_parser("flops", help="parameters and multiply-accumulates per forward pass (batch 1)")
@@ -12,7 +14,5 @@ def register(sub):
 
 
 def run(args):
-    from ..flops import count_network, format_report
-
     report = count_network(args.preset, resolution=args.resolution, channels=args.channels, label_dim=args.label_dim)
     print(format_report(report))

@@ -1,11 +1,30 @@
 """`edm2 generate`: a thin layer over `edm2.generate.generate_to_dir`."""
 from __future__ import annotations
 
-from ..presets import apply_generation_preset
+import argparse
+
+import torch
+
+from ..distributed import configure_threads, default_device, init_distributed, shutdown_distributed
+from ..generate import check_class, compile_for_inference, generate_to_dir, load_nets
+from ..nn import set_precision
+from ..presets import apply_generation_preset, format_generation_presets
+from ..sampling import check_guidance
 from ..units import parse_int_list
-from ..validate import check_guidance, check_sampler_options
+from ..validate import check_sampler_options
 
 HELP = "generate images (PNG per seed) with the EDM Heun sampler, optionally guided"
+
+
+class _ListPresets(argparse.Action):
+    """`--list-presets`: print the published generation presets and exit (needs no other option)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(format_generation_presets())
+        parser.exit()
 
 
 def register(sub) -> None:
@@ -16,7 +35,8 @@ def register(sub) -> None:
     p.add_argument("--gnet", metavar="SNAPSHOT", help="guiding network: unconditional (CFG) or weaker (autoguidance)")
     p.add_argument("--guidance", type=float, default=None, metavar="W", help="guidance weight w (default 1: none)")
     p.add_argument("--preset", metavar="NAME", help="a published model, e.g. edm2-img512-s-guid-dino: sets --net, "
-                   "--gnet, --guidance where not given (list: README, published models; files are downloaded once to the cache)")
+                   "--gnet, --guidance where not given (files are downloaded once to the cache)")
+    p.add_argument("--list-presets", action=_ListPresets, help="list the published presets (--preset NAME) and exit")
     p.add_argument("--outdir", required=True, metavar="DIR", help="folder for the PNGs")
     p.add_argument("--seeds", default="0-63", metavar="LIST", help="seeds, e.g. 0-49999 or 1,5,10-20 (default 0-63)")
     p.add_argument("--class", dest="class_idx", default="random", metavar="N|random",
@@ -25,7 +45,7 @@ def register(sub) -> None:
     p.add_argument("--subdirs", action="store_true", help="put 1000 images per sub-folder (000000/, 001000/, ...)")
     p.add_argument("--grid", metavar="FILE.png", help="also write a grid of the first --grid-count images")
     p.add_argument("--grid-count", type=int, default=100, metavar="N", help="images in the grid (default 100)")
-    s = p.add_argument_group("sampler (SPEC §8)")
+    s = p.add_argument_group("sampler (EDM Heun, paper App. D.1)")
     s.add_argument("--steps", type=int, default=32, help="Heun steps (default 32)")
     s.add_argument("--sigma-min", type=float, default=0.002, help="lowest noise level (default 0.002)")
     s.add_argument("--sigma-max", type=float, default=80.0, help="highest noise level (default 80)")
@@ -56,9 +76,8 @@ def _checked_args(args) -> dict:
     args.net, args.gnet, args.guidance = apply_generation_preset(args.preset, args.net, args.gnet, args.guidance)
     if not args.net:
         raise ValueError("--net is required: a snapshot file or a run folder")
-    guidance = check_guidance(1.0 if args.guidance is None else args.guidance)
-    if guidance != 1 and not args.gnet:
-        raise ValueError(f"--guidance {guidance} needs --gnet SNAPSHOT (the guiding network); or drop --guidance")
+    guidance = 1.0 if args.guidance is None else args.guidance
+    check_guidance(guidance, args.gnet)
     seeds = parse_int_list(args.seeds, "--seeds")
     if args.batch < 1:
         raise ValueError(f"--batch {args.batch}: must be >= 1")
@@ -71,15 +90,9 @@ def _checked_args(args) -> dict:
 
 
 def run(args) -> int:
-    import torch
-    import torch.distributed as dist
-
-    from ..generate import (check_class, compile_for_inference, default_device, generate_to_dir,
-                            init_distributed, load_nets)
-    from ..nn import set_precision
-
     opts = _checked_args(args)
     rank, world = init_distributed()
+    configure_threads()
     try:
         device = torch.device(args.device) if args.device else None
         if device is not None and device.type == "cuda" and not torch.cuda.is_available():
@@ -99,8 +112,7 @@ def run(args) -> int:
                                  subdirs=args.subdirs, grid=args.grid, grid_count=args.grid_count,
                                  sources={"net": str(args.net), "gnet": args.gnet and str(args.gnet)}, **opts["sampler"])
     finally:
-        if world > 1 and dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown_distributed()
     if rank == 0:
         extra = f", grid {args.grid}" if args.grid else ""
         print(f"{args.outdir}: {len(opts['seeds']) - result['skipped']} images generated by {world} process(es), "

@@ -1,6 +1,10 @@
 """`edm2 import-official SRC DEST`: a thin layer over `edm2.official.import_official`."""
 from __future__ import annotations
 
+from pathlib import Path
+
+from ..official import convert_official_folder, import_official
+
 HELP = "convert one of the authors' published EDM2 .pkl files (path or URL) into an edm2 snapshot, safely"
 
 
@@ -21,10 +25,6 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from pathlib import Path
-
-    from ..official import convert_official_folder, import_official
-
     if Path(args.src).is_dir():
         if not Path(args.dest).is_dir():
             raise ValueError(f"{args.dest}: with a folder as SRC, DEST must be an existing folder")

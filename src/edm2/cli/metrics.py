@@ -2,9 +2,16 @@
 `edm2.metrics` (reference_stats, calc_metrics, gen_metrics, sweep)."""
 from __future__ import annotations
 
+from pathlib import Path
+
+from ..distributed import configure_threads, init_distributed, resolve_device, shutdown_distributed
+from ..metrics import (append_jsonl, calc_metrics, gen_metrics, load_detectors, load_ref, reference_stats,
+                       resolve_metrics, sweep)
+from ..metrics.sweep import best_rows
 from ..presets import apply_generation_preset
+from ..sampling import check_guidance
 from ..units import parse_float_list, parse_int_list, parse_nimg
-from ..validate import check_guidance, check_sampler_options
+from ..validate import check_sampler_options
 
 METRICS_HELP = "comma-separated: fid, fd_dinov2 (default: ref: both; calc/gen/sweep: those in --ref)"
 
@@ -25,7 +32,7 @@ def _common(p, ref=True, images=True, batch=64):
 
 def register(sub) -> None:
     m = sub.add_parser("metrics", help="FID / FD_DINOv2: reference statistics, images, or a network",
-                       description="Fréchet distances (SPEC §10). Every command also runs under torchrun.")
+                       description="Fréchet distances (paper App. D.4, A.5). Every command also runs under torchrun.")
     msub = m.add_subparsers(dest="metrics_command", metavar="COMMAND")
     msub.required = True
 
@@ -84,24 +91,14 @@ def _num(args):
     return num
 
 
-def _device(args):
-    import torch
-
-    from ..generate import default_device
-
-    return torch.device(args.device) if args.device else default_device()
-
-
-def _finish(world):
-    import torch.distributed as dist
-
-    if world > 1 and dist.is_initialized():
-        dist.destroy_process_group()
+def _start():
+    """Join torchrun's process group (if any) and set the CPU threads -> (rank, world_size)."""
+    rank_world = init_distributed()
+    configure_threads()
+    return rank_world
 
 
 def _report(results: list, seeds: list, num: int, jsonl: str, source: dict, ref: str, rank: int) -> None:
-    from ..metrics import append_jsonl
-
     if rank != 0:
         return
     for seed, values in zip(seeds, results):
@@ -113,15 +110,12 @@ def _report(results: list, seeds: list, num: int, jsonl: str, source: dict, ref:
 
 
 def run_ref(args) -> int:
-    from ..generate import init_distributed
-    from ..metrics import reference_stats
-
-    rank, world = init_distributed()
+    rank, world = _start()
     try:
         stats = reference_stats(args.data, args.dest, metrics=args.metrics or "fid,fd_dinov2", batch_size=args.batch,
-                                workers=args.workers, detector_dir=args.detector_dir, device=_device(args))
+                                workers=args.workers, detector_dir=args.detector_dir, device=resolve_device(args.device))
     finally:
-        _finish(world)
+        shutdown_distributed()
     if rank == 0:
         for m, s in stats.items():
             print(f"{m}: {s.num} images, {s.dim}-d features")
@@ -130,75 +124,63 @@ def run_ref(args) -> int:
 
 
 def run_calc(args) -> int:
-    from ..generate import init_distributed
-    from ..metrics import calc_metrics, load_detectors, load_ref, resolve_metrics
-
     num, seeds = _num(args), parse_int_list(args.seed, "--seed")
     ref = load_ref(args.ref)
     metrics = resolve_metrics(args.metrics, ref, args.ref)
-    rank, world = init_distributed()
+    rank, world = _start()
     try:
-        dets = load_detectors(metrics, args.detector_dir, _device(args))
+        dets = load_detectors(metrics, args.detector_dir, resolve_device(args.device))
         results = [calc_metrics(args.images, ref, metrics, num=num, seed=s, batch_size=args.batch,
-                                workers=args.workers, detector_dir=args.detector_dir, device=_device(args),
+                                workers=args.workers, detector_dir=args.detector_dir, device=resolve_device(args.device),
                                 detectors=dets) for s in seeds]
     finally:
-        _finish(world)
+        shutdown_distributed()
     _report(results, seeds, num, args.jsonl, {"images": str(args.images)}, args.ref, rank)
     return 0
 
 
 def run_gen(args) -> int:
-    from ..generate import init_distributed
-    from ..metrics import gen_metrics, load_detectors, load_ref, resolve_metrics
-
     num, seeds = _num(args), parse_int_list(args.seed, "--seed")
     check_sampler_options({"num_steps": args.steps})
     # The authors' published (net, gnet, guidance) triple fills in what was not given.
     args.net, args.gnet, args.guidance = apply_generation_preset(args.preset, args.net, args.gnet, args.guidance)
     if not args.net:
         raise ValueError("--net is required: a snapshot file, run folder or .pkl (or give --preset)")
-    args.guidance = check_guidance(1.0 if args.guidance is None else args.guidance)
-    if args.guidance != 1 and not args.gnet:
-        raise ValueError(f"--guidance {args.guidance} needs --gnet SNAPSHOT (the guiding network); or drop --guidance")
+    args.guidance = 1.0 if args.guidance is None else args.guidance
+    check_guidance(args.guidance, args.gnet)
     ref = load_ref(args.ref)
     metrics = resolve_metrics(args.metrics, ref, args.ref)
-    rank, world = init_distributed()
+    rank, world = _start()
     try:
-        dets = load_detectors(metrics, args.detector_dir, _device(args))
+        dets = load_detectors(metrics, args.detector_dir, resolve_device(args.device))
         results = []
         for s in seeds:
             results.append(gen_metrics(args.net, ref, gnet=args.gnet, guidance=args.guidance, metrics=metrics,
                                        num=num, seed=s, batch_size=args.batch, detector_dir=args.detector_dir,
-                                       device=_device(args), detectors=dets, num_steps=args.steps))
+                                       device=resolve_device(args.device), detectors=dets, num_steps=args.steps))
     finally:
-        _finish(world)
+        shutdown_distributed()
     source = {"net": str(args.net), "gnet": args.gnet and str(args.gnet), "guidance": args.guidance}
     _report(results, seeds, num, args.jsonl, source, args.ref, rank)
     return 0
 
 
 def run_sweep(args) -> int:
-    from ..generate import init_distributed
-    from ..metrics import sweep
-    from ..metrics.sweep import best_rows
-
     num = _num(args)
-    stds = parse_float_list(args.std, "--std")
-    guidance = [check_guidance(w) for w in parse_float_list(args.guidance, "--guidance")]
+    sigma_rels = parse_float_list(args.std, "--std")
+    guidance = parse_float_list(args.guidance, "--guidance")
     check_sampler_options({"num_steps": args.steps})
     at_nimg = None if args.at_nimg is None else parse_nimg(args.at_nimg, "--at-nimg")
-    rank, world = init_distributed()
+    rank, world = _start()
     try:
-        rows = sweep(args.rundir, stds, args.ref, outdir=args.outdir, at_nimg=at_nimg, metrics=args.metrics,
+        rows = sweep(args.rundir, sigma_rels, args.ref, outdir=args.outdir, at_nimg=at_nimg, metrics=args.metrics,
                      num=num, seed=args.seed, gnet=args.gnet, guidance=guidance, batch_size=args.batch,
-                     detector_dir=args.detector_dir, device=_device(args), num_steps=args.steps)
+                     detector_dir=args.detector_dir, device=resolve_device(args.device), num_steps=args.steps)
     finally:
-        _finish(world)
+        shutdown_distributed()
     if rank == 0:
         for m, r in best_rows(rows, [k for k in rows[0] if k not in ("ema_std", "guidance", "nimg", "num", "seed")]).items():
             print(f"best {m} {r[m]:.4f}: sigma_rel {r['ema_std']:.4f}, guidance {r['guidance']:g}")
-        from pathlib import Path
         outdir = Path(args.outdir) if args.outdir else Path(args.rundir) / "sweep"
         print(f"wrote {outdir / 'sweep.csv'} and {outdir / 'sweep.png'}")
     return 0

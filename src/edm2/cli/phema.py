@@ -1,6 +1,8 @@
-"""`edm2 phema`: a thin layer over `edm2.posthoc.reconstruct` (post-hoc EMA, SPEC §7)."""
+"""`edm2 phema`: a thin layer over `edm2.posthoc.reconstruct` (post-hoc EMA, paper Sec. 3.2, App. C.5)."""
 from __future__ import annotations
 
+from ..posthoc import reconstruct
+from ..snapshot import read_snapshot_meta
 from ..units import parse_float_list, parse_nimg
 
 HELP = "post-hoc EMA: snapshots of any EMA length (sigma_rel) from a finished run's snapshots"
@@ -23,14 +25,10 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..posthoc import reconstruct
-
-    stds = parse_float_list(args.std, "--std")
+    sigma_rels = parse_float_list(args.std, "--std")
     at_nimg = None if args.at_nimg is None else parse_nimg(args.at_nimg, "--at-nimg")
-    paths = reconstruct(args.rundir, args.outdir, stds, at_nimg=at_nimg, at_kimg=args.at_kimg,
+    paths = reconstruct(args.rundir, args.outdir, sigma_rels, at_nimg=at_nimg, at_kimg=args.at_kimg,
                         plot=args.plot, overwrite=args.overwrite)
-    from ..snapshot import read_snapshot_meta
-
     for path in paths:
         info = read_snapshot_meta(path)["origin"]["phema"]
         print(f"{path}  sigma_rel={info['ema_std']:.4f}  from {len(info['inputs'])} snapshots  "

@@ -1,6 +1,12 @@
 """`edm2 toy train|plot|score`: the 2D toy example (thin layer over edm2.toy)."""
 from __future__ import annotations
 
+from ..distributed import configure_threads
+from ..sampling import check_guidance
+from ..toy import (ToyPanel, ToyTrainConfig, load_toy_run, plot_toy, sample_toy, toy_score, train_toy, tree_mixture,
+                   write_score_json)
+from ..units import parse_float_list
+
 
 def register(sub):
     toy = sub.add_parser("toy", help="2D toy example: train, plot and score small models with exact ground truth")
@@ -41,9 +47,6 @@ def register(sub):
 
 
 def _train(args):
-    from ..toy import ToyTrainConfig, train_toy
-    from ..units import parse_float_list
-
     config = ToyTrainConfig(classes=args.classes, num_layers=args.layers, hidden_dim=args.dim, iters=args.iters,
                             batch_size=args.batch, ema_stds=tuple(parse_float_list(args.ema, "--ema")),
                             snapshot_iters=args.snapshot_every, seed=args.seed, threads=args.threads)
@@ -53,18 +56,11 @@ def _train(args):
 
 
 def _load(args):
-    import torch
-
-    from ..toy import load_toy_run, tree_mixture
-    from ..validate import check_guidance
-
     if args.threads > 0:  # small ops: extra threads only contend on a busy CPU
-        torch.set_num_threads(args.threads)
+        configure_threads(args.threads)
     if args.num < 1:
         raise ValueError(f"--num={args.num}: must be >= 1")
-    check_guidance(args.guidance)
-    if args.guidance != 1 and args.gnet is None:
-        raise ValueError(f"--guidance={args.guidance} needs --gnet (the guiding model)")
+    check_guidance(args.guidance, args.gnet)
     if args.net == "gt":
         classes = args.classes or "A"
         net = tree_mixture(classes)
@@ -76,8 +72,6 @@ def _load(args):
 
 
 def _report(args, scores):
-    from ..toy import write_score_json
-
     for s in scores:
         print(f"{s['title']}: in_fraction {s['in_fraction']:.4f}  mean_logp {s['mean_logp']:.4f}  (n={s['num']}, class {s['classes']})")
     if args.json:
@@ -89,8 +83,6 @@ def _title(args):
 
 
 def _plot(args):
-    from ..toy import ToyPanel, plot_toy
-
     net, gnet, classes = _load(args)
     panels = [ToyPanel("ground truth", None)] if args.net != "gt" else []
     panels.append(ToyPanel(_title(args) if args.net != "gt" else "ground-truth denoiser", net, gnet, args.guidance))
@@ -101,8 +93,6 @@ def _plot(args):
 
 
 def _score(args):
-    from ..toy import sample_toy, toy_score
-
     net, gnet, classes = _load(args)
     samples = sample_toy(net, args.num, seed=args.seed, gnet=gnet, guidance=args.guidance)
     _report(args, [dict(toy_score(samples, classes), title=_title(args), guidance=args.guidance)])

@@ -1,75 +1,108 @@
-"""`edm2 train`: a thin layer over `edm2.training.train(TrainConfig(...))`."""
+"""`edm2 train`: a thin layer over `edm2.training.train(TrainConfig(...))`.
+
+The options are made from TrainConfig's fields (their help, kind and group
+live next to the field); errors of the library name the Python argument
+(`lr=nan: ...`) and are shown here with the flag (`--lr nan: ...`).
+"""
 from __future__ import annotations
 
+import dataclasses
+import re
+
+from ..trainconfig import TrainConfig
+from ..units import parse_float_list, parse_nimg
+
 HELP = "train an EDM2 model (re-running the same command resumes)"
+
+_GROUPS = {"overrides": "overrides of the preset (default: the preset's value)",
+           "session": "this invocation (may change when a run is resumed)"}
+_TYPES = {"int": int, "float": float}
+
+
+def _fields():
+    return [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli", False)]
+
+
+def flag(name: str) -> str:
+    """The command-line flag of a TrainConfig field: rampup_Mimg -> --rampup-Mimg."""
+    return "--" + name.replace("_", "-")
 
 
 def register(sub) -> None:
     p = sub.add_parser("train", help=HELP, description=HELP + ". Without --data it trains on the built-in "
                        "Fashion-MNIST. Sizes count images and accept Ki/Mi/Gi suffixes (128Ki = 131072). "
-                       "Several GPUs or nodes: launch with torchrun. Documentation: the README section Training.")
-    p.add_argument("--outdir", required=True, metavar="DIR", help="run folder (snapshots, checkpoints, logs)")
-    p.add_argument("--data", metavar="PATH", help="dataset folder or zip (images or 8-channel latents); "
-                   "default: the built-in Fashion-MNIST")
-    p.add_argument("--preset", default="cpu-32", metavar="NAME", help="training preset (cpu-32, tiny, img512-xs, "
-                   "img64-s, ...; the edm2- prefix is accepted; default cpu-32)")
-    c = p.add_mutually_exclusive_group()
-    c.add_argument("--cond", dest="cond", action="store_true", default=None,
-                   help="class-conditional (default: if the dataset has labels)")
-    c.add_argument("--uncond", dest="cond", action="store_false", help="ignore the labels")
-    p.add_argument("--xflip", action="store_true", help="x-flip augmentation")
-    o = p.add_argument_group("overrides of the preset (default: the preset's value)")
-    o.add_argument("--duration", metavar="N", help="training images in all")
-    o.add_argument("--batch", metavar="N", help="global batch size")
-    o.add_argument("--batch-gpu", metavar="N", help="micro-batch per process (gradient accumulation when smaller)")
-    o.add_argument("--lr", type=float, metavar="X", help="reference learning rate")
-    o.add_argument("--decay", type=float, metavar="N", help="learning-rate decay start, in batches (0: none)")
-    o.add_argument("--channels", type=int, metavar="N", help="model channels")
-    o.add_argument("--dropout", type=float, metavar="X", help="dropout probability")
-    o.add_argument("--P-mean", dest="P_mean", type=float, metavar="X", help="mean of ln(sigma) in training")
-    o.add_argument("--P-std", dest="P_std", type=float, metavar="X", help="std of ln(sigma) in training")
-    o.add_argument("--ema-std", metavar="LIST", help="EMA widths sigma_rel, e.g. 0.05,0.10")
-    o.add_argument("--status", metavar="N", help="status interval, images")
-    o.add_argument("--snapshot", metavar="N", help="snapshot interval, images")
-    o.add_argument("--checkpoint", metavar="N", help="checkpoint interval, images")
-    s = p.add_argument_group("session")
-    s.add_argument("--slice", metavar="N", help="train at most N images in this invocation, then checkpoint and stop")
-    s.add_argument("--precision", default="fp16", choices=["fp32", "bf16", "fp16"], help="U-Net dtype on CUDA (default fp16, as the reference; the CPU computes in fp32)")
-    s.add_argument("--compile", action="store_true", help="torch.compile the network")
-    s.add_argument("--seed", type=int, default=0, help="random seed: initialisation, data order, noise (default 0)")
-    s.add_argument("--init", metavar="SNAPSHOT", help="start from this network (snapshot, run folder or .pkl): fine-tuning")
-    s.add_argument("--device", help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available, else cpu)")
-    s.add_argument("--workers", type=int, metavar="N", help="data loader processes (default: 2 on CUDA, 0 on CPU)")
-    s.add_argument("--grid", type=int, default=60, metavar="N", help="images in the sample grid at each snapshot "
-                   "(conditional: 10 class rows; 0: none)")
-    s.add_argument("--force-new", action="store_true", help="start over in an --outdir that holds another run "
-                   "(its files move to DIR/previous-N/)")
-    s.add_argument("-n", "--dry-run", action="store_true", help="print the resolved configuration and network size; "
-                   "train nothing, write nothing")
+                       "Several GPUs or nodes: launch with torchrun. Documentation: docs/training.md.")
+    groups = {None: p}
+    for key, title in _GROUPS.items():
+        groups[key] = p.add_argument_group(title)
+    for f in _fields():
+        _add_option(groups.get(f.metadata["group"], p), f)
+    p.add_argument("-n", "--dry-run", action="store_true", help="print the resolved configuration and network "
+                   "size; train nothing, write nothing")
     p.set_defaults(func=run)
 
 
-def config_from_args(args):
-    """argparse namespace -> TrainConfig (sizes parsed by edm2.units)."""
-    from ..training import TrainConfig
-    from ..units import parse_float_list, parse_nimg
+def _add_option(group, f) -> None:
+    m = f.metadata
+    kind, default = m["kind"], f.default
+    if kind == "flag":
+        group.add_argument(flag(f.name), dest=f.name, action="store_true", help=m["help"])
+    elif kind == "tristate":
+        both = group.add_mutually_exclusive_group()
+        both.add_argument(flag(f.name), dest=f.name, action="store_true", default=None, help=m["help"])
+        both.add_argument(m["off_flag"], dest=f.name, action="store_false", help=f"not {flag(f.name)}")
+    else:
+        metavar = m["metavar"] or ("N" if kind in ("int", "nimg", "float") else None)
+        group.add_argument(flag(f.name), dest=f.name, default=default, type=_TYPES.get(kind),
+                           choices=m["choices"], metavar=None if m["choices"] else metavar,
+                           required=default is dataclasses.MISSING, help=m["help"])
 
-    sizes = {}
-    for name in ("duration", "batch", "batch_gpu", "status", "snapshot", "checkpoint", "slice"):
-        value = getattr(args, name)
-        sizes[name] = None if value is None else parse_nimg(value, "--" + name.replace("_", "-"))
-    return TrainConfig(
-        outdir=args.outdir, data=args.data, preset=args.preset, cond=args.cond, xflip=args.xflip, lr=args.lr,
-        decay=args.decay, channels=args.channels, dropout=args.dropout, P_mean=args.P_mean, P_std=args.P_std,
-        ema_std=None if args.ema_std is None else tuple(parse_float_list(args.ema_std, "--ema-std")),
-        precision=args.precision, compile=args.compile, seed=args.seed, init=args.init, device=args.device,
-        workers=args.workers, grid=args.grid, force_new=args.force_new, **sizes)
+
+def config_from_args(args) -> TrainConfig:
+    """argparse namespace -> TrainConfig (sizes and lists parsed by edm2.units)."""
+    values = {}
+    for f in _fields():
+        value = getattr(args, f.name)
+        if value is not None and f.metadata["kind"] == "nimg":
+            value = parse_nimg(value, f.name)
+        elif value is not None and f.metadata["kind"] == "floats":
+            value = tuple(parse_float_list(value, f.name))
+        values[f.name] = value
+    return TrainConfig(**values)
+
+
+def cli_message(message: str) -> str:
+    """A library message with the command-line flags for the Python arguments it
+    names: 'lr=nan: ...' -> '--lr nan: ...', 'force_new=True' -> '--force-new'."""
+    for f in _fields():
+        on, off = flag(f.name), f.metadata["off_flag"]
+        if off:
+            message = re.sub(rf"(?<![\w-]){f.name}=False\b", off, message)
+        if f.metadata["kind"] in ("flag", "tristate"):
+            message = re.sub(rf"(?<![\w-]){f.name}=True\b", on, message)
+        message = re.sub(rf"(?<![\w./-]){f.name}=", on + " ", message)
+    return message
 
 
 def run(args) -> int:
-    from ..training import train
+    from ..distributed import configure_threads
+    from ..training import dry_run, train
 
-    result = train(config_from_args(args), dry_run=args.dry_run)
-    if args.dry_run:
-        print(result)
+    try:
+        config = config_from_args(args)
+        if args.dry_run:
+            print(dry_run(config))
+        else:
+            configure_threads(config.threads)  # OMP_NUM_THREADS, else the cores shared, at most 4 a process
+            train(config)
+    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
+        raise _same_kind(e, cli_message(str(e))) from None
     return 0
+
+
+def _same_kind(error: Exception, message: str) -> Exception:
+    """An exception of error's type with another message (ValueError if that type wants more)."""
+    try:
+        return type(error)(message)
+    except Exception:
+        return ValueError(message)

@@ -7,7 +7,9 @@ Sources (`open_source`):
 - MNIST-style IDX files (e.g. Fashion-MNIST `t10k-images-idx3-ubyte.gz`; the
   `...-labels-idx1-ubyte` file next to it gives the labels);
 - a `.npz` with an `images` (or `x`) array [N, H, W], [N, H, W, C] or [N, C, H, W]
-  and optionally `labels` (or `y`) and `class_names`.
+  and optionally `labels` (or `y`) and `class_names`;
+- CIFAR-10/100 tarballs (python or binary version) or their extracted folders,
+  and Tiny-ImageNet folders, one split at a time (`edm2.data.archives`).
 
 Every image becomes 8-bit grayscale (if all images are grayscale) or RGB; other
 modes (RGBA, CMYK, palette, 16-bit) are converted and counted in the notes.
@@ -32,6 +34,7 @@ from tqdm import tqdm
 
 from ..fileio import png_bytes
 from ..validate import safe_error_text
+from .archives import is_cifar, is_tiny_imagenet, read_cifar, tiny_imagenet_files
 from .dataset import IMAGE_EXTENSIONS, LATENT_EXTENSION, list_dataset_files, match_labels, read_dataset_json
 from .writer import DatasetWriter, check_destination, item_name
 
@@ -298,11 +301,40 @@ def _open_npz(path: Path, use_labels: bool) -> Source:
     return Source(path, "npz", _array_items(path.name, images, labels), class_names, [])
 
 
-def open_source(source, use_labels: bool = True) -> Source:
-    """Recognise the kind of source and list its items (nothing is decoded yet)."""
+def _open_cifar(path: Path, use_labels: bool, split: str | None) -> Source:
+    """A CIFAR-10/100 tarball or extracted folder (edm2.data.archives), one split."""
+    data = read_cifar(path, split or "train")
+    labels = data.labels if use_labels else None
+    note = f"{data.kind.upper()} ({data.format} version), {split or 'train'} split"
+    return Source(path, "cifar", _array_items(f"{path.name}:{split or 'train'}", data.images, labels),
+                  data.class_names if use_labels else None, [note])
+
+
+def _open_tiny_imagenet(path: Path, use_labels: bool, split: str | None) -> Source:
+    """A Tiny-ImageNet folder (edm2.data.archives), one split; classes in wnids.txt order."""
+    files = tiny_imagenet_files(path, split or "train")
+
+    def read_bytes(n):
+        return (files.root / n).read_bytes()
+    labels = files.labels if use_labels else None
+    return Source(path, "tiny-imagenet", _file_items(files.root, files.names, read_bytes, labels),
+                  files.class_names if use_labels else None, [f"Tiny-ImageNet, {split or 'train'} split"])
+
+
+def open_source(source, use_labels: bool = True, split: str | None = None) -> Source:
+    """Recognise the kind of source and list its items (nothing is decoded yet).
+    `split` picks the part of a CIFAR ('train', 'test') or Tiny-ImageNet
+    ('train', 'val') source; default 'train'."""
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"--source {path} does not exist")
+    if is_cifar(path):
+        return _open_cifar(path, use_labels, split)
+    if is_tiny_imagenet(path):
+        return _open_tiny_imagenet(path, use_labels, split)
+    if split is not None:
+        raise ValueError(f"--split {split}: only CIFAR archives and Tiny-ImageNet folders have splits; "
+                         f"drop --split for {path}")
     if path.is_dir():
         return _open_collection(path, use_labels)
     name = path.name.lower()
@@ -354,7 +386,7 @@ class ConvertResult:
 def convert_dataset(source, dest, resolution: int | None = None, transform: str | None = None,
                     max_images: int | None = None, skip_bad: bool = False, overwrite: bool = False,
                     class_names: list[str] | None = None, use_labels: bool = True, workers: int = 4,
-                    compress_level: int = 1, progress: bool = True) -> ConvertResult:
+                    compress_level: int = 1, progress: bool = True, split: str | None = None) -> ConvertResult:
     """Convert `source` (see module doc) to an image dataset at `dest` (folder, or zip if it ends in .zip).
 
     resolution: output N×N; without it every image must already be square and of one size.
@@ -363,6 +395,7 @@ def convert_dataset(source, dest, resolution: int | None = None, transform: str 
     max_images: keep a class-balanced subset (`balanced_subset`).
     skip_bad: skip unreadable images (counted in `skipped`) instead of failing.
     class_names: names for the class indices (e.g. for IDX sources).
+    split: the part of a CIFAR / Tiny-ImageNet source (see `open_source`).
     The output is written under a temporary name and renamed at the end.
     """
     check_destination(dest, overwrite, source)
@@ -374,7 +407,7 @@ def convert_dataset(source, dest, resolution: int | None = None, transform: str 
         raise ValueError(f"--resolution {resolution}: must be >= 1")
     if max_images is not None and max_images < 1:
         raise ValueError(f"--max-images {max_images}: must be >= 1")
-    src = open_source(source, use_labels)
+    src = open_source(source, use_labels, split)
     try:
         return _convert(src, dest, resolution, transform, max_images, skip_bad, overwrite, class_names, workers,
                         compress_level, progress)

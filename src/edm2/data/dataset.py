@@ -3,7 +3,7 @@
 A dataset is a folder or a zip holding either
 - images: 8-bit PNG (or JPEG, ...), grayscale or RGB, all N×N, or
 - latents: float32 `.npy` arrays [8, h, w] = posterior mean (4) and std (4)
-  of the Stable Diffusion VAE (SPEC §9),
+  of the Stable Diffusion VAE (paper App. B.1),
 plus an optional `dataset.json` = {"labels": [[relative_path, class], ...] | null,
 "class_names": [...]} (class_names is our optional addition to the official format).
 

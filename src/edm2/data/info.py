@@ -28,7 +28,7 @@ def dataset_info(path) -> dict:
         "bytes": _size_bytes(ds.path),
     }
     if ds.is_latent:
-        info["image_resolution"] = ds.resolution * 8  # the SD VAE downsamples by 8 (SPEC §9)
+        info["image_resolution"] = ds.resolution * 8  # the SD VAE downsamples by 8 (paper App. B.1)
     ds.close()
     return info
 

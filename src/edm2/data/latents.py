@@ -1,4 +1,4 @@
-"""Stable Diffusion VAE latents (SPEC §9) for the ImageNet-512 recipe.
+"""Stable Diffusion VAE latents (paper App. B.1) for the ImageNet-512 recipe.
 
 `encode_dataset`: image dataset -> latent dataset of float32 `.npy` items
 [8, H/8, W/8] = [posterior mean (4), posterior std (4)] of the VAE encoder,
@@ -22,12 +22,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from ..distributed import resolve_device
 from ..encoders import DEFAULT_VAE, StabilityVAEEncoder
 from ..fileio import atomic_write_bytes, png_bytes
 from .dataset import ImageDataset
 from .writer import DatasetWriter, check_destination, item_name, move_into_place, write_dataset_json
 
-__all__ = ["encode_dataset", "decode_dataset", "LatentResult", "latent_name", "default_device"]
+__all__ = ["encode_dataset", "decode_dataset", "LatentResult", "latent_name"]
 
 
 @dataclass
@@ -42,10 +43,6 @@ class LatentResult:
 def latent_name(idx: int) -> str:
     """The official tool's name of latent items: '00000/img-mean-std-00000000.npy'."""
     return item_name(idx, "npy", "img-mean-std-")
-
-
-def default_device() -> str:
-    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _labels(ds: ImageDataset, names: list[str]):
@@ -91,7 +88,7 @@ def encode_dataset(source, dest, vae: str = DEFAULT_VAE, batch_size: int = 8, de
         raise ValueError(f"--source {source}: resolution {ds.resolution} is not a multiple of 8 (the VAE "
                          f"downsamples by 8); convert it with --resolution N, N a multiple of 8")
     notes = ["grayscale images repeated to RGB for the VAE"] if ds.num_channels == 1 else []
-    device = device or default_device()
+    device = resolve_device(device)
     encoder = StabilityVAEEncoder(vae_name=vae, batch_size=batch_size)
     encoder.vae(device)  # load now: fail before any work
 
@@ -162,14 +159,14 @@ def decode_dataset(source, dest, vae: str = DEFAULT_VAE, batch_size: int = 8, de
 
     Each item's posterior mean is standardised and passed to `StabilityVAEEncoder.decode`,
     which undoes the standardisation, runs the VAE decoder, clamps to [0, 1] and
-    truncates x·255 to uint8 (SPEC §9): the net effect is VAE.decode(mean), the
+    truncates x·255 to uint8 (as the authors' code): the net effect is VAE.decode(mean), the
     constants being applied exactly once in each direction.
     """
     dest = check_destination(dest, overwrite, source)
     ds = ImageDataset(source)
     if not ds.is_latent:
         raise ValueError(f"--source {source} holds images, not latents; decode needs a latent dataset")
-    device = device or default_device()
+    device = resolve_device(device)
     encoder = StabilityVAEEncoder(vae_name=vae, batch_size=batch_size)
     encoder.vae(device)
     names = []

@@ -1,4 +1,4 @@
-"""Evaluation (SPEC §10): FID and FD_DINOv2 of image folders or of a network
+"""Evaluation (paper App. D.4, A.5): FID and FD_DINOv2 of image folders or of a network
 against reference statistics, and post-hoc EMA sweeps.
 
 - `detectors`: the feature networks (`load_detector`, `random_detector`).

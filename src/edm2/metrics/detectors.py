@@ -1,4 +1,4 @@
-"""Feature detectors behind one interface (SPEC §10): a `Detector` takes uint8
+"""Feature detectors behind one interface (docs/design.md#metrics): a `Detector` takes uint8
 images [N, C, H, W] (C = 1 grey, repeated to RGB, or 3) and returns float32
 features [N, feature_dim].
 
@@ -7,7 +7,7 @@ features [N, feature_dim].
   TF1-style bilinear resize to 299x299), with torch-fidelity's weight file.
 - `DINOv2Detector` (metric "fd_dinov2"): DINOv2 ViT-L/14 from Hugging Face
   transformers (`Dinov2Model`, 1024-d class token after the final norm), fed
-  as SPEC §10 says: bicubic antialiased resize to 224 on 0-255 floats, /255,
+  as docs/design.md#metrics says: bicubic antialiased resize to 224 on 0-255 floats, /255,
   ImageNet mean/std.
 - `TinyDetector` (metric "fd_tiny"): a cheap, fixed, seeded stand-in with the
   same interface, for smoke tests of the pipeline. It is not a metric to
@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import io
 import os
 import sys
 import types
@@ -111,8 +112,6 @@ class InceptionDetector(Detector):
 
     def __init__(self, state_dict: dict | None = None):
         super().__init__()
-        import io
-
         base = _torch_fidelity_inception()
 
         class _Net(base):
@@ -161,7 +160,7 @@ def _load_inception(folder: Path, download: bool, device) -> InceptionDetector:
 # ---------------------------------------------------------------------------
 
 class DINOv2Detector(Detector):
-    """DINOv2 ViT-L/14 class token (1024-d) with SPEC §10's preprocessing.
+    """DINOv2 ViT-L/14 class token (1024-d) with the preprocessing of docs/design.md#metrics.
 
     model: a transformers `Dinov2Model`; None builds facebook/dinov2-large's
     architecture with random weights."""
@@ -191,7 +190,7 @@ def _random_dinov2(config: dict = DINOV2_VITL14):
     like transformers does (N(0, 0.02) matrices and embeddings, LayerNorm 1/0,
     zero biases, layer scales 1) but without its slow truncated normal: the
     model is built on the meta device and filled in place (seed with torch.manual_seed)."""
-    from transformers import Dinov2Config, Dinov2Model
+    from transformers import Dinov2Config, Dinov2Model  # optional (edm2[metrics]) and slow to import
 
     with torch.device("meta"):
         model = Dinov2Model(Dinov2Config(**config))
@@ -210,7 +209,7 @@ def _random_dinov2(config: dict = DINOV2_VITL14):
 
 
 def _load_dinov2(folder: Path, download: bool, device) -> DINOv2Detector:
-    from transformers import Dinov2Model
+    from transformers import Dinov2Model  # optional (edm2[metrics]) and slow to import
 
     local = folder / DINOV2_FOLDER
     how = (f"on a machine with network access run `hf download {DINOV2_HUB} --local-dir {DINOV2_FOLDER}` "

@@ -1,4 +1,4 @@
-"""Reference statistics and metrics of image folders or of a network (SPEC §10).
+"""Reference statistics and metrics of image folders or of a network (paper App. D.4, A.5).
 
 - `reference_stats(data, dest)`: mean and covariance of every image of a
   dataset, per metric, saved as .npz (float64, no pickle).
@@ -22,8 +22,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from ..data import ImageDataset
+from ..distributed import init_distributed, resolve_device
 from ..fileio import atomic_write_bytes
+from ..generate import generate_images, load_nets
+from ..official import load_reference_stats
+from ..sampling import check_guidance
 from ..validate import safe_error_text
 from .detectors import DETECTORS, load_detector
 from .stats import FeatureStats, frechet_distance
@@ -32,18 +38,6 @@ __all__ = ["REF_FORMAT", "save_ref", "load_ref", "check_ref_stats", "check_metri
            "distances", "reference_stats", "calc_metrics", "gen_metrics", "gen_seeds", "append_jsonl"]
 
 REF_FORMAT = "edm2-ref-v1"
-
-
-def _rank_world():
-    from ..generate import init_distributed
-
-    return init_distributed()
-
-
-def _device(device):
-    from ..generate import default_device
-
-    return torch.device(device) if device is not None else default_device()
 
 
 # ---------------------------------------------------------------------------
@@ -119,8 +113,6 @@ def _read_ref(path) -> dict:
             if isinstance(e, ValueError) and str(e).startswith("--ref"):
                 raise
             raise ValueError(f"--ref {text}: unreadable statistics file ({safe_error_text(e)})") from None
-    from ..official import load_reference_stats
-
     return load_reference_stats(text)
 
 
@@ -198,8 +190,6 @@ def check_metric_value(name: str, value: float, scale: float = 1.0) -> float:
 
 
 def _open_images(path, what: str):
-    from ..data import ImageDataset
-
     ds = ImageDataset(path, use_labels=False)
     if ds.is_latent:
         raise ValueError(f"{what} {path}: holds VAE latents; statistics are computed on pixels, so pass the "
@@ -222,8 +212,6 @@ def _dataset_batches(ds, indices, batch_size: int, workers: int):
 
 
 def _progress(batches, total, desc, enabled):
-    from tqdm import tqdm
-
     with tqdm(total=total, unit="img", desc=desc, disable=not enabled) as bar:
         for b in batches:
             bar.update(len(b))
@@ -246,8 +234,8 @@ def reference_stats(data, dest, metrics=("fid", "fd_dinov2"), batch_size: int = 
         raise FileExistsError(f"--dest {dest}: already exists; delete it or choose another name")
     metrics = resolve_metrics(list(detectors) if detectors else metrics)
     ds = _open_images(data, "--data")
-    rank, world = _rank_world()
-    device = _device(device)
+    rank, world = init_distributed()
+    device = resolve_device(device)
     detectors = detectors or load_detectors(metrics, detector_dir, device)
     batches = _dataset_batches(ds, range(rank, len(ds), world), batch_size, workers)
     stats = compute_stats(_progress(batches, len(range(rank, len(ds), world)), "ref", progress and rank == 0),
@@ -272,8 +260,8 @@ def calc_metrics(images, ref, metrics=None, num: int = 50000, seed: int = 0, bat
                          f"or fewer (at least 2; the paper uses 50000)")
     chosen = np.arange(len(ds)) if len(ds) == num else np.sort(
         np.random.RandomState(seed % (1 << 32)).choice(len(ds), num, replace=False))
-    rank, world = _rank_world()
-    device = _device(device)
+    rank, world = init_distributed()
+    device = resolve_device(device)
     detectors = {m: detectors[m] for m in metrics} if detectors else load_detectors(metrics, detector_dir, device)
     mine = chosen[rank::world]
     batches = _dataset_batches(ds, mine, batch_size, workers)
@@ -293,16 +281,14 @@ def gen_metrics(net, ref, gnet=None, guidance: float = 1, metrics=None, num: int
     guided by `gnet` with weight `guidance`) for the seeds `gen_seeds(num, seed)`
     and return {metric: Fréchet distance to `ref`}. Nothing is written.
     sampler_kwargs: edm_sampler's options (num_steps, S_churn, ...)."""
-    from ..generate import check_guide, generate_images, load_nets
-
     ref_path, ref = (ref, load_ref(ref)) if not isinstance(ref, dict) else ("REF", ref)
     metrics = resolve_metrics(metrics, ref, ref_path)
     if num < 2:
         raise ValueError(f"--num {num}: need at least 2 images (the paper uses 50000)")
-    rank, world = _rank_world()
-    device = _device(device)
-    net, gnet, encoder, _ = load_nets(net, gnet, device)
-    check_guide(net, gnet, guidance)
+    check_guidance(guidance, gnet)
+    rank, world = init_distributed()
+    device = resolve_device(device)
+    net, gnet, encoder, _ = load_nets(net, gnet, device)  # also checks that gnet fits net
     detectors = {m: detectors[m] for m in metrics} if detectors else load_detectors(metrics, detector_dir, device)
     batches = (b.images for b in generate_images(net, encoder, gen_seeds(num, seed), gnet=gnet, guidance=guidance,
                                                    batch_size=batch_size, device=device, rank=rank,

@@ -1,4 +1,4 @@
-"""Feature statistics and the Fréchet distance (SPEC §10).
+"""Feature statistics and the Fréchet distance (paper App. D.4, A.5).
 
 `FeatureStats` accumulates the sum and the sum of outer products of feature
 vectors in float64 (so batches, and processes under torchrun, can be merged
@@ -16,6 +16,7 @@ import warnings
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 __all__ = ["FeatureStats", "frechet_distance", "sqrt_psd", "trace_sqrt_product"]
 
@@ -49,8 +50,6 @@ class FeatureStats:
 
     def all_reduce(self) -> None:
         """Sum the statistics over every torch.distributed process (no-op without a process group)."""
-        import torch.distributed as dist
-
         if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
             return
         comm = self.sum.device if dist.get_backend() == "nccl" else torch.device("cpu")
@@ -95,7 +94,7 @@ def trace_sqrt_product(sigma1, sigma2) -> float:
 
 
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
-    """Fréchet distance of two Gaussians (SPEC §10), float64:
+    """Fréchet distance of two Gaussians, float64:
     |mu1 - mu2|^2 + tr(sigma1 + sigma2 - 2 (sigma1 sigma2)^(1/2))."""
     mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)

@@ -10,11 +10,17 @@ import csv
 import io
 from pathlib import Path
 
-from ..fileio import atomic_write_bytes, save_figure
-from ..snapshot import read_snapshot_meta
+import torch.distributed as dist
+
+from ..distributed import init_distributed, resolve_device
+from ..fileio import atomic_write_bytes, pyplot, save_figure
+from ..generate import load_nets
+from ..posthoc import find_phema_inputs, reconstruct, resolve_time
+from ..sampling import check_guidance
+from ..snapshot import read_snapshot_meta, snapshot_name
 from ..units import parse_float_list
-from ..validate import check_guidance, check_sampler_options
-from .pipeline import _device, _rank_world, gen_metrics, load_detectors, load_ref, resolve_metrics
+from ..validate import check_sampler_options
+from .pipeline import gen_metrics, load_detectors, load_ref, resolve_metrics
 
 __all__ = ["sweep", "write_csv", "plot_sweep", "best_rows"]
 
@@ -40,11 +46,9 @@ def plot_sweep(rows: list[dict], metrics: list[str], path=None) -> bytes:
     the metric against the EMA length sigma_rel, one line per guidance weight
     (like the paper's Figure 5), the best point ringed; bottom (with several
     guidance weights), the metric against guidance, one line per EMA length."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
-    stds = sorted({r["ema_std"] for r in rows})
+    sigma_rels = sorted({r["ema_std"] for r in rows})
     ws = sorted({r["guidance"] for r in rows})
     nrows = 2 if len(ws) > 1 else 1
     fig, axes = plt.subplots(nrows, len(metrics), figsize=(4.5 * len(metrics), 3.6 * nrows), squeeze=False)
@@ -63,7 +67,7 @@ def plot_sweep(rows: list[dict], metrics: list[str], path=None) -> bytes:
         if len(ws) > 1:
             ax.legend(fontsize=7)
             ax2 = axes[1, col]
-            for s in stds:
+            for s in sigma_rels:
                 pts = sorted((r["guidance"], r[m]) for r in rows if r["ema_std"] == s)
                 ax2.plot(*zip(*pts), "o-", ms=3, label=f"sigma_rel {s:.3f}")
             ax2.set_xlabel("guidance weight")
@@ -76,26 +80,21 @@ def plot_sweep(rows: list[dict], metrics: list[str], path=None) -> bytes:
     return save_figure(fig, path)
 
 
-def sweep(rundir, stds, ref, outdir=None, at_nimg=None, metrics=None, num: int = 50000, seed: int = 0,
+def sweep(rundir, sigma_rels, ref, outdir=None, at_nimg=None, metrics=None, num: int = 50000, seed: int = 0,
           gnet=None, guidance=(1.0,), batch_size: int = 32, detector_dir=None, device=None,
           progress: bool = True, detectors: dict | None = None, **sampler_kwargs) -> list[dict]:
-    """Reconstruct `rundir` at each EMA length in `stds` (list or '0.05,0.1' /
+    """Reconstruct `rundir` at each EMA length in `sigma_rels` (list or '0.05,0.1' /
     '0.010,0.015,...,0.250') at time `at_nimg` (default: the last snapshot) into
     `outdir` (default rundir/sweep), evaluate every (EMA length, guidance)
     pair on `num` generated images against `ref`, and write outdir/sweep.csv
     (after every point) and outdir/sweep.png. Returns the rows (dicts with
     ema_std, guidance, nimg, num, seed and one value per metric).
     Under torchrun rank 0 reconstructs and writes, all processes generate."""
-    import torch.distributed as dist
-
-    from ..posthoc import reconstruct
-
-    stds = list(dict.fromkeys(parse_float_list(stds, "--std")))
-    ws = [check_guidance(w) for w in dict.fromkeys(parse_float_list(guidance, "--guidance"))]
+    sigma_rels = list(dict.fromkeys(parse_float_list(sigma_rels, "--std")))
+    ws = list(dict.fromkeys(parse_float_list(guidance, "--guidance")))
+    for w in ws:
+        check_guidance(w, gnet)
     check_sampler_options(sampler_kwargs)
-    if gnet is None and any(w != 1 for w in ws):
-        raise ValueError(f"--guidance {','.join(f'{w:g}' for w in ws)}: needs a guiding network --gnet "
-                         f"(or use --guidance 1)")
     ref_path, ref = (ref, load_ref(ref)) if not isinstance(ref, dict) else ("REF", ref)
     metrics = resolve_metrics(metrics, ref, ref_path)
     outdir = Path(outdir) if outdir is not None else Path(rundir) / "sweep"
@@ -103,12 +102,9 @@ def sweep(rundir, stds, ref, outdir=None, at_nimg=None, metrics=None, num: int =
     for p in (csv_path, png_path):
         if p.exists():
             raise FileExistsError(f"{p}: a sweep was already written there; choose another --outdir")
-    rank, world = _rank_world()
-    device = _device(device)
+    rank, world = init_distributed()
+    device = resolve_device(device)
     if gnet is not None:  # fail before the reconstruction if the guide does not fit the run's network
-        from ..generate import load_nets
-        from ..posthoc import find_phema_inputs
-
         inputs = find_phema_inputs(rundir)
         if inputs:
             load_nets(inputs[-1].path, gnet, "cpu")
@@ -117,28 +113,25 @@ def sweep(rundir, stds, ref, outdir=None, at_nimg=None, metrics=None, num: int =
     if rank == 0:
         # The sweep.csv check above guards the folder; snapshots left by an interrupted sweep are
         # rebuilt (posthoc never replaces the run's own snapshots).
-        paths = reconstruct(rundir, outdir, stds, at_nimg=at_nimg, overwrite=True, progress=progress)
+        paths = reconstruct(rundir, outdir, sigma_rels, at_nimg=at_nimg, overwrite=True, progress=progress)
     if world > 1:
         dist.barrier()
     if rank != 0:
-        from ..snapshot import snapshot_name
-        from ..posthoc import find_phema_inputs, resolve_time
-
         t = resolve_time(find_phema_inputs(rundir), at_nimg)
-        paths = [outdir / snapshot_name(t, s) for s in stds]
+        paths = [outdir / snapshot_name(t, s) for s in sigma_rels]
 
     rows = []
-    for path, std in zip(paths, stds):
+    for path, sigma_rel in zip(paths, sigma_rels):
         nimg = int(read_snapshot_meta(path)["nimg"])
         for w in ws:
             values = gen_metrics(path, ref, gnet=gnet if w != 1 else None, guidance=w, metrics=metrics, num=num,
                                  seed=seed, batch_size=batch_size, device=device, progress=progress,
                                  detectors=detectors, **sampler_kwargs)
-            rows.append({"ema_std": std, "guidance": w, "nimg": nimg, "num": num, "seed": seed, **values})
+            rows.append({"ema_std": sigma_rel, "guidance": w, "nimg": nimg, "num": num, "seed": seed, **values})
             if rank == 0:
                 write_csv(csv_path, rows, metrics)
                 if progress:
-                    print(f"sigma_rel {std:.4f}  guidance {w:g}  " +
+                    print(f"sigma_rel {sigma_rel:.4f}  guidance {w:g}  " +
                           "  ".join(f"{m} {values[m]:.4f}" for m in metrics), flush=True)
     if rank == 0:
         plot_sweep(rows, metrics, png_path)

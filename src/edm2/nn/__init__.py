@@ -1,8 +1,9 @@
 """EDM2 network: magnitude-preserving layers, U-Net and preconditioning."""
 from .layers import MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize, resample
-from .unet import DTYPES, Block, Precond, UNet, check_architecture, set_precision
+from .unet import DTYPES, Block, Precond, UNet, check_architecture, precision_kwargs, set_precision
 
 __all__ = [
     "normalize", "mp_silu", "mp_sum", "mp_cat", "resample", "MPFourier", "MPConv",
-    "Block", "UNet", "Precond", "set_precision", "check_architecture", "DTYPES",
+    "Block", "UNet", "Precond", "set_precision", "precision_kwargs", "check_architecture",
+    "DTYPES",
 ]

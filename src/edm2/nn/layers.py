@@ -1,4 +1,4 @@
-"""Magnitude-preserving primitives of EDM2 (paper Sec. 3, config G; SPEC §1).
+"""Magnitude-preserving primitives of EDM2 (paper Sec. 2.2-2.5, config G; App. B.4-B.7, Eqs. 47, 66, 75, 81, 88, 103).
 
 Every function here keeps the expected RMS of unit-variance inputs at 1:
 that is the property the paper builds the whole network on.
@@ -81,59 +81,21 @@ class MPConv(torch.nn.Module):
     re-normalised to unit RMS per output channel before every use, and the
     forward pass normalises it once more inside autograd, then scales by
     gain / sqrt(fan_in). There is no bias.
-
-    In eval mode, when no gradient towards the weight is wanted, the
-    normalised and scaled weight only depends on the stored weight, so it is
-    cached per (dtype, device) and rebuilt when the weight tensor changes
-    (its version counter or storage) or the module returns to training.
     """
-
-    use_cache = True  # class-wide switch (benchmarks/network.py measures both ways)
 
     def __init__(self, in_channels: int, out_channels: int, kernel=()):
         super().__init__()
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
-        self._cache: dict = {}
 
-    def train(self, mode: bool = True):
-        self._cache = {}
-        return super().train(mode)
-
-    def _normalized_weight(self) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, gain=1) -> torch.Tensor:
         w = self.weight.to(torch.float32)
         if self.training:
             with torch.no_grad():
                 self.weight.copy_(normalize(w))  # forced weight normalisation
-        return normalize(w)  # standard weight normalisation (inside autograd)
-
-    def _cached(self, key, make):
-        p = self.weight
-        stamp = (p._version, p.data_ptr(), p.dtype, p.device)
-        hit = self._cache.get(key)
-        if hit is None or hit[0] != stamp:
-            with torch.no_grad():
-                hit = (stamp, make())
-            self._cache[key] = hit
-        return hit[1]
-
-    def forward(self, x: torch.Tensor, gain=1) -> torch.Tensor:
-        use_cache = (
-            self.use_cache
-            and not self.training
-            and not (torch.is_grad_enabled() and self.weight.requires_grad)
-            and not torch.compiler.is_compiling()
-            and self.weight.device.type != "meta"
-        )
-        fan_in = self.weight[0].numel()
-        if torch.is_tensor(gain):  # learned gain: scale the (cached) fp32 weight on every call
-            w = self._cached("fp32", self._normalized_weight) if use_cache else self._normalized_weight()
-            w = (w * (gain / np.sqrt(fan_in))).to(x.dtype)
-        elif use_cache:
-            w = self._cached((x.dtype, gain), lambda: (self._normalized_weight() * (gain / np.sqrt(fan_in))).to(x.dtype))
-        else:
-            w = (self._normalized_weight() * (gain / np.sqrt(fan_in))).to(x.dtype)
+        w = normalize(w)  # standard weight normalisation (inside autograd)
+        w = (w * (gain / np.sqrt(w[0].numel()))).to(x.dtype)
         if w.ndim == 2:
             return x @ w.t()
         return F.conv2d(x, w, padding=(w.shape[-1] // 2,))

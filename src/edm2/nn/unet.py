@@ -1,6 +1,6 @@
 """The EDM2 U-Net (config G of the paper, Fig. 21) and its EDM preconditioning.
 
-Module and parameter names follow SPEC §2-§4 exactly so that the state dict
+Module and parameter names follow the authors' code exactly so that the state dict
 of `Precond` matches the authors' published checkpoints key for key.
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from .layers import MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize, resample
 
-__all__ = ["Block", "UNet", "Precond", "set_precision", "DTYPES"]
+__all__ = ["Block", "UNet", "Precond", "set_precision", "precision_kwargs", "DTYPES"]
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
@@ -50,7 +50,7 @@ class Block(torch.nn.Module):
         self.res_balance = res_balance
         self.attn_balance = attn_balance
         self.clip_act = clip_act
-        # Creation order matters for seeded initialisation parity (SPEC §2).
+        # Creation order matters for seeded initialisation parity (docs/design.md#block).
         self.emb_gain = torch.nn.Parameter(torch.zeros([]))
         self.conv_res0 = MPConv(out_channels if flavor == "enc" else in_channels, out_channels, kernel=[3, 3])
         self.emb_linear = MPConv(emb_channels, out_channels, kernel=[])
@@ -184,10 +184,12 @@ class UNet(torch.nn.Module):
 
 class Precond(torch.nn.Module):
     """EDM preconditioning D(x; sigma) around the U-Net, plus the learned
-    uncertainty u(sigma) used by the loss (paper Sec. 2 and B.2, SPEC §4).
+    uncertainty u(sigma) used by the loss (paper App. B.1 Eqs. 4-8, App. B.2 Eq. 21).
 
-    `reduced_dtype` ('fp16' as the reference, or 'bf16') is the dtype the
-    U-Net runs in when `use_fp16` is set and the input is on CUDA.
+    `precision` is the dtype the U-Net runs in when the input is on CUDA:
+    'fp16' (as the reference), 'bf16' or 'fp32'; on the CPU it always runs in
+    float32. `use_fp16` is the authors' name for the choice fp16/fp32, accepted
+    so that their stored constructor arguments build our network.
     """
 
     def __init__(
@@ -195,28 +197,29 @@ class Precond(torch.nn.Module):
         img_resolution: int,
         img_channels: int,
         label_dim: int,
-        use_fp16: bool = True,
+        precision: str = "fp16",
         sigma_data: float = 0.5,
         logvar_channels: int = 128,
-        reduced_dtype: str = "fp16",
+        use_fp16: bool | None = None,
         **unet_kwargs,
     ):
         super().__init__()
-        if reduced_dtype not in ("fp16", "bf16"):
-            raise ValueError(f"reduced_dtype={reduced_dtype!r}; allowed: 'fp16', 'bf16'")
+        if use_fp16 is not None:
+            precision = "fp16" if use_fp16 else "fp32"
+        if precision not in DTYPES:
+            raise ValueError(f"precision={precision!r}; allowed: {', '.join(DTYPES)}")
         self.img_resolution = img_resolution
         self.img_channels = img_channels
         self.label_dim = label_dim
-        self.use_fp16 = use_fp16
-        self.reduced_dtype = reduced_dtype
+        self.precision = precision
         self.sigma_data = sigma_data
         self.unet = UNet(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, **unet_kwargs)
         self.logvar_fourier = MPFourier(logvar_channels)
         self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
 
     def compute_dtype(self, device: torch.device, force_fp32: bool = False) -> torch.dtype:
-        if self.use_fp16 and not force_fp32 and device.type == "cuda":
-            return DTYPES[self.reduced_dtype]
+        if not force_fp32 and device.type == "cuda":
+            return DTYPES[self.precision]
         return torch.float32
 
     def forward(self, x, sigma, class_labels=None, force_fp32: bool = False, return_logvar: bool = False):
@@ -249,9 +252,18 @@ def set_precision(net: Precond, precision: str) -> None:
     """Choose the U-Net dtype on CUDA: 'fp32', 'fp16' (reference) or 'bf16'."""
     if precision not in DTYPES:
         raise ValueError(f"precision={precision!r}; allowed: {', '.join(DTYPES)}")
-    net.use_fp16 = precision != "fp32"
-    if precision != "fp32":
-        net.reduced_dtype = precision
+    net.precision = precision
+
+
+def precision_kwargs(net_kwargs: dict) -> dict:
+    """Stored `Precond` arguments with the older pair use_fp16 (the authors'
+    name) / reduced_dtype (edm2 0.1) replaced by the one `precision` knob."""
+    kwargs = dict(net_kwargs)
+    if "use_fp16" in kwargs or "reduced_dtype" in kwargs:
+        use_fp16 = kwargs.pop("use_fp16", True)
+        reduced = kwargs.pop("reduced_dtype", "fp16")
+        kwargs.setdefault("precision", reduced if use_fp16 else "fp32")
+    return kwargs
 
 
 def check_architecture(img_resolution, img_channels, label_dim, model_channels, channel_mult, num_blocks) -> None:

@@ -20,6 +20,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save
 
 from ..nn import MPConv, mp_silu
 from ..fileio import atomic_write_bytes
@@ -86,8 +88,6 @@ class ToyNet(torch.nn.Module):
 
 def save_toy(path, net: ToyNet, meta: dict) -> None:
     """Atomically write a toy net as safetensors + JSON metadata (config, training state)."""
-    from safetensors.torch import save
-
     header = {"format": TOY_FORMAT, "version": 1, "config": asdict(net.config), **meta}
     tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in net.state_dict().items()}
     atomic_write_bytes(path, save(tensors, metadata={TOY_FORMAT: json.dumps(header)}))
@@ -95,8 +95,6 @@ def save_toy(path, net: ToyNet, meta: dict) -> None:
 
 def read_toy_meta(path) -> dict:
     """The JSON metadata of a toy snapshot (raises ValueError for other files)."""
-    from safetensors import safe_open
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such toy snapshot")
@@ -110,8 +108,6 @@ def read_toy_meta(path) -> dict:
 
 def load_toy(path) -> tuple[ToyNet, dict]:
     """Load a toy snapshot -> (ToyNet in eval mode without parameter gradients, metadata)."""
-    from safetensors.torch import load_file
-
     meta = read_toy_meta(path)
     net = ToyNet(ToyNetConfig(**meta["config"]))
     try:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..fileio import save_figure
+from ..fileio import pyplot, save_figure
 from .evaluate import IN_LOGP, sample_toy, toy_score
 from .gmm import tree_mixture
 
@@ -42,9 +42,7 @@ def plot_toy(panels, out, classes: str = "A", num: int = 4096, seed: int = 0, tr
     if resolution < 2 or trajectories < 0 or num < 1 or not panels:
         raise ValueError(f"plot_toy: need panels, num >= 1, resolution >= 2, trajectories >= 0 "
                          f"(got {len(panels)}, {num}, {resolution}, {trajectories})")
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     gx, gy, pts = _grid(view, resolution)
     # float32 is plenty for drawing a contour (errors ~0.01 nats) and twice as fast as float64.

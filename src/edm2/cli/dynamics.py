@@ -1,0 +1,41 @@
+"""`edm2 dynamics plot`: thin layer over edm2.dynamics.plot_dynamics / plot_loss_profile."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..dynamics import plot_dynamics, plot_loss_profile
+
+HELP = "figures of the training dynamics recorded with `edm2 train --dynamics N`"
+
+
+def register(sub) -> None:
+    d = sub.add_parser("dynamics", help=HELP, description=HELP + " (paper Fig. 3 / Fig. 15). "
+                       "Documentation: docs/dynamics.md.")
+    cmds = d.add_subparsers(dest="dynamics_command", metavar="SUBCOMMAND")
+    cmds.required = True
+    p = cmds.add_parser("plot", help="activation/weight magnitudes per U-Net level over training, one column per "
+                        "run; and loss per noise level with the learned u(sigma)")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or dynamics.jsonl files), side by side")
+    p.add_argument("--out", required=True, metavar="FILE.png", help="magnitude figure; the loss figure goes next to "
+                   "it as FILE-loss.png")
+    p.add_argument("--net", default="ema", choices=["ema", "raw"], help="which network's records (default: ema, "
+                   "as the paper's Fig. 15)")
+    p.add_argument("--labels", metavar="LIST", help="comma-separated column titles (default: the folder names)")
+    p.add_argument("--sharey", action="store_true", help="one y scale per row across the runs")
+    p.add_argument("--quantities", metavar="LIST", help="rows, from act_max, act_mean, weight_max, weight_mean, "
+                   "update (default: all that were recorded)")
+    p.set_defaults(func=_plot)
+
+
+def _plot(args) -> None:
+    out = Path(args.out)
+    if out.suffix.lower() != ".png":
+        raise ValueError(f"--out {out}: give a .png file name")
+    labels = None if args.labels is None else [s.strip() for s in args.labels.split(",")]
+    if labels is not None and len(labels) != len(args.runs):
+        raise ValueError(f"--labels: {len(labels)} names for {len(args.runs)} runs; give one per run")
+    quantities = None if args.quantities is None else [s.strip() for s in args.quantities.split(",")]
+    plot_dynamics(args.runs, out, net=args.net, quantities=quantities, labels=labels, sharey=args.sharey)
+    loss_out = out.with_name(out.stem + "-loss.png")
+    plot_loss_profile(args.runs, loss_out, net=args.net, labels=labels)
+    print(f"wrote {out} and {loss_out}")

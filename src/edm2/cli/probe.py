@@ -1,0 +1,64 @@
+"""`edm2 probe`: thin layer over edm2.probe (linear-probe accuracy of a denoiser's features)."""
+from __future__ import annotations
+
+from ..distributed import configure_threads, resolve_device
+from ..loading import load_network
+from ..probe import default_layer, list_layers, probe_sweep, write_probe_csv
+from ..units import parse_float_list
+
+HELP = "linear-probe accuracy of an unconditional denoiser's block features at a noise level"
+
+
+def register(sub) -> None:
+    p = sub.add_parser("probe", help=HELP, description=HELP + ". Noisy images go through the network once; a "
+                       "linear classifier is fitted on the spatially averaged output of a U-Net block. "
+                       "Documentation: docs/dynamics.md (Linear probe).")
+    p.add_argument("--net", required=True, metavar="SNAPSHOT", help="snapshot file or run folder (unconditional)")
+    p.add_argument("--data", metavar="DATASET", help="labelled dataset (folder or zip) to fit the classifier on")
+    p.add_argument("--test-data", metavar="DATASET", help="labelled dataset to measure accuracy on "
+                   "(default: hold out --holdout of --data)")
+    p.add_argument("--holdout", type=float, default=0.2, metavar="F", help="fraction of --data held out when there "
+                   "is no --test-data (default 0.2)")
+    p.add_argument("--sigma", metavar="S[,S...]", help="noise level(s), e.g. 0.06 (several with --sweep)")
+    p.add_argument("--layer", metavar="NAME[,NAME...]", help="block(s) to probe, e.g. dec.8x8_block1 "
+                   "(default: the middle decoder block; 'all': every decoder block); see --list-layers")
+    p.add_argument("--list-layers", action="store_true", help="print the block names of --net and exit")
+    p.add_argument("--sweep", action="store_true", help="every --sigma x every --layer (default: all decoder "
+                   "blocks), one CSV row each (--csv)")
+    p.add_argument("--csv", metavar="FILE", help="write the results as CSV (needed with --sweep)")
+    p.add_argument("--max-images", type=int, metavar="N", help="use at most N images of each dataset (seeded subset)")
+    p.add_argument("--batch", type=int, default=128, help="images per network call (default %(default)s)")
+    p.add_argument("--seed", type=int, default=0, help="noise and split seed (default 0)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
+    p.set_defaults(func=_run)
+
+
+def _run(args) -> None:
+    configure_threads()
+    device = str(resolve_device(args.device))
+    net, meta = load_network(args.net, device=device)
+    if args.list_layers:
+        default = default_layer(net)
+        for name in list_layers(net):
+            print(name + ("   (default)" if name == default else ""))
+        return
+    if args.data is None or args.sigma is None:
+        raise ValueError("--data and --sigma are required (or --list-layers)")
+    sigmas = parse_float_list(args.sigma, "--sigma")
+    layers = None if args.layer is None else [s.strip() for s in args.layer.split(",")]
+    if args.sweep:
+        if args.csv is None:
+            raise ValueError("--sweep writes a CSV: give --csv FILE")
+        layers = layers or ["all"]
+    elif len(sigmas) > 1 or (layers is not None and len(layers) > 1) or layers == ["all"]:
+        raise ValueError("several --sigma or --layer values need --sweep (and --csv FILE)")
+    results = probe_sweep(net, args.data, sigmas, layers, test_data=args.test_data, holdout=args.holdout,
+                          max_images=args.max_images, seed=args.seed, batch_size=args.batch, device=device,
+                          meta=meta, progress=True)
+    if args.csv is not None:
+        write_probe_csv(results, args.csv)
+    for r in results:
+        print(f"sigma {r.sigma:<8g} {r.layer:<20} accuracy {r.accuracy:.4f} (train {r.train_accuracy:.4f}; "
+              f"{r.n_train} train / {r.n_test} test images, {r.num_classes} classes, {r.channels} features)")
+    if args.csv is not None:
+        print(f"wrote {args.csv}")

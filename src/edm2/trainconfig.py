@@ -1,0 +1,77 @@
+"""What a training run is asked to do: `TrainConfig`, plain data (no torch
+import, so that the command line starts fast). Each field carries the help
+text and kind that `edm2 train` turns into its --flag, so an option is
+declared once, here."""
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field
+
+__all__ = ["TrainConfig", "PRECISIONS"]
+
+PRECISIONS = ("fp32", "bf16", "fp16")   # U-Net dtypes on CUDA (edm2.nn.Precond's `precision`)
+
+
+def _option(default=None, help: str = "", *, kind: str = "str", group: str = "session", metavar: str | None = None,
+            choices=None, off_flag: str | None = None, cli: bool = True):
+    """A TrainConfig field with what `edm2 train` needs to offer it as --flag.
+    kind: str, int, float, nimg (a number of images, Ki/Mi/Gi suffixes), floats
+    (a list), flag (on/off), tristate (on/off/unset; `off_flag` turns it off)."""
+    return field(default=default, metadata=dict(help=help, kind=kind, group=group, metavar=metavar,
+                                                choices=choices, off_flag=off_flag, cli=cli))
+
+
+@dataclass
+class TrainConfig:
+    """What the user asks for; None means "the preset's value" (or automatic).
+
+    Sizes count training images (docs/design.md#units). `batch` is the global batch; `batch_gpu` the
+    micro-batch per process (gradient accumulation when it is smaller than
+    batch / processes). `slice` stops this invocation after that many images
+    (with a checkpoint); re-running continues. The `edm2 train` options are
+    made from these fields (flag: the name with - for _).
+    """
+    outdir: str = _option(MISSING, help="run folder (snapshots, checkpoints, logs)", group="run", metavar="DIR")
+    data: str | None = _option(help="dataset folder or zip (images or 8-channel latents); "
+                               "default: the built-in Fashion-MNIST", group="run", metavar="PATH")
+    preset: str = _option("cpu-32", "training preset (cpu-32, tiny, img512-xs, img64-s, ...; the edm2- prefix is "
+                          "accepted; default cpu-32)", group="run", metavar="NAME")
+    cond: bool | None = _option(help="class-conditional (default: if the dataset has labels)", kind="tristate",
+                                group="run", off_flag="--uncond")
+    xflip: bool = _option(False, "x-flip augmentation (doubles the dataset)", kind="flag", group="run")
+    duration: int | None = _option(help="training images in all", kind="nimg", group="overrides")
+    batch: int | None = _option(help="global batch size", kind="nimg", group="overrides")
+    batch_gpu: int | None = _option(help="micro-batch per process (gradient accumulation when smaller)",
+                                    kind="nimg", group="overrides")
+    lr: float | None = _option(help="reference learning rate", kind="float", group="overrides", metavar="X")
+    decay: float | None = _option(help="learning-rate decay start, in batches (0: none)", kind="float",
+                                  group="overrides")
+    rampup_Mimg: float | None = _option(help="learning-rate warm-up, millions of images (0: none)", kind="float",
+                                        group="overrides", metavar="X")
+    channels: int | None = _option(help="model channels", kind="int", group="overrides")
+    dropout: float | None = _option(help="dropout probability", kind="float", group="overrides", metavar="X")
+    P_mean: float | None = _option(help="mean of ln(sigma) in training", kind="float", group="overrides",
+                                   metavar="X")
+    P_std: float | None = _option(help="std of ln(sigma) in training", kind="float", group="overrides", metavar="X")
+    ema_std: tuple | None = _option(help="EMA widths sigma_rel, e.g. 0.05,0.10", kind="floats", group="overrides",
+                                    metavar="LIST")
+    status: int | None = _option(help="status interval, images", kind="nimg", group="overrides")
+    snapshot: int | None = _option(help="snapshot interval, images", kind="nimg", group="overrides")
+    checkpoint: int | None = _option(help="checkpoint interval, images", kind="nimg", group="overrides")
+    slice: int | None = _option(help="train at most N images in this invocation, then checkpoint and stop",
+                                kind="nimg")
+    precision: str = _option("fp16", "U-Net dtype on CUDA (default fp16, as the reference; the CPU computes in "
+                             "fp32)", choices=PRECISIONS)
+    loss_scaling: float = _option(1.0, "loss scaling factor (default 1)", kind="float", metavar="X")
+    compile: bool = _option(False, "torch.compile the network", kind="flag")
+    seed: int = _option(0, "random seed: initialisation, data order, noise (default 0)", kind="int")
+    init: str | None = _option(help="start from this network (snapshot, run folder or .pkl): fine-tuning",
+                               metavar="SNAPSHOT")
+    device: str | None = _option(help="cpu, cuda or cuda:N (default: cuda:LOCAL_RANK if available, else cpu)")
+    workers: int | None = _option(help="data loader processes (default: 2 on CUDA, 0 on CPU)", kind="int")
+    grid: int = _option(60, "images in the sample grid at each snapshot (conditional: 10 class rows; 0: none)",
+                        kind="int")
+    threads: int | None = _option(help="CPU threads per process (default: OMP_NUM_THREADS if set, else this "
+                                  "machine's cores shared by its training processes, at most 4 each)", kind="int")
+    force_new: bool = _option(False, "start over in an --outdir that holds another run (its files move to "
+                              "DIR/previous-N/)", kind="flag")
+    progress: bool | None = _option(help="tqdm bar (None: when stderr is a terminal)", cli=False)

@@ -1,0 +1,199 @@
+import json
+import math
+
+import pytest
+import torch
+
+from edm2.dynamics import (DynamicsTracker, bucket_of, find_layers, load_dynamics, make_probe, measure,
+                           plot_dynamics, plot_loss_profile, relative_updates, weight_magnitudes)
+from edm2.nn import Precond
+from edm2.presets import get_preset
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class ToyUNet(torch.nn.Module):
+    """Two 'levels' with EDM-style module names: enc['8x8_conv'] is a 1x1 conv
+    (scaled identity), dec['4x4_block0'] holds a conv with a bias and a
+    1-D norm scale (both excluded from the weight analysis)."""
+
+    def __init__(self, k=1.0, channels=4):
+        super().__init__()
+        self.enc = torch.nn.ModuleDict({"8x8_conv": torch.nn.Conv2d(channels, channels, 1, bias=False)})
+        block = torch.nn.Module()
+        block.conv = torch.nn.Conv2d(channels, channels, 3, padding=1)
+        block.norm = torch.nn.GroupNorm(1, channels)
+        self.dec = torch.nn.ModuleDict({"4x4_block0": block})
+        with torch.no_grad():
+            self.enc["8x8_conv"].weight.copy_(k * torch.eye(channels).reshape(channels, channels, 1, 1))
+
+    def forward(self, x, sigma, labels=None):
+        h = self.enc["8x8_conv"](x)
+        b = self.dec["4x4_block0"]
+        return b.norm(b.conv(torch.nn.functional.avg_pool2d(h, 2))).repeat_interleave(2, 2).repeat_interleave(2, 3)
+
+
+def _unit_probe(n=64, channels=4, res=8, seed=0):
+    # Clean images 0 and sigma 1: the network input is unit-normal noise.
+    return make_probe(torch.zeros(n, channels, res, res), sigma=torch.ones(n), seed=seed)
+
+
+def test_bucket_names():
+    assert bucket_of("unet.enc.32x32_block1.conv_res0") == "enc-32x32"
+    assert bucket_of("unet.dec.8x8_in0.attn_qkv") == "dec-8x8"
+    assert bucket_of("model.enc.64x64_conv") == "enc-64x64"
+    assert bucket_of("unet.emb_noise") is None
+    assert bucket_of("unet.out_conv") is None
+
+
+def test_identity_conv_has_unit_activation_and_scales_with_k():
+    probe = _unit_probe()
+    m1 = measure(ToyUNet(1.0), probe)
+    m3 = measure(ToyUNet(3.0), probe)
+    # Unit-normal input through an identity 1x1 conv: per-feature RMS over 64 positions ~ 1.
+    assert m1["act_mean"]["enc-8x8"] == pytest.approx(1.0, abs=0.03)
+    assert m3["act_mean"]["enc-8x8"] == pytest.approx(3 * m1["act_mean"]["enc-8x8"], rel=1e-5)
+    assert m3["act_max"]["enc-8x8"] == pytest.approx(3 * m1["act_max"]["enc-8x8"], rel=1e-5)
+    # Weight rows of k*I (4 inputs): RMS k/2.
+    assert m1["weight_max"]["enc-8x8"] == pytest.approx(0.5)
+    assert m3["weight_mean"]["enc-8x8"] == pytest.approx(1.5)
+    # Only tensors with >= 2 dims: the decoder conv weight, not its bias nor the GroupNorm scale.
+    names = [layer.name for layer in find_layers(ToyUNet())]
+    assert names == ["enc.8x8_conv.weight", "dec.4x4_block0.conv.weight"]
+    # The decoder conv's activation is measured after its bias.
+    net = ToyUNet()
+    with torch.no_grad():
+        net.dec["4x4_block0"].conv.weight.zero_()
+        net.dec["4x4_block0"].conv.bias.fill_(2.0)
+    assert measure(net, probe)["act_max"]["dec-4x4"] == pytest.approx(2.0)
+
+
+def test_weight_magnitude_scales_linearly():
+    torch.manual_seed(0)
+    net = ToyUNet()
+    base = weight_magnitudes(net)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.mul_(2.5)
+    scaled = weight_magnitudes(net)
+    for key in ("weight_max", "weight_mean"):
+        for b in base[key]:
+            assert scaled[key][b] == pytest.approx(2.5 * base[key][b], rel=1e-6)
+
+
+def test_relative_update():
+    net = ToyUNet()
+    before = {layer.name: layer.weight.detach().clone() for layer in find_layers(net)}
+    with torch.no_grad():
+        net.enc["8x8_conv"].weight.mul_(1.1)
+    upd = relative_updates(net, before)
+    assert upd["enc-8x8"] == pytest.approx(0.1, rel=1e-5)
+    assert upd["dec-4x4"] == 0.0
+
+
+def _tiny_g(label_dim=0, seed=0):
+    torch.manual_seed(seed)
+    return Precond(**get_preset("tiny").net_kwargs(label_dim))
+
+
+def test_buckets_of_the_tiny_g_network():
+    net = _tiny_g()
+    layers = find_layers(net)
+    assert sorted({layer.bucket for layer in layers}) == ["dec-16x16", "dec-8x8", "enc-16x16", "enc-8x8"]
+    by_name = {layer.name: layer.bucket for layer in layers}
+    assert by_name["unet.enc.16x16_conv.weight"] == "enc-16x16"
+    assert by_name["unet.enc.8x8_down.conv_res0.weight"] == "enc-8x8"
+    assert by_name["unet.dec.8x8_in0.attn_qkv.weight"] == "dec-8x8"
+    assert by_name["unet.dec.16x16_up.emb_linear.weight"] == "dec-16x16"
+    # Embedding network, output conv and u(sigma) are outside the encoder/decoder; gains are excluded.
+    assert not any("emb_noise" in n or "out_conv" in n or "logvar" in n or "gain" in n for n in by_name)
+
+
+def test_measure_tiny_g():
+    net = _tiny_g()
+    probe = make_probe(torch.randn(24, 1, 16, 16) * 0.5, seed=1, P_mean=-0.8, P_std=1.6, bins=4)
+    m = measure(net, probe, batch_size=10)
+    # N(0,1) initial weights: every row has RMS close to 1.
+    for b, v in m["weight_mean"].items():
+        assert v == pytest.approx(1.0, abs=0.15), b
+    # The per-block embedding projection is measured after its gain, which starts at 0.
+    emb = [v for n, v in m["layers"].items() if n.endswith("emb_linear.weight")]
+    assert emb and all(e["act_max"] == 0.0 for e in emb)
+    # Loss per bin: 4 bins of 6 samples each, in increasing sigma. At init the output gain is 0, so
+    # D = c_skip x, and with data of std sigma_data lambda(sigma) * E(D - y)^2 = 1 at every sigma (Eq. 15).
+    assert len(m["loss"]) == 4 and m["loss_sigma"] == sorted(m["loss_sigma"])
+    assert m["loss"] == pytest.approx([1.0] * 4, abs=0.15)
+    assert len(m["u"]) == len(m["u_sigma"]) == 24
+    # The training mode is restored and the measurement is repeatable.
+    assert net.training
+    assert measure(net, probe)["act_max"] == m["act_max"]
+
+
+def test_tracker_writes_and_truncates_on_resume(tmp_path):
+    net = ToyUNet()
+    probe = _unit_probe(16)
+    tr = DynamicsTracker(tmp_path, probe, tensorboard=False)
+    tr.measure(0, {"ema": net, "raw": net})
+    with torch.no_grad():
+        net.enc["8x8_conv"].weight.mul_(1.2)
+    net.enc["8x8_conv"].weight.grad = torch.full_like(net.enc["8x8_conv"].weight, 0.5)
+    tr.measure(64, {"ema": net, "raw": net}, grad_net=net, grad_scale=2.0)
+    recs = load_dynamics(tmp_path)
+    assert [(r["nimg"], r["net"]) for r in recs] == [(0, "ema"), (0, "raw"), (64, "ema"), (64, "raw")]
+    assert recs[0]["update"] is None
+    assert recs[2]["update"]["enc-8x8"] == pytest.approx(0.2, rel=1e-5)
+    assert recs[3]["grad_norm"] == pytest.approx(0.5 * 4 / 2.0)   # ||0.5 * ones(16)|| / 2
+    # Resuming from the checkpoint at 0 drops the later records.
+    DynamicsTracker(tmp_path, probe, start_nimg=0, tensorboard=False)
+    assert [r["nimg"] for r in load_dynamics(tmp_path)] == [0, 0]
+    # A line cut short at the end is ignored; one in the middle is an error.
+    with open(tmp_path / "dynamics.jsonl", "a") as f:
+        f.write('{"nimg": 12')
+    assert len(load_dynamics(tmp_path)) == 2
+
+
+def _synthetic_run(folder, growth):
+    folder.mkdir()
+    with open(folder / "dynamics.jsonl", "w") as f:
+        for i in range(6):
+            nimg = i * 2 ** 20
+            rec = {"nimg": nimg, "net": "ema"}
+            for q in ("act_max", "act_mean", "weight_max", "weight_mean"):
+                rec[q] = {b: 1.0 + growth * i * (k + 1) for k, b in enumerate(["enc-32x32", "enc-16x16", "dec-16x16", "dec-32x32"])}
+            rec["update"] = None if i == 0 else {"enc-32x32": 0.01, "dec-32x32": 0.02}
+            rec["loss_sigma"], rec["loss"] = [0.1, 1.0, 10.0], [0.5, 0.3, 0.2]
+            rec["u_sigma"], rec["u"] = [0.1, 1.0, 10.0], [math.log(0.5), math.log(0.3), math.log(0.2)]
+            f.write(json.dumps(rec) + "\n")
+    return folder
+
+
+def test_plots_write_pngs(tmp_path):
+    a = _synthetic_run(tmp_path / "C", 20.0)
+    b = _synthetic_run(tmp_path / "G", 0.0)
+    png = plot_dynamics([a, b], tmp_path / "dyn.png")
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and (tmp_path / "dyn.png").read_bytes() == png
+    png = plot_loss_profile([a, b], tmp_path / "loss.png")
+    assert (tmp_path / "loss.png").read_bytes()[:4] == b"\x89PNG"
+    with pytest.raises(FileNotFoundError, match="no dynamics.jsonl"):
+        plot_dynamics([tmp_path], tmp_path / "x.png")
+    with pytest.raises(ValueError, match="no records of the 'raw'"):
+        plot_dynamics([a], tmp_path / "x.png", net="raw")
+
+
+def test_plot_command(tmp_path, capsys):
+    from edm2.cli import main
+
+    a = _synthetic_run(tmp_path / "C", 20.0)
+    b = _synthetic_run(tmp_path / "G", 0.0)
+    main(["dynamics", "plot", str(a), str(b), "--out", str(tmp_path / "fig.png"), "--labels", "C,G"])
+    assert (tmp_path / "fig.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "fig-loss.png").read_bytes()[:4] == b"\x89PNG"
+    capsys.readouterr()
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SystemExit) as e:
+        main(["dynamics", "plot", str(empty), "--out", str(tmp_path / "bad.png")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no dynamics.jsonl" in err and str(empty) in err
+    assert not (tmp_path / "bad.png").exists()

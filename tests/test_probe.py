@@ -1,0 +1,111 @@
+import csv
+
+import numpy as np
+import pytest
+import torch
+
+from edm2.cli import main
+from edm2.data import convert_dataset
+from edm2.nn import Precond
+from edm2.presets import get_preset
+from edm2.probe import (CSV_FIELDS, default_layer, fit_linear_classifier, linear_probe, list_layers, probe_sweep,
+                        write_probe_csv)
+from edm2.snapshot import make_meta, save_snapshot
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _net(label_dim=0):
+    torch.manual_seed(0)
+    return Precond(**get_preset("tiny").net_kwargs(label_dim))
+
+
+def _snapshot(path, label_dim=0):
+    net = _net(label_dim)
+    meta = make_meta(get_preset("tiny").net_kwargs(label_dim), 0, 0.1, {"type": "rgb"},
+                     {"resolution": 16, "channels": 1, "label_dim": label_dim})
+    save_snapshot(path, net, meta)
+    return path
+
+
+def _dataset(path, n=80, separable=True, seed=0):
+    """Grey 16x16 images, two classes: dark vs bright (separable) or the same distribution (not)."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 2
+    base = rng.integers(0, 60, size=(n, 16, 16))
+    images = base + (150 * labels[:, None, None] if separable else 0)
+    np.savez(path.with_suffix(".npz"), images=images.astype(np.uint8), labels=labels)
+    convert_dataset(path.with_suffix(".npz"), path, progress=False, workers=1)
+    return path
+
+
+def test_layer_names_and_default():
+    net = _net()
+    names = list_layers(net)
+    assert names[:2] == ["enc.16x16_conv", "enc.16x16_block0"]
+    dec = [n for n in names if n.startswith("dec.")]
+    assert dec == ["dec.8x8_in0", "dec.8x8_in1", "dec.8x8_block0", "dec.8x8_block1", "dec.16x16_up",
+                   "dec.16x16_block0", "dec.16x16_block1"]
+    assert default_layer(net) == "dec.8x8_block1"
+
+
+def test_classifier_on_separable_and_random_features():
+    g = torch.Generator().manual_seed(0)
+    y = torch.arange(300) % 3
+    centres = torch.randn(3, 16, generator=g) * 3
+    x = centres[y] + torch.randn(300, 16, generator=g)
+    predict = fit_linear_classifier(x[:200], y[:200], 3)
+    assert float((predict(x[200:]) == y[200:]).double().mean()) == 1.0
+    # Labels unrelated to the features: held-out accuracy near chance (1/3).
+    noise = torch.randn(300, 16, generator=g)
+    predict = fit_linear_classifier(noise[:200], y[:200], 3)
+    assert float((predict(noise[200:]) == y[200:]).double().mean()) < 0.55
+
+
+def test_probe_on_tiny_network(tmp_path):
+    snap = _snapshot(tmp_path / "net.safetensors")
+    good = _dataset(tmp_path / "good")
+    r = linear_probe(snap, good, sigma=0.05, holdout=0.25)
+    assert r.layer == "dec.8x8_block1" and r.n_test == 20 and r.n_train == 60 and r.num_classes == 2
+    assert r.channels == 32 and r.accuracy == 1.0
+    bad = _dataset(tmp_path / "bad", separable=False)
+    r = linear_probe(snap, bad, sigma=0.05, holdout=0.5, layer="8x8_in0")
+    assert r.layer == "dec.8x8_in0" and r.accuracy < 0.8
+    with pytest.raises(ValueError, match=r"--layer 'nope': no such block; allowed: enc.16x16_conv, .*dec.16x16_block1"):
+        linear_probe(snap, good, sigma=0.05, layer="nope")
+    cond = _snapshot(tmp_path / "cond.safetensors", label_dim=2)
+    with pytest.raises(ValueError, match="class-conditional"):
+        linear_probe(cond, good, sigma=0.05)
+
+
+def test_sweep_csv(tmp_path):
+    snap = _snapshot(tmp_path / "net.safetensors")
+    train = _dataset(tmp_path / "train", n=40)
+    test = _dataset(tmp_path / "test", n=20, seed=1)
+    results = probe_sweep(snap, train, [0.05, 5.0], ["dec.8x8_block1", "16x16_block0"], test_data=test)
+    write_probe_csv(results, tmp_path / "p.csv")
+    with open(tmp_path / "p.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == CSV_FIELDS
+    assert [(r["sigma"], r["layer"]) for r in rows] == [("0.05", "dec.8x8_block1"), ("0.05", "dec.16x16_block0"),
+                                                       ("5.0", "dec.8x8_block1"), ("5.0", "dec.16x16_block0")]
+    assert all(r["n_train"] == "40" and r["n_test"] == "20" for r in rows)
+    assert float(rows[0]["accuracy"]) == 1.0
+
+
+def test_cli(tmp_path, capsys):
+    snap = _snapshot(tmp_path / "net.safetensors")
+    data = _dataset(tmp_path / "d", n=40)
+    main(["probe", "--net", str(snap), "--list-layers", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "dec.8x8_block1   (default)" in out
+    main(["probe", "--net", str(snap), "--data", str(data), "--sigma", "0.05,1.0", "--sweep", "--layer", "all",
+          "--csv", str(tmp_path / "s.csv"), "--device", "cpu"])
+    with open(tmp_path / "s.csv") as f:
+        assert len(list(csv.DictReader(f))) == 2 * 7
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["probe", "--net", str(snap), "--data", str(data), "--sigma", "0.05", "--layer", "dec.99x99_x",
+              "--device", "cpu"])
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "allowed: enc.16x16_conv" in err

@@ -1,0 +1,173 @@
+"""What `edm2 train` refuses: each case exits non-zero with one line naming
+the problem and the fix, and leaves every file of the run folder as it was."""
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from test_train import make_dataset
+
+from edm2.checkpoint import list_checkpoints
+from edm2.cli import main as cli_main
+from edm2.fileio import LOCK_NAME
+from edm2.training import TrainConfig, train
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+SETTINGS = dict(preset="tiny", batch=8, duration=16, status=16, snapshot=16, checkpoint=16, grid=0, workers=0)
+
+
+def _argv(outdir, data, **changes):
+    argv = ["train", "--outdir", str(outdir), "--data", str(data)]
+    for name, value in dict(SETTINGS, **changes).items():
+        argv += ["--" + name.replace("_", "-"), str(value)]
+    return argv
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data") / "ds", n=8)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data):
+    """A finished run of 2 steps: config, log, snapshots at 0 and 16 images, a checkpoint at 16."""
+    out = tmp_path_factory.mktemp("proto") / "run"
+    train(TrainConfig(outdir=str(out), data=str(data), **SETTINGS))
+    return out
+
+
+@pytest.fixture
+def run(tmp_path, finished_run):
+    out = tmp_path / "run"
+    shutil.copytree(finished_run, out)
+    return out
+
+
+def _hashes(folder):
+    """{relative path: sha256} of every file below folder (hidden ones too)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def _refused(capsys, argv, status=2):
+    with pytest.raises(SystemExit) as e:
+        cli_main(argv)
+    assert e.value.code == status
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("edm2 train: error: ") and "\n" not in err, err
+    return err
+
+
+def _truncate_checkpoints(run):
+    for _, path in list_checkpoints(run):
+        path.write_bytes(path.read_bytes()[:500])
+
+
+_HOLD_LOCK = textwrap.dedent("""
+    import sys, time
+    from edm2.fileio import RunLock
+    lock = RunLock(sys.argv[1]).acquire()
+    print("locked", flush=True)
+    time.sleep(120)
+""")
+
+
+@pytest.fixture
+def locked_by_another_process(run):
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(run)], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        yield proc.pid
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+# (case, how to spoil the run or its command, exit status, what the one line must say)
+CASES = [
+    ("all checkpoints unreadable", "truncate", {}, 2,
+     ["holds a run", "checkpoint(s) are unreadable", "--force-new", "previous-N"]),
+    ("second invocation while one runs", "lock", {}, 2, ["is in use by process", LOCK_NAME]),
+    ("lr nan", None, {"lr": "nan"}, 2, ["--lr nan: must be a finite number > 0"]),
+    ("lr negative", None, {"lr": "-1"}, 2, ["--lr -1.0: must be a finite number > 0"]),
+    ("P_mean nan", None, {"P_mean": "nan"}, 2, ["--P-mean nan: must be a finite number"]),
+    ("P_std zero", None, {"P_std": "0"}, 2, ["--P-std 0.0: must be a finite number > 0"]),
+    ("dropout 1.5", None, {"dropout": "1.5"}, 2, ["--dropout 1.5: must be in [0, 1)"]),
+    ("loss scaling zero", None, {"loss_scaling": "0"}, 2, ["--loss-scaling 0.0: must be a finite number > 0"]),
+    ("decay infinite", None, {"decay": "inf"}, 2, ["--decay inf: must be a finite number >= 0"]),
+    ("threads zero", None, {"threads": "0"}, 2, ["--threads 0:", "must be >= 1"]),
+    ("ema_std too wide", None, {"ema_std": "0.05,0.5"}, 2, ["--ema-std 0.05,0.5:", "0.2887"]),
+    ("different run", None, {"lr": "0.02"}, 2, ["holds a different run", "lr: 0.01 -> 0.02", "--force-new"]),
+]
+
+
+@pytest.mark.parametrize("case,spoil,changes,status,says", CASES, ids=[c[0] for c in CASES])
+def test_refused_and_nothing_changed(request, capsys, run, data, case, spoil, changes, status, says):
+    if spoil == "truncate":
+        _truncate_checkpoints(run)
+    if spoil == "lock":
+        pid = request.getfixturevalue("locked_by_another_process")
+        says = says + [str(pid)]
+    before = _hashes(run)
+    err = _refused(capsys, _argv(run, data, **changes), status)
+    for text in says:
+        assert text in err, (text, err)
+    assert _hashes(run) == before
+
+
+def test_outdir_under_a_file_is_refused_and_nothing_is_written(tmp_path, capsys, data):
+    # The run folder cannot be created (a file stands where its parent folder should be):
+    # the root user's way to meet an unwritable place, as permission bits do not stop root.
+    (tmp_path / "file").write_text("not a folder")
+    before = _hashes(tmp_path)
+    err = _refused(capsys, _argv(tmp_path / "file" / "run", data), status=1)
+    assert "file" in err and "not a folder" in err
+    assert _hashes(tmp_path) == before
+
+
+def test_outdir_that_is_a_file_is_refused(tmp_path, capsys, data):
+    (tmp_path / "run").write_text("x")
+    before = _hashes(tmp_path)
+    err = _refused(capsys, _argv(tmp_path / "run", data))
+    assert "exists and is not a folder" in err
+    assert _hashes(tmp_path) == before
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0,
+                    reason="runs as root, which writes into read-only folders regardless of their permissions")
+def test_read_only_run_folder_is_refused(capsys, run, data):
+    before = _hashes(run)
+    run.chmod(0o555)
+    try:
+        _refused(capsys, _argv(run, data, duration=32), status=1)
+    finally:
+        run.chmod(0o755)
+    assert _hashes(run) == before
+
+
+# ---------------------------------------------------------------------------
+# ... and what they point to works.
+# ---------------------------------------------------------------------------
+
+def test_force_new_starts_over_after_unreadable_checkpoints(capsys, run, data):
+    _truncate_checkpoints(run)
+    old = _hashes(run)
+    assert cli_main([*_argv(run, data), "--force-new"]) == 0
+    assert _hashes(run / "previous-1") == old            # moved aside, unchanged
+    assert [n for n, _ in list_checkpoints(run)] == [16]  # and trained again
+    assert not (run / LOCK_NAME).exists()                 # the lock is released
+
+
+def test_a_stale_lock_is_taken_over(capsys, run, data):
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    (run / LOCK_NAME).write_text(f'{{"pid": {int(dead.stdout)}, "host": "{os.uname().nodename}", '
+                                 f'"started": "earlier"}}')
+    assert cli_main(_argv(run, data)) == 0               # the run is finished: nothing to do
+    assert "nothing to do" in (run / "log.txt").read_text().splitlines()[-1]
+    assert not (run / LOCK_NAME).exists()
