@@ -1,6 +1,7 @@
 # Two commands do everything on a fresh clone:
 #   make demo   - set up .venv, train the cpu-32 preset on the built-in Fashion-MNIST, write a sample grid
-#   make test   - set up .venv, run the test suite
+#   make test   - set up .venv, run the test suite (it includes the strict documentation build)
+#   make docs   - build the documentation site into site/ (mkdocs, material theme)
 PY      ?= python3
 VENV    ?= .venv
 # The CPU build of torch (pip finds it locally on the project's machines; elsewhere it comes from PyPI).
@@ -8,12 +9,12 @@ TORCH   ?= torch==2.13.0
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.edm2-installed
 
-.PHONY: venv demo test clean
+.PHONY: venv demo test docs clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --disable-pip-version-check "$(TORCH)"
-	$(BIN)/pip install -q --disable-pip-version-check -e ".[test,vae,metrics]"
+	$(BIN)/pip install -q --disable-pip-version-check -e ".[test,vae,metrics,docs]"
 	# FID's Inception (torch-fidelity): --no-deps, as its metadata asks for torchvision, which edm2 never imports
 	$(BIN)/pip install -q --disable-pip-version-check --no-deps "torch-fidelity==0.4.0"
 	touch $(STAMP)
@@ -27,5 +28,8 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
 
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
+
 clean:
-	rm -rf $(VENV) demo-run
+	rm -rf $(VENV) demo-run site

@@ -369,7 +369,7 @@ class DynamicsTracker:
     `start_nimg`: a resumed run drops the records after the checkpoint it
     resumes from (they are measured again), so the file matches the training
     that the run folder holds. `update` compares with the previous measurement
-    of the same network in this session (null for the first one)."""
+    of the same network in this invocation (null for the first one)."""
 
     def __init__(self, outdir, probe: Probe, start_nimg: int = 0, tensorboard: bool = True, batch_size: int = 256):
         self.path = Path(outdir) / DYNAMICS_FILE
