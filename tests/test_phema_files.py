@@ -123,12 +123,24 @@ def test_cli_phema_and_overwrite(run, tmp_path, capsys):
     files = sorted(p.name for p in out.iterdir())
     assert files == [snapshot_name(TIMES[-1], s) for s in (0.06, 0.08, 0.10, 0.12)]
     before = (out / files[0]).read_bytes()
+    stamps = {f: (out / f).stat().st_mtime_ns for f in files}
+    # A killed run leaves a temp file and misses outputs: the same command resumes,
+    # keeping the finished outputs untouched and removing the temp file.
+    (out / files[3]).unlink()
+    (out / f".{files[3]}.abc123.tmp").write_bytes(b"partial")
+    assert main(argv) == 0
+    assert sorted(p.name for p in out.iterdir()) == files
+    assert all((out / f).stat().st_mtime_ns == stamps[f] for f in files[:3])
+    # A file that is not this reconstruction's output is only replaced with --overwrite.
+    (out / files[0]).write_bytes(b"old")
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2 and "--overwrite" in capsys.readouterr().err
-    (out / files[0]).write_bytes(b"old")
+    assert (out / files[0]).read_bytes() == b"old"
+    (out / f".{files[1]}.xyz.tmp").write_bytes(b"partial")
     assert main(argv + ["--overwrite"]) == 0
     assert (out / files[0]).read_bytes() == before
+    assert sorted(p.name for p in out.iterdir()) == files
 
 
 def test_resolve_time():
@@ -188,7 +200,7 @@ def test_bad_run_folders_write_nothing(run, tmp_path, capsys):
     two = copy("tworuns")
     stranger = make_run(tmp_path / "stranger", seed=7, times=[TIMES[-1] + EVERY])
     shutil.copy(stranger / snapshot_name(TIMES[-1] + EVERY, 0.10), two)
-    assert "different runs" in _error(capsys, argv(two))
+    assert "different training runs" in _error(capsys, argv(two))
     assert not out.exists()
     # Outputs never replace the run's own snapshots, even with --overwrite.
     err = _error(capsys, ["phema", "--rundir", str(run), "--outdir", str(run), "--std", "0.1", "--overwrite"])

@@ -27,6 +27,7 @@ import torch
 from .fileio import LOCK_NAME, atomic_write_bytes, remove_temp_files
 from .nn import precision_kwargs
 from .snapshot import list_snapshots
+from .validate import safe_error_text
 
 __all__ = ["checkpoint_name", "list_checkpoints", "save_checkpoint", "load_checkpoint", "load_latest_checkpoint",
            "remove_stale_temp_files", "check_run_folder", "check_restart", "archive_run", "CHECKPOINT_FORMAT"]
@@ -62,8 +63,7 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, bad magic, unexpected object types, ...
-        raise ValueError(f"{path}: unreadable checkpoint "
-                         f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from None
+        raise ValueError(f"{path}: unreadable checkpoint ({safe_error_text(e)})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{path}: not an edm2 training checkpoint")
     return state

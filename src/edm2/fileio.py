@@ -57,6 +57,8 @@ def describe_os_error(e: OSError, path=None) -> str:
         return f"{path}: permission denied; choose a folder you can write to (or fix its permissions)"
     if code == errno.ENOENT:
         return f"{path}: no such file or folder"
+    if code == errno.EEXIST:
+        return f"{path}: cannot create it: a file of that name (or of a folder on its path) is in the way; choose another path"
     if code == errno.ENOTDIR:
         return f"{path}: a part of this path is a file, not a folder; choose another path"
     if code == errno.EISDIR:
@@ -100,6 +102,7 @@ class AtomicWriter:
         self.tmp = None
         self._fd = None
         self._pos = 0
+        self._error = None
         self.closed = False
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -109,7 +112,16 @@ class AtomicWriter:
         self._fd, self.tmp = fd, Path(tmp)
 
     # -- file-like interface -------------------------------------------------
+    def _check_open(self) -> None:
+        """After a failure every further call repeats the first error (callers such
+        as zipfile keep writing in their own cleanup); after commit/abort: closed."""
+        if self._error is not None:
+            raise WriteError(str(self._error), self._error.code)
+        if self._fd is None:
+            raise WriteError(f"{self.path}: already closed")
+
     def write(self, data) -> int:
+        self._check_open()
         view = memoryview(data).cast("B")
         total = len(view)
         try:
@@ -125,7 +137,11 @@ class AtomicWriter:
         return self._pos
 
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
-        self._pos = os.lseek(self._fd, offset, whence)
+        self._check_open()
+        try:
+            self._pos = os.lseek(self._fd, offset, whence)
+        except OSError as e:
+            self._fail(e)
         return self._pos
 
     def flush(self) -> None:
@@ -145,6 +161,7 @@ class AtomicWriter:
         """fsync and close the temporary file, and give it the usual permissions
         (mkstemp makes it private) -> its path; the caller moves it into place
         (or calls abort()). `commit()` does this and the rename."""
+        self._check_open()
         try:
             if self._fd is not None:
                 os.fsync(self._fd)
@@ -175,8 +192,9 @@ class AtomicWriter:
         self.closed = True
 
     def _fail(self, e: OSError):
+        self._error = WriteError(describe_os_error(e, self.path), e.errno)
         self.abort()
-        raise WriteError(describe_os_error(e, self.path), e.errno) from None
+        raise self._error from None
 
     def __enter__(self):
         return self

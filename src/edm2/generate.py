@@ -8,13 +8,21 @@ PNG folders named by seed, resumable and split over torchrun processes.
   1000), skips images that exist, and can write a grid PNG.
 - `load_nets(net, gnet)` loads and checks the networks and the decoder.
 
+An output folder records what made its images in `generate.json` (the
+networks' weight fingerprints, sampler settings, guidance, class) and is
+locked (`edm2.fileio.RunLock`) while images are written; a later call with
+another network or other settings is refused instead of mixing images.
+
 Every image depends only on its seed (docs/design.md#per-seed-randomness): noise, random class and
 churn noise come from the seed's own generator (`edm2.sampling.SeedRandom`).
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 from collections.abc import Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,13 +34,15 @@ from tqdm import tqdm
 
 from .distributed import rank_world, resolve_device
 from .encoders import encoder_from_meta
-from .fileio import atomic_write_bytes, png_bytes
+from .fileio import RunLock, atomic_write_bytes, png_bytes
 from .loading import load_network
 from .sampling import SeedRandom, check_guidance, edm_sampler
+from .validate import SAMPLER_OPTION_NAMES, check_sampler_options
 
 __all__ = ["GeneratedBatch", "generate_images", "sample_batch", "generate_to_dir", "load_nets", "check_guide",
            "check_gnet_matches", "check_class", "rank_batches", "image_path", "make_grid", "compile_for_inference",
-           "SAMPLER_DEFAULTS"]
+           "SAMPLER_DEFAULTS",
+           "MANIFEST_NAME", "net_fingerprint", "output_manifest", "check_output_folder"]
 
 # edm_sampler's keyword arguments and their defaults (paper App. D.1), for the CLI and docs.
 SAMPLER_DEFAULTS = dict(num_steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0,
@@ -172,6 +182,7 @@ def generate_images(net, encoder, seeds, gnet=None, guidance: float = 1, class_i
     unknown = set(sampler_kwargs) - set(SAMPLER_DEFAULTS)
     if unknown:
         raise ValueError(f"unknown sampler options {sorted(unknown)}; allowed: {', '.join(SAMPLER_DEFAULTS)}")
+    sampler_kwargs = check_sampler_options({**SAMPLER_DEFAULTS, **sampler_kwargs})
     if rank is None or world_size is None:
         rank, world_size = rank_world()
     batches = rank_batches(seeds, batch_size, rank, world_size)
@@ -206,6 +217,11 @@ def sample_batch(net, encoder, rnd: SeedRandom, class_idx=None, gnet=None, guida
         labels = torch.nn.functional.one_hot(classes, net.label_dim).to(torch.float32)
     with torch.no_grad():
         x = edm_sampler(net, noise, labels, gnet=gnet, guidance=guidance, randn_like=rnd.randn_like, **sampler_kwargs)
+        if not torch.isfinite(x).all():
+            bad = [s for s, ok in zip(rnd.seeds, torch.isfinite(x).flatten(1).all(1).tolist()) if not ok]
+            raise ValueError(f"the network produced non-finite values (NaN/inf) for seed(s) "
+                             f"{', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''}; its weights "
+                             f"are probably damaged or training diverged; nothing was written for them")
         images = encoder.decode(x) if encoder is not None else x
     return images, labels, classes
 
@@ -267,6 +283,80 @@ def _check_outputs(net, encoder, outdir, grid) -> None:
                          f"(1, 3 or 4 channels); its snapshot metadata says encoder 'rgb'")
 
 
+MANIFEST_NAME = "generate.json"
+MANIFEST_FORMAT = "edm2-generate"
+
+
+def net_fingerprint(net) -> str:
+    """A short hash of a network's weights and buffers (names, dtypes, shapes,
+    bytes): equal exactly when the networks compute the same function (a
+    different --precision counts as different, as its images differ)."""
+    net = getattr(net, "_orig_mod", net)  # torch.compile wrapper
+    h = hashlib.sha256()
+    for name, value in net.state_dict().items():
+        t = value.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(value.shape)}|".encode())
+        h.update(memoryview(t.view(torch.uint8).numpy()))
+    return h.hexdigest()[:24]
+
+
+def output_manifest(net, gnet=None, guidance: float = 1, class_idx=None, encoder=None, sources: dict | None = None,
+                    **sampler_kwargs) -> dict:
+    """What determines the images of a folder (stored as generate.json): the
+    networks (weight fingerprints), the guidance weight, the class option, the
+    decoder and every sampler setting (defaults filled in). `sources` (e.g.
+    {"net": path}) is recorded for people and not compared."""
+    sampler = {**SAMPLER_DEFAULTS, **sampler_kwargs}
+    sampler = {k: (v if math.isfinite(v) else str(v)) if isinstance(v, float) else v for k, v in sampler.items()}
+    return {"format": MANIFEST_FORMAT, "version": 1,
+            "net": net_fingerprint(net), "gnet": None if gnet is None else net_fingerprint(gnet),
+            "guidance": float(guidance), "class": "random" if class_idx is None else int(class_idx),
+            "encoder": encoder.to_meta() if hasattr(encoder, "to_meta") else getattr(encoder, "kind", None),
+            "sampler": sampler, "sources": dict(sources or {})}
+
+
+def _manifest_diff(old: dict, new: dict) -> list[str]:
+    out = []
+    for key in ("net", "gnet", "guidance", "class", "encoder"):
+        if old.get(key) != new.get(key):
+            what = "weights differ" if key in ("net", "gnet") and old.get(key) and new.get(key) else \
+                f"{json.dumps(old.get(key))[:40]} -> {json.dumps(new.get(key))[:40]}"
+            out.append(f"{key} ({what})")
+    old_s, new_s = old.get("sampler") or {}, new.get("sampler") or {}
+    out += [f"{SAMPLER_OPTION_NAMES.get(k, k)} {old_s.get(k)} -> {new_s.get(k)}"
+            for k in sorted(set(old_s) | set(new_s)) if old_s.get(k) != new_s.get(k)]
+    return out
+
+
+def check_output_folder(outdir, manifest: dict) -> bool:
+    """Raise ValueError unless `outdir` may receive images made as `manifest`
+    describes: it is new or empty of PNGs, or its generate.json describes the
+    same networks and settings (a resumed job). Reads only. Returns whether
+    generate.json still has to be written."""
+    out = Path(outdir)
+    fix = f"use another --outdir, or remove {out} to start over"
+    if not out.exists():
+        return True
+    path = out / MANIFEST_NAME
+    if not path.is_file():
+        pngs = sum(1 for _ in out.rglob("*.png"))
+        if pngs:
+            raise ValueError(f"--outdir {out}: holds {pngs} PNG file(s) but no {MANIFEST_NAME}, so it is unknown which "
+                             f"network and settings made them and new images could mix with them; {fix}")
+        return True
+    try:
+        old = json.loads(path.read_text())
+        if not isinstance(old, dict) or old.get("format") != MANIFEST_FORMAT:
+            raise ValueError("not an edm2 generate.json")
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: unreadable ({e}); {fix}") from None
+    diff = _manifest_diff(old, manifest)
+    if diff:
+        raise ValueError(f"--outdir {out}: holds images of another network or settings ({'; '.join(diff[:3])}); "
+                         f"new images would mix with them; {fix}")
+    return False
+
+
 def _missing_seeds(seeds, outdir, subdirs, device) -> list[int]:
     """Seeds whose PNG is not there yet. Rank 0 decides and broadcasts the list,
     so every process splits the same list even while others start writing."""
@@ -285,12 +375,15 @@ def _missing_seeds(seeds, outdir, subdirs, device) -> list[int]:
 
 def generate_to_dir(net, encoder, seeds, outdir, gnet=None, guidance: float = 1, class_idx: int | None = None,
                     batch_size: int = 32, device=None, subdirs: bool = False, grid=None, grid_count: int = 100,
-                    progress: bool = True, **sampler_kwargs) -> dict:
+                    progress: bool = True, sources: dict | None = None, **sampler_kwargs) -> dict:
     """Write one PNG per seed to outdir (`image_path`), skipping images that
     already exist, so an interrupted job can simply be re-run. Under torchrun
     (call `edm2.distributed.init_distributed()` first) the missing seeds are split across the
     processes. With `grid`, rank 0 then tiles the first `grid_count` seeds'
     images into that PNG. Every file is written atomically (temp + rename).
+    The folder is locked while images are written (`RunLock`) and records
+    the networks and settings in generate.json; a folder made with others is
+    refused (`check_output_folder`). `sources` ({"net": path, ...}) is noted there.
     Returns {'generated': n made by this process, 'skipped': n already there}.
     """
     seeds = [int(s) for s in seeds]
@@ -304,18 +397,36 @@ def generate_to_dir(net, encoder, seeds, outdir, gnet=None, guidance: float = 1,
     _check_outputs(net, encoder, outdir, grid)
     check_guide(net, gnet, guidance)
     check_class(net, class_idx)
+    unknown = set(sampler_kwargs) - set(SAMPLER_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown sampler options {sorted(unknown)}; allowed: {', '.join(SAMPLER_DEFAULTS)}")
+    sampler_kwargs = check_sampler_options({**SAMPLER_DEFAULTS, **sampler_kwargs})
+    manifest = output_manifest(net, gnet if guidance != 1 else None, guidance, class_idx, encoder, sources,
+                               **sampler_kwargs)
     device = resolve_device(device)
-    todo = _missing_seeds(seeds, outdir, subdirs, device)
     rank, world = rank_world()
-    made = 0
-    for batch in generate_images(net, encoder, todo, gnet=gnet, guidance=guidance, class_idx=class_idx,
-                                 batch_size=batch_size, device=device, progress=progress and rank == 0,
-                                 **sampler_kwargs):
-        for seed, image in zip(batch.seeds, batch.images):
-            atomic_write_bytes(image_path(outdir, seed, subdirs), png_bytes(_to_pil(image)))
-            made += 1
-    if world > 1:
-        dist.barrier()
-    if grid is not None and rank == 0:
-        atomic_write_bytes(grid, png_bytes(make_grid([image_path(outdir, s, subdirs) for s in seeds[:grid_count]])))
+    with RunLock(outdir, "--outdir") if rank == 0 else nullcontext():
+        fresh = check_output_folder(outdir, manifest)  # every process reads, before anything is written
+        if world > 1:
+            dist.barrier()
+        if fresh and rank == 0:
+            atomic_write_bytes(Path(outdir) / MANIFEST_NAME, (json.dumps(manifest, indent=2) + "\n").encode())
+        todo = _missing_seeds(seeds, outdir, subdirs, device)
+        made = 0
+        try:
+            for batch in generate_images(net, encoder, todo, gnet=gnet, guidance=guidance, class_idx=class_idx,
+                                         batch_size=batch_size, device=device, progress=progress and rank == 0,
+                                         **sampler_kwargs):
+                for seed, image in zip(batch.seeds, batch.images):
+                    atomic_write_bytes(image_path(outdir, seed, subdirs), png_bytes(_to_pil(image)))
+                    made += 1
+        except BaseException:
+            if fresh and rank == 0 and world == 1 and made == 0:  # leave a new folder as it was
+                (Path(outdir) / MANIFEST_NAME).unlink(missing_ok=True)
+            raise
+        if world > 1:
+            dist.barrier()
+        if grid is not None and rank == 0:
+            atomic_write_bytes(grid, png_bytes(make_grid([image_path(outdir, s, subdirs)
+                                                          for s in seeds[:grid_count]])))
     return {"generated": made, "skipped": len(seeds) - len(todo)}

@@ -52,6 +52,7 @@ from .encoders import StabilityVAEEncoder, StandardRGBEncoder
 from .fileio import AtomicWriter
 from .nn import Block, Precond, UNet
 from .snapshot import build_net, make_meta, save_snapshot, snapshot_name
+from .validate import safe_error_text
 
 __all__ = ["UnsafePickleError", "OfficialFormatError", "DownloadError", "Record", "safe_unpickle", "is_url",
            "cache_dir", "cached_path", "fetch", "parse_official_name", "kimg_to_nimg",
@@ -532,7 +533,7 @@ def load_reference_stats(source) -> dict:
             with np.load(path, allow_pickle=False) as z:
                 data = {"fid": {k: z[k] for k in ("mu", "sigma") if k in z.files}}
         except (OSError, ValueError) as e:
-            raise OfficialFormatError(f"{where}: unreadable .npz ({e})") from None
+            raise OfficialFormatError(f"{where}: unreadable .npz ({safe_error_text(e)})") from None
     else:
         data = _unpickle_file(path)
     if not isinstance(data, dict) or not data:

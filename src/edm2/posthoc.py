@@ -12,6 +12,7 @@ models. Outputs are ordinary edm2 snapshots (`edm2.snapshot`), named by
 from __future__ import annotations
 
 import copy
+import json
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,15 +22,15 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from .fileio import atomic_write_bytes, pyplot, save_figure
+from .fileio import RunLock, atomic_write_bytes, pyplot, remove_temp_files, save_figure
 from .nn import precision_kwargs
 from .official import convert_official_folder, list_official_pickles
 from .phema import check_sigma_rel, profile_density, profile_fit_error, solve_posthoc_coefficients
 from .snapshot import SnapshotError, SnapshotStreamWriter, build_net, list_snapshots, read_snapshot_meta, snapshot_name
 from .units import parse_float_list
 
-__all__ = ["PhemaInput", "PosthocPlan", "find_phema_inputs", "resolve_time", "plan_posthoc", "reconstruct",
-           "stream_state_dicts", "plot_profiles", "plot_name"]
+__all__ = ["PhemaInput", "PosthocPlan", "find_phema_inputs", "check_one_run", "resolve_time", "plan_posthoc",
+           "reconstruct", "stream_state_dicts", "plot_profiles", "plot_name"]
 
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
 # Tensors of these dtypes (integer buffers such as counters) are copied from the latest input, not averaged.
@@ -86,7 +87,40 @@ def find_phema_inputs(rundir) -> list[PhemaInput]:
         if precision_kwargs(r.meta["net_kwargs"]) != precision_kwargs(found[0].meta["net_kwargs"]):
             raise ValueError(f"{found[0].path} and {r.path}: different architectures (net_kwargs) in one run folder; "
                              f"move the snapshots of other runs elsewhere")
+    check_one_run(found)
     return found
+
+
+def check_one_run(inputs: list[PhemaInput]) -> None:
+    """Raise ValueError unless the snapshots come from one training run.
+
+    The trainer records the run in each snapshot's metadata: `origin.run_id`, a
+    fingerprint of the run's settings (config.json: data, architecture,
+    learning rate, seed, ...), and `origin.run`, the run folder. Snapshots with
+    run_id must all have the same one (a run moved to another folder and
+    resumed keeps it). Older snapshots without run_id are compared by run folder,
+    seed and preset. Snapshots without any run record (imported ones) are not
+    compared; the architecture and initialisation checks still apply."""
+    def legacy(r):
+        o = r.meta.get("origin") or {}
+        return (o.get("run"), o.get("seed"), o.get("preset")) if "run" in o else None
+
+    with_id = [r for r in inputs if (r.meta.get("origin") or {}).get("run_id")]
+    for r in with_id[1:]:
+        a, b = with_id[0].meta["origin"]["run_id"], r.meta["origin"]["run_id"]
+        if a != b:
+            raise ValueError(f"{with_id[0].path} and {r.path}: snapshots of different training runs (run settings "
+                             f"{a} vs {b}: e.g. another learning rate or dataset); post-hoc EMA combines one run's "
+                             f"snapshots only; move the other run's snapshots to a folder of their own")
+    known = {legacy(r) for r in with_id}
+    old = [r for r in inputs if r not in with_id and legacy(r) is not None]
+    for r in old:
+        ref = next(iter(known)) if known else legacy(old[0])
+        if legacy(r) not in known and legacy(r) != ref:
+            other = with_id[0] if with_id else old[0]
+            raise ValueError(f"{other.path} and {r.path}: snapshots of different training runs (run folder, seed "
+                             f"or preset differ); post-hoc EMA combines one run's snapshots only; move the other "
+                             f"run's snapshots to a folder of their own")
 
 
 def resolve_time(inputs, at_nimg=None, at_kimg=None) -> int:
@@ -342,24 +376,40 @@ def reconstruct(rundir, outdir, sigma_rels, at_nimg=None, at_kimg=None, plot=Fal
     for p in out_paths:
         if p.resolve() in in_files:
             raise FileExistsError(f"{p}: would replace a training snapshot; choose another --outdir")
-    existing = [p for p in out_paths + png_paths if p.exists()]
-    if existing and not overwrite:
-        raise FileExistsError(f"{existing[0]}: already exists ({len(existing)} output file(s) in the way); "
-                              f"pass --overwrite or choose another --outdir")
-
     specs, buffers = _tensor_layout(plan.inputs)
-    pngs = [plot_profiles(plan, j) for j in range(len(sigma_rels))] if plot else []
-    writers = []
-    try:
-        for j, p in enumerate(out_paths):
-            writers.append(SnapshotStreamWriter(p, specs, _output_meta(plan, j)))
-        _stream(plan, specs, buffers, writers, chunk_elems, progress)
-        for w in writers:
-            w.commit()
-    except BaseException:
-        for w in writers:
-            w.abort()
-        raise
-    for p, png in zip(png_paths, pngs):
-        atomic_write_bytes(p, png)
+    with RunLock(outdir, "--outdir"):
+        # Leftovers of a killed run: temp files (only ours can be there, as we hold the lock).
+        remove_temp_files(outdir, ("snapshot-", "phema-"))
+        # Outputs of exactly this reconstruction (same inputs, time, EMA length) are kept: a re-run resumes.
+        done = [p.is_file() and _same_output(p, _output_meta(plan, j)) for j, p in enumerate(out_paths)]
+        todo = [j for j in range(len(sigma_rels)) if not done[j]]
+        in_way = [out_paths[j] for j in todo if out_paths[j].exists()]
+        in_way += [png_paths[j] for j in todo if plot and png_paths[j].exists()]
+        if in_way and not overwrite:
+            raise FileExistsError(f"{in_way[0]}: already exists and is not this reconstruction's output "
+                                  f"({len(in_way)} file(s) in the way); pass --overwrite or choose another --outdir")
+        writers = []
+        try:
+            for j in todo:
+                writers.append(SnapshotStreamWriter(out_paths[j], specs, _output_meta(plan, j)))
+            if writers:
+                _stream(plan, specs, buffers, writers, chunk_elems, progress)
+            for w in writers:
+                w.commit()
+        except BaseException:
+            for w in writers:
+                w.abort()
+            raise
+        for j in range(len(sigma_rels)) if plot else []:
+            if j in todo or not png_paths[j].exists():
+                atomic_write_bytes(png_paths[j], plot_profiles(plan, j))
     return out_paths
+
+
+def _same_output(path: Path, meta: dict) -> bool:
+    """Is `path` a complete output with exactly this metadata (same inputs, coefficients, run)?"""
+    try:
+        old = read_snapshot_meta(path)
+    except SnapshotError:
+        return False
+    return old == json.loads(json.dumps(meta))

@@ -11,6 +11,8 @@ import math
 
 import torch
 
+from .validate import check_float, check_sampler_options
+
 __all__ = ["edm_sampler", "sigma_steps", "guided_denoiser", "check_guidance", "SeedRandom"]
 
 
@@ -34,12 +36,11 @@ def sigma_steps(num_steps=32, sigma_min=0.002, sigma_max=80, rho=7, device=None)
 
 def check_guidance(guidance: float, gnet=None) -> None:
     """Raise ValueError unless the guidance weight w can be used: a finite
-    number, and w != 1 only with a guiding network `gnet` (a network, or the
+    number >= 0, and w != 1 only with a guiding network `gnet` (a network, or the
     name of one before it is loaded). w = 1 is plain sampling.
     The one check of this rule: the sampler, generation, metrics and the CLI
     commands all call it."""
-    if not math.isfinite(guidance):
-        raise ValueError(f"--guidance {guidance}: must be a finite number")
+    check_float(guidance, "--guidance", lo=0)  # finite; w < 0 would push away from the conditional net
     if guidance != 1 and (gnet is None or (isinstance(gnet, str) and not gnet)):
         raise ValueError(f"--guidance {guidance:g} needs --gnet, a guiding network (unconditional for "
                          f"classifier-free guidance, smaller or less trained for autoguidance); "
@@ -72,6 +73,9 @@ def edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_min=0.00
     Everything constant over the run (the noise levels, the churn factors)
     is computed once before the loop.
     """
+    opts = check_sampler_options(dict(num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
+                                      S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise))
+    num_steps, S_churn, S_min, S_max, S_noise = (opts[k] for k in ("num_steps", "S_churn", "S_min", "S_max", "S_noise"))
     denoise = guided_denoiser(net, gnet, guidance)
     t_steps = sigma_steps(num_steps, sigma_min, sigma_max, rho, device=noise.device)
     # Churn factor gamma_i per step (EDM Alg. 2 line 4), as Python floats.
@@ -109,6 +113,7 @@ class SeedRandom:
 
     def __init__(self, seeds, device="cpu"):
         self.device = torch.device(device)
+        self.seeds = [int(s) for s in seeds]
         self.generators = [torch.Generator(self.device).manual_seed(int(s) % (1 << 32)) for s in seeds]
 
     @classmethod

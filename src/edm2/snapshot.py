@@ -16,7 +16,8 @@ Metadata schema (version 1):
       "encoder": {...},               # edm2.encoders.encoder_from_meta() input
       "dataset": {"resolution": R, "channels": C, "label_dim": L,
                   "class_names": [...] | null, ...},
-      "origin": {...}                 # free-form provenance (run dir, preset, import source, ...)
+      "origin": {...}                 # provenance: run folder, preset, seed, run_id (run_fingerprint of
+                                      # the run's settings), import source, post-hoc EMA record, ...
     }
 """
 from __future__ import annotations
@@ -35,7 +36,7 @@ from .nn import Precond, precision_kwargs
 
 __all__ = ["SnapshotError", "FORMAT", "snapshot_name", "parse_snapshot_name", "make_meta", "save_snapshot",
            "save_state_dict", "read_snapshot_meta", "load_snapshot", "build_net", "list_snapshots",
-           "SnapshotStreamWriter"]
+           "run_fingerprint", "SnapshotStreamWriter"]
 
 FORMAT = "edm2-snapshot"
 VERSION = 1
@@ -58,6 +59,16 @@ def parse_snapshot_name(name: str):
     if not m:
         return None
     return int(m.group(1)), (None if m.group(2) == "raw" else float(m.group(2)))
+
+
+def run_fingerprint(identity: dict) -> str:
+    """A short hash of a training run's settings (its config.json: data,
+    architecture, optimisation, seed, ...), recorded in every snapshot as
+    origin.run_id so that snapshots of different runs are never combined."""
+    import hashlib
+
+    text = json.dumps(identity, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def make_meta(net_kwargs: dict, nimg: int, sigma_rel, encoder: dict, dataset: dict, origin: dict | None = None) -> dict:

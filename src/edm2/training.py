@@ -59,7 +59,7 @@ from .loading import load_network
 from .loss import EDM2Loss, learning_rate_schedule
 from .nn import DTYPES, Precond
 from .presets import get_preset
-from .snapshot import make_meta, save_snapshot, snapshot_name
+from .snapshot import make_meta, run_fingerprint, save_snapshot, snapshot_name
 from .trainconfig import TrainConfig
 from .trainlog import Reporter, StatusMeter, save_grid
 from .units import parse_float_list
@@ -633,7 +633,8 @@ def save_snapshots(run: Run) -> None:
     """One snapshot per EMA profile, and a sample grid of the longest one."""
     plan, nimg = run.plan, run.nimg
     dataset = {k: plan.dataset[k] for k in ("resolution", "channels", "label_dim", "class_names", "path")}
-    origin = {"preset": plan.preset, "run": str(run.out.resolve()), "seed": plan.seed, "tool": "edm2 train"}
+    origin = {"preset": plan.preset, "run": str(run.out.resolve()), "seed": plan.seed, "tool": "edm2 train",
+              "run_id": run_fingerprint(plan.identity())}  # post-hoc EMA refuses to mix runs
     for std, ema_net in run.ema.nets.items():
         path = run.out / snapshot_name(nimg, std)
         save_snapshot(path, ema_net, make_meta(plan.net_kwargs, nimg, std, plan.encoder, dataset, origin))

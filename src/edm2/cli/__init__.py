@@ -10,6 +10,7 @@ import argparse
 import sys
 
 from ..fileio import describe_os_error
+from ..validate import UNSAFE_ADVICE, safe_error_text
 from . import dataset, dynamics, export, flops, generate, import_official, metrics, phema, probe, toy, train
 
 _COMMAND_MODULES = [train, generate, phema, dataset, metrics, flops, import_official, export, toy, dynamics, probe]
@@ -51,4 +52,6 @@ def _one_line(e: BaseException) -> str:
     if isinstance(e, OSError) and not str(e).strip():
         return describe_os_error(e)
     text = str(e) if not isinstance(e, OSError) or e.strerror is None else describe_os_error(e)
+    if any(advice in text for advice in UNSAFE_ADVICE):  # never pass on advice to load files unsafely
+        return f"{type(e).__name__}: {safe_error_text(e)}"
     return " ".join(part.strip() for part in text.splitlines() if part.strip()) or type(e).__name__

@@ -11,6 +11,7 @@ from ..nn import set_precision
 from ..presets import apply_generation_preset, format_generation_presets
 from ..sampling import check_guidance
 from ..units import parse_int_list
+from ..validate import check_sampler_options
 
 HELP = "generate images (PNG per seed) with the EDM Heun sampler, optionally guided"
 
@@ -83,12 +84,9 @@ def _checked_args(args) -> dict:
         raise ValueError(f"--batch {args.batch}: must be >= 1")
     if args.grid_count < 1:
         raise ValueError(f"--grid-count {args.grid_count}: must be >= 1")
-    if args.steps < 1:
-        raise ValueError(f"--steps {args.steps}: must be >= 1")
-    if not 0 < args.sigma_min < args.sigma_max:
-        raise ValueError(f"--sigma-min {args.sigma_min} / --sigma-max {args.sigma_max}: need 0 < min < max")
-    sampler = dict(num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max, rho=args.rho,
-                   S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max, S_noise=args.S_noise)
+    sampler = check_sampler_options(dict(num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
+                                         rho=args.rho, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max,
+                                         S_noise=args.S_noise))
     return dict(seeds=seeds, guidance=guidance, class_idx=_class(args.class_idx), sampler=sampler)
 
 
@@ -112,7 +110,8 @@ def run(args) -> int:
             net, gnet = (compile_for_inference(m) if m is not None else None for m in (net, gnet))
         result = generate_to_dir(net, encoder, opts["seeds"], args.outdir, gnet=gnet, guidance=opts["guidance"],
                                  class_idx=opts["class_idx"], batch_size=args.batch, device=device,
-                                 subdirs=args.subdirs, grid=args.grid, grid_count=args.grid_count, **opts["sampler"])
+                                 subdirs=args.subdirs, grid=args.grid, grid_count=args.grid_count,
+                                 sources={"net": str(args.net), "gnet": args.gnet and str(args.gnet)}, **opts["sampler"])
     finally:
         shutdown_distributed()
     if rank == 0:

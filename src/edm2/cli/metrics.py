@@ -19,6 +19,7 @@ from ..metrics.sweep import best_rows
 from ..presets import apply_generation_preset
 from ..sampling import check_guidance
 from ..units import parse_float_list, parse_int_list, parse_nimg
+from ..validate import check_sampler_options
 
 METRICS_HELP = "comma-separated: fid, fd_dinov2 (default: ref: both; calc/gen/sweep: those in --ref)"
 
@@ -152,6 +153,7 @@ def run_calc(args) -> int:
 
 def run_gen(args) -> int:
     num, seeds = _num(args), parse_int_list(args.seed, "--seed")
+    check_sampler_options({"num_steps": args.steps})
     # The authors' published (net, gnet, guidance) triple fills in what was not given.
     args.net, args.gnet, args.guidance = apply_generation_preset(args.preset, args.net, args.gnet, args.guidance)
     if not args.net:
@@ -179,6 +181,7 @@ def run_sweep(args) -> int:
     num = _num(args)
     sigma_rels = parse_float_list(args.std, "--std")
     guidance = parse_float_list(args.guidance, "--guidance")
+    check_sampler_options({"num_steps": args.steps})
     at_nimg = None if args.at_nimg is None else parse_nimg(args.at_nimg, "--at-nimg")
     rank, world = _start()
     try:

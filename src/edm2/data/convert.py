@@ -33,6 +33,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from ..fileio import png_bytes
+from ..validate import safe_error_text
 from .archives import is_cifar, is_tiny_imagenet, read_cifar, tiny_imagenet_files
 from .dataset import IMAGE_EXTENSIONS, LATENT_EXTENSION, list_dataset_files, match_labels, read_dataset_json
 from .writer import DatasetWriter, check_destination, item_name
@@ -279,7 +280,7 @@ def _open_npz(path: Path, use_labels: bool) -> Source:
     try:
         npz = np.load(path, allow_pickle=False)
     except Exception as e:
-        raise ValueError(f"--source {path}: cannot read .npz ({type(e).__name__}: {e})") from None
+        raise ValueError(f"--source {path}: cannot read .npz ({safe_error_text(e)})") from None
     key = next((k for k in ("images", "x", "arr_0") if k in npz.files), None)
     if key is None:
         raise ValueError(f"--source {path}: no 'images' (or 'x') array; found {npz.files}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import zipfile
 from pathlib import Path
@@ -23,8 +24,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..validate import safe_error_text
+
 __all__ = ["ImageDataset", "IMAGE_EXTENSIONS", "LATENT_EXTENSION", "list_dataset_files", "read_dataset_json",
-           "decode_image"]
+           "decode_image", "check_labels", "MAX_CLASSES"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 LATENT_EXTENSION = ".npy"
@@ -64,7 +67,67 @@ def read_dataset_json(data: bytes, where: str) -> dict:
     names = meta.get("class_names")
     if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
         raise ValueError(f'{where}: "class_names" must be a list of strings')
+    if names is not None and len(names) > MAX_CLASSES:
+        raise ValueError(f'{where}: {len(names)} "class_names"; at most {MAX_CLASSES} classes are supported')
+    if labels is not None:
+        meta["labels"] = check_labels(labels, names, where)
     return meta
+
+
+# Class labels: a class index c becomes a one-hot vector of length label_dim = max(c) + 1 (and
+# the network gets one embedding row per class), so a wrong index silently changes the model.
+MAX_CLASSES = 1 << 20            # hard limit on label_dim (ImageNet-21k has ~21,800 classes)
+_FREE_CLASSES = 1000             # without class_names, indices up to max(1000, 100 x items) are believable
+
+
+def check_labels(labels: list, class_names, where: str) -> list:
+    """Check dataset.json's [[path, label], ...] and return it with whole-number
+    labels as ints. A label is either a class index (a whole number >= 0; 3.0 is
+    read as 3) or, for every item alike, a vector (list) of finite numbers.
+    Class indices must be below len(class_names) when class names are given,
+    else below max(1000, 100 x number of items) and 2^20, so that a typo such
+    as 1000000000 or 1.5 is refused instead of turning into a huge or a
+    continuous label."""
+    values = [c for _, c in labels]
+    if not values:
+        return labels
+    if all(isinstance(v, (list, tuple)) for v in values):
+        dims = {len(v) for v in values}
+        if len(dims) > 1:
+            raise ValueError(f"{where}: vector labels of different lengths {sorted(dims)[:4]}; give every item a "
+                             f"vector of the same length")
+        dim = dims.pop()
+        if not 1 <= dim <= MAX_CLASSES:
+            raise ValueError(f"{where}: vector labels of length {dim}; need 1 to {MAX_CLASSES}")
+        for (path, v) in labels:
+            if not all(_is_number(x) and math.isfinite(x) for x in v):
+                raise ValueError(f"{where}: label of {path} holds a non-number or NaN/infinity ({v}); vector labels "
+                                 f"must be finite numbers")
+        return labels
+    out = []
+    for path, v in labels:
+        if isinstance(v, (list, tuple)):
+            raise ValueError(f"{where}: mixes class indices and vector labels (e.g. {path}: {v}); use one kind")
+        if not _is_number(v) or not math.isfinite(v) or v != int(v) or v < 0:
+            raise ValueError(f"{where}: label {v!r} of {path} is not a class index (a whole number >= 0); "
+                             f"fix the label (vector labels are written as lists)")
+        out.append([path, int(v)])
+    top = max(c for _, c in out)
+    if class_names is not None:
+        if top >= len(class_names):
+            raise ValueError(f"{where}: class index {top} but only {len(class_names)} class_names; fix the label "
+                             f"or add the class names")
+    else:
+        limit = min(MAX_CLASSES, max(_FREE_CLASSES, 100 * len(out)))
+        if top >= limit:
+            raise ValueError(f"{where}: class index {top} for {len(out)} items; without \"class_names\" class indices "
+                             f"must be below {limit} (max(1000, 100 x items), at most 2^20), so this looks like a "
+                             f"typo; fix the label, or list the classes in \"class_names\"")
+    return out
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
 
 
 def match_labels(labels, names, where: str) -> dict:
@@ -217,7 +280,7 @@ class ImageDataset:
         try:
             arr = np.load(io.BytesIO(data), allow_pickle=False)
         except Exception as e:
-            raise ValueError(f"{where}: not a valid .npy array ({type(e).__name__}: {e})") from None
+            raise ValueError(f"{where}: not a valid .npy array ({safe_error_text(e)})") from None
         if arr.dtype != np.float32:
             raise ValueError(f"{where}: latent dtype {arr.dtype}, expected float32")
         return arr

@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from ..validate import safe_error_text
+
 __all__ = ["Detector", "InceptionDetector", "DINOv2Detector", "TinyDetector", "DETECTORS", "detector_dir",
            "load_detector", "random_detector", "INCEPTION_FILE", "INCEPTION_URL", "DINOV2_FOLDER", "DINOV2_HUB"]
 
@@ -149,8 +151,8 @@ def _load_inception(folder: Path, download: bool, device) -> InceptionDetector:
         state = torch.load(path, map_location="cpu", weights_only=True)
         return InceptionDetector(state).to(device)
     except Exception as e:
-        raise ValueError(f"{path}: not torch-fidelity's Inception-v3 weight file ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]}); delete it and download {INCEPTION_URL} again") from None
+        raise ValueError(f"{path}: not torch-fidelity's Inception-v3 weight file ({safe_error_text(e)}); "
+                         f"delete it and download {INCEPTION_URL} again") from None
 
 
 # ---------------------------------------------------------------------------

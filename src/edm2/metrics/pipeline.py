@@ -30,10 +30,11 @@ from ..fileio import atomic_write_bytes
 from ..generate import generate_images, load_nets
 from ..official import load_reference_stats
 from ..sampling import check_guidance
+from ..validate import safe_error_text
 from .detectors import DETECTORS, load_detector
 from .stats import FeatureStats, frechet_distance
 
-__all__ = ["REF_FORMAT", "save_ref", "load_ref", "load_detectors", "resolve_metrics", "compute_stats",
+__all__ = ["REF_FORMAT", "save_ref", "load_ref", "check_ref_stats", "check_metric_value", "load_detectors", "resolve_metrics", "compute_stats",
            "distances", "reference_stats", "calc_metrics", "gen_metrics", "gen_seeds", "append_jsonl"]
 
 REF_FORMAT = "edm2-ref-v1"
@@ -57,12 +58,44 @@ def save_ref(path, stats: dict, source: str = "") -> Path:
     return Path(path)
 
 
+def check_ref_stats(ref: dict, where: str = "REF") -> dict:
+    """Raise ValueError unless every entry of reference statistics is usable:
+    mu a finite [D] vector, sigma a finite [D, D] matrix that is symmetric and
+    positive semi-definite up to round-off (relative tolerance 1e-6 of its
+    largest entry / eigenvalue), as a covariance must be. Returns ref."""
+    if not isinstance(ref, dict) or not ref:
+        raise ValueError(f"--ref {where}: holds no statistics")
+    for m, s in ref.items():
+        mu, sigma = np.asarray(s["mu"]), np.asarray(s["sigma"])
+        what = f"--ref {where}: {m}"
+        if mu.ndim != 1 or sigma.shape != (mu.size, mu.size) or mu.size == 0:
+            raise ValueError(f"{what}: mu {list(mu.shape)} and sigma {list(sigma.shape)} are not [D] and [D, D]; "
+                             f"the file is damaged: recompute it with `edm2 metrics ref`")
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise ValueError(f"{what}: holds NaN or infinite values; the file is damaged: recompute it "
+                             f"with `edm2 metrics ref`")
+        scale = max(float(np.abs(sigma).max()), 1e-300)
+        if float(np.abs(sigma - sigma.T).max()) > 1e-6 * scale:
+            raise ValueError(f"{what}: the covariance is not symmetric, so it is not a covariance; the file is "
+                             f"damaged: recompute it with `edm2 metrics ref`")
+        w = np.linalg.eigvalsh((sigma + sigma.T) / 2)
+        if w.min() < -1e-6 * max(float(w.max()), 1e-300):
+            raise ValueError(f"{what}: the covariance has a negative eigenvalue ({w.min():.3g}), so it is not a "
+                             f"covariance; the file is damaged: recompute it with `edm2 metrics ref`")
+    return ref
+
+
 def load_ref(path) -> dict:
-    """Reference statistics -> {metric: {'mu': [D], 'sigma': [D, D]}} (float64).
+    """Reference statistics -> {metric: {'mu': [D], 'sigma': [D, D]}} (float64),
+    checked with `check_ref_stats` (finite, symmetric, positive semi-definite).
 
     Reads our .npz (`save_ref`), and through `edm2.official.load_reference_stats`
     the authors' published EDM2 .pkl (restricted unpickler, also URLs) and the
     older EDM .npz (FID only)."""
+    return check_ref_stats(_read_ref(path), str(path))
+
+
+def _read_ref(path) -> dict:
     text = str(path)
     if "://" not in text and not Path(text).is_file():
         raise FileNotFoundError(f"--ref {text}: no such file; compute one with `edm2 metrics ref --data DATASET "
@@ -79,7 +112,7 @@ def load_ref(path) -> dict:
         except (OSError, ValueError, KeyError) as e:
             if isinstance(e, ValueError) and str(e).startswith("--ref"):
                 raise
-            raise ValueError(f"--ref {text}: unreadable statistics file ({type(e).__name__}: {e})") from None
+            raise ValueError(f"--ref {text}: unreadable statistics file ({safe_error_text(e)})") from None
     return load_reference_stats(text)
 
 
@@ -136,8 +169,24 @@ def distances(stats: dict, ref: dict) -> dict:
         if ref[m]["mu"].shape != (s.dim,):
             raise ValueError(f"reference {m} statistics are {ref[m]['mu'].shape[0]}-d but the detector gives "
                              f"{s.dim}-d features; the reference was made with another detector")
-        out[m] = frechet_distance(s.mean(), s.cov(), ref[m]["mu"], ref[m]["sigma"])
+        mu, cov = s.mean(), s.cov()
+        if not (np.isfinite(mu).all() and np.isfinite(cov).all()):
+            raise ValueError(f"{m}: the detector's features are not finite (NaN/inf); the images or the detector "
+                             f"weights are damaged; no result was recorded")
+        out[m] = check_metric_value(m, frechet_distance(mu, cov, ref[m]["mu"], ref[m]["sigma"]),
+                                    scale=float(np.trace(cov) + np.trace(ref[m]["sigma"])))
     return out
+
+
+def check_metric_value(name: str, value: float, scale: float = 1.0) -> float:
+    """A Fréchet distance is a squared distance: >= 0 and finite. Round-off may
+    make it slightly negative for (nearly) identical statistics; within 1e-9 of
+    the covariances' total variance `scale` it is clipped to 0, anything else
+    is an error (a damaged reference or features), never a number in the output."""
+    if not np.isfinite(value) or value < -1e-9 * max(abs(scale), 1.0):
+        raise ValueError(f"{name}: the computed distance is {value}, which a Fréchet distance cannot be; the "
+                         f"reference statistics or the features are damaged; no result was recorded")
+    return max(float(value), 0.0)
 
 
 def _open_images(path, what: str):
@@ -255,4 +304,8 @@ def append_jsonl(path, record: dict) -> None:
     if old and not old.endswith(b"\n"):
         old += b"\n"
     record = {"time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **record}
-    atomic_write_bytes(path, old + (json.dumps(record) + "\n").encode())
+    try:
+        line = json.dumps(record, allow_nan=False)  # strict JSON: a NaN result is an error, not a token
+    except ValueError:
+        raise ValueError(f"{path}: a result is NaN or infinite ({record}); nothing was appended") from None
+    atomic_write_bytes(path, old + (line + "\n").encode())

@@ -19,6 +19,7 @@ from ..posthoc import find_phema_inputs, reconstruct, resolve_time
 from ..sampling import check_guidance
 from ..snapshot import read_snapshot_meta, snapshot_name
 from ..units import parse_float_list
+from ..validate import check_sampler_options
 from .pipeline import gen_metrics, load_detectors, load_ref, resolve_metrics
 
 __all__ = ["sweep", "write_csv", "plot_sweep", "best_rows"]
@@ -93,6 +94,7 @@ def sweep(rundir, sigma_rels, ref, outdir=None, at_nimg=None, metrics=None, num:
     ws = list(dict.fromkeys(parse_float_list(guidance, "--guidance")))
     for w in ws:
         check_guidance(w, gnet)
+    check_sampler_options(sampler_kwargs)
     ref_path, ref = (ref, load_ref(ref)) if not isinstance(ref, dict) else ("REF", ref)
     metrics = resolve_metrics(metrics, ref, ref_path)
     outdir = Path(outdir) if outdir is not None else Path(rundir) / "sweep"

@@ -1,0 +1,364 @@
+"""Bad input of every kind is refused with one line and a non-zero exit, and
+nothing on disk changes (every file under the test's folders is hashed before
+and after). One parametrised case per kind of mistake; see docs/reliability.md."""
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from edm2.encoders import StandardRGBEncoder
+from edm2.fileio import LOCK_NAME
+from edm2.metrics import append_jsonl, check_metric_value, distances
+from edm2.metrics.stats import FeatureStats
+from edm2.nn import Precond
+from edm2.presets import get_preset
+from edm2.snapshot import make_meta, save_snapshot, snapshot_name
+from refusals import assert_refused, run_cli, small_tmpfs, tree_hashes
+
+pytestmark = [pytest.mark.usefixtures("one_thread"),
+              pytest.mark.filterwarnings("ignore:only 6 images for 16-d features")]
+
+GEN = ["--steps", "2", "--seeds", "0-1", "--batch", "2", "--device", "cpu"]
+
+
+def tiny_net(seed, label_dim=3):
+    torch.manual_seed(seed)
+    kw = dict(get_preset("tiny").net_kwargs(label_dim), img_resolution=16, img_channels=1)
+    return kw, Precond(**kw)
+
+
+def write_net(path, seed, label_dim=3):
+    kw, net = tiny_net(seed, label_dim)
+    meta = make_meta(kw, 64, 0.1, StandardRGBEncoder().to_meta(),
+                     {"resolution": 16, "channels": 1, "label_dim": label_dim})
+    save_snapshot(path, net, meta)
+    return path
+
+
+def write_run(folder, run_id, run=None, times=(64, 128, 192), stds=(0.05, 0.10), seed=0):
+    """Snapshots as the trainer writes them (origin with run folder, seed, run_id)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    kw, net = tiny_net(seed, 0)
+    origin = {"preset": "tiny", "run": str(run or folder), "seed": seed}
+    if run_id is not None:
+        origin["run_id"] = run_id
+    for t in times:
+        for s in stds:
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.add_(0.01 * torch.randn_like(p))
+            meta = make_meta(kw, t, s, StandardRGBEncoder().to_meta(),
+                             {"resolution": 16, "channels": 1, "label_dim": 0}, origin)
+            save_snapshot(folder / snapshot_name(t, s), net, meta)
+    return folder
+
+
+def write_images(folder, n=6, size=16, channels=1, seed=0):
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        shape = (size, size) if channels == 1 else (size, size, channels)
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(folder / f"{i:03d}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def w(tmp_path_factory):
+    """Shared inputs; tests copy what they modify."""
+    root = tmp_path_factory.mktemp("refusals")
+    write_net(root / "netA.safetensors", seed=0)
+    write_net(root / "netB.safetensors", seed=1)
+    code, _, err = run_cli(["generate", "--net", root / "netA.safetensors", "--outdir", root / "imgsA", *GEN])
+    assert code == 0, err
+    write_images(root / "plain")
+    (root / "bad.json").write_text("{not json")
+    (root / "empty").mkdir()
+    (root / "empty.safetensors").write_bytes(b"")
+    # Two runs with the same seed and architecture but other settings (an lr sweep), copied into one folder.
+    write_run(root / "run1", "aaaa1111")
+    write_run(root / "run2", "bbbb2222", times=(64, 128, 192, 256))
+    mixed = shutil.copytree(root / "run1", root / "mixed")
+    shutil.copy(root / "run2" / snapshot_name(256, 0.10), mixed)
+    # Older snapshots (no run_id): told apart by run folder.
+    write_run(root / "old1", None)
+    old = shutil.copytree(root / "old1", root / "oldmixed")
+    write_run(root / "old2", None, times=(256,))
+    shutil.copy(root / "old2" / snapshot_name(256, 0.05), old)
+    # Reference statistics of the stand-in detector.
+    code, _, err = run_cli(["metrics", "ref", "--data", root / "plain", "--dest", root / "ref.npz", "--metrics",
+                            "fd_tiny", "--device", "cpu", "--workers", "0"])
+    assert code == 0, err
+    return root
+
+
+def _labelled(tmp, labels, class_names=None):
+    data = write_images(tmp / "data", n=len(labels))
+    meta = {"labels": [[f"{i:03d}.png", c] for i, c in enumerate(labels)]}
+    if class_names is not None:
+        meta["class_names"] = class_names
+    (data / "dataset.json").write_text(json.dumps(meta))
+    return data
+
+
+def _ref(w, tmp, change):
+    with np.load(w / "ref.npz") as z:
+        arrays = {k: z[k] for k in z.files}
+    change(arrays)
+    np.savez(tmp / "ref.npz", **arrays)
+    return tmp / "ref.npz"
+
+
+def _nan_mu(a):
+    a["fd_tiny_mu"] = a["fd_tiny_mu"].copy()
+    a["fd_tiny_mu"][3] = np.nan
+
+
+def _asym(a):
+    s = a["fd_tiny_sigma"].copy()
+    s[0, 1] += 1.0
+    a["fd_tiny_sigma"] = s
+
+
+def _negative(a):
+    # Symmetric, finite, but with a large negative eigenvalue: FID came out negative before.
+    a["fd_tiny_sigma"] = a["fd_tiny_sigma"] - 10 * np.eye(len(a["fd_tiny_mu"]))
+
+
+def _wrong_dims(a):
+    a["fd_tiny_sigma"] = a["fd_tiny_sigma"][:-1, :-1]
+
+
+def _object_array(a):
+    a["fd_tiny_mu"] = np.array([object()] * 16, dtype=object)
+
+
+def _locked_by_other_host(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / LOCK_NAME).write_text(json.dumps({"pid": 4242, "host": "another-host", "started": "t0"}))
+
+
+# (id, function (w, tmp) -> (argv, strings the message must contain))
+CASES = [
+    # --- generation: settings, mixing, locks
+    ("generate-S-noise-nan", lambda w, t: (["generate", "--net", w / "netA.safetensors", "--outdir", t / "o",
+                                            "--S-noise", "nan", *GEN], ["--S-noise nan", "finite"])),
+    ("generate-S-churn-negative", lambda w, t: (["generate", "--net", w / "netA.safetensors", "--outdir", t / "o",
+                                                 "--S-churn", "-1", *GEN], ["--S-churn -1"])),
+    ("generate-sigma-min-nan", lambda w, t: (["generate", "--net", w / "netA.safetensors", "--outdir", t / "o",
+                                              "--sigma-min", "nan", *GEN], ["--sigma-min nan"])),
+    ("generate-sigma-max-inf", lambda w, t: (["generate", "--net", w / "netA.safetensors", "--outdir", t / "o",
+                                              "--sigma-max", "inf", *GEN], ["--sigma-max inf"])),
+    ("generate-sigma-min-above-max", lambda w, t: (["generate", "--net", w / "netA.safetensors", "--outdir", t / "o",
+                                                    "--sigma-min", "90", *GEN], ["sigma_min < sigma_max"])),
+    ("generate-rho-zero", lambda w, t: (["generate", "--net", w / "netA.safetensors", "--outdir", t / "o",
+                                         "--rho", "0", *GEN], ["--rho 0"])),
+    ("generate-S-max-nan", lambda w, t: (["generate", "--net", w / "netA.safetensors", "--outdir", t / "o",
+                                          "--S-max", "nan", *GEN], ["--S-max nan"])),
+    ("generate-guidance-inf", lambda w, t: (["generate", "--net", w / "netA.safetensors", "--gnet",
+                                             w / "netB.safetensors", "--guidance", "inf", "--outdir", t / "o", *GEN],
+                                            ["--guidance inf"])),
+    ("generate-other-net-into-folder", lambda w, t: (["generate", "--net", w / "netB.safetensors", "--outdir",
+                                                      w / "imgsA", *GEN], ["another network", "net (weights differ)",
+                                                                           "another --outdir"])),
+    ("generate-other-sampler-into-folder", lambda w, t: (["generate", "--net", w / "netA.safetensors", "--outdir",
+                                                          w / "imgsA", *GEN[:2], "--seeds", "0-3", "--S-churn", "5"],
+                                                         ["another network or settings", "--S-churn 0.0 -> 5.0"])),
+    ("generate-other-class-into-folder", lambda w, t: (["generate", "--net", w / "netA.safetensors", "--outdir",
+                                                        w / "imgsA", *GEN, "--class", "1"], ["class"])),
+    ("generate-into-unrecorded-pngs", lambda w, t: (["generate", "--net", w / "netA.safetensors", "--outdir",
+                                                     w / "plain", *GEN], ["no generate.json", "PNG"])),
+    ("generate-manifest-malformed", lambda w, t: (
+        [shutil.copytree(w / "imgsA", t / "o"), (t / "o" / "generate.json").write_text("{oops"),
+         ["generate", "--net", w / "netA.safetensors", "--outdir", t / "o", *GEN]][-1], ["generate.json", "unreadable"])),
+    ("generate-locked-elsewhere", lambda w, t: (
+        [_locked_by_other_host(t / "o"),
+         ["generate", "--net", w / "netA.safetensors", "--outdir", t / "o", *GEN]][-1],
+        ["another-host", f"delete {t / 'o' / LOCK_NAME}"])),
+    # --- post-hoc EMA
+    ("phema-two-runs-one-folder", lambda w, t: (["phema", "--rundir", w / "mixed", "--outdir", t / "o", "--std",
+                                                 "0.07"], ["different training runs", "aaaa1111"])),
+    ("phema-two-old-runs-one-folder", lambda w, t: (["phema", "--rundir", w / "oldmixed", "--outdir", t / "o",
+                                                     "--std", "0.07"], ["different training runs"])),
+    ("phema-std-nan", lambda w, t: (["phema", "--rundir", w / "run1", "--outdir", t / "o", "--std", "0.05,nan"],
+                                    ["--std"])),
+    ("phema-locked-elsewhere", lambda w, t: (
+        [_locked_by_other_host(t / "o"), ["phema", "--rundir", w / "run1", "--outdir", t / "o", "--std", "0.07"]][-1],
+        ["another-host", LOCK_NAME])),
+    ("phema-foreign-file-in-the-way", lambda w, t: (
+        [(t / "o").mkdir(), (t / "o" / snapshot_name(192, 0.07)).write_bytes(b"mine"),
+         ["phema", "--rundir", w / "run1", "--outdir", t / "o", "--std", "0.07"]][-1], ["--overwrite"])),
+    ("phema-empty-folder", lambda w, t: (["phema", "--rundir", w / "empty", "--outdir", t / "o", "--std", "0.07"],
+                                         ["no EMA snapshots"])),
+    # --- sweep / metrics options
+    ("sweep-guidance-nan", lambda w, t: (["sweep", "--rundir", w / "run1", "--std", "0.07", "--ref", w / "ref.npz",
+                                          "--metrics", "fd_tiny", "--guidance", "1,nan"], ["--guidance nan"])),
+    ("metrics-gen-guidance-nan", lambda w, t: (["metrics", "gen", "--net", w / "netA.safetensors", "--ref",
+                                                w / "ref.npz", "--guidance", "nan", "--jsonl", t / "m.jsonl"],
+                                               ["--guidance nan"])),
+    ("metrics-gen-steps-zero", lambda w, t: (["metrics", "gen", "--net", w / "netA.safetensors", "--ref",
+                                              w / "ref.npz", "--steps", "0", "--jsonl", t / "m.jsonl"], ["--steps 0"])),
+    # --- reference statistics
+    ("ref-nan", lambda w, t: (["metrics", "calc", "--images", w / "plain", "--ref", _ref(w, t, _nan_mu), "--num", "6",
+                               "--jsonl", t / "m.jsonl", "--device", "cpu"], ["NaN or infinite", "recompute"])),
+    ("ref-not-symmetric", lambda w, t: (["metrics", "calc", "--images", w / "plain", "--ref", _ref(w, t, _asym),
+                                         "--num", "6", "--jsonl", t / "m.jsonl"], ["not symmetric"])),
+    ("ref-negative-eigenvalue", lambda w, t: (["metrics", "calc", "--images", w / "plain", "--ref",
+                                               _ref(w, t, _negative), "--num", "6", "--jsonl", t / "m.jsonl"],
+                                              ["negative eigenvalue"])),
+    ("ref-wrong-dimensions", lambda w, t: (["metrics", "calc", "--images", w / "plain", "--ref",
+                                            _ref(w, t, _wrong_dims), "--num", "6", "--jsonl", t / "m.jsonl"],
+                                           ["[D] and [D, D]"])),
+    ("ref-object-array", lambda w, t: (["metrics", "calc", "--images", w / "plain", "--ref",
+                                        _ref(w, t, _object_array), "--num", "6", "--jsonl", t / "m.jsonl"],
+                                       ["unreadable statistics file"])),
+    ("ref-malformed", lambda w, t: (["metrics", "calc", "--images", w / "plain", "--ref", w / "bad.json", "--num",
+                                     "6", "--jsonl", t / "m.jsonl"], ["bad.json"])),
+    # --- dataset labels
+    ("labels-fraction", lambda w, t: (["dataset", "info", _labelled(t, [0, 1, 1.5, 0])],
+                                      ["label 1.5", "not a class index"])),
+    ("labels-huge", lambda w, t: (["dataset", "info", _labelled(t, [0, 1, 10 ** 9, 0])],
+                                  ["class index 1000000000", "below 1000"])),
+    ("labels-negative", lambda w, t: (["dataset", "info", _labelled(t, [0, -1, 1, 0])], ["label -1"])),
+    ("labels-boolean", lambda w, t: (["dataset", "info", _labelled(t, [0, True, 1, 0])], ["label True"])),
+    ("labels-mixed-kinds", lambda w, t: (["dataset", "info", _labelled(t, [0, [0.5, 0.5], 1, 0])], ["mixes"])),
+    ("labels-beyond-class-names", lambda w, t: (["dataset", "info", _labelled(t, [0, 1, 2, 0], ["a", "b"])],
+                                                ["class index 2", "2 class_names"])),
+    ("labels-fraction-convert", lambda w, t: (["dataset", "convert", "--source", _labelled(t, [0, 1.5, 1, 0]),
+                                               "--dest", t / "out"], ["label 1.5"])),
+    ("dataset-json-malformed", lambda w, t: (
+        [write_images(t / "d"), (t / "d" / "dataset.json").write_text("[1,"),
+         ["dataset", "info", t / "d"]][-1], ["dataset.json", "not valid JSON"])),
+    # --- missing files, wrong types, empty folders
+    ("generate-missing-net", lambda w, t: (["generate", "--net", t / "nope.safetensors", "--outdir", t / "o", *GEN],
+                                           ["no such snapshot"])),
+    ("generate-empty-file-as-net", lambda w, t: (["generate", "--net", w / "empty.safetensors", "--outdir", t / "o",
+                                                  *GEN], ["unreadable or truncated snapshot"])),
+    ("generate-json-as-net", lambda w, t: (["generate", "--net", w / "bad.json", "--outdir", t / "o", *GEN],
+                                           ["bad.json"])),
+    ("generate-empty-folder-as-net", lambda w, t: (["generate", "--net", w / "empty", "--outdir", t / "o", *GEN],
+                                                   ["holds no snapshot"])),
+    ("generate-outdir-is-file", lambda w, t: (["generate", "--net", w / "netA.safetensors", "--outdir", w / "bad.json",
+                                               *GEN], ["not a folder"])),
+    ("dataset-info-missing", lambda w, t: (["dataset", "info", t / "nope"], ["does not exist"])),
+    ("dataset-info-empty-folder", lambda w, t: (["dataset", "info", w / "empty"], ["holds no images"])),
+    ("dataset-convert-dest-under-a-file", lambda w, t: (["dataset", "convert", "--source", w / "plain", "--dest",
+                                                         w / "bad.json" / "out"], ["bad.json"])),
+    ("dataset-convert-existing-dest", lambda w, t: (["dataset", "convert", "--source", w / "plain", "--dest",
+                                                     w / "imgsA"], ["already exists", "--overwrite"])),
+    ("metrics-calc-missing-ref", lambda w, t: (["metrics", "calc", "--images", w / "plain", "--ref", t / "no.npz",
+                                                "--jsonl", t / "m.jsonl"], ["no such file"])),
+    ("metrics-calc-too-few-images", lambda w, t: (["metrics", "calc", "--images", w / "plain", "--ref", w / "ref.npz",
+                                                   "--num", "50", "--jsonl", t / "m.jsonl", "--device", "cpu"],
+                                                  ["holds 6 images"])),
+]
+
+
+@pytest.mark.parametrize("make", [c[1] for c in CASES], ids=[c[0] for c in CASES])
+def test_refused(w, tmp_path, make):
+    before = tree_hashes([w])
+    argv, match = make(w, tmp_path)
+    assert_refused(argv, watch=[w, tmp_path], match=match)
+    assert tree_hashes([w]) == before
+
+
+# ---------------------------------------------------------------------------
+# What still works next to the refusals.
+# ---------------------------------------------------------------------------
+
+def test_generate_resumes_matching_folder(w, tmp_path):
+    out = shutil.copytree(w / "imgsA", tmp_path / "o")
+    (out / "000001.png").unlink()
+    code, stdout, err = run_cli(["generate", "--net", w / "netA.safetensors", "--outdir", out, *GEN[:2],
+                                 "--seeds", "0-2", "--device", "cpu"])
+    assert code == 0, err
+    assert "2 images generated" in stdout and "1 already there" in stdout
+    assert (out / "000001.png").read_bytes() == (w / "imgsA" / "000001.png").read_bytes()
+    assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "000002.png", "generate.json"]
+
+
+def test_stale_lock_is_taken_over(w, tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / LOCK_NAME).write_text(json.dumps({"pid": proc.pid, "host": socket.gethostname(), "started": "t0"}))
+    code, _, err = run_cli(["generate", "--net", w / "netA.safetensors", "--outdir", out, *GEN])
+    assert code == 0 and "no longer running" in err
+    assert not (out / LOCK_NAME).exists()
+
+
+def test_phema_same_run_moved_folder_is_accepted(w, tmp_path):
+    """A run moved to another folder and resumed keeps its run_id: still one run."""
+    run = shutil.copytree(w / "run1", tmp_path / "run")
+    write_run(tmp_path / "later", "aaaa1111", run=tmp_path / "elsewhere", times=(256,))
+    for p in (tmp_path / "later").iterdir():
+        shutil.copy(p, run)
+    code, stdout, err = run_cli(["phema", "--rundir", run, "--outdir", tmp_path / "o", "--std", "0.07"])
+    assert code == 0, err
+    assert "from 8 snapshots" in stdout
+
+
+def test_metric_values_never_nan_or_negative(tmp_path):
+    with pytest.raises(ValueError, match="cannot be"):
+        check_metric_value("fid", float("nan"))
+    with pytest.raises(ValueError, match="cannot be"):
+        check_metric_value("fid", -0.5, scale=10.0)
+    assert check_metric_value("fid", -1e-12, scale=10.0) == 0.0  # round-off of identical statistics
+    assert check_metric_value("fid", 3.25) == 3.25
+    stats = FeatureStats(2)
+    stats.append(torch.tensor([[0.0, float("nan")], [1.0, 2.0], [2.0, 1.0]]))
+    with pytest.raises(ValueError, match="not finite"):
+        distances({"fid": stats}, {"fid": {"mu": np.zeros(2), "sigma": np.eye(2)}})
+    path = tmp_path / "m.jsonl"
+    append_jsonl(path, {"results": {"fid": 1.5}})
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        append_jsonl(path, {"results": {"fid": float("nan")}})
+    assert path.read_bytes() == before
+    assert json.loads(before)["results"] == {"fid": 1.5}
+
+
+def test_nonfinite_network_output_writes_nothing(w, tmp_path):
+    kw, net = tiny_net(0)
+    with torch.no_grad():
+        net.unet.out_gain.fill_(float("nan"))
+    save_snapshot(tmp_path / "nan.safetensors", net, make_meta(kw, 64, 0.1, StandardRGBEncoder().to_meta(),
+                                                                 {"resolution": 16, "channels": 1, "label_dim": 3}))
+    msg = assert_refused(["generate", "--net", tmp_path / "nan.safetensors", "--outdir", tmp_path / "o", *GEN],
+                         watch=[tmp_path], match="non-finite values")
+    assert "seed(s) 0, 1" in msg
+    assert not (tmp_path / "o").exists()  # a new folder is left as it was: absent
+
+
+# ---------------------------------------------------------------------------
+# Full disk and read-only folders (a small tmpfs; skipped where mounting is not allowed).
+# ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dest", ["big.zip", "bigdir"])
+def test_convert_on_full_disk_leaves_nothing(tmp_path, dest):
+    src = write_images(tmp_path / "src", n=40, size=96, channels=3)  # ~1.1 MB of noise PNGs
+    with small_tmpfs(tmp_path / "mnt", size="512k") as (mnt, _):
+        (mnt / "keep.txt").write_text("existing file")
+        msg = assert_refused(["dataset", "convert", "--source", src, "--dest", mnt / dest, "--workers", "1"],
+                             watch=[mnt, src], match=[str(mnt / dest), "no space left"], code=1)
+        assert sorted(os.listdir(mnt)) == ["keep.txt"], msg
+
+
+def test_convert_into_read_only_folder(tmp_path, w):
+    with small_tmpfs(tmp_path / "mnt", size="1m", read_only=True) as (mnt, make_read_only):
+        (mnt / "keep.txt").write_text("existing file")
+        make_read_only()
+        for dest in ("out.zip", "out"):
+            assert_refused(["dataset", "convert", "--source", w / "plain", "--dest", mnt / dest],
+                           watch=[mnt], match=[str(mnt / dest), "read-only"], code=1)
+        assert_refused(["generate", "--net", w / "netA.safetensors", "--outdir", mnt / "o", *GEN],
+                       watch=[mnt], match="read-only", code=1)
+        assert_refused(["phema", "--rundir", w / "run1", "--outdir", mnt / "o", "--std", "0.07"],
+                       watch=[mnt], match="read-only", code=1)
