@@ -51,7 +51,7 @@ import torch
 from .fileio import atomic_write_bytes, pyplot, save_figure
 
 __all__ = ["bucket_of", "bucket_sort_key", "Layer", "find_layers", "Probe", "make_probe", "probe_from_dataset",
-           "measure", "weight_magnitudes", "relative_updates", "gradient_norms", "DynamicsTracker",
+           "DynamicsHook", "measure", "weight_magnitudes", "relative_updates", "gradient_norms", "DynamicsTracker",
            "DYNAMICS_FILE", "load_dynamics", "plot_dynamics", "plot_loss_profile", "QUANTITIES"]
 
 DYNAMICS_FILE = "dynamics.jsonl"
@@ -424,6 +424,45 @@ class DynamicsTracker:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _probe_seed(seed: int) -> int:
+    """The probe's own random stream of a run with this seed (independent of training's streams)."""
+    return int(np.random.SeedSequence([int(seed), 0x64796E]).generate_state(1, np.uint32)[0])
+
+
+class DynamicsHook:
+    """A training hook (`edm2.training.train(config, hooks=...)`, `edm2 train
+    --dynamics N`): every `every` images (at the first maintenance point at or
+    after each multiple of `every`, at image 0 of a fresh run and at the end of
+    training) it measures the longest EMA network and the raw network on a
+    probe of `probe_size` training items and appends the records to the run's
+    dynamics.jsonl. The probe (items, noise, noise levels from the run's
+    P_mean/P_std) is drawn once from the run's seed, so every measurement of
+    every session of the run sees the same batch. Runs on rank 0 only."""
+
+    def __init__(self, every: int, probe_size: int = 256, batch_size: int = 256):
+        if every < 1 or probe_size < 1:
+            raise ValueError(f"dynamics={every}, dynamics_probe={probe_size}: both must be >= 1")
+        self.every, self.probe_size, self.batch_size = int(every), int(probe_size), int(batch_size)
+        self.tracker: DynamicsTracker | None = None
+
+    def due(self, nimg: int, batch: int, start_nimg: int, duration: int) -> bool:
+        if nimg == start_nimg:
+            return nimg == 0                     # measured before the checkpoint a resumed run starts from
+        return nimg // self.every > (nimg - batch) // self.every or nimg == duration
+
+    def __call__(self, run) -> None:
+        plan = run.plan
+        if run.rank != 0 or not self.due(run.nimg, plan.batch, run.start_nimg, plan.duration):
+            return
+        if self.tracker is None:
+            probe = probe_from_dataset(run.data, run.encoder, self.probe_size, seed=_probe_seed(plan.seed),
+                                       P_mean=plan.P_mean, P_std=plan.P_std)
+            self.tracker = DynamicsTracker(run.out, probe, start_nimg=run.start_nimg, batch_size=self.batch_size)
+        std = max(run.ema.nets)
+        self.tracker.measure(run.nimg, {"ema": run.ema.nets[std], "raw": run.net}, grad_net=run.net,
+                             grad_scale=plan.loss_scaling, extra={"ema": {"ema_std": std}})
 
 
 # ---------------------------------------------------------------------------
