@@ -197,3 +197,21 @@ def test_plot_command(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no dynamics.jsonl" in err and str(empty) in err
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_adm_network_buckets_and_no_uncertainty():
+    """Configs A/B (EDM's ADM names: model.enc['16x16_block0'].conv0, .affine, .qkv, ...): every weight is found
+    and measured after its bias; config A has no u(sigma), config B has one."""
+    adm = pytest.importorskip("edm2.nn.adm")
+    for uncertainty in (False, True):
+        torch.manual_seed(0)
+        net = adm.ADMPrecond(16, 1, 0, model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,),
+                             channels_per_head=16, uncertainty=uncertainty, precision="fp32")
+        layers = find_layers(net)
+        assert sorted({layer.bucket for layer in layers}) == ["dec-16x16", "dec-8x8", "enc-16x16", "enc-8x8"]
+        assert all(layer.hooked for layer in layers)
+        assert "model.dec.8x8_in0.qkv.weight" in [layer.name for layer in layers]
+        m = measure(net, make_probe(torch.randn(16, 1, 16, 16) * 0.5, seed=0, P_mean=-1.2, P_std=1.2, bins=4))
+        assert ("u" in m) == uncertainty
+        # The zero-initialised last layers make D = c_skip x: the weighted loss is 1 at every sigma.
+        assert m["loss"] == pytest.approx([1.0] * 4, abs=0.15)

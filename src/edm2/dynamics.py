@@ -285,7 +285,7 @@ def measure(net: torch.nn.Module, probe: Probe, batch_size: int = 256, sigma_dat
     modules = {id(layer.module): layer.module for layer in layers if layer.hooked}
     handles = [m.register_forward_hook(hook) for m in modules.values()]
     was_training = net.training
-    with_logvar = _accepts_logvar(net)
+    with_logvar = _accepts_logvar(net) and getattr(net, "uncertainty", True) is not False
     losses, logvars = [], []
     try:
         net.eval()
@@ -296,7 +296,14 @@ def measure(net: torch.nn.Module, probe: Probe, batch_size: int = 256, sigma_dat
             x = y + p.noise[sl] * sigma.reshape(-1, 1, 1, 1)
             labels = None if p.labels is None else p.labels[sl]
             if with_logvar:
-                out = net(x, sigma, labels, return_logvar=True)
+                try:
+                    out = net(x, sigma, labels, return_logvar=True)
+                except (TypeError, ValueError):   # the call exists, but this network has no u(sigma)
+                    if start:
+                        raise
+                    with_logvar = False
+                    acc.clear()
+            if with_logvar:
                 denoised, logvar = out if isinstance(out, tuple) else (out, None)
             else:
                 denoised, logvar = net(x, sigma, labels), None
