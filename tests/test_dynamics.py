@@ -215,3 +215,40 @@ def test_adm_network_buckets_and_no_uncertainty():
         assert ("u" in m) == uncertainty
         # The zero-initialised last layers make D = c_skip x: the weighted loss is 1 at every sigma.
         assert m["loss"] == pytest.approx([1.0] * 4, abs=0.15)
+
+
+def test_measure_stored_snapshots(tmp_path, capsys):
+    import numpy as np
+
+    from edm2.cli import main
+    from edm2.data import convert_dataset
+    from edm2.snapshot import make_meta, save_snapshot, snapshot_name
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", images=rng.integers(0, 256, (12, 16, 16), dtype=np.uint8))
+    convert_dataset(tmp_path / "d.npz", tmp_path / "data", progress=False, workers=1)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"data": str(tmp_path / "data"), "seed": 3, "P_mean": -0.8,
+                                                 "P_std": 1.6}))
+    net = _tiny_g()
+    kwargs = get_preset("tiny").net_kwargs(0)
+    for nimg, factor in ((64, 1.0), (128, 1.5)):
+        with torch.no_grad():
+            for layer in find_layers(net):
+                layer.weight.mul_(factor)
+        for std in (0.05, 0.1):
+            save_snapshot(run / snapshot_name(nimg, std), net,
+                          make_meta(kwargs, nimg, std, {"type": "rgb"}, {"path": str(tmp_path / "data")}))
+    main(["dynamics", "measure", str(run), "--probe", "8", "--device", "cpu"])
+    recs = load_dynamics(run)     # no dynamics.jsonl: the snapshot records
+    assert [(r["nimg"], r["ema_std"], r["net"]) for r in recs] == [(64, 0.1, "ema"), (128, 0.1, "ema")]
+    assert recs[1]["update"]["enc-16x16"] == pytest.approx(0.5, rel=1e-5)
+    for b, v in recs[0]["weight_max"].items():
+        assert recs[1]["weight_max"][b] == pytest.approx(1.5 * v, rel=1e-5)
+    main(["dynamics", "plot", str(run), "--out", str(tmp_path / "p.png")])
+    assert (tmp_path / "p.png").is_file() and (tmp_path / "p-loss.png").is_file()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["dynamics", "measure", str(run), "--ema-std", "0.2"])
+    assert "stores the EMA widths 0.050, 0.100" in capsys.readouterr().err

@@ -51,10 +51,11 @@ import torch
 from .fileio import atomic_write_bytes, pyplot, save_figure
 
 __all__ = ["bucket_of", "bucket_sort_key", "Layer", "find_layers", "Probe", "make_probe", "probe_from_dataset",
-           "DynamicsHook", "measure", "weight_magnitudes", "relative_updates", "gradient_norms", "DynamicsTracker",
+           "DynamicsHook", "measure_snapshots", "measure", "weight_magnitudes", "relative_updates", "gradient_norms", "DynamicsTracker",
            "DYNAMICS_FILE", "load_dynamics", "plot_dynamics", "plot_loss_profile", "QUANTITIES"]
 
 DYNAMICS_FILE = "dynamics.jsonl"
+SNAPSHOTS_FILE = "dynamics-snapshots.jsonl"     # measure_snapshots: records of the stored snapshots
 _BUCKET_RE = re.compile(r"(?:^|\.)(enc|dec)\.(\d+)x(\d+)_")
 
 
@@ -378,8 +379,9 @@ class DynamicsTracker:
     that the run folder holds. `update` compares with the previous measurement
     of the same network in this session (null for the first one)."""
 
-    def __init__(self, outdir, probe: Probe, start_nimg: int = 0, tensorboard: bool = True, batch_size: int = 256):
-        self.path = Path(outdir) / DYNAMICS_FILE
+    def __init__(self, outdir, probe: Probe, start_nimg: int = 0, tensorboard: bool = True, batch_size: int = 256,
+                 filename: str = DYNAMICS_FILE):
+        self.path = Path(outdir) / filename
         self.probe = probe
         self.batch_size = batch_size
         self.before: dict[str, dict[str, torch.Tensor]] = {}
@@ -407,7 +409,9 @@ class DynamicsTracker:
             rec = {"nimg": int(nimg), "net": tag, **(extra or {}).get(tag, {})}
             rec.update(measure(net, self.probe, batch_size=self.batch_size))
             rec["update"] = relative_updates(net, self.before[tag]) if tag in self.before else None
-            self.before[tag] = {layer.name: layer.weight.detach().to(torch.float32).clone() for layer in find_layers(net)}
+            # Kept in host memory: one float32 copy of the analysed weights per network.
+            self.before[tag] = {layer.name: layer.weight.detach().to("cpu", torch.float32, copy=True)
+                                for layer in find_layers(net)}
             if grad_net is not None and tag == "raw":
                 rec.update(gradient_norms(grad_net, grad_scale) or {})
             records.append(rec)
@@ -472,6 +476,51 @@ class DynamicsHook:
                              grad_scale=plan.loss_scaling, extra={"ema": {"ema_std": std}})
 
 
+def measure_snapshots(run, ema_std: float | None = None, data=None, probe_size: int = 256, out=None,
+                      device="cpu", progress: bool = False) -> Path:
+    """Measure the stored EMA snapshots of a finished (or running) run after
+    the fact, one record per snapshot, into `out` (default
+    `<run>/dynamics-snapshots.jsonl`, rewritten): the paper's Fig. 15 for a run
+    that was trained without `--dynamics`. `ema_std`: which stored EMA
+    (default: the longest). The probe is the one `--dynamics` would use: the
+    run's dataset (or `data`), seed and noise-level distribution from its
+    config.json. Returns the output path."""
+    from tqdm import tqdm
+
+    from .data import ImageDataset
+    from .encoders import encoder_from_meta
+    from .snapshot import list_snapshots, load_snapshot, read_snapshot_meta
+
+    run = Path(run)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: not a run folder")
+    snaps = [r for r in list_snapshots(run) if r[1] is not None]
+    if not snaps:
+        raise FileNotFoundError(f"{run}: no EMA snapshot-*.safetensors files to measure")
+    stds = sorted({r[1] for r in snaps})
+    std = max(stds) if ema_std is None else float(ema_std)
+    snaps = [r for r in snaps if abs(r[1] - std) < 5e-4]
+    if not snaps:
+        raise ValueError(f"--ema-std {ema_std}: the run stores the EMA widths {', '.join(f'{s:.3f}' for s in stds)}")
+    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    meta = read_snapshot_meta(snaps[0][2])
+    data = data or config.get("data") or meta.get("dataset", {}).get("path")
+    if data is None:
+        raise ValueError(f"{run}: the snapshots do not say which dataset trained them; pass --data")
+    probe = probe_from_dataset(ImageDataset(data, use_labels=bool(meta["net_kwargs"].get("label_dim"))),
+                               encoder_from_meta(meta.get("encoder", {"type": "rgb"})), probe_size,
+                               seed=_probe_seed(config.get("seed", 0)), P_mean=config.get("P_mean", -0.4),
+                               P_std=config.get("P_std", 1.0))
+    out = Path(out) if out is not None else run / SNAPSHOTS_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, b"")
+    tracker = DynamicsTracker(out.parent, probe, tensorboard=False, filename=out.name)
+    for nimg, s, path in tqdm(snaps, desc="measuring snapshots", unit="snapshot", disable=not progress):
+        net, _ = load_snapshot(path, device=device)
+        tracker.measure(nimg, {"ema": net}, extra={"ema": {"ema_std": s, "snapshot": path.name}})
+    return out
+
+
 # ---------------------------------------------------------------------------
 # Reading and drawing.
 # ---------------------------------------------------------------------------
@@ -495,14 +544,16 @@ def _read_records(path: Path) -> list[dict]:
 
 
 def load_dynamics(run) -> list[dict]:
-    """The records of a run folder's dynamics.jsonl (or of that file given
-    directly), in file order."""
+    """The records of a run folder's dynamics.jsonl (else its
+    dynamics-snapshots.jsonl), or of such a file given directly, in file order."""
     path = Path(run)
     if path.is_dir():
-        path = path / DYNAMICS_FILE
+        path = path / (DYNAMICS_FILE if (path / DYNAMICS_FILE).is_file() or not (path / SNAPSHOTS_FILE).is_file()
+                       else SNAPSHOTS_FILE)
     if not path.is_file():
         raise FileNotFoundError(f"{run}: no {DYNAMICS_FILE}; record one with `edm2 train --dynamics N` "
-                                f"(N = images between measurements)")
+                                f"(N = images between measurements), or measure the stored snapshots with "
+                                f"`edm2 dynamics measure {run}`")
     records = _read_records(path)
     if not records:
         raise ValueError(f"{path}: holds no records yet")
