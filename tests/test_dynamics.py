@@ -159,7 +159,8 @@ def _synthetic_run(folder, growth):
             nimg = i * 2 ** 20
             rec = {"nimg": nimg, "net": "ema"}
             for q in ("act_max", "act_mean", "weight_max", "weight_mean"):
-                rec[q] = {b: 1.0 + growth * i * (k + 1) for k, b in enumerate(["enc-32x32", "enc-16x16", "dec-16x16", "dec-32x32"])}
+                buckets = ["enc-32x32", "enc-16x16", "dec-16x16", "dec-32x32"]
+                rec[q] = {b: 1.0 + growth * i * (k + 1) for k, b in enumerate(buckets)}
             rec["update"] = None if i == 0 else {"enc-32x32": 0.01, "dec-32x32": 0.02}
             rec["loss_sigma"], rec["loss"] = [0.1, 1.0, 10.0], [0.5, 0.3, 0.2]
             rec["u_sigma"], rec["u"] = [0.1, 1.0, 10.0], [math.log(0.5), math.log(0.3), math.log(0.2)]

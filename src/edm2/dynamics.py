@@ -51,8 +51,9 @@ import torch
 from .fileio import atomic_write_bytes, pyplot, save_figure
 
 __all__ = ["bucket_of", "bucket_sort_key", "Layer", "find_layers", "Probe", "make_probe", "probe_from_dataset",
-           "DynamicsHook", "measure_snapshots", "measure", "weight_magnitudes", "relative_updates", "gradient_norms", "DynamicsTracker",
-           "DYNAMICS_FILE", "load_dynamics", "plot_dynamics", "plot_loss_profile", "QUANTITIES"]
+           "DynamicsHook", "measure_snapshots", "measure", "weight_magnitudes", "relative_updates",
+           "gradient_norms", "DynamicsTracker", "DYNAMICS_FILE", "SNAPSHOTS_FILE", "load_dynamics", "plot_dynamics",
+           "plot_loss_profile", "QUANTITIES"]
 
 DYNAMICS_FILE = "dynamics.jsonl"
 SNAPSHOTS_FILE = "dynamics-snapshots.jsonl"     # measure_snapshots: records of the stored snapshots
@@ -159,8 +160,8 @@ def gradient_norms(net: torch.nn.Module, scale: float = 1.0) -> dict | None:
     for layer in find_layers(net):
         if layer.weight.grad is not None:
             per[layer.bucket] = per.get(layer.bucket, 0.0) + float(layer.weight.grad.to(torch.float32).square().sum())
-    return {"grad_norm": total,
-            "grad_norm_bucket": {b: math.sqrt(v) / scale for b, v in sorted(per.items(), key=lambda kv: bucket_sort_key(kv[0]))}}
+    order = sorted(per, key=bucket_sort_key)
+    return {"grad_norm": total, "grad_norm_bucket": {b: math.sqrt(per[b]) / scale for b in order}}
 
 
 # ---------------------------------------------------------------------------
