@@ -47,8 +47,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from .data import ImageDataset
+from .encoders import encoder_from_meta
 from .fileio import atomic_write_bytes, pyplot, save_figure
+from .snapshot import list_snapshots, load_snapshot, read_snapshot_meta
 
 __all__ = ["bucket_of", "bucket_sort_key", "Layer", "find_layers", "Probe", "make_probe", "probe_from_dataset",
            "DynamicsHook", "measure_snapshots", "measure", "weight_magnitudes", "relative_updates",
@@ -486,12 +490,6 @@ def measure_snapshots(run, ema_std: float | None = None, data=None, probe_size: 
     (default: the longest). The probe is the one `--dynamics` would use: the
     run's dataset (or `data`), seed and noise-level distribution from its
     config.json. Returns the output path."""
-    from tqdm import tqdm
-
-    from .data import ImageDataset
-    from .encoders import encoder_from_meta
-    from .snapshot import list_snapshots, load_snapshot, read_snapshot_meta
-
     run = Path(run)
     if not run.is_dir():
         raise FileNotFoundError(f"{run}: not a run folder")

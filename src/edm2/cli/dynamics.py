@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..dynamics import plot_dynamics, plot_loss_profile
+from ..distributed import configure_threads, resolve_device
+from ..dynamics import measure_snapshots, plot_dynamics, plot_loss_profile
 
 HELP = "figures of the training dynamics recorded with `edm2 train --dynamics N`"
 
@@ -53,9 +54,6 @@ def _plot(args) -> None:
 
 
 def _measure(args) -> None:
-    from ..distributed import configure_threads, resolve_device
-    from ..dynamics import measure_snapshots
-
     configure_threads()
     out = measure_snapshots(args.run, ema_std=args.ema_std, data=args.data, probe_size=args.probe, out=args.out,
                             device=str(resolve_device(args.device)), progress=True)
