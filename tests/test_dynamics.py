@@ -253,3 +253,48 @@ def test_measure_stored_snapshots(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["dynamics", "measure", str(run), "--ema-std", "0.2"])
     assert "stores the EMA widths 0.050, 0.100" in capsys.readouterr().err
+
+
+def _strip(records):
+    return [{k: v for k, v in r.items() if k not in ("time", "seconds")} for r in records]
+
+
+def test_hook_schedule():
+    from edm2.dynamics import DynamicsHook
+
+    hook = DynamicsHook(24)
+    # Batch 8, 64 images: image 0, the first maintenance point at or after 24 and 48, and the end.
+    assert [n for n in range(0, 72, 8) if hook.due(n, 8, 0, 64)] == [0, 24, 48, 64]
+    assert [n for n in range(0, 72, 16) if hook.due(n, 16, 0, 64)] == [0, 32, 48, 64]
+    # A resumed session does not measure again at its first image (measured before that checkpoint).
+    assert [n for n in range(32, 72, 8) if hook.due(n, 8, 32, 64)] == [48, 64]
+    with pytest.raises(ValueError, match="dynamics=0"):
+        DynamicsHook(0)
+
+
+def test_train_records_dynamics_and_resumes_identically(tmp_path):
+    import numpy as np
+
+    from edm2.data import convert_dataset
+    from edm2.training import TrainConfig, train
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", images=rng.integers(0, 256, (16, 16, 16), dtype=np.uint8))
+    convert_dataset(tmp_path / "d.npz", tmp_path / "data", progress=False, workers=1)
+    common = dict(data=str(tmp_path / "data"), preset="tiny", duration=64, snapshot=32, checkpoint=32, grid=0,
+                  dynamics=16, dynamics_probe=8, progress=False)
+    train(TrainConfig(outdir=str(tmp_path / "a"), **common))
+    recs = load_dynamics(tmp_path / "a")
+    assert [(r["nimg"], r["net"]) for r in recs] == [(n, t) for n in (0, 16, 32, 48, 64) for t in ("ema", "raw")]
+    assert recs[0]["update"] is None and recs[2]["update"]["enc-16x16"] > 0
+    assert "grad_norm" not in recs[1] and recs[3]["grad_norm"] > 0
+    assert sorted(recs[0]["act_max"]) == ["dec-16x16", "dec-8x8", "enc-16x16", "enc-8x8"]
+    # Interrupted after 32 images and resumed: the same records, updates included (the probe comes from
+    # the seed; the weights at the checkpoint are those of the last measurement).
+    train(TrainConfig(outdir=str(tmp_path / "b"), slice=32, **common))
+    assert [r["nimg"] for r in load_dynamics(tmp_path / "b")] == [0, 0, 16, 16, 32, 32]
+    train(TrainConfig(outdir=str(tmp_path / "b"), **common))
+    assert _strip(load_dynamics(tmp_path / "b")) == _strip(recs)
+    with pytest.raises(ValueError, match="dynamics_probe=0"):
+        train(TrainConfig(outdir=str(tmp_path / "c"), **{**common, "dynamics_probe": 0}))
+    assert not (tmp_path / "c").exists()

@@ -391,9 +391,11 @@ class DynamicsTracker:
         self.batch_size = batch_size
         self.before: dict[str, dict[str, torch.Tensor]] = {}
         self.seconds = 0.0
+        self.last_nimg = None            # nimg of the last record in the file
         if self.path.exists():
             keep = [r for r in _read_records(self.path) if r.get("nimg", 0) <= start_nimg]
             atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
+            self.last_nimg = keep[-1]["nimg"] if keep else None
         self.tb = None
         if tensorboard:
             try:
@@ -402,6 +404,14 @@ class DynamicsTracker:
                 self.tb = SummaryWriter(str(Path(outdir) / "tensorboard"))
             except ImportError:
                 pass
+
+    def remember(self, nets: dict) -> None:
+        """Take these weights as the previous measurement's (a resumed run whose
+        last record is at the checkpoint it resumes from)."""
+        for tag, net in nets.items():
+            # Kept in host memory: one float32 copy of the analysed weights per network.
+            self.before[tag] = {layer.name: layer.weight.detach().to("cpu", torch.float32, copy=True)
+                                for layer in find_layers(net)}
 
     def measure(self, nimg: int, nets: dict, grad_net: torch.nn.Module | None = None, grad_scale: float = 1.0,
                 extra: dict | None = None) -> list[dict]:
@@ -414,9 +424,7 @@ class DynamicsTracker:
             rec = {"nimg": int(nimg), "net": tag, **(extra or {}).get(tag, {})}
             rec.update(measure(net, self.probe, batch_size=self.batch_size))
             rec["update"] = relative_updates(net, self.before[tag]) if tag in self.before else None
-            # Kept in host memory: one float32 copy of the analysed weights per network.
-            self.before[tag] = {layer.name: layer.weight.detach().to("cpu", torch.float32, copy=True)
-                                for layer in find_layers(net)}
+            self.remember({tag: net})
             if grad_net is not None and tag == "raw":
                 rec.update(gradient_norms(grad_net, grad_scale) or {})
             records.append(rec)
@@ -428,6 +436,7 @@ class DynamicsTracker:
                 f.write(json.dumps(_clean(rec)) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        self.last_nimg = int(nimg)
         if self.tb is not None:
             for rec in records:
                 for key in QUANTITIES:
@@ -470,15 +479,19 @@ class DynamicsHook:
 
     def __call__(self, run) -> None:
         plan = run.plan
-        if run.rank != 0 or not self.due(run.nimg, plan.batch, run.start_nimg, plan.duration):
+        if run.rank != 0:
             return
+        std = max(run.ema.nets)
+        nets = {"ema": run.ema.nets[std], "raw": run.net}
         if self.tracker is None:
             probe = probe_from_dataset(run.data, run.encoder, self.probe_size, seed=_probe_seed(plan.seed),
                                        P_mean=plan.P_mean, P_std=plan.P_std)
             self.tracker = DynamicsTracker(run.out, probe, start_nimg=run.start_nimg, batch_size=self.batch_size)
-        std = max(run.ema.nets)
-        self.tracker.measure(run.nimg, {"ema": run.ema.nets[std], "raw": run.net}, grad_net=run.net,
-                             grad_scale=plan.loss_scaling, extra={"ema": {"ema_std": std}})
+            if run.nimg == run.start_nimg > 0 and self.tracker.last_nimg == run.nimg:
+                self.tracker.remember(nets)      # so the next update spans the same interval as without the resume
+        if self.due(run.nimg, plan.batch, run.start_nimg, plan.duration):
+            self.tracker.measure(run.nimg, nets, grad_net=run.net, grad_scale=plan.loss_scaling,
+                                 extra={"ema": {"ema_std": std}})
 
 
 def measure_snapshots(run, ema_std: float | None = None, data=None, probe_size: int = 256, out=None,
