@@ -208,3 +208,103 @@ def test_plot_command(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no dynamics.jsonl" in err and str(empty) in err
     assert not (tmp_path / "bad.png").exists()
+
+
+def test_adm_network_buckets_and_no_uncertainty():
+    """Configs A/B (EDM's ADM names: model.enc['16x16_block0'].conv0, .affine, .qkv, ...): every weight is found
+    and measured after its bias; config A has no u(sigma), config B has one."""
+    adm = pytest.importorskip("edm2.nn.adm")
+    for uncertainty in (False, True):
+        torch.manual_seed(0)
+        net = adm.ADMPrecond(16, 1, 0, model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,),
+                             channels_per_head=16, uncertainty=uncertainty, precision="fp32")
+        layers = find_layers(net)
+        assert sorted({layer.bucket for layer in layers}) == ["dec-16x16", "dec-8x8", "enc-16x16", "enc-8x8"]
+        assert all(layer.hooked for layer in layers)
+        assert "model.dec.8x8_in0.qkv.weight" in [layer.name for layer in layers]
+        m = measure(net, make_probe(torch.randn(16, 1, 16, 16) * 0.5, seed=0, P_mean=-1.2, P_std=1.2, bins=4))
+        assert ("u" in m) == uncertainty
+        # The zero-initialised last layers make D = c_skip x: the weighted loss is 1 at every sigma.
+        assert m["loss"] == pytest.approx([1.0] * 4, abs=0.15)
+
+
+def test_measure_stored_snapshots(tmp_path, capsys):
+    import numpy as np
+
+    from edm2.cli import main
+    from edm2.data import convert_dataset
+    from edm2.snapshot import make_meta, save_snapshot, snapshot_name
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", images=rng.integers(0, 256, (12, 16, 16), dtype=np.uint8))
+    convert_dataset(tmp_path / "d.npz", tmp_path / "data", progress=False, workers=1)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.json").write_text(json.dumps({"data": str(tmp_path / "data"), "seed": 3, "P_mean": -0.8,
+                                                 "P_std": 1.6}))
+    net = _tiny_g()
+    kwargs = get_preset("tiny").net_kwargs(0)
+    for nimg, factor in ((64, 1.0), (128, 1.5)):
+        with torch.no_grad():
+            for layer in find_layers(net):
+                layer.weight.mul_(factor)
+        for std in (0.05, 0.1):
+            save_snapshot(run / snapshot_name(nimg, std), net,
+                          make_meta(kwargs, nimg, std, {"type": "rgb"}, {"path": str(tmp_path / "data")}))
+    main(["dynamics", "measure", str(run), "--probe", "8", "--device", "cpu"])
+    recs = load_dynamics(run)     # no dynamics.jsonl: the snapshot records
+    assert [(r["nimg"], r["ema_std"], r["net"]) for r in recs] == [(64, 0.1, "ema"), (128, 0.1, "ema")]
+    assert recs[1]["update"]["enc-16x16"] == pytest.approx(0.5, rel=1e-5)
+    for b, v in recs[0]["weight_max"].items():
+        assert recs[1]["weight_max"][b] == pytest.approx(1.5 * v, rel=1e-5)
+    main(["dynamics", "plot", str(run), "--out", str(tmp_path / "p.png")])
+    assert (tmp_path / "p.png").is_file() and (tmp_path / "p-loss.png").is_file()
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["dynamics", "measure", str(run), "--ema-std", "0.2"])
+    assert "stores the EMA widths 0.050, 0.100" in capsys.readouterr().err
+
+
+def _strip(records):
+    return [{k: v for k, v in r.items() if k not in ("time", "seconds")} for r in records]
+
+
+def test_hook_schedule():
+    from edm2.dynamics import DynamicsHook
+
+    hook = DynamicsHook(24)
+    # Batch 8, 64 images: image 0, the first maintenance point at or after 24 and 48, and the end.
+    assert [n for n in range(0, 72, 8) if hook.due(n, 8, 0, 64)] == [0, 24, 48, 64]
+    assert [n for n in range(0, 72, 16) if hook.due(n, 16, 0, 64)] == [0, 32, 48, 64]
+    # A resumed session does not measure again at its first image (measured before that checkpoint).
+    assert [n for n in range(32, 72, 8) if hook.due(n, 8, 32, 64)] == [48, 64]
+    with pytest.raises(ValueError, match="dynamics=0"):
+        DynamicsHook(0)
+
+
+def test_train_records_dynamics_and_resumes_identically(tmp_path):
+    import numpy as np
+
+    from edm2.data import convert_dataset
+    from edm2.training import TrainConfig, train
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", images=rng.integers(0, 256, (16, 16, 16), dtype=np.uint8))
+    convert_dataset(tmp_path / "d.npz", tmp_path / "data", progress=False, workers=1)
+    common = dict(data=str(tmp_path / "data"), preset="tiny", duration=64, snapshot=32, checkpoint=32, grid=0,
+                  dynamics=16, dynamics_probe=8, progress=False)
+    train(TrainConfig(outdir=str(tmp_path / "a"), **common))
+    recs = load_dynamics(tmp_path / "a")
+    assert [(r["nimg"], r["net"]) for r in recs] == [(n, t) for n in (0, 16, 32, 48, 64) for t in ("ema", "raw")]
+    assert recs[0]["update"] is None and recs[2]["update"]["enc-16x16"] > 0
+    assert "grad_norm" not in recs[1] and recs[3]["grad_norm"] > 0
+    assert sorted(recs[0]["act_max"]) == ["dec-16x16", "dec-8x8", "enc-16x16", "enc-8x8"]
+    # Interrupted after 32 images and resumed: the same records, updates included (the probe comes from
+    # the seed; the weights at the checkpoint are those of the last measurement).
+    train(TrainConfig(outdir=str(tmp_path / "b"), slice=32, **common))
+    assert [r["nimg"] for r in load_dynamics(tmp_path / "b")] == [0, 0, 16, 16, 32, 32]
+    train(TrainConfig(outdir=str(tmp_path / "b"), **common))
+    assert _strip(load_dynamics(tmp_path / "b")) == _strip(recs)
+    with pytest.raises(ValueError, match="dynamics_probe=0"):
+        train(TrainConfig(outdir=str(tmp_path / "c"), **{**common, "dynamics_probe": 0}))
+    assert not (tmp_path / "c").exists()

@@ -47,14 +47,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
+from .data import ImageDataset
+from .encoders import encoder_from_meta
 from .fileio import atomic_write_bytes, pyplot, save_figure
+from .snapshot import list_snapshots, load_snapshot, read_snapshot_meta
 
 __all__ = ["bucket_of", "bucket_sort_key", "Layer", "find_layers", "Probe", "make_probe", "probe_from_dataset",
-           "measure", "weight_magnitudes", "relative_updates", "gradient_norms", "DynamicsTracker",
-           "DYNAMICS_FILE", "load_dynamics", "plot_dynamics", "plot_loss_profile", "QUANTITIES"]
+           "DynamicsHook", "measure_snapshots", "measure", "weight_magnitudes", "relative_updates",
+           "gradient_norms", "DynamicsTracker", "DYNAMICS_FILE", "SNAPSHOTS_FILE", "load_dynamics", "plot_dynamics",
+           "plot_loss_profile", "QUANTITIES"]
 
 DYNAMICS_FILE = "dynamics.jsonl"
+SNAPSHOTS_FILE = "dynamics-snapshots.jsonl"     # measure_snapshots: records of the stored snapshots
 _BUCKET_RE = re.compile(r"(?:^|\.)(enc|dec)\.(\d+)x(\d+)_")
 
 
@@ -158,9 +164,8 @@ def gradient_norms(net: torch.nn.Module, scale: float = 1.0) -> dict | None:
     for layer in find_layers(net):
         if layer.weight.grad is not None:
             per[layer.bucket] = per.get(layer.bucket, 0.0) + float(layer.weight.grad.to(torch.float32).square().sum())
-    return {"grad_norm": total,
-            "grad_norm_bucket": {b: math.sqrt(v) / scale
-                                 for b, v in sorted(per.items(), key=lambda kv: bucket_sort_key(kv[0]))}}
+    order = sorted(per, key=bucket_sort_key)
+    return {"grad_norm": total, "grad_norm_bucket": {b: math.sqrt(per[b]) / scale for b in order}}
 
 
 # ---------------------------------------------------------------------------
@@ -286,7 +291,7 @@ def measure(net: torch.nn.Module, probe: Probe, batch_size: int = 256, sigma_dat
     modules = {id(layer.module): layer.module for layer in layers if layer.hooked}
     handles = [m.register_forward_hook(hook) for m in modules.values()]
     was_training = net.training
-    with_logvar = _accepts_logvar(net)
+    with_logvar = _accepts_logvar(net) and getattr(net, "uncertainty", True) is not False
     losses, logvars = [], []
     try:
         net.eval()
@@ -297,7 +302,14 @@ def measure(net: torch.nn.Module, probe: Probe, batch_size: int = 256, sigma_dat
             x = y + p.noise[sl] * sigma.reshape(-1, 1, 1, 1)
             labels = None if p.labels is None else p.labels[sl]
             if with_logvar:
-                out = net(x, sigma, labels, return_logvar=True)
+                try:
+                    out = net(x, sigma, labels, return_logvar=True)
+                except (TypeError, ValueError):   # the call exists, but this network has no u(sigma)
+                    if start:
+                        raise
+                    with_logvar = False
+                    acc.clear()
+            if with_logvar:
                 denoised, logvar = out if isinstance(out, tuple) else (out, None)
             else:
                 denoised, logvar = net(x, sigma, labels), None
@@ -372,15 +384,18 @@ class DynamicsTracker:
     that the run folder holds. `update` compares with the previous measurement
     of the same network in this invocation (null for the first one)."""
 
-    def __init__(self, outdir, probe: Probe, start_nimg: int = 0, tensorboard: bool = True, batch_size: int = 256):
-        self.path = Path(outdir) / DYNAMICS_FILE
+    def __init__(self, outdir, probe: Probe, start_nimg: int = 0, tensorboard: bool = True, batch_size: int = 256,
+                 filename: str = DYNAMICS_FILE):
+        self.path = Path(outdir) / filename
         self.probe = probe
         self.batch_size = batch_size
         self.before: dict[str, dict[str, torch.Tensor]] = {}
         self.seconds = 0.0
+        self.last_nimg = None            # nimg of the last record in the file
         if self.path.exists():
             keep = [r for r in _read_records(self.path) if r.get("nimg", 0) <= start_nimg]
             atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
+            self.last_nimg = keep[-1]["nimg"] if keep else None
         self.tb = None
         if tensorboard:
             try:
@@ -389,6 +404,14 @@ class DynamicsTracker:
                 self.tb = SummaryWriter(str(Path(outdir) / "tensorboard"))
             except ImportError:
                 pass
+
+    def remember(self, nets: dict) -> None:
+        """Take these weights as the previous measurement's (a resumed run whose
+        last record is at the checkpoint it resumes from)."""
+        for tag, net in nets.items():
+            # Kept in host memory: one float32 copy of the analysed weights per network.
+            self.before[tag] = {layer.name: layer.weight.detach().to("cpu", torch.float32, copy=True)
+                                for layer in find_layers(net)}
 
     def measure(self, nimg: int, nets: dict, grad_net: torch.nn.Module | None = None, grad_scale: float = 1.0,
                 extra: dict | None = None) -> list[dict]:
@@ -401,8 +424,7 @@ class DynamicsTracker:
             rec = {"nimg": int(nimg), "net": tag, **(extra or {}).get(tag, {})}
             rec.update(measure(net, self.probe, batch_size=self.batch_size))
             rec["update"] = relative_updates(net, self.before[tag]) if tag in self.before else None
-            self.before[tag] = {layer.name: layer.weight.detach().to(torch.float32).clone()
-                                for layer in find_layers(net)}
+            self.remember({tag: net})
             if grad_net is not None and tag == "raw":
                 rec.update(gradient_norms(grad_net, grad_scale) or {})
             records.append(rec)
@@ -414,6 +436,7 @@ class DynamicsTracker:
                 f.write(json.dumps(_clean(rec)) + "\n")
             f.flush()
             os.fsync(f.fileno())
+        self.last_nimg = int(nimg)
         if self.tb is not None:
             for rec in records:
                 for key in QUANTITIES:
@@ -426,6 +449,88 @@ class DynamicsTracker:
     def close(self) -> None:
         if self.tb is not None:
             self.tb.close()
+
+
+def _probe_seed(seed: int) -> int:
+    """The probe's own random stream of a run with this seed (independent of training's streams)."""
+    return int(np.random.SeedSequence([int(seed), 0x64796E]).generate_state(1, np.uint32)[0])
+
+
+class DynamicsHook:
+    """A training hook (`edm2.training.train(config, hooks=...)`, `edm2 train
+    --dynamics N`): every `every` images (at the first maintenance point at or
+    after each multiple of `every`, at image 0 of a fresh run and at the end of
+    training) it measures the longest EMA network and the raw network on a
+    probe of `probe_size` training items and appends the records to the run's
+    dynamics.jsonl. The probe (items, noise, noise levels from the run's
+    P_mean/P_std) is drawn once from the run's seed, so every measurement of
+    every session of the run sees the same batch. Runs on rank 0 only."""
+
+    def __init__(self, every: int, probe_size: int = 256, batch_size: int = 256):
+        if every < 1 or probe_size < 1:
+            raise ValueError(f"dynamics={every}, dynamics_probe={probe_size}: both must be >= 1")
+        self.every, self.probe_size, self.batch_size = int(every), int(probe_size), int(batch_size)
+        self.tracker: DynamicsTracker | None = None
+
+    def due(self, nimg: int, batch: int, start_nimg: int, duration: int) -> bool:
+        if nimg == start_nimg:
+            return nimg == 0                     # measured before the checkpoint a resumed run starts from
+        return nimg // self.every > (nimg - batch) // self.every or nimg == duration
+
+    def __call__(self, run) -> None:
+        plan = run.plan
+        if run.rank != 0:
+            return
+        std = max(run.ema.nets)
+        nets = {"ema": run.ema.nets[std], "raw": run.net}
+        if self.tracker is None:
+            probe = probe_from_dataset(run.data, run.encoder, self.probe_size, seed=_probe_seed(plan.seed),
+                                       P_mean=plan.P_mean, P_std=plan.P_std)
+            self.tracker = DynamicsTracker(run.out, probe, start_nimg=run.start_nimg, batch_size=self.batch_size)
+            if run.nimg == run.start_nimg > 0 and self.tracker.last_nimg == run.nimg:
+                self.tracker.remember(nets)      # so the next update spans the same interval as without the resume
+        if self.due(run.nimg, plan.batch, run.start_nimg, plan.duration):
+            self.tracker.measure(run.nimg, nets, grad_net=run.net, grad_scale=plan.loss_scaling,
+                                 extra={"ema": {"ema_std": std}})
+
+
+def measure_snapshots(run, ema_std: float | None = None, data=None, probe_size: int = 256, out=None,
+                      device="cpu", progress: bool = False) -> Path:
+    """Measure the stored EMA snapshots of a finished (or running) run after
+    the fact, one record per snapshot, into `out` (default
+    `<run>/dynamics-snapshots.jsonl`, rewritten): the paper's Fig. 15 for a run
+    that was trained without `--dynamics`. `ema_std`: which stored EMA
+    (default: the longest). The probe is the one `--dynamics` would use: the
+    run's dataset (or `data`), seed and noise-level distribution from its
+    config.json. Returns the output path."""
+    run = Path(run)
+    if not run.is_dir():
+        raise FileNotFoundError(f"{run}: not a run folder")
+    snaps = [r for r in list_snapshots(run) if r[1] is not None]
+    if not snaps:
+        raise FileNotFoundError(f"{run}: no EMA snapshot-*.safetensors files to measure")
+    stds = sorted({r[1] for r in snaps})
+    std = max(stds) if ema_std is None else float(ema_std)
+    snaps = [r for r in snaps if abs(r[1] - std) < 5e-4]
+    if not snaps:
+        raise ValueError(f"--ema-std {ema_std}: the run stores the EMA widths {', '.join(f'{s:.3f}' for s in stds)}")
+    config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
+    meta = read_snapshot_meta(snaps[0][2])
+    data = data or config.get("data") or meta.get("dataset", {}).get("path")
+    if data is None:
+        raise ValueError(f"{run}: the snapshots do not say which dataset trained them; pass --data")
+    probe = probe_from_dataset(ImageDataset(data, use_labels=bool(meta["net_kwargs"].get("label_dim"))),
+                               encoder_from_meta(meta.get("encoder", {"type": "rgb"})), probe_size,
+                               seed=_probe_seed(config.get("seed", 0)), P_mean=config.get("P_mean", -0.4),
+                               P_std=config.get("P_std", 1.0))
+    out = Path(out) if out is not None else run / SNAPSHOTS_FILE
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, b"")
+    tracker = DynamicsTracker(out.parent, probe, tensorboard=False, filename=out.name)
+    for nimg, s, path in tqdm(snaps, desc="measuring snapshots", unit="snapshot", disable=not progress):
+        net, _ = load_snapshot(path, device=device)
+        tracker.measure(nimg, {"ema": net}, extra={"ema": {"ema_std": s, "snapshot": path.name}})
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -451,14 +556,16 @@ def _read_records(path: Path) -> list[dict]:
 
 
 def load_dynamics(run) -> list[dict]:
-    """The records of a run folder's dynamics.jsonl (or of that file given
-    directly), in file order."""
+    """The records of a run folder's dynamics.jsonl (else its
+    dynamics-snapshots.jsonl), or of such a file given directly, in file order."""
     path = Path(run)
     if path.is_dir():
-        path = path / DYNAMICS_FILE
+        path = path / (DYNAMICS_FILE if (path / DYNAMICS_FILE).is_file() or not (path / SNAPSHOTS_FILE).is_file()
+                       else SNAPSHOTS_FILE)
     if not path.is_file():
         raise FileNotFoundError(f"{run}: no {DYNAMICS_FILE}; record one with `edm2 train --dynamics N` "
-                                f"(N = images between measurements)")
+                                f"(N = images between measurements), or measure the stored snapshots with "
+                                f"`edm2 dynamics measure {run}`")
     records = _read_records(path)
     if not records:
         raise ValueError(f"{path}: holds no records yet")

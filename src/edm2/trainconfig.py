@@ -70,6 +70,9 @@ class TrainConfig:
     workers: int | None = _option(help="data loader processes (default: 2 on CUDA, 0 on CPU)", kind="int")
     grid: int = _option(60, "images in the sample grid at each snapshot (conditional: 10 class rows; 0: none)",
                         kind="int")
+    dynamics: int | None = _option(help="every N images, measure activation and weight magnitudes per U-Net level "
+                                   "into dynamics.jsonl (docs/dynamics.md; default: off)", kind="nimg")
+    dynamics_probe: int = _option(256, "training items in the --dynamics probe batch (default 256)", kind="int")
     threads: int | None = _option(help="CPU threads per process (default: OMP_NUM_THREADS if set, else this "
                                   "machine's cores shared by its training processes, at most 4 each)", kind="int")
     force_new: bool = _option(False, "start over in an --outdir that holds another run (its files move to "

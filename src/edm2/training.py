@@ -52,6 +52,7 @@ from .checkpoint import (
 )
 from .data import ImageDataset, builtin_dataset_path
 from .distributed import configure_threads, default_device, init_distributed
+from .dynamics import DynamicsHook
 from .ema import PowerFunctionEMA
 from .encoders import StabilityVAEEncoder, StandardRGBEncoder, VAEUnavailable, encoder_from_meta
 from .fileio import LockError, RunLock, atomic_write_bytes
@@ -175,9 +176,9 @@ def _check_values(config: TrainConfig, preset) -> dict:
         values[name] = value
     if config.precision not in DTYPES:
         raise ValueError(f"precision={config.precision!r}: allowed: {', '.join(DTYPES)}")
-    for name in ("seed", "workers", "grid", "threads", "channels"):
+    for name in ("seed", "workers", "grid", "threads", "channels", "dynamics", "dynamics_probe"):
         value = getattr(config, name)
-        low = 1 if name in ("threads", "channels") else 0
+        low = 1 if name in ("threads", "channels", "dynamics", "dynamics_probe") else 0
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
             raise ValueError(f"{name}={value!r}: must be a whole number >= {low}")
     return values
@@ -561,6 +562,8 @@ def train(config: TrainConfig, hooks: tuple[Hook, ...] = ()) -> TrainResult:
     callables hook(run) called at every maintenance point (before each step
     and at the end), e.g. to measure something every N images.
     """
+    if config.dynamics:   # magnitudes per U-Net level every N images (docs/dynamics.md)
+        hooks = (*hooks, DynamicsHook(config.dynamics, config.dynamics_probe))
     with _process_group() as (rank, world):
         run = setup(config, rank, world, hooks=hooks)
         try:

@@ -3,7 +3,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..dynamics import plot_dynamics, plot_loss_profile
+from ..distributed import configure_threads, resolve_device
+from ..dynamics import measure_snapshots, plot_dynamics, plot_loss_profile
 
 HELP = "figures of the training dynamics recorded with `edm2 train --dynamics N`"
 
@@ -26,6 +27,17 @@ def register(sub) -> None:
                    "update (default: all that were recorded)")
     p.set_defaults(func=_plot)
 
+    m = cmds.add_parser("measure", help="measure the stored EMA snapshots of a run (trained without --dynamics) "
+                        "into RUN/dynamics-snapshots.jsonl, which `plot` then draws")
+    m.add_argument("run", metavar="RUN", help="run folder")
+    m.add_argument("--ema-std", type=float, help="which stored EMA (default: the longest)")
+    m.add_argument("--data", metavar="PATH", help="dataset for the probe batch (default: the run's)")
+    m.add_argument("--probe", type=int, default=256, metavar="N", help="probe batch size (default 256, as "
+                   "`edm2 train --dynamics`)")
+    m.add_argument("--out", metavar="FILE", help="output .jsonl (default RUN/dynamics-snapshots.jsonl)")
+    m.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
+    m.set_defaults(func=_measure)
+
 
 def _plot(args) -> None:
     out = Path(args.out)
@@ -39,3 +51,10 @@ def _plot(args) -> None:
     loss_out = out.with_name(out.stem + "-loss.png")
     plot_loss_profile(args.runs, loss_out, net=args.net, labels=labels)
     print(f"wrote {out} and {loss_out}")
+
+
+def _measure(args) -> None:
+    configure_threads()
+    out = measure_snapshots(args.run, ema_std=args.ema_std, data=args.data, probe_size=args.probe, out=args.out,
+                            device=str(resolve_device(args.device)), progress=True)
+    print(f"wrote {out}")
