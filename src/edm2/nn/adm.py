@@ -345,8 +345,7 @@ class ADMPrecond(torch.nn.Module):
         self.sigma_data = sigma_data
         self.uncertainty = bool(uncertainty)
         self.attn_resolutions = attn_resolutions
-        self.use_fp16 = precision != "fp32"
-        self.reduced_dtype = precision if precision != "fp32" else "fp16"
+        self.precision = precision
         self.model = ADMUNet(img_resolution, img_channels, img_channels, label_dim=label_dim,
                              model_channels=model_channels, channel_mult=channel_mult,
                              channel_mult_emb=channel_mult_emb, num_blocks=num_blocks,
@@ -361,13 +360,9 @@ class ADMPrecond(torch.nn.Module):
         """'B' when the network has the learned uncertainty u(sigma), else 'A'."""
         return "B" if self.uncertainty else "A"
 
-    @property
-    def precision(self) -> str:
-        return self.reduced_dtype if self.use_fp16 else "fp32"
-
     def compute_dtype(self, device: torch.device, force_fp32: bool = False) -> torch.dtype:
-        if self.use_fp16 and not force_fp32 and device.type == "cuda":
-            return DTYPES[self.reduced_dtype]
+        if not force_fp32 and device.type == "cuda":
+            return DTYPES[self.precision]
         return torch.float32
 
     def forward(self, x, sigma, class_labels=None, force_fp32: bool = False, return_logvar: bool = False):
