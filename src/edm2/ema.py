@@ -272,3 +272,6 @@ class TraditionalEMA:
     @property
     def _key(self) -> str:
         return f"halflife_nimg={self.halflife_nimg:.0f}"
+
+
+__all__ += ["TraditionalEMA"]
