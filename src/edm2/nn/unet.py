@@ -192,6 +192,8 @@ class Precond(torch.nn.Module):
     so that their stored constructor arguments build our network.
     """
 
+    config = "G"  # the row of the paper's Table 1 (edm2.nn.build_network)
+
     def __init__(
         self,
         img_resolution: int,
