@@ -26,7 +26,8 @@ from .fileio import RunLock, atomic_write_bytes, pyplot, remove_temp_files, save
 from .nn import precision_kwargs
 from .official import convert_official_folder, list_official_pickles
 from .phema import check_sigma_rel, profile_density, profile_fit_error, solve_posthoc_coefficients
-from .snapshot import SnapshotError, SnapshotStreamWriter, build_net, list_snapshots, read_snapshot_meta, snapshot_name
+from .snapshot import (SnapshotError, SnapshotStreamWriter, build_net, list_snapshots, read_snapshot_meta,
+                       snapshot_config, snapshot_name)
 from .units import parse_float_list
 
 __all__ = ["PhemaInput", "PosthocPlan", "find_phema_inputs", "check_one_run", "resolve_time", "plan_posthoc",
@@ -76,6 +77,11 @@ def find_phema_inputs(rundir) -> list[PhemaInput]:
     found = []
     for _, _, path in list_snapshots(rundir):
         meta = read_snapshot_meta(path)  # SnapshotError (a ValueError) names unreadable/truncated files
+        if "ema_halflife" in meta:
+            raise ValueError(f"{path}: a config-{snapshot_config(meta)} run with a traditional EMA (half-life "
+                             f"{meta['ema_halflife']:.0f} images) has no power-function EMA profiles (sigma_rel) "
+                             f"to reconstruct from; post-hoc EMA needs a run of configs B-G. Use its snapshots as "
+                             f"they are")
         if meta.get("ema_std") is None or "phema" in meta.get("origin", {}):
             continue
         found.append(PhemaInput(path, int(meta["nimg"]), float(meta["ema_std"]), meta))

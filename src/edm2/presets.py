@@ -1,15 +1,19 @@
-"""Training presets: the paper's ImageNet recipes (Table 6) and small ones.
+"""Training presets: the paper's ImageNet recipes (Table 6) and small ones,
+and the training recipe of every config A-G of the paper's ablation (Table 1).
 
 A preset is plain data. `Preset.net_kwargs(label_dim)` gives the keyword
-arguments of `edm2.nn.Precond`; the training fields feed the trainer.
+arguments of the network (`edm2.nn.build_network(preset.config, ...)`); the
+training fields feed the trainer. `get_preset(name, config)` composes a size
+preset with a config's recipe (`RECIPES`, `apply_recipe`; docs/ablation.md).
 """
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
 
-__all__ = ["Preset", "PRESETS", "get_preset", "apply_generation_preset", "GenerationPreset", "GENERATION_PRESETS",
-           "get_generation_preset", "format_generation_presets", "POSTHOC_URL"]
+__all__ = ["Preset", "PRESETS", "get_preset", "Recipe", "RECIPES", "apply_recipe", "CONFIGS", "check_config",
+           "apply_generation_preset", "GenerationPreset", "GENERATION_PRESETS", "get_generation_preset",
+           "format_generation_presets", "POSTHOC_URL"]
 
 Ki, Mi, Gi = 2 ** 10, 2 ** 20, 2 ** 30
 
@@ -42,6 +46,14 @@ class Preset:
     snapshot: int = 8 * Mi
     checkpoint: int = 128 * Mi
     ema_std: tuple = (0.050, 0.100)
+    # The config of the ablation ladder (Table 1) and the recipe fields it sets (see RECIPES).
+    config: str = "G"
+    loss: str = "uncertainty"         # 'uncertainty': learned u(sigma), Eq. 21; 'edm': EDM's loss, Eq. 14
+    adam_beta2: float = 0.99
+    loss_scaling: float = 1.0
+    ema: str = "power"                # 'power': power-function EMA + post-hoc (ema_std); 'traditional'
+    ema_halflife: float = 0.0         # traditional EMA: half-life in images
+    ema_rampup_ratio: float = 0.05    # traditional EMA: half-life <= this ratio of the images seen (EDM)
 
     def net_kwargs(self, label_dim: int) -> dict:
         """Keyword arguments of `Precond` for this preset."""
@@ -109,12 +121,109 @@ PRESETS["tiny"] = Preset(
     batch=8, duration=64, status=16, snapshot=32, checkpoint=32)
 
 
-def get_preset(name: str) -> Preset:
-    """Look up a preset; the reference's `edm2-` prefix is accepted too."""
+def get_preset(name: str, config: str = "G") -> Preset:
+    """Look up a preset (the reference's `edm2-` prefix is accepted too),
+    composed with the training recipe of `config` (A-G; G: the preset as is)."""
     key = name[len("edm2-"):] if name.startswith("edm2-") else name
     if key not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)} (an 'edm2-' prefix is accepted)")
-    return PRESETS[key]
+    return apply_recipe(PRESETS[key], config)
+
+
+# ---------------------------------------------------------------------------
+# The ablation ladder of the paper (Table 1, Figs. 16-22): each config's
+# training recipe, as the paper gives it at EDM2-S size (img512-s).
+# ---------------------------------------------------------------------------
+
+CONFIGS = ("A", "B", "C", "D", "E", "F", "G")
+
+# Config A's traditional EMA: half-life 50M images of a 2147.5M-image (2^31) run (App. B.1).
+_A_HALFLIFE_FRACTION = 50e6 / 2 ** 31
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """What one config of Table 1 trains with, at the paper's size (img512-s).
+
+    `lr` is the paper's alpha_ref; at another size it scales with the size
+    preset's own (config G) learning rate, lr_preset * lr / 0.0100.
+    None means "the size preset's value".
+    """
+    config: str
+    title: str                 # the row of Table 1
+    loss: str                  # 'edm' (Eq. 14) or 'uncertainty' (Eq. 21)
+    adam_beta2: float          # 0.999 (A) or 0.99 (B-G), App. B.2
+    lr: float                  # alpha_ref at img512-s
+    lr_decay: bool             # inverse-square-root decay after t_ref (E-G, Eq. 67) or constant (A-D)
+    weight_norm: str           # 'none' (A-C), 'standard' (D, Eq. 47), 'forced' (E-G, Eq. 66): the network's
+    P_mean: float | None       # A: EDM's -1.2 / 1.2; B-G: the preset's (-0.4 / 1.0 on ImageNet-512 latents)
+    P_std: float | None
+    dropout: float | None      # 10% in A-F; G: the preset's (0 at XS and S)
+    loss_scaling: float        # 100 (A-C), 1 (D-G)
+    batch_factor: int          # A: twice the batch of B-G (4096 vs 2048), same images in all
+    extra_attention: bool      # A: self-attention one resolution above the preset's highest (32x32 at S)
+    ema: str                   # 'traditional' (A) or 'power' (B-G, Sec. 3)
+    sigma_rel: float | None    # the paper's post-hoc optimum (Fig. 5a); A: traditional EMA, sigma_rel ~0.034
+    fid: float                 # Table 1 at img512-s
+    mparams: float
+    gflops: float
+
+
+RECIPES: dict[str, Recipe] = {r.config: r for r in [
+    Recipe("A", "EDM baseline", "edm", 0.999, 0.0001, False, "none", -1.2, 1.2, 0.10, 100.0, 2, True,
+           "traditional", None, 8.00, 295.9, 110.4),
+    Recipe("B", "+ minor improvements", "uncertainty", 0.99, 0.0002, False, "none", None, None, 0.10, 100.0, 1,
+           False, "power", 0.090, 7.24, 291.8, 100.4),
+    Recipe("C", "+ architectural streamlining", "uncertainty", 0.99, 0.0002, False, "none", None, None, 0.10, 100.0,
+           1, False, "power", 0.075, 6.96, 277.8, 100.3),
+    Recipe("D", "+ magnitude-preserving learned layers", "uncertainty", 0.99, 0.0100, False, "standard", None, None,
+           0.10, 1.0, 1, False, "power", 0.225, 3.75, 277.8, 101.2),
+    Recipe("E", "+ control effective learning rate", "uncertainty", 0.99, 0.0100, True, "forced", None, None, 0.10,
+           1.0, 1, False, "power", 0.145, 3.02, 277.8, 101.2),
+    Recipe("F", "+ remove group normalizations", "uncertainty", 0.99, 0.0100, True, "forced", None, None, 0.10, 1.0,
+           1, False, "power", 0.100, 2.71, 280.2, 102.1),
+    Recipe("G", "+ magnitude-preserving fixed-function layers", "uncertainty", 0.99, 0.0100, True, "forced", None,
+           None, None, 1.0, 1, False, "power", 0.130, 2.56, 280.2, 102.2),
+]}
+
+_G_LR = RECIPES["G"].lr
+
+
+def check_config(config) -> str:
+    """The config letter, or ValueError naming the allowed ones."""
+    if config not in CONFIGS:
+        raise ValueError(f"unknown config {config!r}; allowed: {', '.join(CONFIGS)} (the rows of the paper's Table 1)")
+    return config
+
+
+def apply_recipe(preset: Preset, config: str) -> Preset:
+    """The size preset `preset` trained with config `config`'s recipe.
+
+    G returns the preset unchanged. For the others (docs/ablation.md, "Smaller
+    and other presets"): the learning rate is the preset's times the config's
+    ratio to G in the paper (A x0.01, B-C x0.02, D-F x1); A-D keep it constant;
+    P_mean/P_std, dropout, Adam beta2, loss and loss scaling as in Table 1's
+    figures; A doubles the batch, adds self-attention one resolution above the
+    preset's highest, and uses a traditional EMA whose half-life is the same
+    fraction of the training as 50M of 2147.5M images.
+    """
+    r = RECIPES[check_config(config)]
+    if config == "G":
+        return preset
+    changes = dict(config=config, loss=r.loss, adam_beta2=r.adam_beta2, loss_scaling=r.loss_scaling, ema=r.ema,
+                   lr=round(preset.lr * r.lr / _G_LR, 12), decay=preset.decay if r.lr_decay else 0)
+    if r.P_mean is not None:
+        changes.update(P_mean=r.P_mean, P_std=r.P_std)
+    if r.dropout is not None:
+        changes.update(dropout=r.dropout)
+    if r.batch_factor != 1:
+        changes.update(batch=preset.batch * r.batch_factor)
+    if r.extra_attention:
+        top = min(2 * max(preset.attn_resolutions), preset.img_resolution)
+        changes.update(attn_resolutions=tuple(sorted(set(preset.attn_resolutions) | {top}, reverse=True)))
+    if r.ema == "traditional":
+        changes.update(ema_std=(), ema_halflife=preset.duration * _A_HALFLIFE_FRACTION)
+    return preset.replace(**changes)
 
 
 # ---------------------------------------------------------------------------

@@ -1,5 +1,5 @@
 """Self-describing network snapshots: one safetensors file holding the
-state dict of a `Precond` plus JSON metadata (key "edm2" of the safetensors
+state dict of a network (any config A-G of the paper's Table 1) plus JSON metadata (key "edm2" of the safetensors
 header) with everything needed to rebuild and use the network.
 
 This is the one reader/writer of snapshot files; training, post-hoc EMA,
@@ -10,9 +10,11 @@ published .pkl files) is `edm2.loading`'s job; this module is the format only.
 Metadata schema (version 1):
     {
       "format": "edm2-snapshot", "version": 1,
-      "net_kwargs": {...},            # Precond(**net_kwargs) rebuilds the network
+      "config": "A".."G",             # the row of the paper's Table 1 (absent: "G")
+      "net_kwargs": {...},            # build_network(config, **net_kwargs) rebuilds the network
       "nimg": int,                    # training images seen
-      "ema_std": float | null,        # sigma_rel of the EMA profile (null: raw weights)
+      "ema_std": float | null,        # sigma_rel of the EMA profile (null: raw weights or traditional EMA)
+      "ema_halflife": float,          # only for a traditional EMA (config A): its half-life in images
       "encoder": {...},               # edm2.encoders.encoder_from_meta() input
       "dataset": {"resolution": R, "channels": C, "label_dim": L,
                   "class_names": [...] | null, ...},
@@ -32,24 +34,25 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from .fileio import AtomicWriter, atomic_write_bytes
-from .nn import Precond, precision_kwargs
+from .nn import CONFIGS, build_network, precision_kwargs
 
 __all__ = ["SnapshotError", "FORMAT", "snapshot_name", "parse_snapshot_name", "make_meta", "save_snapshot",
-           "save_state_dict", "read_snapshot_meta", "load_snapshot", "build_net", "list_snapshots",
+           "save_state_dict", "read_snapshot_meta", "load_snapshot", "build_net", "snapshot_config", "list_snapshots",
            "run_fingerprint", "SnapshotStreamWriter"]
 
 FORMAT = "edm2-snapshot"
 VERSION = 1
-_NAME_RE = re.compile(r"snapshot-(\d{12})-(raw|\d+\.\d+)\.safetensors$")
+_NAME_RE = re.compile(r"snapshot-(\d{12})-(raw|ema|\d+\.\d+)\.safetensors$")
 
 
 class SnapshotError(ValueError):
     """A file is missing, unreadable, truncated or not an edm2 snapshot."""
 
 
-def snapshot_name(nimg: int, sigma_rel: float | None) -> str:
-    """'snapshot-000008388608-0.050.safetensors': sortable by nimg, then sigma_rel (None: raw weights)."""
-    tag = "raw" if sigma_rel is None else f"{sigma_rel:.3f}"
+def snapshot_name(nimg: int, sigma_rel: float | None, traditional: bool = False) -> str:
+    """'snapshot-000008388608-0.050.safetensors': sortable by nimg, then sigma_rel (None: raw weights).
+    A traditional EMA (config A) is tagged 'ema'."""
+    tag = "ema" if traditional else "raw" if sigma_rel is None else f"{sigma_rel:.3f}"
     return f"snapshot-{nimg:012d}-{tag}.safetensors"
 
 
@@ -58,7 +61,7 @@ def parse_snapshot_name(name: str):
     m = _NAME_RE.search(os.path.basename(str(name)))
     if not m:
         return None
-    return int(m.group(1)), (None if m.group(2) == "raw" else float(m.group(2)))
+    return int(m.group(1)), (None if m.group(2) in ("raw", "ema") else float(m.group(2)))
 
 
 def run_fingerprint(identity: dict) -> str:
@@ -71,11 +74,20 @@ def run_fingerprint(identity: dict) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def make_meta(net_kwargs: dict, nimg: int, sigma_rel, encoder: dict, dataset: dict, origin: dict | None = None) -> dict:
+def make_meta(net_kwargs: dict, nimg: int, sigma_rel, encoder: dict, dataset: dict, origin: dict | None = None,
+              config: str = "G", ema_halflife: float | None = None) -> dict:
     """Snapshot metadata (schema in the module docstring); sigma_rel is stored as "ema_std"."""
-    return {"format": FORMAT, "version": VERSION, "net_kwargs": dict(net_kwargs), "nimg": int(nimg),
-            "ema_std": None if sigma_rel is None else float(sigma_rel), "encoder": dict(encoder),
+    meta = {"format": FORMAT, "version": VERSION, "config": config, "net_kwargs": dict(net_kwargs),
+            "nimg": int(nimg), "ema_std": None if sigma_rel is None else float(sigma_rel), "encoder": dict(encoder),
             "dataset": dict(dataset), "origin": dict(origin or {})}
+    if ema_halflife is not None:
+        meta["ema_halflife"] = float(ema_halflife)
+    return meta
+
+
+def snapshot_config(meta: dict) -> str:
+    """The config letter (A-G) of a snapshot's network; metadata without one is G."""
+    return meta.get("config", "G")
 
 
 def save_state_dict(path, tensors: dict, meta: dict) -> None:
@@ -147,6 +159,8 @@ def _check_meta(meta, path) -> None:
     if meta.get("version", 0) > VERSION:
         raise SnapshotError(f"{path}: snapshot format version {meta['version']} is newer than this edm2 "
                             f"understands ({VERSION}); upgrade edm2")
+    if snapshot_config(meta) not in CONFIGS:
+        raise SnapshotError(f"{path}: metadata names config {meta['config']!r}; allowed: {', '.join(CONFIGS)}")
 
 
 def read_snapshot_meta(path) -> dict:
@@ -168,12 +182,13 @@ def read_snapshot_meta(path) -> dict:
 
 
 def build_net(meta: dict, device="cpu"):
-    """An (uninitialised) Precond of the architecture that `meta` describes."""
+    """An (uninitialised) network of the config and architecture that `meta` describes."""
     if meta.get("net_kwargs") is None:  # written by edm2.ema.PowerFunctionEMA for a module of the user's
         raise SnapshotError(f"the snapshot holds a {meta.get('origin', {}).get('module', 'user-defined module')}, "
                             f"not an edm2 network; load its tensors into that module (edm2.ema.reconstruct, "
                             f"safetensors.torch.load_file)")
-    net = Precond(**precision_kwargs(meta["net_kwargs"]))  # older metadata: use_fp16/reduced_dtype
+    # older metadata: use_fp16/reduced_dtype, and no config letter (G)
+    net = build_network(snapshot_config(meta), **precision_kwargs(meta["net_kwargs"]))
     # Built under `torch.device("meta")` (load_snapshot): no data to move yet.
     return net if next(net.parameters()).is_meta else net.to(device)
 

@@ -10,9 +10,12 @@ def register(sub):
     p.add_argument("--resolution", type=int, default=None, help="image resolution (default: the preset's)")
     p.add_argument("--channels", type=int, default=None, help="image channels (default: the preset's)")
     p.add_argument("--label-dim", type=int, default=1000, help="number of classes, 0 = unconditional (default 1000)")
+    p.add_argument("--config", default="G", metavar="X", help="config of the paper's ablation ladder, A-G "
+                   "(default G; docs/ablation.md)")
     p.set_defaults(func=run)
 
 
 def run(args):
-    report = count_network(args.preset, resolution=args.resolution, channels=args.channels, label_dim=args.label_dim)
+    report = count_network(args.preset, resolution=args.resolution, channels=args.channels, label_dim=args.label_dim,
+                           config=args.config)
     print(format_report(report))

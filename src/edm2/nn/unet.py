@@ -198,6 +198,7 @@ class Precond(torch.nn.Module, HubMixin):
     """
 
     _hub_config_classes = (UNet, Block)
+    config = "G"  # the row of the paper's Table 1 (edm2.nn.build_network)
 
     def __init__(
         self,
