@@ -89,7 +89,8 @@ def compare(size: str, networks, loss_mod, batch: int, seed: int = 0) -> dict:
         sd_o = {k: v for k, v in sd_o.items() if not k.startswith("logvar_")}
     out["keys_match"] = list(sd_t) == list(sd_o) and all(sd_t[k].shape == sd_o[k].shape for k in sd_t)
     out["tensors"] = len(sd_t)
-    out["max_param_diff"] = max((sd_t[k] - sd_o[k]).abs().max().item() for k in sd_t) if out["keys_match"] else float("nan")
+    out["max_param_diff"] = (max((sd_t[k] - sd_o[k]).abs().max().item() for k in sd_t)
+                             if out["keys_match"] else float("nan"))
     out["identical"] = out["keys_match"] and all(torch.equal(sd_t[k], sd_o[k]) for k in sd_t)
 
     # 2. Same random weights -> same outputs.

@@ -80,7 +80,8 @@ def test_first_update_copies_float_buffers_are_averaged_integer_buffers_copied()
     ema.update(net, 16, 8)
     gamma = std_to_exp(0.10)
     beta = (1 - 8 / 16) ** (gamma + 1)
-    np.testing.assert_allclose(ema.nets[0.10].w.numpy(), beta * np.array([1.0, -2.0, 3.5, 0.25, 7.0]), rtol=0, atol=1e-6)
+    np.testing.assert_allclose(ema.nets[0.10].w.numpy(), beta * np.array([1.0, -2.0, 3.5, 0.25, 7.0]),
+                               rtol=0, atol=1e-6)
     np.testing.assert_allclose(ema.nets[0.10].b.numpy(), np.full(5, beta * 3.0 - (1 - beta)), rtol=0, atol=1e-6)
     assert ema.nets[0.10].count.dtype == torch.int64 and int(ema.nets[0.10].count) == 2  # copied, not averaged
     # A float buffer that never changes stays bit-identical (lerp of equal values).

@@ -134,7 +134,8 @@ def _flat_file(path):
     from safetensors.torch import load_file
 
     state = load_file(str(path))
-    names = [n for n, _ in Small().named_parameters()] + [n for n, b in Small().named_buffers() if b.is_floating_point()]
+    names = [n for n, _ in Small().named_parameters()]
+    names += [n for n, b in Small().named_buffers() if b.is_floating_point()]
     return np.concatenate([state[n].double().reshape(-1).numpy() for n in names])
 
 
@@ -171,7 +172,8 @@ def test_state_dict_round_trip_with_the_image_count():
     assert b.nimg == a.nimg == STEPS * BATCH
     b.update(net, a.nimg + 3 * BATCH)  # continues with the right decay
     a.update(net, a.nimg + 3 * BATCH)
-    assert all(torch.equal(x, y) for x, y in zip(a.nets[0.05].state_dict().values(), b.nets[0.05].state_dict().values()))
+    pairs = zip(a.nets[0.05].state_dict().values(), b.nets[0.05].state_dict().values())
+    assert all(torch.equal(x, y) for x, y in pairs)
     # Without the count, the next update needs batch_size.
     c = PowerFunctionEMA(Small(), TRACKED)
     c.load_state_dict(a.state_dict())

@@ -49,7 +49,8 @@ def test_save_pretrained_round_trip_gives_identical_tensors_and_outputs(tmp_path
 
 
 def test_published_format_snapshot_exports_and_loads(tmp_path):
-    """A snapshot converted from the authors' published pickle format -> `edm2 export --format hf` -> from_pretrained."""
+    """A snapshot converted from the authors' published pickle format -> `edm2 export --format hf`
+    -> from_pretrained."""
     net = fmt.make_tiny_net(seed=1)
     pkl = fmt.write_published(tmp_path / "edm2-img512-xs-2147483-0.135.pkl", net)
     assert main(["import-official", str(pkl), str(tmp_path / "imported.safetensors")]) == 0

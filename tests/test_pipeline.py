@@ -84,7 +84,8 @@ def test_guidance_with_a_second_network_and_save_load(nets, tmp_path):
     pipe.save_pretrained(tmp_path / "p")
     index = json.loads((tmp_path / "p" / "model_index.json").read_text())
     assert index["_class_name"] == "EDM2Pipeline" and index["guidance"] == 1.7 and index["vae"] == [None, None]
-    assert (tmp_path / "p" / "net" / "model.safetensors").is_file() and (tmp_path / "p" / "gnet" / "config.json").is_file()
+    assert (tmp_path / "p" / "net" / "model.safetensors").is_file()
+    assert (tmp_path / "p" / "gnet" / "config.json").is_file()
     back = EDM2Pipeline.from_pretrained(tmp_path / "p")
     _assert_same(back(class_labels=2, num_inference_steps=STEPS, seeds=SEEDS).images, ref)
 

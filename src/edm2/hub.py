@@ -98,7 +98,8 @@ class HubMixin(PyTorchModelHubMixin, library_name="edm2", paper_url=_PAPER, tags
 
 def _looks_local(src: str) -> bool:
     """A path rather than a Hub repo id ("user/name")."""
-    return os.path.exists(src) or src.startswith((".", "/", "~")) or src.count("/") != 1 or os.sep in src.replace("/", "")
+    return (os.path.exists(src) or src.startswith((".", "/", "~")) or src.count("/") != 1
+            or os.sep in src.replace("/", ""))
 
 
 def _load_weights(model: torch.nn.Module, path, device="cpu") -> None:

@@ -134,7 +134,8 @@ class EDM2Pipeline(DiffusionPipeline):
         except ValueError as e:
             raise ValueError(f"{index}: not valid JSON ({e})") from None
         if not isinstance(config, dict) or config.get("_class_name") != cls.__name__:
-            raise ValueError(f"{index}: written for {config.get('_class_name') if isinstance(config, dict) else None!r}, "
+            written_for = config.get("_class_name") if isinstance(config, dict) else None
+            raise ValueError(f"{index}: written for {written_for!r}, "
                              f"not {cls.__name__}")
         unknown = sorted(set(config) - _CONFIG_KEYS)
         if unknown:
@@ -281,7 +282,8 @@ def _load_component(folder: Path, index: Path, name: str, entry, device):
     return vae.eval().requires_grad_(False).to(device)
 
 
-def export_diffusers(net, outdir, gnet=None, vae=None, guidance: float = 1.0, overwrite: bool = False, **sampler) -> Path:
+def export_diffusers(net, outdir, gnet=None, vae=None, guidance: float = 1.0, overwrite: bool = False,
+                     **sampler) -> Path:
     """`edm2 export --format diffusers`: an EDM2Pipeline folder from edm2 snapshots
     (EDM2Pipeline.from_snapshot, then save_pretrained)."""
     pipe = EDM2Pipeline.from_snapshot(net, gnet=gnet, vae=vae, guidance=guidance, **sampler)

@@ -236,7 +236,8 @@ def _tensor_layout(inputs: list[PhemaInput]):
                 if not torch.equal(f.get_tensor(k), first[k][0]):
                     raise ValueError(f"{r.path} and {first[k][1]}: different {k} (fixed at initialisation), so "
                                      f"they come from different runs; keep one run per folder")
-    bad = sorted({d for k, d in dtypes.items() if d not in _TORCH_DTYPES and (k not in buffers or d not in _COPIED_DTYPES)})
+    bad = sorted({d for k, d in dtypes.items()
+                  if d not in _TORCH_DTYPES and (k not in buffers or d not in _COPIED_DTYPES)})
     if bad:
         raise SnapshotError(f"{inputs[-1].path}: tensor dtypes {bad} cannot be averaged")
     all_dtypes = {**_TORCH_DTYPES, **_COPIED_DTYPES}
