@@ -33,7 +33,7 @@ def tree_hashes(paths) -> dict:
             continue
         if not root.exists():
             continue
-        for dirpath, dirs, files in os.walk(root):
+        for dirpath, _dirs, files in os.walk(root):
             out[dirpath] = None
             for f in files:
                 p = Path(dirpath) / f

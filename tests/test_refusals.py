@@ -176,7 +176,8 @@ CASES = [
                                                      w / "plain", *GEN], ["no generate.json", "PNG"])),
     ("generate-manifest-malformed", lambda w, t: (
         [shutil.copytree(w / "imgsA", t / "o"), (t / "o" / "generate.json").write_text("{oops"),
-         ["generate", "--net", w / "netA.safetensors", "--outdir", t / "o", *GEN]][-1], ["generate.json", "unreadable"])),
+         ["generate", "--net", w / "netA.safetensors", "--outdir", t / "o", *GEN]][-1],
+        ["generate.json", "unreadable"])),
     ("generate-locked-elsewhere", lambda w, t: (
         [_locked_by_other_host(t / "o"),
          ["generate", "--net", w / "netA.safetensors", "--outdir", t / "o", *GEN]][-1],

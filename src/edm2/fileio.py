@@ -58,7 +58,8 @@ def describe_os_error(e: OSError, path=None) -> str:
     if code == errno.ENOENT:
         return f"{path}: no such file or folder"
     if code == errno.EEXIST:
-        return f"{path}: cannot create it: a file of that name (or of a folder on its path) is in the way; choose another path"
+        return (f"{path}: cannot create it: a file of that name (or of a folder on its path) is in the way; "
+                f"choose another path")
     if code == errno.ENOTDIR:
         return f"{path}: a part of this path is a file, not a folder; choose another path"
     if code == errno.EISDIR:

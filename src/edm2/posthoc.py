@@ -26,8 +26,15 @@ from .fileio import RunLock, atomic_write_bytes, pyplot, remove_temp_files, save
 from .nn import precision_kwargs
 from .official import convert_official_folder, list_official_pickles
 from .phema import check_sigma_rel, profile_density, profile_fit_error, solve_posthoc_coefficients
-from .snapshot import (SnapshotError, SnapshotStreamWriter, build_net, list_snapshots, read_snapshot_meta,
-                       snapshot_config, snapshot_name)
+from .snapshot import (
+    SnapshotError,
+    SnapshotStreamWriter,
+    build_net,
+    list_snapshots,
+    read_snapshot_meta,
+    snapshot_config,
+    snapshot_name,
+)
 from .units import parse_float_list
 
 __all__ = ["PhemaInput", "PosthocPlan", "find_phema_inputs", "check_one_run", "resolve_time", "plan_posthoc",

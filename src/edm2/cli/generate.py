@@ -111,7 +111,8 @@ def run(args) -> int:
         result = generate_to_dir(net, encoder, opts["seeds"], args.outdir, gnet=gnet, guidance=opts["guidance"],
                                  class_idx=opts["class_idx"], batch_size=args.batch, device=device,
                                  subdirs=args.subdirs, grid=args.grid, grid_count=args.grid_count,
-                                 sources={"net": str(args.net), "gnet": args.gnet and str(args.gnet)}, **opts["sampler"])
+                                 sources={"net": str(args.net), "gnet": args.gnet and str(args.gnet)},
+                                 **opts["sampler"])
     finally:
         shutdown_distributed()
     if rank == 0:

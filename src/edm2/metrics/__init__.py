@@ -6,10 +6,31 @@ against reference statistics, and post-hoc EMA sweeps.
 - `pipeline`: `reference_stats`, `calc_metrics`, `gen_metrics` (torchrun-aware).
 - `sweep`: `sweep` (reconstruct EMA lengths, evaluate, CSV + PNG).
 """
-from .detectors import (DETECTORS, DINOv2Detector, Detector, InceptionDetector, TinyDetector, detector_dir,
-                        load_detector, random_detector)
-from .pipeline import (append_jsonl, calc_metrics, check_metric_value, check_ref_stats, compute_stats, distances,
-                       gen_metrics, gen_seeds, load_detectors, load_ref, reference_stats, resolve_metrics, save_ref)
+from .detectors import (
+                        DETECTORS,
+                        Detector,
+                        DINOv2Detector,
+                        InceptionDetector,
+                        TinyDetector,
+                        detector_dir,
+                        load_detector,
+                        random_detector,
+)
+from .pipeline import (
+                        append_jsonl,
+                        calc_metrics,
+                        check_metric_value,
+                        check_ref_stats,
+                        compute_stats,
+                        distances,
+                        gen_metrics,
+                        gen_seeds,
+                        load_detectors,
+                        load_ref,
+                        reference_stats,
+                        resolve_metrics,
+                        save_ref,
+)
 from .stats import FeatureStats, frechet_distance
 from .sweep import plot_sweep, sweep
 

@@ -34,7 +34,8 @@ from ..validate import safe_error_text
 from .detectors import DETECTORS, load_detector
 from .stats import FeatureStats, frechet_distance
 
-__all__ = ["REF_FORMAT", "save_ref", "load_ref", "check_ref_stats", "check_metric_value", "load_detectors", "resolve_metrics", "compute_stats",
+__all__ = ["REF_FORMAT", "save_ref", "load_ref", "check_ref_stats", "check_metric_value", "load_detectors",
+           "resolve_metrics", "compute_stats",
            "distances", "reference_stats", "calc_metrics", "gen_metrics", "gen_seeds", "append_jsonl"]
 
 REF_FORMAT = "edm2-ref-v1"
