@@ -59,6 +59,7 @@ from .fileio import LockError, RunLock, atomic_write_bytes
 from .loading import load_network
 from .loss import EDM2Loss, learning_rate_schedule
 from .nn import DTYPES, Precond
+from .phema import check_sigma_rel
 from .presets import get_preset
 from .snapshot import make_meta, run_fingerprint, save_snapshot, snapshot_name
 from .trainconfig import TrainConfig
@@ -185,13 +186,11 @@ def _check_values(config: TrainConfig, preset) -> dict:
 
 
 def _check_ema_std(config: TrainConfig, preset) -> list:
+    """The EMA lengths sigma_rel: different values, each in (0, 0.2887) (paper Sec. 3.1)."""
     ema_std = parse_float_list(_pick(config.ema_std, preset.ema_std), "ema_std")
     if len(set(ema_std)) != len(ema_std):
         raise ValueError(f"ema_std={','.join(map(str, ema_std))}: every value must be different")
-    try:
-        PowerFunctionEMA(torch.nn.Linear(1, 1), ema_std)  # validates the widths
-    except ValueError as e:
-        raise ValueError(f"ema_std={','.join(map(str, ema_std))}: {e}") from None
+    check_sigma_rel(ema_std, "ema_std")
     return ema_std
 
 
@@ -523,7 +522,7 @@ def _restore(run: Run, state: dict, path: Path) -> None:
     run.net.load_state_dict(state["net"])
     run.opt.load_state_dict(state["optimizer"])
     if run.ema is not None:
-        run.ema.load_state_dict(state["ema"])
+        run.ema.load_state_dict(state["ema"], int(state["nimg"]))
     run.nimg = run.start_nimg = run.result.nimg = int(state["nimg"])
     run.reporter.log(f"resuming from {path.name} at {run.nimg} images")
 
