@@ -55,7 +55,6 @@ def test_f_state_dict_is_g_without_gains():
     assert all(f[k].shape == g[k].shape for k in f)
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("config,macs,elementwise,casts", [
     ("C", 99_800_070_144, 233_304_792, 303_820_960),
     ("D", 99_800_070_144, 1_066_860_508, 303_820_960),

@@ -86,6 +86,11 @@ def remove_stale_temp_files(folder) -> list[Path]:
     return remove_temp_files(folder, ("checkpoint-", "snapshot-", "grid-", "config.json."))
 
 
+# Settings that config.json gained with the configs of the paper's ablation (Table 1); older runs are G.
+_ADDED_SETTINGS = {"config": "G", "loss": "uncertainty", "adam_beta2": 0.99, "ema": "power", "ema_halflife": 0.0,
+                   "ema_rampup_ratio": 0.05}
+
+
 def check_run_folder(identity: dict, outdir, force_new: bool = False) -> str:
     """What to do with outdir for a run described by `identity` (the settings that
     define a run, stored as config.json): 'fresh', 'resume' (same settings) or
@@ -110,6 +115,9 @@ def check_run_folder(identity: dict, outdir, force_new: bool = False) -> str:
     if isinstance(old.get("net_kwargs"), dict):  # runs of edm2 0.1 stored use_fp16/reduced_dtype
         old["net_kwargs"] = precision_kwargs(old["net_kwargs"])
     new = json.loads(json.dumps(identity))
+    for key, value in _ADDED_SETTINGS.items():  # runs from before the ablation configs: config G
+        if key in new:
+            old.setdefault(key, value)
     diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if diff:
         shown = "; ".join(f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in diff[:3])

@@ -263,7 +263,9 @@ class TraditionalEMA:
         """{f'halflife_nimg={h:.0f}': state dict} (plain tensors, loadable with weights_only=True)."""
         return {self._key: {k: v.detach().clone() for k, v in self.nets[self.halflife_nimg].state_dict().items()}}
 
-    def load_state_dict(self, state: dict) -> None:
+    def load_state_dict(self, state: dict, nimg: int | None = None) -> None:
+        """Restore the average (nimg is accepted for the power-function tracker's
+        interface; a traditional EMA does not need it)."""
         if set(state) != {self._key}:
             raise ValueError(f"checkpoint holds EMA {sorted(state)} but the run tracks {self._key}; "
                              f"resume with the same EMA half-life")

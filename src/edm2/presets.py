@@ -192,7 +192,7 @@ _G_LR = RECIPES["G"].lr
 def check_config(config) -> str:
     """The config letter, or ValueError naming the allowed ones."""
     if config not in CONFIGS:
-        raise ValueError(f"unknown config {config!r}; allowed: {', '.join(CONFIGS)} (the rows of the paper's Table 1)")
+        raise ValueError(f"config={config!r}: unknown; allowed: {', '.join(CONFIGS)} (the rows of the paper's Table 1)")
     return config
 
 

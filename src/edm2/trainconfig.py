@@ -35,6 +35,9 @@ class TrainConfig:
                                "default: the built-in Fashion-MNIST", group="run", metavar="PATH")
     preset: str = _option("cpu-32", "training preset (cpu-32, tiny, img512-xs, img64-s, ...; the edm2- prefix is "
                           "accepted; default cpu-32)", group="run", metavar="NAME")
+    config: str = _option("G", "config of the paper's ablation ladder (Table 1), A-G: the network and its "
+                          "training recipe, composed with the preset (default G; docs/ablation.md)", group="run",
+                          metavar="X")
     cond: bool | None = _option(help="class-conditional (default: if the dataset has labels)", kind="tristate",
                                 group="run", off_flag="--uncond")
     xflip: bool = _option(False, "x-flip augmentation (doubles the dataset)", kind="flag", group="run")
@@ -61,7 +64,8 @@ class TrainConfig:
                                 kind="nimg")
     precision: str = _option("fp16", "U-Net dtype on CUDA (default fp16, as the reference; the CPU computes in "
                              "fp32)", choices=PRECISIONS)
-    loss_scaling: float = _option(1.0, "loss scaling factor (default 1)", kind="float", metavar="X")
+    loss_scaling: float | None = _option(help="loss scaling factor (default: the config's, 100 for A-C, 1 for "
+                                         "D-G)", kind="float", group="overrides", metavar="X")
     compile: bool = _option(False, "torch.compile the network", kind="flag")
     seed: int = _option(0, "random seed: initialisation, data order, noise (default 0)", kind="int")
     init: str | None = _option(help="start from this network (snapshot, run folder or .pkl): fine-tuning",

@@ -53,15 +53,16 @@ from .checkpoint import (
 from .data import ImageDataset, builtin_dataset_path
 from .distributed import configure_threads, default_device, init_distributed
 from .dynamics import DynamicsHook
-from .ema import PowerFunctionEMA
+from .ema import PowerFunctionEMA, TraditionalEMA
 from .encoders import StabilityVAEEncoder, StandardRGBEncoder, VAEUnavailable, encoder_from_meta
 from .fileio import LockError, RunLock, atomic_write_bytes
 from .loading import load_network
-from .loss import EDM2Loss, learning_rate_schedule
+from .loss import EDM2Loss, EDMLoss, learning_rate_schedule
 from .nn import DTYPES, Precond
+from .nn import build_network as make_network
 from .phema import check_sigma_rel
-from .presets import get_preset
-from .snapshot import make_meta, run_fingerprint, save_snapshot, snapshot_name
+from .presets import RECIPES, get_preset
+from .snapshot import make_meta, run_fingerprint, save_snapshot, snapshot_config, snapshot_name
 from .trainconfig import TrainConfig
 from .trainlog import Reporter, StatusMeter, save_grid
 from .units import parse_float_list
@@ -80,6 +81,12 @@ SESSION_FIELDS = ("duration", "status", "snapshot", "checkpoint", "slice", "batc
 class RunPlan:
     """The fully resolved run (stored as config.json)."""
     preset: str
+    config: str                  # the config of the paper's Table 1 (A-G) and its recipe:
+    loss: str                    # 'uncertainty' (Eq. 21) or 'edm' (Eq. 14)
+    adam_beta2: float
+    ema: str                     # 'power' (ema_std profiles) or 'traditional' (ema_halflife)
+    ema_halflife: float          # traditional EMA: half-life in images
+    ema_rampup_ratio: float      # traditional EMA: EDM's ramp-up
     data: str
     cond: bool
     xflip: bool
@@ -134,7 +141,7 @@ def _pick(value, default):
 def plan_run(config: TrainConfig, world_size: int = 1, device: str = "cpu"):
     """Open the dataset and merge the preset with the overrides -> (RunPlan, ImageDataset).
     Raises ValueError / FileNotFoundError naming the argument and the fix."""
-    preset = get_preset(config.preset)
+    preset = get_preset(config.preset, config.config)
     sizes = _resolve_sizes(config, preset, world_size)
     values = _check_values(config, preset)
     ema_std = _check_ema_std(config, preset)
@@ -142,7 +149,8 @@ def plan_run(config: TrainConfig, world_size: int = 1, device: str = "cpu"):
     net_kwargs = _resolve_net_kwargs(config, preset, ds, dataset["channels"])
     on_cuda = torch.device(device).type == "cuda"
     plan = RunPlan(
-        preset=preset.name, data=dataset["path"], cond=ds.has_labels, xflip=config.xflip,
+        preset=preset.name, config=preset.config, loss=preset.loss, adam_beta2=preset.adam_beta2, ema=preset.ema,
+        ema_halflife=preset.ema_halflife, ema_rampup_ratio=preset.ema_rampup_ratio, data=dataset["path"], cond=ds.has_labels, xflip=config.xflip,
         net_kwargs=net_kwargs, encoder=encoder.to_meta(), dataset=dataset, batch=sizes["batch"],
         lr=values["lr"], decay=values["decay"], rampup_Mimg=values["rampup_Mimg"], P_mean=values["P_mean"],
         P_std=values["P_std"], ema_std=ema_std, precision=config.precision, loss_scaling=values["loss_scaling"],
@@ -187,6 +195,12 @@ def _check_values(config: TrainConfig, preset) -> dict:
 
 def _check_ema_std(config: TrainConfig, preset) -> list:
     """The EMA lengths sigma_rel: different values, each in (0, 0.2887) (paper Sec. 3.1)."""
+    if preset.ema == "traditional":
+        if config.ema_std is not None:
+            raise ValueError(f"ema_std={','.join(map(str, config.ema_std))}: config {preset.config} keeps a traditional "
+                             f"EMA (half-life {preset.ema_halflife:.4g} images), not power-function profiles; drop "
+                             f"ema_std, or pick a config B-G (allowed with ema_std: B, C, D, E, F, G)")
+        return []
     ema_std = parse_float_list(_pick(config.ema_std, preset.ema_std), "ema_std")
     if len(set(ema_std)) != len(ema_std):
         raise ValueError(f"ema_std={','.join(map(str, ema_std))}: every value must be different")
@@ -243,6 +257,9 @@ def _resolve_net_kwargs(config: TrainConfig, preset, ds, channels: int) -> dict:
     """Precond arguments: the preset's architecture, or that of `init` (fine-tuning)."""
     if config.init is not None:
         _, init_meta = load_network(config.init)
+        if snapshot_config(init_meta) != preset.config:
+            raise ValueError(f"init={config.init}: the network is config {snapshot_config(init_meta)} but "
+                             f"config={preset.config}; pass config={snapshot_config(init_meta)} to fine-tune it")
         net_kwargs = {k: v for k, v in init_meta["net_kwargs"].items() if k not in ("use_fp16", "reduced_dtype")}
         for name, want in (("img_resolution", ds.resolution), ("img_channels", channels), ("label_dim", ds.label_dim)):
             if net_kwargs.get(name) != want:
@@ -255,9 +272,12 @@ def _resolve_net_kwargs(config: TrainConfig, preset, ds, channels: int) -> dict:
         net_kwargs = preset.replace(model_channels=_pick(config.channels, preset.model_channels),
                                     dropout=_pick(config.dropout, preset.dropout)).net_kwargs(ds.label_dim)
         net_kwargs.update(img_resolution=ds.resolution, img_channels=channels)
+        if preset.config in ("A", "B"):  # the ADM network lists only resolutions it has (G and C-F skip others)
+            levels = [ds.resolution >> i for i in range(len(net_kwargs["channel_mult"]))]
+            net_kwargs["attn_resolutions"] = [r for r in net_kwargs["attn_resolutions"] if r in levels]
     net_kwargs["precision"] = config.precision
     with torch.device("meta"):
-        Precond(**net_kwargs)  # ValueError for an impossible architecture
+        make_network(preset.config, **net_kwargs)  # ValueError for an impossible architecture
     return net_kwargs
 
 
@@ -271,9 +291,17 @@ def _check_items(ds, limit: int = 2000) -> None:
 def describe(plan: RunPlan, mode: str | None = None) -> str:
     """The resolved configuration and the network size, as text."""
     with torch.device("meta"):
-        net = Precond(**plan.net_kwargs)
+        net = make_network(plan.config, **plan.net_kwargs)
     n_params = sum(p.numel() for p in net.parameters())
+    recipe = RECIPES[plan.config]
+    ema = (f"traditional EMA, half-life {plan.ema_halflife:.4g} images" if plan.ema == "traditional" else
+           f"power-function EMA, sigma_rel {', '.join(map(str, plan.ema_std))}")
     lines = [json.dumps(dataclasses.asdict(plan), indent=2),
+             f"config {plan.config} ({recipe.title}; docs/ablation.md): {type(net).__name__}, "
+             f"{'EDM loss' if plan.loss == 'edm' else 'loss with learned uncertainty u(sigma)'}, "
+             f"Adam betas (0.9, {plan.adam_beta2}), learning rate {plan.lr:g} "
+             f"{'constant' if plan.decay <= 0 else f'decaying as 1/sqrt(t) after {plan.decay:g} batches'}, "
+             f"loss scaling {plan.loss_scaling:g}, {ema}",
              f"network: {n_params:,} parameters ({n_params * 4 / 2 ** 20:.1f} MiB in fp32)",
              f"steps: {plan.duration // plan.batch:,} of {plan.batch} images"]
     if mode:
@@ -406,6 +434,8 @@ def setup(config: TrainConfig, rank: int = 0, world: int = 1, device: torch.devi
     try:
         mode = check_run_folder(plan.identity(), out, config.force_new)
         state, path, notes = _find_resume_state(out, mode, device)
+        if world > 1:  # every process has read the folder before rank 0 starts writing into it
+            dist.barrier()
         _configure_device(device, config.threads)
         _prepare_folder(plan, out, mode, rank, world)
         run = _build_run(plan, ds, out, rank, world, device, hooks)
@@ -496,25 +526,30 @@ def _prepare_folder(plan: RunPlan, out: Path, mode: str, rank: int, world: int) 
 def build_network(plan: RunPlan, device: torch.device) -> Precond:
     """The network to train: seeded initial weights, or those of `plan.init`."""
     torch.manual_seed(sample_seed(plan.seed, Stream.INIT, 0))
-    net = Precond(**plan.net_kwargs).to(device).train().requires_grad_(True)
+    net = make_network(plan.config, **plan.net_kwargs).to(device).train().requires_grad_(True)
     if plan.init is not None:
         net.load_state_dict(load_network(plan.init)[0].state_dict())
     return net
 
 
 def build_optimizer(plan: RunPlan, net: Precond) -> torch.optim.Optimizer:
-    """Adam with the paper's betas (App. B.2); the learning rate is set every step."""
-    return torch.optim.Adam(net.parameters(), lr=0.0, betas=(0.9, 0.99), eps=1e-8)
+    """Adam with the config's betas (0.9, 0.99; config A: 0.9, 0.999; App. B.2); the
+    learning rate is set every step."""
+    return torch.optim.Adam(net.parameters(), lr=0.0, betas=(0.9, plan.adam_beta2), eps=1e-8)
 
 
-def build_ema(plan: RunPlan, net: Precond) -> PowerFunctionEMA:
-    """Power-function EMA profiles of the widths plan.ema_std (paper Sec. 3.1, App. C.4)."""
+def build_loss(plan: RunPlan, net: Precond):
+    """The config's loss: learned uncertainty (Eq. 21, configs B-G) or EDM's (Eq. 14, config A)."""
+    kind = EDMLoss if plan.loss == "edm" else EDM2Loss
+    return kind(P_mean=plan.P_mean, P_std=plan.P_std, sigma_data=net.sigma_data)
+
+
+def build_ema(plan: RunPlan, net: Precond):
+    """The config's EMA: power-function profiles for post-hoc EMA (Sec. 3, configs B-G),
+    or a traditional EMA with a half-life (config A)."""
+    if plan.ema == "traditional":
+        return TraditionalEMA(net, plan.ema_halflife, plan.ema_rampup_ratio)
     return PowerFunctionEMA(net, plan.ema_std)
-
-
-def build_loss(plan: RunPlan, net: Precond) -> EDM2Loss:
-    """The EDM2 loss with learned uncertainty (paper App. B.2 Eq. 21)."""
-    return EDM2Loss(P_mean=plan.P_mean, P_std=plan.P_std, sigma_data=net.sigma_data)
 
 
 def _restore(run: Run, state: dict, path: Path) -> None:
@@ -637,9 +672,13 @@ def save_snapshots(run: Run) -> None:
     dataset = {k: plan.dataset[k] for k in ("resolution", "channels", "label_dim", "class_names", "path")}
     origin = {"preset": plan.preset, "run": str(run.out.resolve()), "seed": plan.seed, "tool": "edm2 train",
               "run_id": run_fingerprint(plan.identity())}  # post-hoc EMA refuses to mix runs
+    traditional = plan.ema == "traditional"
     for std, ema_net in run.ema.nets.items():
-        path = run.out / snapshot_name(nimg, std)
-        save_snapshot(path, ema_net, make_meta(plan.net_kwargs, nimg, std, plan.encoder, dataset, origin))
+        sigma_rel = None if traditional else std
+        path = run.out / snapshot_name(nimg, sigma_rel, traditional=traditional)
+        save_snapshot(path, ema_net, make_meta(plan.net_kwargs, nimg, sigma_rel, plan.encoder, dataset, origin,
+                                               config=plan.config,
+                                               ema_halflife=plan.ema_halflife if traditional else None))
         run.result.snapshots.append(path)
     if run.grid and nimg > 0:  # (a grid of the untrained network would be noise)
         try:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..presets import CONFIGS, check_config
+from .adm import ADMPrecond
 from .ladder import LadderPrecond
 from .unet import Precond
 
@@ -26,6 +27,8 @@ def build_network(config: str = "G", **net_kwargs) -> torch.nn.Module:
     config = check_config(config)
     if config == "G":
         return Precond(**net_kwargs)
+    if config in ("A", "B"):  # the ADM network; B adds the learned uncertainty u(sigma) (App. B.2)
+        return ADMPrecond(uncertainty=config == "B", **net_kwargs)
     return LadderPrecond(config=config, **net_kwargs)
 
 
