@@ -38,6 +38,8 @@ aten = torch.ops.aten
 
 def _per_output(cost: int):
     def formula(*args, out_shape=None, **kwargs) -> int:
+        if out_shape and not isinstance(out_shape[0], int):  # several outputs (group norm): the first is the result
+            out_shape = out_shape[0]
         return 2 * cost * math.prod(out_shape)  # x2: FlopCounterMode sums FLOPs; we halve later
     return formula
 
