@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .layers import resample
-from .unet import DTYPES, check_architecture
+from .unet import DTYPES, check_architecture, denoiser_inputs, precond_coefficients
 
 __all__ = ["ADMBlock", "ADMPrecond", "ADMUNet", "FourierFeatures", "precond_coefficients"]
 
@@ -290,15 +290,6 @@ class ADMUNet(torch.nn.Module):
         return self.out_conv(F.silu(self.out_norm(x)))
 
 
-def precond_coefficients(sigma: torch.Tensor, sigma_data: float):
-    """EDM preconditioning (paper Eqs. 4-7): c_skip, c_out, c_in, c_noise."""
-    c_skip = sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
-    c_out = sigma * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt()
-    c_in = 1 / (sigma_data ** 2 + sigma ** 2).sqrt()
-    c_noise = sigma.log() / 4
-    return c_skip, c_out, c_in, c_noise
-
-
 class ADMPrecond(torch.nn.Module):
     """Denoiser D(x; sigma) = c_skip x + c_out F(c_in x; c_noise, labels) around
     the ADM U-Net: config A of the paper's Table 1 by default, config B with
@@ -369,16 +360,7 @@ class ADMPrecond(torch.nn.Module):
         if return_logvar and not self.uncertainty:
             raise ValueError("return_logvar=True: this config-A network has no learned uncertainty u(sigma); "
                              "train it with edm2.loss.EDMLoss, or build it with uncertainty=True (config B)")
-        x = x.to(torch.float32)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
-        if self.label_dim == 0:
-            class_labels = None
-        elif class_labels is None:
-            class_labels = torch.zeros([1, self.label_dim], device=x.device)
-        else:
-            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
-        dtype = self.compute_dtype(x.device, force_fp32)
-
+        x, sigma, class_labels, dtype = denoiser_inputs(self, x, sigma, class_labels, force_fp32)
         c_skip, c_out, c_in, c_noise = precond_coefficients(sigma, self.sigma_data)
         c_noise = c_noise.flatten()
         F_x = self.model((c_in * x).to(dtype), c_noise, class_labels)

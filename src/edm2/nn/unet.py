@@ -231,29 +231,40 @@ class Precond(torch.nn.Module, HubMixin):
         return torch.float32
 
     def forward(self, x, sigma, class_labels=None, force_fp32: bool = False, return_logvar: bool = False):
-        x = x.to(torch.float32)
-        sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
-        if self.label_dim == 0:
-            class_labels = None
-        elif class_labels is None:
-            class_labels = torch.zeros([1, self.label_dim], device=x.device)
-        else:
-            class_labels = class_labels.to(torch.float32).reshape(-1, self.label_dim)
-        dtype = self.compute_dtype(x.device, force_fp32)
-
-        # EDM preconditioning (Karras et al. 2022, Table 1; paper Eqs. 4-8).
-        sd = self.sigma_data
-        c_skip = sd ** 2 / (sigma ** 2 + sd ** 2)
-        c_out = sigma * sd / (sigma ** 2 + sd ** 2).sqrt()
-        c_in = 1 / (sd ** 2 + sigma ** 2).sqrt()
-        c_noise = sigma.flatten().log() / 4
-
+        x, sigma, class_labels, dtype = denoiser_inputs(self, x, sigma, class_labels, force_fp32)
+        c_skip, c_out, c_in, c_noise = precond_coefficients(sigma, self.sigma_data)
+        c_noise = c_noise.flatten()
         F_x = self.unet((c_in * x).to(dtype), c_noise, class_labels)
         D_x = c_skip * x + c_out * F_x.to(torch.float32)
         if not return_logvar:
             return D_x
         logvar = self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
         return D_x, logvar
+
+
+def denoiser_inputs(net, x, sigma, class_labels=None, force_fp32: bool = False):
+    """The inputs of a denoiser's forward pass, as every config's network takes
+    them: x and sigma ([N, 1, 1, 1]) in float32; labels as float32 [-1, label_dim]
+    (None for an unconditional net, one all-zero row when a conditional net gets
+    none); and the dtype the U-Net runs in (`net.compute_dtype`)."""
+    x = x.to(torch.float32)
+    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
+    if net.label_dim == 0:
+        class_labels = None
+    elif class_labels is None:
+        class_labels = torch.zeros([1, net.label_dim], device=x.device)
+    else:
+        class_labels = class_labels.to(torch.float32).reshape(-1, net.label_dim)
+    return x, sigma, class_labels, net.compute_dtype(x.device, force_fp32)
+
+
+def precond_coefficients(sigma: torch.Tensor, sigma_data: float):
+    """EDM preconditioning (Karras et al. 2022, Table 1; paper Eqs. 4-7): c_skip, c_out, c_in, c_noise."""
+    c_skip = sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
+    c_out = sigma * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt()
+    c_in = 1 / (sigma_data ** 2 + sigma ** 2).sqrt()
+    c_noise = sigma.log() / 4
+    return c_skip, c_out, c_in, c_noise
 
 
 def set_precision(net: Precond, precision: str) -> None:
