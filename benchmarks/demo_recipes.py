@@ -1,0 +1,171 @@
+"""Demo recipes: how recognisable are a run's class-conditional samples?
+
+For one training run (a folder of `edm2 train`), every EMA length in --std
+(tracked ones are used as stored, the others are reconstructed with post-hoc
+EMA, paper Sec. 3.2) and every training time in --at-nimg, this generates
+--per-class samples of each of the 10 Fashion-MNIST classes (seeds 0 ...
+per_class-1 in every class; EDM Heun sampler with --steps) and scores them
+with the Fashion-MNIST classifier (`fd_classifier`, trained on the
+Fashion-MNIST training split):
+
+- consistency: % of samples the classifier assigns to the class they were
+  generated for;
+- FD: Frechet distance of the classifier's features of the samples to those
+  of the Fashion-MNIST training split (reference statistics are computed once
+  and cached under --workdir).
+
+It also reads the run's training speed (img/s of its status lines). With
+--train, it first trains the run (`edm2 train --outdir RUNDIR` followed by
+the options given after `--`), e.g. the demo preset from the repo root:
+
+    python benchmarks/demo_recipes.py --rundir runs/demo --train -- --preset demo --threads 2 --grid 0
+    python benchmarks/demo_recipes.py --rundir runs/demo --std 0.10 --steps 16
+
+Prints a markdown table (and appends it to --out).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+FMNIST_TRAIN = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
+
+
+def train(rundir: Path, train_args: list[str]) -> None:
+    cmd = [sys.executable, "-m", "edm2", "train", "--outdir", str(rundir), *train_args]
+    print(" ".join(cmd), flush=True)
+    subprocess.run(cmd, check=True)
+
+
+def train_speed(rundir: Path) -> tuple[float, float]:
+    """(images/s over the run's status lines, seconds of training) from stats.jsonl."""
+    rows = [json.loads(line) for line in (rundir / "stats.jsonl").read_text().splitlines() if line.strip()]
+    rows = [r for r in rows if r.get("sec_per_kimg")]
+    if not rows:
+        return float("nan"), float("nan")
+    steps = np.diff([0] + [r["nimg"] for r in rows])
+    seconds = float(sum(s * r["sec_per_kimg"] / 1000 for s, r in zip(steps, rows)))
+    images = int(sum(steps))
+    return images / seconds, seconds
+
+
+def snapshots_for(rundir: Path, workdir: Path, sigma_rels: list[float], at_nimg: int | None) -> dict:
+    """{sigma_rel: snapshot path} at training time at_nimg (default: last snapshot)."""
+    from edm2.posthoc import find_phema_inputs, reconstruct, resolve_time
+    from edm2.snapshot import snapshot_name
+
+    inputs = find_phema_inputs(rundir)
+    t = resolve_time(inputs, at_nimg)
+    tracked = {round(r.sigma_rel, 6): r.path for r in inputs if r.nimg == t}
+    out, wanted = {}, []
+    for s in sigma_rels:
+        if round(s, 6) in tracked:
+            out[s] = Path(tracked[round(s, 6)])
+        else:
+            wanted.append(s)
+    if wanted:
+        dest = workdir / "phema" / rundir.name
+        have = [s for s in wanted if (dest / snapshot_name(t, s)).is_file()]
+        todo = [s for s in wanted if s not in have]
+        if todo:
+            reconstruct(rundir, dest, todo, at_nimg=t, progress=False)
+        out.update({s: dest / snapshot_name(t, s) for s in wanted})
+    return t, out
+
+
+def generate_per_class(snapshot: Path, per_class: int, steps: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """uint8 images [10*per_class, C, H, W] and their requested classes."""
+    from edm2.generate import generate_images, load_nets
+
+    net, _, encoder, _ = load_nets(str(snapshot), device="cpu")
+    images, labels = [], []
+    for c in tqdm(range(10), desc=f"{snapshot.name} classes", leave=False):
+        for b in generate_images(net, encoder, range(per_class), class_idx=c, batch_size=batch, device="cpu",
+                                 rank=0, world_size=1, num_steps=steps):
+            images.append(b.images)
+            labels.append(torch.full([len(b.images)], c))
+    return torch.cat(images), torch.cat(labels)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rundir", required=True, type=Path, help="training run folder")
+    p.add_argument("--label", default=None, help="row label (default: the run folder's name)")
+    p.add_argument("--std", default="0.05,0.10", help="EMA lengths sigma_rel, e.g. 0.05,0.10,0.15 (default 0.05,0.10)")
+    p.add_argument("--at-nimg", default="", help="training times in images, e.g. 16Ki,28Ki (default: last snapshot)")
+    p.add_argument("--steps", default="32", help="sampler steps, one or several: 16,32 (default 32)")
+    p.add_argument("--per-class", type=int, default=100, help="samples per class (default 100: 1000 in all)")
+    p.add_argument("--batch", type=int, default=50, help="images per sampler batch (default 50)")
+    p.add_argument("--workdir", type=Path, default=Path("runs/demo-recipes"),
+                   help="post-hoc snapshots and cached reference statistics (default runs/demo-recipes)")
+    p.add_argument("--detector-dir", default=None, help="folder with classifier.safetensors "
+                   "(default $EDM2_DETECTOR_DIR or ~/.cache/edm2/detectors)")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")),
+                   help="CPU threads (default: OMP_NUM_THREADS, else 2)")
+    p.add_argument("--out", type=Path, default=None, help="also append the table to this markdown file")
+    p.add_argument("--train", action="store_true", help="first train RUNDIR with the edm2 train options after --")
+    args, rest = p.parse_known_args(argv)
+    if rest and rest[0] == "--":
+        rest = rest[1:]
+    if rest and not args.train:
+        p.error(f"unrecognised arguments: {' '.join(rest)} (edm2 train options go after --train --)")
+    torch.set_num_threads(args.threads)
+
+    from edm2.units import parse_float_list, parse_nimg
+
+    if args.train:
+        train(args.rundir, rest)
+    if not (args.rundir / "stats.jsonl").is_file():
+        p.error(f"--rundir {args.rundir}: not a training run folder (no stats.jsonl); train it first (--train)")
+    sigma_rels = parse_float_list(args.std, "--std")
+    steps_list = [int(s) for s in args.steps.split(",")]
+    times = [parse_nimg(t, "--at-nimg") for t in args.at_nimg.split(",")] if args.at_nimg else [None]
+    args.workdir.mkdir(parents=True, exist_ok=True)
+
+    scorer = ClassifierScore(args.workdir, args.detector_dir)
+    speed, seconds = train_speed(args.rundir)
+    label = args.label or args.rundir.name
+    lines = ["| run | images | σ_rel | steps | consistency (%) | FD (classifier) | sampling s/img |",
+             "|---|---|---|---|---|---|---|"]
+    for at in times:
+        t, snaps = snapshots_for(args.rundir, args.workdir, sigma_rels, at)
+        for s, path in snaps.items():
+            for steps in steps_list:
+                t0 = time.perf_counter()
+                images, labels = generate_per_class(path, args.per_class, steps, args.batch)
+                per_img = (time.perf_counter() - t0) / len(images)
+                cons, fd = scorer(images, labels)
+                row = f"| {label} | {t / 1024:g}Ki | {s:.3f} | {steps} | {cons:.1f} | {fd:.2f} | {per_img:.3f} |"
+                lines.append(row)
+                print(row, flush=True)
+    lines.append("")
+    lines.append(f"{label}: training {speed:.1f} img/s over {seconds:.0f} s (its status lines); "
+                 f"{args.per_class} samples per class; {platform.processor() or platform.machine()}, "
+                 f"{args.threads} thread(s) for scoring")
+    table = "\n".join(lines)
+    print(table)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write(table + "\n\n")
+
+
+class ClassifierScore:
+    """Class-consistency and FD in the Fashion-MNIST classifier's features
+    (reference: the Fashion-MNIST training split, cached in workdir)."""
+
+    def __init__(self, workdir: Path, detector_dir=None):
+        raise NotImplementedError
+
+
+if __name__ == "__main__":
+    main()
