@@ -1,5 +1,6 @@
 # Two commands do everything on a fresh clone:
-#   make demo   - set up .venv, train the cpu-32 preset on the built-in Fashion-MNIST, write a sample grid
+#   make demo   - set up .venv, train the demo preset on the built-in Fashion-MNIST (~10 min on 2 cores), write a sample grid
+#   make demo-quick - the same two commands in seconds (a smoke test; the samples are noise)
 #   make test   - set up .venv, run the test suite (it includes the strict documentation build)
 #   make docs   - build the documentation site into site/ (mkdocs, material theme)
 PY      ?= python3
@@ -9,7 +10,7 @@ TORCH   ?= torch==2.13.0
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.edm2-installed
 
-.PHONY: venv demo test docs clean
+.PHONY: venv demo demo-quick test docs clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -21,9 +22,15 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# The recipe is the demo preset (src/edm2/presets.py; chosen by measurement, BENCHMARKS.md "Demo recipe").
+# --net demo-run samples its latest snapshot of the longest tracked EMA, the length post-hoc EMA picked.
 demo: $(STAMP)
-	$(BIN)/edm2 train --outdir demo-run --preset cpu-32
-	$(BIN)/edm2 generate --net demo-run --outdir demo-run/samples --seeds 0-99 --grid demo-run/samples.png
+	$(BIN)/edm2 train --outdir demo-run --preset demo --grid 10
+	$(BIN)/edm2 generate --net demo-run --outdir demo-run/samples --seeds 0-99 --steps 16 --grid demo-run/samples.png
+
+demo-quick: $(STAMP)
+	$(BIN)/edm2 train --outdir demo-quick --preset demo --duration 256 --snapshot 128 --checkpoint 256 --grid 0
+	$(BIN)/edm2 generate --net demo-quick --outdir demo-quick/samples --seeds 0-9 --steps 4 --grid demo-quick/samples.png
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
@@ -32,4 +39,4 @@ docs: $(STAMP)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/python -m mkdocs build --strict --site-dir site
 
 clean:
-	rm -rf $(VENV) demo-run site
+	rm -rf $(VENV) demo-run demo-quick site

@@ -110,6 +110,8 @@ def main(argv=None) -> None:
                    help="post-hoc snapshots and cached reference statistics (default runs/demo-recipes)")
     p.add_argument("--detector-dir", default=None, help="folder with classifier.safetensors "
                    "(default $EDM2_DETECTOR_DIR or ~/.cache/edm2/detectors)")
+    p.add_argument("--ref", default=None, help="fd_classifier reference statistics (.npz of `edm2 metrics ref`; "
+                   "default: WORKDIR/fmnist-train-clf.npz, made from the Fashion-MNIST training split if missing)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")),
                    help="CPU threads (default: OMP_NUM_THREADS, else 2)")
     p.add_argument("--out", type=Path, default=None, help="also append the table to this markdown file")
@@ -132,7 +134,7 @@ def main(argv=None) -> None:
     times = [parse_nimg(t, "--at-nimg") for t in args.at_nimg.split(",")] if args.at_nimg else [None]
     args.workdir.mkdir(parents=True, exist_ok=True)
 
-    scorer = ClassifierScore(args.workdir, args.detector_dir)
+    scorer = ClassifierScore(args.workdir, args.detector_dir, args.ref)
     speed, seconds = train_speed(args.rundir)
     label = args.label or args.rundir.name
     lines = ["| run | images | σ_rel | steps | consistency (%) | FD (classifier) | sampling s/img |",
@@ -160,11 +162,36 @@ def main(argv=None) -> None:
 
 
 class ClassifierScore:
-    """Class-consistency and FD in the Fashion-MNIST classifier's features
-    (reference: the Fashion-MNIST training split, cached in workdir)."""
+    """Class consistency and FD in the Fashion-MNIST classifier's features
+    (edm2.metrics.classifier; reference: the Fashion-MNIST training split)."""
 
-    def __init__(self, workdir: Path, detector_dir=None):
-        raise NotImplementedError
+    def __init__(self, workdir: Path, detector_dir=None, ref=None):
+        from edm2.data.convert import convert_dataset
+        from edm2.metrics import detector_dir as resolve_detector_dir
+        from edm2.metrics import load_ref, reference_stats
+        from edm2.metrics.detectors import load_classifier
+
+        self.detector = load_classifier(resolve_detector_dir(detector_dir) / "classifier.safetensors")
+        ref = Path(ref) if ref else workdir / "fmnist-train-clf.npz"
+        if not ref.is_file():
+            data = workdir / "fmnist-train-32.zip"
+            if not data.is_file():
+                convert_dataset(FMNIST_TRAIN, data, resolution=32, transform="pad")
+            reference_stats(data, ref, metrics=["fd_classifier"], detectors={"fd_classifier": self.detector},
+                            workers=0, device="cpu")
+        self.ref = load_ref(ref)
+
+    def __call__(self, images: torch.Tensor, classes: torch.Tensor) -> tuple[float, float]:
+        """(consistency in %, FD) of uint8 images generated for `classes`."""
+        from edm2.metrics import FeatureStats, distances
+        from edm2.metrics.classifier import class_consistency
+
+        stats = FeatureStats(self.detector.feature_dim)
+        with torch.no_grad():
+            for i in range(0, len(images), 250):
+                stats.append(self.detector(images[i:i + 250]))
+        fd = distances({"fd_classifier": stats}, self.ref)["fd_classifier"]
+        return 100 * class_consistency(self.detector, images, classes), float(fd)
 
 
 if __name__ == "__main__":
