@@ -97,6 +97,18 @@ def generate_per_class(snapshot: Path, per_class: int, steps: int, batch: int) -
     return torch.cat(images), torch.cat(labels)
 
 
+def save_class_grid(path: Path, images: torch.Tensor, per_class: int, cols: int = 10) -> None:
+    """PNG of the first `cols` samples of each class, one row per class."""
+    from edm2.fileio import atomic_write_bytes, png_bytes
+
+    cols = min(cols, per_class)
+    x = images.reshape(10, per_class, *images.shape[1:])[:, :cols]         # [10, cols, C, H, W]
+    c, h, w = x.shape[2:]
+    x = x.permute(0, 3, 1, 4, 2).reshape(10 * h, cols * w, c).numpy()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, png_bytes(x))
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rundir", required=True, type=Path, help="training run folder")
@@ -114,6 +126,8 @@ def main(argv=None) -> None:
                    "default: WORKDIR/fmnist-train-clf.npz, made from the Fashion-MNIST training split if missing)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")),
                    help="CPU threads (default: OMP_NUM_THREADS, else 2)")
+    p.add_argument("--grid-dir", type=Path, default=None, help="also write a PNG per row of the table: the first "
+                   "10 samples of each class, one row per class")
     p.add_argument("--out", type=Path, default=None, help="also append the table to this markdown file")
     p.add_argument("--train", action="store_true", help="first train RUNDIR with the edm2 train options after --")
     args, rest = p.parse_known_args(argv)
@@ -147,6 +161,8 @@ def main(argv=None) -> None:
                 images, labels = generate_per_class(path, args.per_class, steps, args.batch)
                 per_img = (time.perf_counter() - t0) / len(images)
                 cons, fd = scorer(images, labels)
+                if args.grid_dir:
+                    save_class_grid(args.grid_dir / f"{label}-{t:09d}-{s:.3f}-{steps}.png", images, args.per_class)
                 row = f"| {label} | {t / 1024:g}Ki | {s:.3f} | {steps} | {cons:.1f} | {fd:.2f} | {per_img:.3f} |"
                 lines.append(row)
                 print(row, flush=True)
