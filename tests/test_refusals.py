@@ -21,7 +21,7 @@ from edm2.metrics.detectors import INCEPTION_FILE
 from edm2.metrics.stats import FeatureStats
 from edm2.nn import Precond
 from edm2.presets import get_preset
-from edm2.snapshot import make_meta, save_snapshot, snapshot_name
+from edm2.snapshot import SnapshotStreamWriter, make_meta, save_snapshot, snapshot_name
 from refusals import assert_refused, fill_disk, run_cli, small_tmpfs, tree_hashes
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -392,3 +392,29 @@ def test_full_disk_is_one_line_and_leaves_no_temp_file(tmp_path, w, command):
         fill_disk(mnt, leave=4096)   # room for the lock file, not for an image or a snapshot
         assert_refused([*argv, "--outdir", mnt / "o"], watch=[mnt], match="no space left", code=1)
         assert sorted(os.listdir(mnt / "o")) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("again", [[], ["--overwrite"]], ids=["same-command", "overwrite"])
+def test_interrupted_phema_leaves_no_temp_file_and_resumes(w, tmp_path, monkeypatch, again):
+    """Ctrl-C after the first of two outputs is complete: that one stays, the
+    other's temp file is removed; the same command (also with --overwrite)
+    keeps the finished output and builds the missing one."""
+    out = tmp_path / "o"
+    argv = ["phema", "--rundir", w / "run1", "--outdir", out, "--std", "0.06,0.08"]
+    real_commit = SnapshotStreamWriter.commit
+
+    def commit_then_interrupt(self):
+        real_commit(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SnapshotStreamWriter, "commit", commit_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(argv)
+    monkeypatch.undo()
+    first, second = snapshot_name(192, 0.06), snapshot_name(192, 0.08)
+    assert sorted(os.listdir(out)) == [first]        # no temp file, no lock
+    kept = (out / first).stat().st_mtime_ns, (out / first).read_bytes()
+    code, _, err = run_cli([*argv, *again])
+    assert code == 0, err
+    assert sorted(os.listdir(out)) == [first, second]
+    assert ((out / first).stat().st_mtime_ns, (out / first).read_bytes()) == kept
