@@ -1,4 +1,4 @@
-"""Helpers for bad-input tests: run the CLI in-process, assert a one-line
+"""Shared code of the bad-input tests: run the CLI in-process, assert a one-line
 refusal, and assert that nothing on disk changed.
 
     from refusals import assert_refused
