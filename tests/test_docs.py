@@ -83,6 +83,25 @@ def test_every_cited_repository_path_and_anchor_exists():
     assert not missing, "\n".join(missing)
 
 
+def test_top_level_pages_link_to_existing_files():
+    """Relative Markdown links of README.md, CONTRIBUTING.md and BENCHMARKS.md (not
+    part of the site, so `mkdocs build --strict` does not check them) name existing files
+    (or a page of OPTIONAL_PAGES, as above)."""
+    missing, pending = [], optional_pages()
+    for page in (ROOT / "README.md", ROOT / "CONTRIBUTING.md", ROOT / "BENCHMARKS.md"):
+        fenced = False
+        for number, line in enumerate(page.read_text().splitlines(), 1):
+            if line.startswith("```"):
+                fenced = not fenced
+            if fenced:
+                continue
+            prose = re.sub(r"`[^`]*`", "", line)   # examples in code spans are not links
+            for target in re.findall(r"\]\(([^)\s#]+)(?:#[^)]*)?\)", prose):
+                if not re.match(r"[a-z]+:", target) and not (ROOT / target).exists() and target not in pending:
+                    missing.append(f"{page.name}:{number}: {target} does not exist")
+    assert not missing, "\n".join(missing)
+
+
 def test_docs_build_strict(tmp_path):
     for module in ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python"):
         pytest.importorskip(module, reason="the docs extra is not installed (pip install -e '.[docs]')")
