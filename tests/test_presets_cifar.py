@@ -45,3 +45,23 @@ def test_recipes_c_e_g():
     a = get_preset("cifar-32", "A")
     assert a.batch == 1024 and all(v % 1024 == 0 for v in (a.duration, a.status, a.snapshot, a.checkpoint))
     assert (g.status, g.snapshot, g.checkpoint) == (256 * Ki, 4 * Mi, 16 * Mi)
+
+
+@pytest.mark.parametrize("config", ["C", "E", "G"])
+def test_snapshot_round_trip_keeps_the_embedding_width(tmp_path, config):
+    """channel_mult_emb reaches the snapshot metadata, and load_network rebuilds the same network."""
+    from edm2.loading import load_network
+    from edm2.snapshot import make_meta, save_snapshot
+
+    kw = get_preset("cifar-32", config).replace(model_channels=8).net_kwargs(0)   # narrow: a small file
+    torch.manual_seed(0)
+    net = build_network(config, **kw)
+    path = tmp_path / "s.safetensors"
+    save_snapshot(path, net, make_meta(kw, 0, 0.1, {"type": "rgb"}, {"resolution": 32, "channels": 3,
+                                                                     "label_dim": 0}, config=config))
+    loaded, meta = load_network(path)
+    assert meta["net_kwargs"]["channel_mult_emb"] == 4
+    x, sigma = torch.randn(2, 3, 32, 32), torch.tensor([0.5, 2.0])
+    net.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x, sigma, None), net(x, sigma, None))
