@@ -15,13 +15,15 @@ from ..metrics import (
     resolve_metrics,
     sweep,
 )
+from ..metrics.classifier import train_classifier
 from ..metrics.sweep import best_rows
 from ..presets import apply_generation_preset
 from ..sampling import check_guidance
 from ..units import parse_float_list, parse_int_list, parse_nimg
 from ..validate import check_sampler_options
 
-METRICS_HELP = "comma-separated: fid, fd_dinov2 (default: ref: both; calc/gen/sweep: those in --ref)"
+METRICS_HELP = ("comma-separated: fid, fd_dinov2, fd_classifier (default: ref: fid,fd_dinov2; calc/gen/sweep: "
+                "those in --ref)")
 
 
 def _common(p, ref=True, images=True, batch=64):
@@ -77,6 +79,21 @@ def register(sub) -> None:
     p.add_argument("--jsonl", default="metrics.jsonl", metavar="FILE",
                    help="results are appended to this file (default metrics.jsonl)")
     p.set_defaults(func=run_gen)
+
+    p = msub.add_parser("classifier", help="train a small classifier on a labelled dataset: the detector of "
+                        "fd_classifier and of class consistency (docs/metrics.md#a-classifier-of-your-own)")
+    p.add_argument("--data", required=True, metavar="DATASET", help="labelled image dataset (folder or zip) of the "
+                   "domain, held out from what the models train on")
+    p.add_argument("--out", required=True, metavar="FILE",
+                   help="output .safetensors (never overwritten); put it in a detector folder as "
+                        "classifier.safetensors")
+    p.add_argument("--val", metavar="DATASET",
+                   help="labelled dataset for the accuracy (default: 5%% held out of --data)")
+    p.add_argument("--epochs", type=int, default=4, help="passes over --data (default 4)")
+    p.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.set_defaults(func=run_classifier)
 
     p = sub.add_parser("sweep", help="post-hoc EMA sweep: reconstruct EMA lengths, evaluate, CSV + PNG",
                        description="Reconstruct each EMA length (and guidance weight) with post-hoc EMA, "
@@ -174,6 +191,14 @@ def run_gen(args) -> int:
         shutdown_distributed()
     source = {"net": str(args.net), "gnet": args.gnet and str(args.gnet), "guidance": args.guidance}
     _report(results, seeds, num, args.jsonl, source, args.ref, rank)
+    return 0
+
+
+def run_classifier(args) -> int:
+    configure_threads()
+    info = train_classifier(args.data, args.out, val=args.val, epochs=args.epochs, batch_size=args.batch,
+                            seed=args.seed, overwrite=args.overwrite)
+    print(f"accuracy {info['accuracy']:.4f} on {info['val_images']} held-out images; wrote {args.out}")
     return 0
 
 

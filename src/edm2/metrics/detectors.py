@@ -9,6 +9,10 @@ features [N, feature_dim].
   transformers (`Dinov2Model`, 1024-d class token after the final norm), fed
   as docs/design.md#metrics says: bicubic antialiased resize to 224 on 0-255 floats, /255,
   ImageNet mean/std.
+- `ClassifierDetector` (metric "fd_classifier"): the penultimate features of a
+  small CNN classifier you train on a labelled split of your own domain
+  (`edm2.metrics.classifier.train_classifier`, `edm2 metrics classifier`),
+  read from `<detector_dir>/classifier.safetensors`; never downloaded.
 - `TinyDetector` (metric "fd_tiny"): a cheap, fixed, seeded stand-in with the
   same interface, for smoke tests of the pipeline. It is not a metric to
   report.
@@ -23,17 +27,23 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import io
+import json
 import os
 import sys
 import types
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save
 
+from ..fileio import atomic_write_bytes
 from ..validate import safe_error_text
 
-__all__ = ["Detector", "InceptionDetector", "DINOv2Detector", "TinyDetector", "DETECTORS", "detector_dir",
+__all__ = ["Detector", "InceptionDetector", "DINOv2Detector", "TinyDetector", "ClassifierConfig", "Classifier",
+           "ClassifierDetector", "CLASSIFIER_FILE", "save_classifier", "load_classifier", "DETECTORS", "detector_dir",
            "load_detector", "random_detector", "INCEPTION_FILE", "INCEPTION_URL", "DINOV2_FOLDER", "DINOV2_HUB"]
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
@@ -238,6 +248,128 @@ def _load_dinov2(folder: Path, download: bool, device) -> DINOv2Detector:
 
 
 # ---------------------------------------------------------------------------
+# A classifier of your own (metric "fd_classifier"; trained by edm2.metrics.classifier)
+# ---------------------------------------------------------------------------
+
+CLASSIFIER_FILE = "classifier.safetensors"   # looked up in the detector folder for metric "fd_classifier"
+_CLASSIFIER_FORMAT = "edm2-classifier-v1"
+
+
+@dataclass(frozen=True)
+class ClassifierConfig:
+    """Architecture: three stages of two 3x3 conv + BatchNorm + ReLU at widths
+    `widths`, 2x2 max-pooling between them, global average pooling, one hidden
+    layer of `feature_dim` units (the features) and the class logits. Inputs
+    are resized to `resolution` and scaled to [-1, 1]."""
+    img_channels: int = 1
+    resolution: int = 32
+    num_classes: int = 10
+    widths: tuple = (8, 16, 32)
+    feature_dim: int = 128
+
+
+class Classifier(torch.nn.Module):
+    """The CNN of `ClassifierConfig`. `features(x)` -> [N, feature_dim], `forward(x)` -> logits."""
+
+    def __init__(self, config: ClassifierConfig):
+        super().__init__()
+        self.config = config
+        layers, c = [], config.img_channels
+        for i, w in enumerate(config.widths):
+            if i:
+                layers.append(torch.nn.MaxPool2d(2))
+            for _ in range(2):
+                layers += [torch.nn.Conv2d(c, w, 3, padding=1, bias=False), torch.nn.BatchNorm2d(w),
+                           torch.nn.ReLU(inplace=True)]
+                c = w
+        self.body = torch.nn.Sequential(*layers)
+        self.hidden = torch.nn.Linear(c, config.feature_dim)
+        self.head = torch.nn.Linear(config.feature_dim, config.num_classes)
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 [N, C, H, W] (C = 1 or 3) -> float in [-1, 1] at the classifier's channels and resolution."""
+        x = images.to(torch.float32)
+        if x.shape[1] != self.config.img_channels:
+            if self.config.img_channels == 1:
+                x = x.mean(dim=1, keepdim=True)   # RGB (or grey repeated to RGB) -> grey, exact for repeated grey
+            else:
+                x = x.expand(-1, self.config.img_channels, -1, -1)
+        if x.shape[-1] != self.config.resolution or x.shape[-2] != self.config.resolution:
+            x = F.interpolate(x, size=(self.config.resolution,) * 2, mode="bilinear", antialias=True,
+                              align_corners=False)
+        return x / 127.5 - 1
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.hidden(self.body(x).mean(dim=(2, 3))))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+class ClassifierDetector(Detector):
+    """The metrics pipeline's view of a `Classifier`: uint8 images -> its features."""
+
+    metric = "fd_classifier"
+
+    def __init__(self, classifier: Classifier | None = None, meta: dict | None = None):
+        super().__init__()
+        self.classifier = (classifier if classifier is not None else Classifier(ClassifierConfig())).eval()
+        self.feature_dim = classifier.config.feature_dim
+        self.meta = dict(meta or {})
+
+    def features(self, rgb):
+        return self.classifier.features(self.classifier.prepare(rgb))
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Class indices [N] of uint8 images [N, 1 or 3, H, W]."""
+        with torch.no_grad():
+            return self.classifier(self.classifier.prepare(images)).argmax(dim=1)
+
+
+# ---------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------
+
+def save_classifier(path, classifier: Classifier, info: dict) -> Path:
+    """Write `classifier` (weights + architecture + `info`) to `path`, atomically."""
+    meta = {"format": _CLASSIFIER_FORMAT, "config": json.dumps(asdict(classifier.config)), "info": json.dumps(info)}
+    state = {k: v.detach().cpu().contiguous() for k, v in classifier.state_dict().items()}
+    return atomic_write_bytes(path, save(state, metadata=meta))
+
+
+def load_classifier(path, device="cpu") -> ClassifierDetector:
+    """Read a file written by `train_classifier` (safetensors; nothing in it is executed)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no classifier there; train one with `edm2 metrics classifier "
+                                f"--data LABELLED_DATASET --out {path}`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for bad files
+        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}); "
+                         f"train a classifier with `edm2 metrics classifier`") from None
+    if meta.get("format") != _CLASSIFIER_FORMAT:
+        raise ValueError(f"{path}: not an edm2 classifier (format {meta.get('format')!r}); "
+                         f"train one with `edm2 metrics classifier`")
+    raw = json.loads(meta["config"])
+    config = ClassifierConfig(**{**raw, "widths": tuple(raw["widths"])})
+    classifier = Classifier(config)
+    try:
+        classifier.load_state_dict(state)
+    except RuntimeError:
+        raise ValueError(f"{path}: its tensors do not match its recorded architecture; the file is damaged") from None
+    return ClassifierDetector(classifier.to(device), json.loads(meta.get("info", "{}")))
+
+
+def _load_for_metric(folder: Path, download: bool, device) -> ClassifierDetector:
+    """Loader of metric "fd_classifier" (edm2.metrics.detectors.DETECTORS): never downloads."""
+    return load_classifier(Path(folder) / CLASSIFIER_FILE, device)
+
+
+
+# ---------------------------------------------------------------------------
 # Stand-in for tests
 # ---------------------------------------------------------------------------
 
@@ -265,18 +397,19 @@ class TinyDetector(Detector):
 DETECTORS = {
     "fid": (InceptionDetector, _load_inception),
     "fd_dinov2": (DINOv2Detector, _load_dinov2),
+    "fd_classifier": (ClassifierDetector, _load_for_metric),
     "fd_tiny": (TinyDetector, lambda folder, download, device: TinyDetector().to(device)),
 }
 
 
 def _check_metric(metric):
     if metric not in DETECTORS:
-        raise ValueError(f"--metrics: unknown metric {metric!r}; choose from fid, fd_dinov2 "
+        raise ValueError(f"--metrics: unknown metric {metric!r}; choose from fid, fd_dinov2, fd_classifier "
                          f"(fd_tiny is a test stand-in)")
 
 
 def load_detector(metric: str, weights_dir=None, device="cpu", download: bool = True) -> Detector:
-    """The detector of `metric` ("fid", "fd_dinov2" or "fd_tiny") with its
+    """The detector of `metric` ("fid", "fd_dinov2", "fd_classifier" or "fd_tiny") with its
     published weights from `detector_dir(weights_dir)` (downloaded there on
     first use unless `download=False` or $EDM2_OFFLINE / $HF_HUB_OFFLINE is set),
     in eval mode on `device`."""
