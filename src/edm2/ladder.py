@@ -192,7 +192,9 @@ def _claim_outdir(out: Path, settings: dict) -> None:
             raise ValueError(f"--outdir {out}: holds a ladder of other settings ({shown}); rerun with its settings "
                              f"to continue it, or choose another --outdir")
         return
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    # A new ladder goes into a new or empty folder; a *.log file (the command's own output, e.g.
+    # `nohup edm2 ladder --outdir DIR > DIR/ladder.log`) is allowed there.
+    if out.exists() and (not out.is_dir() or any(p.suffix != ".log" for p in out.iterdir())):
         raise FileExistsError(f"--outdir {out}: exists and holds no {LADDER_FILE}; choose a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, (json.dumps(settings, indent=2) + "\n").encode())
