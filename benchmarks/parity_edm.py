@@ -4,8 +4,8 @@ EDMPrecond + DhariwalUNet, training/loss.py EDMLoss).
 
     python benchmarks/parity_edm.py [--edm-repo /path/to/edm] [--sizes tiny,small,img512-s] [--batch 2]
 
-Needs a local checkout of github.com/NVlabs/edm (default /work/ref/edm, if it
-exists); nothing of it is copied into this project. For every size it builds
+Needs a local checkout of github.com/NVlabs/edm (--edm-repo, default
+$EDM_REPO); nothing of it is copied into this project. For every size it builds
 both networks from the same seed and reports:
 
 - the state-dict keys (same names, order and shapes) and the largest
@@ -140,9 +140,9 @@ def compare(size: str, networks, loss_mod, batch: int, seed: int = 0) -> dict:
 
 
 def main(argv=None) -> int:
-    default_repo = "/work/ref/edm" if os.path.isdir("/work/ref/edm") else None
+    default_repo = os.environ.get("EDM_REPO") or None
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--edm-repo", default=default_repo, help="checkout of github.com/NVlabs/edm")
+    ap.add_argument("--edm-repo", default=default_repo, help="checkout of github.com/NVlabs/edm (default $EDM_REPO)")
     ap.add_argument("--sizes", default="tiny,small-B,img512-s", help=f"comma-separated, from {','.join(SIZES)}")
     ap.add_argument("--batch", type=int, default=2)
     args = ap.parse_args(argv)

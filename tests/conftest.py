@@ -3,6 +3,15 @@ import os
 import pytest
 import torch
 
+from edm2.distributed import configure_threads
+
+
+def pytest_configure(config):
+    """The commands' CPU thread count for the whole suite: $OMP_NUM_THREADS when
+    set, else min(available cores, 4) (`configure_threads`; docs/reliability.md),
+    instead of PyTorch's one thread per core."""
+    configure_threads()
+
 
 @pytest.fixture(scope="module")
 def one_thread():

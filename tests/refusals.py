@@ -1,4 +1,4 @@
-"""Helpers for bad-input tests: run the CLI in-process, assert a one-line
+"""Shared code of the bad-input tests: run the CLI in-process, assert a one-line
 refusal, and assert that nothing on disk changed.
 
     from refusals import assert_refused
@@ -21,7 +21,7 @@ import pytest
 
 from edm2.cli import main
 
-__all__ = ["tree_hashes", "run_cli", "assert_refused", "small_tmpfs"]
+__all__ = ["tree_hashes", "run_cli", "assert_refused", "small_tmpfs", "fill_disk"]
 
 
 def tree_hashes(paths) -> dict:
@@ -97,3 +97,17 @@ def small_tmpfs(path, size="1m", read_only=False):
             yield path, None
     finally:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def fill_disk(folder, leave: int = 0) -> None:
+    """Write `folder`/filler.bin until at most `leave` bytes are free on its file system."""
+    with open(Path(folder) / "filler.bin", "wb", buffering=0) as f:
+        try:
+            while True:
+                st = os.statvfs(folder)
+                free = st.f_bavail * st.f_frsize
+                if free <= leave:
+                    break
+                f.write(b"\0" * min(free - leave, 1 << 16))
+        except OSError:
+            pass

@@ -223,3 +223,72 @@ def test_tiny_imagenet(tmp_path):
         f.write("val_9.JPEG\tn99999999\t0\t0\t1\t1\n")
     with pytest.raises(ValueError, match=r"val_annotations.txt: line 4"):
         convert_dataset(tmp_path / "tiny-imagenet-200", tmp_path / "val2", split="val", progress=False)
+
+
+def _members(tar):
+    with tarfile.open(tar) as t:
+        return {m.name: t.extractfile(m).read() for m in t.getmembers() if m.isfile()}
+
+
+def test_python_batches_are_parsed_without_running_code(tmp_path, monkeypatch):
+    """The python version's batches go through the restricted unpickler only: a REDUCE of a
+    builtin (here `builtins.eval`) is refused before it is called, and pickle's own unrestricted
+    loader is never used."""
+    import pickle
+
+    called = []
+    monkeypatch.setattr(pickle, "loads", lambda *a, **k: called.append(a))
+    monkeypatch.setattr(pickle, "load", lambda *a, **k: called.append(a))
+    tar, expect = cifar10_python(tmp_path / "good.tar.gz")
+    assert np.array_equal(read_cifar(tar, "test").labels, expect["test"][1]) and not called
+    members = _members(tar)
+    members["cifar-10-batches-py/test_batch"] = b"\x80\x02cbuiltins\neval\nU\x0c__import__()\x85R."
+    with pytest.raises(ValueError, match=r"test_batch: refused: .*'builtins.eval'.*nothing was run"):
+        read_cifar(_tar(tmp_path / "eval.tar.gz", members), "test")
+    assert not called
+
+
+def _malformed(tmp_path):
+    """name -> (tarball, --split, text the one-line error must contain)."""
+    tar, _ = cifar10_python(tmp_path / "good.tar.gz")
+    py = _members(tar)
+    out = {"truncated": (tmp_path / "cut.tar.gz", "train", "cut.tar.gz")}
+    (tmp_path / "cut.tar.gz").write_bytes(tar.read_bytes()[: len(tar.read_bytes()) // 2])
+    # Member names of neither layout (e.g. a renamed folder's files).
+    renamed = {k.replace("data_batch_", "batch").replace("test_batch", "tst"): v for k, v in py.items()}
+    out["wrong names"] = (_tar(tmp_path / "renamed.tar.gz", renamed), "test", "not a CIFAR-10/100 archive")
+    out["missing batch"] = (_tar(tmp_path / "partial.tar.gz",
+                                 {k: v for k, v in py.items() if not k.endswith("data_batch_3")}),
+                            "train", "the train split lacks data_batch_3")
+    # Labels outside 0..9, in the python and in the binary layout.
+    rng = np.random.default_rng(5)
+    bad = dict(py, **{"cifar-10-batches-py/test_batch": py2_pickle({"labels": [3, 10], "data": _pixels(rng, 2)})})
+    out["python label"] = (_tar(tmp_path / "label.tar.gz", bad), "test", "label 10 out of range 0..9")
+    rec = np.concatenate([np.array([[1], [12]], np.uint8), _pixels(rng, 2)], axis=1).tobytes()
+    binary = {"cifar-10-batches-bin/batches.meta.txt": "\n".join(CIFAR10_NAMES).encode(),
+              "cifar-10-batches-bin/test_batch.bin": rec}
+    out["binary label"] = (_tar(tmp_path / "binlabel.tar.gz", binary), "test", "label 12 out of range 0..9")
+    out["binary records"] = (_tar(tmp_path / "binshort.tar.gz", dict(binary, **{
+        "cifar-10-batches-bin/test_batch.bin": rec[:-7]})), "test", "not a whole number of 3073-byte")
+    # A batch that is a pickle of the wrong thing, and one with a wrong pixel count.
+    out["not a dict"] = (_tar(tmp_path / "list.tar.gz", dict(py, **{"cifar-10-batches-py/test_batch": py2_pickle(
+        [1, 2])})), "test", "not a CIFAR-10 python batch")
+    out["pixels"] = (_tar(tmp_path / "pix.tar.gz", dict(py, **{"cifar-10-batches-py/test_batch": py2_pickle(
+        {"labels": [1], "data": rng.integers(0, 256, (1, 3000), dtype=np.uint8)})})), "test", "[N, 3072]")
+    out["class names"] = (_tar(tmp_path / "names.tar.gz", dict(binary, **{
+        "cifar-10-batches-bin/batches.meta.txt": b"cat\ndog\n"})), "test", "2 class names, expected 10")
+    return out
+
+
+def test_malformed_cifar_cli(tmp_path, capsys):
+    """Every malformed archive: one line on stderr naming the file, exit status 2, nothing written."""
+    cases = _malformed(tmp_path)
+    for name, (tar, split, text) in cases.items():
+        before = sorted(p.name for p in tmp_path.iterdir())
+        for dest in (tmp_path / "out", tmp_path / "out.zip"):
+            with pytest.raises(SystemExit) as e:
+                main(["dataset", "convert", "--source", str(tar), "--split", split, "--dest", str(dest)])
+            assert e.value.code == 2, name
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and text in err and tar.name in err, (name, err)
+            assert sorted(p.name for p in tmp_path.iterdir()) == before, name   # no dest, no temporary files

@@ -83,6 +83,25 @@ def test_every_cited_repository_path_and_anchor_exists():
     assert not missing, "\n".join(missing)
 
 
+def test_top_level_pages_link_to_existing_files():
+    """Relative Markdown links of README.md, CONTRIBUTING.md and BENCHMARKS.md (not
+    part of the site, so `mkdocs build --strict` does not check them) name existing files
+    (or a page of OPTIONAL_PAGES, as above)."""
+    missing, pending = [], optional_pages()
+    for page in (ROOT / "README.md", ROOT / "CONTRIBUTING.md", ROOT / "BENCHMARKS.md"):
+        fenced = False
+        for number, line in enumerate(page.read_text().splitlines(), 1):
+            if line.startswith("```"):
+                fenced = not fenced
+            if fenced:
+                continue
+            prose = re.sub(r"`[^`]*`", "", line)   # examples in code spans are not links
+            for target in re.findall(r"\]\(([^)\s#]+)(?:#[^)]*)?\)", prose):
+                if not re.match(r"[a-z]+:", target) and not (ROOT / target).exists() and target not in pending:
+                    missing.append(f"{page.name}:{number}: {target} does not exist")
+    assert not missing, "\n".join(missing)
+
+
 def test_docs_build_strict(tmp_path):
     for module in ("mkdocs", "material", "mkdocstrings", "mkdocstrings_handlers.python"):
         pytest.importorskip(module, reason="the docs extra is not installed (pip install -e '.[docs]')")
@@ -166,3 +185,41 @@ def test_benchmark_commands_name_existing_scripts_and_their_options():
                     bad.append(f"{path.name}: {command}: {m.group(1)} has no option {option}")
     assert checked >= 10, checked
     assert not bad, "\n".join(bad)
+
+
+def _markdown_table(text: str, first_header: str) -> list[dict]:
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith(f"| {first_header} |"))
+    header = [c.strip() for c in lines[start].strip("|").split("|")]
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(dict(zip(header, (c.strip() for c in line.strip("|").split("|")))))
+    return rows
+
+
+def test_ablation_recipe_table_matches_the_recipes():
+    """docs/ablation.md's recipe table is what `RECIPES` and the img512-s presets say."""
+    from edm2.presets import CONFIGS, RECIPES, get_preset
+
+    rows = _markdown_table((DOCS / "ablation.md").read_text(), "config")
+    assert [r["config"] for r in rows] == list(CONFIGS)
+    for row in rows:
+        c = row["config"]
+        r, p = RECIPES[c], get_preset("img512-s", c)
+        assert row["loss"].split()[0] == {"edm": "EDM", "uncertainty": "uncertainty"}[r.loss] == \
+            {"edm": "EDM", "uncertainty": "uncertainty"}[p.loss], c
+        assert float(row["Adam β2"]) == r.adam_beta2 == p.adam_beta2, c
+        assert float(row["lr (α_ref)"]) == r.lr == p.lr, c
+        schedule = f"inverse sqrt, t_ref {p.decay:g}" if r.lr_decay else "constant"
+        assert row["LR schedule"] == schedule and (p.decay > 0) == r.lr_decay, c
+        assert row["weight norm"] == r.weight_norm, c
+        assert tuple(map(float, row["P_mean, P_std"].split(","))) == (p.P_mean, p.P_std), c
+        assert r.P_mean is None or (r.P_mean, r.P_std) == (p.P_mean, p.P_std), c
+        assert float(row["dropout"]) == p.dropout and (r.dropout is None or r.dropout == p.dropout), c
+        assert float(row["loss scaling"]) == r.loss_scaling == p.loss_scaling, c
+        if r.ema == "traditional":
+            assert row["EMA"] == f"traditional, half-life {p.ema_halflife / 1e6:g}M images" and p.ema == r.ema, c
+        else:
+            assert row["EMA"] == f"power, best σ_rel {r.sigma_rel:.3f}" and p.ema == "power", c

@@ -136,7 +136,12 @@ def test_measure_tiny_g():
     assert len(m["u"]) == len(m["u_sigma"]) == 24
     # The training mode is restored and the measurement is repeatable.
     assert net.training
-    assert measure(net, probe)["act_max"] == m["act_max"]
+    assert measure(net, probe, batch_size=10)["act_max"] == m["act_max"]
+    # The number of items per network call changes nothing that is measured.
+    whole = measure(net, probe, batch_size=24)
+    assert whole["act_max"] == pytest.approx(m["act_max"], rel=1e-5)
+    assert whole["act_mean"] == pytest.approx(m["act_mean"], rel=1e-5)
+    assert whole["loss"] == pytest.approx(m["loss"], rel=1e-5) and whole["weight_max"] == m["weight_max"]
 
 
 def test_tracker_writes_and_truncates_on_resume(tmp_path):

@@ -116,3 +116,15 @@ def test_cli(tmp_path, capsys):
               "--device", "cpu"])
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "allowed: enc.16x16_conv" in err
+
+
+def test_cli_default_data_is_the_builtin(tmp_path, capsys, monkeypatch):
+    """Without --data the probe uses the built-in dataset (that of `edm2 train` without --data)."""
+    import edm2.cli.probe as cli_probe
+
+    snap = _snapshot(tmp_path / "net.safetensors")
+    data = _dataset(tmp_path / "builtin", n=40)
+    monkeypatch.setattr(cli_probe, "builtin_dataset_path", lambda progress=False: data)
+    main(["probe", "--net", str(snap), "--sigma", "0.05", "--device", "cpu"])
+    out = capsys.readouterr().out
+    assert "dec.8x8_block1" in out and "accuracy 1.0000" in out and "32 train / 8 test images, 2 classes" in out

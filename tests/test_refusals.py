@@ -1,6 +1,7 @@
 """Bad input of every kind is refused with one line and a non-zero exit, and
 nothing on disk changes (every file under the test's folders is hashed before
 and after). One parametrised case per kind of mistake; see docs/reliability.md."""
+import fractions
 import json
 import os
 import shutil
@@ -16,11 +17,12 @@ from PIL import Image
 from edm2.encoders import StandardRGBEncoder
 from edm2.fileio import LOCK_NAME
 from edm2.metrics import append_jsonl, check_metric_value, distances
+from edm2.metrics.detectors import INCEPTION_FILE
 from edm2.metrics.stats import FeatureStats
 from edm2.nn import Precond
 from edm2.presets import get_preset
-from edm2.snapshot import make_meta, save_snapshot, snapshot_name
-from refusals import assert_refused, run_cli, small_tmpfs, tree_hashes
+from edm2.snapshot import SnapshotStreamWriter, make_meta, save_snapshot, snapshot_name
+from refusals import assert_refused, fill_disk, run_cli, small_tmpfs, tree_hashes
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:only 6 images for 16-d features")]
@@ -139,6 +141,15 @@ def _object_array(a):
     a["fd_tiny_mu"] = np.array([object()] * 16, dtype=object)
 
 
+def _pickled_fid_weights(tmp):
+    """A torch pickle holding a Python object where FID's weights belong: torch's own
+    message advises weights_only=False, which must not reach the user."""
+    folder = tmp / "detectors"
+    folder.mkdir()
+    torch.save({"weight": fractions.Fraction(1, 3)}, folder / INCEPTION_FILE)
+    return folder
+
+
 def _locked_by_other_host(folder):
     folder.mkdir(parents=True, exist_ok=True)
     (folder / LOCK_NAME).write_text(json.dumps({"pid": 4242, "host": "another-host", "started": "t0"}))
@@ -219,6 +230,10 @@ CASES = [
     ("ref-object-array", lambda w, t: (["metrics", "calc", "--images", w / "plain", "--ref",
                                         _ref(w, t, _object_array), "--num", "6", "--jsonl", t / "m.jsonl"],
                                        ["unreadable statistics file"])),
+    ("fid-weights-pickled", lambda w, t: (["metrics", "ref", "--data", w / "plain", "--dest", t / "ref.npz",
+                                           "--metrics", "fid", "--detector-dir", _pickled_fid_weights(t),
+                                           "--device", "cpu", "--workers", "0"],
+                                          [INCEPTION_FILE, "never loads pickled Python objects"])),
     ("ref-malformed", lambda w, t: (["metrics", "calc", "--images", w / "plain", "--ref", w / "bad.json", "--num",
                                      "6", "--jsonl", t / "m.jsonl"], ["bad.json"])),
     # --- dataset labels
@@ -233,6 +248,8 @@ CASES = [
                                                 ["class index 2", "2 class_names"])),
     ("labels-fraction-convert", lambda w, t: (["dataset", "convert", "--source", _labelled(t, [0, 1.5, 1, 0]),
                                                "--dest", t / "out"], ["label 1.5"])),
+    ("labels-huge-convert", lambda w, t: (["dataset", "convert", "--source", _labelled(t, [0, 10 ** 9, 1, 0]),
+                                           "--dest", t / "out.zip"], ["class index 1000000000"])),
     ("dataset-json-malformed", lambda w, t: (
         [write_images(t / "d"), (t / "d" / "dataset.json").write_text("[1,"),
          ["dataset", "info", t / "d"]][-1], ["dataset.json", "not valid JSON"])),
@@ -363,3 +380,41 @@ def test_convert_into_read_only_folder(tmp_path, w):
                        watch=[mnt], match="read-only", code=1)
         assert_refused(["phema", "--rundir", w / "run1", "--outdir", mnt / "o", "--std", "0.07"],
                        watch=[mnt], match="read-only", code=1)
+
+
+@pytest.mark.parametrize("command", ["generate", "phema"])
+def test_full_disk_is_one_line_and_leaves_no_temp_file(tmp_path, w, command):
+    argv = {"generate": ["generate", "--net", w / "netA.safetensors", *GEN],
+            "phema": ["phema", "--rundir", w / "run1", "--std", "0.07"]}[command]
+    with small_tmpfs(tmp_path / "mnt", size="1m") as (mnt, _):
+        (mnt / "o").mkdir()
+        (mnt / "o" / "keep.txt").write_text("existing file")
+        fill_disk(mnt, leave=4096)   # room for the lock file, not for an image or a snapshot
+        assert_refused([*argv, "--outdir", mnt / "o"], watch=[mnt], match="no space left", code=1)
+        assert sorted(os.listdir(mnt / "o")) == ["keep.txt"]
+
+
+@pytest.mark.parametrize("again", [[], ["--overwrite"]], ids=["same-command", "overwrite"])
+def test_interrupted_phema_leaves_no_temp_file_and_resumes(w, tmp_path, monkeypatch, again):
+    """Ctrl-C after the first of two outputs is complete: that one stays, the
+    other's temp file is removed; the same command (also with --overwrite)
+    keeps the finished output and builds the missing one."""
+    out = tmp_path / "o"
+    argv = ["phema", "--rundir", w / "run1", "--outdir", out, "--std", "0.06,0.08"]
+    real_commit = SnapshotStreamWriter.commit
+
+    def commit_then_interrupt(self):
+        real_commit(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(SnapshotStreamWriter, "commit", commit_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        run_cli(argv)
+    monkeypatch.undo()
+    first, second = snapshot_name(192, 0.06), snapshot_name(192, 0.08)
+    assert sorted(os.listdir(out)) == [first]        # no temp file, no lock
+    kept = (out / first).stat().st_mtime_ns, (out / first).read_bytes()
+    code, _, err = run_cli([*argv, *again])
+    assert code == 0, err
+    assert sorted(os.listdir(out)) == [first, second]
+    assert ((out / first).stat().st_mtime_ns, (out / first).read_bytes()) == kept

@@ -1,6 +1,7 @@
 """What `edm2 train` refuses: each case exits non-zero with one line naming
 the problem and the fix, and leaves every file of the run folder as it was."""
 import hashlib
+import json
 import os
 import shutil
 import subprocess
@@ -14,6 +15,7 @@ from edm2.checkpoint import list_checkpoints
 from edm2.cli import main as cli_main
 from edm2.fileio import LOCK_NAME
 from edm2.training import TrainConfig, train
+from refusals import fill_disk, small_tmpfs
 from test_train import make_dataset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -177,3 +179,42 @@ def test_a_stale_lock_is_taken_over(capsys, run, data):
     assert cli_main(_argv(run, data)) == 0               # the run is finished: nothing to do
     assert "nothing to do" in (run / "log.txt").read_text().splitlines()[-1]
     assert not (run / LOCK_NAME).exists()
+
+
+# (label put in place of item 1's, class_names kept?, what the one line must say)
+LABEL_CASES = [
+    ("fraction", 1.5, True, ["label 1.5", "not a class index"]),
+    ("huge", 10 ** 9, False, ["class index 1000000000", "below 1000"]),
+]
+
+
+@pytest.mark.parametrize("case,label,names,says", LABEL_CASES, ids=[c[0] for c in LABEL_CASES])
+def test_bad_dataset_label_is_refused(tmp_path, capsys, data, case, label, names, says):
+    ds = shutil.copytree(data, tmp_path / "ds")
+    meta = json.loads((ds / "dataset.json").read_text())
+    meta["labels"][1][1] = label
+    if not names:
+        del meta["class_names"]
+    (ds / "dataset.json").write_text(json.dumps(meta))
+    before = _hashes(tmp_path)
+    err = _refused(capsys, _argv(tmp_path / "run", ds))
+    for text in says:
+        assert text in err, (text, err)
+    assert _hashes(tmp_path) == before and not (tmp_path / "run").exists()
+
+
+def test_full_disk_is_one_line_and_keeps_the_run(tmp_path, capsys, finished_run, data):
+    with small_tmpfs(tmp_path / "mnt", size="16m") as (mnt, _):   # the run is 6.4 MB; 12 after the resume
+        run = shutil.copytree(finished_run, mnt / "run")
+        fill_disk(mnt, leave=8192)       # room for the lock and a log line, not for a snapshot
+        before = {name: (run / name).read_bytes() for name in os.listdir(run)}
+        err = _refused(capsys, _argv(run, data, duration=32), status=1)
+        assert "no space left" in err, err
+        # No temp file or lock is left; the logs only grew; snapshots and checkpoint are as they were.
+        assert sorted(os.listdir(run)) == sorted(before)
+        for name, old in before.items():
+            new = (run / name).read_bytes()
+            assert new.startswith(old) if name in ("log.txt", "stats.jsonl") else new == old, name
+        (mnt / "filler.bin").unlink()                     # space again: the same command continues
+        assert cli_main(_argv(run, data, duration=32)) == 0
+        assert [n for n, _ in list_checkpoints(run)] == [16, 32]

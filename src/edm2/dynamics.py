@@ -246,6 +246,12 @@ def probe_from_dataset(dataset, encoder, count: int = 256, seed: int = 0, P_mean
 # Measuring.
 # ---------------------------------------------------------------------------
 
+# Probe items per network call while measuring. The numbers do not depend on it (per-item
+# quantities, sums in float64); on a CPU, calls of 64 items run about 20% faster per item than
+# one call of 256, whose activations no longer fit the caches (BENCHMARKS.md, "Training dynamics cost").
+MEASURE_BATCH = 64
+
+
 def _accepts_logvar(net) -> bool:
     try:
         return "return_logvar" in inspect.signature(net.forward).parameters
@@ -254,7 +260,7 @@ def _accepts_logvar(net) -> bool:
 
 
 @torch.no_grad()
-def measure(net: torch.nn.Module, probe: Probe, batch_size: int = 256, sigma_data: float | None = None,
+def measure(net: torch.nn.Module, probe: Probe, batch_size: int = MEASURE_BATCH, sigma_data: float | None = None,
             u_points: int = 32) -> dict:
     """Measure `net` (called as net(x, sigma, labels[, return_logvar=True])) on
     the probe, in eval mode (no dropout, weights untouched); the network's mode
@@ -384,7 +390,8 @@ class DynamicsTracker:
     that the run folder holds. `update` compares with the previous measurement
     of the same network in this invocation (null for the first one)."""
 
-    def __init__(self, outdir, probe: Probe, start_nimg: int = 0, tensorboard: bool = True, batch_size: int = 256,
+    def __init__(self, outdir, probe: Probe, start_nimg: int = 0, tensorboard: bool = True,
+                 batch_size: int = MEASURE_BATCH,
                  filename: str = DYNAMICS_FILE):
         self.path = Path(outdir) / filename
         self.probe = probe
@@ -466,7 +473,7 @@ class DynamicsHook:
     P_mean/P_std) is drawn once from the run's seed, so every measurement of
     every session of the run sees the same batch. Runs on rank 0 only."""
 
-    def __init__(self, every: int, probe_size: int = 256, batch_size: int = 256):
+    def __init__(self, every: int, probe_size: int = 256, batch_size: int = MEASURE_BATCH):
         if every < 1 or probe_size < 1:
             raise ValueError(f"dynamics={every}, dynamics_probe={probe_size}: both must be >= 1")
         self.every, self.probe_size, self.batch_size = int(every), int(probe_size), int(batch_size)

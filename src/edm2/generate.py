@@ -40,8 +40,8 @@ from .sampling import SeedRandom, check_guidance, edm_sampler
 from .validate import SAMPLER_OPTION_NAMES, check_sampler_options
 
 __all__ = ["GeneratedBatch", "generate_images", "sample_batch", "generate_to_dir", "load_nets", "check_guide",
-           "check_gnet_matches", "check_class", "rank_batches", "image_path", "make_grid", "compile_for_inference",
-           "SAMPLER_DEFAULTS",
+           "check_gnet_matches", "check_class", "check_request", "rank_batches", "image_path", "make_grid",
+           "compile_for_inference", "SAMPLER_DEFAULTS",
            "MANIFEST_NAME", "net_fingerprint", "output_manifest", "check_output_folder"]
 
 # edm_sampler's keyword arguments and their defaults (paper App. D.1), for the CLI and docs.
@@ -111,6 +111,17 @@ def check_class(net, class_idx) -> None:
 # Distribution over processes (torchrun).
 # ---------------------------------------------------------------------------
 
+def check_request(net, gnet, guidance: float, class_idx, sampler_kwargs: dict) -> dict:
+    """Check guidance, class and sampler options of a generation request
+    (ValueError); returns every sampler option, defaults filled in."""
+    check_guide(net, gnet, guidance)
+    check_class(net, class_idx)
+    unknown = set(sampler_kwargs) - set(SAMPLER_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown sampler options {sorted(unknown)}; allowed: {', '.join(SAMPLER_DEFAULTS)}")
+    return check_sampler_options({**SAMPLER_DEFAULTS, **sampler_kwargs})
+
+
 def rank_batches(seeds, batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
     """This process's batches of seeds.
 
@@ -177,12 +188,7 @@ def generate_images(net, encoder, seeds, gnet=None, guidance: float = 1, class_i
     Checks run at the call (ValueError), generation while iterating. The
     networks are put in eval mode without gradients.
     """
-    check_guide(net, gnet, guidance)
-    check_class(net, class_idx)
-    unknown = set(sampler_kwargs) - set(SAMPLER_DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown sampler options {sorted(unknown)}; allowed: {', '.join(SAMPLER_DEFAULTS)}")
-    sampler_kwargs = check_sampler_options({**SAMPLER_DEFAULTS, **sampler_kwargs})
+    sampler_kwargs = check_request(net, gnet, guidance, class_idx, sampler_kwargs)
     if rank is None or world_size is None:
         rank, world_size = rank_world()
     batches = rank_batches(seeds, batch_size, rank, world_size)
@@ -395,12 +401,7 @@ def generate_to_dir(net, encoder, seeds, outdir, gnet=None, guidance: float = 1,
     if len(set(seeds)) != len(seeds):
         raise ValueError("--seeds: a seed is listed twice; each seed names one image file")
     _check_outputs(net, encoder, outdir, grid)
-    check_guide(net, gnet, guidance)
-    check_class(net, class_idx)
-    unknown = set(sampler_kwargs) - set(SAMPLER_DEFAULTS)
-    if unknown:
-        raise ValueError(f"unknown sampler options {sorted(unknown)}; allowed: {', '.join(SAMPLER_DEFAULTS)}")
-    sampler_kwargs = check_sampler_options({**SAMPLER_DEFAULTS, **sampler_kwargs})
+    sampler_kwargs = check_request(net, gnet, guidance, class_idx, sampler_kwargs)
     manifest = output_manifest(net, gnet if guidance != 1 else None, guidance, class_idx, encoder, sources,
                                **sampler_kwargs)
     device = resolve_device(device)

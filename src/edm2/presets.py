@@ -33,6 +33,7 @@ class Preset:
     attn_resolutions: tuple = (16, 8)
     dropout: float = 0.0
     channels_per_head: int = 64
+    channel_mult_emb: int | None = None   # embedding width / model_channels (None: max(channel_mult), Figure 21)
     # Optimisation (App. B.2, B.5, Eq. 67).
     lr: float = 0.0100                # ref_lr
     decay: float = 70000              # ref_batches
@@ -67,6 +68,7 @@ class Preset:
             attn_resolutions=list(self.attn_resolutions),
             dropout=self.dropout,
             channels_per_head=self.channels_per_head,
+            **({} if self.channel_mult_emb is None else {"channel_mult_emb": self.channel_mult_emb}),
         )
 
     def replace(self, **changes) -> Preset:
@@ -119,6 +121,21 @@ PRESETS["tiny"] = Preset(
     model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,), channels_per_head=16,
     lr=0.0100, decay=100, rampup_Mimg=0.0001, P_mean=-0.8, P_std=1.6,
     batch=8, duration=64, status=16, snapshot=32, checkpoint=32)
+
+# CIFAR-scale (32x32 RGB pixels, 39.5M parameters at config G), the size of the published CIFAR-10/100
+# re-implementation of configs C, E and G (docs/training.md#the-cifar-scale-preset): its network shape, batch,
+# learning rate, warm-up, decay start, dropout and duration; the paper's ImageNet-64 pixel recipe (Table 6)
+# for the noise distribution and the EMA. Compose with --config C / E / G.
+PRESETS["cifar-32"] = Preset(
+    name="cifar-32",
+    description="CIFAR-10/100 scale, 32x32 RGB pixels (configs C, E, G of the published re-implementation)",
+    img_resolution=32, img_channels=3, latent=False,
+    model_channels=128, channel_mult=(1, 2, 2, 2), num_blocks=2, attn_resolutions=(16,), channels_per_head=64,
+    channel_mult_emb=4, dropout=0.13,
+    # alpha_ref 0.02 at batch 512 (config E/G); config C's x0.02 ratio (Table 1) gives its 4e-4.
+    # t_ref = 400 epochs of 50,000 images at batch 512 (Eq. 67); warm-up 200 epochs = 10M images (App. B.5).
+    lr=0.0200, decay=39062, rampup_Mimg=10, P_mean=-0.8, P_std=1.6,
+    batch=512, duration=96 * Mi, status=256 * Ki, snapshot=4 * Mi, checkpoint=16 * Mi)
 
 
 def get_preset(name: str, config: str = "G") -> Preset:

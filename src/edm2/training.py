@@ -51,7 +51,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .data import ImageDataset, builtin_dataset_path
-from .distributed import configure_threads, default_device, init_distributed
+from .distributed import configure_threads, init_distributed, resolve_device
 from .dynamics import DynamicsHook
 from .ema import PowerFunctionEMA, TraditionalEMA
 from .encoders import StabilityVAEEncoder, StandardRGBEncoder, VAEUnavailable, encoder_from_meta
@@ -312,7 +312,7 @@ def describe(plan: RunPlan, mode: str | None = None) -> str:
 def dry_run(config: TrainConfig) -> str:
     """What `train(config)` would do, as text: the resolved plan, the network
     size and what happens to the run folder. Trains nothing, writes nothing."""
-    device = torch.device(config.device) if config.device else default_device()
+    device = resolve_device(config.device or None)
     plan, _ = plan_run(config, 1, str(device))
     return describe(plan, check_run_folder(plan.identity(), Path(config.outdir), config.force_new))
 
@@ -427,7 +427,7 @@ def setup(config: TrainConfig, rank: int = 0, world: int = 1, device: torch.devi
     """Check the configuration, lock and prepare the run folder, and build the
     network, optimizer and EMA, restored from the newest checkpoint when resuming.
     Nothing in the run folder changes when a check fails."""
-    device = device or (torch.device(config.device) if config.device else default_device())
+    device = device or resolve_device(config.device or None)
     plan, ds = plan_run(config, world, str(device))
     out = Path(config.outdir)
     lock = _lock_run_folder(out, rank, world)

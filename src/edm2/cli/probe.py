@@ -1,6 +1,7 @@
 """`edm2 probe`: thin layer over edm2.probe (linear-probe accuracy of a denoiser's features)."""
 from __future__ import annotations
 
+from ..data import builtin_dataset_path
 from ..distributed import configure_threads, resolve_device
 from ..loading import load_network
 from ..probe import default_layer, list_layers, probe_sweep, write_probe_csv
@@ -14,7 +15,8 @@ def register(sub) -> None:
                        "linear classifier is fitted on the spatially averaged output of a U-Net block. "
                        "Documentation: docs/dynamics.md (Linear probe).")
     p.add_argument("--net", required=True, metavar="SNAPSHOT", help="snapshot file or run folder (unconditional)")
-    p.add_argument("--data", metavar="DATASET", help="labelled dataset (folder or zip) to fit the classifier on")
+    p.add_argument("--data", metavar="DATASET", help="labelled dataset (folder or zip) to fit the classifier on "
+                   "(default: the built-in Fashion-MNIST, the data `edm2 train` uses without --data)")
     p.add_argument("--test-data", metavar="DATASET", help="labelled dataset to measure accuracy on "
                    "(default: hold out --holdout of --data)")
     p.add_argument("--holdout", type=float, default=0.2, metavar="F", help="fraction of --data held out when there "
@@ -42,8 +44,9 @@ def _run(args) -> None:
         for name in list_layers(net):
             print(name + ("   (default)" if name == default else ""))
         return
-    if args.data is None or args.sigma is None:
-        raise ValueError("--data and --sigma are required (or --list-layers)")
+    if args.sigma is None:
+        raise ValueError("--sigma is required (or --list-layers)")
+    data = builtin_dataset_path(progress=True) if args.data is None else args.data
     sigmas = parse_float_list(args.sigma, "--sigma")
     layers = None if args.layer is None else [s.strip() for s in args.layer.split(",")]
     if args.sweep:
@@ -52,7 +55,7 @@ def _run(args) -> None:
         layers = layers or ["all"]
     elif len(sigmas) > 1 or (layers is not None and len(layers) > 1) or layers == ["all"]:
         raise ValueError("several --sigma or --layer values need --sweep (and --csv FILE)")
-    results = probe_sweep(net, args.data, sigmas, layers, test_data=args.test_data, holdout=args.holdout,
+    results = probe_sweep(net, data, sigmas, layers, test_data=args.test_data, holdout=args.holdout,
                           max_images=args.max_images, seed=args.seed, batch_size=args.batch, device=device,
                           meta=meta, progress=True)
     if args.csv is not None:

@@ -198,8 +198,10 @@ def read_cifar(path, split: str = "train") -> CifarData:
         raise ValueError(f"--source {path}: {len(names)} class names, expected {num_classes} for {kind.upper()}")
     data = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
-    if labels.min() < 0 or labels.max() >= num_classes:
-        raise ValueError(f"--source {path}: label {int(labels.max())} out of range for {num_classes} classes")
+    bad = labels[(labels < 0) | (labels >= num_classes)]
+    if bad.size:
+        raise ValueError(f"--source {path}: label {int(bad[0])} out of range 0..{num_classes - 1} of {kind.upper()} "
+                         f"({bad.size} such labels in the {split} split); the archive is damaged")
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)   # channel planes -> [N, H, W, C]
     return CifarData(np.ascontiguousarray(images), labels, list(names), kind, fmt)
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import gzip
 import io
 import struct
+import tarfile
 import zipfile
 from collections import Counter, defaultdict
 from collections.abc import Callable
@@ -328,7 +329,8 @@ def open_source(source, use_labels: bool = True, split: str | None = None) -> So
     path = Path(source)
     if not path.exists():
         raise FileNotFoundError(f"--source {path} does not exist")
-    if is_cifar(path):
+    if is_cifar(path) or (path.is_file() and tarfile.is_tarfile(path)):
+        # The only tarballs read are CIFAR's: for any other, read_cifar says what is missing.
         return _open_cifar(path, use_labels, split)
     if is_tiny_imagenet(path):
         return _open_tiny_imagenet(path, use_labels, split)

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from .layers import resample
-from .unet import DTYPES, check_architecture, denoiser_inputs, precond_coefficients
+from .unet import DTYPES, check_architecture, precond_coefficients, precondition
 
 __all__ = ["ADMBlock", "ADMPrecond", "ADMUNet", "FourierFeatures", "precond_coefficients"]
 
@@ -360,15 +360,7 @@ class ADMPrecond(torch.nn.Module):
         if return_logvar and not self.uncertainty:
             raise ValueError("return_logvar=True: this config-A network has no learned uncertainty u(sigma); "
                              "train it with edm2.loss.EDMLoss, or build it with uncertainty=True (config B)")
-        x, sigma, class_labels, dtype = denoiser_inputs(self, x, sigma, class_labels, force_fp32)
-        c_skip, c_out, c_in, c_noise = precond_coefficients(sigma, self.sigma_data)
-        c_noise = c_noise.flatten()
-        F_x = self.model((c_in * x).to(dtype), c_noise, class_labels)
-        D_x = c_skip * x + c_out * F_x.to(torch.float32)
-        if not return_logvar:
-            return D_x
-        logvar = self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
-        return D_x, logvar
+        return precondition(self, self.model, x, sigma, class_labels, force_fp32, return_logvar)
 
 
 def _check_arguments(img_resolution, img_channels, label_dim, model_channels, channel_mult, channel_mult_emb,

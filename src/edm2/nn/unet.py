@@ -231,15 +231,23 @@ class Precond(torch.nn.Module, HubMixin):
         return torch.float32
 
     def forward(self, x, sigma, class_labels=None, force_fp32: bool = False, return_logvar: bool = False):
-        x, sigma, class_labels, dtype = denoiser_inputs(self, x, sigma, class_labels, force_fp32)
-        c_skip, c_out, c_in, c_noise = precond_coefficients(sigma, self.sigma_data)
-        c_noise = c_noise.flatten()
-        F_x = self.unet((c_in * x).to(dtype), c_noise, class_labels)
-        D_x = c_skip * x + c_out * F_x.to(torch.float32)
-        if not return_logvar:
-            return D_x
-        logvar = self.logvar_linear(self.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
-        return D_x, logvar
+        return precondition(self, self.unet, x, sigma, class_labels, force_fp32, return_logvar)
+
+
+def precondition(net, model, x, sigma, class_labels=None, force_fp32: bool = False, return_logvar: bool = False):
+    """A preconditioned denoiser's forward pass, D(x; sigma) = c_skip x +
+    c_out F(c_in x; c_noise) (paper Eqs. 4-7), with `model` as F; with
+    return_logvar also the log-variance of the learned uncertainty of the
+    loss (App. B.2, Eq. 21), from net.logvar_fourier and net.logvar_linear."""
+    x, sigma, class_labels, dtype = denoiser_inputs(net, x, sigma, class_labels, force_fp32)
+    c_skip, c_out, c_in, c_noise = precond_coefficients(sigma, net.sigma_data)
+    c_noise = c_noise.flatten()
+    F_x = model((c_in * x).to(dtype), c_noise, class_labels)
+    D_x = c_skip * x + c_out * F_x.to(torch.float32)
+    if not return_logvar:
+        return D_x
+    logvar = net.logvar_linear(net.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
+    return D_x, logvar
 
 
 def denoiser_inputs(net, x, sigma, class_labels=None, force_fp32: bool = False):
