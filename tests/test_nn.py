@@ -213,7 +213,7 @@ def test_fused_training_weight_matches_unfused_math(shape, tensor_gain):
     assert torch.equal(wa, wb)  # the forced normalisation is bit for bit the same
     assert torch.allclose(ya, yb, rtol=1e-6, atol=1e-7)
     assert torch.allclose(ga, gb, rtol=1e-5, atol=1e-6 * ga.abs().max().item())
-    assert ga[1].abs().max() == gb[1].abs().max() == 0 or torch.isfinite(gb).all()
+    assert torch.isfinite(gb).all()
     if tensor_gain:
         assert torch.allclose(gga, ggb, rtol=1e-5)
 

@@ -1,4 +1,4 @@
-"""Speed options of the training step (docs/training.md#speed): channels_last
+"""Speed options of the training step: channels_last
 memory format and torch.compile of the loss with its backward. Both are
 device-agnostic and leave the arithmetic as it is (see BENCHMARKS.md,
 "Training step against the authors' network", for when they help)."""
