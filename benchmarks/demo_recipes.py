@@ -16,10 +16,13 @@ Fashion-MNIST training split):
 
 It also reads the run's training speed (img/s of its status lines). With
 --train, it first trains the run (`edm2 train --outdir RUNDIR` followed by
-the options given after `--`), e.g. the demo preset from the repo root:
+the options given after `--`). The reference statistics come from
+`edm2 metrics ref` over the Fashion-MNIST training split (converted with
+`edm2 dataset convert`), e.g. from the repo root:
 
-    python benchmarks/demo_recipes.py --rundir runs/demo --train -- --preset demo --threads 2 --grid 0
-    python benchmarks/demo_recipes.py --rundir runs/demo --std 0.10 --steps 16
+    edm2 metrics ref --data fmnist-train-32.zip --dest fmnist-train-clf.npz --metrics fd_classifier
+    edm2 train --outdir runs/demo --preset demo --threads 1 --grid 0
+    python benchmarks/demo_recipes.py --rundir runs/demo --ref fmnist-train-clf.npz --std 0.10 --steps 16
 
 Prints a markdown table (and appends it to --out).
 """
@@ -37,8 +40,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm import tqdm
-
-FMNIST_TRAIN = "/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz"
 
 
 def train(rundir: Path, train_args: list[str]) -> None:
@@ -119,11 +120,11 @@ def main(argv=None) -> None:
     p.add_argument("--per-class", type=int, default=100, help="samples per class (default 100: 1000 in all)")
     p.add_argument("--batch", type=int, default=50, help="images per sampler batch (default 50)")
     p.add_argument("--workdir", type=Path, default=Path("runs/demo-recipes"),
-                   help="post-hoc snapshots and cached reference statistics (default runs/demo-recipes)")
+                   help="post-hoc EMA snapshots (default runs/demo-recipes)")
     p.add_argument("--detector-dir", default=None, help="folder with classifier.safetensors "
                    "(default $EDM2_DETECTOR_DIR or ~/.cache/edm2/detectors)")
-    p.add_argument("--ref", default=None, help="fd_classifier reference statistics (.npz of `edm2 metrics ref`; "
-                   "default: WORKDIR/fmnist-train-clf.npz, made from the Fashion-MNIST training split if missing)")
+    p.add_argument("--ref", required=True, type=Path, help="fd_classifier reference statistics of the Fashion-MNIST "
+                   "training split (.npz of `edm2 metrics ref --metrics fd_classifier`)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")),
                    help="CPU threads (default: OMP_NUM_THREADS, else 2)")
     p.add_argument("--grid-dir", type=Path, default=None, help="also write a PNG per row of the table: the first "
@@ -141,6 +142,9 @@ def main(argv=None) -> None:
 
     if args.train:
         train(args.rundir, rest)
+    if not args.ref.is_file():
+        p.error(f"--ref {args.ref}: no such file; make it with `edm2 metrics ref --data TRAIN_SPLIT.zip "
+                f"--dest {args.ref} --metrics fd_classifier`")
     if not (args.rundir / "stats.jsonl").is_file():
         p.error(f"--rundir {args.rundir}: not a training run folder (no stats.jsonl); train it first (--train)")
     sigma_rels = parse_float_list(args.std, "--std")
@@ -148,7 +152,7 @@ def main(argv=None) -> None:
     times = [parse_nimg(t, "--at-nimg") for t in args.at_nimg.split(",")] if args.at_nimg else [None]
     args.workdir.mkdir(parents=True, exist_ok=True)
 
-    scorer = ClassifierScore(args.workdir, args.detector_dir, args.ref)
+    scorer = ClassifierScore(args.ref, args.detector_dir)
     speed, seconds = train_speed(args.rundir)
     label = args.label or args.rundir.name
     lines = ["| run | images | σ_rel | steps | consistency (%) | FD (classifier) | sampling s/img |",
@@ -181,21 +185,15 @@ class ClassifierScore:
     """Class consistency and FD in the Fashion-MNIST classifier's features
     (edm2.metrics.classifier; reference: the Fashion-MNIST training split)."""
 
-    def __init__(self, workdir: Path, detector_dir=None, ref=None):
-        from edm2.data.convert import convert_dataset
+    def __init__(self, ref: Path, detector_dir=None):
         from edm2.metrics import detector_dir as resolve_detector_dir
-        from edm2.metrics import load_ref, reference_stats
+        from edm2.metrics import load_ref
         from edm2.metrics.detectors import load_classifier
 
         self.detector = load_classifier(resolve_detector_dir(detector_dir) / "classifier.safetensors")
-        ref = Path(ref) if ref else workdir / "fmnist-train-clf.npz"
-        if not ref.is_file():
-            data = workdir / "fmnist-train-32.zip"
-            if not data.is_file():
-                convert_dataset(FMNIST_TRAIN, data, resolution=32, transform="pad")
-            reference_stats(data, ref, metrics=["fd_classifier"], detectors={"fd_classifier": self.detector},
-                            workers=0, device="cpu")
         self.ref = load_ref(ref)
+        if "fd_classifier" not in self.ref:
+            raise SystemExit(f"{ref}: no fd_classifier statistics (`edm2 metrics ref --metrics fd_classifier`)")
 
     def __call__(self, images: torch.Tensor, classes: torch.Tensor) -> tuple[float, float]:
         """(consistency in %, FD) of uint8 images generated for `classes`."""
