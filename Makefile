@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # The recipe is the demo preset (src/edm2/presets.py; chosen by measurement, BENCHMARKS.md "Demo recipe").
-# --net demo-run samples its latest snapshot of the longest tracked EMA, the length post-hoc EMA picked.
+# --net demo-run samples its latest snapshot of the longest tracked EMA (sigma_rel 0.10).
 demo: $(STAMP)
 	$(BIN)/edm2 train --outdir demo-run --preset demo --grid 10
 	$(BIN)/edm2 generate --net demo-run --outdir demo-run/samples --seeds 0-99 --steps 16 --grid demo-run/samples.png

@@ -186,6 +186,67 @@ def test_gradient_is_tangent_to_weight_sphere():
     assert cos.abs().max().item() < 1e-3
 
 
+def _unfused_training_weight(weight, gain):
+    """Training-mode MPConv weight as Algorithm 1 writes it: forced normalisation in
+    place, then normalise inside autograd and scale by gain / sqrt(fan_in)."""
+    with torch.no_grad():
+        weight.copy_(normalize(weight))
+    return normalize(weight) * (gain / np.sqrt(weight[0].numel()))
+
+
+@pytest.mark.parametrize("shape", [(8, 16, 3, 3), (8, 16, 1, 1), (32, 24)])
+@pytest.mark.parametrize("tensor_gain", [False, True])
+def test_fused_training_weight_matches_unfused_math(shape, tensor_gain):
+    from edm2.nn.layers import _TrainingWeight
+
+    torch.manual_seed(0)
+    w0, grad_out = torch.randn(shape) * 3, torch.randn(shape)
+    w0[1] = 0  # an all-zero channel: finite output and gradient, as in autograd's norm backward
+    results = []
+    for fused in (False, True):
+        w = w0.clone().requires_grad_(True)
+        gain = torch.tensor(0.7, requires_grad=True) if tensor_gain else 0.7
+        y = _TrainingWeight.apply(w, gain, 1e-4) if fused else _unfused_training_weight(w, gain)
+        (y * grad_out).sum().backward()
+        results.append((w.detach().clone(), y.detach(), w.grad, gain.grad if tensor_gain else None))
+    (wa, ya, ga, gga), (wb, yb, gb, ggb) = results
+    assert torch.equal(wa, wb)  # the forced normalisation is bit for bit the same
+    assert torch.allclose(ya, yb, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(ga, gb, rtol=1e-5, atol=1e-6 * ga.abs().max().item())
+    assert torch.isfinite(gb).all()
+    if tensor_gain:
+        assert torch.allclose(gga, ggb, rtol=1e-5)
+
+
+def test_channels_last_training_step_matches_contiguous():
+    from edm2.loss import EDM2Loss
+    from edm2.speed import to_channels_last
+
+    grads, losses, states = [], [], []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        net = tiny_net().train()
+        with torch.no_grad():
+            for q in net.parameters():
+                if q.ndim == 0:
+                    q.fill_(0.5)
+        x = torch.randn(4, 3, 16, 16)
+        if channels_last:
+            net = to_channels_last(net)
+            x = x.contiguous(memory_format=torch.channels_last)
+        gens = [torch.Generator().manual_seed(i) for i in range(4)]
+        loss = EDM2Loss()(net, x, torch.eye(10)[:4], generator=gens)
+        loss.sum().backward()
+        losses.append(loss.sum().item())
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+        states.append(net.state_dict())
+    assert states[1]["unet.enc.16x16_conv.weight"].is_contiguous(memory_format=torch.channels_last)
+    assert list(states[0]) == list(states[1])
+    assert all(torch.allclose(states[0][k], states[1][k], atol=1e-6) for k in states[0])
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-5 * grads[0].abs().max().item())
+
+
 # --- preconditioning ----------------------------------------------------------------------
 
 def test_denoiser_is_skip_connection_at_init():

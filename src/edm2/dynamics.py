@@ -57,7 +57,7 @@ from .snapshot import list_snapshots, load_snapshot, read_snapshot_meta
 __all__ = ["bucket_of", "bucket_sort_key", "Layer", "find_layers", "Probe", "make_probe", "probe_from_dataset",
            "DynamicsHook", "measure_snapshots", "measure", "weight_magnitudes", "relative_updates",
            "gradient_norms", "DynamicsTracker", "DYNAMICS_FILE", "SNAPSHOTS_FILE", "load_dynamics", "plot_dynamics",
-           "plot_loss_profile", "QUANTITIES"]
+           "plot_loss_profile", "QUANTITIES", "growth_factors"]
 
 DYNAMICS_FILE = "dynamics.jsonl"
 SNAPSHOTS_FILE = "dynamics-snapshots.jsonl"     # measure_snapshots: records of the stored snapshots
@@ -586,6 +586,24 @@ QUANTITIES = {
     "weight_mean": "weights (mean)",
     "update": "relative update ||Δw|| / ||w||",
 }
+
+
+def growth_factors(records, quantity: str = "act_max") -> dict:
+    """How much `quantity` grew over training, per network: {net: {"first",
+    "last", "growth", "first_nimg", "last_nimg"}}, where first and last are the
+    largest value over the U-Net levels at the first and the last measurement
+    of that network ('ema', 'raw') and growth = last / first. The paper's
+    Fig. 3 shows this growth of the activations in the configs without
+    magnitude preservation (Sec. 2.2). Networks without that quantity are left out."""
+    out = {}
+    for net in dict.fromkeys(r.get("net") for r in records):
+        recs = [r for r in _select(records, net) if r.get(quantity)]
+        if not recs:
+            continue
+        first, last = (max(v for v in r[quantity].values() if v is not None) for r in (recs[0], recs[-1]))
+        out[net] = {"first": first, "last": last, "growth": last / first if first > 0 else math.inf,
+                    "first_nimg": recs[0]["nimg"], "last_nimg": recs[-1]["nimg"]}
+    return out
 
 
 def _select(records, net: str) -> list[dict]:

@@ -25,7 +25,15 @@ class EDM2Loss:
         self.sigma_data = sigma_data
 
     def __call__(self, net, images, labels=None, generator: torch.Generator | None = None):
-        images, sigma, weight, noisy = _noise(images, self.P_mean, self.P_std, self.sigma_data, generator)
+        return self.evaluate(net, labels, *self.draw(images, generator))
+
+    def draw(self, images, generator: torch.Generator | None = None):
+        """The random part: (float32 images y, sigma [N,1,1,1], lambda(sigma), y + n)."""
+        return _noise(images, self.P_mean, self.P_std, self.sigma_data, generator)
+
+    def evaluate(self, net, labels, images, sigma, weight, noisy):
+        """The deterministic part, Eq. 21 per element, on what `draw` returned
+        (what `edm2.speed.compile_loss` compiles, with its backward)."""
         denoised, logvar = net(noisy, sigma, labels, return_logvar=True)
         return (weight / logvar.exp()) * ((denoised - images) ** 2) + logvar
 
@@ -47,7 +55,14 @@ class EDMLoss:
         self.sigma_data = sigma_data
 
     def __call__(self, net, images, labels=None, generator: torch.Generator | None = None):
-        images, sigma, weight, noisy = _noise(images, self.P_mean, self.P_std, self.sigma_data, generator)
+        return self.evaluate(net, labels, *self.draw(images, generator))
+
+    def draw(self, images, generator: torch.Generator | None = None):
+        """The random part: (float32 images y, sigma [N,1,1,1], lambda(sigma), y + n)."""
+        return _noise(images, self.P_mean, self.P_std, self.sigma_data, generator)
+
+    def evaluate(self, net, labels, images, sigma, weight, noisy):
+        """The deterministic part, per element, on what `draw` returned."""
         return weight * ((net(noisy, sigma, labels) - images) ** 2)
 
 

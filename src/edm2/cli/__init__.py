@@ -11,9 +11,10 @@ import sys
 
 from ..fileio import describe_os_error
 from ..validate import UNSAFE_ADVICE, safe_error_text
-from . import dataset, dynamics, export, flops, generate, import_official, metrics, phema, probe, toy, train
+from . import dataset, dynamics, export, flops, generate, import_official, ladder, metrics, phema, probe, toy, train
 
-_COMMAND_MODULES = [train, generate, phema, dataset, metrics, flops, import_official, export, toy, dynamics, probe]
+_COMMAND_MODULES = [train, generate, phema, dataset, metrics, flops, import_official, export, toy, dynamics, probe,
+                    ladder]
 
 
 class CLIError(Exception):

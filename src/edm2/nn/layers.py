@@ -74,13 +74,71 @@ class MPFourier(torch.nn.Module):
         return (y.cos() * np.sqrt(2)).to(x.dtype)
 
 
+class _TrainingWeight(torch.autograd.Function):
+    """Forced weight normalisation, standard weight normalisation and the
+    magnitude-preserving scale of a training-mode MPConv, fused (paper Eqs. 47, 66;
+    Algorithm 1): in place, weight <- weight / (eps + ||weight|| / sqrt(fan_in))
+    per output channel; then out = weight * gain / (sqrt(fan_in) (eps + ||weight|| / sqrt(fan_in))).
+
+    The same arithmetic as `normalize` twice and a multiply, with fewer passes
+    over the weights (they are read 2x in forward, 3x in backward, instead of
+    about 5x and 8x through autograd) and no temporaries of their size but the
+    output and its gradient. Backward, per channel with n = ||w||,
+    d = eps + n / sqrt(fan_in), s = c / d and c = gain / sqrt(fan_in):
+    dL/dw = s g - s (g.w) / (d n sqrt(fan_in)) w, and dL/dgain = sum (g.w) / d / sqrt(fan_in).
+    """
+
+    @staticmethod
+    def forward(ctx, weight, gain, eps):
+        with torch.profiler.record_function("edm2::weight_norm"):
+            return _TrainingWeight._forward(ctx, weight, gain, eps)
+
+    @staticmethod
+    def _forward(ctx, weight, gain, eps):
+        w = weight if weight.dtype == torch.float32 else weight.to(torch.float32)
+        dims = list(range(1, w.ndim))
+        fan_in = w[0].numel()
+        alpha = math.sqrt(1 / fan_in)   # sqrt(norm.numel() / x.numel()), as in `normalize`
+        norm = torch.linalg.vector_norm(w, dim=dims, keepdim=True, dtype=torch.float32)
+        w.div_(torch.add(eps, norm, alpha=alpha))        # forced weight normalisation
+        if w is not weight:
+            weight.copy_(w)
+        norm = torch.linalg.vector_norm(w, dim=dims, keepdim=True, dtype=torch.float32)
+        d = torch.add(eps, norm, alpha=alpha)            # standard weight normalisation
+        s = (gain / math.sqrt(fan_in)) / d
+        ctx.save_for_backward(w, norm, d, s)
+        ctx.alpha, ctx.fan_in, ctx.gain_is_tensor = alpha, fan_in, isinstance(gain, torch.Tensor)
+        return w * s
+
+    @staticmethod
+    def backward(ctx, g):
+        with torch.profiler.record_function("edm2::weight_norm"):
+            return _TrainingWeight._backward(ctx, g)
+
+    @staticmethod
+    def _backward(ctx, g):
+        w, norm, d, s = ctx.saved_tensors
+        g = g.to(torch.float32)
+        out = w.shape[0]
+        if g.is_contiguous() and w.is_contiguous():   # one pass over both: per-channel dot products
+            gw = torch.bmm(g.reshape(out, 1, -1), w.reshape(out, -1, 1)).reshape(norm.shape)
+        else:
+            gw = (g * w).sum(list(range(1, w.ndim)), keepdim=True)
+        k = torch.where(norm > 0, s * gw * ctx.alpha / (d * norm), torch.zeros_like(norm))
+        grad_w = (g * s).addcmul_(w, k, value=-1)
+        grad_gain = None
+        if ctx.gain_is_tensor and ctx.needs_input_grad[1]:
+            grad_gain = (gw / d).sum() / math.sqrt(ctx.fan_in)
+        return grad_w, grad_gain, None
+
+
 class MPConv(torch.nn.Module):
     """Convolution or fully connected layer with forced weight normalisation.
 
     Paper App. B.4-B.5 (Eqs. 47, 66; Algorithm 1): in training mode the stored weight is
     re-normalised to unit RMS per output channel before every use, and the
     forward pass normalises it once more inside autograd, then scales by
-    gain / sqrt(fan_in). There is no bias.
+    gain / sqrt(fan_in) (fused in `_TrainingWeight`). There is no bias.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel=()):
@@ -90,12 +148,12 @@ class MPConv(torch.nn.Module):
         self.weight = torch.nn.Parameter(torch.randn(out_channels, in_channels, *kernel))
 
     def forward(self, x: torch.Tensor, gain=1) -> torch.Tensor:
-        w = self.weight.to(torch.float32)
         if self.training:
-            with torch.no_grad():
-                self.weight.copy_(normalize(w))  # forced weight normalisation
-        w = normalize(w)  # standard weight normalisation (inside autograd)
-        w = (w * (gain / np.sqrt(w[0].numel()))).to(x.dtype)
+            w = _TrainingWeight.apply(self.weight, gain, 1e-4)
+        else:
+            w = normalize(self.weight.to(torch.float32))
+            w = w * (gain / np.sqrt(w[0].numel()))
+        w = w.to(x.dtype)
         if w.ndim == 2:
             return x @ w.t()
         return F.conv2d(x, w, padding=(w.shape[-1] // 2,))

@@ -1,0 +1,147 @@
+"""`edm2 ladder` / edm2.ladder.run_ladder: two rungs of the ablation ladder on
+a tiny preset, their table against their sweeps, resume of an interrupted
+ladder (finished rungs untouched), refusal of changed settings."""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import edm2.ladder as ladder_mod
+from edm2.cli import main as cli_main
+from edm2.dynamics import growth_factors, load_dynamics
+from edm2.ladder import LadderConfig, read_csv_rows, run_ladder
+from edm2.presets import RECIPES
+from test_train import make_dataset  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def config(out, data, **kw):
+    return LadderConfig(outdir=str(out), configs=("B", "G"), data=str(data), preset="tiny", duration=32,
+                        snapshots=2, dynamics_probe=8, sigma_rels=(0.05, 0.15), num=16, steps=4,
+                        metrics=("fd_tiny",), batch_size=16, progress=False, **kw)
+
+
+def hashes(folder) -> dict:
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return make_dataset(tmp_path_factory.mktemp("data") / "ds")
+
+
+@pytest.fixture(scope="module")
+def ladder(tmp_path_factory, data):
+    out = tmp_path_factory.mktemp("ladder") / "out"
+    return out, run_ladder(config(out, data))
+
+
+def test_table_matches_sweeps(ladder):
+    out, rungs = ladder
+    assert [r.config for r in rungs] == ["B", "G"]
+    with open(out / "ladder.csv", newline="") as f:
+        table = list(csv.DictReader(f))
+    assert [row["config"] for row in table] == ["B", "G"]
+    for row, rung in zip(table, rungs):
+        sweep = read_csv_rows(out / rung.config / "sweep" / "sweep.csv", ["fd_tiny"])
+        assert sorted(r["ema_std"] for r in sweep) == [0.05, 0.15]
+        best = min(sweep, key=lambda r: r["fd_tiny"])
+        assert float(row["fd_tiny"]) == best["fd_tiny"] == rung.values["fd_tiny"]
+        assert float(row["best_sigma_rel"]) == best["ema_std"] == rung.best_sigma_rel
+        assert float(row["paper_fid"]) == RECIPES[rung.config].fid
+        assert int(row["nimg"]) == 32 and rung.params > 0
+        g = growth_factors(load_dynamics(out / rung.config))
+        assert float(row["act_max_growth_raw"]) == pytest.approx(g["raw"]["growth"])
+        assert g["raw"]["first_nimg"] == 0 and g["raw"]["last_nimg"] == 32
+    assert rungs[0].params != rungs[1].params            # B and G are different networks
+    md = (out / "ladder.md").read_text()
+    assert f"| B | + minor improvements | {rungs[0].params / 1e6:.3f} | {rungs[0].values['fd_tiny']:.4f} |" in md
+    assert md.count("\n| ") == 3                        # header and two rows
+    for name in ("ladder.png", "dynamics.png", "loss.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "ladder.json").read_text())["configs"] == ["B", "G"]
+
+
+def test_resume_after_interruption(ladder, data, tmp_path, monkeypatch):
+    ref_out, ref_rungs = ladder
+    out = tmp_path / "out"
+    real_train = ladder_mod.train
+
+    def killed_in_g(tc):   # G stops half way, as if the process had been killed after a checkpoint
+        return real_train(dataclasses.replace(tc, slice=16) if tc.config == "G" else tc)
+
+    monkeypatch.setattr(ladder_mod, "train", killed_in_g)
+    with pytest.raises(RuntimeError, match="training stopped at 16 of 32"):
+        run_ladder(config(out, data))
+    monkeypatch.setattr(ladder_mod, "train", real_train)
+    assert (out / "B" / "ladder-rung.json").is_file() and not (out / "G" / "ladder-rung.json").exists()
+    before = hashes(out / "B")
+    rungs = run_ladder(config(out, data))
+    assert hashes(out / "B") == before                  # the finished rung is untouched
+    # The resumed G equals the uninterrupted one (CPU resume is bit for bit), so the tables agree.
+    assert [dataclasses.asdict(r) for r in rungs] == [dataclasses.asdict(r) for r in ref_rungs]
+    assert (out / "ladder.csv").read_bytes() == (ref_out / "ladder.csv").read_bytes()
+
+    # An interrupted sweep (one of two points written) is evaluated again; the trained run is kept.
+    sweep_csv = out / "G" / "sweep" / "sweep.csv"
+    lines = sweep_csv.read_text().splitlines(keepends=True)
+    sweep_csv.write_text("".join(lines[:2]))
+    (out / "G" / "ladder-rung.json").unlink()
+    checkpoints = {k: v for k, v in hashes(out / "G").items() if k.startswith("checkpoint-")}
+    again = run_ladder(config(out, data))
+    assert again[1].values == ref_rungs[1].values
+    assert sweep_csv.read_text() == (ref_out / "G" / "sweep" / "sweep.csv").read_text()
+    assert {k: v for k, v in hashes(out / "G").items() if k.startswith("checkpoint-")} == checkpoints
+
+
+def test_changed_settings_refused(ladder, data):
+    out, _ = ladder
+    before = hashes(out)
+    with pytest.raises(ValueError, match=r"other settings \(num: 16 there, 32 now\)"):
+        run_ladder(dataclasses.replace(config(out, data), num=32))
+    with pytest.raises(ValueError, match="other settings"):
+        run_ladder(dataclasses.replace(config(out, data), configs=("B", "C", "G")))
+    assert hashes(out) == before
+
+
+def test_bad_input(data, tmp_path, capsys):
+    out = tmp_path / "new"
+    with pytest.raises(ValueError, match="--configs: unknown config 'H'"):
+        run_ladder(dataclasses.replace(config(out, data), configs="B,H"))
+    assert not out.exists()
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="holds no ladder.json"):
+        run_ladder(config(busy, data))
+    assert [p.name for p in busy.iterdir()] == ["notes.txt"]
+    with pytest.raises(SystemExit) as e:
+        cli_main(["ladder", "--outdir", str(out), "--configs", "B,X", "--metrics", "fd_tiny"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("edm2 ladder: error: --configs: unknown config 'X'") and "\n" not in err
+    assert not out.exists()
+
+
+def test_growth_factors():
+    records = [
+        {"nimg": 0, "net": "raw", "act_max": {"enc-16x16": 1.0, "dec-8x8": 2.0}},
+        {"nimg": 0, "net": "ema", "act_max": {"enc-16x16": 1.0, "dec-8x8": 2.0}},
+        {"nimg": 8, "net": "raw", "act_max": {"enc-16x16": 5.0, "dec-8x8": 3.0}},
+        {"nimg": 8, "net": "ema", "act_max": {"enc-16x16": 1.5, "dec-8x8": 3.0}},
+        {"nimg": 16, "net": "raw", "act_max": {"enc-16x16": 7.0, "dec-8x8": 1.0}},
+    ]
+    g = growth_factors(records)
+    assert g["raw"] == {"first": 2.0, "last": 7.0, "growth": 3.5, "first_nimg": 0, "last_nimg": 16}
+    assert g["ema"]["growth"] == 1.5 and g["ema"]["last_nimg"] == 8
+    assert growth_factors(records, "weight_max") == {}
