@@ -136,10 +136,12 @@ def classifier_scores(net, ref: dict, detector: ClassifierDetector, num: int = 1
     stats, hits, total, conditional = FeatureStats(detector.feature_dim), 0, 0, False
     for b in generate_images(net, encoder, gen_seeds(num, seed), batch_size=batch_size, device=device,
                              rank=0, world_size=1, progress=progress, **sampler_kwargs):
-        stats.append(detector(b.images))
+        with torch.no_grad():  # one pass through the classifier gives the features and the predicted classes
+            features = detector.classifier.features(detector.classifier.prepare(b.images))
+        stats.append(features)
         if b.classes is not None:
             conditional = True
-            hits += int((detector.predict(b.images) == b.classes).sum())
+            hits += int((detector.classifier.head(features).argmax(dim=1) == b.classes).sum())
         total += len(b)
     result = distances({"fd_classifier": stats}, ref)
     result["consistency"] = hits / total if conditional else None
