@@ -2,6 +2,8 @@
 preconditioning, EDM's loss and the traditional EMA."""
 import functools
 import math
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -306,3 +308,39 @@ def test_reduced_precision_path():
     assert torch.equal(net(x, sigma, labels, force_fp32=True), ref)
     err = ((low - ref).norm() / ref.norm()).item()
     assert 0 < err < 1e-2  # bf16 rounding (about 4e-3 here)
+
+
+# ---------------------------------------------------------------------------
+# Configs A and B at a size preset: heads that divide every width with attention
+# ---------------------------------------------------------------------------
+
+def test_adm_channels_per_head_divides_the_attention_widths():
+    from edm2.nn.adm import adm_channels_per_head
+
+    # cpu-32: widths 24, 48, 48 at 32, 16, 8; attention at 8 (and at 16 for A); preferred 32 -> one head of 48.
+    assert adm_channels_per_head(32, 24, (1, 2, 2), (8,), 32) == 48
+    assert adm_channels_per_head(32, 24, (1, 2, 2), (16, 8), 32) == 48
+    # A preferred width that divides them is kept (tiny: 32 at 8x8, 16 per head; EDM's 64 at widths 192k).
+    assert adm_channels_per_head(16, 16, (1, 2), (8,), 16) == 16
+    assert adm_channels_per_head(64, 192, (1, 2, 3, 4), (32, 16, 8), 64) == 64
+    # No common divisor >= the preferred width: the greatest common divisor (widths 48 and 80 -> 16).
+    assert adm_channels_per_head(32, 16, (3, 5), (32, 16), 32) == 16
+
+
+@pytest.mark.parametrize("config", ["A", "B"])
+def test_cpu32_adm_configs_build_and_train_a_step(tmp_path, config):
+    from edm2.flops import count_network
+    from edm2.training import TrainConfig, plan_run, train
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from test_train import make_dataset
+
+    data = make_dataset(tmp_path / "ds", res=32)
+    n = 64 if config == "A" else 32  # one batch (A doubles cpu-32's batch of 32)
+    cfg = TrainConfig(outdir=str(tmp_path / "run"), data=str(data), preset="cpu-32", config=config, duration=n,
+                      snapshot=n, checkpoint=n, progress=False)
+    plan, _ = plan_run(cfg)
+    assert plan.net_kwargs["channels_per_head"] == 48
+    assert count_network("cpu-32", resolution=32, channels=1, label_dim=10, config=config).params > 0
+    result = train(cfg)
+    assert result.finished and result.nimg == cfg.duration

@@ -29,6 +29,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from .nn import build_network
+from .nn.adm import adm_net_kwargs
 from .presets import get_preset
 
 __all__ = ["FlopReport", "count_module", "count_network", "format_report"]
@@ -123,6 +124,8 @@ def count_network(preset: str, resolution: int | None = None, channels: int | No
         kwargs["img_resolution"] = resolution
     if channels is not None:
         kwargs["img_channels"] = channels
+    if config in ("A", "B"):  # as training builds it
+        kwargs = adm_net_kwargs(kwargs)
     with torch.device("meta"):
         net = build_network(config, **kwargs).eval()
         shape = (1, kwargs["img_channels"], kwargs["img_resolution"], kwargs["img_resolution"])

@@ -122,6 +122,12 @@ def _check(cfg: LadderConfig) -> LadderConfig:
         except ValueError:
             raise ValueError(f"--configs: unknown config {c!r}; allowed: {', '.join(CONFIGS)} (the rows of the "
                              f"paper's Table 1)") from None
+    for c in configs:  # every rung's network must exist at this size before anything is written
+        try:
+            count_network(cfg.preset, config=c)
+        except ValueError as e:
+            raise ValueError(f"--configs {c}: config {c} cannot be built at preset {cfg.preset} ({e}); leave it "
+                             f"out or choose another --preset") from None
     if len(set(configs)) != len(configs):
         raise ValueError(f"--configs {','.join(configs)}: a config is given twice")
     configs = sorted(configs)

@@ -60,6 +60,7 @@ from .loading import load_network
 from .loss import EDM2Loss, EDMLoss, learning_rate_schedule
 from .nn import DTYPES, Precond
 from .nn import build_network as make_network
+from .nn.adm import adm_net_kwargs
 from .phema import check_sigma_rel
 from .presets import RECIPES, get_preset
 from .snapshot import make_meta, run_fingerprint, save_snapshot, snapshot_config, snapshot_name
@@ -272,9 +273,8 @@ def _resolve_net_kwargs(config: TrainConfig, preset, ds, channels: int) -> dict:
         net_kwargs = preset.replace(model_channels=_pick(config.channels, preset.model_channels),
                                     dropout=_pick(config.dropout, preset.dropout)).net_kwargs(ds.label_dim)
         net_kwargs.update(img_resolution=ds.resolution, img_channels=channels)
-        if preset.config in ("A", "B"):  # the ADM network lists only resolutions it has (G and C-F skip others)
-            levels = [ds.resolution >> i for i in range(len(net_kwargs["channel_mult"]))]
-            net_kwargs["attn_resolutions"] = [r for r in net_kwargs["attn_resolutions"] if r in levels]
+        if preset.config in ("A", "B"):  # the ADM network: resolutions it has, heads that divide its widths
+            net_kwargs = adm_net_kwargs(net_kwargs)
     net_kwargs["precision"] = config.precision
     with torch.device("meta"):
         make_network(preset.config, **net_kwargs)  # ValueError for an impossible architecture

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from .layers import resample
 from .unet import DTYPES, check_architecture, precond_coefficients, precondition
 
-__all__ = ["ADMBlock", "ADMPrecond", "ADMUNet", "FourierFeatures", "precond_coefficients"]
+__all__ = ["ADMBlock", "ADMPrecond", "ADMUNet", "FourierFeatures", "adm_channels_per_head", "adm_net_kwargs",
+           "precond_coefficients"]
 
 
 def _init(shape, fan_in: int, scale: float, normal: bool = False) -> torch.Tensor:
@@ -361,6 +362,44 @@ class ADMPrecond(torch.nn.Module):
             raise ValueError("return_logvar=True: this config-A network has no learned uncertainty u(sigma); "
                              "train it with edm2.loss.EDMLoss, or build it with uncertainty=True (config B)")
         return precondition(self, self.model, x, sigma, class_labels, force_fp32, return_logvar)
+
+
+def adm_channels_per_head(img_resolution: int, model_channels: int, channel_mult, attn_resolutions,
+                          preferred: int) -> int:
+    """The channels per attention head of an ADM network at a size preset.
+
+    The ADM attention splits a block's width into heads of equal size, so the
+    head width must divide the width of every block with attention (the levels
+    in `attn_resolutions` and the bottleneck). EDM's code fixes 64 channels per
+    head, which suits its widths (multiples of 192); a size preset's own
+    `preferred` width is kept when it divides all of them. Otherwise the
+    smallest common divisor >= `preferred` is taken (no more heads than the
+    EDM2 network of the same preset has, where a head is
+    `width // channels_per_head` wide), or, if there is none, the greatest
+    common divisor of the widths. E.g. cpu-32 (widths 48 with attention,
+    preferred 32): 48, one head, like config G at cpu-32.
+    """
+    resolutions = [img_resolution >> i for i in range(len(channel_mult))]
+    widths = [model_channels * m for level, m in enumerate(channel_mult)
+              if resolutions[level] in attn_resolutions or level == len(channel_mult) - 1]
+    if all(w % preferred == 0 for w in widths):
+        return preferred
+    common = math.gcd(*widths)
+    bigger = [d for d in range(preferred, common + 1) if common % d == 0]
+    return bigger[0] if bigger else common
+
+
+def adm_net_kwargs(net_kwargs: dict) -> dict:
+    """`net_kwargs` of a size preset (`edm2.presets.Preset.net_kwargs`) made
+    fit for the ADM network of configs A and B: `attn_resolutions` lists only
+    resolutions the network has, and `channels_per_head` divides every width
+    with attention (`adm_channels_per_head`). A new dict."""
+    kw = dict(net_kwargs)
+    levels = [kw["img_resolution"] >> i for i in range(len(kw["channel_mult"]))]
+    kw["attn_resolutions"] = [r for r in kw["attn_resolutions"] if r in levels]
+    kw["channels_per_head"] = adm_channels_per_head(kw["img_resolution"], kw["model_channels"], kw["channel_mult"],
+                                                    kw["attn_resolutions"], kw.get("channels_per_head", 64))
+    return kw
 
 
 def _check_arguments(img_resolution, img_channels, label_dim, model_channels, channel_mult, channel_mult_emb,
