@@ -19,9 +19,11 @@ set to 0.5 so that every layer gets a gradient.
 --channels-last and --compile apply to our side only (`edm2.speed`); the
 authors' network always runs as it is. Each repeat times ours, then theirs;
 the table gives the best of --repeats and the ratio theirs / ours (> 1: ours
-is faster). --profile adds a torch.profiler breakdown of one step of ours,
-grouped (conv forward, conv backward, weight norm, element-wise, attention,
-optimizer, other).
+is faster). --profile adds a torch.profiler breakdown of one step of each, grouped (conv
+forward, conv backward, weight norm, element-wise, attention, optimizer,
+other); for theirs, the calls of their `normalize` on MPConv weights are
+labelled as weight norm (the scale by gain / sqrt(fan_in) after it counts as
+element-wise there).
 """
 from __future__ import annotations
 
@@ -60,7 +62,19 @@ def unit_draws(batch, shape, seed=0):
 
 def make_steps(args, preset, batch):
     sys.path.insert(0, str(args.ref))
+    import training.networks_edm2 as ref_module
     from training.networks_edm2 import Precond as RefPrecond
+
+    if not getattr(ref_module.normalize, "_labelled", False):  # label their weight norm in profiles
+        plain = ref_module.normalize
+
+        def normalize(x, dim=None, eps=1e-4):  # dim=None: MPConv's weights; else the pixel norms
+            if dim is not None:
+                return plain(x, dim, eps)
+            with torch.profiler.record_function("edm2::weight_norm"):
+                return plain(x, dim, eps)
+        normalize._labelled = True
+        ref_module.normalize = normalize
 
     label_dim = 1000 if preset.latent else 10
     kwargs = preset.net_kwargs(label_dim)
@@ -195,7 +209,8 @@ def main():
         rows.append((name, batch, mode, best["ours"], best["theirs"], best["theirs"] / best["ours"], losses, first))
         print(rows[-1], flush=True)
         if args.profile:
-            profiles.append((name, batch, profile(step_ours)))
+            profiles.append((name, batch, "edm2 " + mode, profile(step_ours)))
+            profiles.append((name, batch, "authors'", profile(step_theirs)))
 
     lines = [f"CPU: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
              f"{torch.get_num_threads()} thread(s), fp32, best of {args.repeats}, "
@@ -206,8 +221,8 @@ def main():
              "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r[0]} | {r[1]} | {r[2]} | {r[3]:.3f} | {r[4]:.3f} | {r[5]:.3f} | {r[6][0]:.6g} / {r[6][1]:.6g} "
               f"| {r[7]:.1f} |" for r in rows]
-    for name, batch, p in profiles:
-        lines += ["", f"Profile of one edm2 step, {name} batch {batch} ({mode}), self CPU time by group "
+    for name, batch, who, p in profiles:
+        lines += ["", f"Profile of one {who} step, {name} batch {batch}, self CPU time by group "
                   f"(step {p['total']:.3f} s wall):", "", "| group | s | % |", "|---|---|---|"]
         accounted = sum(p[g] for g in GROUPS)
         lines += [f"| {g} | {p[g]:.3f} | {100 * p[g] / accounted:.1f} |" for g in GROUPS]

@@ -197,7 +197,7 @@ def _unfused_training_weight(weight, gain):
 @pytest.mark.parametrize("shape", [(8, 16, 3, 3), (8, 16, 1, 1), (32, 24)])
 @pytest.mark.parametrize("tensor_gain", [False, True])
 def test_fused_training_weight_matches_unfused_math(shape, tensor_gain):
-    from edm2.nn.layers import _TrainingWeight
+    from edm2.nn.layers import _force_normalize_, _TrainingWeight
 
     torch.manual_seed(0)
     w0, grad_out = torch.randn(shape) * 3, torch.randn(shape)
@@ -206,7 +206,12 @@ def test_fused_training_weight_matches_unfused_math(shape, tensor_gain):
     for fused in (False, True):
         w = w0.clone().requires_grad_(True)
         gain = torch.tensor(0.7, requires_grad=True) if tensor_gain else 0.7
-        y = _TrainingWeight.apply(w, gain, 1e-4) if fused else _unfused_training_weight(w, gain)
+        if fused:
+            with torch.no_grad():
+                _force_normalize_(w)
+            y = _TrainingWeight.apply(w, gain, 1e-4)
+        else:
+            y = _unfused_training_weight(w, gain)
         (y * grad_out).sum().backward()
         results.append((w.detach().clone(), y.detach(), w.grad, gain.grad if tensor_gain else None))
     (wa, ya, ga, gga), (wb, yb, gb, ggb) = results
@@ -216,6 +221,47 @@ def test_fused_training_weight_matches_unfused_math(shape, tensor_gain):
     assert torch.isfinite(gb).all()
     if tensor_gain:
         assert torch.allclose(gga, ggb, rtol=1e-5)
+
+
+def test_compiled_training_forward_keeps_the_forced_normalisation():
+    """Compiled, MPConv leaves its in-place forced normalisation to force_normalize_
+    (a traced graph would drop it); with it, compiled and eager training agree."""
+    from edm2.nn import force_normalize_
+
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        conv = MPConv(8, 16, (3, 3)).train()
+        with torch.no_grad():
+            conv.weight.mul_(3)
+        f = torch.compile(conv) if compiled else conv
+        for step in range(2):   # the stored weight is renormalised at every call
+            if compiled:
+                force_normalize_(conv)
+            y = f(torch.randn(2, 8, 8, 8, generator=torch.Generator().manual_seed(step)), gain=0.7)
+            y.square().sum().backward()
+        results.append((conv.weight.detach().clone(), y.detach(), conv.weight.grad))
+    (wa, ya, ga), (wb, yb, gb) = results
+    assert wa.square().mean().sqrt().item() == pytest.approx(1, abs=1e-3)   # from RMS 3
+    assert torch.equal(wa, wb)
+    assert torch.allclose(ya, yb, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(ga, gb, rtol=1e-4, atol=1e-5 * ga.abs().max().item())
+
+
+def test_force_normalize_reaches_every_mpconv_and_only_them():
+    from edm2.nn import force_normalize_
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(MPConv(4, 6, (3, 3)), torch.nn.Linear(3, 3), MPConv(6, 5))
+    with torch.no_grad():
+        net[0].weight.mul_(4)
+        net[2].weight.mul_(0.25)
+    linear = net[1].weight.detach().clone()
+    assert force_normalize_(net) is net
+    for conv in (net[0], net[2]):
+        rms = conv.weight.detach().flatten(1).square().mean(1).sqrt()
+        assert torch.allclose(rms, torch.ones_like(rms), atol=1e-3)
+    assert torch.equal(net[1].weight, linear)
 
 
 def test_channels_last_training_step_matches_contiguous():

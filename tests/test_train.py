@@ -184,6 +184,28 @@ def test_gradient_accumulation_matches_one_big_batch(tmp_path, data, three_steps
     assert _max_diff(_state(other), three_steps) > 100 * TOL
 
 
+def test_channels_last_matches_contiguous_and_may_change_on_resume(tmp_path, data, three_steps):
+    out = tmp_path / "run"
+    cfg = dict(outdir=str(out), data=str(data), duration=24, **COMMON)
+    train(TrainConfig(slice=16, channels_last=True, **cfg))   # 2 steps in channels_last ...
+    assert train(TrainConfig(**cfg)).finished                  # ... resumed without it (a session setting)
+    assert "resuming from checkpoint-000000000016.pt" in (out / "log.txt").read_text()
+    assert _max_diff(_state(out), three_steps) < TOL
+
+
+def test_compiled_training_matches_eager(tmp_path, data, three_steps):
+    """--compile: the same three steps, with MPConv's forced weight normalisation
+    done eagerly around the compiled network (left out, the initial weights'
+    per-channel RMS would stay off 1 and the states differ by about 1e-1)."""
+    out = tmp_path / "run"
+    train(TrainConfig(outdir=str(out), data=str(data), duration=24, compile=True, **COMMON))
+    state = _state(out)
+    assert _max_diff(state, three_steps) < TOL
+    w = next(v for k, v in state["net"].items() if k.endswith("weight") and v.ndim == 4)
+    rms = w.flatten(1).square().mean(1).sqrt()
+    assert torch.allclose(rms, torch.ones_like(rms), atol=2.5e-2)
+
+
 def test_two_process_ddp_matches_one_process(tmp_path, data, three_steps):
     out = tmp_path / "run"
     env = dict(os.environ, OMP_NUM_THREADS="1")

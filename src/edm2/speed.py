@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import torch
 
+from .nn.layers import force_normalize_
+
 __all__ = ["to_channels_last", "compile_loss"]
 
 
@@ -23,10 +25,14 @@ def compile_loss(loss_fn, **compile_kwargs):
     compiled by torch.compile: the network, the loss formula and, through
     AOTAutograd, their backward as one graph. The noise is still drawn eagerly
     from the same generators, so the draws (and resume) are unchanged; the
-    compiled arithmetic may round differently from eager mode."""
+    compiled arithmetic may round differently from eager mode. MPConv's forced
+    weight normalisation, which a graph cannot hold, runs eagerly before each
+    call (`edm2.nn.force_normalize_`)."""
     core = torch.compile(loss_fn.evaluate, **compile_kwargs)
 
     def compiled(net, images, labels=None, generator=None):
+        if net.training:
+            force_normalize_(net)
         return core(net, labels, *loss_fn.draw(images, generator))
 
     return compiled

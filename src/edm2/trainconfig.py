@@ -67,6 +67,8 @@ class TrainConfig:
     loss_scaling: float | None = _option(help="loss scaling factor (default: the config's, 100 for A-C, 1 for "
                                          "D-G)", kind="float", group="overrides", metavar="X")
     compile: bool = _option(False, "torch.compile the network", kind="flag")
+    channels_last: bool = _option(False, "keep the network's convolution weights in channels_last memory format "
+                                  "(same arithmetic; docs/training.md#speed)", kind="flag")
     seed: int = _option(0, "random seed: initialisation, data order, noise (default 0)", kind="int")
     init: str | None = _option(help="start from this network (snapshot, run folder or .pkl): fine-tuning",
                                metavar="SNAPSHOT")

@@ -58,12 +58,13 @@ from .encoders import StabilityVAEEncoder, StandardRGBEncoder, VAEUnavailable, e
 from .fileio import LockError, RunLock, atomic_write_bytes
 from .loading import load_network
 from .loss import EDM2Loss, EDMLoss, learning_rate_schedule
-from .nn import DTYPES, Precond
+from .nn import DTYPES, Precond, force_normalize_
 from .nn import build_network as make_network
 from .nn.adm import adm_net_kwargs
 from .phema import check_sigma_rel
 from .presets import RECIPES, get_preset
 from .snapshot import make_meta, run_fingerprint, save_snapshot, snapshot_config, snapshot_name
+from .speed import to_channels_last
 from .trainconfig import TrainConfig
 from .trainlog import Reporter, StatusMeter, save_grid
 from .units import parse_float_list
@@ -75,7 +76,7 @@ __all__ = ["TrainConfig", "RunPlan", "TrainResult", "Run", "Stream", "plan_run",
 
 # Fields of RunPlan that may change between invocations of the same run.
 SESSION_FIELDS = ("duration", "status", "snapshot", "checkpoint", "slice", "batch_gpu", "compile", "device",
-                  "world_size", "workers", "grid")
+                  "world_size", "workers", "grid", "channels_last")
 
 
 @dataclass
@@ -116,6 +117,7 @@ class RunPlan:
     world_size: int
     workers: int
     grid: int
+    channels_last: bool = False
 
     def identity(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in SESSION_FIELDS}
@@ -159,7 +161,7 @@ def plan_run(config: TrainConfig, world_size: int = 1, device: str = "cpu"):
         init=config.init, duration=sizes["duration"], status=sizes["status"], snapshot=sizes["snapshot"],
         checkpoint=sizes["checkpoint"], slice=config.slice, batch_gpu=sizes["batch_gpu"], compile=config.compile,
         device=str(device), world_size=world_size, workers=_pick(config.workers, 2 if on_cuda else 0),
-        grid=config.grid)
+        grid=config.grid, channels_last=config.channels_last)
     return plan, ds
 
 
@@ -566,6 +568,8 @@ def start_session(run: Run) -> None:
     """The parts only a run with work to do needs: DDP, compilation, the data
     loader from the current image on, the status meter; and the opening line."""
     plan, ds = run.plan, run.data
+    if plan.channels_last:  # values and parameter identities unchanged: the optimizer and EMA keep working
+        to_channels_last(run.net)
     run.model = run.net
     if run.world > 1:
         run.model = run.ddp = torch.nn.parallel.DistributedDataParallel(
@@ -708,6 +712,8 @@ def train_step(run: Run) -> None:
         x, labels, gens = _micro_batch(run, first)
         sync = run.ddp.no_sync() if run.ddp is not None and r < run.rounds - 1 else contextlib.nullcontext()
         with sync:
+            if plan.compile:  # a compiled graph leaves MPConv's in-place forced normalisation out
+                force_normalize_(run.net)
             loss = run.loss_fn(run.model, x, labels, generator=gens)   # per-pixel loss, paper Eq. 21
             loss.sum().mul(plan.loss_scaling / run.per_rank).backward()
         run.meter.add_loss(loss)

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-__all__ = ["normalize", "mp_silu", "mp_sum", "mp_cat", "resample", "MPFourier", "MPConv"]
+__all__ = ["normalize", "mp_silu", "mp_sum", "mp_cat", "resample", "MPFourier", "MPConv", "force_normalize_"]
 
 
 def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:
@@ -74,62 +74,63 @@ class MPFourier(torch.nn.Module):
         return (y.cos() * np.sqrt(2)).to(x.dtype)
 
 
-class _TrainingWeight(torch.autograd.Function):
-    """Forced weight normalisation, standard weight normalisation and the
-    magnitude-preserving scale of a training-mode MPConv, fused (paper Eqs. 47, 66;
-    Algorithm 1): in place, weight <- weight / (eps + ||weight|| / sqrt(fan_in))
-    per output channel; then out = weight * gain / (sqrt(fan_in) (eps + ||weight|| / sqrt(fan_in))).
+def _force_normalize_(weight: torch.Tensor, eps: float = 1e-4) -> None:
+    """Forced weight normalisation in place (paper Eq. 66, Algorithm 1): each output
+    channel of `weight` divided by eps + its RMS; the same arithmetic as `normalize`,
+    without a temporary of the weight's size. Call under torch.no_grad().
 
-    The same arithmetic as `normalize` twice and a multiply, with fewer passes
-    over the weights (they are read 2x in forward, 3x in backward, instead of
-    about 5x and 8x through autograd) and no temporaries of their size but the
-    output and its gradient. Backward, per channel with n = ||w||,
-    d = eps + n / sqrt(fan_in), s = c / d and c = gain / sqrt(fan_in):
+    A compiled graph would drop this in-place update of a parameter, so MPConv
+    skips it while torch.compile traces and `force_normalize_` does it eagerly."""
+    w = weight if weight.dtype == torch.float32 else weight.to(torch.float32)
+    norm = torch.linalg.vector_norm(w, dim=list(range(1, w.ndim)), keepdim=True, dtype=torch.float32)
+    w.div_(torch.add(eps, norm, alpha=math.sqrt(1 / w[0].numel())))
+    if w is not weight:
+        weight.copy_(w)
+
+
+class _TrainingWeight(torch.autograd.Function):
+    """Standard weight normalisation and the magnitude-preserving scale of a
+    training-mode MPConv as one autograd node (paper Eq. 47, Algorithm 1):
+    out = weight * gain / (sqrt(fan_in) (eps + ||weight|| / sqrt(fan_in))) per output channel.
+
+    The same arithmetic as `normalize` and a multiply, with fewer passes over
+    the weights and no temporaries of their size but the output and its
+    gradient. Backward, per channel with n = ||w||, d = eps + n / sqrt(fan_in),
+    c = gain / sqrt(fan_in) and s = c / d:
     dL/dw = s g - s (g.w) / (d n sqrt(fan_in)) w, and dL/dgain = sum (g.w) / d / sqrt(fan_in).
+    It does not modify its input: the forced normalisation stays outside
+    (`_force_normalize_`), where torch.compile sees the in-place update.
     """
 
     @staticmethod
     def forward(ctx, weight, gain, eps):
         with torch.profiler.record_function("edm2::weight_norm"):
-            return _TrainingWeight._forward(ctx, weight, gain, eps)
-
-    @staticmethod
-    def _forward(ctx, weight, gain, eps):
-        w = weight if weight.dtype == torch.float32 else weight.to(torch.float32)
-        dims = list(range(1, w.ndim))
-        fan_in = w[0].numel()
-        alpha = math.sqrt(1 / fan_in)   # sqrt(norm.numel() / x.numel()), as in `normalize`
-        norm = torch.linalg.vector_norm(w, dim=dims, keepdim=True, dtype=torch.float32)
-        w.div_(torch.add(eps, norm, alpha=alpha))        # forced weight normalisation
-        if w is not weight:
-            weight.copy_(w)
-        norm = torch.linalg.vector_norm(w, dim=dims, keepdim=True, dtype=torch.float32)
-        d = torch.add(eps, norm, alpha=alpha)            # standard weight normalisation
-        s = (gain / math.sqrt(fan_in)) / d
-        ctx.save_for_backward(w, norm, d, s)
-        ctx.alpha, ctx.fan_in, ctx.gain_is_tensor = alpha, fan_in, isinstance(gain, torch.Tensor)
-        return w * s
+            w = weight.to(torch.float32)
+            fan_in = w[0].numel()
+            alpha = math.sqrt(1 / fan_in)   # sqrt(norm.numel() / x.numel()), as in `normalize`
+            norm = torch.linalg.vector_norm(w, dim=list(range(1, w.ndim)), keepdim=True, dtype=torch.float32)
+            d = torch.add(eps, norm, alpha=alpha)
+            s = (gain / math.sqrt(fan_in)) / d
+            ctx.save_for_backward(w, norm, d, s)
+            ctx.alpha, ctx.fan_in, ctx.gain_is_tensor = alpha, fan_in, isinstance(gain, torch.Tensor)
+            return w * s
 
     @staticmethod
     def backward(ctx, g):
         with torch.profiler.record_function("edm2::weight_norm"):
-            return _TrainingWeight._backward(ctx, g)
-
-    @staticmethod
-    def _backward(ctx, g):
-        w, norm, d, s = ctx.saved_tensors
-        g = g.to(torch.float32)
-        out = w.shape[0]
-        if g.is_contiguous() and w.is_contiguous():   # one pass over both: per-channel dot products
-            gw = torch.bmm(g.reshape(out, 1, -1), w.reshape(out, -1, 1)).reshape(norm.shape)
-        else:
-            gw = (g * w).sum(list(range(1, w.ndim)), keepdim=True)
-        k = torch.where(norm > 0, s * gw * ctx.alpha / (d * norm), torch.zeros_like(norm))
-        grad_w = (g * s).addcmul_(w, k, value=-1)
-        grad_gain = None
-        if ctx.gain_is_tensor and ctx.needs_input_grad[1]:
-            grad_gain = (gw / d).sum() / math.sqrt(ctx.fan_in)
-        return grad_w, grad_gain, None
+            w, norm, d, s = ctx.saved_tensors
+            g = g.to(torch.float32)
+            out = w.shape[0]
+            if g.is_contiguous() and w.is_contiguous():   # one pass over both: per-channel dot products
+                gw = torch.bmm(g.reshape(out, 1, -1), w.reshape(out, -1, 1)).reshape(norm.shape)
+            else:
+                gw = (g * w).sum(list(range(1, w.ndim)), keepdim=True)
+            k = torch.where(norm > 0, s * gw * ctx.alpha / (d * norm), torch.zeros_like(norm))
+            grad_w = (g * s).addcmul_(w, k, value=-1)
+            grad_gain = None
+            if ctx.gain_is_tensor and ctx.needs_input_grad[1]:
+                grad_gain = (gw / d).sum() / math.sqrt(ctx.fan_in)
+            return grad_w, grad_gain, None
 
 
 class MPConv(torch.nn.Module):
@@ -139,6 +140,11 @@ class MPConv(torch.nn.Module):
     re-normalised to unit RMS per output channel before every use, and the
     forward pass normalises it once more inside autograd, then scales by
     gain / sqrt(fan_in) (fused in `_TrainingWeight`). There is no bias.
+
+    Under torch.compile the first step, an in-place update of the parameter,
+    is left out of the traced forward (a graph would lose it): call
+    `force_normalize_(net)` before every compiled training-mode call, as
+    `edm2 train --compile` and `edm2.speed.compile_loss` do.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel=()):
@@ -149,6 +155,9 @@ class MPConv(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, gain=1) -> torch.Tensor:
         if self.training:
+            if not torch.compiler.is_compiling():  # compiled: done eagerly before the call (force_normalize_)
+                with torch.no_grad():
+                    _force_normalize_(self.weight)  # forced weight normalisation
             w = _TrainingWeight.apply(self.weight, gain, 1e-4)
         else:
             w = normalize(self.weight.to(torch.float32))
@@ -160,3 +169,16 @@ class MPConv(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel={list(self.weight.shape[2:])}"
+
+
+def force_normalize_(net: torch.nn.Module) -> torch.nn.Module:
+    """The forced weight normalisation of every MPConv in `net` (paper Eq. 66,
+    Algorithm 1), in place and eagerly; returns `net`. A training-mode MPConv
+    does this itself at each call, except inside a torch.compile graph: call
+    this before every compiled training-mode forward pass, so that compiled
+    training updates the weights exactly as eager training does."""
+    with torch.no_grad():
+        for m in net.modules():
+            if isinstance(m, MPConv):
+                _force_normalize_(m.weight)
+    return net
