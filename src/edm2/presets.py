@@ -119,7 +119,7 @@ PRESETS["cpu-32"] = Preset(
 PRESETS["demo"] = PRESETS["cpu-32"].replace(
     name="demo",
     description="the Fashion-MNIST demo: cpu-32's network, ~8 min of training on 2 cores",
-    lr=0.0200, decay=512, duration=28 * Ki, snapshot=7 * Ki, checkpoint=14 * Ki, ema_std=(0.050, 0.100))
+    lr=0.0200, decay=512, duration=24 * Ki, snapshot=6 * Ki, checkpoint=12 * Ki, ema_std=(0.050, 0.100))
 PRESETS["tiny"] = Preset(
     name="tiny",
     description="smallest sensible network, for tests and smoke runs",
