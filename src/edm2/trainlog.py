@@ -14,7 +14,9 @@ import torch
 import torch.distributed as dist
 
 from .fileio import atomic_write_bytes, png_bytes
-from .generate import generate_images
+from .distributed import resolve_device
+from .generate import sample_batch
+from .sampling import SeedRandom
 
 __all__ = ["Reporter", "StatusMeter", "save_grid", "peak_memory"]
 
@@ -65,18 +67,24 @@ def peak_memory(device) -> tuple[float, float]:
     return cpu, gpu
 
 
+GRID_BATCH = 32  # grid images per sampler call, whatever the number of rows and columns
+
+
 def save_grid(path, net, encoder, count: int, device) -> None:
     """A PNG of `count` samples (EDM sampler, App. D.1, seeds 0, 1, ...): for a
     conditional net one row per class (first 10 classes, same seeds in every
-    row), else a near-square grid."""
+    row), else a near-square grid. Rows are batched together (a one-column
+    grid of 10 classes is one sampler call, not ten)."""
     rows = min(net.label_dim, 10) if net.label_dim else max(int(math.sqrt(count)), 1)
     cols = max(math.ceil(count / rows), 1)
+    seeds = [c for _ in range(rows) for c in range(cols)] if net.label_dim else list(range(rows * cols))
+    classes = torch.arange(rows).repeat_interleave(cols) if net.label_dim else None
+    net.eval().requires_grad_(False)
     images = []
-    for row in range(rows):
-        seeds = range(cols) if net.label_dim else range(row * cols, (row + 1) * cols)
-        for b in generate_images(net, encoder, seeds, class_idx=row if net.label_dim else None,
-                                 batch_size=cols, device=device, rank=0, world_size=1):
-            images.append(b.images)
+    for i in range(0, len(seeds), GRID_BATCH):
+        rnd = SeedRandom(seeds[i:i + GRID_BATCH], resolve_device(device))
+        labels = None if classes is None else classes[i:i + GRID_BATCH]
+        images.append(sample_batch(net, encoder, rnd, class_idx=labels)[0])
     x = torch.cat(images)                                           # [rows*cols, C, H, W] uint8
     c, h, w = x.shape[1:]
     x = x.reshape(rows, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, c).numpy()
