@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .fileio import atomic_write_bytes, png_bytes
 from .distributed import resolve_device
+from .fileio import atomic_write_bytes, png_bytes
 from .generate import sample_batch
 from .sampling import SeedRandom
 
