@@ -145,3 +145,6 @@ def test_growth_factors():
     assert g["raw"] == {"first": 2.0, "last": 7.0, "growth": 3.5, "first_nimg": 0, "last_nimg": 16}
     assert g["ema"]["growth"] == 1.5 and g["ema"]["last_nimg"] == 8
     assert growth_factors(records, "weight_max") == {}
+    late = growth_factors(records, from_nimg=8)
+    assert late["raw"] == {"first": 5.0, "last": 7.0, "growth": 1.4, "first_nimg": 8, "last_nimg": 16}
+    assert late["ema"]["growth"] == 1.0 and growth_factors(records, from_nimg=17) == {}

@@ -588,16 +588,19 @@ QUANTITIES = {
 }
 
 
-def growth_factors(records, quantity: str = "act_max") -> dict:
+def growth_factors(records, quantity: str = "act_max", from_nimg: int = 0) -> dict:
     """How much `quantity` grew over training, per network: {net: {"first",
     "last", "growth", "first_nimg", "last_nimg"}}, where first and last are the
     largest value over the U-Net levels at the first and the last measurement
     of that network ('ema', 'raw') and growth = last / first. The paper's
     Fig. 3 shows this growth of the activations in the configs without
-    magnitude preservation (Sec. 2.2). Networks without that quantity are left out."""
+    magnitude preservation (Sec. 2.2). `from_nimg`: leave out the measurements
+    before this many training images (e.g. the untrained network at 0, whose
+    magnitudes the first steps change in every config). Networks without that
+    quantity are left out."""
     out = {}
     for net in dict.fromkeys(r.get("net") for r in records):
-        recs = [r for r in _select(records, net) if r.get(quantity)]
+        recs = [r for r in _select(records, net) if r.get(quantity) and r["nimg"] >= from_nimg]
         if not recs:
             continue
         first, last = (max(v for v in r[quantity].values() if v is not None) for r in (recs[0], recs[-1]))
