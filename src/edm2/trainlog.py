@@ -80,9 +80,10 @@ def save_grid(path, net, encoder, count: int, device) -> None:
     seeds = [c for _ in range(rows) for c in range(cols)] if net.label_dim else list(range(rows * cols))
     classes = torch.arange(rows).repeat_interleave(cols) if net.label_dim else None
     net.eval().requires_grad_(False)
+    device = resolve_device(device)
     images = []
     for i in range(0, len(seeds), GRID_BATCH):
-        rnd = SeedRandom(seeds[i:i + GRID_BATCH], resolve_device(device))
+        rnd = SeedRandom(seeds[i:i + GRID_BATCH], device)
         labels = None if classes is None else classes[i:i + GRID_BATCH]
         images.append(sample_batch(net, encoder, rnd, class_idx=labels)[0])
     x = torch.cat(images)                                           # [rows*cols, C, H, W] uint8
