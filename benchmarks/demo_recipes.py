@@ -62,8 +62,8 @@ def train_speed(rundir: Path) -> tuple[float, float]:
 
 def snapshots_for(rundir: Path, workdir: Path, sigma_rels: list[float], at_nimg: int | None) -> dict:
     """{sigma_rel: snapshot path} at training time at_nimg (default: last snapshot)."""
-    from edm2.posthoc import find_phema_inputs, reconstruct, resolve_time
-    from edm2.snapshot import snapshot_name
+    from edm2.ema.posthoc import find_phema_inputs, reconstruct, resolve_time
+    from edm2.io.snapshot import snapshot_name
 
     inputs = find_phema_inputs(rundir)
     t = resolve_time(inputs, at_nimg)
@@ -100,7 +100,7 @@ def generate_per_class(snapshot: Path, per_class: int, steps: int, batch: int) -
 
 def save_class_grid(path: Path, images: torch.Tensor, per_class: int, cols: int = 10) -> None:
     """PNG of the first `cols` samples of each class, one row per class."""
-    from edm2.fileio import atomic_write_bytes, png_bytes
+    from edm2.utils.fileio import atomic_write_bytes, png_bytes
 
     cols = min(cols, per_class)
     x = images.reshape(10, per_class, *images.shape[1:])[:, :cols]         # [10, cols, C, H, W]
@@ -138,7 +138,7 @@ def main(argv=None) -> None:
         p.error(f"unrecognised arguments: {' '.join(rest)} (edm2 train options go after --train --)")
     torch.set_num_threads(args.threads)
 
-    from edm2.units import parse_float_list, parse_nimg
+    from edm2.utils.units import parse_float_list, parse_nimg
 
     if args.train:
         train(args.rundir, rest)

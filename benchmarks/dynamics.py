@@ -45,9 +45,9 @@ def main(argv=None) -> int:
 
     import torch
 
-    import edm2.training as training
-    from edm2.dynamics import DynamicsHook
-    from edm2.training import TrainConfig, train
+    import edm2.train.loop as training
+    from edm2.analysis.dynamics import DynamicsHook
+    from edm2.train.loop import TrainConfig, train
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     work = Path(args.workdir or tempfile.mkdtemp(prefix="edm2-dynamics-bench-"))

@@ -5,7 +5,7 @@
 For each preset: seconds per image for an eval-mode forward pass (the
 sampler's workload) and a training-mode forward+backward pass (the trainer's),
 eager and, with --compile, torch.compile'd. The last column turns the
-time into achieved GFLOP/s from the MAC count of edm2.flops (forward = 1x,
+time into achieved GFLOP/s from the MAC count of edm2.analysis.flops (forward = 1x,
 forward+backward = 3x the forward MACs), which shows how close the run is
 to the machine's convolution throughput.
 """
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from edm2.flops import count_network
+from edm2.analysis.flops import count_network
 from edm2.nn import Precond
 from edm2.presets import get_preset
 

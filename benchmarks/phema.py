@@ -1,4 +1,4 @@
-"""Benchmark: post-hoc EMA by streaming (edm2.posthoc.reconstruct) against the
+"""Benchmark: post-hoc EMA by streaming (edm2.ema.posthoc.reconstruct) against the
 whole-models-in-memory way (the official tool's: batches of 8 outputs held as
 fp32 models, every input loaded whole once per batch).
 
@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from edm2.ema.posthoc import find_phema_inputs, plan_posthoc, reconstruct, resolve_time
+from edm2.io.snapshot import SnapshotStreamWriter, make_meta, save_state_dict, snapshot_name
 from edm2.nn import Precond
-from edm2.posthoc import find_phema_inputs, plan_posthoc, reconstruct, resolve_time
 from edm2.presets import get_preset
-from edm2.snapshot import SnapshotStreamWriter, make_meta, save_state_dict, snapshot_name
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 STEP = 8 * 2 ** 20  # images between snapshots (the paper's default, App. C.5)

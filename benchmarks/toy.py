@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 
-from edm2.fileio import atomic_write_bytes
 from edm2.toy import (
     ToyPanel,
     ToyTrainConfig,
@@ -39,6 +38,7 @@ from edm2.toy import (
     train_toy,
     tree_mixture,
 )
+from edm2.utils.fileio import atomic_write_bytes
 
 RUNS = {
     "main": ToyTrainConfig(classes="A", hidden_dim=64, iters=4096),

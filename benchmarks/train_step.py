@@ -6,7 +6,7 @@ process on identical weights, inputs, noise levels and noise.
 
 PATH is a checkout of https://github.com/NVlabs/edm2 (its `training/` and
 `torch_utils/` are imported from there at run time; nothing of it is part of
-this repository). Our step is what `edm2.training.train_step` does: per-image
+this repository). Our step is what `edm2.train.loop.train_step` does: per-image
 noise generators seeded from the run's noise stream, `edm2.loss.EDM2Loss`
 (paper App. B.2 Eq. 21, the loss with the learned uncertainty u(sigma)),
 sum x 1/batch, backward; with --optimizer also the gradients' nan_to_num and
@@ -16,7 +16,7 @@ random draws of its own). Before timing, both losses are computed on the same
 weights and must agree (asserted, rtol 1e-5). Gains (emb_gain, out_gain) are
 set to 0.5 so that every layer gets a gradient.
 
---channels-last and --compile apply to our side only (`edm2.speed`); the
+--channels-last and --compile apply to our side only (`edm2.train.speed`); the
 authors' network always runs as it is. Each repeat times ours, then theirs;
 the table gives the best of --repeats and the ratio theirs / ours (> 1: ours
 is faster). --profile adds a torch.profiler breakdown of one step of each, grouped (conv
@@ -39,8 +39,8 @@ import torch
 from edm2.loss import EDM2Loss
 from edm2.nn import Precond
 from edm2.presets import get_preset
-from edm2.speed import compile_loss, to_channels_last
-from edm2.training import Stream, sample_seed
+from edm2.train.loop import Stream, sample_seed
+from edm2.train.speed import compile_loss, to_channels_last
 
 
 def ref_loss(net, images, labels, sigma, noise, sigma_data):

@@ -1,4 +1,4 @@
-"""Training throughput: images/s and peak memory of `edm2.training.train`
+"""Training throughput: images/s and peak memory of `edm2.train.loop.train`
 (the real loop: data, loss, backward, Adam, EMA) for the cpu-32 preset
 (32x32x1, its own batch) and img512-xs (64x64x4 latents, batch 2), eager and
 torch.compile. Each case runs in its own process (so peak memory is its own)
@@ -51,7 +51,7 @@ def child(case: str, mode: str, steps: int, warmup: int, workdir: Path) -> dict:
     """Train warmup + steps steps; img/s from the status records after the warmup."""
     import torch
 
-    from edm2.training import TrainConfig, train
+    from edm2.train.loop import TrainConfig, train
 
     preset, res, ch, latent, batch, classes = CASES[case]
     data = workdir / "data"

@@ -11,7 +11,7 @@ import tempfile
 import torch
 from accelerate import Accelerator
 
-from edm2.ema import PowerFunctionEMA, reconstruct
+from edm2.ema.trackers import PowerFunctionEMA, reconstruct
 
 
 def main(steps: int = 200, batch: int = 32) -> float:

@@ -3,7 +3,7 @@ import os
 import pytest
 import torch
 
-from edm2.distributed import configure_threads
+from edm2.utils.distributed import configure_threads
 
 
 def pytest_configure(config):
@@ -19,7 +19,7 @@ def one_thread():
     small, thread hand-offs cost more than they save (badly so on a shared 2-core
     machine, where OpenMP threads spin). Modules opt in with
     `pytestmark = pytest.mark.usefixtures("one_thread")`. OMP_NUM_THREADS=1 keeps
-    the CLI commands, which call `edm2.distributed.configure_threads()`, at one
+    the CLI commands, which call `edm2.utils.distributed.configure_threads()`, at one
     thread as well."""
     old, old_env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)

@@ -2,14 +2,12 @@
 preconditioning, EDM's loss and the traditional EMA."""
 import functools
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from edm2.ema import TraditionalEMA
+from edm2.ema.trackers import TraditionalEMA
 from edm2.loss import EDM2Loss, EDMLoss
 from edm2.nn import set_precision
 from edm2.nn.adm import ADMBlock, ADMPrecond, FourierFeatures
@@ -329,11 +327,9 @@ def test_adm_channels_per_head_divides_the_attention_widths():
 
 @pytest.mark.parametrize("config", ["A", "B"])
 def test_cpu32_adm_configs_build_and_train_a_step(tmp_path, config):
-    from edm2.flops import count_network
-    from edm2.training import TrainConfig, plan_run, train
-
-    sys.path.insert(0, str(Path(__file__).parent))
-    from test_train import make_dataset
+    from edm2.analysis.flops import count_network
+    from edm2.train.loop import TrainConfig, plan_run, train
+    from helpers import make_dataset
 
     data = make_dataset(tmp_path / "ds", res=32)
     n = 64 if config == "A" else 32  # one batch (A doubles cpu-32's batch of 32)

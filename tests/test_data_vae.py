@@ -9,13 +9,7 @@ from edm2.cli import main  # noqa: E402
 from edm2.data import ImageDataset, convert_dataset, decode_dataset, encode_dataset  # noqa: E402
 from edm2.data.latents import latent_name  # noqa: E402
 from edm2.encoders import RAW_MEAN, RAW_STD, StabilityVAEEncoder, VAEUnavailable, load_vae  # noqa: E402
-
-# The architecture of stabilityai/sd-vae-ft-mse (its config.json).
-SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, act_fn="silu",
-                     block_out_channels=[128, 256, 512, 512], norm_num_groups=32, sample_size=256,
-                     down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
-# Same family, narrow: 4 levels (downsampling by 8), fast on a CPU.
-SMALL_CONFIG = dict(SD_VAE_CONFIG, block_out_channels=[8, 16, 16, 16], norm_num_groups=8, layers_per_block=1)
+from helpers import SD_VAE_CONFIG, SMALL_CONFIG  # noqa: E402
 
 
 @pytest.fixture(scope="module")

@@ -1,9 +1,9 @@
-"""Devices, process groups and CPU threads (edm2.distributed)."""
+"""Devices, process groups and CPU threads (edm2.utils.distributed)."""
 import pytest
 import torch
 
-from edm2 import distributed
-from edm2.distributed import configure_threads, default_device, init_distributed, rank_world, resolve_device
+from edm2.utils import distributed
+from edm2.utils.distributed import configure_threads, default_device, init_distributed, rank_world, resolve_device
 
 
 def test_single_process_without_torchrun(monkeypatch):

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from edm2.dynamics import (
+from edm2.analysis.dynamics import (
     DynamicsTracker,
     bucket_of,
     find_layers,
@@ -238,7 +238,7 @@ def test_measure_stored_snapshots(tmp_path, capsys):
 
     from edm2.cli import main
     from edm2.data import convert_dataset
-    from edm2.snapshot import make_meta, save_snapshot, snapshot_name
+    from edm2.io.snapshot import make_meta, save_snapshot, snapshot_name
 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", images=rng.integers(0, 256, (12, 16, 16), dtype=np.uint8))
@@ -275,7 +275,7 @@ def _strip(records):
 
 
 def test_hook_schedule():
-    from edm2.dynamics import DynamicsHook
+    from edm2.analysis.dynamics import DynamicsHook
 
     hook = DynamicsHook(24)
     # Batch 8, 64 images: image 0, the first maintenance point at or after 24 and 48, and the end.
@@ -291,7 +291,7 @@ def test_train_records_dynamics_and_resumes_identically(tmp_path):
     import numpy as np
 
     from edm2.data import convert_dataset
-    from edm2.training import TrainConfig, train
+    from edm2.train.loop import TrainConfig, train
 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", images=rng.integers(0, 256, (16, 16, 16), dtype=np.uint8))

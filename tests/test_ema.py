@@ -4,8 +4,8 @@ import pytest
 import torch
 from scipy.integrate import quad
 
-from edm2.ema import PowerFunctionEMA
-from edm2.phema import std_to_exp
+from edm2.ema.profiles import std_to_exp
+from edm2.ema.trackers import PowerFunctionEMA
 
 
 class _Toy(torch.nn.Module):

@@ -1,14 +1,14 @@
-"""edm2.ema as a standalone tool: exact power-function EMA of any module when
+"""edm2.ema.trackers as a standalone tool: exact power-function EMA of any module when
 updated every k steps, its snapshots, and post-hoc reconstruction from them."""
 import numpy as np
 import pytest
 import torch
 
-from edm2 import ema as ema_mod
-from edm2.ema import PowerFunctionEMA, reconstruct
-from edm2.phema import profile_inner_product, std_to_exp
-from edm2.posthoc import find_phema_inputs, plan_posthoc
-from edm2.snapshot import read_snapshot_meta
+from edm2.ema import trackers as ema_mod
+from edm2.ema.posthoc import find_phema_inputs, plan_posthoc
+from edm2.ema.profiles import profile_inner_product, std_to_exp
+from edm2.ema.trackers import PowerFunctionEMA, reconstruct
+from edm2.io.snapshot import read_snapshot_meta
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -98,7 +98,7 @@ def test_posthoc_reconstruction_of_an_untracked_length_matches_direct_tracking(t
     integrate to 1, for any constant c, per coordinate (Cauchy-Schwarz):
         |theta_hat - theta_direct| = |int (p_hat - p)(theta - c)| <= ||p_hat - p|| ||theta - c||
                                    = fit_error * ||p|| * ||theta - c||_L2[0, t],
-    with fit_error the relative L2 error of the realised profile that edm2.phema
+    with fit_error the relative L2 error of the realised profile that edm2.ema.profiles
     computes exactly. On top come float32 rounding of the streamed combination
     (|X| . |theta| times a few float32 ulps)."""
     every = 8 * BATCH  # 12 snapshot times: at the first update on or after every 8th step

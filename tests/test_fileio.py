@@ -1,4 +1,4 @@
-"""edm2.fileio: atomic writes that never leave temp files, PNG bytes, RunLock."""
+"""edm2.utils.fileio: atomic writes that never leave temp files, PNG bytes, RunLock."""
 import errno
 import json
 import os
@@ -11,8 +11,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from edm2 import fileio
-from edm2.fileio import AtomicWriter, LockError, RunLock, WriteError, atomic_write_bytes, png_bytes, remove_temp_files
+from edm2.utils import fileio
+from edm2.utils.fileio import (
+    AtomicWriter,
+    LockError,
+    RunLock,
+    WriteError,
+    atomic_write_bytes,
+    png_bytes,
+    remove_temp_files,
+)
 
 
 def _listing(folder):

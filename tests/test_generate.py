@@ -11,11 +11,8 @@ import torch
 from PIL import Image
 
 from edm2.cli import main
-from edm2.encoders import StandardRGBEncoder
 from edm2.generate import generate_images, generate_to_dir, load_nets, rank_batches
-from edm2.nn import Precond
-from edm2.presets import get_preset
-from edm2.snapshot import make_meta, save_snapshot
+from helpers import write_snapshot
 
 STEPS = "3"
 
@@ -23,20 +20,6 @@ STEPS = "3"
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def write_snapshot(path, label_dim=3, resolution=16, channels=1, seed=0, encoder=None):
-    """A tiny random network with non-zero gains (a fresh one outputs c_skip * x only)."""
-    torch.manual_seed(seed)
-    kw = dict(get_preset("tiny").net_kwargs(label_dim), img_resolution=resolution, img_channels=channels)
-    net = Precond(**kw)
-    with torch.no_grad():
-        net.unet.out_gain.fill_(1.0)
-        for name, p in net.named_parameters():
-            if name.endswith("emb_gain"):
-                p.fill_(0.5)
-    encoder = encoder or StandardRGBEncoder().to_meta()
-    meta = make_meta(kw, 64, 0.1, encoder, {"resolution": resolution, "channels": channels, "label_dim": label_dim})
-    save_snapshot(path, net, meta)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -1,18 +1,15 @@
 """Hugging Face conventions: Precond.save_pretrained / from_pretrained and
 `edm2 export --format hf`, including a model in the authors' published format."""
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-import official_format as fmt  # noqa: E402
+import helpers.official as fmt  # noqa: E402
 from edm2.cli import main  # noqa: E402
-from edm2.export import export_hf  # noqa: E402
+from edm2.io.export import export_hf  # noqa: E402
+from edm2.io.snapshot import load_snapshot  # noqa: E402
 from edm2.nn import Precond  # noqa: E402
-from edm2.snapshot import load_snapshot  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -119,7 +116,7 @@ def test_bad_input_one_line_errors_nothing_written(tmp_path, capsys):
 
     # Export never replaces a non-empty folder without --overwrite, and leaves no temporary files.
     snap = tmp_path / "snap.safetensors"
-    from edm2.snapshot import make_meta, save_snapshot
+    from edm2.io.snapshot import make_meta, save_snapshot
 
     save_snapshot(snap, net, make_meta(fmt.TINY_KWARGS, 64, 0.1, {"type": "rgb"}, {}))
     out = tmp_path / "out"

@@ -119,9 +119,9 @@ def test_cycle_finder_finds_cycles():
 
 def test_graph_sees_relative_imports():
     graph = import_graph()
-    assert "edm2.snapshot" in graph["edm2.loading"] and "edm2.official" in graph["edm2.loading"]
+    assert "edm2.io.snapshot" in graph["edm2.io.loading"] and "edm2.io.official" in graph["edm2.io.loading"]
     assert "edm2.nn.layers" in graph["edm2.nn.unet"]
-    assert "edm2.distributed" in graph["edm2.generate"]
+    assert "edm2.utils.distributed" in graph["edm2.generate"]
 
 
 def test_no_import_cycle_between_modules():

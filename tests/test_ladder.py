@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-import edm2.nn.ladder as ladder
-from edm2.flops import count_network
+import edm2.nn.rungs as ladder
+from edm2.analysis.flops import count_network
 from edm2.loss import EDM2Loss
 from edm2.nn import CONFIGS, LadderPrecond, Precond, build_network, mp_cat, mp_silu, mp_sum, network_config
 from edm2.nn.layers import MPConv, MPFourier
@@ -307,7 +307,7 @@ def test_recipes_compose_with_smaller_presets():
 def test_snapshot_metadata_carries_the_config(tmp_path):
     from safetensors.torch import save_file
 
-    from edm2.snapshot import SnapshotError, load_snapshot, make_meta, read_snapshot_meta, save_snapshot
+    from edm2.io.snapshot import SnapshotError, load_snapshot, make_meta, read_snapshot_meta, save_snapshot
 
     net = tiny("E").eval()
     kwargs = {**TINY}

@@ -1,4 +1,4 @@
-"""`edm2 ladder` / edm2.ladder.run_ladder: two rungs of the ablation ladder on
+"""`edm2 ladder` / edm2.analysis.ladder.run_ladder: two rungs of the ablation ladder on
 a tiny preset, their table against their sweeps, resume of an interrupted
 ladder (finished rungs untouched), refusal of changed settings."""
 from __future__ import annotations
@@ -7,19 +7,16 @@ import csv
 import dataclasses
 import hashlib
 import json
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-import edm2.ladder as ladder_mod
+import edm2.analysis.ladder as ladder_mod
+from edm2.analysis.dynamics import growth_factors, load_dynamics
+from edm2.analysis.ladder import LadderConfig, read_csv_rows, run_ladder
 from edm2.cli import main as cli_main
-from edm2.dynamics import growth_factors, load_dynamics
-from edm2.ladder import LadderConfig, read_csv_rows, run_ladder
 from edm2.presets import RECIPES
-from test_train import make_dataset  # noqa: E402
+from helpers import make_dataset  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

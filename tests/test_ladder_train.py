@@ -4,24 +4,20 @@ and generation."""
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from edm2.checkpoint import list_checkpoints, load_checkpoint
 from edm2.cli import main as cli_main
-from edm2.ema import PowerFunctionEMA, TraditionalEMA
-from edm2.loading import load_network
+from edm2.ema.posthoc import reconstruct
+from edm2.ema.trackers import PowerFunctionEMA, TraditionalEMA
+from edm2.io.loading import load_network
+from edm2.io.snapshot import list_snapshots, read_snapshot_meta
 from edm2.loss import EDM2Loss, EDMLoss
-from edm2.posthoc import reconstruct
 from edm2.presets import CONFIGS
-from edm2.snapshot import list_snapshots, read_snapshot_meta
-from edm2.training import TrainConfig, dry_run, setup, train
-from test_train import make_dataset  # noqa: E402
+from edm2.train.checkpoint import list_checkpoints, load_checkpoint
+from edm2.train.loop import TrainConfig, dry_run, setup, train
+from helpers import make_dataset  # noqa: E402
 
 COMMON = dict(preset="tiny", batch=8, status=16, snapshot=16, checkpoint=16, grid=0, progress=False, device="cpu")
 

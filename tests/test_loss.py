@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from edm2.flops import count_network
+from edm2.analysis.flops import count_network
 from edm2.loss import EDM2Loss, learning_rate_schedule
 from edm2.presets import PRESETS, get_preset
 

@@ -17,10 +17,10 @@ from PIL import Image
 from edm2.cli import main
 from edm2.encoders import StandardRGBEncoder
 from edm2.generate import generate_to_dir, load_nets
+from edm2.io.snapshot import make_meta, save_snapshot, snapshot_name
 from edm2.metrics import FeatureStats, TinyDetector, calc_metrics, frechet_distance, gen_metrics, load_ref
 from edm2.nn import Precond
 from edm2.presets import get_preset
-from edm2.snapshot import make_meta, save_snapshot, snapshot_name
 
 STEPS = 2        # sampler steps: the pipeline, not image quality, is under test
 RES = 16

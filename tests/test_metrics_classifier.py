@@ -12,13 +12,13 @@ import torch
 
 from edm2.cli import main
 from edm2.encoders import StandardRGBEncoder
-from edm2.fileio import png_bytes
+from edm2.io.snapshot import make_meta, save_snapshot
 from edm2.metrics import load_detector, reference_stats
 from edm2.metrics.classifier import class_consistency, classifier_scores, evaluate_classifier, train_classifier
 from edm2.metrics.detectors import CLASSIFIER_FILE, ClassifierDetector, load_classifier
 from edm2.nn import build_network
 from edm2.presets import get_preset
-from edm2.snapshot import make_meta, save_snapshot
+from edm2.utils.fileio import png_bytes
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 RES = 16

@@ -266,7 +266,7 @@ def test_force_normalize_reaches_every_mpconv_and_only_them():
 
 def test_channels_last_training_step_matches_contiguous():
     from edm2.loss import EDM2Loss
-    from edm2.speed import to_channels_last
+    from edm2.train.speed import to_channels_last
 
     grads, losses, states = [], [], []
     for channels_last in (False, True):

@@ -1,6 +1,6 @@
-"""Safe import of the authors' published EDM2 pickles (edm2.official).
+"""Safe import of the authors' published EDM2 pickles (edm2.io.official).
 
-The pickles are written by tests/official_format.py in the published format
+The pickles are written by tests/helpers/official.py in the published format
 (persistence records with module_src, EasyDict, fp16 tensors through torch's
 ordinary pickling), for a tiny network."""
 from __future__ import annotations
@@ -11,7 +11,6 @@ import http.server
 import os
 import pickle
 import socket
-import sys
 import threading
 from pathlib import Path
 
@@ -19,13 +18,12 @@ import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-import official_format as fmt  # noqa: E402
-from edm2 import official  # noqa: E402
+import helpers.official as fmt  # noqa: E402
 from edm2.cli import main  # noqa: E402
 from edm2.encoders import StabilityVAEEncoder, encoder_from_meta  # noqa: E402
-from edm2.loading import load_network  # noqa: E402
-from edm2.snapshot import load_snapshot, read_snapshot_meta  # noqa: E402
+from edm2.io import official  # noqa: E402
+from edm2.io.loading import load_network  # noqa: E402
+from edm2.io.snapshot import load_snapshot, read_snapshot_meta  # noqa: E402
 
 POSTHOC_NAME = "edm2-img512-s-2147483-0.130.pkl"
 
@@ -140,7 +138,7 @@ def test_import_official_cli(tiny, published, tmp_path, capsys):
     assert main(["import-official", str(published), str(dest)]) == 0
     net, meta = load_snapshot(dest)
     assert torch.equal(_outputs(net)[0], _outputs(tiny[1])[0])
-    assert meta["origin"]["stored_dtype"] == "fp32" and meta["origin"]["importer"] == "edm2.official"
+    assert meta["origin"]["stored_dtype"] == "fp32" and meta["origin"]["importer"] == "edm2.io.official"
     assert meta["origin"]["sha256"] == hashlib.sha256(tiny[2]).hexdigest()
     # Never overwrites: one-line error, exit 2, the file is untouched.
     before = dest.read_bytes()
@@ -344,7 +342,7 @@ def test_convert_raw_snapshot_folder(tmp_path, capsys):
     out = tmp_path / "converted"
     out.mkdir()
     assert main(["import-official", str(raw), str(out)]) == 0
-    from edm2.snapshot import list_snapshots
+    from edm2.io.snapshot import list_snapshots
 
     found = list_snapshots(out)
     # kimg 1 -> 1024 images, kimg 2 -> 2048 (docs/design.md#post-hoc-reconstruction), sigma_rel from the name.

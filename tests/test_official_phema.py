@@ -2,17 +2,13 @@
 (network-snapshot-<kimg>-<sigma_rel>.pkl, written in the published format)."""
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-import official_format as fmt  # noqa: E402
+import helpers.official as fmt  # noqa: E402
 from edm2.cli import main  # noqa: E402
-from edm2.phema import solve_posthoc_coefficients  # noqa: E402
-from edm2.snapshot import load_snapshot, read_snapshot_meta  # noqa: E402
+from edm2.ema.profiles import solve_posthoc_coefficients  # noqa: E402
+from edm2.io.snapshot import load_snapshot, read_snapshot_meta  # noqa: E402
 
 
 @pytest.fixture(autouse=True)

@@ -1,9 +1,9 @@
-"""Post-hoc EMA math (edm2.phema; paper Sec. 3 and Appendix C)."""
+"""Post-hoc EMA math (edm2.ema.profiles; paper Sec. 3 and Appendix C)."""
 import numpy as np
 import pytest
 from scipy.integrate import quad
 
-from edm2.phema import (
+from edm2.ema.profiles import (
     MAX_SIGMA_REL,
     exp_to_std,
     power_function_beta,

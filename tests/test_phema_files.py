@@ -1,4 +1,4 @@
-"""Post-hoc EMA on snapshot files (edm2.posthoc.reconstruct and `edm2 phema`)."""
+"""Post-hoc EMA on snapshot files (edm2.ema.posthoc.reconstruct and `edm2 phema`)."""
 import shutil
 from pathlib import Path
 
@@ -9,12 +9,12 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from edm2.cli import main
+from edm2.ema.posthoc import PhemaInput, find_phema_inputs, reconstruct, resolve_time
+from edm2.ema.profiles import solve_posthoc_coefficients
 from edm2.encoders import StandardRGBEncoder
+from edm2.io.snapshot import load_snapshot, make_meta, read_snapshot_meta, save_snapshot, snapshot_name
 from edm2.nn import Precond
-from edm2.phema import solve_posthoc_coefficients
-from edm2.posthoc import PhemaInput, find_phema_inputs, reconstruct, resolve_time
 from edm2.presets import get_preset
-from edm2.snapshot import load_snapshot, make_meta, read_snapshot_meta, save_snapshot, snapshot_name
 
 BATCH, EVERY = 8, 64       # images per step, images between snapshots
 TIMES = [EVERY * k for k in range(1, 7)]

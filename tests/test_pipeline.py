@@ -1,8 +1,6 @@
 """EDM2Pipeline (diffusers): the same images as `edm2 generate --seeds`, bitwise on
 CPU, for pixel and latent networks, guidance, save/load round trips, bad input."""
 import json
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,12 +9,10 @@ from PIL import Image
 
 diffusers = pytest.importorskip("diffusers")
 
-sys.path.insert(0, str(Path(__file__).parent))
 from edm2.cli import main  # noqa: E402
 from edm2.encoders import StabilityVAEEncoder  # noqa: E402
-from edm2.pipeline import EDM2Pipeline  # noqa: E402
-from test_data_vae import SMALL_CONFIG  # noqa: E402
-from test_generate import write_snapshot  # noqa: E402
+from edm2.io.diffusers import EDM2Pipeline  # noqa: E402
+from helpers import SMALL_CONFIG, write_snapshot  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -50,8 +50,8 @@ def test_recipes_c_e_g():
 @pytest.mark.parametrize("config", ["C", "E", "G"])
 def test_snapshot_round_trip_keeps_the_embedding_width(tmp_path, config):
     """channel_mult_emb reaches the snapshot metadata, and load_network rebuilds the same network."""
-    from edm2.loading import load_network
-    from edm2.snapshot import make_meta, save_snapshot
+    from edm2.io.loading import load_network
+    from edm2.io.snapshot import make_meta, save_snapshot
 
     kw = get_preset("cifar-32", config).replace(model_channels=8).net_kwargs(0)   # narrow: a small file
     torch.manual_seed(0)

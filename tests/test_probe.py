@@ -4,11 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from edm2.cli import main
-from edm2.data import convert_dataset
-from edm2.nn import Precond
-from edm2.presets import get_preset
-from edm2.probe import (
+from edm2.analysis.probe import (
     CSV_FIELDS,
     default_layer,
     fit_linear_classifier,
@@ -17,7 +13,11 @@ from edm2.probe import (
     probe_sweep,
     write_probe_csv,
 )
-from edm2.snapshot import make_meta, save_snapshot
+from edm2.cli import main
+from edm2.data import convert_dataset
+from edm2.io.snapshot import make_meta, save_snapshot
+from edm2.nn import Precond
+from edm2.presets import get_preset
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -15,14 +15,14 @@ import torch
 from PIL import Image
 
 from edm2.encoders import StandardRGBEncoder
-from edm2.fileio import LOCK_NAME
+from edm2.io.snapshot import SnapshotStreamWriter, make_meta, save_snapshot, snapshot_name
 from edm2.metrics import append_jsonl, check_metric_value, distances
 from edm2.metrics.detectors import INCEPTION_FILE
 from edm2.metrics.stats import FeatureStats
 from edm2.nn import Precond
 from edm2.presets import get_preset
-from edm2.snapshot import SnapshotStreamWriter, make_meta, save_snapshot, snapshot_name
-from refusals import assert_refused, fill_disk, run_cli, small_tmpfs, tree_hashes
+from edm2.utils.fileio import LOCK_NAME
+from helpers.cli import assert_refused, fill_disk, run_cli, small_tmpfs, tree_hashes
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:only 6 images for 16-d features")]

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pytest
 
-from edm2.checkpoint import list_checkpoints
 from edm2.cli import main as cli_main
-from edm2.fileio import LOCK_NAME
-from edm2.training import TrainConfig, train
-from refusals import fill_disk, small_tmpfs
-from test_train import make_dataset
+from edm2.train.checkpoint import list_checkpoints
+from edm2.train.loop import TrainConfig, train
+from edm2.utils.fileio import LOCK_NAME
+from helpers import make_dataset
+from helpers.cli import fill_disk, small_tmpfs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -72,7 +72,7 @@ def _truncate_checkpoints(run):
 
 _HOLD_LOCK = textwrap.dedent("""
     import sys, time
-    from edm2.fileio import RunLock
+    from edm2.utils.fileio import RunLock
     lock = RunLock(sys.argv[1]).acquire()
     print("locked", flush=True)
     time.sleep(120)

@@ -1,5 +1,5 @@
 """Training: exact resume, crash safety, DDP and gradient accumulation,
-snapshots/grids, and refusal of bad input (edm2.training, `edm2 train`)."""
+snapshots/grids, and refusal of bad input (edm2.train.loop, `edm2 train`)."""
 import json
 import os
 import subprocess
@@ -12,12 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from edm2.checkpoint import list_checkpoints, load_checkpoint
 from edm2.cli import main as cli_main
-from edm2.loading import load_network
+from edm2.io.loading import load_network
+from edm2.io.snapshot import list_snapshots, read_snapshot_meta
 from edm2.loss import learning_rate_schedule
-from edm2.snapshot import list_snapshots, read_snapshot_meta
-from edm2.training import TrainConfig, _StreamSampler, stream_indices, train
+from edm2.train.checkpoint import list_checkpoints, load_checkpoint
+from edm2.train.loop import TrainConfig, _StreamSampler, stream_indices, train
+from helpers import make_dataset
 
 BATCH = 8
 # The tiny preset on 16x16 grey images, no sample grids: a step takes a fraction of a second.
@@ -27,20 +28,6 @@ COMMON = dict(preset="tiny", batch=BATCH, status=16, snapshot=16, checkpoint=16,
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 
-def make_dataset(path, n=24, channels=1, labels=True, res=16):
-    """n images of 4 classes (a bar whose height depends on the class), dataset.json labels."""
-    path.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    entries = []
-    for i in range(n):
-        c = i % 4
-        img = np.zeros([res, res, channels], np.uint8)
-        img[2 + 3 * c:4 + 3 * c, 2:res - 2] = rng.integers(150, 255)
-        Image.fromarray(img[:, :, 0] if channels == 1 else img).save(path / f"{i:04d}.png")
-        entries.append([f"{i:04d}.png", c])
-    if labels:
-        (path / "dataset.json").write_text(json.dumps({"labels": entries, "class_names": list("abcd")}))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -126,7 +113,7 @@ _KILLER = textwrap.dedent("""
     import json, os, signal, sys
     import torch
     torch.set_num_threads(1)
-    import edm2.checkpoint as ck
+    import edm2.train.checkpoint as ck
     real, calls = ck.atomic_write_bytes, []
     def write_then_die(path, data):
         calls.append(path)
@@ -136,7 +123,7 @@ _KILLER = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
         real(path, data)
     ck.atomic_write_bytes = write_then_die
-    from edm2.training import TrainConfig, train
+    from edm2.train.loop import TrainConfig, train
     train(TrainConfig(**json.loads(sys.argv[1])))
 """)
 
@@ -248,10 +235,10 @@ def test_sample_grid_rows_are_classes(tmp_path, data):
 def test_sample_grid_matches_generation_row_by_row(tmp_path, monkeypatch, label_dim, count):
     """The grid batches its rows (GRID_BATCH images per sampler call); the pixels
     are those of generating each class row (or the seeds in order) on its own."""
-    from edm2 import trainlog
     from edm2.encoders import StandardRGBEncoder
     from edm2.generate import generate_images
     from edm2.nn import Precond
+    from edm2.train import log as trainlog
 
     torch.manual_seed(0)
     net = Precond(img_resolution=8, img_channels=1, label_dim=label_dim, model_channels=8, channel_mult=(1, 2),

@@ -8,13 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from edm2.checkpoint import check_run_folder
-from edm2.cli import build_parser
-from edm2.cli.train import cli_message, config_from_args, flag
-from edm2.loading import load_network
+from edm2.cli import build_parser, flag_message
+from edm2.cli.train import config_from_args, flag
+from edm2.io.loading import load_network
+from edm2.io.snapshot import make_meta, save_snapshot
 from edm2.nn import Precond, precision_kwargs
-from edm2.snapshot import make_meta, save_snapshot
-from edm2.training import Stream, TrainConfig, sample_seed
+from edm2.train.checkpoint import check_run_folder
+from edm2.train.loop import Stream, TrainConfig, sample_seed
 
 TINY = dict(img_resolution=8, img_channels=1, label_dim=0, model_channels=8, channel_mult=[1], num_blocks=1,
             attn_resolutions=[], channels_per_head=8)
@@ -47,6 +47,11 @@ def test_cli_parses_sizes_lists_and_switches():
 
 
 def test_library_errors_are_shown_with_flags():
+    train_parser = build_parser().parse_args(["train", "--outdir", "r"])._parser
+
+    def cli_message(message):
+        return flag_message(train_parser, message)
+
     assert cli_message("lr=nan: must be a finite number > 0") == "--lr nan: must be a finite number > 0"
     assert (cli_message("batch_gpu=3: must divide the per-process batch 8 (batch=8 over 1 processes)")
             == "--batch-gpu 3: must divide the per-process batch 8 (--batch 8 over 1 processes)")

@@ -18,6 +18,8 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
+from .utils.errors import EDM2Error
+
 __all__ = ["StandardRGBEncoder", "StabilityVAEEncoder", "encoder_from_meta", "load_vae", "VAEUnavailable",
            "DEFAULT_VAE", "RAW_MEAN", "RAW_STD"]
 
@@ -26,7 +28,7 @@ RAW_MEAN = (5.81, 3.25, 0.12, -2.15)
 RAW_STD = (4.17, 4.62, 3.71, 3.28)
 
 
-class VAEUnavailable(RuntimeError):
+class VAEUnavailable(EDM2Error, RuntimeError):
     """The VAE weights could not be loaded (offline, no cache, bad folder)."""
 
 
@@ -168,9 +170,9 @@ def encoder_from_meta(meta: dict, vae=None):
     kind = meta.get("type")
     if kind == StandardRGBEncoder.kind:
         if vae is not None:
-            raise ValueError("a pixel-space network (encoder 'rgb') takes no VAE")
+            raise EDM2Error("a pixel-space network (encoder 'rgb') takes no VAE")
         return StandardRGBEncoder()
     if kind == StabilityVAEEncoder.kind:
         args = {k: meta[k] for k in ("vae_name", "raw_mean", "raw_std", "final_mean", "final_std") if k in meta}
         return StabilityVAEEncoder(**args, vae=vae)
-    raise ValueError(f"unknown encoder type {kind!r} in snapshot metadata; allowed: 'rgb', 'sd-vae'")
+    raise EDM2Error(f"unknown encoder type {kind!r} in snapshot metadata; allowed: 'rgb', 'sd-vae'")

@@ -10,7 +10,7 @@ PNG folders named by seed, resumable and split over torchrun processes.
 
 An output folder records what made its images in `generate.json` (the
 networks' weight fingerprints, sampler settings, guidance, class) and is
-locked (`edm2.fileio.RunLock`) while images are written; a later call with
+locked (`edm2.utils.fileio.RunLock`) while images are written; a later call with
 another network or other settings is refused instead of mixing images.
 
 Every image depends only on its seed (docs/design.md#per-seed-randomness): noise, random class and
@@ -32,12 +32,13 @@ import torch.distributed as dist
 from PIL import Image
 from tqdm import tqdm
 
-from .distributed import rank_world, resolve_device
 from .encoders import encoder_from_meta
-from .fileio import RunLock, atomic_write_bytes, png_bytes
-from .loading import load_network
+from .io.loading import load_network
 from .sampling import SeedRandom, check_guidance, edm_sampler
-from .validate import SAMPLER_OPTION_NAMES, check_sampler_options
+from .utils.distributed import rank_world, resolve_device
+from .utils.errors import EDM2Error
+from .utils.fileio import RunLock, atomic_write_bytes, png_bytes
+from .utils.validate import SAMPLER_OPTION_NAMES, check_sampler_options
 
 __all__ = ["GeneratedBatch", "generate_images", "sample_batch", "generate_to_dir", "load_nets", "check_guide",
            "check_gnet_matches", "check_class", "check_request", "rank_batches", "image_path", "make_grid",
@@ -91,7 +92,7 @@ def check_gnet_matches(net, gnet) -> None:
     names = ("resolution", "channels", "label_dim")
     for name, a, b in zip(names, _shape(net), _shape(gnet)):
         if a != b and not (name == "label_dim" and b == 0):
-            raise ValueError(f"--gnet: its {name} is {b} but the net's is {a}; the guiding network must work "
+            raise EDM2Error(f"--gnet: its {name} is {b} but the net's is {a}; the guiding network must work "
                              f"on the same data (resolution, channels) and labels (the net's label_dim, or 0 "
                              f"for an unconditional guide) as --net")
 
@@ -101,9 +102,9 @@ def check_class(net, class_idx) -> None:
     if class_idx is None:
         return
     if net.label_dim == 0:
-        raise ValueError(f"--class {class_idx}: the network is unconditional (label_dim 0); drop --class")
+        raise EDM2Error(f"--class {class_idx}: the network is unconditional (label_dim 0); drop --class")
     if not isinstance(class_idx, (int, np.integer)) or not 0 <= class_idx < net.label_dim:
-        raise ValueError(f"--class {class_idx}: out of range; the network has classes 0-{net.label_dim - 1} "
+        raise EDM2Error(f"--class {class_idx}: out of range; the network has classes 0-{net.label_dim - 1} "
                          f"(or use --class random)")
 
 
@@ -118,7 +119,7 @@ def check_request(net, gnet, guidance: float, class_idx, sampler_kwargs: dict) -
     check_class(net, class_idx)
     unknown = set(sampler_kwargs) - set(SAMPLER_DEFAULTS)
     if unknown:
-        raise ValueError(f"unknown sampler options {sorted(unknown)}; allowed: {', '.join(SAMPLER_DEFAULTS)}")
+        raise EDM2Error(f"unknown sampler options {sorted(unknown)}; allowed: {', '.join(SAMPLER_DEFAULTS)}")
     return check_sampler_options({**SAMPLER_DEFAULTS, **sampler_kwargs})
 
 
@@ -131,7 +132,7 @@ def rank_batches(seeds, batch_size: int, rank: int = 0, world_size: int = 1) -> 
     are fewer seeds than processes), no seed twice and none left out.
     """
     if batch_size < 1:
-        raise ValueError(f"--batch {batch_size}: must be >= 1")
+        raise EDM2Error(f"--batch {batch_size}: must be >= 1")
     seeds = list(seeds)
     num = max(math.ceil(len(seeds) / (batch_size * world_size)), 1) * world_size
     bounds = np.linspace(0, len(seeds), num + 1).round().astype(int)
@@ -155,7 +156,7 @@ def compile_for_inference(net):
 
 
 def load_nets(net, gnet=None, device=None):
-    """Load --net (and --gnet) from anything `edm2.loading.load_network`
+    """Load --net (and --gnet) from anything `edm2.io.loading.load_network`
     accepts -> (net, gnet or None, encoder, meta of net). Networks are in eval
     mode; raises ValueError if gnet does not match net."""
     device = resolve_device(device)
@@ -165,7 +166,7 @@ def load_nets(net, gnet=None, device=None):
         check_gnet_matches(net, gnet)
         kinds = meta["encoder"].get("type"), gmeta["encoder"].get("type")
         if kinds[0] != kinds[1]:
-            raise ValueError(f"--gnet: works in space {kinds[1]!r} but the net in {kinds[0]!r}; "
+            raise EDM2Error(f"--gnet: works in space {kinds[1]!r} but the net in {kinds[0]!r}; "
                              f"pass a guiding network trained on the same data")
     encoder = encoder_from_meta(meta["encoder"])
     return net, gnet, encoder, meta
@@ -209,7 +210,7 @@ def sample_batch(net, encoder, rnd: SeedRandom, class_idx=None, gnet=None, guida
     (uint8 pixels), or the float32 network-space samples when encoder is None.
     labels (one-hot float32) and classes (int64) are None for an unconditional net.
     This is the one place that turns seeds into images (generate_images and
-    edm2.pipeline.EDM2Pipeline call it)."""
+    edm2.io.diffusers.EDM2Pipeline call it)."""
     n, device = len(rnd), rnd.device
     noise = rnd.randn([n, net.img_channels, net.img_resolution, net.img_resolution])
     labels = classes = None
@@ -225,7 +226,7 @@ def sample_batch(net, encoder, rnd: SeedRandom, class_idx=None, gnet=None, guida
         x = edm_sampler(net, noise, labels, gnet=gnet, guidance=guidance, randn_like=rnd.randn_like, **sampler_kwargs)
         if not torch.isfinite(x).all():
             bad = [s for s, ok in zip(rnd.seeds, torch.isfinite(x).flatten(1).all(1).tolist()) if not ok]
-            raise ValueError(f"the network produced non-finite values (NaN/inf) for seed(s) "
+            raise EDM2Error(f"the network produced non-finite values (NaN/inf) for seed(s) "
                              f"{', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''}; its weights "
                              f"are probably damaged or training diverged; nothing was written for them")
         images = encoder.decode(x) if encoder is not None else x
@@ -276,16 +277,16 @@ def make_grid(paths) -> Image.Image:
 def _check_outputs(net, encoder, outdir, grid) -> None:
     out = Path(outdir)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--outdir {out}: exists and is not a folder; choose another --outdir")
+        raise EDM2Error(f"--outdir {out}: exists and is not a folder; choose another --outdir")
     if grid is not None:
         g = Path(grid)
         if g.suffix.lower() != ".png":
-            raise ValueError(f"--grid {g}: must be a .png file name")
+            raise EDM2Error(f"--grid {g}: must be a .png file name")
         if g.is_dir():
-            raise ValueError(f"--grid {g}: is a folder; give a file name like {g / 'grid.png'}")
+            raise EDM2Error(f"--grid {g}: is a folder; give a file name like {g / 'grid.png'}")
     kind = getattr(encoder, "kind", None)
     if kind == "rgb" and net.img_channels not in (1, 3, 4):
-        raise ValueError(f"the network makes {net.img_channels}-channel pixels, which PNG cannot hold "
+        raise EDM2Error(f"the network makes {net.img_channels}-channel pixels, which PNG cannot hold "
                          f"(1, 3 or 4 channels); its snapshot metadata says encoder 'rgb'")
 
 
@@ -347,18 +348,18 @@ def check_output_folder(outdir, manifest: dict) -> bool:
     if not path.is_file():
         pngs = sum(1 for _ in out.rglob("*.png"))
         if pngs:
-            raise ValueError(f"--outdir {out}: holds {pngs} PNG file(s) but no {MANIFEST_NAME}, so it is unknown which "
+            raise EDM2Error(f"--outdir {out}: holds {pngs} PNG file(s) but no {MANIFEST_NAME}, so it is unknown which "
                              f"network and settings made them and new images could mix with them; {fix}")
         return True
     try:
         old = json.loads(path.read_text())
         if not isinstance(old, dict) or old.get("format") != MANIFEST_FORMAT:
-            raise ValueError("not an edm2 generate.json")
+            raise EDM2Error("not an edm2 generate.json")
     except (OSError, ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: unreadable ({e}); {fix}") from None
+        raise EDM2Error(f"{path}: unreadable ({e}); {fix}") from None
     diff = _manifest_diff(old, manifest)
     if diff:
-        raise ValueError(f"--outdir {out}: holds images of another network or settings ({'; '.join(diff[:3])}); "
+        raise EDM2Error(f"--outdir {out}: holds images of another network or settings ({'; '.join(diff[:3])}); "
                          f"new images would mix with them; {fix}")
     return False
 
@@ -384,7 +385,7 @@ def generate_to_dir(net, encoder, seeds, outdir, gnet=None, guidance: float = 1,
                     progress: bool = True, sources: dict | None = None, **sampler_kwargs) -> dict:
     """Write one PNG per seed to outdir (`image_path`), skipping images that
     already exist, so an interrupted job can simply be re-run. Under torchrun
-    (call `edm2.distributed.init_distributed()` first) the missing seeds are split across the
+    (call `edm2.utils.distributed.init_distributed()` first) the missing seeds are split across the
     processes. With `grid`, rank 0 then tiles the first `grid_count` seeds'
     images into that PNG. Every file is written atomically (temp + rename).
     The folder is locked while images are written (`RunLock`) and records
@@ -394,12 +395,12 @@ def generate_to_dir(net, encoder, seeds, outdir, gnet=None, guidance: float = 1,
     """
     seeds = [int(s) for s in seeds]
     if encoder is None:
-        raise ValueError("generate_to_dir needs an encoder to turn samples into pixels "
+        raise EDM2Error("generate_to_dir needs an encoder to turn samples into pixels "
                          "(encoder_from_meta(meta['encoder']))")
     if not seeds:
-        raise ValueError("--seeds: no seeds given")
+        raise EDM2Error("--seeds: no seeds given")
     if len(set(seeds)) != len(seeds):
-        raise ValueError("--seeds: a seed is listed twice; each seed names one image file")
+        raise EDM2Error("--seeds: a seed is listed twice; each seed names one image file")
     _check_outputs(net, encoder, outdir, grid)
     sampler_kwargs = check_request(net, gnet, guidance, class_idx, sampler_kwargs)
     manifest = output_manifest(net, gnet if guidance != 1 else None, guidance, class_idx, encoder, sources,

@@ -33,7 +33,7 @@ class EDM2Loss:
 
     def evaluate(self, net, labels, images, sigma, weight, noisy):
         """The deterministic part, Eq. 21 per element, on what `draw` returned
-        (what `edm2.speed.compile_loss` compiles, with its backward)."""
+        (what `edm2.train.speed.compile_loss` compiles, with its backward)."""
         denoised, logvar = net(noisy, sigma, labels, return_logvar=True)
         return (weight / logvar.exp()) * ((denoised - images) ** 2) + logvar
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .utils.errors import EDM2Error
+
 __all__ = ["Preset", "PRESETS", "get_preset", "Recipe", "RECIPES", "apply_recipe", "CONFIGS", "check_config",
            "apply_generation_preset", "GenerationPreset", "GENERATION_PRESETS", "get_generation_preset",
            "format_generation_presets", "POSTHOC_URL"]
@@ -149,7 +151,7 @@ def get_preset(name: str, config: str = "G") -> Preset:
     composed with the training recipe of `config` (A-G; G: the preset as is)."""
     key = name[len("edm2-"):] if name.startswith("edm2-") else name
     if key not in PRESETS:
-        raise ValueError(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)} (an 'edm2-' prefix is accepted)")
+        raise EDM2Error(f"unknown preset {name!r}; allowed: {', '.join(PRESETS)} (an 'edm2-' prefix is accepted)")
     return apply_recipe(PRESETS[key], config)
 
 
@@ -215,7 +217,7 @@ _G_LR = RECIPES["G"].lr
 def check_config(config) -> str:
     """The config letter, or ValueError naming the allowed ones."""
     if config not in CONFIGS:
-        raise ValueError(f"config={config!r}: unknown; allowed: {', '.join(CONFIGS)} (the rows of the paper's Table 1)")
+        raise EDM2Error(f"config={config!r}: unknown; allowed: {', '.join(CONFIGS)} (the rows of the paper's Table 1)")
     return config
 
 
@@ -257,7 +259,7 @@ def apply_recipe(preset: Preset, config: str) -> Preset:
 # post-hoc reconstruction files and guidance weight; the metric each preset
 # optimises and the value they report). `edm2 generate --preset NAME` resolves
 # a preset through `get_generation_preset`; URLs are fetched into the download
-# cache by edm2.official (docs/published-models.md).
+# cache by edm2.io.official (docs/published-models.md).
 
 # The authors' post-hoc reconstructions: edm2-img512-s-2147483-0.130.pkl, ...
 POSTHOC_URL = "https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions"
@@ -332,7 +334,7 @@ def get_generation_preset(name: str) -> GenerationPreset:
     ('edm2-img512-s-guid-dino'); the name without 'edm2-' is accepted too."""
     key = name if name.startswith("edm2-") else f"edm2-{name}"
     if key not in GENERATION_PRESETS:
-        raise ValueError(f"unknown generation preset {name!r}; allowed: {', '.join(GENERATION_PRESETS)} "
+        raise EDM2Error(f"unknown generation preset {name!r}; allowed: {', '.join(GENERATION_PRESETS)} "
                          f"(`edm2 generate --list-presets` lists them)")
     return GENERATION_PRESETS[key]
 

@@ -11,7 +11,8 @@ import math
 
 import torch
 
-from .validate import check_float, check_sampler_options
+from .utils.errors import EDM2Error
+from .utils.validate import check_float, check_sampler_options
 
 __all__ = ["edm_sampler", "sigma_steps", "guided_denoiser", "check_guidance", "SeedRandom"]
 
@@ -23,11 +24,11 @@ def sigma_steps(num_steps=32, sigma_min=0.002, sigma_max=80, rho=7, device=None)
     steps are bit-identical to the reference's and images match seed for seed.
     """
     if num_steps < 1:
-        raise ValueError(f"num_steps={num_steps}: must be >= 1")
+        raise EDM2Error(f"num_steps={num_steps}: must be >= 1")
     if not 0 < sigma_min < sigma_max:
-        raise ValueError(f"sigma_min={sigma_min}, sigma_max={sigma_max}: need 0 < sigma_min < sigma_max")
+        raise EDM2Error(f"sigma_min={sigma_min}, sigma_max={sigma_max}: need 0 < sigma_min < sigma_max")
     if rho <= 0:
-        raise ValueError(f"rho={rho}: must be > 0")
+        raise EDM2Error(f"rho={rho}: must be > 0")
     i = torch.arange(num_steps, dtype=torch.float32, device=device)
     denom = max(num_steps - 1, 1)
     t = (sigma_max ** (1 / rho) + i / denom * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho
@@ -42,7 +43,7 @@ def check_guidance(guidance: float, gnet=None) -> None:
     commands all call it."""
     check_float(guidance, "--guidance", lo=0)  # finite; w < 0 would push away from the conditional net
     if guidance != 1 and (gnet is None or (isinstance(gnet, str) and not gnet)):
-        raise ValueError(f"--guidance {guidance:g} needs --gnet, a guiding network (unconditional for "
+        raise EDM2Error(f"--guidance {guidance:g} needs --gnet, a guiding network (unconditional for "
                          f"classifier-free guidance, smaller or less trained for autoguidance); "
                          f"or use --guidance 1")
 
@@ -122,10 +123,10 @@ class SeedRandom:
         repeat: its samples then draw one after another from it)."""
         generators = list(generators)
         if not generators:
-            raise ValueError("SeedRandom.from_generators: no generators")
+            raise EDM2Error("SeedRandom.from_generators: no generators")
         devices = {torch.device(g.device) for g in generators}
         if len(devices) != 1:
-            raise ValueError(f"SeedRandom.from_generators: generators on several devices {sorted(map(str, devices))}")
+            raise EDM2Error(f"SeedRandom.from_generators: generators on several devices {sorted(map(str, devices))}")
         out = cls([])
         out.device, out.generators = devices.pop(), generators
         return out
@@ -136,7 +137,7 @@ class SeedRandom:
     def _check(self, size):
         size = list(size)
         if not size or size[0] != len(self.generators):
-            raise ValueError(f"SeedRandom: leading size {size[:1]} must equal the number of seeds ({len(self)})")
+            raise EDM2Error(f"SeedRandom: leading size {size[:1]} must equal the number of seeds ({len(self)})")
         return size[1:]
 
     def randn(self, size, dtype=torch.float32, device=None):

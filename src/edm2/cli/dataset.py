@@ -5,9 +5,9 @@ import json
 
 from ..data import convert_dataset, dataset_info, decode_dataset, encode_dataset, format_info
 from ..data.convert import TRANSFORMS
-from ..distributed import configure_threads
 from ..encoders import DEFAULT_VAE
-from ..units import parse_nimg
+from ..utils.distributed import configure_threads
+from ..utils.units import parse_nimg
 
 
 def _convert(args):

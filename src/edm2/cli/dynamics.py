@@ -1,10 +1,11 @@
-"""`edm2 dynamics plot`: thin layer over edm2.dynamics.plot_dynamics / plot_loss_profile."""
+"""`edm2 dynamics plot`: thin layer over edm2.analysis.dynamics.plot_dynamics / plot_loss_profile."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..distributed import configure_threads, resolve_device
-from ..dynamics import measure_snapshots, plot_dynamics, plot_loss_profile
+from ..analysis.dynamics import measure_snapshots, plot_dynamics, plot_loss_profile
+from ..utils.distributed import configure_threads, resolve_device
+from ..utils.errors import EDM2Error
 
 HELP = "figures of the training dynamics recorded with `edm2 train --dynamics N`"
 
@@ -42,10 +43,10 @@ def register(sub) -> None:
 def _plot(args) -> None:
     out = Path(args.out)
     if out.suffix.lower() != ".png":
-        raise ValueError(f"--out {out}: give a .png file name")
+        raise EDM2Error(f"--out {out}: give a .png file name")
     labels = None if args.labels is None else [s.strip() for s in args.labels.split(",")]
     if labels is not None and len(labels) != len(args.runs):
-        raise ValueError(f"--labels: {len(labels)} names for {len(args.runs)} runs; give one per run")
+        raise EDM2Error(f"--labels: {len(labels)} names for {len(args.runs)} runs; give one per run")
     quantities = None if args.quantities is None else [s.strip() for s in args.quantities.split(",")]
     plot_dynamics(args.runs, out, net=args.net, quantities=quantities, labels=labels, sharey=args.sharey)
     loss_out = out.with_name(out.stem + "-loss.png")

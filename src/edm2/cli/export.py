@@ -1,8 +1,9 @@
-"""`edm2 export`: a thin layer over `edm2.export.export_hf` and `edm2.pipeline.export_diffusers`."""
+"""`edm2 export`: a thin layer over `edm2.io.export.export_hf` and `edm2.io.diffusers.export_diffusers`."""
 from __future__ import annotations
 
-from ..export import export_hf
+from ..io.export import export_hf
 from ..sampling import check_guidance
+from ..utils.errors import EDM2Error
 
 HELP = "export a snapshot as a Hugging Face model folder (--format hf) or a diffusers pipeline (--format diffusers)"
 
@@ -29,16 +30,16 @@ def run(args) -> int:
     if args.format == "hf":
         for opt in ("gnet", "guidance", "vae"):
             if getattr(args, opt) is not None:
-                raise ValueError(f"--{opt}: only for --format diffusers (--format hf exports one network)")
+                raise EDM2Error(f"--{opt}: only for --format diffusers (--format hf exports one network)")
         out = export_hf(args.snapshot, args.outdir, overwrite=args.overwrite)
         print(f"{out}: Hugging Face model folder of {args.snapshot} (Precond.from_pretrained)")
         return 0
     guidance = 1.0 if args.guidance is None else args.guidance
     check_guidance(guidance, args.gnet)
     try:
-        from ..pipeline import export_diffusers
+        from ..io.diffusers import export_diffusers
     except ImportError:
-        raise ValueError("--format diffusers needs diffusers: pip install 'edm2[vae]'") from None
+        raise EDM2Error("--format diffusers needs diffusers: pip install 'edm2[vae]'") from None
     out = export_diffusers(args.snapshot, args.outdir, gnet=args.gnet, vae=args.vae, guidance=guidance,
                            overwrite=args.overwrite)
     print(f"{out}: EDM2Pipeline folder of {args.snapshot} (EDM2Pipeline.from_pretrained)")

@@ -1,7 +1,7 @@
 """`edm2 flops`: parameter count and multiply-accumulates of a network."""
 from __future__ import annotations
 
-from ..flops import count_network, format_report
+from ..analysis.flops import count_network, format_report
 
 
 def register(sub):

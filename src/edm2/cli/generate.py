@@ -5,13 +5,14 @@ import argparse
 
 import torch
 
-from ..distributed import configure_threads, default_device, init_distributed, shutdown_distributed
 from ..generate import check_class, compile_for_inference, generate_to_dir, load_nets
 from ..nn import set_precision
 from ..presets import apply_generation_preset, format_generation_presets
 from ..sampling import check_guidance
-from ..units import parse_int_list
-from ..validate import check_sampler_options
+from ..utils.distributed import configure_threads, default_device, init_distributed, shutdown_distributed
+from ..utils.errors import EDM2Error
+from ..utils.units import parse_int_list
+from ..utils.validate import check_sampler_options
 
 HELP = "generate images (PNG per seed) with the EDM Heun sampler, optionally guided"
 
@@ -68,7 +69,7 @@ def _class(text):
     try:
         return int(text)
     except ValueError:
-        raise ValueError(f"--class {text!r}: expected a class index like 0 or 'random'") from None
+        raise EDM2Error(f"--class {text!r}: expected a class index like 0 or 'random'") from None
 
 
 def _checked_args(args) -> dict:
@@ -76,14 +77,14 @@ def _checked_args(args) -> dict:
     # The authors' published (net, gnet, guidance) triple fills in what was not given.
     args.net, args.gnet, args.guidance = apply_generation_preset(args.preset, args.net, args.gnet, args.guidance)
     if not args.net:
-        raise ValueError("--net is required: a snapshot file or a run folder")
+        raise EDM2Error("--net is required: a snapshot file or a run folder")
     guidance = 1.0 if args.guidance is None else args.guidance
     check_guidance(guidance, args.gnet)
     seeds = parse_int_list(args.seeds, "--seeds")
     if args.batch < 1:
-        raise ValueError(f"--batch {args.batch}: must be >= 1")
+        raise EDM2Error(f"--batch {args.batch}: must be >= 1")
     if args.grid_count < 1:
-        raise ValueError(f"--grid-count {args.grid_count}: must be >= 1")
+        raise EDM2Error(f"--grid-count {args.grid_count}: must be >= 1")
     sampler = check_sampler_options(dict(num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
                                          rho=args.rho, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max,
                                          S_noise=args.S_noise))
@@ -97,7 +98,7 @@ def run(args) -> int:
     try:
         device = torch.device(args.device) if args.device else None
         if device is not None and device.type == "cuda" and not torch.cuda.is_available():
-            raise ValueError(f"--device {args.device}: CUDA is not available here; use --device cpu")
+            raise EDM2Error(f"--device {args.device}: CUDA is not available here; use --device cpu")
         if device is not None and device.type == "cuda" and device.index is None:
             device = default_device()  # one GPU per torchrun process: cuda:LOCAL_RANK
         net, gnet, encoder, meta = load_nets(args.net, args.gnet, device)

@@ -1,9 +1,10 @@
-"""`edm2 import-official SRC DEST`: a thin layer over `edm2.official.import_official`."""
+"""`edm2 import-official SRC DEST`: a thin layer over `edm2.io.official.import_official`."""
 from __future__ import annotations
 
 from pathlib import Path
 
-from ..official import convert_official_folder, import_official
+from ..io.official import convert_official_folder, import_official
+from ..utils.errors import EDM2Error
 
 HELP = "convert one of the authors' published EDM2 .pkl files (path or URL) into an edm2 snapshot, safely"
 
@@ -27,7 +28,7 @@ def register(sub) -> None:
 def run(args) -> int:
     if Path(args.src).is_dir():
         if not Path(args.dest).is_dir():
-            raise ValueError(f"{args.dest}: with a folder as SRC, DEST must be an existing folder")
+            raise EDM2Error(f"{args.dest}: with a folder as SRC, DEST must be an existing folder")
         out = convert_official_folder(args.src, args.dest, dtype=args.dtype or "fp16")
         print(f"{out}: converted the raw snapshots of {args.src}")
         return 0

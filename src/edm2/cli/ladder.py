@@ -1,9 +1,9 @@
-"""`edm2 ladder`: thin layer over edm2.ladder.run_ladder."""
+"""`edm2 ladder`: thin layer over edm2.analysis.ladder.run_ladder."""
 from __future__ import annotations
 
-from ..distributed import configure_threads
-from ..ladder import LadderConfig, run_ladder
-from ..units import parse_nimg
+from ..analysis.ladder import LadderConfig, run_ladder
+from ..utils.distributed import configure_threads
+from ..utils.units import parse_nimg
 
 HELP = "train the paper's ablation ladder (Table 1) in miniature, evaluate each rung at its best EMA length"
 

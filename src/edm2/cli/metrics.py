@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..distributed import configure_threads, init_distributed, resolve_device, shutdown_distributed
 from ..metrics import (
     append_jsonl,
     calc_metrics,
@@ -19,8 +18,10 @@ from ..metrics.classifier import train_classifier
 from ..metrics.sweep import best_rows
 from ..presets import apply_generation_preset
 from ..sampling import check_guidance
-from ..units import parse_float_list, parse_int_list, parse_nimg
-from ..validate import check_sampler_options
+from ..utils.distributed import configure_threads, init_distributed, resolve_device, shutdown_distributed
+from ..utils.errors import EDM2Error
+from ..utils.units import parse_float_list, parse_int_list, parse_nimg
+from ..utils.validate import check_sampler_options
 
 METRICS_HELP = ("comma-separated: fid, fd_dinov2, fd_classifier (default: ref: fid,fd_dinov2; calc/gen/sweep: "
                 "those in --ref)")
@@ -114,7 +115,7 @@ def register(sub) -> None:
 def _num(args):
     num = parse_nimg(args.num, "--num")
     if num < 2:
-        raise ValueError(f"--num {num}: need at least 2 images (the paper uses 50000)")
+        raise EDM2Error(f"--num {num}: need at least 2 images (the paper uses 50000)")
     return num
 
 
@@ -174,7 +175,7 @@ def run_gen(args) -> int:
     # The authors' published (net, gnet, guidance) triple fills in what was not given.
     args.net, args.gnet, args.guidance = apply_generation_preset(args.preset, args.net, args.gnet, args.guidance)
     if not args.net:
-        raise ValueError("--net is required: a snapshot file, run folder or .pkl (or give --preset)")
+        raise EDM2Error("--net is required: a snapshot file, run folder or .pkl (or give --preset)")
     args.guidance = 1.0 if args.guidance is None else args.guidance
     check_guidance(args.guidance, args.gnet)
     ref = load_ref(args.ref)

@@ -1,9 +1,9 @@
-"""`edm2 phema`: a thin layer over `edm2.posthoc.reconstruct` (post-hoc EMA, paper Sec. 3.2, App. C.5)."""
+"""`edm2 phema`: a thin layer over `edm2.ema.posthoc.reconstruct` (post-hoc EMA, paper Sec. 3.2, App. C.5)."""
 from __future__ import annotations
 
-from ..posthoc import reconstruct
-from ..snapshot import read_snapshot_meta
-from ..units import parse_float_list, parse_nimg
+from ..ema.posthoc import reconstruct
+from ..io.snapshot import read_snapshot_meta
+from ..utils.units import parse_float_list, parse_nimg
 
 HELP = "post-hoc EMA: snapshots of any EMA length (sigma_rel) from a finished run's snapshots"
 

@@ -1,11 +1,12 @@
-"""`edm2 probe`: thin layer over edm2.probe (linear-probe accuracy of a denoiser's features)."""
+"""`edm2 probe`: thin layer over edm2.analysis.probe (linear-probe accuracy of a denoiser's features)."""
 from __future__ import annotations
 
+from ..analysis.probe import default_layer, list_layers, probe_sweep, write_probe_csv
 from ..data import builtin_dataset_path
-from ..distributed import configure_threads, resolve_device
-from ..loading import load_network
-from ..probe import default_layer, list_layers, probe_sweep, write_probe_csv
-from ..units import parse_float_list
+from ..io.loading import load_network
+from ..utils.distributed import configure_threads, resolve_device
+from ..utils.errors import EDM2Error
+from ..utils.units import parse_float_list
 
 HELP = "linear-probe accuracy of an unconditional denoiser's block features at a noise level"
 
@@ -45,16 +46,16 @@ def _run(args) -> None:
             print(name + ("   (default)" if name == default else ""))
         return
     if args.sigma is None:
-        raise ValueError("--sigma is required (or --list-layers)")
+        raise EDM2Error("--sigma is required (or --list-layers)")
     data = builtin_dataset_path(progress=True) if args.data is None else args.data
     sigmas = parse_float_list(args.sigma, "--sigma")
     layers = None if args.layer is None else [s.strip() for s in args.layer.split(",")]
     if args.sweep:
         if args.csv is None:
-            raise ValueError("--sweep writes a CSV: give --csv FILE")
+            raise EDM2Error("--sweep writes a CSV: give --csv FILE")
         layers = layers or ["all"]
     elif len(sigmas) > 1 or (layers is not None and len(layers) > 1) or layers == ["all"]:
-        raise ValueError("several --sigma or --layer values need --sweep (and --csv FILE)")
+        raise EDM2Error("several --sigma or --layer values need --sweep (and --csv FILE)")
     results = probe_sweep(net, data, sigmas, layers, test_data=args.test_data, holdout=args.holdout,
                           max_images=args.max_images, seed=args.seed, batch_size=args.batch, device=device,
                           meta=meta, progress=True)

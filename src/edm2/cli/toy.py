@@ -1,7 +1,6 @@
 """`edm2 toy train|plot|score`: the 2D toy example (thin layer over edm2.toy)."""
 from __future__ import annotations
 
-from ..distributed import configure_threads
 from ..sampling import check_guidance
 from ..toy import (
     ToyPanel,
@@ -14,7 +13,9 @@ from ..toy import (
     tree_mixture,
     write_score_json,
 )
-from ..units import parse_float_list
+from ..utils.distributed import configure_threads
+from ..utils.errors import EDM2Error
+from ..utils.units import parse_float_list
 
 
 def register(sub):
@@ -71,7 +72,7 @@ def _load(args):
     if args.threads > 0:  # small ops: extra threads only contend on a busy CPU
         configure_threads(args.threads)
     if args.num < 1:
-        raise ValueError(f"--num={args.num}: must be >= 1")
+        raise EDM2Error(f"--num={args.num}: must be >= 1")
     check_guidance(args.guidance, args.gnet)
     if args.net == "gt":
         classes = args.classes or "A"

@@ -1,16 +1,16 @@
-"""`edm2 train`: a thin layer over `edm2.training.train(TrainConfig(...))`.
+"""`edm2 train`: a thin layer over `edm2.train.loop.train(TrainConfig(...))`.
 
 The options are made from TrainConfig's fields (their help, kind and group
 live next to the field); errors of the library name the Python argument
-(`lr=nan: ...`) and are shown here with the flag (`--lr nan: ...`).
+(`lr=nan: ...`) and `edm2.cli.flag_message` shows them with the flag
+(`--lr nan: ...`).
 """
 from __future__ import annotations
 
 import dataclasses
-import re
 
-from ..trainconfig import TrainConfig
-from ..units import parse_float_list, parse_nimg
+from ..train.config import TrainConfig
+from ..utils.units import parse_float_list, parse_nimg
 
 HELP = "train an EDM2 model (re-running the same command resumes)"
 
@@ -59,7 +59,7 @@ def _add_option(group, f) -> None:
 
 
 def config_from_args(args) -> TrainConfig:
-    """argparse namespace -> TrainConfig (sizes and lists parsed by edm2.units)."""
+    """argparse namespace -> TrainConfig (sizes and lists parsed by edm2.utils.units)."""
     values = {}
     for f in _fields():
         value = getattr(args, f.name)
@@ -71,38 +71,14 @@ def config_from_args(args) -> TrainConfig:
     return TrainConfig(**values)
 
 
-def cli_message(message: str) -> str:
-    """A library message with the command-line flags for the Python arguments it
-    names: 'lr=nan: ...' -> '--lr nan: ...', 'force_new=True' -> '--force-new'."""
-    for f in _fields():
-        on, off = flag(f.name), f.metadata["off_flag"]
-        if off:
-            message = re.sub(rf"(?<![\w-]){f.name}=False\b", off, message)
-        if f.metadata["kind"] in ("flag", "tristate"):
-            message = re.sub(rf"(?<![\w-]){f.name}=True\b", on, message)
-        message = re.sub(rf"(?<![\w./-]){f.name}=", on + " ", message)
-    return message
-
-
 def run(args) -> int:
-    from ..distributed import configure_threads
-    from ..training import dry_run, train
+    from ..train.loop import dry_run, train
+    from ..utils.distributed import configure_threads
 
-    try:
-        config = config_from_args(args)
-        if args.dry_run:
-            print(dry_run(config))
-        else:
-            configure_threads(config.threads)  # OMP_NUM_THREADS, else the cores shared, at most 4 a process
-            train(config)
-    except (ValueError, FileNotFoundError, FileExistsError, RuntimeError) as e:
-        raise _same_kind(e, cli_message(str(e))) from None
+    config = config_from_args(args)
+    if args.dry_run:
+        print(dry_run(config))
+    else:
+        configure_threads(config.threads)  # OMP_NUM_THREADS, else the cores shared, at most 4 a process
+        train(config)
     return 0
-
-
-def _same_kind(error: Exception, message: str) -> Exception:
-    """An exception of error's type with another message (ValueError if that type wants more)."""
-    try:
-        return type(error)(message)
-    except Exception:
-        return ValueError(message)

@@ -5,7 +5,7 @@
     `cifar-100-python.tar.gz`): pickled dicts written by Python 2 holding a
     uint8 array `data` [N, 3072] and the labels. They are read with a
     restricted unpickler that only allows builtin containers and numpy array
-    reconstruction (`edm2.official.unpickle_numpy_data`), so nothing in the
+    reconstruction (`edm2.io.official.unpickle_numpy_data`), so nothing in the
     file can run code;
   - the "binary version" tarball (`cifar-10-binary.tar.gz`,
     `cifar-100-binary.tar.gz`): fixed-size records of 1 label byte (CIFAR-10)
@@ -31,7 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..official import UnsafePickleError, unpickle_numpy_data
+from ..io.official import UnsafePickleError, unpickle_numpy_data
+from ..utils.errors import EDM2Error
 
 __all__ = ["CifarData", "read_cifar", "is_cifar", "TinyImageNetFiles", "tiny_imagenet_files", "is_tiny_imagenet",
            "CIFAR_SPLITS", "TINY_IMAGENET_SPLITS"]
@@ -76,7 +77,7 @@ class _Files:
                 self.tar = tarfile.open(path, "r:*")
                 self.members = {Path(m.name).name: m for m in self.tar.getmembers() if m.isfile()}
             except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-                raise ValueError(f"--source {path}: unreadable tar archive ({type(e).__name__}: {e})") from None
+                raise EDM2Error(f"--source {path}: unreadable tar archive ({type(e).__name__}: {e})") from None
 
     def has(self, name: str) -> bool:
         return name in self.members
@@ -88,7 +89,7 @@ class _Files:
         try:
             return self.tar.extractfile(m).read()
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-            raise ValueError(f"--source {self.path}: cannot read {m.name} from the archive "
+            raise EDM2Error(f"--source {self.path}: cannot read {m.name} from the archive "
                              f"({type(e).__name__}: {e}); the download may be truncated") from None
 
     def close(self):
@@ -123,7 +124,7 @@ def _text_lines(data: bytes, where: str) -> list[str]:
     try:
         return [line.strip() for line in data.decode("utf-8").splitlines() if line.strip()]
     except UnicodeDecodeError:
-        raise ValueError(f"{where}: not a text file of class names") from None
+        raise EDM2Error(f"{where}: not a text file of class names") from None
 
 
 def _python_batch(files: _Files, name: str, kind: str):
@@ -132,18 +133,18 @@ def _python_batch(files: _Files, name: str, kind: str):
     try:
         batch = unpickle_numpy_data(files.read(name), where, refusal)
     except UnsafePickleError as e:
-        raise ValueError(str(e)) from None
+        raise EDM2Error(str(e)) from None
     key = "labels" if kind == "cifar-10" else "fine_labels"
     if not isinstance(batch, dict) or "data" not in batch or key not in batch:
         found = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
-        raise ValueError(f"{where}: not a {kind.upper()} python batch (expected a dict with 'data' and {key!r}; "
+        raise EDM2Error(f"{where}: not a {kind.upper()} python batch (expected a dict with 'data' and {key!r}; "
                          f"found {found})")
     data, labels = batch["data"], np.asarray(batch[key])
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _PIXELS:
         shape = getattr(data, "shape", None)
-        raise ValueError(f"{where}: 'data' must be a uint8 array [N, 3072], found {type(data).__name__} {shape}")
+        raise EDM2Error(f"{where}: 'data' must be a uint8 array [N, 3072], found {type(data).__name__} {shape}")
     if labels.shape != (len(data),) or not np.issubdtype(labels.dtype, np.integer):
-        raise ValueError(f"{where}: {key!r} must hold {len(data)} integer labels, found shape {labels.shape}")
+        raise EDM2Error(f"{where}: {key!r} must hold {len(data)} integer labels, found shape {labels.shape}")
     return data, labels.astype(np.int64)
 
 
@@ -153,7 +154,7 @@ def _binary_batch(files: _Files, name: str, kind: str):
     raw = np.frombuffer(files.read(name), dtype=np.uint8)
     record = head + _PIXELS
     if raw.size == 0 or raw.size % record:
-        raise ValueError(f"{where}: {raw.size} bytes is not a whole number of {record}-byte {kind.upper()} records "
+        raise EDM2Error(f"{where}: {raw.size} bytes is not a whole number of {record}-byte {kind.upper()} records "
                          f"(truncated or not a CIFAR binary batch)")
     raw = raw.reshape(-1, record)
     return raw[:, head:], raw[:, head - 1].astype(np.int64)   # CIFAR-100: (coarse, fine), the fine label last
@@ -165,17 +166,17 @@ def read_cifar(path, split: str = "train") -> CifarData:
     anything malformed."""
     path = Path(path)
     if split not in CIFAR_SPLITS:
-        raise ValueError(f"--split {split!r}: CIFAR has the splits {', '.join(CIFAR_SPLITS)}")
+        raise EDM2Error(f"--split {split!r}: CIFAR has the splits {', '.join(CIFAR_SPLITS)}")
     files = _Files(path)
     try:
         found = _layout(files)
         if found is None:
-            raise ValueError(f"--source {path}: not a CIFAR-10/100 archive (no batches.meta/meta with test batches; "
+            raise EDM2Error(f"--source {path}: not a CIFAR-10/100 archive (no batches.meta/meta with test batches; "
                              f"found {', '.join(sorted(files.members)[:8]) or 'no files'})")
         fmt, kind, layout = found
         missing = [n for n in layout[split] if not files.has(n)]
         if missing:
-            raise ValueError(f"--source {path}: the {split} split lacks {', '.join(missing)}; "
+            raise EDM2Error(f"--source {path}: the {split} split lacks {', '.join(missing)}; "
                              f"the archive is incomplete")
         num_classes = 10 if kind == "cifar-10" else 100
         if fmt == "python":
@@ -185,22 +186,22 @@ def read_cifar(path, split: str = "train") -> CifarData:
             key = "label_names" if kind == "cifar-10" else "fine_label_names"
             names = meta.get(key) if isinstance(meta, dict) else None
             if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
-                raise ValueError(f"{meta_where}: no list of class names {key!r}")
+                raise EDM2Error(f"{meta_where}: no list of class names {key!r}")
             parts = [_python_batch(files, n, kind) for n in layout[split]]
         else:
             names = _text_lines(files.read(layout["meta"]), f"{path}:{layout['meta']}")
             parts = [_binary_batch(files, n, kind) for n in layout[split]]
     except UnsafePickleError as e:
-        raise ValueError(str(e)) from None
+        raise EDM2Error(str(e)) from None
     finally:
         files.close()
     if len(names) != num_classes:
-        raise ValueError(f"--source {path}: {len(names)} class names, expected {num_classes} for {kind.upper()}")
+        raise EDM2Error(f"--source {path}: {len(names)} class names, expected {num_classes} for {kind.upper()}")
     data = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
     bad = labels[(labels < 0) | (labels >= num_classes)]
     if bad.size:
-        raise ValueError(f"--source {path}: label {int(bad[0])} out of range 0..{num_classes - 1} of {kind.upper()} "
+        raise EDM2Error(f"--source {path}: label {int(bad[0])} out of range 0..{num_classes - 1} of {kind.upper()} "
                          f"({bad.size} such labels in the {split} split); the archive is damaged")
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)   # channel planes -> [N, H, W, C]
     return CifarData(np.ascontiguousarray(images), labels, list(names), kind, fmt)
@@ -237,13 +238,13 @@ def tiny_imagenet_files(path, split: str = "train") -> TinyImageNetFiles:
     """List the labelled images of a Tiny-ImageNet folder's split ('train' or 'val')."""
     path = Path(path)
     if split not in TINY_IMAGENET_SPLITS:
-        raise ValueError(f"--split {split!r}: Tiny-ImageNet has the labelled splits {', '.join(TINY_IMAGENET_SPLITS)}")
+        raise EDM2Error(f"--split {split!r}: Tiny-ImageNet has the labelled splits {', '.join(TINY_IMAGENET_SPLITS)}")
     root = _tiny_root(path)
     if root is None:
-        raise ValueError(f"--source {path}: not a Tiny-ImageNet folder (no wnids.txt)")
+        raise EDM2Error(f"--source {path}: not a Tiny-ImageNet folder (no wnids.txt)")
     wnids = _text_lines((root / "wnids.txt").read_bytes(), f"{root}/wnids.txt")
     if not wnids or len(set(wnids)) != len(wnids):
-        raise ValueError(f"{root}/wnids.txt: needs one distinct class id per line")
+        raise EDM2Error(f"{root}/wnids.txt: needs one distinct class id per line")
     index = {w: i for i, w in enumerate(wnids)}
     words = {}
     if (root / "words.txt").is_file():
@@ -256,7 +257,7 @@ def tiny_imagenet_files(path, split: str = "train") -> TinyImageNetFiles:
         for w in wnids:
             folder = root / "train" / w / "images"
             if not folder.is_dir():
-                raise ValueError(f"{folder}: missing; every class of wnids.txt needs train/<wnid>/images/")
+                raise EDM2Error(f"{folder}: missing; every class of wnids.txt needs train/<wnid>/images/")
             for p in sorted(folder.iterdir()):
                 if p.suffix.lower() in (".jpeg", ".jpg", ".png") and p.is_file():
                     rel = p.relative_to(root).as_posix()
@@ -265,18 +266,18 @@ def tiny_imagenet_files(path, split: str = "train") -> TinyImageNetFiles:
     else:
         ann = root / "val" / "val_annotations.txt"
         if not ann.is_file():
-            raise ValueError(f"{ann}: missing; the val split is labelled by val/val_annotations.txt")
+            raise EDM2Error(f"{ann}: missing; the val split is labelled by val/val_annotations.txt")
         for k, line in enumerate(_text_lines(ann.read_bytes(), str(ann))):
             fields = line.split("\t")
             if len(fields) < 2 or fields[1] not in index:
-                raise ValueError(f"{ann}: line {k + 1} should be '<file>\\t<wnid>...' with a wnid of wnids.txt, "
+                raise EDM2Error(f"{ann}: line {k + 1} should be '<file>\\t<wnid>...' with a wnid of wnids.txt, "
                                  f"got {line[:60]!r}")
             rel = f"val/images/{fields[0]}"
             if not (root / rel).is_file():
-                raise ValueError(f"{root / rel}: listed in {ann.name} but missing")
+                raise EDM2Error(f"{root / rel}: listed in {ann.name} but missing")
             names.append(rel)
             labels[rel] = index[fields[1]]
         names.sort()
     if not names:
-        raise ValueError(f"--source {path}: the {split} split holds no images")
+        raise EDM2Error(f"--source {path}: the {split} split holds no images")
     return TinyImageNetFiles(root, names, labels, class_names, wnids)

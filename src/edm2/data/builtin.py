@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..utils.errors import MissingFileError
 from .convert import convert_dataset
 
 __all__ = ["builtin_dataset_path", "default_cache_dir", "FASHION_MNIST_CLASSES", "BUILTIN_DIR"]
@@ -31,7 +32,7 @@ def builtin_dataset_path(cache_dir=None, progress: bool = False) -> Path:
         return dest
     images = BUILTIN_DIR / "t10k-images-idx3-ubyte.gz"
     if not images.is_file():
-        raise FileNotFoundError(f"the built-in dataset {images} is missing from the installation; reinstall edm2")
+        raise MissingFileError(f"the built-in dataset {images} is missing from the installation; reinstall edm2")
     # overwrite=True: another process may have finished the same file meanwhile (identical content).
     convert_dataset(images, dest, resolution=32, transform="pad", class_names=FASHION_MNIST_CLASSES,
                     overwrite=True, progress=progress)

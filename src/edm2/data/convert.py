@@ -33,8 +33,9 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from ..fileio import png_bytes
-from ..validate import safe_error_text
+from ..utils.errors import EDM2Error, MissingFileError
+from ..utils.fileio import png_bytes
+from ..utils.validate import safe_error_text
 from .archives import is_cifar, is_tiny_imagenet, read_cifar, tiny_imagenet_files
 from .dataset import IMAGE_EXTENSIONS, LATENT_EXTENSION, list_dataset_files, match_labels, read_dataset_json
 from .writer import DatasetWriter, check_destination, item_name
@@ -86,7 +87,7 @@ def pad(img: Image.Image, n: int) -> Image.Image:
     """Zero-pad (black) to N×N, image centred; no resampling (e.g. 28×28 MNIST -> 32×32)."""
     w, h = img.size
     if w > n or h > n:
-        raise ValueError(f"--transform pad: image of {w}x{h} is larger than --resolution {n}; "
+        raise EDM2Error(f"--transform pad: image of {w}x{h} is larger than --resolution {n}; "
                          f"use --transform center-crop")
     canvas = Image.new(img.mode, (n, n))
     canvas.paste(img, ((n - w) // 2, (n - h) // 2))
@@ -192,11 +193,11 @@ def _open_collection(path: Path, use_labels: bool) -> Source:
     names = [n for n in files if n.lower().endswith(IMAGE_EXTENSIONS)]
     if not names:
         if any(n.lower().endswith(LATENT_EXTENSION) for n in files):
-            raise ValueError(f"--source {path} holds .npy latents, not images; use `edm2 dataset decode`")
+            raise EDM2Error(f"--source {path} holds .npy latents, not images; use `edm2 dataset decode`")
         if any("idx3-ubyte" in n for n in files):
-            raise ValueError(f"--source {path} holds IDX files; pass the images file itself, "
+            raise EDM2Error(f"--source {path} holds IDX files; pass the images file itself, "
                              f"e.g. --source {path}/train-images-idx3-ubyte.gz")
-        raise ValueError(f"--source {path} holds no images ({', '.join(IMAGE_EXTENSIONS)}); nothing to convert")
+        raise EDM2Error(f"--source {path} holds no images ({', '.join(IMAGE_EXTENSIONS)}); nothing to convert")
     notes, class_names, labels = [], None, None
     if "dataset.json" in files:  # an existing dataset: keep its labels
         meta = read_dataset_json(read_bytes("dataset.json"), f"{path}/dataset.json")
@@ -204,7 +205,7 @@ def _open_collection(path: Path, use_labels: bool) -> Source:
         if meta["labels"] is not None and use_labels:
             labels = match_labels(meta["labels"], names, f"{path}/dataset.json")
             if not all(isinstance(c, int) and c >= 0 for c in labels.values()):
-                raise ValueError(f"{path}/dataset.json: labels must be class indices >= 0 for conversion")
+                raise EDM2Error(f"{path}/dataset.json: labels must be class indices >= 0 for conversion")
             class_names = meta.get("class_names")
     else:  # labels from top-level sub-folder names
         kind = "zip" if is_zip else "folder"
@@ -222,7 +223,7 @@ def _open_collection(path: Path, use_labels: bool) -> Source:
                 class_names, labels = None, None
         elif use_labels and any(in_sub):
             first = names[in_sub.index(False)]
-            raise ValueError(f"--source {path} has images both at the top level (e.g. {first}) and in "
+            raise EDM2Error(f"--source {path} has images both at the top level (e.g. {first}) and in "
                              f"sub-folders; labels come from sub-folder names: move them, or pass --no-labels")
     return Source(path, kind, _file_items(path, names, read_bytes, labels), class_names, notes,
                   zf.close if is_zip else (lambda: None))
@@ -236,14 +237,14 @@ def read_idx(path) -> np.ndarray:
         with opener(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError) as e:
-        raise ValueError(f"{path}: cannot read IDX file ({e})") from None
+        raise EDM2Error(f"{path}: cannot read IDX file ({e})") from None
     if len(data) < 4 or data[:2] != b"\0\0" or data[2] != 0x08:
-        raise ValueError(f"{path}: not an IDX file of unsigned bytes (magic {data[:4].hex()})")
+        raise EDM2Error(f"{path}: not an IDX file of unsigned bytes (magic {data[:4].hex()})")
     ndim = data[3]
     shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     arr = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if arr.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: IDX header says {shape} but holds {arr.size} values (truncated?)")
+        raise EDM2Error(f"{path}: IDX header says {shape} but holds {arr.size} values (truncated?)")
     return arr.reshape(shape)
 
 
@@ -265,13 +266,13 @@ def _array_items(prefix: str, images: np.ndarray, labels) -> list[SourceItem]:
 def _open_idx(path: Path, use_labels: bool) -> Source:
     images = read_idx(path)
     if images.ndim not in (3, 4):
-        raise ValueError(f"{path}: expected IDX images [N, H, W] or [N, H, W, C], got shape {images.shape}")
+        raise EDM2Error(f"{path}: expected IDX images [N, H, W] or [N, H, W, C], got shape {images.shape}")
     notes, labels = [], None
     label_path = path.with_name(path.name.replace("images-idx3", "labels-idx1"))
     if use_labels and label_path != path and label_path.exists():
         labels = read_idx(label_path)
         if labels.shape != (len(images),):
-            raise ValueError(f"{label_path}: {labels.shape} labels for {len(images)} images in {path}")
+            raise EDM2Error(f"{label_path}: {labels.shape} labels for {len(images)} images in {path}")
     elif use_labels:
         notes.append(f"no labels file {label_path.name} next to {path.name}: unlabeled")
     return Source(path, "idx", _array_items(path.name, images, labels), None, notes)
@@ -281,23 +282,23 @@ def _open_npz(path: Path, use_labels: bool) -> Source:
     try:
         npz = np.load(path, allow_pickle=False)
     except Exception as e:
-        raise ValueError(f"--source {path}: cannot read .npz ({safe_error_text(e)})") from None
+        raise EDM2Error(f"--source {path}: cannot read .npz ({safe_error_text(e)})") from None
     key = next((k for k in ("images", "x", "arr_0") if k in npz.files), None)
     if key is None:
-        raise ValueError(f"--source {path}: no 'images' (or 'x') array; found {npz.files}")
+        raise EDM2Error(f"--source {path}: no 'images' (or 'x') array; found {npz.files}")
     images = npz[key]
     if images.dtype not in (np.uint8, np.uint16):
-        raise ValueError(f"--source {path}: images are {images.dtype}; store them as uint8 (0-255)")
+        raise EDM2Error(f"--source {path}: images are {images.dtype}; store them as uint8 (0-255)")
     if images.ndim == 4 and images.shape[-1] not in (1, 3, 4) and images.shape[1] in (1, 3, 4):
         images = images.transpose(0, 2, 3, 1)  # NCHW -> NHWC
     if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3, 4)):
-        raise ValueError(f"--source {path}: images of shape {images.shape}; expected [N,H,W], [N,H,W,C] or [N,C,H,W]")
+        raise EDM2Error(f"--source {path}: images of shape {images.shape}; expected [N,H,W], [N,H,W,C] or [N,C,H,W]")
     labels = None
     lkey = next((k for k in ("labels", "y") if k in npz.files), None)
     if use_labels and lkey is not None:
         labels = np.asarray(npz[lkey]).reshape(-1)
         if len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
-            raise ValueError(f"--source {path}: '{lkey}' must hold {len(images)} class indices >= 0")
+            raise EDM2Error(f"--source {path}: '{lkey}' must hold {len(images)} class indices >= 0")
     class_names = [str(c) for c in npz["class_names"]] if "class_names" in npz.files and labels is not None else None
     return Source(path, "npz", _array_items(path.name, images, labels), class_names, [])
 
@@ -328,14 +329,14 @@ def open_source(source, use_labels: bool = True, split: str | None = None) -> So
     ('train', 'val') source; default 'train'."""
     path = Path(source)
     if not path.exists():
-        raise FileNotFoundError(f"--source {path} does not exist")
+        raise MissingFileError(f"--source {path} does not exist")
     if is_cifar(path) or (path.is_file() and tarfile.is_tarfile(path)):
         # The only tarballs read are CIFAR's: for any other, read_cifar says what is missing.
         return _open_cifar(path, use_labels, split)
     if is_tiny_imagenet(path):
         return _open_tiny_imagenet(path, use_labels, split)
     if split is not None:
-        raise ValueError(f"--split {split}: only CIFAR archives and Tiny-ImageNet folders have splits; "
+        raise EDM2Error(f"--split {split}: only CIFAR archives and Tiny-ImageNet folders have splits; "
                          f"drop --split for {path}")
     if path.is_dir():
         return _open_collection(path, use_labels)
@@ -346,7 +347,7 @@ def open_source(source, use_labels: bool = True, split: str | None = None) -> So
         return _open_collection(path, use_labels)
     if "idx" in name and "ubyte" in name:
         return _open_idx(path, use_labels)
-    raise ValueError(f"--source {path}: not a folder, .zip, .npz or IDX (*-images-idx3-ubyte[.gz]) file")
+    raise EDM2Error(f"--source {path}: not a folder, .zip, .npz or IDX (*-images-idx3-ubyte[.gz]) file")
 
 
 def balanced_subset(labels: list, n: int) -> list[int]:
@@ -402,13 +403,13 @@ def convert_dataset(source, dest, resolution: int | None = None, transform: str 
     """
     check_destination(dest, overwrite, source)
     if transform is not None and transform not in TRANSFORMS:
-        raise ValueError(f"--transform {transform!r}: choose one of {', '.join(TRANSFORMS)}")
+        raise EDM2Error(f"--transform {transform!r}: choose one of {', '.join(TRANSFORMS)}")
     if transform is not None and resolution is None:
-        raise ValueError(f"--transform {transform} needs --resolution N")
+        raise EDM2Error(f"--transform {transform} needs --resolution N")
     if resolution is not None and resolution < 1:
-        raise ValueError(f"--resolution {resolution}: must be >= 1")
+        raise EDM2Error(f"--resolution {resolution}: must be >= 1")
     if max_images is not None and max_images < 1:
-        raise ValueError(f"--max-images {max_images}: must be >= 1")
+        raise EDM2Error(f"--max-images {max_images}: must be >= 1")
     src = open_source(source, use_labels, split)
     try:
         return _convert(src, dest, resolution, transform, max_images, skip_bad, overwrite, class_names, workers,
@@ -430,7 +431,7 @@ def _convert(src: Source, dest, resolution, transform, max_images, skip_bad, ove
             mode, size = item.probe()
         except Exception as e:
             if not skip_bad:
-                raise ValueError(f"{src.path}: cannot read image {item.name} ({type(e).__name__}: {e}); "
+                raise EDM2Error(f"{src.path}: cannot read image {item.name} ({type(e).__name__}: {e}); "
                                  f"delete it or pass --skip-bad") from None
             skipped.append(f"{item.name}: {type(e).__name__}")
             continue
@@ -438,26 +439,26 @@ def _convert(src: Source, dest, resolution, transform, max_images, skip_bad, ove
         modes.append(mode)
         sizes.append(size)
     if not good:
-        raise ValueError(f"--source {src.path}: no readable images")
+        raise EDM2Error(f"--source {src.path}: no readable images")
     channels = 1 if all(m in GRAY_MODES for m in modes) else 3
     if resolution is None:
         if len(set(sizes)) > 1:
             other = next(i for i, s in enumerate(sizes) if s != sizes[0])
-            raise ValueError(f"--source {src.path} has images of different sizes ({sizes[0][0]}x{sizes[0][1]} "
+            raise EDM2Error(f"--source {src.path} has images of different sizes ({sizes[0][0]}x{sizes[0][1]} "
                              f"in {good[0].name}, {sizes[other][0]}x{sizes[other][1]} in {good[other].name}); "
                              f"pass --resolution N and --transform center-crop")
         w, h = sizes[0]
         if w != h:
-            raise ValueError(f"--source {src.path}: images are {w}x{h}, not square; "
+            raise EDM2Error(f"--source {src.path}: images are {w}x{h}, not square; "
                              f"pass --resolution N and --transform center-crop")
         resolution = w
     # Shapes that the transform cannot handle fail now, before any work.
     for i, (w, h) in enumerate(sizes):
         if transform is None and w != h and (w, h) != (resolution, resolution):
-            raise ValueError(f"--source {src.path}: image {good[i].name} is {w}x{h}, not square; pass --transform "
+            raise EDM2Error(f"--source {src.path}: image {good[i].name} is {w}x{h}, not square; pass --transform "
                              f"center-crop (or center-crop-wide, center-crop-dhariwal)")
         if transform == "pad" and (w > resolution or h > resolution):
-            raise ValueError(f"--transform pad: image {good[i].name} is {w}x{h}, larger than --resolution "
+            raise EDM2Error(f"--transform pad: image {good[i].name} is {w}x{h}, larger than --resolution "
                              f"{resolution}; use --transform center-crop")
 
     # 2. Labels and the subset.
@@ -470,9 +471,9 @@ def _convert(src: Source, dest, resolution, transform, max_images, skip_bad, ove
     if src.has_labels:
         label_dim = max(max(labels) + 1, len(names or []))
         if names is not None and len(names) < label_dim:
-            raise ValueError(f"{len(names)} class names for {label_dim} classes; give one name per class")
+            raise EDM2Error(f"{len(names)} class names for {label_dim} classes; give one name per class")
     elif class_names is not None:
-        raise ValueError("--class-names given but the source has no labels")
+        raise EDM2Error("--class-names given but the source has no labels")
 
     # 3. Decode, convert, transform and encode in threads (PIL releases the GIL); write in order.
     fn = TRANSFORMS.get(transform)
@@ -488,11 +489,11 @@ def _convert(src: Source, dest, resolution, transform, max_images, skip_bad, ove
                 try:
                     img = fn(img, resolution)
                 except ValueError as e:
-                    raise ValueError(f"{src.path}: image {item.name}: {e}") from None
+                    raise EDM2Error(f"{src.path}: image {item.name}: {e}") from None
             elif img.size[0] == img.size[1]:
                 img = img.resize((resolution, resolution), Image.LANCZOS)
             else:
-                raise ValueError(f"{src.path}: image {item.name} is {img.size[0]}x{img.size[1]}, not square; "
+                raise EDM2Error(f"{src.path}: image {item.name} is {img.size[0]}x{img.size[1]}, not square; "
                                  f"pass --transform center-crop (or center-crop-wide, center-crop-dhariwal)")
         return png_bytes(img, compress_level), None, note
 
@@ -508,7 +509,7 @@ def _convert(src: Source, dest, resolution, transform, max_images, skip_bad, ove
                 bar.update(1)
                 if error is not None:
                     if not skip_bad:
-                        raise ValueError(f"{src.path}: cannot decode image {error}; delete it or pass --skip-bad")
+                        raise EDM2Error(f"{src.path}: cannot decode image {error}; delete it or pass --skip-bad")
                     skipped.append(error)
                     continue
                 if note:
@@ -518,7 +519,7 @@ def _convert(src: Source, dest, resolution, transform, max_images, skip_bad, ove
                 if label is not None:
                     out_labels.append([name, int(label)])
         if writer.count == 0:
-            raise ValueError(f"--source {src.path}: every image was unreadable; nothing written")
+            raise EDM2Error(f"--source {src.path}: every image was unreadable; nothing written")
         writer.commit(out_labels if src.has_labels else None, names if src.has_labels else None)
     notes += [f"converted {n} image(s) {k}" for k, n in sorted(converted.items())]
     if skipped:

@@ -24,7 +24,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ..validate import safe_error_text
+from ..utils.errors import EDM2Error, MissingFileError
+from ..utils.validate import safe_error_text
 
 __all__ = ["ImageDataset", "IMAGE_EXTENSIONS", "LATENT_EXTENSION", "list_dataset_files", "read_dataset_json",
            "decode_image", "check_labels", "MAX_CLASSES"]
@@ -57,18 +58,18 @@ def read_dataset_json(data: bytes, where: str) -> dict:
     try:
         meta = json.loads(data)
     except (ValueError, UnicodeDecodeError) as e:
-        raise ValueError(f"{where}: not valid JSON ({e}); fix or delete the file") from None
+        raise EDM2Error(f"{where}: not valid JSON ({e}); fix or delete the file") from None
     if not isinstance(meta, dict) or "labels" not in meta:
-        raise ValueError(f'{where}: expected {{"labels": [[path, class], ...] or null}}')
+        raise EDM2Error(f'{where}: expected {{"labels": [[path, class], ...] or null}}')
     labels = meta["labels"]
     if labels is not None and not (isinstance(labels, list) and all(
             isinstance(e, (list, tuple)) and len(e) == 2 and isinstance(e[0], str) for e in labels)):
-        raise ValueError(f'{where}: "labels" must be null or a list of [relative_path, class] pairs')
+        raise EDM2Error(f'{where}: "labels" must be null or a list of [relative_path, class] pairs')
     names = meta.get("class_names")
     if names is not None and not (isinstance(names, list) and all(isinstance(n, str) for n in names)):
-        raise ValueError(f'{where}: "class_names" must be a list of strings')
+        raise EDM2Error(f'{where}: "class_names" must be a list of strings')
     if names is not None and len(names) > MAX_CLASSES:
-        raise ValueError(f'{where}: {len(names)} "class_names"; at most {MAX_CLASSES} classes are supported')
+        raise EDM2Error(f'{where}: {len(names)} "class_names"; at most {MAX_CLASSES} classes are supported')
     if labels is not None:
         meta["labels"] = check_labels(labels, names, where)
     return meta
@@ -94,33 +95,33 @@ def check_labels(labels: list, class_names, where: str) -> list:
     if all(isinstance(v, (list, tuple)) for v in values):
         dims = {len(v) for v in values}
         if len(dims) > 1:
-            raise ValueError(f"{where}: vector labels of different lengths {sorted(dims)[:4]}; give every item a "
+            raise EDM2Error(f"{where}: vector labels of different lengths {sorted(dims)[:4]}; give every item a "
                              f"vector of the same length")
         dim = dims.pop()
         if not 1 <= dim <= MAX_CLASSES:
-            raise ValueError(f"{where}: vector labels of length {dim}; need 1 to {MAX_CLASSES}")
+            raise EDM2Error(f"{where}: vector labels of length {dim}; need 1 to {MAX_CLASSES}")
         for (path, v) in labels:
             if not all(_is_number(x) and math.isfinite(x) for x in v):
-                raise ValueError(f"{where}: label of {path} holds a non-number or NaN/infinity ({v}); vector labels "
+                raise EDM2Error(f"{where}: label of {path} holds a non-number or NaN/infinity ({v}); vector labels "
                                  f"must be finite numbers")
         return labels
     out = []
     for path, v in labels:
         if isinstance(v, (list, tuple)):
-            raise ValueError(f"{where}: mixes class indices and vector labels (e.g. {path}: {v}); use one kind")
+            raise EDM2Error(f"{where}: mixes class indices and vector labels (e.g. {path}: {v}); use one kind")
         if not _is_number(v) or not math.isfinite(v) or v != int(v) or v < 0:
-            raise ValueError(f"{where}: label {v!r} of {path} is not a class index (a whole number >= 0); "
+            raise EDM2Error(f"{where}: label {v!r} of {path} is not a class index (a whole number >= 0); "
                              f"fix the label (vector labels are written as lists)")
         out.append([path, int(v)])
     top = max(c for _, c in out)
     if class_names is not None:
         if top >= len(class_names):
-            raise ValueError(f"{where}: class index {top} but only {len(class_names)} class_names; fix the label "
+            raise EDM2Error(f"{where}: class index {top} but only {len(class_names)} class_names; fix the label "
                              f"or add the class names")
     else:
         limit = min(MAX_CLASSES, max(_FREE_CLASSES, 100 * len(out)))
         if top >= limit:
-            raise ValueError(f"{where}: class index {top} for {len(out)} items; without \"class_names\" class indices "
+            raise EDM2Error(f"{where}: class index {top} for {len(out)} items; without \"class_names\" class indices "
                              f"must be below {limit} (max(1000, 100 x items), at most 2^20), so this looks like a "
                              f"typo; fix the label, or list the classes in \"class_names\"")
     return out
@@ -136,11 +137,11 @@ def match_labels(labels, names, where: str) -> dict:
     label_map = {str(p).replace("\\", "/"): c for p, c in labels}
     missing = sorted(set(label_map) - set(names))
     if missing:
-        raise ValueError(f"{where} names {len(missing)} file(s) that are not in the dataset "
+        raise EDM2Error(f"{where} names {len(missing)} file(s) that are not in the dataset "
                          f"(first: {missing[0]}); fix the labels or restore the files")
     unlabeled = [n for n in names if n not in label_map]
     if unlabeled:
-        raise ValueError(f"{where} has no label for {len(unlabeled)} file(s) "
+        raise EDM2Error(f"{where} has no label for {len(unlabeled)} file(s) "
                          f"(first: {unlabeled[0]}); add labels or remove the files")
     return label_map
 
@@ -151,13 +152,13 @@ def decode_image(data: bytes, where: str) -> np.ndarray:
         with Image.open(io.BytesIO(data)) as img:
             img.load()
             if img.mode not in ("L", "RGB"):
-                raise ValueError(f"{where}: image mode {img.mode} is not 8-bit grayscale or RGB; "
+                raise EDM2Error(f"{where}: image mode {img.mode} is not 8-bit grayscale or RGB; "
                                  f"prepare the dataset with `edm2 dataset convert`")
             arr = np.array(img)  # a writable copy (torch warns about read-only arrays)
     except ValueError:
         raise
     except Exception as e:
-        raise ValueError(f"{where}: cannot decode image ({type(e).__name__}: {e}); "
+        raise EDM2Error(f"{where}: cannot decode image ({type(e).__name__}: {e}); "
                          f"delete or replace the file, or re-run `edm2 dataset convert --skip-bad`") from None
     return arr[None] if arr.ndim == 2 else arr.transpose(2, 0, 1)
 
@@ -183,23 +184,23 @@ class ImageDataset:
         self.path = Path(path)
         self.xflip = bool(xflip)
         if max_size is not None and max_size < 1:
-            raise ValueError(f"max_size={max_size}: must be >= 1 (or None for the whole dataset)")
+            raise EDM2Error(f"max_size={max_size}: must be >= 1 (or None for the whole dataset)")
         if not self.path.exists():
-            raise FileNotFoundError(f"dataset {self.path} does not exist; create one with `edm2 dataset convert`")
+            raise MissingFileError(f"dataset {self.path} does not exist; create one with `edm2 dataset convert`")
         self._is_zip = self.path.is_file()
         if self._is_zip and not zipfile.is_zipfile(self.path):
-            raise ValueError(f"dataset {self.path} is neither a folder nor a zip file")
+            raise EDM2Error(f"dataset {self.path} is neither a folder nor a zip file")
         self._zip = None
         self._zip_pid = None
 
         files = list_dataset_files(self.path)
         names = [n for n in files if _is_item(n)]
         if not names:
-            raise ValueError(f"dataset {self.path} holds no images or .npy latents; "
+            raise EDM2Error(f"dataset {self.path} holds no images or .npy latents; "
                              f"create one with `edm2 dataset convert`")
         latent = [n.lower().endswith(LATENT_EXTENSION) for n in names]
         if any(latent) and not all(latent):
-            raise ValueError(f"dataset {self.path} mixes images and .npy latents; keep one kind per dataset")
+            raise EDM2Error(f"dataset {self.path} mixes images and .npy latents; keep one kind per dataset")
         self.is_latent = all(latent)
 
         # Labels (dataset.json at the root), checked against the files present.
@@ -226,18 +227,18 @@ class ImageDataset:
             if all(isinstance(v, int) and not isinstance(v, bool) for v in label_map.values()):
                 self.raw_labels = np.asarray(values, dtype=np.int64)
                 if min(label_map.values()) < 0:
-                    raise ValueError(f"{self.path}/dataset.json: class indices must be >= 0")
+                    raise EDM2Error(f"{self.path}/dataset.json: class indices must be >= 0")
                 # label_dim from all labels, so a max_size subset keeps the full one-hot length
                 dim = max(len(self.class_names or []), max(label_map.values()) + 1)
                 if self.class_names is not None and dim > len(self.class_names):
-                    raise ValueError(f"{self.path}/dataset.json: class index {dim - 1} but only "
+                    raise EDM2Error(f"{self.path}/dataset.json: class index {dim - 1} but only "
                                      f"{len(self.class_names)} class_names")
                 self.label_dim = dim
             else:  # vector labels (as the reference allows)
                 try:
                     self._label_vectors = np.asarray(values, dtype=np.float32).reshape(len(values), -1)
                 except (ValueError, TypeError):
-                    raise ValueError(f"{self.path}/dataset.json: labels must all be class indices or "
+                    raise EDM2Error(f"{self.path}/dataset.json: labels must all be class indices or "
                                      f"all be equal-length vectors") from None
                 self.label_dim = self._label_vectors.shape[1]
         if not self.label_dim:
@@ -247,13 +248,13 @@ class ImageDataset:
         # Shape from the first item; every other item is checked when read.
         first = self._load(0)
         if first.ndim != 3 or first.shape[1] != first.shape[2]:
-            raise ValueError(f"{self._where(0)}: item shape {list(first.shape)} is not square CHW; "
+            raise EDM2Error(f"{self._where(0)}: item shape {list(first.shape)} is not square CHW; "
                              f"re-run `edm2 dataset convert` with --resolution and --transform")
         self._raw_shape = first.shape
         self.num_channels = int(first.shape[0])
         self.resolution = int(first.shape[1])
         if self.is_latent and self.num_channels != LATENT_CHANNELS:
-            raise ValueError(f"{self._where(0)}: latents must have {LATENT_CHANNELS} channels "
+            raise EDM2Error(f"{self._where(0)}: latents must have {LATENT_CHANNELS} channels "
                              f"(VAE mean and std), found {self.num_channels}")
 
     # -- raw access -------------------------------------------------------
@@ -274,15 +275,15 @@ class ImageDataset:
         try:
             data = self._read(self.names[raw_idx])
         except (OSError, KeyError, zipfile.BadZipFile) as e:
-            raise ValueError(f"{where}: cannot read ({type(e).__name__}: {e})") from None
+            raise EDM2Error(f"{where}: cannot read ({type(e).__name__}: {e})") from None
         if not self.is_latent:
             return decode_image(data, where)
         try:
             arr = np.load(io.BytesIO(data), allow_pickle=False)
         except Exception as e:
-            raise ValueError(f"{where}: not a valid .npy array ({safe_error_text(e)})") from None
+            raise EDM2Error(f"{where}: not a valid .npy array ({safe_error_text(e)})") from None
         if arr.dtype != np.float32:
-            raise ValueError(f"{where}: latent dtype {arr.dtype}, expected float32")
+            raise EDM2Error(f"{where}: latent dtype {arr.dtype}, expected float32")
         return arr
 
     def close(self):
@@ -331,7 +332,7 @@ class ImageDataset:
         raw_idx = idx % self.raw_size
         item = self._load(raw_idx)
         if item.shape != self._raw_shape:
-            raise ValueError(f"{self._where(raw_idx)}: shape {list(item.shape)} differs from the first item's "
+            raise EDM2Error(f"{self._where(raw_idx)}: shape {list(item.shape)} differs from the first item's "
                              f"{list(self._raw_shape)}; re-run `edm2 dataset convert --resolution N`")
         if idx >= self.raw_size:  # the x-flipped half
             item = item[:, :, ::-1]

@@ -22,9 +22,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from ..distributed import resolve_device
 from ..encoders import DEFAULT_VAE, StabilityVAEEncoder
-from ..fileio import atomic_write_bytes, png_bytes
+from ..utils.distributed import resolve_device
+from ..utils.errors import EDM2Error
+from ..utils.fileio import atomic_write_bytes, png_bytes
 from .dataset import ImageDataset
 from .writer import DatasetWriter, check_destination, item_name, move_into_place, write_dataset_json
 
@@ -83,9 +84,9 @@ def encode_dataset(source, dest, vae: str = DEFAULT_VAE, batch_size: int = 8, de
     dest = check_destination(dest, overwrite, source)
     ds = ImageDataset(source)
     if ds.is_latent:
-        raise ValueError(f"--source {source} already holds latents; encode needs an image dataset")
+        raise EDM2Error(f"--source {source} already holds latents; encode needs an image dataset")
     if ds.resolution % 8:
-        raise ValueError(f"--source {source}: resolution {ds.resolution} is not a multiple of 8 (the VAE "
+        raise EDM2Error(f"--source {source}: resolution {ds.resolution} is not a multiple of 8 (the VAE "
                          f"downsamples by 8); convert it with --resolution N, N a multiple of 8")
     notes = ["grayscale images repeated to RGB for the VAE"] if ds.num_channels == 1 else []
     device = resolve_device(device)
@@ -138,7 +139,7 @@ def _claim_partial(partial: Path, job: dict) -> None:
         except (OSError, ValueError):
             old = None
         if old != job:
-            raise ValueError(f"{partial} holds an unfinished encode of another source or VAE ({old}); "
+            raise EDM2Error(f"{partial} holds an unfinished encode of another source or VAE ({old}); "
                              f"delete that folder to start over, or rerun the same command to resume it")
         return
     partial.mkdir(parents=True)
@@ -165,7 +166,7 @@ def decode_dataset(source, dest, vae: str = DEFAULT_VAE, batch_size: int = 8, de
     dest = check_destination(dest, overwrite, source)
     ds = ImageDataset(source)
     if not ds.is_latent:
-        raise ValueError(f"--source {source} holds images, not latents; decode needs a latent dataset")
+        raise EDM2Error(f"--source {source} holds images, not latents; decode needs a latent dataset")
     device = resolve_device(device)
     encoder = StabilityVAEEncoder(vae_name=vae, batch_size=batch_size)
     encoder.vae(device)

@@ -10,7 +10,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from ..fileio import AtomicWriter, WriteError, describe_os_error
+from ..utils.errors import EDM2Error, ExistingFileError
+from ..utils.fileio import AtomicWriter, WriteError, describe_os_error
 
 __all__ = ["DatasetWriter", "check_destination", "item_name", "move_into_place", "write_dataset_json"]
 
@@ -24,9 +25,9 @@ def check_destination(dest, overwrite: bool = False, source=None) -> Path:
     """Refuse an existing destination (unless overwrite) or one that is the source itself."""
     dest = Path(dest)
     if source is not None and dest.exists() and Path(source).exists() and dest.resolve() == Path(source).resolve():
-        raise ValueError(f"--dest {dest} is the source itself; choose another destination")
+        raise EDM2Error(f"--dest {dest} is the source itself; choose another destination")
     if dest.exists() and not overwrite:
-        raise FileExistsError(f"--dest {dest} already exists; choose another name or pass --overwrite")
+        raise ExistingFileError(f"--dest {dest} already exists; choose another name or pass --overwrite")
     return dest
 
 

@@ -16,7 +16,7 @@ from .detectors import (
                         load_detector,
                         random_detector,
 )
-from .pipeline import (
+from .evaluate import (
                         append_jsonl,
                         calc_metrics,
                         check_metric_value,

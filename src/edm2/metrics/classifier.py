@@ -29,8 +29,9 @@ from tqdm.auto import tqdm
 
 from ..data import ImageDataset
 from ..generate import generate_images, load_nets
+from ..utils.errors import EDM2Error, ExistingFileError
 from .detectors import Classifier, ClassifierConfig, ClassifierDetector, save_classifier
-from .pipeline import check_ref_stats, distances, gen_seeds
+from .evaluate import check_ref_stats, distances, gen_seeds
 from .stats import FeatureStats
 
 __all__ = ["train_classifier", "evaluate_classifier", "class_consistency", "classifier_scores"]
@@ -43,9 +44,9 @@ __all__ = ["train_classifier", "evaluate_classifier", "class_consistency", "clas
 def _load_all(data, what: str) -> tuple[torch.Tensor, torch.Tensor, ImageDataset]:
     ds = ImageDataset(data)
     if ds.is_latent:
-        raise ValueError(f"{what} {data}: holds latents; a classifier needs images")
+        raise EDM2Error(f"{what} {data}: holds latents; a classifier needs images")
     if ds.raw_labels is None:
-        raise ValueError(f"{what} {data}: has no class labels; a classifier needs a labelled dataset")
+        raise EDM2Error(f"{what} {data}: has no class labels; a classifier needs a labelled dataset")
     images = torch.from_numpy(np.stack([ds[i][0] for i in range(len(ds))]))
     return images, torch.from_numpy(ds.raw_labels), ds
 
@@ -70,16 +71,16 @@ def train_classifier(data, out, val=None, epochs: int = 4, batch_size: int = 128
     """
     out = Path(out)
     if out.exists() and not overwrite:
-        raise FileExistsError(f"{out} exists; choose another --out or pass --overwrite")
+        raise ExistingFileError(f"{out} exists; choose another --out or pass --overwrite")
     if epochs < 1 or batch_size < 1 or not (math.isfinite(lr) and lr > 0):
-        raise ValueError("--epochs, --batch and --lr must be positive")
+        raise EDM2Error("--epochs, --batch and --lr must be positive")
     images, labels, ds = _load_all(data, "--data")
     g = torch.Generator().manual_seed(seed)
     if val is not None:
         val_images, val_labels, _ = _load_all(val, "--val")
     else:
         if not 0 < val_fraction < 1:
-            raise ValueError(f"--val-fraction {val_fraction}: must be between 0 and 1")
+            raise EDM2Error(f"--val-fraction {val_fraction}: must be between 0 and 1")
         order = torch.randperm(len(images), generator=g)
         n_val = max(1, int(len(images) * val_fraction))
         val_images, val_labels = images[order[:n_val]], labels[order[:n_val]]
@@ -130,7 +131,7 @@ def classifier_scores(net, ref: dict, detector: ClassifierDetector, num: int = 1
      "consistency": class consistency, or None for an unconditional net}."""
     ref = check_ref_stats(ref)
     if "fd_classifier" not in ref:
-        raise ValueError("the reference statistics hold no fd_classifier entry; make them with "
+        raise EDM2Error("the reference statistics hold no fd_classifier entry; make them with "
                          "`edm2 metrics ref --metrics fd_classifier --detector-dir DIR`")
     net, _, encoder, _ = load_nets(net, None, device)
     stats, hits, total, conditional = FeatureStats(detector.feature_dim), 0, 0, False

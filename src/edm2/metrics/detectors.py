@@ -39,8 +39,9 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save
 
-from ..fileio import atomic_write_bytes
-from ..validate import safe_error_text
+from ..utils.errors import EDM2Error, MissingFileError
+from ..utils.fileio import atomic_write_bytes
+from ..utils.validate import safe_error_text
 
 __all__ = ["Detector", "InceptionDetector", "DINOv2Detector", "TinyDetector", "ClassifierConfig", "Classifier",
            "ClassifierDetector", "CLASSIFIER_FILE", "save_classifier", "load_classifier", "DETECTORS", "detector_dir",
@@ -74,7 +75,7 @@ class Detector(torch.nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
-            raise ValueError(f"{type(self).__name__}: expected uint8 images [N, 1 or 3, H, W], got "
+            raise EDM2Error(f"{type(self).__name__}: expected uint8 images [N, 1 or 3, H, W], got "
                              f"{images.dtype} {list(images.shape)}")
         if images.shape[1] == 1:
             images = images.repeat(1, 3, 1, 1)  # grayscale -> RGB
@@ -99,7 +100,7 @@ def _torch_fidelity_inception():
     if "torch_fidelity" not in sys.modules and importlib.util.find_spec("torchvision") is None:
         spec = importlib.util.find_spec("torch_fidelity")
         if spec is None:
-            raise RuntimeError("FID needs torch-fidelity: pip install --no-deps torch-fidelity==0.4.0 "
+            raise EDM2Error("FID needs torch-fidelity: pip install --no-deps torch-fidelity==0.4.0 "
                                "(or `make venv`, which installs it)")
         package = types.ModuleType("torch_fidelity")
         package.__path__ = list(spec.submodule_search_locations)
@@ -107,7 +108,7 @@ def _torch_fidelity_inception():
     try:
         return importlib.import_module("torch_fidelity.feature_extractor_inceptionv3").FeatureExtractorInceptionV3
     except ImportError as e:
-        raise RuntimeError(f"FID needs torch-fidelity ({e}): pip install --no-deps torch-fidelity==0.4.0") from None
+        raise EDM2Error(f"FID needs torch-fidelity ({e}): pip install --no-deps torch-fidelity==0.4.0") from None
 
 
 class InceptionDetector(Detector):
@@ -154,14 +155,14 @@ def _load_inception(folder: Path, download: bool, device) -> InceptionDetector:
         except Exception as e:
             why = f"; downloading {INCEPTION_URL} failed ({type(e).__name__})"
     if not path.is_file():
-        raise FileNotFoundError(f"FID weights {path} not found{why}: download {INCEPTION_URL} on a machine with "
+        raise MissingFileError(f"FID weights {path} not found{why}: download {INCEPTION_URL} on a machine with "
                                 f"network access and put it at {path} (the folder is --detector-dir or "
                                 f"$EDM2_DETECTOR_DIR)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
         return InceptionDetector(state).to(device)
     except Exception as e:
-        raise ValueError(f"{path}: not torch-fidelity's Inception-v3 weight file ({safe_error_text(e)}); "
+        raise EDM2Error(f"{path}: not torch-fidelity's Inception-v3 weight file ({safe_error_text(e)}); "
                          f"delete it and download {INCEPTION_URL} again") from None
 
 
@@ -228,21 +229,21 @@ def _load_dinov2(folder: Path, download: bool, device) -> DINOv2Detector:
     if local.exists():
         missing = [n for n in ("config.json", "model.safetensors") if not (local / n).is_file()]
         if missing:
-            raise FileNotFoundError(f"FD_DINOv2 weights: {local / missing[0]} is missing; {how}")
+            raise MissingFileError(f"FD_DINOv2 weights: {local / missing[0]} is missing; {how}")
         try:
             model = Dinov2Model.from_pretrained(str(local), local_files_only=True)
         except Exception as e:
-            raise ValueError(f"{local}: not a DINOv2 model folder ({type(e).__name__}: "
+            raise EDM2Error(f"{local}: not a DINOv2 model folder ({type(e).__name__}: "
                              f"{str(e).splitlines()[0][:200]}); {how}") from None
     else:
         try:  # the Hugging Face cache ($HF_HOME), downloading into it unless offline
             model = Dinov2Model.from_pretrained(DINOV2_HUB, local_files_only=not download or _offline())
         except Exception as e:
-            raise FileNotFoundError(f"FD_DINOv2 weights: {local} not found and {DINOV2_HUB} is not in the Hugging "
+            raise MissingFileError(f"FD_DINOv2 weights: {local} not found and {DINOV2_HUB} is not in the Hugging "
                                     f"Face cache{'' if download and not _offline() else ' (offline)'} "
                                     f"({type(e).__name__}); {how}") from None
     if model.config.hidden_size != 1024 or model.config.patch_size != 14:
-        raise ValueError(f"{local}: hidden size {model.config.hidden_size} / patch {model.config.patch_size}; "
+        raise EDM2Error(f"{local}: hidden size {model.config.hidden_size} / patch {model.config.patch_size}; "
                          f"FD_DINOv2 is defined with ViT-L/14 (1024 / 14)")
     return DINOv2Detector(model).to(device)
 
@@ -341,17 +342,17 @@ def load_classifier(path, device="cpu") -> ClassifierDetector:
     """Read a file written by `train_classifier` (safetensors; nothing in it is executed)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no classifier there; train one with `edm2 metrics classifier "
+        raise MissingFileError(f"{path}: no classifier there; train one with `edm2 metrics classifier "
                                 f"--data LABELLED_DATASET --out {path}`")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
             state = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for bad files
-        raise ValueError(f"{path}: not a readable safetensors file ({type(e).__name__}); "
+        raise EDM2Error(f"{path}: not a readable safetensors file ({type(e).__name__}); "
                          f"train a classifier with `edm2 metrics classifier`") from None
     if meta.get("format") != _CLASSIFIER_FORMAT:
-        raise ValueError(f"{path}: not an edm2 classifier (format {meta.get('format')!r}); "
+        raise EDM2Error(f"{path}: not an edm2 classifier (format {meta.get('format')!r}); "
                          f"train one with `edm2 metrics classifier`")
     raw = json.loads(meta["config"])
     config = ClassifierConfig(**{**raw, "widths": tuple(raw["widths"])})
@@ -359,7 +360,7 @@ def load_classifier(path, device="cpu") -> ClassifierDetector:
     try:
         classifier.load_state_dict(state)
     except RuntimeError:
-        raise ValueError(f"{path}: its tensors do not match its recorded architecture; the file is damaged") from None
+        raise EDM2Error(f"{path}: its tensors do not match its recorded architecture; the file is damaged") from None
     return ClassifierDetector(classifier.to(device), json.loads(meta.get("info", "{}")))
 
 
@@ -404,7 +405,7 @@ DETECTORS = {
 
 def _check_metric(metric):
     if metric not in DETECTORS:
-        raise ValueError(f"--metrics: unknown metric {metric!r}; choose from fid, fd_dinov2, fd_classifier "
+        raise EDM2Error(f"--metrics: unknown metric {metric!r}; choose from fid, fd_dinov2, fd_classifier "
                          f"(fd_tiny is a test stand-in)")
 
 

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from ..utils.errors import EDM2Error
+
 __all__ = ["FeatureStats", "frechet_distance", "sqrt_psd", "trace_sqrt_product"]
 
 
@@ -36,14 +38,14 @@ class FeatureStats:
     def append(self, features) -> None:
         x = torch.as_tensor(features).to(self.sum.device, torch.float64)
         if x.ndim != 2 or x.shape[1] != self.dim:
-            raise ValueError(f"FeatureStats: features of shape {list(x.shape)}, expected [N, {self.dim}]")
+            raise EDM2Error(f"FeatureStats: features of shape {list(x.shape)}, expected [N, {self.dim}]")
         self.num += x.shape[0]
         self.sum += x.sum(0)
         self.sum_sq += x.T @ x
 
     def merge(self, other: FeatureStats) -> None:
         if other.dim != self.dim:
-            raise ValueError(f"FeatureStats: cannot merge {other.dim}-d statistics into {self.dim}-d ones")
+            raise EDM2Error(f"FeatureStats: cannot merge {other.dim}-d statistics into {self.dim}-d ones")
         self.num += other.num
         self.sum += other.sum.to(self.sum.device)
         self.sum_sq += other.sum_sq.to(self.sum.device)
@@ -61,13 +63,13 @@ class FeatureStats:
 
     def mean(self) -> np.ndarray:
         if self.num < 1:
-            raise ValueError("FeatureStats: no features were added")
+            raise EDM2Error("FeatureStats: no features were added")
         return (self.sum / self.num).cpu().numpy()
 
     def cov(self) -> np.ndarray:
         """Unbiased covariance (÷ (N-1)); warns when N is below the feature dimension."""
         if self.num < 2:
-            raise ValueError(f"FeatureStats: a covariance needs at least 2 samples, got {self.num}")
+            raise EDM2Error(f"FeatureStats: a covariance needs at least 2 samples, got {self.num}")
         if self.num < self.dim:
             warnings.warn(f"only {self.num} images for {self.dim}-d features: the covariance is singular and the "
                           f"Fréchet distance is strongly biased; use at least {self.dim} (the paper uses 50000)",
@@ -100,7 +102,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
     d = mu1.shape[0] if mu1.ndim == 1 else -1
     if mu1.shape != (d,) or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
-        raise ValueError(f"frechet_distance: shapes mu1 {list(mu1.shape)}, sigma1 {list(sigma1.shape)}, mu2 "
+        raise EDM2Error(f"frechet_distance: shapes mu1 {list(mu1.shape)}, sigma1 {list(sigma1.shape)}, mu2 "
                          f"{list(mu2.shape)}, sigma2 {list(sigma2.shape)}; expected [D], [D, D] for one D")
     diff = mu1 - mu2
     value = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * trace_sqrt_product(sigma1, sigma2)

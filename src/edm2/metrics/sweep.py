@@ -1,5 +1,5 @@
 """EMA-length sweep (paper Sec. 3.2 / Figure 5): reconstruct a run's network
-at several EMA lengths with post-hoc EMA (`edm2.posthoc.reconstruct`),
+at several EMA lengths with post-hoc EMA (`edm2.ema.posthoc.reconstruct`),
 evaluate each (optionally at several guidance weights) with `gen_metrics`,
 and write `sweep.csv` and `sweep.png` (metric vs EMA length, and vs guidance
 when several are given), so the best EMA length is one command away.
@@ -12,15 +12,16 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from ..distributed import init_distributed, resolve_device
-from ..fileio import atomic_write_bytes, pyplot, save_figure
+from ..ema.posthoc import find_phema_inputs, reconstruct, resolve_time
 from ..generate import load_nets
-from ..posthoc import find_phema_inputs, reconstruct, resolve_time
+from ..io.snapshot import read_snapshot_meta, snapshot_name
 from ..sampling import check_guidance
-from ..snapshot import read_snapshot_meta, snapshot_name
-from ..units import parse_float_list
-from ..validate import check_sampler_options
-from .pipeline import gen_metrics, load_detectors, load_ref, resolve_metrics
+from ..utils.distributed import init_distributed, resolve_device
+from ..utils.errors import ExistingFileError
+from ..utils.fileio import atomic_write_bytes, pyplot, save_figure
+from ..utils.units import parse_float_list
+from ..utils.validate import check_sampler_options
+from .evaluate import gen_metrics, load_detectors, load_ref, resolve_metrics
 
 __all__ = ["sweep", "write_csv", "plot_sweep", "best_rows"]
 
@@ -101,7 +102,7 @@ def sweep(rundir, sigma_rels, ref, outdir=None, at_nimg=None, metrics=None, num:
     csv_path, png_path = outdir / CSV_NAME, outdir / PNG_NAME
     for p in (csv_path, png_path):
         if p.exists():
-            raise FileExistsError(f"{p}: a sweep was already written there; choose another --outdir")
+            raise ExistingFileError(f"{p}: a sweep was already written there; choose another --outdir")
     rank, world = init_distributed()
     device = resolve_device(device)
     if gnet is not None:  # fail before the reconstruction if the guide does not fit the run's network

@@ -21,6 +21,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..utils.errors import EDM2Error
 from .layers import resample
 from .unet import DTYPES, check_architecture, precond_coefficients, precondition
 
@@ -359,7 +360,7 @@ class ADMPrecond(torch.nn.Module):
 
     def forward(self, x, sigma, class_labels=None, force_fp32: bool = False, return_logvar: bool = False):
         if return_logvar and not self.uncertainty:
-            raise ValueError("return_logvar=True: this config-A network has no learned uncertainty u(sigma); "
+            raise EDM2Error("return_logvar=True: this config-A network has no learned uncertainty u(sigma); "
                              "train it with edm2.loss.EDMLoss, or build it with uncertainty=True (config B)")
         return precondition(self, self.model, x, sigma, class_labels, force_fp32, return_logvar)
 
@@ -409,31 +410,31 @@ def _check_arguments(img_resolution, img_channels, label_dim, model_channels, ch
     check_architecture(img_resolution, img_channels, label_dim, model_channels, channel_mult, num_blocks)
     for m in channel_mult:
         if not _groups_ok(model_channels * m):
-            raise ValueError(f"model_channels={model_channels} with channel_mult {list(channel_mult)}: every width "
+            raise EDM2Error(f"model_channels={model_channels} with channel_mult {list(channel_mult)}: every width "
                              f"must be >= 4 and divisible by its GroupNorm group count min(32, width // 4), "
                              f"e.g. a multiple of 32 (got width {model_channels * m})")
     if not isinstance(channel_mult_emb, int) or channel_mult_emb < 1:
-        raise ValueError(f"channel_mult_emb={channel_mult_emb!r}: must be a positive integer")
+        raise EDM2Error(f"channel_mult_emb={channel_mult_emb!r}: must be a positive integer")
     if not isinstance(channels_per_head, int) or channels_per_head < 1:
-        raise ValueError(f"channels_per_head={channels_per_head!r}: must be a positive integer")
+        raise EDM2Error(f"channels_per_head={channels_per_head!r}: must be a positive integer")
     resolutions = [img_resolution >> i for i in range(len(channel_mult))]
     for r in attn_resolutions:
         if r not in resolutions:
-            raise ValueError(f"attn_resolutions={list(attn_resolutions)}: {r} is not one of the network's "
+            raise EDM2Error(f"attn_resolutions={list(attn_resolutions)}: {r} is not one of the network's "
                              f"resolutions {resolutions}; list the ones that get self-attention")
     for level, m in enumerate(channel_mult):
         c = model_channels * m
         if c % channels_per_head and c // channels_per_head and (
                 resolutions[level] in attn_resolutions or level == len(channel_mult) - 1):
-            raise ValueError(f"channels_per_head={channels_per_head}: width {c} at {resolutions[level]}x"
+            raise EDM2Error(f"channels_per_head={channels_per_head}: width {c} at {resolutions[level]}x"
                              f"{resolutions[level]} is not a multiple of it")
     if not 0 <= dropout < 1:
-        raise ValueError(f"dropout={dropout!r}: must be in [0, 1)")
+        raise EDM2Error(f"dropout={dropout!r}: must be in [0, 1)")
     if not sigma_data > 0:
-        raise ValueError(f"sigma_data={sigma_data!r}: must be positive")
+        raise EDM2Error(f"sigma_data={sigma_data!r}: must be positive")
     if not isinstance(logvar_channels, int) or logvar_channels < 1:
-        raise ValueError(f"logvar_channels={logvar_channels!r}: must be a positive integer")
+        raise EDM2Error(f"logvar_channels={logvar_channels!r}: must be a positive integer")
     if precision not in DTYPES:
-        raise ValueError(f"precision={precision!r}; allowed: {', '.join(DTYPES)}")
+        raise EDM2Error(f"precision={precision!r}; allowed: {', '.join(DTYPES)}")
     if clip_act is not None and not clip_act > 0:
-        raise ValueError(f"clip_act={clip_act!r}: must be positive, or None for no clamp")
+        raise EDM2Error(f"clip_act={clip_act!r}: must be positive, or None for no clamp")

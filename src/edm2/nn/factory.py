@@ -5,7 +5,7 @@ snapshot loading, post-hoc EMA, generation and metrics all go through it, with
 the config letter stored in a snapshot's metadata (absent: G).
 
     A, B   edm2.nn.adm.ADMPrecond   (B: learned uncertainty, App. B.2)
-    C-F    edm2.nn.ladder.LadderPrecond
+    C-F    edm2.nn.rungs.LadderPrecond
     G      edm2.nn.Precond          (the final network; the published checkpoints)
 """
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 
 from ..presets import CONFIGS, check_config
 from .adm import ADMPrecond
-from .ladder import LadderPrecond
+from .rungs import LadderPrecond
 from .unet import Precond
 
 __all__ = ["CONFIGS", "check_config", "build_network", "network_config"]

@@ -11,6 +11,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..utils.errors import EDM2Error
+
 __all__ = ["normalize", "mp_silu", "mp_sum", "mp_cat", "resample", "MPFourier", "MPConv", "force_normalize_"]
 
 
@@ -50,14 +52,14 @@ def mp_cat(a: torch.Tensor, b: torch.Tensor, dim: int = 1, t: float = 0.5) -> to
 def resample(x: torch.Tensor, mode: str = "keep", f=(1, 1)) -> torch.Tensor:
     """Resampling with the box filter [1, 1]: 2x2 average pool or nearest 2x up."""
     if tuple(f) != (1, 1):
-        raise ValueError(f"resample_filter={list(f)} is not supported; only [1, 1] (the paper's box filter)")
+        raise EDM2Error(f"resample_filter={list(f)} is not supported; only [1, 1] (the paper's box filter)")
     if mode == "keep":
         return x
     if mode == "down":
         return F.avg_pool2d(x, 2)
     if mode == "up":
         return x.repeat_interleave(2, dim=2).repeat_interleave(2, dim=3)
-    raise ValueError(f"resample mode={mode!r}; allowed: 'keep', 'down', 'up'")
+    raise EDM2Error(f"resample mode={mode!r}; allowed: 'keep', 'down', 'up'")
 
 
 class MPFourier(torch.nn.Module):
@@ -144,7 +146,7 @@ class MPConv(torch.nn.Module):
     Under torch.compile the first step, an in-place update of the parameter,
     is left out of the traced forward (a graph would lose it): call
     `force_normalize_(net)` before every compiled training-mode call, as
-    `edm2 train --compile` and `edm2.speed.compile_loss` do.
+    `edm2 train --compile` and `edm2.train.speed.compile_loss` do.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kernel=()):

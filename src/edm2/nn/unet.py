@@ -9,7 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..hub import HubMixin
+from ..io.hub import HubMixin
+from ..utils.errors import EDM2Error
 from .layers import MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize, resample
 
 __all__ = ["Block", "UNet", "Precond", "set_precision", "precision_kwargs", "DTYPES"]
@@ -37,9 +38,9 @@ class Block(torch.nn.Module):
     ):
         super().__init__()
         if flavor not in ("enc", "dec"):
-            raise ValueError(f"flavor={flavor!r}; allowed: 'enc', 'dec'")
+            raise EDM2Error(f"flavor={flavor!r}; allowed: 'enc', 'dec'")
         if resample_mode not in ("keep", "up", "down"):
-            raise ValueError(f"resample_mode={resample_mode!r}; allowed: 'keep', 'up', 'down'")
+            raise EDM2Error(f"resample_mode={resample_mode!r}; allowed: 'keep', 'up', 'down'")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.flavor = flavor
@@ -194,7 +195,7 @@ class Precond(torch.nn.Module, HubMixin):
     so that their stored constructor arguments build our network.
 
     `save_pretrained(dir)` / `Precond.from_pretrained(dir_or_repo_id)` follow the
-    Hugging Face Hub conventions (edm2.hub.HubMixin; docs/integrations.md).
+    Hugging Face Hub conventions (edm2.io.hub.HubMixin; docs/integrations.md).
     """
 
     _hub_config_classes = (UNet, Block)
@@ -215,7 +216,7 @@ class Precond(torch.nn.Module, HubMixin):
         if use_fp16 is not None:
             precision = "fp16" if use_fp16 else "fp32"
         if precision not in DTYPES:
-            raise ValueError(f"precision={precision!r}; allowed: {', '.join(DTYPES)}")
+            raise EDM2Error(f"precision={precision!r}; allowed: {', '.join(DTYPES)}")
         self.img_resolution = img_resolution
         self.img_channels = img_channels
         self.label_dim = label_dim
@@ -278,7 +279,7 @@ def precond_coefficients(sigma: torch.Tensor, sigma_data: float):
 def set_precision(net: Precond, precision: str) -> None:
     """Choose the U-Net dtype on CUDA: 'fp32', 'fp16' (reference) or 'bf16'."""
     if precision not in DTYPES:
-        raise ValueError(f"precision={precision!r}; allowed: {', '.join(DTYPES)}")
+        raise EDM2Error(f"precision={precision!r}; allowed: {', '.join(DTYPES)}")
     net.precision = precision
 
 
@@ -300,18 +301,18 @@ def check_architecture(img_resolution, img_channels, label_dim, model_channels, 
     """Raise ValueError naming the bad argument and what is allowed."""
     r = img_resolution
     if not isinstance(r, int) or r < 8 or r & (r - 1):
-        raise ValueError(f"img_resolution={r!r}: must be a power of two >= 8 (8, 16, 32, 64, ...)")
+        raise EDM2Error(f"img_resolution={r!r}: must be a power of two >= 8 (8, 16, 32, 64, ...)")
     if not isinstance(img_channels, int) or img_channels < 1:
-        raise ValueError(f"img_channels={img_channels!r}: must be a positive integer (1 grey, 3 RGB, 4 latent, ...)")
+        raise EDM2Error(f"img_channels={img_channels!r}: must be a positive integer (1 grey, 3 RGB, 4 latent, ...)")
     if not isinstance(label_dim, int) or label_dim < 0:
-        raise ValueError(f"label_dim={label_dim!r}: must be an integer >= 0 (0 = unconditional)")
+        raise EDM2Error(f"label_dim={label_dim!r}: must be an integer >= 0 (0 = unconditional)")
     if not isinstance(model_channels, int) or model_channels < 1:
-        raise ValueError(f"model_channels={model_channels!r}: must be a positive integer")
+        raise EDM2Error(f"model_channels={model_channels!r}: must be a positive integer")
     if len(channel_mult) == 0 or any((not isinstance(m, int)) or m < 1 for m in channel_mult):
-        raise ValueError(f"channel_mult={list(channel_mult)!r}: must be a non-empty list of positive integers, "
+        raise EDM2Error(f"channel_mult={list(channel_mult)!r}: must be a non-empty list of positive integers, "
                          f"e.g. [1, 2, 3, 4]")
     if (r >> (len(channel_mult) - 1)) < 1:
-        raise ValueError(f"channel_mult has {len(channel_mult)} levels, too many for img_resolution={r} "
+        raise EDM2Error(f"channel_mult has {len(channel_mult)} levels, too many for img_resolution={r} "
                          f"(at most {r.bit_length()})")
     if not isinstance(num_blocks, int) or num_blocks < 1:
-        raise ValueError(f"num_blocks={num_blocks!r}: must be an integer >= 1")
+        raise EDM2Error(f"num_blocks={num_blocks!r}: must be an integer >= 1")

@@ -13,8 +13,8 @@ import json
 
 import torch
 
-from ..fileio import atomic_write_bytes
 from ..sampling import edm_sampler
+from ..utils.fileio import atomic_write_bytes
 from .gmm import tree_mixture
 
 __all__ = ["IN_LOGP", "toy_noise", "sample_toy", "toy_score", "write_score_json"]

@@ -22,6 +22,8 @@ import math
 import numpy as np
 import torch
 
+from ..utils.errors import EDM2Error
+
 __all__ = ["GaussianMixture", "tree_mixture", "CLASSES"]
 
 CLASSES = ("A", "B", "AB")
@@ -38,7 +40,7 @@ class GaussianMixture:
     def __init__(self, phi, mu, Sigma):
         phi = np.asarray(phi, np.float64)
         if phi.ndim != 1 or len(phi) == 0 or np.any(phi <= 0):
-            raise ValueError("GaussianMixture: phi must be a non-empty vector of positive weights")
+            raise EDM2Error("GaussianMixture: phi must be a non-empty vector of positive weights")
         self.phi = torch.as_tensor(phi / phi.sum())                                    # [K] float64
         self.mu = torch.as_tensor(np.asarray(mu, np.float64))                           # [K, 2]
         L, Q = np.linalg.eigh(np.asarray(Sigma, np.float64))                             # Sigma = Q diag(L) Q^T
@@ -77,7 +79,7 @@ class GaussianMixture:
         at most `chunk` points at a time to bound memory."""
         x = torch.as_tensor(x)
         if x.shape[-1] != 2:
-            raise ValueError(f"GaussianMixture: points must have shape [..., 2], got {list(x.shape)}")
+            raise EDM2Error(f"GaussianMixture: points must have shape [..., 2], got {list(x.shape)}")
         n = x.numel() // 2
         if n > chunk:
             flat = x.reshape(-1, 2)
@@ -177,6 +179,6 @@ def _tree_components(seed=2, depth_limit=7):
 def tree_mixture(classes: str = "A") -> GaussianMixture:
     """The ground truth of class 'A', 'B' or both ('AB') as a GaussianMixture."""
     if classes not in CLASSES:
-        raise ValueError(f"classes={classes!r}: choose one of A, B, AB")
+        raise EDM2Error(f"classes={classes!r}: choose one of A, B, AB")
     sel = [c for c in _tree_components() if c[0] in classes]
     return GaussianMixture([c[1] for c in sel], [c[2] for c in sel], [c[3] for c in sel])

@@ -23,8 +23,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from ..fileio import atomic_write_bytes
 from ..nn import MPConv, mp_silu
+from ..utils.errors import EDM2Error, MissingFileError
+from ..utils.fileio import atomic_write_bytes
 
 __all__ = ["ToyNetConfig", "ToyNet", "save_toy", "load_toy", "TOY_FORMAT"]
 
@@ -39,9 +40,9 @@ class ToyNetConfig:
 
     def check(self):
         if self.num_layers < 1 or self.hidden_dim < 1:
-            raise ValueError(f"toy net: layers={self.num_layers} and dim={self.hidden_dim} must both be >= 1")
+            raise EDM2Error(f"toy net: layers={self.num_layers} and dim={self.hidden_dim} must both be >= 1")
         if self.sigma_data <= 0:
-            raise ValueError(f"toy net: sigma_data={self.sigma_data} must be > 0")
+            raise EDM2Error(f"toy net: sigma_data={self.sigma_data} must be > 0")
 
 
 class ToyNet(torch.nn.Module):
@@ -97,12 +98,12 @@ def read_toy_meta(path) -> dict:
     """The JSON metadata of a toy snapshot (raises ValueError for other files)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such toy snapshot")
+        raise MissingFileError(f"{path}: no such toy snapshot")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = json.loads((f.metadata() or {})[TOY_FORMAT])
     except Exception:
-        raise ValueError(f"{path}: not a toy snapshot "
+        raise EDM2Error(f"{path}: not a toy snapshot "
                          f"(expected a .safetensors file written by `edm2 toy train`)") from None
     return meta
 
@@ -114,5 +115,5 @@ def load_toy(path) -> tuple[ToyNet, dict]:
     try:
         net.load_state_dict(load_file(str(path)), strict=True)
     except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not match the config in its metadata: {str(e).splitlines()[0]}") from None
+        raise EDM2Error(f"{path}: weights do not match the config in its metadata: {str(e).splitlines()[0]}") from None
     return net.eval().requires_grad_(False), meta

@@ -8,7 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..fileio import pyplot, save_figure
+from ..utils.errors import EDM2Error
+from ..utils.fileio import pyplot, save_figure
 from .evaluate import IN_LOGP, sample_toy, toy_score
 from .gmm import tree_mixture
 
@@ -41,7 +42,7 @@ def plot_toy(panels, out, classes: str = "A", num: int = 4096, seed: int = 0, tr
     as lines) into one PNG at `out` (written atomically). Returns each panel's
     toy_score dict (with its title)."""
     if resolution < 2 or trajectories < 0 or num < 1 or not panels:
-        raise ValueError(f"plot_toy: need panels, num >= 1, resolution >= 2, trajectories >= 0 "
+        raise EDM2Error(f"plot_toy: need panels, num >= 1, resolution >= 2, trajectories >= 0 "
                          f"(got {len(panels)}, {num}, {resolution}, {trajectories})")
     plt = pyplot()
 

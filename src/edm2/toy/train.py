@@ -19,10 +19,11 @@ import numpy as np
 import torch
 import tqdm
 
-from ..ema import PowerFunctionEMA
-from ..fileio import atomic_write_bytes
+from ..ema.profiles import solve_posthoc_coefficients, std_to_exp
+from ..ema.trackers import PowerFunctionEMA
 from ..loss import learning_rate_schedule
-from ..phema import solve_posthoc_coefficients, std_to_exp
+from ..utils.errors import EDM2Error, ExistingFileError, MissingFileError
+from ..utils.fileio import atomic_write_bytes
 from .gmm import CLASSES, tree_mixture
 from .model import ToyNet, ToyNetConfig, load_toy, read_toy_meta, save_toy
 
@@ -51,15 +52,15 @@ class ToyTrainConfig:
 
     def check(self):
         if self.classes not in CLASSES:
-            raise ValueError(f"--classes={self.classes!r}: choose one of A, B, AB")
+            raise EDM2Error(f"--classes={self.classes!r}: choose one of A, B, AB")
         if self.iters < 1 or self.batch_size < 1:
-            raise ValueError(f"--iters={self.iters} and --batch={self.batch_size} must be >= 1")
+            raise EDM2Error(f"--iters={self.iters} and --batch={self.batch_size} must be >= 1")
         if not 1 <= self.sigma_groups <= self.batch_size or self.batch_size % self.sigma_groups:
-            raise ValueError(f"sigma_groups={self.sigma_groups} must divide --batch={self.batch_size}")
+            raise EDM2Error(f"sigma_groups={self.sigma_groups} must divide --batch={self.batch_size}")
         if self.snapshot_iters < 0:
-            raise ValueError(f"--snapshot-every={self.snapshot_iters} must be >= 0")
+            raise EDM2Error(f"--snapshot-every={self.snapshot_iters} must be >= 0")
         if not self.ema_stds:
-            raise ValueError("--ema: track at least one EMA profile")
+            raise EDM2Error("--ema: track at least one EMA profile")
         std_to_exp(list(self.ema_stds))  # raises ValueError naming the allowed sigma_rel range
         self.net_config().check()
 
@@ -105,7 +106,7 @@ def train_toy(config: ToyTrainConfig, outdir=None, progress: bool = True) -> Toy
     if outdir is not None:
         outdir = Path(outdir)
         if outdir.exists() and (list_toy_snapshots(outdir) or (outdir / "training.json").exists()):
-            raise FileExistsError(f"--outdir {outdir}: already holds a toy run; choose a new folder")
+            raise ExistingFileError(f"--outdir {outdir}: already holds a toy run; choose a new folder")
         outdir.mkdir(parents=True, exist_ok=True)
     threads = torch.get_num_threads()
     if config.threads > 0:
@@ -171,13 +172,13 @@ def load_toy_run(source, ema_std: float | None = None, iteration: int | None = N
     path = Path(source)
     if path.is_file():
         if ema_std is not None or iteration is not None:
-            raise ValueError(f"{path}: --ema-std/--iter select inside a run folder; pass the folder instead of a file")
+            raise EDM2Error(f"{path}: --ema-std/--iter select inside a run folder; pass the folder instead of a file")
         return load_toy(path)
     if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such toy snapshot or run folder")
+        raise MissingFileError(f"{path}: no such toy snapshot or run folder")
     snaps = list_toy_snapshots(path)
     if not snaps:
-        raise FileNotFoundError(f"{path}: no toy-*.safetensors snapshots; train one with `edm2 toy train --outdir {path}`")
+        raise MissingFileError(f"{path}: no toy-*.safetensors snapshots; train one with `edm2 toy train --outdir {path}`")
     iteration = iteration if iteration is not None else snaps[-1][0]
     if ema_std is None:
         ema_std = read_toy_meta(snaps[-1][2])["train"]["ema_stds"][0]
@@ -193,11 +194,11 @@ def posthoc_toy(run_dir, ema_std: float, iteration: int | None = None, in_stds=N
     iteration <= `iteration`) that best matches profile ema_std at `iteration`."""
     snaps = list_toy_snapshots(run_dir)
     if not snaps:
-        raise FileNotFoundError(f"{run_dir}: no toy-*.safetensors snapshots to reconstruct from")
+        raise MissingFileError(f"{run_dir}: no toy-*.safetensors snapshots to reconstruct from")
     iteration = iteration if iteration is not None else snaps[-1][0]
     use = [s for s in snaps if 0 < s[0] <= iteration and (in_stds is None or any(abs(s[1] - v) < 5e-4 for v in in_stds))]
     if not use:
-        raise ValueError(f"{run_dir}: no snapshots at iteration <= {iteration} with ema_std in {in_stds}")
+        raise EDM2Error(f"{run_dir}: no snapshots at iteration <= {iteration} with ema_std in {in_stds}")
     nets = [load_toy(p) for _, _, p in use]
     in_t = [m["nimg"] for _, m in nets]
     out_t = iteration * nets[-1][1]["train"]["batch_size"]

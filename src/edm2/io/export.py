@@ -1,12 +1,13 @@
 """`edm2 export --format hf`: an edm2 snapshot as a Hugging Face model folder
 (docs/integrations.md). The diffusers pipeline export is
-`edm2.pipeline.export_diffusers` (it needs diffusers)."""
+`edm2.io.diffusers.export_diffusers` (it needs diffusers)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from .fileio import atomic_folder
+from ..utils.errors import EDM2Error
+from ..utils.fileio import atomic_folder
 from .hub import HubMixin
 from .loading import load_network
 
@@ -17,15 +18,15 @@ EDM2_JSON = "edm2.json"
 
 def export_hf(source, outdir, overwrite: bool = False) -> Path:
     """Write the network of an edm2 snapshot (file, run folder, or anything
-    edm2.loading.load_network accepts) as a Hugging Face model folder:
+    edm2.io.loading.load_network accepts) as a Hugging Face model folder:
     config.json + model.safetensors (via save_pretrained, loadable with
     `<class>.from_pretrained(outdir)`), README.md (model card) and edm2.json
     (the snapshot's metadata: encoder, dataset, nimg, sigma_rel, origin).
     Nothing is written unless everything succeeds."""
     net, meta = load_network(source)
     if not isinstance(net, HubMixin):
-        raise ValueError(f"{source}: its network class {type(net).__name__} has no Hugging Face support "
-                         f"(edm2.hub.HubMixin); export is available for Precond")
+        raise EDM2Error(f"{source}: its network class {type(net).__name__} has no Hugging Face support "
+                         f"(edm2.io.hub.HubMixin); export is available for Precond")
     info = {k: meta.get(k) for k in ("net_kwargs", "nimg", "ema_std", "encoder", "dataset", "origin")}
     info["class_name"] = type(net).__name__
 

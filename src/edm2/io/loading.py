@@ -3,8 +3,8 @@ training run folder, or one of the authors' published `.pkl` files (a path or
 a URL, downloaded once to the cache).
 
 Generation, metrics, post-hoc EMA sweeps and `train --init` all open their
-networks here. The snapshot file format itself lives in `edm2.snapshot`, the
-safe import of the authors' pickles in `edm2.official`; this module only
+networks here. The snapshot file format itself lives in `edm2.io.snapshot`, the
+safe import of the authors' pickles in `edm2.io.official`; this module only
 decides which of the two a name refers to. Nothing here executes code from a
 file.
 """
@@ -37,7 +37,7 @@ def resolve_snapshot_path(source) -> Path:
 def load_network(source, device="cpu"):
     """Load a network from anything a user may name -> (Precond in eval mode, meta):
     an edm2 snapshot file, a run folder (see `resolve_snapshot_path`), or one of the
-    authors' published .pkl files / URLs (read by `edm2.official.load_official`'s
+    authors' published .pkl files / URLs (read by `edm2.io.official.load_official`'s
     restricted unpickler, which never executes code from the file)."""
     if is_url(source) or str(source).endswith(".pkl"):
         return load_official(source, device=device)

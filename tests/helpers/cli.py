@@ -1,7 +1,7 @@
 """Shared code of the bad-input tests: run the CLI in-process, assert a one-line
 refusal, and assert that nothing on disk changed.
 
-    from refusals import assert_refused
+    from helpers.cli import assert_refused
     msg = assert_refused(["generate", ...], watch=[tmp_path], match="--S-noise")
 
 `tree_hashes(paths)` maps every file (sha256) and folder (None) under the

@@ -30,6 +30,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from .errors import EDM2Error, ExistingFileError
+
 __all__ = ["WriteError", "describe_os_error", "atomic_write_bytes", "AtomicWriter", "atomic_folder", "png_bytes",
            "pyplot", "save_figure", "RunLock", "LockError", "remove_temp_files", "temp_name_matches", "LOCK_NAME"]
 
@@ -226,9 +228,10 @@ def atomic_folder(outdir, write, overwrite: bool = False) -> Path:
     is complete."""
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
-        raise FileExistsError(f"--outdir {outdir}: exists and is not a folder")
+        raise ExistingFileError(f"--outdir {outdir}: exists and is not a folder")
     if outdir.is_dir() and any(outdir.iterdir()) and not overwrite:
-        raise FileExistsError(f"--outdir {outdir}: exists and is not empty; pass --overwrite or choose another folder")
+        raise ExistingFileError(f"--outdir {outdir}: exists and is not empty; pass --overwrite or choose another "
+                                "folder")
     try:
         outdir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", suffix=".tmp", dir=outdir.parent))
@@ -255,7 +258,7 @@ def png_bytes(image, compress_level: int = 6) -> bytes:
     if not isinstance(image, Image.Image):
         arr = np.asarray(image)
         if arr.dtype != np.uint8:
-            raise ValueError(f"png_bytes: expected uint8 pixels, got {arr.dtype}")
+            raise EDM2Error(f"png_bytes: expected uint8 pixels, got {arr.dtype}")
         image = Image.fromarray(arr[:, :, 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)
     buf = io.BytesIO()
     image.save(buf, format="PNG", compress_level=compress_level)
@@ -316,7 +319,7 @@ def remove_temp_files(folder, prefixes=None) -> list[Path]:
 # One writer per folder.
 # ---------------------------------------------------------------------------
 
-class LockError(RuntimeError):
+class LockError(EDM2Error, RuntimeError):
     """The folder is in use by another process (or its lock cannot be judged)."""
 
 

@@ -33,6 +33,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from .errors import EDM2Error
+
 __all__ = ["default_device", "resolve_device", "init_distributed", "rank_world", "shutdown_distributed",
            "configure_threads", "available_cores", "DEFAULT_MAX_THREADS"]
 
@@ -97,14 +99,14 @@ def configure_threads(threads: int | None = None) -> int:
             try:
                 threads = int(env)
             except ValueError:
-                raise ValueError(f"OMP_NUM_THREADS={env!r}: expected a whole number of threads, e.g. "
+                raise EDM2Error(f"OMP_NUM_THREADS={env!r}: expected a whole number of threads, e.g. "
                                  f"OMP_NUM_THREADS=4") from None
             if threads < 1:
-                raise ValueError(f"OMP_NUM_THREADS={env}: the number of CPU threads must be >= 1")
+                raise EDM2Error(f"OMP_NUM_THREADS={env}: the number of CPU threads must be >= 1")
         else:
             local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
             threads = max(1, min(available_cores(), DEFAULT_MAX_THREADS) // local)
     elif threads < 1:
-        raise ValueError(f"threads={threads}: the number of CPU threads must be >= 1")
+        raise EDM2Error(f"threads={threads}: the number of CPU threads must be >= 1")
     torch.set_num_threads(threads)
     return threads

@@ -7,9 +7,9 @@ folder:
 
     config.json                         the resolved run (compared on resume)
     log.txt, stats.jsonl                status lines, one JSON record per status
-    snapshot-<nimg>-<sigma_rel>.safetensors   EMA networks (edm2.snapshot format)
+    snapshot-<nimg>-<sigma_rel>.safetensors   EMA networks (edm2.io.snapshot format)
     grid-<nimg>.png                     samples of the longest EMA at each snapshot
-    checkpoint-<nimg>.pt                resume state (edm2.checkpoint)
+    checkpoint-<nimg>.pt                resume state (edm2.train.checkpoint)
     tensorboard/                        event files, when tensorboard is installed
 
 Re-running the same command resumes from the newest readable checkpoint.
@@ -41,6 +41,22 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from ..analysis.dynamics import DynamicsHook
+from ..data import ImageDataset, builtin_dataset_path
+from ..ema.profiles import check_sigma_rel
+from ..ema.trackers import PowerFunctionEMA, TraditionalEMA
+from ..encoders import StabilityVAEEncoder, StandardRGBEncoder, VAEUnavailable, encoder_from_meta
+from ..io.loading import load_network
+from ..io.snapshot import make_meta, run_fingerprint, save_snapshot, snapshot_config, snapshot_name
+from ..loss import EDM2Loss, EDMLoss, learning_rate_schedule
+from ..nn import DTYPES, Precond, force_normalize_
+from ..nn import build_network as make_network
+from ..nn.adm import adm_net_kwargs
+from ..presets import RECIPES, get_preset
+from ..utils.distributed import configure_threads, init_distributed, resolve_device
+from ..utils.errors import EDM2Error
+from ..utils.fileio import LockError, RunLock, atomic_write_bytes
+from ..utils.units import parse_float_list
 from .checkpoint import (
     archive_run,
     check_restart,
@@ -50,24 +66,9 @@ from .checkpoint import (
     remove_stale_temp_files,
     save_checkpoint,
 )
-from .data import ImageDataset, builtin_dataset_path
-from .distributed import configure_threads, init_distributed, resolve_device
-from .dynamics import DynamicsHook
-from .ema import PowerFunctionEMA, TraditionalEMA
-from .encoders import StabilityVAEEncoder, StandardRGBEncoder, VAEUnavailable, encoder_from_meta
-from .fileio import LockError, RunLock, atomic_write_bytes
-from .loading import load_network
-from .loss import EDM2Loss, EDMLoss, learning_rate_schedule
-from .nn import DTYPES, Precond, force_normalize_
-from .nn import build_network as make_network
-from .nn.adm import adm_net_kwargs
-from .phema import check_sigma_rel
-from .presets import RECIPES, get_preset
-from .snapshot import make_meta, run_fingerprint, save_snapshot, snapshot_config, snapshot_name
+from .config import TrainConfig
+from .log import Reporter, StatusMeter, save_grid
 from .speed import to_channels_last
-from .trainconfig import TrainConfig
-from .trainlog import Reporter, StatusMeter, save_grid
-from .units import parse_float_list
 
 __all__ = ["TrainConfig", "RunPlan", "TrainResult", "Run", "Stream", "plan_run", "setup", "start_session", "train",
            "train_loop", "dry_run", "describe", "stream_indices", "sample_seed", "build_network", "build_optimizer",
@@ -184,15 +185,15 @@ def _check_values(config: TrainConfig, preset) -> dict:
         value = float(_pick(given, getattr(preset, name, None)))
         if not ((low < value or (low_ok and value == low)) and value < high):
             where = "" if given is not None else f" (from preset {preset.name})"
-            raise ValueError(f"{name}={value}{where}: must be {must}")
+            raise EDM2Error(f"{name}={value}{where}: must be {must}")
         values[name] = value
     if config.precision not in DTYPES:
-        raise ValueError(f"precision={config.precision!r}: allowed: {', '.join(DTYPES)}")
+        raise EDM2Error(f"precision={config.precision!r}: allowed: {', '.join(DTYPES)}")
     for name in ("seed", "workers", "grid", "threads", "channels", "dynamics", "dynamics_probe"):
         value = getattr(config, name)
         low = 1 if name in ("threads", "channels", "dynamics", "dynamics_probe") else 0
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < low):
-            raise ValueError(f"{name}={value!r}: must be a whole number >= {low}")
+            raise EDM2Error(f"{name}={value!r}: must be a whole number >= {low}")
     return values
 
 
@@ -200,13 +201,13 @@ def _check_ema_std(config: TrainConfig, preset) -> list:
     """The EMA lengths sigma_rel: different values, each in (0, 0.2887) (paper Sec. 3.1)."""
     if preset.ema == "traditional":
         if config.ema_std is not None:
-            raise ValueError(f"ema_std={','.join(map(str, config.ema_std))}: config {preset.config} keeps a traditional "
+            raise EDM2Error(f"ema_std={','.join(map(str, config.ema_std))}: config {preset.config} keeps a traditional "
                              f"EMA (half-life {preset.ema_halflife:.4g} images), not power-function profiles; drop "
                              f"ema_std, or pick a config B-G (allowed with ema_std: B, C, D, E, F, G)")
         return []
     ema_std = parse_float_list(_pick(config.ema_std, preset.ema_std), "ema_std")
     if len(set(ema_std)) != len(ema_std):
-        raise ValueError(f"ema_std={','.join(map(str, ema_std))}: every value must be different")
+        raise EDM2Error(f"ema_std={','.join(map(str, ema_std))}: every value must be different")
     check_sigma_rel(ema_std, "ema_std")
     return ema_std
 
@@ -215,14 +216,14 @@ def _resolve_sizes(config: TrainConfig, preset, world_size: int) -> dict:
     """batch, batch_gpu and the image counts, checked against each other."""
     batch = int(_pick(config.batch, preset.batch))
     if batch < 1:
-        raise ValueError(f"batch={batch}: must be >= 1")
+        raise EDM2Error(f"batch={batch}: must be >= 1")
     if batch % world_size:
-        raise ValueError(f"batch={batch}: not divisible by the {world_size} processes; "
+        raise EDM2Error(f"batch={batch}: not divisible by the {world_size} processes; "
                          f"pick a multiple of {world_size}")
     per_rank = batch // world_size
     batch_gpu = int(_pick(config.batch_gpu, per_rank))
     if batch_gpu < 1 or per_rank % batch_gpu:
-        raise ValueError(f"batch_gpu={batch_gpu}: must divide the per-process batch {per_rank} "
+        raise EDM2Error(f"batch_gpu={batch_gpu}: must divide the per-process batch {per_rank} "
                          f"(batch={batch} over {world_size} processes)")
     sizes = {name: _pick(getattr(config, name), getattr(preset, name))
              for name in ("duration", "status", "snapshot", "checkpoint")}
@@ -230,7 +231,7 @@ def _resolve_sizes(config: TrainConfig, preset, world_size: int) -> dict:
         sizes["slice"] = config.slice
     for name, value in sizes.items():
         if value < 1 or value % batch:
-            raise ValueError(f"{name}={value}: must be a positive multiple of batch={batch} "
+            raise EDM2Error(f"{name}={value}: must be a positive multiple of batch={batch} "
                              f"(e.g. {max(value // batch, 1) * batch})")
     return dict(sizes, batch=batch, batch_gpu=batch_gpu)
 
@@ -241,14 +242,14 @@ def _open_dataset(config: TrainConfig):
     path = Path(config.data) if config.data is not None else builtin_dataset_path()
     ds = ImageDataset(path, xflip=config.xflip, use_labels=config.cond is not False)
     if config.cond and not ds.has_labels:
-        raise ValueError(f"cond=True: dataset {path} has no labels (no dataset.json with labels); "
+        raise EDM2Error(f"cond=True: dataset {path} has no labels (no dataset.json with labels); "
                          f"use cond=False or add labels with `edm2 dataset convert`")
     if ds.is_latent:
         encoder, channels = StabilityVAEEncoder(), 4
     elif ds.num_channels in (1, 3):
         encoder, channels = StandardRGBEncoder(), ds.num_channels
     else:
-        raise ValueError(f"dataset {path}: {ds.num_channels}-channel items are not supported; "
+        raise EDM2Error(f"dataset {path}: {ds.num_channels}-channel items are not supported; "
                          f"use 1 (grey) or 3 (RGB) channel images or 8-channel latents")
     _check_items(ds)
     dataset = dict(resolution=ds.resolution, channels=channels, label_dim=ds.label_dim,
@@ -261,15 +262,15 @@ def _resolve_net_kwargs(config: TrainConfig, preset, ds, channels: int) -> dict:
     if config.init is not None:
         _, init_meta = load_network(config.init)
         if snapshot_config(init_meta) != preset.config:
-            raise ValueError(f"init={config.init}: the network is config {snapshot_config(init_meta)} but "
+            raise EDM2Error(f"init={config.init}: the network is config {snapshot_config(init_meta)} but "
                              f"config={preset.config}; pass config={snapshot_config(init_meta)} to fine-tune it")
         net_kwargs = {k: v for k, v in init_meta["net_kwargs"].items() if k not in ("use_fp16", "reduced_dtype")}
         for name, want in (("img_resolution", ds.resolution), ("img_channels", channels), ("label_dim", ds.label_dim)):
             if net_kwargs.get(name) != want:
-                raise ValueError(f"init={config.init}: the network has {name}={net_kwargs.get(name)} but the "
+                raise EDM2Error(f"init={config.init}: the network has {name}={net_kwargs.get(name)} but the "
                                  f"dataset needs {want}; pick a network trained on data like {config.data}")
         if config.channels is not None or config.dropout is not None:
-            raise ValueError(f"init={config.init}: channels and dropout cannot change the architecture of the "
+            raise EDM2Error(f"init={config.init}: channels and dropout cannot change the architecture of the "
                              f"network it names; drop them")
     else:
         net_kwargs = preset.replace(model_channels=_pick(config.channels, preset.model_channels),
@@ -502,7 +503,7 @@ def _build_run(plan: RunPlan, ds, out: Path, rank: int, world: int, device: torc
 
 def _configure_device(device: torch.device, threads: int | None) -> None:
     """CUDA: no TF32, cuDNN autotuning. CPU threads: `threads` when given, else as they are
-    (`edm2 train` sets them with `edm2.distributed.configure_threads`)."""
+    (`edm2 train` sets them with `edm2.utils.distributed.configure_threads`)."""
     if device.type == "cuda":
         torch.cuda.set_device(device)
         torch.backends.cuda.matmul.allow_tf32 = False   # no TF32 (docs/design.md#optimisation)
@@ -746,5 +747,5 @@ def _next_batch(batches: Iterator):
         return next(batches)
     except ValueError as e:
         lines = [ln for ln in str(e).splitlines() if ln.strip()]
-        raise ValueError(lines[-1] if lines else str(e)) from None
+        raise EDM2Error(lines[-1] if lines else str(e)) from None
 

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..utils.errors import EDM2Error
 from .layers import MPConv, MPFourier, normalize, resample
 from .unet import DTYPES, Block, Precond, check_architecture
 
@@ -64,7 +65,7 @@ RUNGS: dict[str, Rung] = {
 
 def get_rung(config: str) -> Rung:
     if config not in RUNGS:
-        raise ValueError(f"config={config!r} is not built by LadderPrecond; allowed: {', '.join(RUNGS)}")
+        raise EDM2Error(f"config={config!r} is not built by LadderPrecond; allowed: {', '.join(RUNGS)}")
     return RUNGS[config]
 
 
@@ -88,7 +89,7 @@ class LadderConv(torch.nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel=(), weight_norm: str = "none"):
         super().__init__()
         if weight_norm not in ("none", "standard"):
-            raise ValueError(f"weight_norm={weight_norm!r}; allowed: 'none', 'standard' (forced: use MPConv)")
+            raise EDM2Error(f"weight_norm={weight_norm!r}; allowed: 'none', 'standard' (forced: use MPConv)")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.weight_norm = weight_norm
@@ -166,9 +167,9 @@ class LadderBlock(torch.nn.Module):
                  dropout: float = 0.1, clip_act: float | None = 256):
         super().__init__()
         if flavor not in ("enc", "dec"):
-            raise ValueError(f"flavor={flavor!r}; allowed: 'enc', 'dec'")
+            raise EDM2Error(f"flavor={flavor!r}; allowed: 'enc', 'dec'")
         if resample_mode not in ("keep", "up", "down"):
-            raise ValueError(f"resample_mode={resample_mode!r}; allowed: 'keep', 'up', 'down'")
+            raise EDM2Error(f"resample_mode={resample_mode!r}; allowed: 'keep', 'up', 'down'")
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.rung = rung
@@ -320,7 +321,7 @@ class LadderPrecond(Precond):
                  precision: str = "fp16", sigma_data: float = 0.5, logvar_channels: int = 128, **unet_kwargs):
         torch.nn.Module.__init__(self)
         if precision not in DTYPES:
-            raise ValueError(f"precision={precision!r}; allowed: {', '.join(DTYPES)}")
+            raise EDM2Error(f"precision={precision!r}; allowed: {', '.join(DTYPES)}")
         rung = get_rung(config)
         self.config = rung.name
         self.img_resolution = img_resolution

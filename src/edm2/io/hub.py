@@ -7,7 +7,7 @@ reads them back (a Hub repo id goes through the Hub client's cache). Loading
 checks the config's fields, requires every weight (strict), never falls back to
 pickled weights, and reports problems in one line naming the file.
 
-`edm2.export.export_hf` (`edm2 export --format hf`) writes such folders from
+`edm2.io.export.export_hf` (`edm2 export --format hf`) writes such folders from
 snapshots.
 """
 from __future__ import annotations
@@ -20,7 +20,8 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin, hf_hub_download
 from safetensors.torch import load_file, save
 
-from .fileio import atomic_write_bytes
+from ..utils.errors import EDM2Error, MissingFileError
+from ..utils.fileio import atomic_write_bytes
 
 __all__ = ["HubMixin", "CONFIG_NAME", "WEIGHTS_NAME"]
 
@@ -61,10 +62,10 @@ class HubMixin(PyTorchModelHubMixin, library_name="edm2", paper_url=_PAPER, tags
         (revision, cache_dir, local_files_only, token, ...), map_location."""
         src = str(pretrained_model_name_or_path)
         if not os.path.isdir(src) and _looks_local(src):
-            raise FileNotFoundError(f"{src}: no such folder (a model folder holds {CONFIG_NAME} and {WEIGHTS_NAME}; "
+            raise MissingFileError(f"{src}: no such folder (a model folder holds {CONFIG_NAME} and {WEIGHTS_NAME}; "
                                     f"write one with save_pretrained or `edm2 export --format hf`)")
         if os.path.isdir(src) and not os.path.isfile(os.path.join(src, CONFIG_NAME)):
-            raise FileNotFoundError(f"{src}: not a model folder (no {CONFIG_NAME}); write one with save_pretrained "
+            raise MissingFileError(f"{src}: not a model folder (no {CONFIG_NAME}); write one with save_pretrained "
                                     f"or `edm2 export --format hf`")
         return super().from_pretrained(src, **kwargs)
 
@@ -72,16 +73,16 @@ class HubMixin(PyTorchModelHubMixin, library_name="edm2", paper_url=_PAPER, tags
     def _from_pretrained(cls, *, model_id, revision, cache_dir, force_download, local_files_only, token,
                          config=None, map_location="cpu", **model_kwargs):
         if not isinstance(config, dict):
-            raise FileNotFoundError(f"{model_id}: no readable {CONFIG_NAME}; not a model folder or repository")
+            raise MissingFileError(f"{model_id}: no readable {CONFIG_NAME}; not a model folder or repository")
         unknown = sorted(set(config) - cls.config_fields())
         if unknown:
-            raise ValueError(f"{model_id}/{CONFIG_NAME}: unknown field(s) {unknown} for {cls.__name__}; the file was "
+            raise EDM2Error(f"{model_id}/{CONFIG_NAME}: unknown field(s) {unknown} for {cls.__name__}; the file was "
                              f"written for another model class or edited; known fields: "
                              f"{', '.join(sorted(cls.config_fields()))}")
         if os.path.isdir(model_id):
             weights = os.path.join(model_id, WEIGHTS_NAME)
             if not os.path.isfile(weights):
-                raise FileNotFoundError(f"{weights}: missing; the folder has a config but no weights "
+                raise MissingFileError(f"{weights}: missing; the folder has a config but no weights "
                                         f"(save_pretrained writes both)")
         else:
             weights = hf_hub_download(repo_id=model_id, filename=WEIGHTS_NAME, revision=revision, cache_dir=cache_dir,
@@ -91,7 +92,7 @@ class HubMixin(PyTorchModelHubMixin, library_name="edm2", paper_url=_PAPER, tags
             with torch.device("meta"):
                 model = cls(**kwargs)
         except (TypeError, ValueError) as e:
-            raise ValueError(f"{model_id}/{CONFIG_NAME}: cannot build {cls.__name__} from it ({e})") from None
+            raise EDM2Error(f"{model_id}/{CONFIG_NAME}: cannot build {cls.__name__} from it ({e})") from None
         _load_weights(model, weights, map_location)
         return model.eval()
 
@@ -106,11 +107,11 @@ def _load_weights(model: torch.nn.Module, path, device="cpu") -> None:
     try:
         state = load_file(str(path), device=str(device))
     except Exception as e:  # safetensors' own error types for truncated or foreign files
-        raise ValueError(f"{path}: unreadable or truncated safetensors file ({type(e).__name__}: {e})") from None
+        raise EDM2Error(f"{path}: unreadable or truncated safetensors file ({type(e).__name__}: {e})") from None
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as e:
-        raise ValueError(f"{path}: weights do not match {CONFIG_NAME} ({str(e).splitlines()[0]})") from None
+        raise EDM2Error(f"{path}: weights do not match {CONFIG_NAME} ({str(e).splitlines()[0]})") from None
     for p in model.parameters():
         if p.dtype != torch.float32:
             p.data = p.data.float()

@@ -1,6 +1,6 @@
 """Power-function EMA and the math of its post-hoc reconstruction (paper
 Sec. 3.1-3.2 and Appendix C). Everything here is numpy float64 and
-vectorised over arrays; the file streaming lives in `edm2.posthoc`.
+vectorised over arrays; the file streaming lives in `edm2.ema.posthoc`.
 
 A profile with exponent gamma, ending at time t (counted in training images),
 weights the past parameters theta(tau) with the density
@@ -10,6 +10,8 @@ and is named by its relative width sigma_rel (the "EMA length").
 from __future__ import annotations
 
 import numpy as np
+
+from ..utils.errors import EDM2Error
 
 __all__ = ["exp_to_std", "std_to_exp", "power_function_beta", "profile_inner_product",
            "solve_posthoc_coefficients", "profile_density", "profile_fit_error", "check_sigma_rel",
@@ -24,7 +26,7 @@ def check_sigma_rel(sigma_rel, name: str = "sigma_rel") -> np.ndarray:
     s = np.asarray(sigma_rel, dtype=np.float64)
     bad = ~((s > 0) & (s < MAX_SIGMA_REL))  # also catches NaN
     if np.any(bad):
-        raise ValueError(f"{name}={np.atleast_1d(s)[np.atleast_1d(bad)].tolist()}: every EMA length sigma_rel "
+        raise EDM2Error(f"{name}={np.atleast_1d(s)[np.atleast_1d(bad)].tolist()}: every EMA length sigma_rel "
                          f"must lie in (0, {MAX_SIGMA_REL:.4f}); {MAX_SIGMA_REL:.4f} is the flat average "
                          f"of all of training")
     return s
@@ -35,7 +37,7 @@ def exp_to_std(gamma):
     sigma_rel = sqrt((gamma + 1) / ((gamma + 2)^2 (gamma + 3)))."""
     gamma = np.asarray(gamma, dtype=np.float64)
     if np.any(~(gamma > -1)):
-        raise ValueError(f"gamma={gamma.tolist()}: the power-function exponent must be > -1")
+        raise EDM2Error(f"gamma={gamma.tolist()}: the power-function exponent must be > -1")
     out = np.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3)))
     return out if out.ndim else float(out)
 
@@ -68,7 +70,7 @@ def power_function_beta(sigma_rel, t_next, t_delta):
     t_next = np.asarray(t_next, np.float64)
     t_delta = np.asarray(t_delta, np.float64)
     if np.any(~(t_delta > 0)) or np.any(t_next < t_delta):
-        raise ValueError("power_function_beta: need 0 < t_delta <= t_next (image counts after the step)")
+        raise EDM2Error("power_function_beta: need 0 < t_delta <= t_next (image counts after the step)")
     out = (1 - t_delta / t_next) ** (gamma + 1)
     return out if out.ndim else float(out)
 
@@ -76,7 +78,7 @@ def power_function_beta(sigma_rel, t_next, t_delta):
 def _check_times(t, name):
     t = np.asarray(t, np.float64)
     if np.any(~(t > 0)) or np.any(~np.isfinite(t)):
-        raise ValueError(f"{name}: every profile end time must be a positive number of training images")
+        raise EDM2Error(f"{name}: every profile end time must be a positive number of training images")
     return t
 
 
@@ -111,13 +113,13 @@ def solve_posthoc_coefficients(in_t, in_std, out_t, out_std):
     [len(in), len(out)]: theta_out[j] = sum_i X[i, j] theta_in[i]."""
     in_t, in_std, out_t, out_std = _inputs_and_outputs(in_t, in_std, out_t, out_std)
     if len(in_t) < 1:
-        raise ValueError("solve_posthoc_coefficients: no stored profiles")
+        raise EDM2Error("solve_posthoc_coefficients: no stored profiles")
     A = profile_inner_product(in_t[:, None], in_std[:, None], in_t[None, :], in_std[None, :])
     B = profile_inner_product(in_t[:, None], in_std[:, None], out_t[None, :], out_std[None, :])
     try:
         X = np.linalg.solve(A, B)
     except np.linalg.LinAlgError:
-        raise ValueError("solve_posthoc_coefficients: the stored profiles are linearly dependent "
+        raise EDM2Error("solve_posthoc_coefficients: the stored profiles are linearly dependent "
                          "(two snapshots with the same time and EMA length?)") from None
     return X / X.sum(axis=0, keepdims=True)
 

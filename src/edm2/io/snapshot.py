@@ -5,7 +5,7 @@ header) with everything needed to rebuild and use the network.
 This is the one reader/writer of snapshot files; training, post-hoc EMA,
 generation, metrics and import all go through it. Loading never unpickles.
 Opening whatever a user names (a run folder, a URL, one of the authors'
-published .pkl files) is `edm2.loading`'s job; this module is the format only.
+published .pkl files) is `edm2.io.loading`'s job; this module is the format only.
 
 Metadata schema (version 1):
     {
@@ -33,8 +33,9 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save
 
-from .fileio import AtomicWriter, atomic_write_bytes
-from .nn import CONFIGS, build_network, precision_kwargs
+from ..nn import CONFIGS, build_network, precision_kwargs
+from ..utils.errors import EDM2Error
+from ..utils.fileio import AtomicWriter, atomic_write_bytes
 
 __all__ = ["SnapshotError", "FORMAT", "snapshot_name", "parse_snapshot_name", "make_meta", "save_snapshot",
            "save_state_dict", "read_snapshot_meta", "load_snapshot", "build_net", "snapshot_config", "list_snapshots",
@@ -45,7 +46,7 @@ VERSION = 1
 _NAME_RE = re.compile(r"snapshot-(\d{12})-(raw|ema|\d+\.\d+)\.safetensors$")
 
 
-class SnapshotError(ValueError):
+class SnapshotError(EDM2Error):
     """A file is missing, unreadable, truncated or not an edm2 snapshot."""
 
 
@@ -183,9 +184,9 @@ def read_snapshot_meta(path) -> dict:
 
 def build_net(meta: dict, device="cpu"):
     """An (uninitialised) network of the config and architecture that `meta` describes."""
-    if meta.get("net_kwargs") is None:  # written by edm2.ema.PowerFunctionEMA for a module of the user's
+    if meta.get("net_kwargs") is None:  # written by edm2.ema.trackers.PowerFunctionEMA for a module of the user's
         raise SnapshotError(f"the snapshot holds a {meta.get('origin', {}).get('module', 'user-defined module')}, "
-                            f"not an edm2 network; load its tensors into that module (edm2.ema.reconstruct, "
+                            f"not an edm2 network; load its tensors into that module (edm2.ema.trackers.reconstruct, "
                             f"safetensors.torch.load_file)")
     # older metadata: use_fp16/reduced_dtype, and no config letter (G)
     net = build_network(snapshot_config(meta), **precision_kwargs(meta["net_kwargs"]))

@@ -4,7 +4,7 @@ plot (docs/ladder.md).
 
 `run_ladder(LadderConfig(outdir=...))` does, for every config ("rung") asked for:
 
-1. train it into `OUTDIR/<letter>/` with `edm2.training.train`: the same size
+1. train it into `OUTDIR/<letter>/` with `edm2.train.loop.train`: the same size
    preset, images, seed and data for every rung, each with its own recipe of
    `edm2.presets.RECIPES` (nothing is tuned per rung), recording the training
    dynamics (`--dynamics`, docs/dynamics.md) at every snapshot;
@@ -36,18 +36,19 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from .checkpoint import list_checkpoints
-from .data import builtin_dataset_path
+from ..data import builtin_dataset_path
+from ..ema.profiles import check_sigma_rel
+from ..io.snapshot import list_snapshots
+from ..metrics import gen_metrics, load_detectors, load_ref, reference_stats, resolve_metrics, sweep
+from ..metrics.sweep import CSV_NAME, write_csv
+from ..presets import CONFIGS, RECIPES, check_config, get_preset
+from ..train.checkpoint import list_checkpoints
+from ..train.loop import TrainConfig, train
+from ..utils.errors import EDM2Error, ExistingFileError, MissingFileError
+from ..utils.fileio import atomic_write_bytes, pyplot, save_figure
+from ..utils.units import parse_float_list
 from .dynamics import growth_factors, load_dynamics, plot_dynamics, plot_loss_profile
-from .fileio import atomic_write_bytes, pyplot, save_figure
 from .flops import count_network
-from .metrics import gen_metrics, load_detectors, load_ref, reference_stats, resolve_metrics, sweep
-from .metrics.sweep import CSV_NAME, write_csv
-from .phema import check_sigma_rel
-from .presets import CONFIGS, RECIPES, check_config, get_preset
-from .snapshot import list_snapshots
-from .training import TrainConfig, train
-from .units import parse_float_list
 
 __all__ = ["LadderConfig", "LadderRung", "run_ladder", "rung_train_config", "ladder_settings", "read_csv_rows",
            "format_table", "plot_ladder", "LADDER_FILE", "RUNG_FILE", "REF_NAME"]
@@ -103,7 +104,7 @@ class LadderRung:
     sweep: list                  # the rows of its sweep.csv
     paper_fid: float
     paper_sigma_rel: float | None
-    growth: dict                 # edm2.dynamics.growth_factors of its dynamics.jsonl
+    growth: dict                 # edm2.analysis.dynamics.growth_factors of its dynamics.jsonl
 
 
 # ---------------------------------------------------------------------------
@@ -115,21 +116,21 @@ def _check(cfg: LadderConfig) -> LadderConfig:
     configs = cfg.configs.split(",") if isinstance(cfg.configs, str) else list(cfg.configs)
     configs = [c.strip().upper() for c in configs if c.strip()]
     if not configs:
-        raise ValueError("--configs: empty; give letters of the paper's Table 1, e.g. B,C,D,E,F,G")
+        raise EDM2Error("--configs: empty; give letters of the paper's Table 1, e.g. B,C,D,E,F,G")
     for c in configs:
         try:
             check_config(c)
         except ValueError:
-            raise ValueError(f"--configs: unknown config {c!r}; allowed: {', '.join(CONFIGS)} (the rows of the "
+            raise EDM2Error(f"--configs: unknown config {c!r}; allowed: {', '.join(CONFIGS)} (the rows of the "
                              f"paper's Table 1)") from None
     for c in configs:  # every rung's network must exist at this size before anything is written
         try:
             count_network(cfg.preset, config=c)
         except ValueError as e:
-            raise ValueError(f"--configs {c}: config {c} cannot be built at preset {cfg.preset} ({e}); leave it "
+            raise EDM2Error(f"--configs {c}: config {c} cannot be built at preset {cfg.preset} ({e}); leave it "
                              f"out or choose another --preset") from None
     if len(set(configs)) != len(configs):
-        raise ValueError(f"--configs {','.join(configs)}: a config is given twice")
+        raise EDM2Error(f"--configs {','.join(configs)}: a config is given twice")
     configs = sorted(configs)
     sigma_rels = list(dict.fromkeys(parse_float_list(cfg.sigma_rels, "--std")))
     if any(c != "A" for c in configs):
@@ -138,20 +139,20 @@ def _check(cfg: LadderConfig) -> LadderConfig:
     preset = get_preset(cfg.preset)
     duration = int(cfg.duration if cfg.duration is not None else preset.duration)
     if duration < preset.batch or duration % preset.batch:
-        raise ValueError(f"--duration {duration}: must be a positive multiple of the {cfg.preset} batch "
+        raise EDM2Error(f"--duration {duration}: must be a positive multiple of the {cfg.preset} batch "
                          f"{preset.batch}")
     if cfg.snapshots < 1:
-        raise ValueError(f"--snapshots {cfg.snapshots}: must be >= 1")
+        raise EDM2Error(f"--snapshots {cfg.snapshots}: must be >= 1")
     if cfg.dynamics is not None and cfg.dynamics < 1:
-        raise ValueError(f"--dynamics {cfg.dynamics}: must be >= 1 (images between measurements)")
+        raise EDM2Error(f"--dynamics {cfg.dynamics}: must be >= 1 (images between measurements)")
     if cfg.dynamics_probe < 1 or cfg.grid < 0:
-        raise ValueError(f"--dynamics-probe {cfg.dynamics_probe}, --grid {cfg.grid}: must be >= 1 and >= 0")
+        raise EDM2Error(f"--dynamics-probe {cfg.dynamics_probe}, --grid {cfg.grid}: must be >= 1 and >= 0")
     if cfg.num < 2:
-        raise ValueError(f"--num {cfg.num}: need at least 2 images per evaluation")
+        raise EDM2Error(f"--num {cfg.num}: need at least 2 images per evaluation")
     if cfg.steps < 1:
-        raise ValueError(f"--steps {cfg.steps}: must be >= 1")
+        raise EDM2Error(f"--steps {cfg.steps}: must be >= 1")
     if cfg.batch_size < 1:
-        raise ValueError(f"--batch {cfg.batch_size}: must be >= 1")
+        raise EDM2Error(f"--batch {cfg.batch_size}: must be >= 1")
     data = str(Path(cfg.data).resolve()) if cfg.data is not None else None
     return dataclasses.replace(cfg, configs=tuple(configs), sigma_rels=tuple(sigma_rels), metrics=tuple(metrics),
                                duration=duration, data=data)
@@ -174,7 +175,7 @@ def ladder_settings(cfg: LadderConfig) -> dict:
 
 
 def rung_train_config(cfg: LadderConfig, letter: str) -> TrainConfig:
-    """The `edm2.training.TrainConfig` of one rung: the same for every rung but
+    """The `edm2.train.loop.TrainConfig` of one rung: the same for every rung but
     the config letter (and with it the recipe, `edm2.presets.RECIPES`)."""
     cfg = _check(cfg)
     every = _interval(cfg)
@@ -191,17 +192,17 @@ def _claim_outdir(out: Path, settings: dict) -> None:
         try:
             old = json.loads(path.read_text())
         except ValueError:
-            raise ValueError(f"{path}: not JSON; the file is damaged: choose another --outdir") from None
+            raise EDM2Error(f"{path}: not JSON; the file is damaged: choose another --outdir") from None
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if diff:
             shown = ", ".join(f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now" for k in diff)
-            raise ValueError(f"--outdir {out}: holds a ladder of other settings ({shown}); rerun with its settings "
+            raise EDM2Error(f"--outdir {out}: holds a ladder of other settings ({shown}); rerun with its settings "
                              f"to continue it, or choose another --outdir")
         return
     # A new ladder goes into a new or empty folder; a *.log file (the command's own output, e.g.
     # `nohup edm2 ladder --outdir DIR > DIR/ladder.log`) is allowed there.
     if out.exists() and (not out.is_dir() or any(p.suffix != ".log" for p in out.iterdir())):
-        raise FileExistsError(f"--outdir {out}: exists and holds no {LADDER_FILE}; choose a new or empty folder")
+        raise ExistingFileError(f"--outdir {out}: exists and holds no {LADDER_FILE}; choose a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, (json.dumps(settings, indent=2) + "\n").encode())
 
@@ -246,7 +247,7 @@ def _evaluate(cfg: LadderConfig, letter: str, rundir: Path, ref: dict, detectors
         last = [(n, p) for n, _, p in list_snapshots(rundir)
                 if n == cfg.duration and p.name.endswith("-ema.safetensors")]
         if not last:
-            raise FileNotFoundError(f"{rundir}: no EMA snapshot at {cfg.duration} images; the run is incomplete")
+            raise MissingFileError(f"{rundir}: no EMA snapshot at {cfg.duration} images; the run is incomplete")
         values = gen_metrics(last[0][1], ref, metrics=list(cfg.metrics), num=cfg.num, seed=cfg.seed,
                              batch_size=cfg.batch_size, device="cpu", progress=cfg.progress, detectors=detectors,
                              **sampler)
@@ -281,7 +282,7 @@ def _rung(cfg: LadderConfig, letter: str, ref: dict, detectors: dict) -> LadderR
         _say(cfg, f"{letter}: training {cfg.duration} images ({RECIPES[letter].title})")
         result = train(rung_train_config(cfg, letter))
         if not result.finished:
-            raise RuntimeError(f"{rundir}: training stopped at {result.nimg} of {cfg.duration} images; rerun to "
+            raise EDM2Error(f"{rundir}: training stopped at {result.nimg} of {cfg.duration} images; rerun to "
                                f"continue")
     _say(cfg, f"{letter}: evaluating " + ("its stored EMA" if letter == "A" else
                                           f"{len(cfg.sigma_rels)} EMA lengths") + f" on {cfg.num} images each")

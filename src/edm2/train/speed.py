@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .nn.layers import force_normalize_
+from ..nn.layers import force_normalize_
 
 __all__ = ["to_channels_last", "compile_loss"]
 

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from .distributed import resolve_device
-from .fileio import atomic_write_bytes, png_bytes
-from .generate import sample_batch
-from .sampling import SeedRandom
+from ..generate import sample_batch
+from ..sampling import SeedRandom
+from ..utils.distributed import resolve_device
+from ..utils.fileio import atomic_write_bytes, png_bytes
 
 __all__ = ["Reporter", "StatusMeter", "save_grid", "peak_memory"]
 

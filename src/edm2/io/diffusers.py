@@ -12,7 +12,7 @@ settings. Sampling runs edm2.generate.sample_batch, so an image depends only on
 its generator, and seeds give the same images as `edm2 generate --seeds`.
 
 Folders: model_index.json + net/ (+ gnet/) in the Hugging Face layout of
-edm2.hub (config.json, model.safetensors) + vae/ (diffusers). Loading reads JSON
+edm2.io.hub (config.json, model.safetensors) + vae/ (diffusers). Loading reads JSON
 and safetensors only; it never imports or runs code named in the files.
 """
 from __future__ import annotations
@@ -27,12 +27,13 @@ from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput
 from huggingface_hub import snapshot_download
 from PIL import Image
 
-from .encoders import StabilityVAEEncoder, StandardRGBEncoder, encoder_from_meta
-from .fileio import atomic_folder
-from .generate import SAMPLER_DEFAULTS, check_class, check_guide, load_nets, sample_batch
+from ..encoders import StabilityVAEEncoder, StandardRGBEncoder, encoder_from_meta
+from ..generate import SAMPLER_DEFAULTS, check_class, check_guide, load_nets, sample_batch
+from ..nn import Precond
+from ..sampling import SeedRandom
+from ..utils.errors import EDM2Error, MissingFileError
+from ..utils.fileio import atomic_folder
 from .hub import CONFIG_NAME, _looks_local
-from .nn import Precond
-from .sampling import SeedRandom
 
 __all__ = ["EDM2Pipeline", "export_diffusers"]
 
@@ -45,7 +46,7 @@ _CONFIG_KEYS = {"_class_name", "_diffusers_version", "_name_or_path", "net", "gn
 class EDM2Pipeline(DiffusionPipeline):
     """Class-conditional or unconditional image generation with an EDM2 network.
 
-    net: the denoiser (edm2.nn.Precond or another edm2.hub.HubMixin network).
+    net: the denoiser (edm2.nn.Precond or another edm2.io.hub.HubMixin network).
     gnet: guiding network for guidance_scale != 1 (optional).
     vae: AutoencoderKL decoding the latents of a latent network (None for pixels).
     encoder: the network's data space, as in snapshot metadata ({'type': 'rgb'} or
@@ -67,7 +68,7 @@ class EDM2Pipeline(DiffusionPipeline):
         sampler = _check_sampler(sampler or {})
         encoder_from_meta(encoder, vae=vae)  # checks the type and that a pixel network has no VAE
         if encoder.get("type") == StabilityVAEEncoder.kind and vae is None:
-            raise ValueError("a latent network (encoder 'sd-vae') needs its VAE: pass vae=AutoencoderKL(...)")
+            raise EDM2Error("a latent network (encoder 'sd-vae') needs its VAE: pass vae=AutoencoderKL(...)")
         self.register_modules(net=net, gnet=gnet, vae=vae)
         self.register_to_config(encoder=dict(encoder), class_names=None if class_names is None else list(class_names),
                                 sampler=sampler, guidance=float(guidance))
@@ -86,7 +87,7 @@ class EDM2Pipeline(DiffusionPipeline):
                     encoder.vae_name = str(vae)
                 vae = encoder.vae(device)
         elif vae is not None:
-            raise ValueError(f"{meta.get('origin', {}).get('run', 'the network')}: a pixel-space network takes no VAE")
+            raise EDM2Error(f"{meta.get('origin', {}).get('run', 'the network')}: a pixel-space network takes no VAE")
         return cls(net=net, gnet=gnet, vae=vae, encoder=encoder.to_meta(),
                    class_names=meta.get("dataset", {}).get("class_names"), sampler=sampler, guidance=guidance)
 
@@ -96,7 +97,7 @@ class EDM2Pipeline(DiffusionPipeline):
         """Write model_index.json, net/, gnet/ (if any) and vae/ (if any), all
         safetensors + JSON. The folder appears complete or not at all."""
         if kwargs:
-            raise ValueError(f"EDM2Pipeline.save_pretrained: unsupported options {sorted(kwargs)}")
+            raise EDM2Error(f"EDM2Pipeline.save_pretrained: unsupported options {sorted(kwargs)}")
 
         def write(tmp: Path):
             self.save_config(tmp)
@@ -119,7 +120,7 @@ class EDM2Pipeline(DiffusionPipeline):
         if os.path.isdir(src):
             folder = Path(src)
         elif _looks_local(src):
-            raise FileNotFoundError(f"{src}: no such folder (an EDM2Pipeline folder holds model_index.json; "
+            raise MissingFileError(f"{src}: no such folder (an EDM2Pipeline folder holds model_index.json; "
                                     f"write one with save_pretrained or `edm2 export --format diffusers`)")
         else:
             folder = Path(snapshot_download(src, revision=revision, cache_dir=cache_dir, token=token,
@@ -127,22 +128,22 @@ class EDM2Pipeline(DiffusionPipeline):
                                             allow_patterns=["*.json", "*.safetensors", "*.md"]))
         index = folder / cls.config_name
         if not index.is_file():
-            raise FileNotFoundError(f"{folder}: not a pipeline folder (no {cls.config_name}); write one with "
+            raise MissingFileError(f"{folder}: not a pipeline folder (no {cls.config_name}); write one with "
                                     f"EDM2Pipeline.save_pretrained or `edm2 export --format diffusers`")
         try:
             config = json.loads(index.read_text())
         except ValueError as e:
-            raise ValueError(f"{index}: not valid JSON ({e})") from None
+            raise EDM2Error(f"{index}: not valid JSON ({e})") from None
         if not isinstance(config, dict) or config.get("_class_name") != cls.__name__:
             written_for = config.get("_class_name") if isinstance(config, dict) else None
-            raise ValueError(f"{index}: written for {written_for!r}, "
+            raise EDM2Error(f"{index}: written for {written_for!r}, "
                              f"not {cls.__name__}")
         unknown = sorted(set(config) - _CONFIG_KEYS)
         if unknown:
-            raise ValueError(f"{index}: unknown field(s) {unknown}; known: {', '.join(sorted(_CONFIG_KEYS))}")
+            raise EDM2Error(f"{index}: unknown field(s) {unknown}; known: {', '.join(sorted(_CONFIG_KEYS))}")
         unknown = sorted(set(overrides) - {"net", "gnet", "vae"})
         if unknown:
-            raise ValueError(f"EDM2Pipeline.from_pretrained: unknown option(s) {unknown}")
+            raise EDM2Error(f"EDM2Pipeline.from_pretrained: unknown option(s) {unknown}")
         parts = {}
         for name in ("net", "gnet", "vae"):
             if name in overrides:
@@ -150,7 +151,7 @@ class EDM2Pipeline(DiffusionPipeline):
                 continue
             parts[name] = _load_component(folder, index, name, config.get(name), device)
         if parts["net"] is None:
-            raise ValueError(f"{index}: no 'net' component")
+            raise EDM2Error(f"{index}: no 'net' component")
         return cls(**parts, encoder=config.get("encoder"), class_names=config.get("class_names"),
                    sampler=config.get("sampler"), guidance=config.get("guidance", 1.0))
 
@@ -181,14 +182,14 @@ class EDM2Pipeline(DiffusionPipeline):
         guidance = float(self.config.guidance if guidance_scale is None else guidance_scale)
         check_guide(net, gnet, guidance)  # w != 1 needs the 'gnet' component
         if output_type not in ("pil", "np", "pt", "uint8", "latent"):
-            raise ValueError(f"output_type={output_type!r}; allowed: 'pil', 'np', 'pt', 'uint8', 'latent'")
+            raise EDM2Error(f"output_type={output_type!r}; allowed: 'pil', 'np', 'pt', 'uint8', 'latent'")
         options = dict(self.config.sampler or {})
         options.update(_check_sampler(sampler_kwargs))
         device = next(net.parameters()).device
         n = _count(class_labels, generator, seeds, num_images)
         if seeds is not None:
             if generator is not None:
-                raise ValueError("give either generator or seeds, not both")
+                raise EDM2Error("give either generator or seeds, not both")
             rnd = SeedRandom(seeds, device)
         elif generator is None:
             rnd = SeedRandom(torch.randint(0, 1 << 31, [n]).tolist(), device)
@@ -197,7 +198,7 @@ class EDM2Pipeline(DiffusionPipeline):
         else:
             rnd = SeedRandom.from_generators(generator)
         if len(rnd) != n:
-            raise ValueError(f"{len(rnd)} generators/seeds for {n} images; give one per image")
+            raise EDM2Error(f"{len(rnd)} generators/seeds for {n} images; give one per image")
         classes = _classes(net, class_labels, n)
         vae = self.vae.to(device) if self.vae is not None else None
         encoder = None if output_type == "latent" else encoder_from_meta(self.config.encoder, vae=vae)
@@ -231,10 +232,10 @@ def _count(class_labels, generator, seeds, num_images) -> int:
     if num_images is not None:
         sizes["num_images"] = int(num_images)
     if len(set(sizes.values())) > 1:
-        raise ValueError(f"inconsistent numbers of images: {sizes}")
+        raise EDM2Error(f"inconsistent numbers of images: {sizes}")
     n = next(iter(sizes.values()), 1)
     if n < 1:
-        raise ValueError("no images requested")
+        raise EDM2Error("no images requested")
     return n
 
 
@@ -242,7 +243,7 @@ def _classes(net, class_labels, n):
     if class_labels is None:
         return None
     if net.label_dim == 0:
-        raise ValueError("class_labels: the network is unconditional (label_dim 0); drop class_labels")
+        raise EDM2Error("class_labels: the network is unconditional (label_dim 0); drop class_labels")
     labels = [class_labels] * n if isinstance(class_labels, (int, np.integer)) else list(class_labels)
     for c in labels:
         check_class(net, int(c) if isinstance(c, (int, np.integer)) else c)
@@ -252,7 +253,7 @@ def _classes(net, class_labels, n):
 def _check_sampler(options: dict) -> dict:
     unknown = sorted(set(options) - set(_SAMPLER_KEYS))
     if unknown:
-        raise ValueError(f"unknown sampler option(s) {unknown}; allowed: {', '.join(_SAMPLER_KEYS)} "
+        raise EDM2Error(f"unknown sampler option(s) {unknown}; allowed: {', '.join(_SAMPLER_KEYS)} "
                          f"(and num_inference_steps)")
     return {k: float(v) for k, v in options.items()}
 
@@ -262,23 +263,23 @@ def _load_component(folder: Path, index: Path, name: str, entry, device):
     if entry is None or list(entry) == [None, None]:
         return None
     if not (isinstance(entry, (list, tuple)) and len(entry) == 2):
-        raise ValueError(f"{index}: component {name!r} must be [library, class], got {entry!r}")
+        raise EDM2Error(f"{index}: component {name!r} must be [library, class], got {entry!r}")
     library, class_name = entry
     sub = folder / name
     if not sub.is_dir():
-        raise FileNotFoundError(f"{sub}: missing; {index} lists component {name!r}")
+        raise MissingFileError(f"{sub}: missing; {index} lists component {name!r}")
     if name in _NETS:
         if not (str(library).split(".")[0] == "edm2" and class_name == Precond.__name__):
-            raise ValueError(f"{index}: component {name!r} is {entry!r}; this edm2 loads edm2 Precond networks")
+            raise EDM2Error(f"{index}: component {name!r} is {entry!r}; this edm2 loads edm2 Precond networks")
         return Precond.from_pretrained(sub, map_location=str(device))
     if class_name != "AutoencoderKL":
-        raise ValueError(f"{index}: component 'vae' is {entry!r}; expected a diffusers AutoencoderKL")
+        raise EDM2Error(f"{index}: component 'vae' is {entry!r}; expected a diffusers AutoencoderKL")
     if not (sub / CONFIG_NAME).is_file():
-        raise FileNotFoundError(f"{sub}: not a diffusers AutoencoderKL folder (no {CONFIG_NAME})")
+        raise MissingFileError(f"{sub}: not a diffusers AutoencoderKL folder (no {CONFIG_NAME})")
     try:
         vae = AutoencoderKL.from_pretrained(sub, use_safetensors=True, local_files_only=True)
     except (OSError, ValueError) as e:
-        raise ValueError(f"{sub}: cannot load the VAE ({str(e).splitlines()[0]})") from None
+        raise EDM2Error(f"{sub}: cannot load the VAE ({str(e).splitlines()[0]})") from None
     return vae.eval().requires_grad_(False).to(device)
 
 

@@ -25,12 +25,13 @@ import torch
 from tqdm import tqdm
 
 from ..data import ImageDataset
-from ..distributed import init_distributed, resolve_device
-from ..fileio import atomic_write_bytes
 from ..generate import generate_images, load_nets
-from ..official import load_reference_stats
+from ..io.official import load_reference_stats
 from ..sampling import check_guidance
-from ..validate import safe_error_text
+from ..utils.distributed import init_distributed, resolve_device
+from ..utils.errors import EDM2Error, ExistingFileError, MissingFileError
+from ..utils.fileio import atomic_write_bytes
+from ..utils.validate import safe_error_text
 from .detectors import DETECTORS, load_detector
 from .stats import FeatureStats, frechet_distance
 
@@ -65,23 +66,23 @@ def check_ref_stats(ref: dict, where: str = "REF") -> dict:
     positive semi-definite up to round-off (relative tolerance 1e-6 of its
     largest entry / eigenvalue), as a covariance must be. Returns ref."""
     if not isinstance(ref, dict) or not ref:
-        raise ValueError(f"--ref {where}: holds no statistics")
+        raise EDM2Error(f"--ref {where}: holds no statistics")
     for m, s in ref.items():
         mu, sigma = np.asarray(s["mu"]), np.asarray(s["sigma"])
         what = f"--ref {where}: {m}"
         if mu.ndim != 1 or sigma.shape != (mu.size, mu.size) or mu.size == 0:
-            raise ValueError(f"{what}: mu {list(mu.shape)} and sigma {list(sigma.shape)} are not [D] and [D, D]; "
+            raise EDM2Error(f"{what}: mu {list(mu.shape)} and sigma {list(sigma.shape)} are not [D] and [D, D]; "
                              f"the file is damaged: recompute it with `edm2 metrics ref`")
         if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-            raise ValueError(f"{what}: holds NaN or infinite values; the file is damaged: recompute it "
+            raise EDM2Error(f"{what}: holds NaN or infinite values; the file is damaged: recompute it "
                              f"with `edm2 metrics ref`")
         scale = max(float(np.abs(sigma).max()), 1e-300)
         if float(np.abs(sigma - sigma.T).max()) > 1e-6 * scale:
-            raise ValueError(f"{what}: the covariance is not symmetric, so it is not a covariance; the file is "
+            raise EDM2Error(f"{what}: the covariance is not symmetric, so it is not a covariance; the file is "
                              f"damaged: recompute it with `edm2 metrics ref`")
         w = np.linalg.eigvalsh((sigma + sigma.T) / 2)
         if w.min() < -1e-6 * max(float(w.max()), 1e-300):
-            raise ValueError(f"{what}: the covariance has a negative eigenvalue ({w.min():.3g}), so it is not a "
+            raise EDM2Error(f"{what}: the covariance has a negative eigenvalue ({w.min():.3g}), so it is not a "
                              f"covariance; the file is damaged: recompute it with `edm2 metrics ref`")
     return ref
 
@@ -90,7 +91,7 @@ def load_ref(path) -> dict:
     """Reference statistics -> {metric: {'mu': [D], 'sigma': [D, D]}} (float64),
     checked with `check_ref_stats` (finite, symmetric, positive semi-definite).
 
-    Reads our .npz (`save_ref`), and through `edm2.official.load_reference_stats`
+    Reads our .npz (`save_ref`), and through `edm2.io.official.load_reference_stats`
     the authors' published EDM2 .pkl (restricted unpickler, also URLs) and the
     older EDM .npz (FID only)."""
     return check_ref_stats(_read_ref(path), str(path))
@@ -99,21 +100,21 @@ def load_ref(path) -> dict:
 def _read_ref(path) -> dict:
     text = str(path)
     if "://" not in text and not Path(text).is_file():
-        raise FileNotFoundError(f"--ref {text}: no such file; compute one with `edm2 metrics ref --data DATASET "
+        raise MissingFileError(f"--ref {text}: no such file; compute one with `edm2 metrics ref --data DATASET "
                                 f"--dest {text}` or pass the authors' reference .pkl")
     if text.endswith(".npz") and "://" not in text:
         try:
             with np.load(text, allow_pickle=False) as z:
                 if "format" in z.files:
                     if str(z["format"]) != REF_FORMAT:
-                        raise ValueError(f"--ref {text}: format {str(z['format'])!r}, this edm2 reads {REF_FORMAT!r}")
+                        raise EDM2Error(f"--ref {text}: format {str(z['format'])!r}, this edm2 reads {REF_FORMAT!r}")
                     names = [k[:-3] for k in z.files if k.endswith("_mu")]
                     return {m: {"mu": z[f"{m}_mu"].astype(np.float64), "sigma": z[f"{m}_sigma"].astype(np.float64)}
                             for m in names}
         except (OSError, ValueError, KeyError) as e:
             if isinstance(e, ValueError) and str(e).startswith("--ref"):
                 raise
-            raise ValueError(f"--ref {text}: unreadable statistics file ({safe_error_text(e)})") from None
+            raise EDM2Error(f"--ref {text}: unreadable statistics file ({safe_error_text(e)})") from None
     return load_reference_stats(text)
 
 
@@ -128,17 +129,17 @@ def resolve_metrics(metrics, ref: dict | None = None, ref_path="REF") -> list[st
     if metrics is None:
         names = [m for m in (ref or {"fid": 0, "fd_dinov2": 0}) if m in DETECTORS]
         if not names:
-            raise ValueError(f"--ref {ref_path}: holds no statistics of a known metric ({', '.join(ref)})")
+            raise EDM2Error(f"--ref {ref_path}: holds no statistics of a known metric ({', '.join(ref)})")
     else:
         names = [m.strip() for m in metrics.split(",")] if isinstance(metrics, str) else list(metrics)
         names = list(dict.fromkeys(m for m in names if m))
         if not names:
-            raise ValueError("--metrics: empty; give e.g. fid,fd_dinov2")
+            raise EDM2Error("--metrics: empty; give e.g. fid,fd_dinov2")
     for m in names:
         if m not in DETECTORS:
-            raise ValueError(f"--metrics: unknown metric {m!r}; choose from fid, fd_dinov2")
+            raise EDM2Error(f"--metrics: unknown metric {m!r}; choose from fid, fd_dinov2")
         if ref is not None and m not in ref:
-            raise ValueError(f"--ref {ref_path}: has no {m} statistics (it holds {', '.join(ref)}); recompute it "
+            raise EDM2Error(f"--ref {ref_path}: has no {m} statistics (it holds {', '.join(ref)}); recompute it "
                              f"with `edm2 metrics ref --metrics {','.join(names)}` or drop {m} from --metrics")
     return names
 
@@ -168,11 +169,11 @@ def distances(stats: dict, ref: dict) -> dict:
     out = {}
     for m, s in stats.items():
         if ref[m]["mu"].shape != (s.dim,):
-            raise ValueError(f"reference {m} statistics are {ref[m]['mu'].shape[0]}-d but the detector gives "
+            raise EDM2Error(f"reference {m} statistics are {ref[m]['mu'].shape[0]}-d but the detector gives "
                              f"{s.dim}-d features; the reference was made with another detector")
         mu, cov = s.mean(), s.cov()
         if not (np.isfinite(mu).all() and np.isfinite(cov).all()):
-            raise ValueError(f"{m}: the detector's features are not finite (NaN/inf); the images or the detector "
+            raise EDM2Error(f"{m}: the detector's features are not finite (NaN/inf); the images or the detector "
                              f"weights are damaged; no result was recorded")
         out[m] = check_metric_value(m, frechet_distance(mu, cov, ref[m]["mu"], ref[m]["sigma"]),
                                     scale=float(np.trace(cov) + np.trace(ref[m]["sigma"])))
@@ -185,7 +186,7 @@ def check_metric_value(name: str, value: float, scale: float = 1.0) -> float:
     the covariances' total variance `scale` it is clipped to 0, anything else
     is an error (a damaged reference or features), never a number in the output."""
     if not np.isfinite(value) or value < -1e-9 * max(abs(scale), 1.0):
-        raise ValueError(f"{name}: the computed distance is {value}, which a Fréchet distance cannot be; the "
+        raise EDM2Error(f"{name}: the computed distance is {value}, which a Fréchet distance cannot be; the "
                          f"reference statistics or the features are damaged; no result was recorded")
     return max(float(value), 0.0)
 
@@ -193,10 +194,10 @@ def check_metric_value(name: str, value: float, scale: float = 1.0) -> float:
 def _open_images(path, what: str):
     ds = ImageDataset(path, use_labels=False)
     if ds.is_latent:
-        raise ValueError(f"{what} {path}: holds VAE latents; statistics are computed on pixels, so pass the "
+        raise EDM2Error(f"{what} {path}: holds VAE latents; statistics are computed on pixels, so pass the "
                          f"image dataset (folder or zip of PNGs) the latents were encoded from")
     if ds.num_channels not in (1, 3):
-        raise ValueError(f"{what} {path}: {ds.num_channels}-channel images; detectors take grayscale or RGB")
+        raise EDM2Error(f"{what} {path}: {ds.num_channels}-channel images; detectors take grayscale or RGB")
     return ds
 
 
@@ -206,7 +207,7 @@ def _stack_images(items):
 
 def _dataset_batches(ds, indices, batch_size: int, workers: int):
     if batch_size < 1:
-        raise ValueError(f"--batch {batch_size}: must be >= 1")
+        raise EDM2Error(f"--batch {batch_size}: must be >= 1")
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, list(indices)), batch_size=batch_size,
                                          num_workers=workers, collate_fn=_stack_images)
     yield from loader
@@ -230,9 +231,9 @@ def reference_stats(data, dest, metrics=("fid", "fd_dinov2"), batch_size: int = 
     detectors: preloaded {metric: Detector} (default: `load_detectors`)."""
     dest = Path(dest)
     if dest.suffix != ".npz":
-        raise ValueError(f"--dest {dest}: reference statistics are written as .npz; use a name ending in .npz")
+        raise EDM2Error(f"--dest {dest}: reference statistics are written as .npz; use a name ending in .npz")
     if dest.exists():
-        raise FileExistsError(f"--dest {dest}: already exists; delete it or choose another name")
+        raise ExistingFileError(f"--dest {dest}: already exists; delete it or choose another name")
     metrics = resolve_metrics(list(detectors) if detectors else metrics)
     ds = _open_images(data, "--data")
     rank, world = init_distributed()
@@ -257,7 +258,7 @@ def calc_metrics(images, ref, metrics=None, num: int = 50000, seed: int = 0, bat
     metrics = resolve_metrics(metrics, ref, ref_path)
     ds = _open_images(images, "--images")
     if num < 2 or len(ds) < num:
-        raise ValueError(f"--images {images}: holds {len(ds)} images but --num is {num}; pass --num {len(ds)} "
+        raise EDM2Error(f"--images {images}: holds {len(ds)} images but --num is {num}; pass --num {len(ds)} "
                          f"or fewer (at least 2; the paper uses 50000)")
     chosen = np.arange(len(ds)) if len(ds) == num else np.sort(
         np.random.RandomState(seed % (1 << 32)).choice(len(ds), num, replace=False))
@@ -285,7 +286,7 @@ def gen_metrics(net, ref, gnet=None, guidance: float = 1, metrics=None, num: int
     ref_path, ref = (ref, load_ref(ref)) if not isinstance(ref, dict) else ("REF", ref)
     metrics = resolve_metrics(metrics, ref, ref_path)
     if num < 2:
-        raise ValueError(f"--num {num}: need at least 2 images (the paper uses 50000)")
+        raise EDM2Error(f"--num {num}: need at least 2 images (the paper uses 50000)")
     check_guidance(guidance, gnet)
     rank, world = init_distributed()
     device = resolve_device(device)
@@ -308,5 +309,5 @@ def append_jsonl(path, record: dict) -> None:
     try:
         line = json.dumps(record, allow_nan=False)  # strict JSON: a NaN result is an error, not a token
     except ValueError:
-        raise ValueError(f"{path}: a result is NaN or infinite ({record}); nothing was appended") from None
+        raise EDM2Error(f"{path}: a result is NaN or infinite ({record}); nothing was appended") from None
     atomic_write_bytes(path, old + (line + "\n").encode())

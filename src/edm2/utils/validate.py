@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 import numbers
 
+from .errors import EDM2Error
+
 __all__ = ["check_float", "check_int", "check_sampler_options", "SAMPLER_OPTION_NAMES",
            "safe_error_text", "UNSAFE_ADVICE"]
 
@@ -35,7 +37,7 @@ def check_float(value, name: str, lo: float | None = None, hi: float | None = No
     """`value` as a float, or ValueError unless it is a real number (not NaN;
     infinite only with allow_inf) within [lo, hi] (open ends with lo_open/hi_open)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise ValueError(f"{name} {value!r}: expected a number")
+        raise EDM2Error(f"{name} {value!r}: expected a number")
     x = float(value)
     ok = not math.isnan(x) and (allow_inf or math.isfinite(x))
     if ok and lo is not None:
@@ -45,17 +47,17 @@ def check_float(value, name: str, lo: float | None = None, hi: float | None = No
     if not ok:
         want = _range_text(lo, hi, lo_open, hi_open)
         kind = "a number" if allow_inf else "a finite number"
-        raise ValueError(f"{name} {value}: must be {kind}{' ' + want if want else ''}")
+        raise EDM2Error(f"{name} {value}: must be {kind}{' ' + want if want else ''}")
     return x
 
 
 def check_int(value, name: str, lo: int | None = None, hi: int | None = None) -> int:
     """`value` as an int, or ValueError unless it is a whole number within [lo, hi]."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise ValueError(f"{name} {value!r}: expected a whole number")
+        raise EDM2Error(f"{name} {value!r}: expected a whole number")
     x = int(value)
     if (lo is not None and x < lo) or (hi is not None and x > hi):
-        raise ValueError(f"{name} {x}: must be a whole number {_range_text(lo, hi, False, False)}")
+        raise EDM2Error(f"{name} {x}: must be a whole number {_range_text(lo, hi, False, False)}")
     return x
 
 
@@ -72,7 +74,7 @@ def check_sampler_options(options: dict) -> dict:
         if key in out:
             out[key] = check_float(out[key], n[key], lo=0, lo_open=True)
     if "sigma_min" in out and "sigma_max" in out and not out["sigma_min"] < out["sigma_max"]:
-        raise ValueError(f"{n['sigma_min']} {out['sigma_min']:g} / {n['sigma_max']} {out['sigma_max']:g}: "
+        raise EDM2Error(f"{n['sigma_min']} {out['sigma_min']:g} / {n['sigma_max']} {out['sigma_max']:g}: "
                          f"need sigma_min < sigma_max")
     for key in ("S_churn", "S_min", "S_noise"):
         if key in out:

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from .nn import build_network
-from .nn.adm import adm_net_kwargs
-from .presets import get_preset
+from ..nn import build_network
+from ..nn.adm import adm_net_kwargs
+from ..presets import get_preset
 
 __all__ = ["FlopReport", "count_module", "count_network", "format_report"]
 

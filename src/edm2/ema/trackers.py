@@ -21,8 +21,8 @@ that never changes stays bit-identical); other buffers (integer counters) are
 copied from the module.
 
 `save_snapshots` writes one edm2 snapshot per profile (safetensors + JSON, see
-edm2.snapshot); `reconstruct` turns a folder of them into the weights of any
-other sigma_rel with the streaming code of `edm2 phema` (edm2.posthoc).
+edm2.io.snapshot); `reconstruct` turns a folder of them into the weights of any
+other sigma_rel with the streaming code of `edm2 phema` (edm2.ema.posthoc).
 """
 from __future__ import annotations
 
@@ -31,9 +31,10 @@ from pathlib import Path
 
 import torch
 
-from .phema import check_sigma_rel, std_to_exp
+from ..io.snapshot import FORMAT, VERSION, save_state_dict, snapshot_name
+from ..utils.errors import EDM2Error
 from .posthoc import find_phema_inputs, plan_posthoc, resolve_time, stream_state_dicts
-from .snapshot import FORMAT, VERSION, save_state_dict, snapshot_name
+from .profiles import check_sigma_rel, std_to_exp
 
 __all__ = ["PowerFunctionEMA", "TraditionalEMA", "reconstruct", "trackable"]
 
@@ -58,7 +59,7 @@ class PowerFunctionEMA:
         tests of exactness).
     outdir, snapshot_every: with both, `update` writes `save_snapshots(outdir)`
         whenever the image count reaches a multiple of snapshot_every (in images).
-    meta: extra snapshot metadata (a dict like edm2.snapshot.make_meta returns,
+    meta: extra snapshot metadata (a dict like edm2.io.snapshot.make_meta returns,
         minus nimg and ema_std), e.g. net_kwargs so that `edm2 generate` can load a
         tracked Precond; by default the snapshots describe a generic module.
 
@@ -71,14 +72,14 @@ class PowerFunctionEMA:
                  outdir=None, snapshot_every: int | None = None, meta: dict | None = None):
         self.stds = [float(s) for s in stds]
         if not self.stds:
-            raise ValueError("--ema-std: track at least one EMA length sigma_rel")
+            raise EDM2Error("--ema-std: track at least one EMA length sigma_rel")
         if len(set(self.stds)) != len(self.stds):
-            raise ValueError(f"--ema-std {self.stds}: every value must be different")
+            raise EDM2Error(f"--ema-std {self.stds}: every value must be different")
         check_sigma_rel(self.stds, "--ema-std")
         if (outdir is None) != (snapshot_every is None):
-            raise ValueError("PowerFunctionEMA: give both outdir and snapshot_every (images), or neither")
+            raise EDM2Error("PowerFunctionEMA: give both outdir and snapshot_every (images), or neither")
         if snapshot_every is not None and int(snapshot_every) < 1:
-            raise ValueError(f"snapshot_every={snapshot_every}: must be a positive number of images")
+            raise EDM2Error(f"snapshot_every={snapshot_every}: must be a positive number of images")
         self.gammas = {s: float(std_to_exp(s)) for s in self.stds}
         self.dtype = dtype
         self.outdir = None if outdir is None else Path(outdir)
@@ -102,14 +103,14 @@ class PowerFunctionEMA:
         prev = self.nimg
         if prev is None:  # resumed from a checkpoint without the count: trust batch_size
             if batch_size is None:
-                raise ValueError("PowerFunctionEMA.update: the previous image count is unknown; pass batch_size")
+                raise EDM2Error("PowerFunctionEMA.update: the previous image count is unknown; pass batch_size")
             prev = cur_nimg - int(batch_size)
         elif batch_size is not None and cur_nimg - prev != int(batch_size):
-            raise ValueError(f"PowerFunctionEMA.update: cur_nimg={cur_nimg} is {cur_nimg - prev} images after the "
+            raise EDM2Error(f"PowerFunctionEMA.update: cur_nimg={cur_nimg} is {cur_nimg - prev} images after the "
                              f"previous update (nimg {prev}), not batch_size={batch_size}; when updating every k "
                              f"steps, omit batch_size (the tracker remembers the previous count)")
         if not 0 <= prev < cur_nimg:
-            raise ValueError(f"PowerFunctionEMA.update: cur_nimg={cur_nimg} must exceed the previous update's {prev}")
+            raise EDM2Error(f"PowerFunctionEMA.update: cur_nimg={cur_nimg} must exceed the previous update's {prev}")
         net = trackable(net)
         src = list(_averaged(net))
         src_copied = list(_copied(net))
@@ -131,7 +132,7 @@ class PowerFunctionEMA:
         (atomically; an existing file of the same name is replaced). These are
         the inputs of `reconstruct` and `edm2 phema`."""
         if self.nimg is None or self.nimg <= 0:
-            raise ValueError("PowerFunctionEMA.save_snapshots: no update yet (post-hoc EMA needs nimg > 0)")
+            raise EDM2Error("PowerFunctionEMA.save_snapshots: no update yet (post-hoc EMA needs nimg > 0)")
         outdir = Path(outdir)
         base = self.meta if self.meta is not None else _generic_meta(next(iter(self.nets.values())))
         paths = []
@@ -156,7 +157,7 @@ class PowerFunctionEMA:
         updates every k steps stay exact); without it the next update needs batch_size."""
         want = {f"{s:.6f}" for s in self.stds}
         if set(state) != want:
-            raise ValueError(f"checkpoint holds EMA profiles {sorted(state)} but the run tracks {sorted(want)}; "
+            raise EDM2Error(f"checkpoint holds EMA profiles {sorted(state)} but the run tracks {sorted(want)}; "
                              f"resume with the same --ema-std")
         for s, ema in self.nets.items():
             ema.load_state_dict(state[f"{s:.6f}"])
@@ -180,7 +181,7 @@ def _copied(net: torch.nn.Module):
 def _generic_meta(net: torch.nn.Module) -> dict:
     cls = type(net)
     return {"net_kwargs": None, "encoder": {}, "dataset": {},
-            "origin": {"module": f"{cls.__module__}.{cls.__qualname__}", "tool": "edm2.ema.PowerFunctionEMA"}}
+            "origin": {"module": f"{cls.__module__}.{cls.__qualname__}", "tool": "edm2.ema.trackers.PowerFunctionEMA"}}
 
 
 def reconstruct(folder, sigma_rel, at: int | None = None, model: torch.nn.Module | None = None,
@@ -190,14 +191,14 @@ def reconstruct(folder, sigma_rel, at: int | None = None, model: torch.nn.Module
     `PowerFunctionEMA.save_snapshots` (or `edm2 train`).
 
     Uses the least-squares combination and the streaming reader of `edm2 phema`
-    (edm2.posthoc). Returns the state dict (float tensors in the snapshots'
+    (edm2.ema.posthoc). Returns the state dict (float tensors in the snapshots'
     dtype), or, with `model`, loads it into the model (strictly) and returns the
     model. A list of sigma_rel values gives a list of state dicts."""
     many = not isinstance(sigma_rel, (int, float))
     stds = [float(s) for s in (sigma_rel if many else [sigma_rel])]
     check_sigma_rel(stds, "sigma_rel")
     if many and model is not None:
-        raise ValueError("reconstruct: pass one sigma_rel when loading into a model")
+        raise EDM2Error("reconstruct: pass one sigma_rel when loading into a model")
     inputs = find_phema_inputs(folder)
     t = resolve_time(inputs, at_nimg=at)
     plan = plan_posthoc([r.nimg for r in inputs], [r.sigma_rel for r in inputs], stds, t, inputs)
@@ -234,9 +235,9 @@ class TraditionalEMA:
 
     def __init__(self, net: torch.nn.Module, halflife_nimg: float = 50e6, rampup_ratio: float | None = 0.05):
         if not halflife_nimg >= 1:
-            raise ValueError(f"EMA half-life {halflife_nimg!r} images: must be at least 1 (the paper's config A: 50e6)")
+            raise EDM2Error(f"EMA half-life {halflife_nimg!r} images: must be at least 1 (the paper's config A: 50e6)")
         if rampup_ratio is not None and not rampup_ratio > 0:
-            raise ValueError(f"EMA ramp-up ratio {rampup_ratio!r}: must be positive, or None for no ramp-up")
+            raise EDM2Error(f"EMA ramp-up ratio {rampup_ratio!r}: must be positive, or None for no ramp-up")
         self.halflife_nimg = float(halflife_nimg)
         self.rampup_ratio = None if rampup_ratio is None else float(rampup_ratio)
         self.nets = {self.halflife_nimg: copy.deepcopy(net).float().eval().requires_grad_(False)}
@@ -267,7 +268,7 @@ class TraditionalEMA:
         """Restore the average (nimg is accepted for the power-function tracker's
         interface; a traditional EMA does not need it)."""
         if set(state) != {self._key}:
-            raise ValueError(f"checkpoint holds EMA {sorted(state)} but the run tracks {self._key}; "
+            raise EDM2Error(f"checkpoint holds EMA {sorted(state)} but the run tracks {self._key}; "
                              f"resume with the same EMA half-life")
         self.nets[self.halflife_nimg].load_state_dict(state[self._key])
 

@@ -23,9 +23,9 @@ Python source code stored inside the file*. We never do that:
 
 The records are then mapped onto our `edm2.nn.Precond` (architecture from the
 `_init_kwargs` the authors' persistence wrapper stores, weights loaded
-strictly) and our snapshot metadata (`edm2.snapshot.make_meta`). Published fp16
+strictly) and our snapshot metadata (`edm2.io.snapshot.make_meta`). Published fp16
 weights and buffers are widened to float32 (exact: every fp16 value is a
-float32 value). `edm2.loading.load_network` routes every `.pkl` path or URL
+float32 value). `edm2.io.loading.load_network` routes every `.pkl` path or URL
 here, so generation, metrics, post-hoc EMA and `train --init` accept them.
 """
 from __future__ import annotations
@@ -48,11 +48,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .encoders import StabilityVAEEncoder, StandardRGBEncoder
-from .fileio import AtomicWriter
-from .nn import Block, Precond, UNet
+from ..encoders import StabilityVAEEncoder, StandardRGBEncoder
+from ..nn import Block, Precond, UNet
+from ..utils.errors import EDM2Error, ExistingFileError, MissingFileError
+from ..utils.fileio import AtomicWriter
+from ..utils.validate import safe_error_text
 from .snapshot import build_net, make_meta, save_snapshot, snapshot_name
-from .validate import safe_error_text
 
 __all__ = ["UnsafePickleError", "OfficialFormatError", "DownloadError", "Record", "safe_unpickle", "is_url",
            "cache_dir", "cached_path", "fetch", "parse_official_name", "kimg_to_nimg",
@@ -60,15 +61,15 @@ __all__ = ["UnsafePickleError", "OfficialFormatError", "DownloadError", "Record"
            "load_reference_stats", "unpickle_numpy_data", "NUMPY_ARRAY_GLOBALS"]
 
 
-class UnsafePickleError(ValueError):
+class UnsafePickleError(EDM2Error):
     """The pickle asks for a global that is not on the allow-list; nothing was run."""
 
 
-class OfficialFormatError(ValueError):
+class OfficialFormatError(EDM2Error):
     """The file is a pickle, but not one of the authors' EDM2 networks/statistics."""
 
 
-class DownloadError(RuntimeError):
+class DownloadError(EDM2Error, RuntimeError):
     """A published file could not be fetched (offline, unreachable, HTTP error)."""
 
 
@@ -212,13 +213,13 @@ def unpickle_numpy_data(data: bytes, where: str, refusal: str):
     except UnsafePickleError:
         raise
     except Exception as e:
-        raise ValueError(f"{where}: not a readable pickle ({type(e).__name__}: "
+        raise EDM2Error(f"{where}: not a readable pickle ({type(e).__name__}: "
                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
 
 def _unpickle_file(path: Path):
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise MissingFileError(f"{path}: no such file")
     with open(path, "rb") as f:
         return safe_unpickle(f, where=str(path))
 
@@ -245,7 +246,7 @@ def cached_path(url: str) -> Path:
     parts = urllib.parse.urlsplit(url)
     segments = [s for s in [parts.netloc or "local"] + parts.path.split("/") if s not in ("", ".", "..")]
     if len(segments) < 2:
-        raise ValueError(f"{url}: URL names no file")
+        raise EDM2Error(f"{url}: URL names no file")
     return cache_dir().joinpath(*[re.sub(r"[^A-Za-z0-9._-]", "_", s) for s in segments])
 
 
@@ -256,7 +257,7 @@ def fetch(source, progress: bool = True) -> Path:
     if not is_url(source):
         path = Path(source)
         if not path.is_file():
-            raise FileNotFoundError(f"{path}: no such file")
+            raise MissingFileError(f"{path}: no such file")
         return path
     dest = cached_path(source)
     if dest.is_file():
@@ -405,7 +406,7 @@ def _dataset_meta(net_kwargs, encoder, dataset_kwargs, where) -> dict:
 
 def load_official(source, device="cpu", name_hint: str | None = None):
     """Load one of the authors' network pickles (path or URL) safely ->
-    (Precond in eval mode, snapshot metadata as `edm2.snapshot.make_meta`).
+    (Precond in eval mode, snapshot metadata as `edm2.io.snapshot.make_meta`).
 
     nimg and sigma_rel come from the file name (`...-<kimg>-<sigma_rel>.pkl`), or
     from `name_hint` (an original name, if the file was renamed)."""
@@ -438,7 +439,7 @@ def load_official(source, device="cpu", name_hint: str | None = None):
     parsed = parse_official_name(name_hint or str(source))  # (0, None) for a name not in the authors' scheme
     nimg, sigma_rel = (parsed[1], parsed[2]) if parsed else (0, None)
     loss = data.get("loss_fn")
-    origin = {"importer": "edm2.official", "source": where,
+    origin = {"importer": "edm2.io.official", "source": where,
               "source_dtype": str(next(iter(tensors.values())).dtype).replace("torch.", "") if tensors else None,
               "loss": _jsonable({k: v for k, v in loss.state.items() if k in ("P_mean", "P_std", "sigma_data")}, where)
               if isinstance(loss, Record) else None}
@@ -462,23 +463,23 @@ def import_official(src, dest, dtype: str = "fp32", name_hint: str | None = None
     """Convert a published pickle (path or URL) into an edm2 snapshot file.
 
     `dest`: a `.safetensors` file, or an existing folder (the file is then named
-    by `edm2.snapshot.snapshot_name(nimg, sigma_rel)`). Never overwrites.
+    by `edm2.io.snapshot.snapshot_name(nimg, sigma_rel)`). Never overwrites.
     `dtype`: 'fp32' (default; the published fp16 values widened exactly) or
     'fp16' (parameters stored as published, half the size; loading widens them).
     Returns the written path."""
     if dtype not in _DTYPES:
-        raise ValueError(f"--dtype {dtype!r}: allowed: {', '.join(_DTYPES)}")
+        raise EDM2Error(f"--dtype {dtype!r}: allowed: {', '.join(_DTYPES)}")
     dest = Path(dest)
     if not dest.is_dir() and dest.suffix != ".safetensors":
-        raise ValueError(f"{dest}: DEST must be a .safetensors file or an existing folder")
+        raise EDM2Error(f"{dest}: DEST must be a .safetensors file or an existing folder")
     if dest.is_file():
-        raise FileExistsError(f"{dest}: already exists; choose another DEST or remove it")
+        raise ExistingFileError(f"{dest}: already exists; choose another DEST or remove it")
     net, meta = load_official(src, name_hint=name_hint)
     meta["origin"]["sha256"] = _sha256(fetch(src))  # provenance of the converted file (cached if a URL)
     if dest.is_dir():
         dest = dest / snapshot_name(meta["nimg"], meta["ema_std"])
         if dest.exists():
-            raise FileExistsError(f"{dest}: already exists; choose another DEST or remove it")
+            raise ExistingFileError(f"{dest}: already exists; choose another DEST or remove it")
     meta["origin"]["stored_dtype"] = dtype
     save_snapshot(dest, net, meta, dtype=_DTYPES[dtype])
     return dest
@@ -502,7 +503,7 @@ def convert_official_folder(folder, dest=None, dtype: str = "fp16", progress: bo
     folder = Path(folder)
     pkls = list_official_pickles(folder) if folder.is_dir() else []
     if not pkls:
-        raise FileNotFoundError(f"{folder}: no files named like network-snapshot-<kimg>-<sigma_rel>.pkl")
+        raise MissingFileError(f"{folder}: no files named like network-snapshot-<kimg>-<sigma_rel>.pkl")
     if dest is None:
         key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:12]
         dest = cache_dir() / "converted" / f"{folder.resolve().name}-{key}"

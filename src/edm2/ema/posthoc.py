@@ -1,12 +1,12 @@
 """Post-hoc EMA: build snapshots of any EMA length after training from the
 run's stored snapshots (paper Sec. 3.2, Figure 4, App. C.5).
 
-The math is in `edm2.phema`; this module lists a run's snapshots, checks
+The math is in `edm2.ema.profiles`; this module lists a run's snapshots, checks
 them, and streams the linear combinations tensor by tensor: every input file
 is opened memory-mapped (safetensors `safe_open`) and read once whatever the
 number of outputs, and each output is written as it is computed, so memory
 stays at a few row blocks (inputs x block + outputs x block) instead of whole
-models. Outputs are ordinary edm2 snapshots (`edm2.snapshot`), named by
+models. Outputs are ordinary edm2 snapshots (`edm2.io.snapshot`), named by
 `snapshot_name(nimg, sigma_rel)`, so `edm2 generate --net` and metrics use them.
 """
 from __future__ import annotations
@@ -22,11 +22,8 @@ import torch
 from safetensors import safe_open
 from tqdm import tqdm
 
-from .fileio import RunLock, atomic_write_bytes, pyplot, remove_temp_files, save_figure
-from .nn import precision_kwargs
-from .official import convert_official_folder, list_official_pickles
-from .phema import check_sigma_rel, profile_density, profile_fit_error, solve_posthoc_coefficients
-from .snapshot import (
+from ..io.official import convert_official_folder, list_official_pickles
+from ..io.snapshot import (
     SnapshotError,
     SnapshotStreamWriter,
     build_net,
@@ -35,7 +32,11 @@ from .snapshot import (
     snapshot_config,
     snapshot_name,
 )
-from .units import parse_float_list
+from ..nn import precision_kwargs
+from ..utils.errors import EDM2Error, ExistingFileError, MissingFileError
+from ..utils.fileio import RunLock, atomic_write_bytes, pyplot, remove_temp_files, save_figure
+from ..utils.units import parse_float_list
+from .profiles import check_sigma_rel, profile_density, profile_fit_error, solve_posthoc_coefficients
 
 __all__ = ["PhemaInput", "PosthocPlan", "find_phema_inputs", "check_one_run", "resolve_time", "plan_posthoc",
            "reconstruct", "stream_state_dicts", "plot_profiles", "plot_name"]
@@ -76,16 +77,16 @@ def find_phema_inputs(rundir) -> list[PhemaInput]:
     This is the one place that lists inputs (a converter for other formats hooks in here)."""
     rundir = Path(rundir)
     if not rundir.is_dir():
-        raise FileNotFoundError(f"--rundir {rundir}: no such folder; pass the training run folder holding "
+        raise MissingFileError(f"--rundir {rundir}: no such folder; pass the training run folder holding "
                                 f"snapshot-*.safetensors")
     if not list_snapshots(rundir):  # the authors' raw snapshots (network-snapshot-<kimg>-<sigma_rel>.pkl): convert once
         if list_official_pickles(rundir):
-            rundir = convert_official_folder(rundir)  # safe import into the download cache (edm2.official)
+            rundir = convert_official_folder(rundir)  # safe import into the download cache (edm2.io.official)
     found = []
     for _, _, path in list_snapshots(rundir):
         meta = read_snapshot_meta(path)  # SnapshotError (a ValueError) names unreadable/truncated files
         if "ema_halflife" in meta:
-            raise ValueError(f"{path}: a config-{snapshot_config(meta)} run with a traditional EMA (half-life "
+            raise EDM2Error(f"{path}: a config-{snapshot_config(meta)} run with a traditional EMA (half-life "
                              f"{meta['ema_halflife']:.0f} images) has no power-function EMA profiles (sigma_rel) "
                              f"to reconstruct from; post-hoc EMA needs a run of configs B-G. Use its snapshots as "
                              f"they are")
@@ -95,10 +96,10 @@ def find_phema_inputs(rundir) -> list[PhemaInput]:
     found.sort(key=lambda r: (r.nimg, r.sigma_rel))
     for a, b in zip(found, found[1:]):
         if (a.nimg, a.sigma_rel) == (b.nimg, b.sigma_rel):
-            raise ValueError(f"{a.path} and {b.path}: both hold nimg={a.nimg}, sigma_rel={a.sigma_rel}; remove one")
+            raise EDM2Error(f"{a.path} and {b.path}: both hold nimg={a.nimg}, sigma_rel={a.sigma_rel}; remove one")
     for r in found[1:]:
         if precision_kwargs(r.meta["net_kwargs"]) != precision_kwargs(found[0].meta["net_kwargs"]):
-            raise ValueError(f"{found[0].path} and {r.path}: different architectures (net_kwargs) in one run folder; "
+            raise EDM2Error(f"{found[0].path} and {r.path}: different architectures (net_kwargs) in one run folder; "
                              f"move the snapshots of other runs elsewhere")
     check_one_run(found)
     return found
@@ -122,7 +123,7 @@ def check_one_run(inputs: list[PhemaInput]) -> None:
     for r in with_id[1:]:
         a, b = with_id[0].meta["origin"]["run_id"], r.meta["origin"]["run_id"]
         if a != b:
-            raise ValueError(f"{with_id[0].path} and {r.path}: snapshots of different training runs (run settings "
+            raise EDM2Error(f"{with_id[0].path} and {r.path}: snapshots of different training runs (run settings "
                              f"{a} vs {b}: e.g. another learning rate or dataset); post-hoc EMA combines one run's "
                              f"snapshots only; move the other run's snapshots to a folder of their own")
     known = {legacy(r) for r in with_id}
@@ -131,7 +132,7 @@ def check_one_run(inputs: list[PhemaInput]) -> None:
         ref = next(iter(known)) if known else legacy(old[0])
         if legacy(r) not in known and legacy(r) != ref:
             other = with_id[0] if with_id else old[0]
-            raise ValueError(f"{other.path} and {r.path}: snapshots of different training runs (run folder, seed "
+            raise EDM2Error(f"{other.path} and {r.path}: snapshots of different training runs (run folder, seed "
                              f"or preset differ); post-hoc EMA combines one run's snapshots only; move the other "
                              f"run's snapshots to a folder of their own")
 
@@ -141,18 +142,18 @@ def resolve_time(inputs, at_nimg=None, at_kimg=None) -> int:
     naming (the latest snapshot whose nimg // 1000 == at_kimg, else at_kimg * 1000),
     or by default the last snapshot's. Must lie within the stored snapshots."""
     if not inputs:
-        raise ValueError("no EMA snapshots (snapshot-*-<sigma_rel>.safetensors) found; train first")
+        raise EDM2Error("no EMA snapshots (snapshot-*-<sigma_rel>.safetensors) found; train first")
     last = max(r.nimg for r in inputs)
     if at_nimg is not None and at_kimg is not None:
-        raise ValueError("give either --at-nimg or --at-kimg, not both")
+        raise EDM2Error("give either --at-nimg or --at-kimg, not both")
     if at_kimg is not None:
         match = [r.nimg for r in inputs if r.nimg // 1000 == int(at_kimg)]
         at_nimg = max(match) if match else int(at_kimg) * 1000
     t = last if at_nimg is None else int(at_nimg)
     if t <= 0:
-        raise ValueError(f"--at-nimg {t}: must be > 0")
+        raise EDM2Error(f"--at-nimg {t}: must be > 0")
     if t > last:
-        raise ValueError(f"--at-nimg {t}: beyond the last snapshot (nimg {last}); choose a time <= {last}")
+        raise EDM2Error(f"--at-nimg {t}: beyond the last snapshot (nimg {last}); choose a time <= {last}")
     return t
 
 
@@ -163,7 +164,7 @@ def plan_posthoc(in_nimg, in_sigma_rel, sigma_rels, at_nimg, inputs=None) -> Pos
     in_nimg, in_sigma_rel = np.asarray(in_nimg, np.int64), np.asarray(in_sigma_rel, np.float64)
     use = (in_nimg > 0) & (in_nimg <= at_nimg)
     if use.sum() < 2:
-        raise ValueError(f"only {int(use.sum())} snapshot(s) with 0 < nimg <= {at_nimg}; post-hoc EMA needs at least 2 "
+        raise EDM2Error(f"only {int(use.sum())} snapshot(s) with 0 < nimg <= {at_nimg}; post-hoc EMA needs at least 2 "
                          f"(train longer or choose a later --at-nimg)")
     inputs = None if inputs is None else [r for r, u in zip(inputs, use) if u]
     in_nimg, in_sigma_rel = in_nimg[use], in_sigma_rel[use]
@@ -213,7 +214,7 @@ def _tensor_layout(inputs: list[PhemaInput]):
     edm2 networks (metadata with net_kwargs): the layout comes from the
     architecture and the copied tensors are its buffers (fixed at initialisation,
     so inputs that differ come from different runs). Snapshots of any other
-    module (edm2.ema.PowerFunctionEMA, net_kwargs null): the layout comes from
+    module (edm2.ema.trackers.PowerFunctionEMA, net_kwargs null): the layout comes from
     the latest file, and only non-float tensors (integer buffers) are copied."""
     if inputs[-1].meta.get("net_kwargs") is not None:
         with torch.device("meta"):
@@ -241,7 +242,7 @@ def _tensor_layout(inputs: list[PhemaInput]):
             for k in buffers:
                 first.setdefault(k, (f.get_tensor(k), r.path))
                 if not torch.equal(f.get_tensor(k), first[k][0]):
-                    raise ValueError(f"{r.path} and {first[k][1]}: different {k} (fixed at initialisation), so "
+                    raise EDM2Error(f"{r.path} and {first[k][1]}: different {k} (fixed at initialisation), so "
                                      f"they come from different runs; keep one run per folder")
     bad = sorted({d for k, d in dtypes.items()
                   if d not in _TORCH_DTYPES and (k not in buffers or d not in _COPIED_DTYPES)})
@@ -380,16 +381,16 @@ def reconstruct(rundir, outdir, sigma_rels, at_nimg=None, at_kimg=None, plot=Fal
 
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
-        raise FileExistsError(f"--outdir {outdir}: exists and is not a folder")
+        raise ExistingFileError(f"--outdir {outdir}: exists and is not a folder")
     names = [snapshot_name(t, s) for s in sigma_rels]
     if len(set(names)) < len(names):
-        raise ValueError(f"--std {sigma_rels}: values that agree to 3 decimals would share a file name; drop one")
+        raise EDM2Error(f"--std {sigma_rels}: values that agree to 3 decimals would share a file name; drop one")
     out_paths = [outdir / n for n in names]
     png_paths = [outdir / plot_name(t, s) for s in sigma_rels] if plot else []
     in_files = {r.path.resolve() for r in inputs}
     for p in out_paths:
         if p.resolve() in in_files:
-            raise FileExistsError(f"{p}: would replace a training snapshot; choose another --outdir")
+            raise ExistingFileError(f"{p}: would replace a training snapshot; choose another --outdir")
     specs, buffers = _tensor_layout(plan.inputs)
     with RunLock(outdir, "--outdir"):
         # Leftovers of a killed run: temp files (only ours can be there, as we hold the lock).
@@ -400,7 +401,7 @@ def reconstruct(rundir, outdir, sigma_rels, at_nimg=None, at_kimg=None, plot=Fal
         in_way = [out_paths[j] for j in todo if out_paths[j].exists()]
         in_way += [png_paths[j] for j in todo if plot and png_paths[j].exists()]
         if in_way and not overwrite:
-            raise FileExistsError(f"{in_way[0]}: already exists and is not this reconstruction's output "
+            raise ExistingFileError(f"{in_way[0]}: already exists and is not this reconstruction's output "
                                   f"({len(in_way)} file(s) in the way); pass --overwrite or choose another --outdir")
         writers = []
         try:

@@ -24,10 +24,11 @@ from pathlib import Path
 
 import torch
 
-from .fileio import LOCK_NAME, atomic_write_bytes, remove_temp_files
-from .nn import precision_kwargs
-from .snapshot import list_snapshots
-from .validate import safe_error_text
+from ..io.snapshot import list_snapshots
+from ..nn import precision_kwargs
+from ..utils.errors import EDM2Error
+from ..utils.fileio import LOCK_NAME, atomic_write_bytes, remove_temp_files
+from ..utils.validate import safe_error_text
 
 __all__ = ["checkpoint_name", "list_checkpoints", "save_checkpoint", "load_checkpoint", "load_latest_checkpoint",
            "remove_stale_temp_files", "check_run_folder", "check_restart", "archive_run", "CHECKPOINT_FORMAT"]
@@ -63,9 +64,9 @@ def load_checkpoint(path, map_location="cpu") -> dict:
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, bad magic, unexpected object types, ...
-        raise ValueError(f"{path}: unreadable checkpoint ({safe_error_text(e)})") from None
+        raise EDM2Error(f"{path}: unreadable checkpoint ({safe_error_text(e)})") from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not an edm2 training checkpoint")
+        raise EDM2Error(f"{path}: not an edm2 training checkpoint")
     return state
 
 
@@ -99,11 +100,11 @@ def check_run_folder(identity: dict, outdir, force_new: bool = False) -> str:
     if not out.exists():
         return "fresh"
     if not out.is_dir():
-        raise ValueError(f"outdir={out}: exists and is not a folder; choose another outdir")
+        raise EDM2Error(f"outdir={out}: exists and is not a folder; choose another outdir")
     cfg = out / "config.json"
     if not cfg.is_file():
         if any(p.name not in _NOT_RUN_FILES for p in out.iterdir()):
-            raise ValueError(f"outdir={out}: not empty and has no config.json, so it is not an edm2 run; "
+            raise EDM2Error(f"outdir={out}: not empty and has no config.json, so it is not an edm2 run; "
                              f"choose a new or empty folder")
         return "fresh"
     if force_new:
@@ -111,7 +112,7 @@ def check_run_folder(identity: dict, outdir, force_new: bool = False) -> str:
     try:
         old = json.loads(cfg.read_text())
     except (OSError, ValueError) as e:
-        raise ValueError(f"{cfg}: unreadable ({e}); use another outdir, or force_new=True to start over") from None
+        raise EDM2Error(f"{cfg}: unreadable ({e}); use another outdir, or force_new=True to start over") from None
     if isinstance(old.get("net_kwargs"), dict):  # runs of edm2 0.1 stored use_fp16/reduced_dtype
         old["net_kwargs"] = precision_kwargs(old["net_kwargs"])
     new = json.loads(json.dumps(identity))
@@ -121,7 +122,7 @@ def check_run_folder(identity: dict, outdir, force_new: bool = False) -> str:
     diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
     if diff:
         shown = "; ".join(f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in diff[:3])
-        raise ValueError(f"outdir={out} holds a different run ({shown}); use another outdir, or force_new=True to "
+        raise EDM2Error(f"outdir={out} holds a different run ({shown}); use another outdir, or force_new=True to "
                          f"start over there (its files move to {out}/previous-N/)")
     return "resume"
 
@@ -136,7 +137,7 @@ def check_restart(folder) -> None:
     kept = checkpoints + [p for n, _, p in list_snapshots(folder) if n > 0] + sorted(folder.glob("grid-*.png"))
     if kept:
         why = f"its {len(checkpoints)} checkpoint(s) are unreadable" if checkpoints else "it has no checkpoint"
-        raise ValueError(f"outdir={folder}: holds a run ({len(kept)} snapshot/grid/checkpoint files) but {why}; "
+        raise EDM2Error(f"outdir={folder}: holds a run ({len(kept)} snapshot/grid/checkpoint files) but {why}; "
                          f"starting again from image 0 would overwrite them; use force_new=True to start over "
                          f"(the old files move to {folder}/previous-N/)")
 

@@ -49,10 +49,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data import ImageDataset
-from .encoders import encoder_from_meta
-from .fileio import atomic_write_bytes, pyplot, save_figure
-from .snapshot import list_snapshots, load_snapshot, read_snapshot_meta
+from ..data import ImageDataset
+from ..encoders import encoder_from_meta
+from ..io.snapshot import list_snapshots, load_snapshot, read_snapshot_meta
+from ..utils.errors import EDM2Error, MissingFileError
+from ..utils.fileio import atomic_write_bytes, pyplot, save_figure
 
 __all__ = ["bucket_of", "bucket_sort_key", "Layer", "find_layers", "Probe", "make_probe", "probe_from_dataset",
            "DynamicsHook", "measure_snapshots", "measure", "weight_magnitudes", "relative_updates",
@@ -108,7 +109,7 @@ def find_layers(net: torch.nn.Module) -> list[Layer]:
 def _require_layers(net) -> list[Layer]:
     layers = find_layers(net)
     if not layers:
-        raise ValueError(f"{type(net).__name__}: no encoder/decoder weights found; the dynamics tracker looks for "
+        raise EDM2Error(f"{type(net).__name__}: no encoder/decoder weights found; the dynamics tracker looks for "
                          f"modules named like enc['32x32_block0'] / dec['8x8_in0'] (module paths containing "
                          f"'enc.<R>x<R>_' or 'dec.<R>x<R>_')")
     return layers
@@ -205,7 +206,7 @@ def make_probe(images: torch.Tensor, labels: torch.Tensor | None = None, *, seed
     images = images.to(torch.float32)
     n = len(images)
     if n < 1:
-        raise ValueError("make_probe: no images")
+        raise EDM2Error("make_probe: no images")
     g = torch.Generator().manual_seed(int(seed))
     if sigma is None:
         q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
@@ -464,7 +465,7 @@ def _probe_seed(seed: int) -> int:
 
 
 class DynamicsHook:
-    """A training hook (`edm2.training.train(config, hooks=...)`, `edm2 train
+    """A training hook (`edm2.train.loop.train(config, hooks=...)`, `edm2 train
     --dynamics N`): every `every` images (at the first maintenance point at or
     after each multiple of `every`, at image 0 of a fresh run and at the end of
     training) it measures the longest EMA network and the raw network on a
@@ -475,7 +476,7 @@ class DynamicsHook:
 
     def __init__(self, every: int, probe_size: int = 256, batch_size: int = MEASURE_BATCH):
         if every < 1 or probe_size < 1:
-            raise ValueError(f"dynamics={every}, dynamics_probe={probe_size}: both must be >= 1")
+            raise EDM2Error(f"dynamics={every}, dynamics_probe={probe_size}: both must be >= 1")
         self.every, self.probe_size, self.batch_size = int(every), int(probe_size), int(batch_size)
         self.tracker: DynamicsTracker | None = None
 
@@ -512,20 +513,20 @@ def measure_snapshots(run, ema_std: float | None = None, data=None, probe_size: 
     config.json. Returns the output path."""
     run = Path(run)
     if not run.is_dir():
-        raise FileNotFoundError(f"{run}: not a run folder")
+        raise MissingFileError(f"{run}: not a run folder")
     snaps = [r for r in list_snapshots(run) if r[1] is not None]
     if not snaps:
-        raise FileNotFoundError(f"{run}: no EMA snapshot-*.safetensors files to measure")
+        raise MissingFileError(f"{run}: no EMA snapshot-*.safetensors files to measure")
     stds = sorted({r[1] for r in snaps})
     std = max(stds) if ema_std is None else float(ema_std)
     snaps = [r for r in snaps if abs(r[1] - std) < 5e-4]
     if not snaps:
-        raise ValueError(f"--ema-std {ema_std}: the run stores the EMA widths {', '.join(f'{s:.3f}' for s in stds)}")
+        raise EDM2Error(f"--ema-std {ema_std}: the run stores the EMA widths {', '.join(f'{s:.3f}' for s in stds)}")
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
     meta = read_snapshot_meta(snaps[0][2])
     data = data or config.get("data") or meta.get("dataset", {}).get("path")
     if data is None:
-        raise ValueError(f"{run}: the snapshots do not say which dataset trained them; pass --data")
+        raise EDM2Error(f"{run}: the snapshots do not say which dataset trained them; pass --data")
     probe = probe_from_dataset(ImageDataset(data, use_labels=bool(meta["net_kwargs"].get("label_dim"))),
                                encoder_from_meta(meta.get("encoder", {"type": "rgb"})), probe_size,
                                seed=_probe_seed(config.get("seed", 0)), P_mean=config.get("P_mean", -0.4),
@@ -555,9 +556,9 @@ def _read_records(path: Path) -> list[dict]:
         except ValueError:
             if i == len(lines) - 1:   # a last line cut short by an interruption
                 break
-            raise ValueError(f"{path}: line {i + 1} is not JSON; the file is damaged") from None
+            raise EDM2Error(f"{path}: line {i + 1} is not JSON; the file is damaged") from None
         if not isinstance(rec, dict) or "nimg" not in rec:
-            raise ValueError(f"{path}: line {i + 1} is not a dynamics record (no 'nimg')")
+            raise EDM2Error(f"{path}: line {i + 1} is not a dynamics record (no 'nimg')")
         out.append(rec)
     return out
 
@@ -570,12 +571,12 @@ def load_dynamics(run) -> list[dict]:
         path = path / (DYNAMICS_FILE if (path / DYNAMICS_FILE).is_file() or not (path / SNAPSHOTS_FILE).is_file()
                        else SNAPSHOTS_FILE)
     if not path.is_file():
-        raise FileNotFoundError(f"{run}: no {DYNAMICS_FILE}; record one with `edm2 train --dynamics N` "
+        raise MissingFileError(f"{run}: no {DYNAMICS_FILE}; record one with `edm2 train --dynamics N` "
                                 f"(N = images between measurements), or measure the stored snapshots with "
                                 f"`edm2 dynamics measure {run}`")
     records = _read_records(path)
     if not records:
-        raise ValueError(f"{path}: holds no records yet")
+        raise EDM2Error(f"{path}: holds no records yet")
     return records
 
 
@@ -641,12 +642,12 @@ def plot_dynamics(runs, out=None, net: str = "ema", quantities=None, labels=None
     for run in runs:
         recs = _select(load_dynamics(run), net)
         if not recs:
-            raise ValueError(f"{run}: no records of the {net!r} network in {DYNAMICS_FILE}")
+            raise EDM2Error(f"{run}: no records of the {net!r} network in {DYNAMICS_FILE}")
         data.append(recs)
     quantities = list(quantities or [q for q in QUANTITIES if any(r.get(q) for recs in data for r in recs)])
     unknown = [q for q in quantities if q not in QUANTITIES]
     if unknown:
-        raise ValueError(f"unknown quantities {unknown}; allowed: {', '.join(QUANTITIES)}")
+        raise EDM2Error(f"unknown quantities {unknown}; allowed: {', '.join(QUANTITIES)}")
     labels = list(labels or [Path(r).name if Path(r).is_dir() else Path(r).parent.name for r in runs])
     buckets = sorted({b for recs in data for r in recs for q in quantities for b in (r.get(q) or {})},
                      key=bucket_sort_key)
@@ -694,7 +695,7 @@ def plot_loss_profile(runs, out=None, net: str = "ema", labels=None, dpi: int = 
     for i, (run, label) in enumerate(zip(runs, labels)):
         recs = [r for r in _select(load_dynamics(run), net) if r.get("loss")]
         if not recs:
-            raise ValueError(f"{run}: no loss records of the {net!r} network in {DYNAMICS_FILE}")
+            raise EDM2Error(f"{run}: no loss records of the {net!r} network in {DYNAMICS_FILE}")
         last = recs[-1]
         colour = cmap(i % 10)
         ax_l.plot(last["loss_sigma"], last["loss"], "o-", color=colour, label=f"{label} (nimg {last['nimg']:,})")

@@ -32,10 +32,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data import ImageDataset
-from .encoders import encoder_from_meta
-from .fileio import atomic_write_bytes
-from .loading import load_network
+from ..data import ImageDataset
+from ..encoders import encoder_from_meta
+from ..io.loading import load_network
+from ..utils.errors import EDM2Error
+from ..utils.fileio import atomic_write_bytes
 
 __all__ = ["list_layers", "default_layer", "extract_features", "fit_linear_classifier", "ProbeResult",
            "linear_probe", "probe_sweep", "write_probe_csv", "CSV_FIELDS"]
@@ -63,7 +64,7 @@ def default_layer(net: torch.nn.Module) -> str:
     """The middle decoder block (half-way through the decoder's modules)."""
     dec = [n for n in _blocks(net) if n.startswith("dec.")]
     if not dec:
-        raise ValueError(f"{type(net).__name__}: no decoder blocks (modules named dec['<R>x<R>_...']) to probe")
+        raise EDM2Error(f"{type(net).__name__}: no decoder blocks (modules named dec['<R>x<R>_...']) to probe")
     return dec[len(dec) // 2]
 
 
@@ -79,7 +80,7 @@ def _resolve_layers(net, layers) -> list[str]:
     for name in layers:
         full = name if name in allowed else (f"dec.{name}" if f"dec.{name}" in allowed else None)
         if full is None:
-            raise ValueError(f"--layer {name!r}: no such block; allowed: {', '.join(allowed)} "
+            raise EDM2Error(f"--layer {name!r}: no such block; allowed: {', '.join(allowed)} "
                              f"(or 'all' decoder blocks)")
         out.append(full)
     return out
@@ -170,7 +171,7 @@ CSV_FIELDS = list(ProbeResult.__dataclass_fields__)
 
 def _labels(ds: ImageDataset, where: str) -> np.ndarray:
     if ds.raw_labels is None:
-        raise ValueError(f"{where} {ds.path}: the linear probe needs class labels (a dataset.json with class "
+        raise EDM2Error(f"{where} {ds.path}: the linear probe needs class labels (a dataset.json with class "
                          f"indices); convert a labelled source with `edm2 dataset convert`")
     if ds.xflip:
         return np.concatenate([ds.raw_labels, ds.raw_labels])
@@ -182,7 +183,7 @@ def _open_dataset(data, net, what: str, max_images, seed) -> ImageDataset:
     res, channels = getattr(net, "img_resolution", ds.resolution), getattr(net, "img_channels", None)
     have = 4 if ds.is_latent else ds.num_channels
     if ds.resolution != res or (channels is not None and have != channels):
-        raise ValueError(f"{what} {ds.path}: items are {have}x{ds.resolution}x{ds.resolution} but the network takes "
+        raise EDM2Error(f"{what} {ds.path}: items are {have}x{ds.resolution}x{ds.resolution} but the network takes "
                          f"{channels}x{res}x{res}; probe with a dataset like the training data")
     return ds
 
@@ -199,13 +200,13 @@ def probe_sweep(net, data, sigmas, layers=None, test_data=None, holdout: float =
         net, meta = load_network(net, device=device)
     net = net.to(device)
     if getattr(net, "label_dim", 0):
-        raise ValueError(f"--net: the network is class-conditional (label_dim {net.label_dim}); the linear probe is "
+        raise EDM2Error(f"--net: the network is class-conditional (label_dim {net.label_dim}); the linear probe is "
                          f"for unconditional networks (train one with `edm2 train --uncond`)")
     encoder = encoder_from_meta((meta or {}).get("encoder", {"type": "rgb"}))
     layers = _resolve_layers(net, layers)
     sigmas = [float(s) for s in sigmas]
     if not sigmas or any(not s > 0 for s in sigmas):
-        raise ValueError(f"--sigma {sigmas}: give one or more noise levels > 0")
+        raise EDM2Error(f"--sigma {sigmas}: give one or more noise levels > 0")
     train_ds = _open_dataset(data, net, "--data", max_images, seed)
     labels = torch.as_tensor(_labels(train_ds, "--data"))
     if test_data is not None:
@@ -215,11 +216,11 @@ def probe_sweep(net, data, sigmas, layers=None, test_data=None, holdout: float =
         y_train, y_test = labels, test_labels
     else:
         if not 0 < holdout < 1:
-            raise ValueError(f"--holdout {holdout}: must be between 0 and 1")
+            raise EDM2Error(f"--holdout {holdout}: must be between 0 and 1")
         perm = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(seed)).tolist()
         n_test = max(1, int(round(len(perm) * holdout)))
         if n_test >= len(perm):
-            raise ValueError(f"--data {train_ds.path}: {len(perm)} images are too few to hold out {holdout:.0%}")
+            raise EDM2Error(f"--data {train_ds.path}: {len(perm)} images are too few to hold out {holdout:.0%}")
         test_idx, train_idx = sorted(perm[:n_test]), sorted(perm[n_test:])
         splits = [(train_ds, train_idx), (train_ds, test_idx)]
         y_train, y_test = labels[train_idx], labels[test_idx]

@@ -1,6 +1,6 @@
 """Test-only writer of pickles in the authors' published EDM2 format.
 
-What the authors' training/reconstruction code writes (see src/edm2/official.py
+What the authors' training/reconstruction code writes (see src/edm2/io/official.py
 and docs/published-models.md): `pickle.dump` of a `dnnlib.util.EasyDict` with keys
 `encoder`, `dataset_kwargs`, `loss_fn`, `ema`, where every object of their
 "persistent" classes is written as a call

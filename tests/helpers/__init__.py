@@ -1,0 +1,58 @@
+"""Shared helpers of the test suite: small datasets, snapshots and VAE
+configurations made on the spot (`tests/conftest.py` turns the common ones
+into fixtures).
+
+    helpers           make_dataset, write_snapshot, SD_VAE_CONFIG, SMALL_CONFIG
+    helpers.cli       run the CLI in-process, assert a one-line refusal that changed nothing
+    helpers.official  pickles in the authors' format, written without their code
+"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+from PIL import Image
+
+from edm2.encoders import StandardRGBEncoder
+from edm2.io.snapshot import make_meta, save_snapshot
+from edm2.nn import Precond
+from edm2.presets import get_preset
+
+
+def make_dataset(path, n=24, channels=1, labels=True, res=16):
+    """n images of 4 classes (a bar whose height depends on the class), dataset.json labels."""
+    path.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    entries = []
+    for i in range(n):
+        c = i % 4
+        img = np.zeros([res, res, channels], np.uint8)
+        img[2 + 3 * c:4 + 3 * c, 2:res - 2] = rng.integers(150, 255)
+        Image.fromarray(img[:, :, 0] if channels == 1 else img).save(path / f"{i:04d}.png")
+        entries.append([f"{i:04d}.png", c])
+    if labels:
+        (path / "dataset.json").write_text(json.dumps({"labels": entries, "class_names": list("abcd")}))
+    return path
+
+def write_snapshot(path, label_dim=3, resolution=16, channels=1, seed=0, encoder=None):
+    """A tiny random network with non-zero gains (a fresh one outputs c_skip * x only)."""
+    torch.manual_seed(seed)
+    kw = dict(get_preset("tiny").net_kwargs(label_dim), img_resolution=resolution, img_channels=channels)
+    net = Precond(**kw)
+    with torch.no_grad():
+        net.unet.out_gain.fill_(1.0)
+        for name, p in net.named_parameters():
+            if name.endswith("emb_gain"):
+                p.fill_(0.5)
+    encoder = encoder or StandardRGBEncoder().to_meta()
+    meta = make_meta(kw, 64, 0.1, encoder, {"resolution": resolution, "channels": channels, "label_dim": label_dim})
+    save_snapshot(path, net, meta)
+    return path
+
+# The architecture of stabilityai/sd-vae-ft-mse (its config.json).
+SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, act_fn="silu",
+                     block_out_channels=[128, 256, 512, 512], norm_num_groups=32, sample_size=256,
+                     down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
+# Same family, narrow: 4 levels (downsampling by 8), fast on a CPU.
+SMALL_CONFIG = dict(SD_VAE_CONFIG, block_out_channels=[8, 16, 16, 16], norm_num_groups=8, layers_per_block=1)
