@@ -223,3 +223,21 @@ def test_ablation_recipe_table_matches_the_recipes():
             assert row["EMA"] == f"traditional, half-life {p.ema_halflife / 1e6:g}M images" and p.ema == r.ema, c
         else:
             assert row["EMA"] == f"power, best σ_rel {r.sigma_rel:.3f}" and p.ema == "power", c
+
+
+def test_documented_python_imports_exist():
+    """Every `from edm2... import ...` line of a Python example in the README and
+    the docs names a module and names that exist (nothing else runs)."""
+    import importlib
+
+    bad, count = [], 0
+    for path in MARKDOWN:
+        for block in re.findall(r"```python\n(.*?)```", path.read_text(), re.DOTALL):
+            for m in re.finditer(r"^\s*from (edm2[\w.]*) import ([^\n#]+)", block, re.M):
+                count += 1
+                module = importlib.import_module(m.group(1))
+                for name in (n.strip().split(" as ")[0] for n in m.group(2).strip("() ").split(",")):
+                    if name and not hasattr(module, name):
+                        bad.append(f"{path.name}: from {m.group(1)} import {name}")
+    assert count >= 20, count
+    assert not bad, "\n".join(bad)

@@ -1,0 +1,86 @@
+"""The command line's error convention (edm2.cli): edm2's own errors are one
+line naming the command's flags, exit status 2; the machine's refusals are one
+line, exit status 1; anything else (a bug, a failure inside torch) keeps its
+traceback."""
+import subprocess
+import sys
+
+import pytest
+
+from edm2.cli import build_parser, flag_message, main
+from edm2.cli import flops as flops_cli
+from edm2.utils.errors import EDM2Error, ExistingFileError, MissingFileError
+
+
+def _flops_parser():
+    return build_parser().parse_args(["flops", "--preset", "tiny"])._parser
+
+
+def test_library_names_become_the_commands_flags():
+    p = _flops_parser()
+    assert flag_message(p, "label_dim=-1: must be >= 0") == "--label-dim -1: must be >= 0"
+    assert flag_message(p, "give `resolution` or `channels`") == "give --resolution or --channels"
+    # Words that merely contain an argument name, and paths, stay as they are.
+    assert flag_message(p, "/data/config=3/x.png: the config is fine") == "/data/config=3/x.png: the config is fine"
+
+
+def test_every_command_parser_is_remembered():
+    parser = build_parser()
+    for argv in (["flops", "--preset", "tiny"], ["dataset", "info", "x.zip"], ["metrics", "calc", "--images", "x",
+                                                                               "--ref", "r.npz"]):
+        args = parser.parse_args(argv)
+        dests = {a.dest for a in args._parser._actions}
+        assert "func" not in dests and len(dests) > 1
+        assert args._parser.prog.startswith("edm2 " + argv[0])
+
+
+def test_edm2_error_is_one_line_with_flags_and_exit_2(monkeypatch, capsys):
+    def refuse(*args, **kwargs):
+        raise EDM2Error("label_dim=7: no such\nthing")
+    monkeypatch.setattr(flops_cli, "count_network", refuse)
+    with pytest.raises(SystemExit) as e:
+        main(["flops", "--preset", "tiny"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "edm2 flops: error: --label-dim 7: no such thing\n"
+
+
+def test_file_errors_of_edm2_are_edm2_errors():
+    assert issubclass(MissingFileError, EDM2Error) and issubclass(MissingFileError, FileNotFoundError)
+    assert issubclass(ExistingFileError, EDM2Error) and issubclass(ExistingFileError, FileExistsError)
+    assert str(MissingFileError("net=x.safetensors: no such file")) == "net=x.safetensors: no such file"
+
+
+def test_os_refusal_is_one_line_exit_1(monkeypatch, capsys):
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device", "/out/x.png")
+    monkeypatch.setattr(flops_cli, "count_network", full)
+    with pytest.raises(SystemExit) as e:
+        main(["flops", "--preset", "tiny"])
+    assert e.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "/out/x.png" in err[0]
+
+
+@pytest.mark.parametrize("error", [RuntimeError("CUDA error: an illegal memory access"), ValueError("bug"),
+                                   KeyError("k")])
+def test_other_exceptions_keep_their_traceback(monkeypatch, error):
+    """A torch RuntimeError (or a plain ValueError from a bug) is not a user
+    error: it propagates out of main, so the interpreter prints its traceback."""
+    def crash(*args, **kwargs):
+        raise error
+    monkeypatch.setattr(flops_cli, "count_network", crash)
+    with pytest.raises(type(error)):
+        main(["flops", "--preset", "tiny"])
+
+
+def test_traceback_reaches_the_terminal(tmp_path):
+    """End to end: a RuntimeError raised inside a command prints Python's traceback."""
+    script = tmp_path / "crash.py"
+    script.write_text("import sys\nfrom edm2.cli import flops, main\n"
+                      "def crash(*a, **k):\n    raise RuntimeError('inside torch')\n"
+                      "flops.count_network = crash\nsys.exit(main(['flops', '--preset', 'tiny']))\n")
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True)
+    assert result.returncode == 1
+    assert "Traceback (most recent call last)" in result.stderr
+    assert "RuntimeError: inside torch" in result.stderr
