@@ -7,7 +7,7 @@ import torch
 
 import helpers.official as fmt  # noqa: E402
 from edm2.cli import main  # noqa: E402
-from edm2.io.export import export_hf  # noqa: E402
+from edm2.io.hub import export_hf  # noqa: E402
 from edm2.io.snapshot import load_snapshot  # noqa: E402
 from edm2.nn import Precond  # noqa: E402
 
