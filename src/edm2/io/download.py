@@ -76,13 +76,15 @@ def download_file(url: str, dest, progress: bool = True, timeout: float = 60) ->
         with AtomicWriter(dest) as out:  # the temp file is removed if anything fails
             with urllib.request.urlopen(url, timeout=timeout) as response:
                 total = int(response.headers.get("Content-Length") or 0) or None
+                done = 0  # counted here: a disabled tqdm bar counts nothing
                 with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(dest),
                           disable=not progress) as bar:
                     while chunk := response.read(1 << 20):
                         out.write(chunk)
+                        done += len(chunk)
                         bar.update(len(chunk))
-                if total is not None and bar.n != total:
-                    raise OSError(f"connection closed after {bar.n} of {total} bytes")
+                if total is not None and done != total:
+                    raise OSError(f"connection closed after {done} of {total} bytes")
     except (urllib.error.URLError, OSError, ValueError) as e:
         reason = getattr(e, "reason", None) or e
         raise DownloadError(f"cannot download {url} ({reason}); if this machine is offline, fetch the file "
