@@ -86,7 +86,8 @@ class EDM2Pipeline(DiffusionPipeline):
                     encoder.vae_name = str(vae)
                 vae = encoder.vae(device)
         elif vae is not None:
-            raise EDM2Error(f"{meta.get('origin', {}).get('run', 'the network')}: a pixel-space network takes no VAE")
+            raise EDM2Error(f"vae={vae}: {meta.get('origin', {}).get('run', 'the network')} is a pixel-space network, "
+                            f"which takes no VAE; drop `vae`")
         return cls(net=net, gnet=gnet, vae=vae, encoder=encoder.to_meta(),
                    class_names=meta.get("dataset", {}).get("class_names"), sampler=sampler, guidance=guidance)
 
@@ -188,7 +189,7 @@ class EDM2Pipeline(DiffusionPipeline):
         n = _count(class_labels, generator, seeds, num_images)
         if seeds is not None:
             if generator is not None:
-                raise EDM2Error("give either generator or seeds, not both")
+                raise EDM2Error("give either `generator` or `seeds`, not both")
             rnd = SeedRandom(seeds, device)
         elif generator is None:
             rnd = SeedRandom(torch.randint(0, 1 << 31, [n]).tolist(), device)
@@ -239,7 +240,7 @@ def _classes(net, class_labels, n):
     if class_labels is None:
         return None
     if net.label_dim == 0:
-        raise EDM2Error("class_labels: the network is unconditional (label_dim 0); drop class_labels")
+        raise EDM2Error("`class_labels`: the network is unconditional (label_dim 0); drop `class_labels`")
     labels = [class_labels] * n if isinstance(class_labels, (int, np.integer)) else list(class_labels)
     for c in labels:
         check_class(net, int(c) if isinstance(c, (int, np.integer)) else c)

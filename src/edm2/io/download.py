@@ -29,7 +29,7 @@ from tqdm import tqdm
 from ..utils.errors import EDM2Error, MissingFileError
 from ..utils.fileio import AtomicWriter
 
-__all__ = ["DownloadError", "cache_root", "cache_dir", "cached_path", "download_file", "fetch", "is_url"]
+__all__ = ["DownloadError", "cache_root", "cache_dir", "cached_path", "download_file", "fetch"]
 
 CACHE_ENV = "EDM2_CACHE"
 

@@ -55,7 +55,7 @@ from .snapshot import make_meta, save_snapshot, snapshot_name
 
 __all__ = ["UnsafePickleError", "OfficialFormatError", "Record", "safe_unpickle", "parse_official_name",
            "load_official", "import_official", "convert_official_folder", "list_official_pickles",
-           "load_reference_stats", "unpickle_numpy_data", "NUMPY_ARRAY_GLOBALS"]
+           "load_reference_stats"]
 
 
 class UnsafePickleError(EDM2Error):
