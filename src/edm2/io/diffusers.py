@@ -86,8 +86,9 @@ class EDM2Pipeline(DiffusionPipeline):
                     encoder.vae_name = str(vae)
                 vae = encoder.vae(device)
         elif vae is not None:
-            raise EDM2Error(f"vae={vae}: {meta.get('origin', {}).get('run', 'the network')} is a pixel-space network, "
-                            f"which takes no VAE; drop `vae`")
+            given = vae if isinstance(vae, (str, os.PathLike)) else type(vae).__name__
+            raise EDM2Error(f"vae={given}: {meta.get('origin', {}).get('run', 'the network')} is a pixel-space "
+                            f"network, which takes no VAE; drop `vae`")
         return cls(net=net, gnet=gnet, vae=vae, encoder=encoder.to_meta(),
                    class_names=meta.get("dataset", {}).get("class_names"), sampler=sampler, guidance=guidance)
 
