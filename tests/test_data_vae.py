@@ -115,7 +115,7 @@ def test_offline_without_vae_fails_at_once(images, tmp_path, monkeypatch, capsys
     src, _ = images
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(VAEUnavailable, match="--vae DIR"):
+    with pytest.raises(VAEUnavailable, match="vae=DIR"):
         encode_dataset(src, tmp_path / "lat.zip", device="cpu", progress=False)
     with pytest.raises(SystemExit) as e:
         main(["dataset", "encode", "--source", str(src), "--dest", str(tmp_path / "lat.zip"), "--device", "cpu"])

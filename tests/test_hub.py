@@ -7,9 +7,10 @@ import torch
 
 import helpers.official as fmt  # noqa: E402
 from edm2.cli import main  # noqa: E402
-from edm2.io.export import export_hf  # noqa: E402
+from edm2.io.hub import export_hf  # noqa: E402
 from edm2.io.snapshot import load_snapshot  # noqa: E402
 from edm2.nn import Precond  # noqa: E402
+from helpers import write_snapshot  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -115,10 +116,7 @@ def test_bad_input_one_line_errors_nothing_written(tmp_path, capsys):
         Precond.from_pretrained(bad)
 
     # Export never replaces a non-empty folder without --overwrite, and leaves no temporary files.
-    snap = tmp_path / "snap.safetensors"
-    from edm2.io.snapshot import make_meta, save_snapshot
-
-    save_snapshot(snap, net, make_meta(fmt.TINY_KWARGS, 64, 0.1, {"type": "rgb"}, {}))
+    snap = write_snapshot(tmp_path / "snap.safetensors")
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -130,6 +128,25 @@ def test_bad_input_one_line_errors_nothing_written(tmp_path, capsys):
                                                                  "out"])
     assert main(["export", "--format", "hf", str(snap), "--outdir", str(out), "--overwrite"]) == 0
     assert not (out / "keep.txt").exists()
-    _same_tensors(net, Precond.from_pretrained(out))
+    _same_tensors(load_snapshot(snap)[0], Precond.from_pretrained(out))
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["good", "notamodel", "unknown", "snap.safetensors",
                                                                  "out"])
+
+
+def test_networks_do_not_import_file_io():
+    """The Hub conventions are part of the network classes (edm2.nn.hub), with no import of edm2.io."""
+    import ast
+    from pathlib import Path
+
+    import edm2.nn
+
+    imported = set()
+    for path in Path(edm2.nn.__file__).parent.glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                imported.add(("." * node.level + (node.module or ""), path.name))
+            elif isinstance(node, ast.Import):
+                imported.update((a.name, path.name) for a in node.names)
+    assert ("huggingface_hub", "hub.py") in imported and (".hub", "unet.py") in imported  # the scan sees them
+    assert [m for m in imported if m[0].startswith(("..io", "edm2.io"))] == []
+    assert {"save_pretrained", "from_pretrained", "push_to_hub"} <= set(dir(Precond))

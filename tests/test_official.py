@@ -22,6 +22,7 @@ import helpers.official as fmt  # noqa: E402
 from edm2.cli import main  # noqa: E402
 from edm2.encoders import StabilityVAEEncoder, encoder_from_meta  # noqa: E402
 from edm2.io import official  # noqa: E402
+from edm2.io.download import DownloadError, cached_path  # noqa: E402
 from edm2.io.loading import load_network  # noqa: E402
 from edm2.io.snapshot import load_snapshot, read_snapshot_meta  # noqa: E402
 
@@ -284,7 +285,7 @@ def test_download_to_cache_and_offline_error(tiny, tmp_path):
     finally:
         server.shutdown()
         server.server_close()
-    cached = official.cached_path(url)
+    cached = cached_path(url)
     assert cached.is_file() and cached.read_bytes() == tiny[2]
     assert str(cached).startswith(str(tmp_path / "cache"))
     assert meta["nimg"] == 2 ** 31 and meta["origin"]["source"] == url
@@ -294,11 +295,11 @@ def test_download_to_cache_and_offline_error(tiny, tmp_path):
     assert torch.equal(_outputs(net2)[0], _outputs(tiny[1])[0])
     # Offline: a clear error naming where to put the file by hand; nothing half-written in the cache.
     offline = f"http://127.0.0.1:{_free_port()}/dataset-refs/img512.pkl"
-    with pytest.raises(official.DownloadError) as e:
+    with pytest.raises(DownloadError) as e:
         official.load_reference_stats(offline)
     msg = str(e.value)
-    assert str(official.cached_path(offline)) in msg and "EDM2_CACHE" in msg and len(msg.splitlines()) == 1
-    assert not official.cached_path(offline).parent.exists() or not any(official.cached_path(offline).parent.iterdir())
+    assert str(cached_path(offline)) in msg and "EDM2_CACHE" in msg and len(msg.splitlines()) == 1
+    assert not cached_path(offline).parent.exists() or not any(cached_path(offline).parent.iterdir())
 
 
 # ---------------------------------------------------------------------------
@@ -379,7 +380,7 @@ def test_generate_with_preset(tmp_path, monkeypatch):
                                                                                  2.0, "fid", 0.0))
     common = ["--seeds", "0-1", "--steps", "3", "--batch", "2", "--device", "cpu"]
     assert main(["generate", "--preset", "tiny-autog", "--outdir", str(tmp_path / "a")] + common) == 0
-    assert official.cached_path(net_url).is_file() and official.cached_path(gnet_url).is_file()
+    assert cached_path(net_url).is_file() and cached_path(gnet_url).is_file()
     # The same as naming the triple by hand.
     assert main(["generate", "--net", str(src / "edm2-img64-s-1073741-0.045.pkl"), "--gnet",
                  str(src / "edm2-img64-xs-0134217-0.110.pkl"), "--guidance", "2", "--outdir", str(tmp_path / "b")]

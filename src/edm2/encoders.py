@@ -18,6 +18,7 @@ from urllib.parse import urlparse
 import numpy as np
 import torch
 
+from .nn.hub import looks_local
 from .utils.errors import EDM2Error
 
 __all__ = ["StandardRGBEncoder", "StabilityVAEEncoder", "encoder_from_meta", "load_vae", "VAEUnavailable",
@@ -49,21 +50,22 @@ class StandardRGBEncoder:
         return (x.to(torch.float32) * 127.5 + 128).clip(0, 255).to(torch.uint8)
 
 
-def load_vae(name_or_path: str = DEFAULT_VAE, device="cpu"):
-    """Load the Stable Diffusion VAE with diffusers, from a local folder or the
-    Hugging Face cache/hub. Raises VAEUnavailable with a how-to when it can't."""
+def load_vae(vae: str = DEFAULT_VAE, device="cpu"):
+    """Load the Stable Diffusion VAE with diffusers: `vae` is a local folder
+    (written by `AutoencoderKL.save_pretrained`) or a hub name, read from the
+    Hugging Face cache or downloaded into it. Raises VAEUnavailable with a how-to
+    when it can't."""
     try:
         from diffusers import AutoencoderKL  # optional (edm2[vae]) and slow to import
     except ImportError:
         raise VAEUnavailable("the VAE needs diffusers: pip install 'edm2[vae]' (or pip install diffusers)") from None
-    name_or_path = str(name_or_path)
+    name_or_path = str(vae)
     howto = (f"either allow the download of {DEFAULT_VAE} from the Hugging Face hub (it goes to $HF_HOME, "
              f"default ~/.cache/huggingface), or save it once with AutoencoderKL.from_pretrained(...)"
-             f".save_pretrained(DIR) on a machine with network access and pass --vae DIR")
+             f".save_pretrained(DIR) on a machine with network access and pass vae=DIR")
     local = os.path.isdir(name_or_path)
-    if not local and (os.path.exists(name_or_path) or name_or_path.startswith((".", "/", "~"))
-                      or name_or_path.count("/") != 1):
-        raise VAEUnavailable(f"--vae {name_or_path}: no such folder (a VAE is a folder written by "
+    if not local and looks_local(name_or_path):  # a path, not a hub name "user/name"
+        raise VAEUnavailable(f"vae={name_or_path}: no such folder (a VAE is a folder written by "
                              f"save_pretrained, or a hub name like {DEFAULT_VAE}); {howto}")
     from diffusers.utils import logging as dlogging  # diffusers is importable here (checked above)
     verbosity = dlogging.get_verbosity()
@@ -75,7 +77,7 @@ def load_vae(name_or_path: str = DEFAULT_VAE, device="cpu"):
                 vae = AutoencoderKL.from_pretrained(name_or_path, local_files_only=True)
         except Exception as e:
             if local:
-                raise VAEUnavailable(f"--vae {name_or_path}: not a diffusers AutoencoderKL folder (needs config.json "
+                raise VAEUnavailable(f"vae={name_or_path}: not a diffusers AutoencoderKL folder (needs config.json "
                                      f"and diffusion_pytorch_model.safetensors; {type(e).__name__})") from None
             if not _hub_reachable():  # fail at once instead of minutes of retries
                 raise VAEUnavailable(f"cannot load VAE {name_or_path!r}: it is not in the Hugging Face cache and "

@@ -256,7 +256,7 @@ def image_path(outdir, seed: int, subdirs: bool = False) -> Path:
     return Path(outdir) / f"{seed - seed % 1000:06d}" / name if subdirs else Path(outdir) / name
 
 
-def _to_pil(image: torch.Tensor) -> Image.Image:
+def to_pil_image(image: torch.Tensor) -> Image.Image:
     """uint8 [C, H, W] (C = 1 grey, 3 RGB, 4 RGBA) -> PIL image."""
     arr = image.permute(1, 2, 0).numpy()
     return Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
@@ -420,7 +420,7 @@ def generate_to_dir(net, encoder, seeds, outdir, gnet=None, guidance: float = 1,
                                          batch_size=batch_size, device=device, progress=progress and rank == 0,
                                          **sampler_kwargs):
                 for seed, image in zip(batch.seeds, batch.images):
-                    atomic_write_bytes(image_path(outdir, seed, subdirs), png_bytes(_to_pil(image)))
+                    atomic_write_bytes(image_path(outdir, seed, subdirs), png_bytes(to_pil_image(image)))
                     made += 1
         except BaseException:
             if fresh and rank == 0 and world == 1 and made == 0:  # leave a new folder as it was

@@ -1,7 +1,7 @@
-"""`edm2 export`: a thin layer over `edm2.io.export.export_hf` and `edm2.io.diffusers.export_diffusers`."""
+"""`edm2 export`: a thin layer over `edm2.io.hub.export_hf` and `edm2.io.diffusers.export_diffusers`."""
 from __future__ import annotations
 
-from ..io.export import export_hf
+from ..io.hub import export_hf
 from ..sampling import check_guidance
 from ..utils.errors import EDM2Error
 
@@ -13,7 +13,7 @@ def register(sub) -> None:
                        "README.md), loadable with Precond.from_pretrained. diffusers: an EDM2Pipeline folder "
                        "(model_index.json, net/, gnet/, vae/), loadable with EDM2Pipeline.from_pretrained. "
                        "Nothing is written unless the whole export succeeds. See docs/integrations.md.")
-    p.add_argument("snapshot", metavar="SNAPSHOT", help="snapshot file, run folder (latest, longest EMA), "
+    p.add_argument("source", metavar="SNAPSHOT", help="snapshot file, run folder (latest, longest EMA), "
                    "or one of the authors' published .pkl files / URLs")
     p.add_argument("--format", required=True, choices=["hf", "diffusers"], help="what to write")
     p.add_argument("--outdir", required=True, metavar="DIR", help="the folder to create")
@@ -31,8 +31,8 @@ def run(args) -> int:
         for opt in ("gnet", "guidance", "vae"):
             if getattr(args, opt) is not None:
                 raise EDM2Error(f"--{opt}: only for --format diffusers (--format hf exports one network)")
-        out = export_hf(args.snapshot, args.outdir, overwrite=args.overwrite)
-        print(f"{out}: Hugging Face model folder of {args.snapshot} (Precond.from_pretrained)")
+        out = export_hf(args.source, args.outdir, overwrite=args.overwrite)
+        print(f"{out}: Hugging Face model folder of {args.source} (Precond.from_pretrained)")
         return 0
     guidance = 1.0 if args.guidance is None else args.guidance
     check_guidance(guidance, args.gnet)
@@ -40,7 +40,7 @@ def run(args) -> int:
         from ..io.diffusers import export_diffusers
     except ImportError:
         raise EDM2Error("--format diffusers needs diffusers: pip install 'edm2[vae]'") from None
-    out = export_diffusers(args.snapshot, args.outdir, gnet=args.gnet, vae=args.vae, guidance=guidance,
+    out = export_diffusers(args.source, args.outdir, gnet=args.gnet, vae=args.vae, guidance=guidance,
                            overwrite=args.overwrite)
-    print(f"{out}: EDM2Pipeline folder of {args.snapshot} (EDM2Pipeline.from_pretrained)")
+    print(f"{out}: EDM2Pipeline folder of {args.source} (EDM2Pipeline.from_pretrained)")
     return 0

@@ -14,7 +14,7 @@ def register(sub) -> None:
         "import-official", help=HELP,
         description=HELP + ". The pickle is read with an allow-list unpickler: no code from the file is run, and "
         "the authors' dnnlib/torch_utils packages are not needed. URLs are downloaded once into the cache "
-        "folder ($EDM2_CACHE, default ~/.cache/edm2/downloads). With a folder of raw snapshots "
+        "(its downloads folder; the cache is $EDM2_CACHE, default ~/.cache/edm2). With a folder of raw snapshots "
         "(network-snapshot-<kimg>-<sigma_rel>.pkl) as SRC, every one is converted into DEST.")
     p.add_argument("src", metavar="SRC", help="a published .pkl file, its URL, or a folder of raw snapshot .pkl files")
     p.add_argument("dest", metavar="DEST", help="output .safetensors file, or an existing folder "

@@ -4,9 +4,9 @@ converted on first use to a 32×32 (28×28 zero-padded by 2 px), 1-channel,
 10-class dataset zip in the cache folder."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
+from ..io.download import cache_root
 from ..utils.errors import MissingFileError
 from .convert import convert_dataset
 
@@ -19,8 +19,9 @@ _NAME = "fashion-mnist-t10k-32x32-v1.zip"
 
 
 def default_cache_dir() -> Path:
-    """$EDM2_CACHE, else ~/.cache/edm2."""
-    return Path(os.environ.get("EDM2_CACHE") or Path.home() / ".cache" / "edm2").expanduser()
+    """Where the built-in dataset is cached: edm2's cache root (`edm2.io.download.cache_root`:
+    $EDM2_CACHE, else ~/.cache/edm2)."""
+    return cache_root()
 
 
 def builtin_dataset_path(cache_dir=None, progress: bool = False) -> Path:

@@ -24,15 +24,15 @@ from tqdm import tqdm
 
 from ..io.official import convert_official_folder, list_official_pickles
 from ..io.snapshot import (
+    SAFETENSORS_DTYPES,
     SnapshotError,
     SnapshotStreamWriter,
-    build_net,
     list_snapshots,
     read_snapshot_meta,
     snapshot_config,
     snapshot_name,
 )
-from ..nn import precision_kwargs
+from ..nn import build_network, precision_kwargs
 from ..utils.errors import EDM2Error, ExistingFileError, MissingFileError
 from ..utils.fileio import RunLock, atomic_write_bytes, pyplot, remove_temp_files, save_figure
 from ..utils.units import parse_float_list
@@ -41,10 +41,9 @@ from .profiles import check_sigma_rel, profile_density, profile_fit_error, solve
 __all__ = ["PhemaInput", "PosthocPlan", "find_phema_inputs", "check_one_run", "resolve_time", "plan_posthoc",
            "reconstruct", "stream_state_dicts", "plot_profiles", "plot_name"]
 
-_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+_TORCH_DTYPES = {k: v for k, v in SAFETENSORS_DTYPES.items() if v.is_floating_point}
 # Tensors of these dtypes (integer buffers such as counters) are copied from the latest input, not averaged.
-_COPIED_DTYPES = {"I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-                  "BOOL": torch.bool}
+_COPIED_DTYPES = {k: v for k, v in SAFETENSORS_DTYPES.items() if not v.is_floating_point}
 
 
 @dataclass(frozen=True)
@@ -218,7 +217,7 @@ def _tensor_layout(inputs: list[PhemaInput]):
     the latest file, and only non-float tensors (integer buffers) are copied."""
     if inputs[-1].meta.get("net_kwargs") is not None:
         with torch.device("meta"):
-            net = build_net(inputs[-1].meta)
+            net = build_network(snapshot_config(inputs[-1].meta), **precision_kwargs(inputs[-1].meta["net_kwargs"]))
         shapes = {k: tuple(v.shape) for k, v in net.state_dict().items()}
         buffers = {k for k, _ in net.named_buffers()}
         what = "the architecture in its metadata"
@@ -248,8 +247,7 @@ def _tensor_layout(inputs: list[PhemaInput]):
                   if d not in _TORCH_DTYPES and (k not in buffers or d not in _COPIED_DTYPES)})
     if bad:
         raise SnapshotError(f"{inputs[-1].path}: tensor dtypes {bad} cannot be averaged")
-    all_dtypes = {**_TORCH_DTYPES, **_COPIED_DTYPES}
-    return [(k, all_dtypes[dtypes[k]], shapes[k]) for k in shapes], buffers
+    return [(k, SAFETENSORS_DTYPES[dtypes[k]], shapes[k]) for k in shapes], buffers
 
 
 class _Readers:

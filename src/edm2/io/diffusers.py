@@ -25,15 +25,14 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput
 from huggingface_hub import snapshot_download
-from PIL import Image
 
 from ..encoders import StabilityVAEEncoder, StandardRGBEncoder, encoder_from_meta
-from ..generate import SAMPLER_DEFAULTS, check_class, check_guide, load_nets, sample_batch
+from ..generate import SAMPLER_DEFAULTS, check_class, check_guide, load_nets, sample_batch, to_pil_image
 from ..nn import Precond
+from ..nn.hub import CONFIG_NAME, looks_local
 from ..sampling import SeedRandom
 from ..utils.errors import EDM2Error, MissingFileError
 from ..utils.fileio import atomic_folder
-from .hub import CONFIG_NAME, _looks_local
 
 __all__ = ["EDM2Pipeline", "export_diffusers"]
 
@@ -46,7 +45,7 @@ _CONFIG_KEYS = {"_class_name", "_diffusers_version", "_name_or_path", "net", "gn
 class EDM2Pipeline(DiffusionPipeline):
     """Class-conditional or unconditional image generation with an EDM2 network.
 
-    net: the denoiser (edm2.nn.Precond or another edm2.io.hub.HubMixin network).
+    net: the denoiser (edm2.nn.Precond or another edm2.nn.hub.HubMixin network).
     gnet: guiding network for guidance_scale != 1 (optional).
     vae: AutoencoderKL decoding the latents of a latent network (None for pixels).
     encoder: the network's data space, as in snapshot metadata ({'type': 'rgb'} or
@@ -87,7 +86,9 @@ class EDM2Pipeline(DiffusionPipeline):
                     encoder.vae_name = str(vae)
                 vae = encoder.vae(device)
         elif vae is not None:
-            raise EDM2Error(f"{meta.get('origin', {}).get('run', 'the network')}: a pixel-space network takes no VAE")
+            given = vae if isinstance(vae, (str, os.PathLike)) else type(vae).__name__
+            raise EDM2Error(f"vae={given}: {meta.get('origin', {}).get('run', 'the network')} is a pixel-space "
+                            f"network, which takes no VAE; drop `vae`")
         return cls(net=net, gnet=gnet, vae=vae, encoder=encoder.to_meta(),
                    class_names=meta.get("dataset", {}).get("class_names"), sampler=sampler, guidance=guidance)
 
@@ -119,7 +120,7 @@ class EDM2Pipeline(DiffusionPipeline):
         src = str(pretrained_model_name_or_path)
         if os.path.isdir(src):
             folder = Path(src)
-        elif _looks_local(src):
+        elif looks_local(src):
             raise MissingFileError(f"{src}: no such folder (an EDM2Pipeline folder holds model_index.json; "
                                     f"write one with save_pretrained or `edm2 export --format diffusers`)")
         else:
@@ -189,7 +190,7 @@ class EDM2Pipeline(DiffusionPipeline):
         n = _count(class_labels, generator, seeds, num_images)
         if seeds is not None:
             if generator is not None:
-                raise EDM2Error("give either generator or seeds, not both")
+                raise EDM2Error("give either `generator` or `seeds`, not both")
             rnd = SeedRandom(seeds, device)
         elif generator is None:
             rnd = SeedRandom(torch.randint(0, 1 << 31, [n]).tolist(), device)
@@ -211,14 +212,11 @@ class EDM2Pipeline(DiffusionPipeline):
             out = images
         elif output_type == "pt":
             out = images.to(torch.float32) / 255
+        elif output_type == "np":
+            out = images.permute(0, 2, 3, 1).cpu().numpy().astype(np.float32) / 255
         else:
-            arr = images.permute(0, 2, 3, 1).cpu().numpy()
-            out = arr.astype(np.float32) / 255 if output_type == "np" else [_to_pil(a) for a in arr]
+            out = [to_pil_image(image) for image in images.cpu()]
         return ImagePipelineOutput(images=out) if return_dict else (out,)
-
-
-def _to_pil(arr: np.ndarray) -> Image.Image:
-    return Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
 
 
 def _count(class_labels, generator, seeds, num_images) -> int:
@@ -243,7 +241,7 @@ def _classes(net, class_labels, n):
     if class_labels is None:
         return None
     if net.label_dim == 0:
-        raise EDM2Error("class_labels: the network is unconditional (label_dim 0); drop class_labels")
+        raise EDM2Error("`class_labels`: the network is unconditional (label_dim 0); drop `class_labels`")
     labels = [class_labels] * n if isinstance(class_labels, (int, np.integer)) else list(class_labels)
     for c in labels:
         check_class(net, int(c) if isinstance(c, (int, np.integer)) else c)

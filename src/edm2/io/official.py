@@ -37,9 +37,7 @@ import io
 import os
 import pickle
 import re
-import urllib.error
 import urllib.parse
-import urllib.request
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,16 +47,15 @@ import torch
 from tqdm import tqdm
 
 from ..encoders import StabilityVAEEncoder, StandardRGBEncoder
-from ..nn import Block, Precond, UNet
+from ..nn import Block, Precond, UNet, build_network, precision_kwargs
 from ..utils.errors import EDM2Error, ExistingFileError, MissingFileError
-from ..utils.fileio import AtomicWriter
 from ..utils.validate import safe_error_text
-from .snapshot import build_net, make_meta, save_snapshot, snapshot_name
+from .download import cache_dir, fetch, is_url
+from .snapshot import make_meta, save_snapshot, snapshot_name
 
-__all__ = ["UnsafePickleError", "OfficialFormatError", "DownloadError", "Record", "safe_unpickle", "is_url",
-           "cache_dir", "cached_path", "fetch", "parse_official_name", "kimg_to_nimg",
+__all__ = ["UnsafePickleError", "OfficialFormatError", "Record", "safe_unpickle", "parse_official_name",
            "load_official", "import_official", "convert_official_folder", "list_official_pickles",
-           "load_reference_stats", "unpickle_numpy_data", "NUMPY_ARRAY_GLOBALS"]
+           "load_reference_stats"]
 
 
 class UnsafePickleError(EDM2Error):
@@ -67,10 +64,6 @@ class UnsafePickleError(EDM2Error):
 
 class OfficialFormatError(EDM2Error):
     """The file is a pickle, but not one of the authors' EDM2 networks/statistics."""
-
-
-class DownloadError(EDM2Error, RuntimeError):
-    """A published file could not be fetched (offline, unreachable, HTTP error)."""
 
 
 # ---------------------------------------------------------------------------
@@ -225,66 +218,6 @@ def _unpickle_file(path: Path):
 
 
 # ---------------------------------------------------------------------------
-# Downloads to a cache folder.
-# ---------------------------------------------------------------------------
-
-def is_url(source) -> bool:
-    """Does `source` name a URL (rather than a local path)?"""
-    return isinstance(source, str) and "://" in source
-
-
-def cache_dir() -> Path:
-    """Folder for downloaded published files: $EDM2_CACHE, else ~/.cache/edm2/downloads."""
-    env = os.environ.get("EDM2_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "edm2" / "downloads"
-
-
-def cached_path(url: str) -> Path:
-    """Where `url` is (or will be) cached: <cache>/<host>/<path of the URL>, e.g.
-    ~/.cache/edm2/downloads/nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions/edm2-img512-s-2147483-0.130.pkl.
-    (Raw snapshots of different models share file names, hence the full path.)"""
-    parts = urllib.parse.urlsplit(url)
-    segments = [s for s in [parts.netloc or "local"] + parts.path.split("/") if s not in ("", ".", "..")]
-    if len(segments) < 2:
-        raise EDM2Error(f"{url}: URL names no file")
-    return cache_dir().joinpath(*[re.sub(r"[^A-Za-z0-9._-]", "_", s) for s in segments])
-
-
-def fetch(source, progress: bool = True) -> Path:
-    """A local path as given, or the cached copy of a URL (downloaded once, to a
-    temporary file renamed into place when complete, so the cache never holds a
-    partial file). Offline, raises DownloadError naming where to put the file by hand."""
-    if not is_url(source):
-        path = Path(source)
-        if not path.is_file():
-            raise MissingFileError(f"{path}: no such file")
-        return path
-    dest = cached_path(source)
-    if dest.is_file():
-        return dest
-    try:
-        with AtomicWriter(dest) as out:  # the temp file is removed if anything fails
-            _download(source, out, progress)
-    except (urllib.error.URLError, OSError, ValueError) as e:
-        reason = getattr(e, "reason", None) or e
-        raise DownloadError(f"cannot download {source} ({reason}); if this machine is offline, fetch the file "
-                            f"elsewhere and place it at {dest} (cache folder {cache_dir()}, "
-                            f"set by $EDM2_CACHE)") from None
-    return dest
-
-
-def _download(url, out, progress):
-    with urllib.request.urlopen(url, timeout=60) as response:
-        total = int(response.headers.get("Content-Length") or 0) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=os.path.basename(url), disable=not progress) as bar:
-            while chunk := response.read(1 << 20):
-                out.write(chunk)
-                bar.update(len(chunk))
-        if total is not None and bar.n != total:
-            raise OSError(f"connection closed after {bar.n} of {total} bytes")
-
-
-# ---------------------------------------------------------------------------
 # Mapping the records onto our network and snapshot metadata.
 # ---------------------------------------------------------------------------
 
@@ -422,7 +355,7 @@ def load_official(source, device="cpu", name_hint: str | None = None):
     tensors = _tensors_of(record, where)
     try:
         with torch.device("meta"):
-            net = build_net({"net_kwargs": net_kwargs})
+            net = build_network("G", **precision_kwargs(net_kwargs))
     except (TypeError, ValueError) as e:
         raise OfficialFormatError(f"{where}: cannot build the network from its stored arguments: {e}") from None
     # fp16 (as published) -> float32: exact widening of every parameter and buffer.
@@ -468,18 +401,18 @@ def import_official(src, dest, dtype: str = "fp32", name_hint: str | None = None
     'fp16' (parameters stored as published, half the size; loading widens them).
     Returns the written path."""
     if dtype not in _DTYPES:
-        raise EDM2Error(f"--dtype {dtype!r}: allowed: {', '.join(_DTYPES)}")
+        raise EDM2Error(f"dtype={dtype!r}: allowed: {', '.join(_DTYPES)}")
     dest = Path(dest)
     if not dest.is_dir() and dest.suffix != ".safetensors":
-        raise EDM2Error(f"{dest}: DEST must be a .safetensors file or an existing folder")
+        raise EDM2Error(f"dest={dest}: must be a .safetensors file or an existing folder")
     if dest.is_file():
-        raise ExistingFileError(f"{dest}: already exists; choose another DEST or remove it")
+        raise ExistingFileError(f"dest={dest}: already exists; choose another `dest` or remove it")
     net, meta = load_official(src, name_hint=name_hint)
     meta["origin"]["sha256"] = _sha256(fetch(src))  # provenance of the converted file (cached if a URL)
     if dest.is_dir():
         dest = dest / snapshot_name(meta["nimg"], meta["ema_std"])
         if dest.exists():
-            raise ExistingFileError(f"{dest}: already exists; choose another DEST or remove it")
+            raise ExistingFileError(f"dest={dest}: already exists; choose another `dest` or remove it")
     meta["origin"]["stored_dtype"] = dtype
     save_snapshot(dest, net, meta, dtype=_DTYPES[dtype])
     return dest
@@ -506,7 +439,7 @@ def convert_official_folder(folder, dest=None, dtype: str = "fp16", progress: bo
         raise MissingFileError(f"{folder}: no files named like network-snapshot-<kimg>-<sigma_rel>.pkl")
     if dest is None:
         key = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:12]
-        dest = cache_dir() / "converted" / f"{folder.resolve().name}-{key}"
+        dest = cache_dir("downloads") / "converted" / f"{folder.resolve().name}-{key}"
     dest = Path(dest)
     dest.mkdir(parents=True, exist_ok=True)
     for nimg, sigma_rel, path in tqdm(pkls, desc="converting published snapshots", unit="file", disable=not progress):

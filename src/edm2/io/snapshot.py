@@ -38,8 +38,8 @@ from ..utils.errors import EDM2Error
 from ..utils.fileio import AtomicWriter, atomic_write_bytes
 
 __all__ = ["SnapshotError", "FORMAT", "snapshot_name", "parse_snapshot_name", "make_meta", "save_snapshot",
-           "save_state_dict", "read_snapshot_meta", "load_snapshot", "build_net", "snapshot_config", "list_snapshots",
-           "run_fingerprint", "SnapshotStreamWriter"]
+           "save_state_dict", "read_snapshot_meta", "load_snapshot", "snapshot_config", "list_snapshots",
+           "run_fingerprint", "SnapshotStreamWriter", "SAFETENSORS_DTYPES"]
 
 FORMAT = "edm2-snapshot"
 VERSION = 1
@@ -107,8 +107,11 @@ def save_snapshot(path, net: torch.nn.Module, meta: dict, dtype: torch.dtype | N
     save_state_dict(path, state, meta)
 
 
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
-              torch.int64: "I64", torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL"}
+# safetensors' dtype names (the header's "dtype" field) -> torch dtypes, for the dtypes snapshots may hold.
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                      "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+                      "BOOL": torch.bool}
+_ST_NAMES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
 class SnapshotStreamWriter:
@@ -126,7 +129,7 @@ class SnapshotStreamWriter:
         header, offset = {"__metadata__": {"edm2": json.dumps(meta)}}, 0
         for name, dtype, shape in specs:
             nbytes = torch.Size(shape).numel() * torch.empty((), dtype=dtype).element_size()
-            header[name] = {"dtype": _ST_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+            header[name] = {"dtype": _ST_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
             offset += nbytes
         text = json.dumps(header, separators=(",", ":")).encode()
         text += b" " * (-len(text) % 8)  # keep the data 8-byte aligned, like safetensors does
@@ -182,23 +185,16 @@ def read_snapshot_meta(path) -> dict:
     return meta
 
 
-def build_net(meta: dict, device="cpu"):
-    """An (uninitialised) network of the config and architecture that `meta` describes."""
-    if meta.get("net_kwargs") is None:  # written by edm2.ema.trackers.PowerFunctionEMA for a module of the user's
-        raise SnapshotError(f"the snapshot holds a {meta.get('origin', {}).get('module', 'user-defined module')}, "
-                            f"not an edm2 network; load its tensors into that module (edm2.ema.trackers.reconstruct, "
-                            f"safetensors.torch.load_file)")
-    # older metadata: use_fp16/reduced_dtype, and no config letter (G)
-    net = build_network(snapshot_config(meta), **precision_kwargs(meta["net_kwargs"]))
-    # Built under `torch.device("meta")` (load_snapshot): no data to move yet.
-    return net if next(net.parameters()).is_meta else net.to(device)
-
-
 def load_snapshot(path, device="cpu", eval_mode: bool = True):
     """Load a snapshot -> (Precond, meta). Strict: every key and shape must match."""
     meta = read_snapshot_meta(path)
-    with torch.device("meta"):
-        net = build_net(meta)
+    if meta.get("net_kwargs") is None:  # written by edm2.ema.trackers.PowerFunctionEMA for a module of the user's
+        module = meta.get("origin", {}).get("module", "user-defined module")
+        raise SnapshotError(f"{path}: the snapshot holds a {module}, not an edm2 network; load its tensors into that "
+                            f"module (edm2.ema.trackers.reconstruct, safetensors.torch.load_file)")
+    with torch.device("meta"):  # no memory until the file's tensors are assigned
+        # older metadata: use_fp16/reduced_dtype, and no config letter (G)
+        net = build_network(snapshot_config(meta), **precision_kwargs(meta["net_kwargs"]))
     try:
         state = load_file(str(path), device=str(device))
     except Exception as e:

@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save
 
+from ..io.download import cache_dir, download_file
 from ..utils.errors import EDM2Error, MissingFileError
 from ..utils.fileio import atomic_write_bytes
 from ..utils.validate import safe_error_text
@@ -57,10 +58,12 @@ DINOV2_VITL14 = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads
 
 
 def detector_dir(path=None) -> Path:
-    """Folder holding the detector weights: `path`, else $EDM2_DETECTOR_DIR, else ~/.cache/edm2/detectors."""
+    """Folder holding the detector weights: `path`, else $EDM2_DETECTOR_DIR, else the cache's
+    `detectors` folder (`edm2.io.download.cache_dir`: $EDM2_CACHE/detectors, by default ~/.cache/edm2/detectors)."""
     if path is not None:
         return Path(path)
-    return Path(os.environ.get("EDM2_DETECTOR_DIR") or Path.home() / ".cache" / "edm2" / "detectors")
+    env = os.environ.get("EDM2_DETECTOR_DIR")
+    return Path(env) if env else cache_dir("detectors")
 
 
 def _offline() -> bool:
@@ -150,8 +153,7 @@ def _load_inception(folder: Path, download: bool, device) -> InceptionDetector:
     why = ""
     if not path.is_file() and download and not _offline():
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            torch.hub.download_url_to_file(INCEPTION_URL, str(path), progress=True)  # temp file + rename
+            download_file(INCEPTION_URL, path, progress=True)  # temp file + rename
         except Exception as e:
             why = f"; downloading {INCEPTION_URL} failed ({type(e).__name__})"
     if not path.is_file():

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..io.hub import HubMixin
 from ..utils.errors import EDM2Error
+from .hub import HubMixin
 from .layers import MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize, resample
 
 __all__ = ["Block", "UNet", "Precond", "set_precision", "precision_kwargs", "DTYPES"]
@@ -195,7 +195,7 @@ class Precond(torch.nn.Module, HubMixin):
     so that their stored constructor arguments build our network.
 
     `save_pretrained(dir)` / `Precond.from_pretrained(dir_or_repo_id)` follow the
-    Hugging Face Hub conventions (edm2.io.hub.HubMixin; docs/integrations.md).
+    Hugging Face Hub conventions (edm2.nn.hub.HubMixin; docs/integrations.md).
     """
 
     _hub_config_classes = (UNet, Block)

@@ -138,4 +138,5 @@ def test_bad_input(nets, tmp_path, capsys):
             main(argv)
         err = capsys.readouterr().err.strip()
         assert e.value.code == 2 and len(err.splitlines()) == 1, err
+    assert f"--vae {nets['vae']}: " in err and "drop --vae" in err  # the Python argument shown as its flag
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "p"]
