@@ -5,8 +5,10 @@ import math
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from edm2.cli import main
+from edm2.io.snapshot import snapshot_name
 from edm2.sampling import edm_sampler
 from edm2.toy import (
     ToyNet,
@@ -127,7 +129,7 @@ def toy_run(tmp_path_factory):
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("toy") / "run"
-    cfg = ToyTrainConfig(hidden_dim=32, iters=256, batch_size=256, ema_stds=(0.010, 0.050, 0.100), snapshot_iters=32)
+    cfg = ToyTrainConfig(hidden_dim=32, iters=256, batch_size=256, sigma_rels=(0.010, 0.050, 0.100), snapshot_iters=32)
     run = train_toy(cfg, outdir=out, progress=False)
     torch.set_num_threads(n)
     return run, out
@@ -143,8 +145,9 @@ def test_training_learns_the_tree(toy_run):
     assert untrained["in_fraction"] < 0.5 < trained["in_fraction"]
     assert trained["mean_logp"] > untrained["mean_logp"] + 2
     # The saved final EMA snapshot is the in-memory one, bit for bit.
-    net, meta = load_toy(out / "toy-000256-0.010.safetensors")
+    net, meta = load_toy(out / snapshot_name(256 * 256, 0.010))
     assert meta["iter"] == 256 and meta["nimg"] == 256 * 256 and meta["ema_std"] == 0.010
+    assert meta["classes"] == "A" and meta["config"]["hidden_dim"] == 32
     x = torch.randn(20, 2)
     assert torch.equal(net(x, torch.tensor(0.1)), run.ema(x, torch.tensor(0.1)))
     with pytest.raises(FileExistsError, match="already holds a toy run"):
@@ -154,16 +157,32 @@ def test_training_learns_the_tree(toy_run):
 def test_posthoc_ema_matches_tracked_profile(toy_run):
     run, out = toy_run
     # Reconstruct sigma_rel = 0.010 from the 0.050 / 0.100 snapshots only.
-    rec, meta = posthoc_toy(out, 0.010, in_stds=(0.050, 0.100))
-    assert meta["ema_std"] == 0.010 and len(meta["posthoc"]["inputs"]) == 16
+    rec, meta = posthoc_toy(out, 0.010, in_sigma_rels=(0.050, 0.100))
+    assert meta["ema_std"] == 0.010 and meta["posthoc"]["in_sigma_rels"] == [0.05, 0.1]
+    assert len(meta["posthoc"]["inputs"]) == 16
     direct = run.emas[0.010]
     w_rec, w_dir, w_far = (torch.cat([p.flatten() for p in n.parameters()]) for n in (rec, direct, run.emas[0.100]))
     assert (w_rec - w_dir).norm() < 0.5 * (w_far - w_dir).norm()
     s_rec, s_dir = (toy_score(sample_toy(n, 1024, seed=5)) for n in (rec, direct))
     assert abs(s_rec["in_fraction"] - s_dir["in_fraction"]) < 0.03
     # Through load_toy_run: a tracked profile loads directly, an untracked one is reconstructed.
-    assert load_toy_run(out, ema_std=0.05)[1].get("posthoc") is None
-    assert "posthoc" in load_toy_run(out, ema_std=0.07)[1]
+    assert load_toy_run(out, sigma_rel=0.05)[1].get("posthoc") is None
+    assert "posthoc" in load_toy_run(out, sigma_rel=0.07)[1]
+    # At an earlier iteration: the tracked snapshot of that time, or a reconstruction there.
+    assert load_toy_run(out, sigma_rel=0.05, iteration=64)[1]["nimg"] == 64 * 256
+    early, meta = load_toy_run(out, sigma_rel=0.07, iteration=64)
+    assert meta["iter"] == 64 and len(meta["posthoc"]["inputs"]) == 3 * 2
+
+
+def test_old_toy_run_is_refused(tmp_path):
+    # The toy's former snapshot format (its own metadata key, toy-<iter>-<sigma_rel> names): retrain.
+    net = ToyNet(ToyNetConfig(num_layers=1, hidden_dim=4))
+    old = tmp_path / "old" / "toy-000004-0.010.safetensors"
+    old.parent.mkdir()
+    save_file(dict(net.state_dict()), str(old), metadata={"edm2-toy": json.dumps({"format": "edm2-toy"})})
+    for source in (old, old.parent):
+        with pytest.raises(ValueError, match="written by an older edm2; retrain"):
+            load_toy_run(source)
 
 
 def test_cli(toy_run, tmp_path, capsys):
@@ -171,7 +190,7 @@ def test_cli(toy_run, tmp_path, capsys):
     assert main(["toy", "score", "--net", str(out), "--num", "128", "--json", str(tmp_path / "s.json")]) == 0
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["num"] == 128 and 0 <= s["in_fraction"] <= 1 and math.isfinite(s["mean_logp"])
-    assert main(["toy", "plot", "--net", str(out), "--gnet", str(out / "toy-000064-0.010.safetensors"),
+    assert main(["toy", "plot", "--net", str(out), "--gnet", str(out / snapshot_name(64 * 256, 0.010)),
                  "--guidance", "2", "--num", "128", "--trajectories", "8", "--resolution", "40",
                  "--out", str(tmp_path / "p.png"),
                  "--json", str(tmp_path / "p.json")]) == 0
