@@ -127,3 +127,19 @@ def test_random_walk_reconstruction_matches_direct_tracking():
         # Negative control: the nearest stored profile is far off by the same measure.
         naive = np.linalg.norm(ema[j] - ema[2 + j]) / np.linalg.norm(ema[2 + j] - traj[-1])
         assert naive > 0.1
+
+
+def test_public_names():
+    # edm2.phema keeps the stable names of docs/design.md importable; edm2.ema exports the package's API.
+    import edm2.ema
+    import edm2.ema.profiles
+    import edm2.phema
+
+    assert edm2.phema.__all__ == ["exp_to_std", "std_to_exp", "power_function_beta", "profile_inner_product",
+                                  "solve_posthoc_coefficients"]
+    for name in edm2.phema.__all__:
+        assert getattr(edm2.phema, name) is getattr(edm2.ema.profiles, name) is getattr(edm2.ema, name)
+    for name in edm2.ema.__all__:
+        assert getattr(edm2.ema, name) is not None
+    assert edm2.ema.reconstruct.__module__ == "edm2.ema.posthoc"
+    assert edm2.ema.reconstruct_state_dict.__module__ == "edm2.ema.trackers"

@@ -158,7 +158,7 @@ class PowerFunctionEMA:
         want = {f"{s:.6f}" for s in self.sigma_rels}
         if set(state) != want:
             raise EDM2Error(f"checkpoint holds EMA profiles {sorted(state)} but the run tracks {sorted(want)}; "
-                             f"resume with the same `sigma_rels`")
+                             f"resume with the same EMA lengths sigma_rel")
         for s, ema in self.nets.items():
             ema.load_state_dict(state[f"{s:.6f}"])
         self.nimg = None if nimg is None else int(nimg)

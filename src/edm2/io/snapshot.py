@@ -186,7 +186,7 @@ def build_net(meta: dict, device="cpu"):
     """An (uninitialised) network of the config and architecture that `meta` describes."""
     if meta.get("net_kwargs") is None:  # written by edm2.ema.trackers.PowerFunctionEMA for a module of the user's
         raise SnapshotError(f"the snapshot holds a {meta.get('origin', {}).get('module', 'user-defined module')}, "
-                            f"not an edm2 network; load its tensors into that module (edm2.ema.trackers.reconstruct, "
+                            f"not an edm2 network; load its tensors into that module (edm2.ema.reconstruct_state_dict, "
                             f"safetensors.torch.load_file)")
     # older metadata: use_fp16/reduced_dtype, and no config letter (G)
     net = build_network(snapshot_config(meta), **precision_kwargs(meta["net_kwargs"]))
