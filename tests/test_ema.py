@@ -37,12 +37,12 @@ def _power_average(times, thetas, gamma):
     return (weights[:, None] * np.asarray(thetas, np.float64)).sum(0)
 
 
-@pytest.mark.parametrize("std", [0.050, 0.100])
-def test_tracked_profile_is_the_power_function_average_of_the_image_count(std):
+@pytest.mark.parametrize("sigma_rel", [0.050, 0.100])
+def test_tracked_profile_is_the_power_function_average_of_the_image_count(sigma_rel):
     # Uneven batches: beta must come from the image count t, not from the step count.
     batches = [3, 10, 1, 50, 7, 7, 100, 2, 33, 64, 5, 256, 9, 1, 40]
     net = _Toy()
-    ema = PowerFunctionEMA(net, sigma_rels=[std])
+    ema = PowerFunctionEMA(net, sigma_rels=[sigma_rel])
     times, thetas, t = [], [], 0
     for k, dt in enumerate(batches):
         theta = _trajectory(k)
@@ -52,14 +52,14 @@ def test_tracked_profile_is_the_power_function_average_of_the_image_count(std):
         ema.update(net, t, dt)
         times.append(t)
         thetas.append(theta)
-    got = ema.nets[std].w.double().numpy()
-    want = _power_average(times, thetas, std_to_exp(std))
+    got = ema.nets[sigma_rel].w.double().numpy()
+    want = _power_average(times, thetas, std_to_exp(sigma_rel))
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
 
     # The same updates with beta from the step count give a clearly different average,
     # so this comparison does detect a step-count implementation.
     steps = list(range(1, len(batches) + 1))
-    wrong = _power_average(steps, thetas, std_to_exp(std))
+    wrong = _power_average(steps, thetas, std_to_exp(sigma_rel))
     assert np.abs(wrong - want).max() > 1e-2
 
 

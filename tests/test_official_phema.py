@@ -25,14 +25,14 @@ def test_phema_on_raw_published_snapshots(tmp_path):
     raw.mkdir(parents=True)
     runs = [(1, 0.050), (1, 0.100), (2, 0.050), (2, 0.100), (3, 0.050), (3, 0.100)]
     states = {}
-    for i, (kimg, std) in enumerate(runs):
+    for i, (kimg, sigma_rel) in enumerate(runs):
         net = fmt.make_tiny_net(seed=0)  # one run: same buffers (fixed at initialisation) ...
         with torch.no_grad():  # ... different EMA weights
             g = torch.Generator().manual_seed(100 + i)
             for p in net.parameters():
                 p.add_(torch.randn(p.shape, generator=g))
-        fmt.write_published(raw / f"network-snapshot-{kimg:07d}-{std:.3f}.pkl", net)
-        states[(kimg, std)] = {k: v.half().float() for k, v in net.state_dict().items()}
+        fmt.write_published(raw / f"network-snapshot-{kimg:07d}-{sigma_rel:.3f}.pkl", net)
+        states[(kimg, sigma_rel)] = {k: v.half().float() for k, v in net.state_dict().items()}
 
     out = tmp_path / "out"
     assert main(["phema", "--rundir", str(raw), "--outdir", str(out), "--std", "0.07"]) == 0

@@ -30,13 +30,13 @@ def make_run(folder, seed=0, dtype=torch.float32, model_channels=16, times=TIMES
     net = Precond(**kw)
     dataset = {"resolution": 16, "channels": 1, "label_dim": 0, "class_names": None}
     for t in times:
-        for std in STORED:
+        for sigma_rel in STORED:
             with torch.no_grad():
                 for p in net.parameters():
                     p.add_(torch.randn_like(p))
             origin = {"preset": "tiny", "run": str(folder)}
-            meta = make_meta(kw, t, std, StandardRGBEncoder().to_meta(), dataset, origin)
-            save_snapshot(folder / snapshot_name(t, std), net, meta, dtype=dtype)
+            meta = make_meta(kw, t, sigma_rel, StandardRGBEncoder().to_meta(), dataset, origin)
+            save_snapshot(folder / snapshot_name(t, sigma_rel), net, meta, dtype=dtype)
     return folder
 
 
@@ -47,14 +47,14 @@ def run(tmp_path_factory):
     # the trainer's snapshots at image 0 take no part (0 < nimg; docs/design.md#post-hoc-reconstruction).
     net, meta = load_snapshot(folder / snapshot_name(TIMES[-1], 0.10))
     save_snapshot(folder / snapshot_name(TIMES[-1], None), net, meta | {"ema_std": None})
-    for std in STORED:
-        save_snapshot(folder / snapshot_name(0, std), net, meta | {"nimg": 0, "ema_std": std})
+    for sigma_rel in STORED:
+        save_snapshot(folder / snapshot_name(0, sigma_rel), net, meta | {"nimg": 0, "ema_std": sigma_rel})
     (folder / "training-state-000000000384.pt").write_bytes(b"not a snapshot")
     return folder
 
 
 def _inputs(folder, upto):
-    """Independent re-read of the stored snapshots: (times, stds, float64 state dicts)."""
+    """Independent re-read of the stored snapshots: (times, sigma_rels, float64 state dicts)."""
     rows = [(t, s) for t in TIMES if t <= upto for s in STORED]
     states = [{k: v.double() for k, v in load_file(folder / snapshot_name(t, s)).items()} for t, s in rows]
     return [r[0] for r in rows], [r[1] for r in rows], states
@@ -65,9 +65,9 @@ def test_reconstruct_writes_the_weighted_sums(run, tmp_path):
     paths = reconstruct(run, tmp_path / "out", [0.07, 0.10, 0.2], at_nimg=at, plot=True, progress=False,
                         chunk_elems=2000)  # small row blocks: big tensors are streamed in several pieces
     assert [p.name for p in paths] == [snapshot_name(at, s) for s in (0.07, 0.10, 0.2)]
-    in_t, in_std, states = _inputs(run, at)
+    in_t, in_sigma_rel, states = _inputs(run, at)
     assert len(states) == 8  # only snapshots with nimg <= at take part
-    X = solve_posthoc_coefficients(in_t, in_std, at, [0.07, 0.10, 0.2])
+    X = solve_posthoc_coefficients(in_t, in_sigma_rel, at, [0.07, 0.10, 0.2])
     buffers = {k for k, _ in Precond(**read_snapshot_meta(paths[0])["net_kwargs"]).named_buffers()}
     for j, path in enumerate(paths):
         got = load_file(path)
@@ -85,7 +85,7 @@ def test_reconstruct_writes_the_weighted_sums(run, tmp_path):
         assert meta["net_kwargs"] == src["net_kwargs"] and meta["dataset"] == src["dataset"]
         assert meta["encoder"] == src["encoder"] and meta["origin"]["preset"] == "tiny"
         used = meta["origin"]["phema"]["inputs"]
-        assert [u["nimg"] for u in used] == in_t and [u["ema_std"] for u in used] == in_std
+        assert [u["nimg"] for u in used] == in_t and [u["ema_std"] for u in used] == in_sigma_rel
         np.testing.assert_allclose([u["coeff"] for u in used], X[:, j])
     # The stored profile (0.10 at `at`) comes back as that very snapshot.
     stored = load_file(run / snapshot_name(at, 0.10))
@@ -161,12 +161,12 @@ def _error(capsys, argv):
     return err
 
 
-@pytest.mark.parametrize("std,at,match", [
+@pytest.mark.parametrize("sigma_rel,at,match", [
     ("0.0", None, "0.2887"), ("-0.1", None, "0.2887"), ("0.2887", None, "0.2887"), ("0.05,0.3", None, "0.2887"),
     ("0.1", str(TIMES[-1] + 1), "beyond the last snapshot"), ("0.1", "0", "must be > 0"),
     ("0.1", str(TIMES[0] - 1), "needs at least 2"), ("0.1001,0.1004", None, "3 decimals")])
-def test_bad_options_write_nothing(run, tmp_path, capsys, std, at, match):
-    argv = ["phema", "--rundir", str(run), "--outdir", str(tmp_path / "out"), "--std", std]
+def test_bad_options_write_nothing(run, tmp_path, capsys, sigma_rel, at, match):
+    argv = ["phema", "--rundir", str(run), "--outdir", str(tmp_path / "out"), "--std", sigma_rel]
     err = _error(capsys, argv + ([] if at is None else ["--at-nimg", at]))
     assert match in err
     assert not (tmp_path / "out").exists()
