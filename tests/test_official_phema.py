@@ -5,19 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-import helpers.official as fmt  # noqa: E402
-from edm2.cli import main  # noqa: E402
-from edm2.ema.profiles import solve_posthoc_coefficients  # noqa: E402
-from edm2.io.snapshot import load_snapshot, read_snapshot_meta  # noqa: E402
+import helpers.official as fmt
+from edm2.cli import main
+from edm2.ema.profiles import solve_posthoc_coefficients
+from edm2.io.snapshot import load_snapshot, read_snapshot_meta
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
-def _setup(tmp_path, monkeypatch):
+def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("EDM2_CACHE", str(tmp_path / "cache"))
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_phema_on_raw_published_snapshots(tmp_path):
