@@ -25,6 +25,7 @@ from edm2.toy import (
     tree_mixture,
 )
 from edm2.toy.gmm import _tree_components
+from helpers.cli import assert_refused
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -202,12 +203,10 @@ def test_cli(toy_run, tmp_path, capsys):
     for argv, msg in [(["score", "--net", str(out), "--guidance", "2"], "needs --gnet"),
                       (["score", "--net", str(tmp_path / "missing")], "no such toy snapshot"),
                       (["score", "--net", str(tmp_path / "p.png")], "not a toy snapshot"),
-                      (["train", "--outdir", str(tmp_path / "tiny")], "already holds a toy run"),
-                      (["train", "--dim", "0", "--outdir", str(tmp_path / "x")], "must both be >= 1"),
-                      (["train", "--ema", "0.5", "--outdir", str(tmp_path / "x")], "sigma_rel")]:
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as e:
-            main(["toy", *argv])
-        assert e.value.code == 2
-        err = capsys.readouterr().err
-        assert msg in err and len(err.strip().splitlines()) == 1
+                      (["score", "--net", str(out), "--ema-std", "0.5"], "--ema-std [0.5]: every EMA length"),
+                      (["train", "--outdir", str(tmp_path / "tiny")], f"--outdir {tmp_path / 'tiny'}: already holds"),
+                      (["train", "--dim", "0", "--outdir", str(tmp_path / "x")], "--layers 4 and --dim 0 must both"),
+                      (["train", "--ema", "0.5", "--outdir", str(tmp_path / "x")], "--ema [0.5]: every EMA length"),
+                      (["train", "--ema", "0.1,0.1", "--outdir", str(tmp_path / "x")], "--ema [0.1, 0.1]: every value"),
+                      (["train", "--batch", "10", "--outdir", str(tmp_path / "x")], "must divide --batch 10")]:
+        assert_refused(["toy", *argv], watch=[tmp_path, out], match=msg, code=2)
