@@ -186,7 +186,7 @@ def test_old_toy_run_is_refused(tmp_path):
             load_toy_run(source)
 
 
-def test_cli(toy_run, tmp_path, capsys):
+def test_cli(toy_run, tmp_path):
     _, out = toy_run
     assert main(["toy", "score", "--net", str(out), "--num", "128", "--json", str(tmp_path / "s.json")]) == 0
     s = json.loads((tmp_path / "s.json").read_text())

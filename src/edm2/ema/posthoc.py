@@ -64,7 +64,7 @@ class PosthocPlan:
     at_nimg: int             # time of every output
     sigma_rels: list         # [out] wanted sigma_rel
     coeffs: np.ndarray       # [in, out], columns sum to 1
-    fit_error: np.ndarray    # [out] relative L2 error of the realised profile (phema.profile_fit_error)
+    fit_error: np.ndarray    # [out] relative L2 error of the realised profile (profiles.profile_fit_error)
     inputs: list = None      # [in] PhemaInput, when planned from files
 
 
