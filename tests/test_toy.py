@@ -8,6 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 from edm2.cli import main
+from edm2.ema.posthoc import reconstruct
 from edm2.io.snapshot import snapshot_name
 from edm2.sampling import edm_sampler
 from edm2.toy import (
@@ -127,12 +128,9 @@ def test_toynet_preconditioning_and_denoiser():
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
     """A small trained run with snapshots (dim 32, 256 iterations of 256 points)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("toy") / "run"
     cfg = ToyTrainConfig(hidden_dim=32, iters=256, batch_size=256, sigma_rels=(0.010, 0.050, 0.100), snapshot_iters=32)
-    run = train_toy(cfg, outdir=out, progress=False)
-    torch.set_num_threads(n)
+    run = train_toy(cfg, outdir=out, progress=False)  # config.threads = 1 while training
     return run, out
 
 
@@ -155,7 +153,7 @@ def test_training_learns_the_tree(toy_run):
         train_toy(run.config, outdir=out, progress=False)
 
 
-def test_posthoc_ema_matches_tracked_profile(toy_run):
+def test_posthoc_ema_matches_tracked_profile(toy_run, tmp_path):
     run, out = toy_run
     # Reconstruct sigma_rel = 0.010 from the 0.050 / 0.100 snapshots only.
     rec, meta = posthoc_toy(out, 0.010, in_sigma_rels=(0.050, 0.100))
@@ -169,6 +167,12 @@ def test_posthoc_ema_matches_tracked_profile(toy_run):
     # Through load_toy_run: a tracked profile loads directly, an untracked one is reconstructed.
     assert load_toy_run(out, sigma_rel=0.05)[1].get("posthoc") is None
     assert "posthoc" in load_toy_run(out, sigma_rel=0.07)[1]
+    # The toy's snapshots are edm2 snapshots: `edm2 phema` (edm2.ema.posthoc.reconstruct) writes the same net.
+    (path,) = reconstruct(out, tmp_path, [0.07], progress=False)
+    from_file, meta = load_toy(path)
+    assert meta["nimg"] == 256 * 256 and meta["ema_std"] == 0.07 and meta["config"]["hidden_dim"] == 32
+    in_memory = load_toy_run(out, sigma_rel=0.07)[0]
+    assert all(torch.equal(a, b) for a, b in zip(from_file.state_dict().values(), in_memory.state_dict().values()))
     # At an earlier iteration: the tracked snapshot of that time, or a reconstruction there.
     assert load_toy_run(out, sigma_rel=0.05, iteration=64)[1]["nimg"] == 64 * 256
     early, meta = load_toy_run(out, sigma_rel=0.07, iteration=64)
