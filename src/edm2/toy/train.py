@@ -174,7 +174,7 @@ def load_toy_run(source, sigma_rel: float | None = None, iteration: int | None =
         raise MissingFileError(f"{path}: no such toy snapshot or run folder")
     snaps = list_toy_snapshots(path)
     if not snaps:
-        raise MissingFileError(f"{path}: no snapshot-*.safetensors; train one with `edm2 toy train --outdir {path}`")
+        raise MissingFileError(f"{path}: no snapshot-*.safetensors of a toy run (`edm2 toy train` / train_toy write them)")
     last = load_toy(snaps[-1][2])[1]
     nimg = snaps[-1][0] if iteration is None else int(iteration) * last["train"]["batch_size"]
     if sigma_rel is None:
