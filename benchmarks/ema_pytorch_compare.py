@@ -25,8 +25,8 @@ import tempfile
 import numpy as np
 import torch
 
+from edm2.ema import PowerFunctionEMA, reconstruct_state_dict
 from edm2.ema.profiles import std_to_exp
-from edm2.ema.trackers import PowerFunctionEMA, reconstruct
 
 TRACKED = (0.05, 0.10)
 UNTRACKED = 0.07
@@ -100,7 +100,7 @@ def run_edm2(steps, k, snapshot_steps):
         raws = [flat(r, names) for r in raws]
         tracked = {s: rel_error(flat(averaged(tracker.nets[s]), names), power_average(times, raws, s))
                    for s in TRACKED}
-        state = reconstruct(tmp, UNTRACKED)
+        state = reconstruct_state_dict(tmp, UNTRACKED)
         posthoc = rel_error(flat({n: state[n] for n in names}, names), power_average(times, raws, UNTRACKED))
     return tracked, posthoc
 

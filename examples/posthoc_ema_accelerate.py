@@ -11,7 +11,7 @@ import tempfile
 import torch
 from accelerate import Accelerator
 
-from edm2.ema.trackers import PowerFunctionEMA, reconstruct
+from edm2.ema import PowerFunctionEMA, reconstruct_state_dict
 
 
 def main(steps: int = 200, batch: int = 32) -> float:
@@ -25,8 +25,8 @@ def main(steps: int = 200, batch: int = 32) -> float:
     if accelerator.is_main_process:
         outdir = tempfile.mkdtemp(prefix="posthoc-ema-")
         model = accelerator.unwrap_model(net)
-        ema = PowerFunctionEMA(model, stds=(0.05, 0.10), outdir=outdir, snapshot_every=20 * batch * world)
-        check = PowerFunctionEMA(model, stds=(0.07,))  # for comparison only
+        ema = PowerFunctionEMA(model, sigma_rels=(0.05, 0.10), outdir=outdir, snapshot_every=20 * batch * world)
+        check = PowerFunctionEMA(model, sigma_rels=(0.07,))  # for comparison only
     target = torch.randn(8, 1, device=accelerator.device)
     for step in range(1, steps + 1):
         x = torch.randn(batch, 8, device=accelerator.device)
@@ -41,7 +41,7 @@ def main(steps: int = 200, batch: int = 32) -> float:
 
     diff = float("nan")
     if accelerator.is_main_process:
-        state = reconstruct(outdir, 0.07)
+        state = reconstruct_state_dict(outdir, 0.07)
         want = check.nets[0.07].state_dict()
         diff = max((state[k] - want[k].to(state[k].device)).abs().max() / want[k].abs().max() for k in want).item()
         print(f"snapshots: {outdir}")

@@ -11,7 +11,7 @@ import tempfile
 
 import torch
 
-from edm2.ema.trackers import PowerFunctionEMA, reconstruct
+from edm2.ema import PowerFunctionEMA, reconstruct_state_dict
 
 
 def main(steps: int = 200, batch: int = 32) -> float:
@@ -19,8 +19,8 @@ def main(steps: int = 200, batch: int = 32) -> float:
     net = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.SiLU(), torch.nn.Linear(64, 1))
     opt = torch.optim.Adam(net.parameters(), lr=1e-2)
     outdir = tempfile.mkdtemp(prefix="posthoc-ema-")  # the snapshots (safetensors + JSON)
-    ema = PowerFunctionEMA(net, stds=(0.05, 0.10), outdir=outdir, snapshot_every=20 * batch)
-    check = PowerFunctionEMA(net, stds=(0.07,))  # for comparison only; post-hoc EMA does not need it
+    ema = PowerFunctionEMA(net, sigma_rels=(0.05, 0.10), outdir=outdir, snapshot_every=20 * batch)
+    check = PowerFunctionEMA(net, sigma_rels=(0.07,))  # for comparison only; post-hoc EMA does not need it
     target = torch.randn(8, 1)
     for step in range(1, steps + 1):
         x = torch.randn(batch, 8)
@@ -31,7 +31,7 @@ def main(steps: int = 200, batch: int = 32) -> float:
         ema.update(net, step * batch)  # the count of training images seen so far
         check.update(net, step * batch)
 
-    state = reconstruct(outdir, 0.07)  # a state dict of net, EMA length sigma_rel = 0.07
+    state = reconstruct_state_dict(outdir, 0.07)  # a state dict of net, EMA length sigma_rel = 0.07
     want = check.nets[0.07].state_dict()
     diff = max((state[k] - want[k]).abs().max() / want[k].abs().max() for k in want).item()
     print(f"snapshots: {outdir}")

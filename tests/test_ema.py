@@ -6,6 +6,7 @@ from scipy.integrate import quad
 
 from edm2.ema.profiles import std_to_exp
 from edm2.ema.trackers import PowerFunctionEMA
+from edm2.utils.errors import EDM2Error
 
 
 class _Toy(torch.nn.Module):
@@ -36,12 +37,12 @@ def _power_average(times, thetas, gamma):
     return (weights[:, None] * np.asarray(thetas, np.float64)).sum(0)
 
 
-@pytest.mark.parametrize("std", [0.050, 0.100])
-def test_tracked_profile_is_the_power_function_average_of_the_image_count(std):
+@pytest.mark.parametrize("sigma_rel", [0.050, 0.100])
+def test_tracked_profile_is_the_power_function_average_of_the_image_count(sigma_rel):
     # Uneven batches: beta must come from the image count t, not from the step count.
     batches = [3, 10, 1, 50, 7, 7, 100, 2, 33, 64, 5, 256, 9, 1, 40]
     net = _Toy()
-    ema = PowerFunctionEMA(net, stds=[std])
+    ema = PowerFunctionEMA(net, sigma_rels=[sigma_rel])
     times, thetas, t = [], [], 0
     for k, dt in enumerate(batches):
         theta = _trajectory(k)
@@ -51,20 +52,20 @@ def test_tracked_profile_is_the_power_function_average_of_the_image_count(std):
         ema.update(net, t, dt)
         times.append(t)
         thetas.append(theta)
-    got = ema.nets[std].w.double().numpy()
-    want = _power_average(times, thetas, std_to_exp(std))
+    got = ema.nets[sigma_rel].w.double().numpy()
+    want = _power_average(times, thetas, std_to_exp(sigma_rel))
     np.testing.assert_allclose(got, want, rtol=0, atol=2e-6)
 
     # The same updates with beta from the step count give a clearly different average,
     # so this comparison does detect a step-count implementation.
     steps = list(range(1, len(batches) + 1))
-    wrong = _power_average(steps, thetas, std_to_exp(std))
+    wrong = _power_average(steps, thetas, std_to_exp(sigma_rel))
     assert np.abs(wrong - want).max() > 1e-2
 
 
 def test_first_update_copies_float_buffers_are_averaged_integer_buffers_copied():
     net = _Toy()
-    ema = PowerFunctionEMA(net, stds=[0.05, 0.10])
+    ema = PowerFunctionEMA(net, sigma_rels=[0.05, 0.10])
     with torch.no_grad():
         net.w.copy_(torch.tensor([1.0, -2.0, 3.5, 0.25, 7.0]))
         net.b.fill_(3.0)
@@ -89,7 +90,7 @@ def test_first_update_copies_float_buffers_are_averaged_integer_buffers_copied()
         net.b.fill_(0.1)
     for t in (24, 32, 40):
         ema.update(net, t)
-    other = PowerFunctionEMA(net, stds=[0.05])
+    other = PowerFunctionEMA(net, sigma_rels=[0.05])
     for t in (8, 16, 24):
         other.update(net, t)
     assert torch.equal(other.nets[0.05].b, net.b)
@@ -102,14 +103,18 @@ def test_first_update_copies_float_buffers_are_averaged_integer_buffers_copied()
 
 def test_state_dict_round_trip_and_profile_mismatch():
     net = _Toy()
-    a = PowerFunctionEMA(net, stds=[0.05, 0.10])
+    a = PowerFunctionEMA(net, sigma_rels=[0.05, 0.10])
     with torch.no_grad():
         net.w.uniform_()
     a.update(net, 4, 4)
-    b = PowerFunctionEMA(_Toy(), stds=[0.05, 0.10])
+    b = PowerFunctionEMA(_Toy(), sigma_rels=[0.05, 0.10])
     b.load_state_dict(a.state_dict())
     assert torch.equal(b.nets[0.05].w, a.nets[0.05].w)
-    with pytest.raises(ValueError, match="--ema-std"):
-        PowerFunctionEMA(_Toy(), stds=[0.05]).load_state_dict(a.state_dict())
-    with pytest.raises(ValueError, match="sigma_rel"):
-        PowerFunctionEMA(_Toy(), stds=[0.5])
+    with pytest.raises(EDM2Error, match=r"'0.100000'\] but the run tracks \['0.050000'\]; resume with the same"):
+        PowerFunctionEMA(_Toy(), sigma_rels=[0.05]).load_state_dict(a.state_dict())
+    with pytest.raises(EDM2Error, match=r"sigma_rels=\[0.5\]: every EMA length"):
+        PowerFunctionEMA(_Toy(), sigma_rels=[0.5])
+    with pytest.raises(EDM2Error, match=r"sigma_rels=\[0.1, 0.1\]: every value must be different"):
+        PowerFunctionEMA(_Toy(), sigma_rels=[0.1, 0.1])
+    with pytest.raises(EDM2Error, match="`sigma_rels`: track at least one"):
+        PowerFunctionEMA(_Toy(), sigma_rels=[])

@@ -7,7 +7,7 @@ import torch
 from edm2.ema import trackers as ema_mod
 from edm2.ema.posthoc import find_phema_inputs, plan_posthoc
 from edm2.ema.profiles import profile_inner_product, std_to_exp
-from edm2.ema.trackers import PowerFunctionEMA, reconstruct
+from edm2.ema.trackers import PowerFunctionEMA, reconstruct_state_dict
 from edm2.io.snapshot import read_snapshot_meta
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -36,13 +36,13 @@ def _flat(module) -> np.ndarray:
     return np.concatenate([t.detach().double().reshape(-1).numpy() for t in ema_mod._averaged(module)])
 
 
-def _train(k, stds, outdir=None, snapshot_every=None, dtype=torch.float64):
+def _train(k, sigma_rels, outdir=None, snapshot_every=None, dtype=torch.float64):
     """STEPS Adam steps of Small on random data; trackers updated every k steps.
     Returns (trackers, update times, raw averaged weights at the update times, final net)."""
     torch.manual_seed(0)
     net = Small()
     opt = torch.optim.Adam(net.parameters(), lr=0.05)
-    trackers = [PowerFunctionEMA(net, stds, dtype=dtype, outdir=outdir, snapshot_every=snapshot_every)]
+    trackers = [PowerFunctionEMA(net, sigma_rels, dtype=dtype, outdir=outdir, snapshot_every=snapshot_every)]
     times, raws = [], []
     gen = torch.Generator().manual_seed(1)
     for step in range(1, STEPS + 1):
@@ -106,8 +106,8 @@ def test_posthoc_reconstruction_of_an_untracked_length_matches_direct_tracking(t
     snap, _, _, _ = _train(k, TRACKED, outdir=tmp_path, snapshot_every=every)
     direct = _flat(tracker.nets[UNTRACKED])
 
-    state = reconstruct(tmp_path, UNTRACKED)
-    model = reconstruct(tmp_path, UNTRACKED, model=Small())
+    state = reconstruct_state_dict(tmp_path, UNTRACKED)
+    model = reconstruct_state_dict(tmp_path, UNTRACKED, model=Small())
     got = _flat(model)
     assert all(torch.equal(v, state[n]) for n, v in model.state_dict().items())
 
@@ -147,7 +147,7 @@ def test_snapshots_are_edm2_snapshots_and_integer_buffers_are_copied(tmp_path):
     meta = read_snapshot_meta(tmp_path / files[-1])
     assert meta["nimg"] == STEPS * BATCH and meta["ema_std"] == 0.10 and meta["net_kwargs"] is None
     assert meta["origin"]["module"].endswith("Small")
-    state = reconstruct(tmp_path, [0.06, 0.08], at=STEPS * BATCH // 2)
+    state = reconstruct_state_dict(tmp_path, [0.06, 0.08], at=STEPS * BATCH // 2)
     assert len(state) == 2 and state[0]["bn.num_batches_tracked"].dtype == torch.int64
     # Copied from the latest input at or before `at`: the count at that time.
     assert int(state[0]["bn.num_batches_tracked"]) == STEPS // 2
@@ -160,7 +160,7 @@ def test_snapshots_are_edm2_snapshots_and_integer_buffers_are_copied(tmp_path):
     from safetensors.torch import load_file
 
     written = load_file(str(tmp_path / "ph" / f"snapshot-{STEPS * BATCH // 2:012d}-0.060.safetensors"))
-    one = reconstruct(tmp_path, 0.06, at=STEPS * BATCH // 2)  # same outputs list -> same float32 GEMM
+    one = reconstruct_state_dict(tmp_path, 0.06, at=STEPS * BATCH // 2)  # same outputs list -> same float32 GEMM
     assert set(written) == set(one) and all(torch.equal(written[k], one[k]) for k in written)
     assert all(torch.allclose(one[k].double(), state[0][k].double(), rtol=1e-5, atol=1e-6) for k in one)
 
@@ -177,7 +177,7 @@ def test_state_dict_round_trip_with_the_image_count():
     # Without the count, the next update needs batch_size.
     c = PowerFunctionEMA(Small(), TRACKED)
     c.load_state_dict(a.state_dict())
-    with pytest.raises(ValueError, match="pass batch_size"):
+    with pytest.raises(ValueError, match="pass `batch_size`"):
         c.update(net, a.nimg + BATCH)
     c.update(net, a.nimg + BATCH, BATCH)
 
@@ -190,4 +190,4 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="no update yet"):
         PowerFunctionEMA(Small(), [0.05]).save_snapshots("unused")
     with pytest.raises(FileNotFoundError, match="no such folder"):
-        reconstruct("/nonexistent/run", 0.05)
+        reconstruct_state_dict("/nonexistent/run", 0.05)

@@ -5,19 +5,17 @@ from __future__ import annotations
 import pytest
 import torch
 
-import helpers.official as fmt  # noqa: E402
-from edm2.cli import main  # noqa: E402
-from edm2.ema.profiles import solve_posthoc_coefficients  # noqa: E402
-from edm2.io.snapshot import load_snapshot, read_snapshot_meta  # noqa: E402
+import helpers.official as fmt
+from edm2.cli import main
+from edm2.ema.profiles import solve_posthoc_coefficients
+from edm2.io.snapshot import load_snapshot, read_snapshot_meta
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(autouse=True)
-def _setup(tmp_path, monkeypatch):
+def _cache(tmp_path, monkeypatch):
     monkeypatch.setenv("EDM2_CACHE", str(tmp_path / "cache"))
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_phema_on_raw_published_snapshots(tmp_path):
@@ -25,14 +23,14 @@ def test_phema_on_raw_published_snapshots(tmp_path):
     raw.mkdir(parents=True)
     runs = [(1, 0.050), (1, 0.100), (2, 0.050), (2, 0.100), (3, 0.050), (3, 0.100)]
     states = {}
-    for i, (kimg, std) in enumerate(runs):
+    for i, (kimg, sigma_rel) in enumerate(runs):
         net = fmt.make_tiny_net(seed=0)  # one run: same buffers (fixed at initialisation) ...
         with torch.no_grad():  # ... different EMA weights
             g = torch.Generator().manual_seed(100 + i)
             for p in net.parameters():
                 p.add_(torch.randn(p.shape, generator=g))
-        fmt.write_published(raw / f"network-snapshot-{kimg:07d}-{std:.3f}.pkl", net)
-        states[(kimg, std)] = {k: v.half().float() for k, v in net.state_dict().items()}
+        fmt.write_published(raw / f"network-snapshot-{kimg:07d}-{sigma_rel:.3f}.pkl", net)
+        states[(kimg, sigma_rel)] = {k: v.half().float() for k, v in net.state_dict().items()}
 
     out = tmp_path / "out"
     assert main(["phema", "--rundir", str(raw), "--outdir", str(out), "--std", "0.07"]) == 0

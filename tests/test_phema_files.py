@@ -11,10 +11,10 @@ from safetensors.torch import load_file
 from edm2.cli import main
 from edm2.ema.posthoc import PhemaInput, find_phema_inputs, reconstruct, resolve_time
 from edm2.ema.profiles import solve_posthoc_coefficients
-from edm2.encoders import StandardRGBEncoder
-from edm2.io.snapshot import load_snapshot, make_meta, read_snapshot_meta, save_snapshot, snapshot_name
+from edm2.io.snapshot import load_snapshot, read_snapshot_meta, save_snapshot, snapshot_name
 from edm2.nn import Precond
-from edm2.presets import get_preset
+from helpers import write_ema_run
+from helpers.cli import assert_refused
 
 BATCH, EVERY = 8, 64       # images per step, images between snapshots
 TIMES = [EVERY * k for k in range(1, 7)]
@@ -24,20 +24,7 @@ STORED = (0.05, 0.10)
 def make_run(folder, seed=0, dtype=torch.float32, model_channels=16, times=TIMES):
     """A fake training run: a tiny Precond whose parameters wander, two EMA profiles
     saved at every snapshot time (as the trainer names and describes them)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    kw = get_preset("tiny").net_kwargs(0) | {"model_channels": model_channels}
-    torch.manual_seed(seed)
-    net = Precond(**kw)
-    dataset = {"resolution": 16, "channels": 1, "label_dim": 0, "class_names": None}
-    for t in times:
-        for std in STORED:
-            with torch.no_grad():
-                for p in net.parameters():
-                    p.add_(torch.randn_like(p))
-            origin = {"preset": "tiny", "run": str(folder)}
-            meta = make_meta(kw, t, std, StandardRGBEncoder().to_meta(), dataset, origin)
-            save_snapshot(folder / snapshot_name(t, std), net, meta, dtype=dtype)
-    return folder
+    return write_ema_run(folder, times, STORED, seed=seed, step=1.0, dtype=dtype, model_channels=model_channels)
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +34,14 @@ def run(tmp_path_factory):
     # the trainer's snapshots at image 0 take no part (0 < nimg; docs/design.md#post-hoc-reconstruction).
     net, meta = load_snapshot(folder / snapshot_name(TIMES[-1], 0.10))
     save_snapshot(folder / snapshot_name(TIMES[-1], None), net, meta | {"ema_std": None})
-    for std in STORED:
-        save_snapshot(folder / snapshot_name(0, std), net, meta | {"nimg": 0, "ema_std": std})
+    for sigma_rel in STORED:
+        save_snapshot(folder / snapshot_name(0, sigma_rel), net, meta | {"nimg": 0, "ema_std": sigma_rel})
     (folder / "training-state-000000000384.pt").write_bytes(b"not a snapshot")
     return folder
 
 
 def _inputs(folder, upto):
-    """Independent re-read of the stored snapshots: (times, stds, float64 state dicts)."""
+    """Independent re-read of the stored snapshots: (times, sigma_rels, float64 state dicts)."""
     rows = [(t, s) for t in TIMES if t <= upto for s in STORED]
     states = [{k: v.double() for k, v in load_file(folder / snapshot_name(t, s)).items()} for t, s in rows]
     return [r[0] for r in rows], [r[1] for r in rows], states
@@ -65,9 +52,9 @@ def test_reconstruct_writes_the_weighted_sums(run, tmp_path):
     paths = reconstruct(run, tmp_path / "out", [0.07, 0.10, 0.2], at_nimg=at, plot=True, progress=False,
                         chunk_elems=2000)  # small row blocks: big tensors are streamed in several pieces
     assert [p.name for p in paths] == [snapshot_name(at, s) for s in (0.07, 0.10, 0.2)]
-    in_t, in_std, states = _inputs(run, at)
+    in_t, in_sigma_rel, states = _inputs(run, at)
     assert len(states) == 8  # only snapshots with nimg <= at take part
-    X = solve_posthoc_coefficients(in_t, in_std, at, [0.07, 0.10, 0.2])
+    X = solve_posthoc_coefficients(in_t, in_sigma_rel, at, [0.07, 0.10, 0.2])
     buffers = {k for k, _ in Precond(**read_snapshot_meta(paths[0])["net_kwargs"]).named_buffers()}
     for j, path in enumerate(paths):
         got = load_file(path)
@@ -85,7 +72,7 @@ def test_reconstruct_writes_the_weighted_sums(run, tmp_path):
         assert meta["net_kwargs"] == src["net_kwargs"] and meta["dataset"] == src["dataset"]
         assert meta["encoder"] == src["encoder"] and meta["origin"]["preset"] == "tiny"
         used = meta["origin"]["phema"]["inputs"]
-        assert [u["nimg"] for u in used] == in_t and [u["ema_std"] for u in used] == in_std
+        assert [u["nimg"] for u in used] == in_t and [u["ema_std"] for u in used] == in_sigma_rel
         np.testing.assert_allclose([u["coeff"] for u in used], X[:, j])
     # The stored profile (0.10 at `at`) comes back as that very snapshot.
     stored = load_file(run / snapshot_name(at, 0.10))
@@ -153,55 +140,52 @@ def test_resolve_time():
         resolve_time(inputs, at_kimg=30000)
 
 
-def _error(capsys, argv):
-    with pytest.raises(SystemExit) as e:
-        main(argv)
-    err = capsys.readouterr().err
-    assert e.value.code == 2 and err.count("\n") == 1
-    return err
-
-
-@pytest.mark.parametrize("std,at,match", [
-    ("0.0", None, "0.2887"), ("-0.1", None, "0.2887"), ("0.2887", None, "0.2887"), ("0.05,0.3", None, "0.2887"),
-    ("0.1", str(TIMES[-1] + 1), "beyond the last snapshot"), ("0.1", "0", "must be > 0"),
-    ("0.1", str(TIMES[0] - 1), "needs at least 2"), ("0.1001,0.1004", None, "3 decimals")])
-def test_bad_options_write_nothing(run, tmp_path, capsys, std, at, match):
-    argv = ["phema", "--rundir", str(run), "--outdir", str(tmp_path / "out"), "--std", std]
-    err = _error(capsys, argv + ([] if at is None else ["--at-nimg", at]))
-    assert match in err
+@pytest.mark.parametrize("sigma_rel,at,match", [
+    ("0.0", None, "--std [0.0]: every EMA length sigma_rel must lie in (0, 0.2887)"), ("-0.1", None, "0.2887"),
+    ("0.2887", None, "0.2887"), ("0.05,0.3", None, "--std [0.3]"),
+    ("0.1", str(TIMES[-1] + 1), f"--at-nimg {TIMES[-1] + 1}: beyond the last snapshot (nimg {TIMES[-1]})"),
+    ("0.1", "0", "must be > 0"),
+    ("0.1", str(TIMES[0] - 1), "needs at least 2 (train longer or choose a later --at-nimg)"),
+    ("0.1001,0.1004", None, "--std [0.1001, 0.1004]: values that agree to 3 decimals")])
+def test_bad_options_write_nothing(run, tmp_path, sigma_rel, at, match):
+    argv = ["phema", "--rundir", str(run), "--outdir", str(tmp_path / "out"), "--std", sigma_rel]
+    assert_refused(argv + ([] if at is None else ["--at-nimg", at]), watch=[run, tmp_path], match=match, code=2)
     assert not (tmp_path / "out").exists()
 
 
-def test_bad_run_folders_write_nothing(run, tmp_path, capsys):
+def test_bad_run_folders_write_nothing(run, tmp_path):
     def copy(name):
         return shutil.copytree(run, tmp_path / name)
 
     out = tmp_path / "out"
     argv = lambda folder: ["phema", "--rundir", str(folder), "--outdir", str(out), "--std", "0.07"]
-    assert "no such folder" in _error(capsys, argv(tmp_path / "missing"))
+    def _error(argv):
+        return assert_refused(argv, watch=[run, tmp_path], code=2)
+
+    assert f"--rundir {tmp_path / 'missing'}: no such folder" in _error(argv(tmp_path / "missing"))
     # One snapshot only.
     single = tmp_path / "single"
     single.mkdir()
     shutil.copy(run / snapshot_name(TIMES[0], 0.05), single)
-    assert "needs at least 2" in _error(capsys, argv(single))
+    assert "needs at least 2" in _error(argv(single))
     # A truncated file.
     bad = copy("truncated")
     victim = bad / snapshot_name(TIMES[2], 0.10)
     victim.write_bytes(victim.read_bytes()[:-1000])
-    err = _error(capsys, argv(bad))
+    err = _error(argv(bad))
     assert str(victim) in err and "truncated" in err
     # Another architecture in the same folder.
     mixed = copy("mixed")
     other = make_run(tmp_path / "other", model_channels=8, times=[TIMES[-1] + EVERY])
     shutil.copy(other / snapshot_name(TIMES[-1] + EVERY, 0.05), mixed)
-    err = _error(capsys, argv(mixed))
+    err = _error(argv(mixed))
     assert "different architectures" in err and snapshot_name(TIMES[-1] + EVERY, 0.05) in err
     # Same architecture, other run (other initialisation: its fixed Fourier buffers differ).
     two = copy("tworuns")
     stranger = make_run(tmp_path / "stranger", seed=7, times=[TIMES[-1] + EVERY])
     shutil.copy(stranger / snapshot_name(TIMES[-1] + EVERY, 0.10), two)
-    assert "different training runs" in _error(capsys, argv(two))
+    assert "different training runs" in _error(argv(two))
     assert not out.exists()
     # Outputs never replace the run's own snapshots, even with --overwrite.
-    err = _error(capsys, ["phema", "--rundir", str(run), "--outdir", str(run), "--std", "0.1", "--overwrite"])
-    assert "would replace a training snapshot" in err
+    err = _error(["phema", "--rundir", str(run), "--outdir", str(run), "--std", "0.1", "--overwrite"])
+    assert "would replace a training snapshot; choose another --outdir" in err

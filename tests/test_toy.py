@@ -5,8 +5,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import save_file
 
 from edm2.cli import main
+from edm2.ema.posthoc import reconstruct
+from edm2.io.snapshot import snapshot_name
 from edm2.sampling import edm_sampler
 from edm2.toy import (
     ToyNet,
@@ -23,6 +26,7 @@ from edm2.toy import (
     tree_mixture,
 )
 from edm2.toy.gmm import _tree_components
+from helpers.cli import assert_refused
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -124,12 +128,9 @@ def test_toynet_preconditioning_and_denoiser():
 @pytest.fixture(scope="module")
 def toy_run(tmp_path_factory):
     """A small trained run with snapshots (dim 32, 256 iterations of 256 points)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
     out = tmp_path_factory.mktemp("toy") / "run"
-    cfg = ToyTrainConfig(hidden_dim=32, iters=256, batch_size=256, ema_stds=(0.010, 0.050, 0.100), snapshot_iters=32)
-    run = train_toy(cfg, outdir=out, progress=False)
-    torch.set_num_threads(n)
+    cfg = ToyTrainConfig(hidden_dim=32, iters=256, batch_size=256, sigma_rels=(0.010, 0.050, 0.100), snapshot_iters=32)
+    run = train_toy(cfg, outdir=out, progress=False)  # config.threads = 1 while training
     return run, out
 
 
@@ -143,35 +144,58 @@ def test_training_learns_the_tree(toy_run):
     assert untrained["in_fraction"] < 0.5 < trained["in_fraction"]
     assert trained["mean_logp"] > untrained["mean_logp"] + 2
     # The saved final EMA snapshot is the in-memory one, bit for bit.
-    net, meta = load_toy(out / "toy-000256-0.010.safetensors")
+    net, meta = load_toy(out / snapshot_name(256 * 256, 0.010))
     assert meta["iter"] == 256 and meta["nimg"] == 256 * 256 and meta["ema_std"] == 0.010
+    assert meta["classes"] == "A" and meta["config"]["hidden_dim"] == 32
     x = torch.randn(20, 2)
     assert torch.equal(net(x, torch.tensor(0.1)), run.ema(x, torch.tensor(0.1)))
     with pytest.raises(FileExistsError, match="already holds a toy run"):
         train_toy(run.config, outdir=out, progress=False)
 
 
-def test_posthoc_ema_matches_tracked_profile(toy_run):
+def test_posthoc_ema_matches_tracked_profile(toy_run, tmp_path):
     run, out = toy_run
     # Reconstruct sigma_rel = 0.010 from the 0.050 / 0.100 snapshots only.
-    rec, meta = posthoc_toy(out, 0.010, in_stds=(0.050, 0.100))
-    assert meta["ema_std"] == 0.010 and len(meta["posthoc"]["inputs"]) == 16
+    rec, meta = posthoc_toy(out, 0.010, in_sigma_rels=(0.050, 0.100))
+    assert meta["ema_std"] == 0.010 and meta["posthoc"]["in_sigma_rels"] == [0.05, 0.1]
+    assert len(meta["posthoc"]["inputs"]) == 16
     direct = run.emas[0.010]
     w_rec, w_dir, w_far = (torch.cat([p.flatten() for p in n.parameters()]) for n in (rec, direct, run.emas[0.100]))
     assert (w_rec - w_dir).norm() < 0.5 * (w_far - w_dir).norm()
     s_rec, s_dir = (toy_score(sample_toy(n, 1024, seed=5)) for n in (rec, direct))
     assert abs(s_rec["in_fraction"] - s_dir["in_fraction"]) < 0.03
     # Through load_toy_run: a tracked profile loads directly, an untracked one is reconstructed.
-    assert load_toy_run(out, ema_std=0.05)[1].get("posthoc") is None
-    assert "posthoc" in load_toy_run(out, ema_std=0.07)[1]
+    assert load_toy_run(out, sigma_rel=0.05)[1].get("posthoc") is None
+    assert "posthoc" in load_toy_run(out, sigma_rel=0.07)[1]
+    # The toy's snapshots are edm2 snapshots: `edm2 phema` (edm2.ema.posthoc.reconstruct) writes the same net.
+    (path,) = reconstruct(out, tmp_path, [0.07], progress=False)
+    from_file, meta = load_toy(path)
+    assert meta["nimg"] == 256 * 256 and meta["ema_std"] == 0.07 and meta["config"]["hidden_dim"] == 32
+    in_memory = load_toy_run(out, sigma_rel=0.07)[0]
+    assert all(torch.equal(a, b) for a, b in zip(from_file.state_dict().values(), in_memory.state_dict().values()))
+    # At an earlier iteration: the tracked snapshot of that time, or a reconstruction there.
+    assert load_toy_run(out, sigma_rel=0.05, iteration=64)[1]["nimg"] == 64 * 256
+    early, meta = load_toy_run(out, sigma_rel=0.07, iteration=64)
+    assert meta["iter"] == 64 and len(meta["posthoc"]["inputs"]) == 3 * 2
 
 
-def test_cli(toy_run, tmp_path, capsys):
+def test_old_toy_run_is_refused(tmp_path):
+    # The toy's former snapshot format (its own metadata key, toy-<iter>-<sigma_rel> names): retrain.
+    net = ToyNet(ToyNetConfig(num_layers=1, hidden_dim=4))
+    old = tmp_path / "old" / "toy-000004-0.010.safetensors"
+    old.parent.mkdir()
+    save_file(dict(net.state_dict()), str(old), metadata={"edm2-toy": json.dumps({"format": "edm2-toy"})})
+    for source in (old, old.parent):
+        with pytest.raises(ValueError, match="written by an older edm2; retrain"):
+            load_toy_run(source)
+
+
+def test_cli(toy_run, tmp_path):
     _, out = toy_run
     assert main(["toy", "score", "--net", str(out), "--num", "128", "--json", str(tmp_path / "s.json")]) == 0
     s = json.loads((tmp_path / "s.json").read_text())
     assert s["num"] == 128 and 0 <= s["in_fraction"] <= 1 and math.isfinite(s["mean_logp"])
-    assert main(["toy", "plot", "--net", str(out), "--gnet", str(out / "toy-000064-0.010.safetensors"),
+    assert main(["toy", "plot", "--net", str(out), "--gnet", str(out / snapshot_name(64 * 256, 0.010)),
                  "--guidance", "2", "--num", "128", "--trajectories", "8", "--resolution", "40",
                  "--out", str(tmp_path / "p.png"),
                  "--json", str(tmp_path / "p.json")]) == 0
@@ -183,12 +207,10 @@ def test_cli(toy_run, tmp_path, capsys):
     for argv, msg in [(["score", "--net", str(out), "--guidance", "2"], "needs --gnet"),
                       (["score", "--net", str(tmp_path / "missing")], "no such toy snapshot"),
                       (["score", "--net", str(tmp_path / "p.png")], "not a toy snapshot"),
-                      (["train", "--outdir", str(tmp_path / "tiny")], "already holds a toy run"),
-                      (["train", "--dim", "0", "--outdir", str(tmp_path / "x")], "must both be >= 1"),
-                      (["train", "--ema", "0.5", "--outdir", str(tmp_path / "x")], "sigma_rel")]:
-        capsys.readouterr()
-        with pytest.raises(SystemExit) as e:
-            main(["toy", *argv])
-        assert e.value.code == 2
-        err = capsys.readouterr().err
-        assert msg in err and len(err.strip().splitlines()) == 1
+                      (["score", "--net", str(out), "--ema-std", "0.5"], "--ema-std [0.5]: every EMA length"),
+                      (["train", "--outdir", str(tmp_path / "tiny")], f"--outdir {tmp_path / 'tiny'}: already holds"),
+                      (["train", "--dim", "0", "--outdir", str(tmp_path / "x")], "--layers 4 and --dim 0 must both"),
+                      (["train", "--ema", "0.5", "--outdir", str(tmp_path / "x")], "--ema [0.5]: every EMA length"),
+                      (["train", "--ema", "0.1,0.1", "--outdir", str(tmp_path / "x")], "--ema [0.1, 0.1]: every value"),
+                      (["train", "--batch", "10", "--outdir", str(tmp_path / "x")], "must divide --batch 10")]:
+        assert_refused(["toy", *argv], watch=[tmp_path, out], match=msg, code=2)

@@ -56,3 +56,32 @@ SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, layers_pe
                      down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
 # Same family, narrow: 4 levels (downsampling by 8), fast on a CPU.
 SMALL_CONFIG = dict(SD_VAE_CONFIG, block_out_channels=[8, 16, 16, 16], norm_num_groups=8, layers_per_block=1)
+
+
+# --- EMA area: a training run's EMA snapshots ---
+def write_ema_run(folder, times=(64, 128, 192), sigma_rels=(0.05, 0.10), seed=0, step=0.01, origin=None,
+                  dtype=torch.float32, **net_kwargs):
+    """A fake training run, named and described as the trainer does: a tiny Precond
+    (preset tiny, unconditional; `net_kwargs` override) whose parameters take a random
+    step of size `step` before each snapshot, one file per time (images) and sigma_rel.
+    origin: the snapshots' origin metadata (default: preset tiny, run = the folder)."""
+    from pathlib import Path
+
+    from edm2.io.snapshot import snapshot_name
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    kw = get_preset("tiny").net_kwargs(0) | net_kwargs
+    torch.manual_seed(seed)
+    net = Precond(**kw)
+    dataset = {"resolution": kw["img_resolution"], "channels": kw["img_channels"], "label_dim": 0,
+               "class_names": None}
+    origin = {"preset": "tiny", "run": str(folder)} if origin is None else origin
+    for t in times:
+        for sigma_rel in sigma_rels:
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.add_(step * torch.randn_like(p))
+            meta = make_meta(kw, t, sigma_rel, StandardRGBEncoder().to_meta(), dataset, origin)
+            save_snapshot(folder / snapshot_name(t, sigma_rel), net, meta, dtype=dtype)
+    return folder

@@ -13,7 +13,7 @@ def register(sub) -> None:
                        "snapshot-<nimg>-<sigma_rel>.safetensors, usable by `edm2 generate --net`.")
     p.add_argument("--rundir", required=True, metavar="DIR", help="training run folder with its EMA snapshots")
     p.add_argument("--outdir", required=True, metavar="DIR", help="folder for the reconstructed snapshots")
-    p.add_argument("--std", required=True, metavar="LIST",
+    p.add_argument("--std", dest="sigma_rels", required=True, metavar="LIST",
                    help="EMA lengths sigma_rel in (0, 0.2887): 0.05,0.1 or a range 0.010,0.015,...,0.250")
     when = p.add_mutually_exclusive_group()
     when.add_argument("--at-nimg", metavar="N",
@@ -26,7 +26,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    sigma_rels = parse_float_list(args.std, "--std")
+    sigma_rels = parse_float_list(args.sigma_rels, "--std")
     at_nimg = None if args.at_nimg is None else parse_nimg(args.at_nimg, "--at-nimg")
     paths = reconstruct(args.rundir, args.outdir, sigma_rels, at_nimg=at_nimg, at_kimg=args.at_kimg,
                         plot=args.plot, overwrite=args.overwrite)

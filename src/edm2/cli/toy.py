@@ -26,13 +26,14 @@ def register(sub):
     t = cmds.add_parser("train", help="train a toy model (edm2.toy.train_toy)")
     t.add_argument("--classes", default="A", choices=["A", "B", "AB"],
                    help="ground truth to learn (AB = unconditional)")
-    t.add_argument("--layers", type=int, default=4, help="hidden layers (default 4)")
-    t.add_argument("--dim", type=int, default=64, help="hidden features (default 64)")
+    t.add_argument("--layers", dest="num_layers", type=int, default=4, help="hidden layers (default 4)")
+    t.add_argument("--dim", dest="hidden_dim", type=int, default=64, help="hidden features (default 64)")
     t.add_argument("--iters", type=int, default=4096, help="training iterations (default 4096)")
-    t.add_argument("--batch", type=int, default=1024, help="points per iteration (default 1024)")
-    t.add_argument("--ema", default="0.010,0.050,0.100",
+    t.add_argument("--batch", dest="batch_size", type=int, default=1024, help="points per iteration (default 1024)")
+    t.add_argument("--ema", dest="sigma_rels", default="0.010,0.050,0.100",
                    help="tracked EMA sigma_rel list; the first is the default model")
-    t.add_argument("--snapshot-every", type=int, default=256, help="iterations between snapshots (0 = only the last)")
+    t.add_argument("--snapshot-every", dest="snapshot_iters", type=int, default=256,
+                   help="iterations between snapshots (0 = only the last)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--threads", type=int, default=1, help="torch threads (0 = torch default; default 1)")
     t.add_argument("--outdir", required=True, help="new folder for the snapshots and training.json")
@@ -44,7 +45,7 @@ def register(sub):
         p.add_argument("--net", required=True, help="toy snapshot file or run folder, or 'gt' for the exact denoiser")
         p.add_argument("--gnet", default=None, help="guiding model (snapshot file or run folder)")
         p.add_argument("--guidance", type=float, default=1.0, help="guidance weight w (needs --gnet unless 1)")
-        p.add_argument("--ema-std", type=float, default=None,
+        p.add_argument("--ema-std", dest="sigma_rel", type=float, default=None,
                        help="EMA sigma_rel of --net inside a run folder; untracked values are reconstructed post hoc")
         p.add_argument("--classes", default=None, choices=["A", "B", "AB"],
                        help="ground truth to score against (default: the net's)")
@@ -60,11 +61,12 @@ def register(sub):
 
 
 def _train(args):
-    config = ToyTrainConfig(classes=args.classes, num_layers=args.layers, hidden_dim=args.dim, iters=args.iters,
-                            batch_size=args.batch, ema_stds=tuple(parse_float_list(args.ema, "--ema")),
-                            snapshot_iters=args.snapshot_every, seed=args.seed, threads=args.threads)
+    config = ToyTrainConfig(classes=args.classes, num_layers=args.num_layers, hidden_dim=args.hidden_dim,
+                            iters=args.iters, batch_size=args.batch_size,
+                            sigma_rels=tuple(parse_float_list(args.sigma_rels, "--ema")),
+                            snapshot_iters=args.snapshot_iters, seed=args.seed, threads=args.threads)
     run = train_toy(config, outdir=args.outdir)
-    print(f"trained {args.classes} layers={args.layers} dim={args.dim} for {args.iters} iterations "
+    print(f"trained {args.classes} layers={args.num_layers} dim={args.hidden_dim} for {args.iters} iterations "
           f"in {run.seconds:.1f} s, final loss {run.final_loss:.4f}; snapshots in {args.outdir}")
 
 
@@ -78,7 +80,7 @@ def _load(args):
         classes = args.classes or "A"
         net = tree_mixture(classes)
     else:
-        net, meta = load_toy_run(args.net, ema_std=args.ema_std)
+        net, meta = load_toy_run(args.net, sigma_rel=args.sigma_rel)
         classes = args.classes or meta["classes"]
     gnet = load_toy_run(args.gnet)[0] if args.gnet is not None else None
     return net, gnet, classes

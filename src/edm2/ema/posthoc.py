@@ -38,8 +38,8 @@ from ..utils.fileio import RunLock, atomic_write_bytes, pyplot, remove_temp_file
 from ..utils.units import parse_float_list
 from .profiles import check_sigma_rel, profile_density, profile_fit_error, solve_posthoc_coefficients
 
-__all__ = ["PhemaInput", "PosthocPlan", "find_phema_inputs", "check_one_run", "resolve_time", "plan_posthoc",
-           "reconstruct", "stream_state_dicts", "plot_profiles", "plot_name"]
+__all__ = ["reconstruct", "find_phema_inputs", "resolve_time", "plan_posthoc", "plot_profiles", "PosthocPlan",
+           "PhemaInput"]
 
 _TORCH_DTYPES = {k: v for k, v in SAFETENSORS_DTYPES.items() if v.is_floating_point}
 # Tensors of these dtypes (integer buffers such as counters) are copied from the latest input, not averaged.
@@ -63,7 +63,7 @@ class PosthocPlan:
     at_nimg: int             # time of every output
     sigma_rels: list         # [out] wanted sigma_rel
     coeffs: np.ndarray       # [in, out], columns sum to 1
-    fit_error: np.ndarray    # [out] relative L2 error of the realised profile (phema.profile_fit_error)
+    fit_error: np.ndarray    # [out] relative L2 error of the realised profile (profiles.profile_fit_error)
     inputs: list = None      # [in] PhemaInput, when planned from files
 
 
@@ -76,7 +76,7 @@ def find_phema_inputs(rundir) -> list[PhemaInput]:
     This is the one place that lists inputs (a converter for other formats hooks in here)."""
     rundir = Path(rundir)
     if not rundir.is_dir():
-        raise MissingFileError(f"--rundir {rundir}: no such folder; pass the training run folder holding "
+        raise MissingFileError(f"rundir={rundir}: no such folder; pass the training run folder holding "
                                 f"snapshot-*.safetensors")
     if not list_snapshots(rundir):  # the authors' raw snapshots (network-snapshot-<kimg>-<sigma_rel>.pkl): convert once
         if list_official_pickles(rundir):
@@ -105,7 +105,7 @@ def find_phema_inputs(rundir) -> list[PhemaInput]:
 
 
 def check_one_run(inputs: list[PhemaInput]) -> None:
-    """Raise ValueError unless the snapshots come from one training run.
+    """Raise `EDM2Error` unless the snapshots come from one training run.
 
     The trainer records the run in each snapshot's metadata: `origin.run_id`, a
     fingerprint of the run's settings (config.json: data, architecture,
@@ -144,27 +144,27 @@ def resolve_time(inputs, at_nimg=None, at_kimg=None) -> int:
         raise EDM2Error("no EMA snapshots (snapshot-*-<sigma_rel>.safetensors) found; train first")
     last = max(r.nimg for r in inputs)
     if at_nimg is not None and at_kimg is not None:
-        raise EDM2Error("give either --at-nimg or --at-kimg, not both")
+        raise EDM2Error("give either `at_nimg` or `at_kimg`, not both")
     if at_kimg is not None:
         match = [r.nimg for r in inputs if r.nimg // 1000 == int(at_kimg)]
         at_nimg = max(match) if match else int(at_kimg) * 1000
     t = last if at_nimg is None else int(at_nimg)
     if t <= 0:
-        raise EDM2Error(f"--at-nimg {t}: must be > 0")
+        raise EDM2Error(f"at_nimg={t}: must be > 0")
     if t > last:
-        raise EDM2Error(f"--at-nimg {t}: beyond the last snapshot (nimg {last}); choose a time <= {last}")
+        raise EDM2Error(f"at_nimg={t}: beyond the last snapshot (nimg {last}); choose a time <= {last}")
     return t
 
 
 def plan_posthoc(in_nimg, in_sigma_rel, sigma_rels, at_nimg, inputs=None) -> PosthocPlan:
     """Coefficients for the wanted sigma_rel list at time at_nimg from stored profiles
     (in_nimg, in_sigma_rel); only those with 0 < nimg <= at_nimg take part (docs/design.md#post-hoc-reconstruction)."""
-    sigma_rels = [float(s) for s in np.atleast_1d(check_sigma_rel(sigma_rels, "--std"))]
+    sigma_rels = [float(s) for s in np.atleast_1d(check_sigma_rel(sigma_rels, "sigma_rels"))]
     in_nimg, in_sigma_rel = np.asarray(in_nimg, np.int64), np.asarray(in_sigma_rel, np.float64)
     use = (in_nimg > 0) & (in_nimg <= at_nimg)
     if use.sum() < 2:
         raise EDM2Error(f"only {int(use.sum())} snapshot(s) with 0 < nimg <= {at_nimg}; post-hoc EMA needs at least 2 "
-                         f"(train longer or choose a later --at-nimg)")
+                         f"(train longer or choose a later `at_nimg`)")
     inputs = None if inputs is None else [r for r, u in zip(inputs, use) if u]
     in_nimg, in_sigma_rel = in_nimg[use], in_sigma_rel[use]
     X = solve_posthoc_coefficients(in_nimg, in_sigma_rel, at_nimg, sigma_rels)
@@ -371,26 +371,26 @@ def reconstruct(rundir, outdir, sigma_rels, at_nimg=None, at_kimg=None, plot=Fal
     plot: also write phema-<nimg>-<sigma_rel>.png per output (plot_profiles);
     overwrite: replace existing output files (never an input).
     Everything is checked before anything is written. Returns the snapshot paths."""
-    sigma_rels = list(dict.fromkeys(parse_float_list(sigma_rels, "--std")))
-    check_sigma_rel(sigma_rels, "--std")
+    sigma_rels = list(dict.fromkeys(parse_float_list(sigma_rels, "sigma_rels")))
+    check_sigma_rel(sigma_rels, "sigma_rels")
     inputs = find_phema_inputs(rundir)
     t = resolve_time(inputs, at_nimg, at_kimg)
     plan = plan_posthoc([r.nimg for r in inputs], [r.sigma_rel for r in inputs], sigma_rels, t, inputs)
 
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
-        raise ExistingFileError(f"--outdir {outdir}: exists and is not a folder")
+        raise ExistingFileError(f"outdir={outdir}: exists and is not a folder")
     names = [snapshot_name(t, s) for s in sigma_rels]
     if len(set(names)) < len(names):
-        raise EDM2Error(f"--std {sigma_rels}: values that agree to 3 decimals would share a file name; drop one")
+        raise EDM2Error(f"sigma_rels={sigma_rels}: values that agree to 3 decimals would share a file name; drop one")
     out_paths = [outdir / n for n in names]
     png_paths = [outdir / plot_name(t, s) for s in sigma_rels] if plot else []
     in_files = {r.path.resolve() for r in inputs}
     for p in out_paths:
         if p.resolve() in in_files:
-            raise ExistingFileError(f"{p}: would replace a training snapshot; choose another --outdir")
+            raise ExistingFileError(f"{p}: would replace a training snapshot; choose another `outdir`")
     specs, buffers = _tensor_layout(plan.inputs)
-    with RunLock(outdir, "--outdir"):
+    with RunLock(outdir, "`outdir`"):
         # Leftovers of a killed run: temp files (only ours can be there, as we hold the lock).
         remove_temp_files(outdir, ("snapshot-", "phema-"))
         # Outputs of exactly this reconstruction (same inputs, time, EMA length) are kept: a re-run resumes.
@@ -400,7 +400,7 @@ def reconstruct(rundir, outdir, sigma_rels, at_nimg=None, at_kimg=None, plot=Fal
         in_way += [png_paths[j] for j in todo if plot and png_paths[j].exists()]
         if in_way and not overwrite:
             raise ExistingFileError(f"{in_way[0]}: already exists and is not this reconstruction's output "
-                                  f"({len(in_way)} file(s) in the way); pass --overwrite or choose another --outdir")
+                                  f"({len(in_way)} file(s) in the way); pass overwrite=True or choose another `outdir`")
         writers = []
         try:
             for j in todo:

@@ -21,8 +21,9 @@ MAX_SIGMA_REL = float(np.sqrt(1 / 12))  # sigma_rel of gamma = 0, the flat profi
 
 
 def check_sigma_rel(sigma_rel, name: str = "sigma_rel") -> np.ndarray:
-    """Return sigma_rel as a float64 array, or raise ValueError unless every
-    value lies in the open interval (0, MAX_SIGMA_REL)."""
+    """Return sigma_rel as a float64 array, or raise `EDM2Error` (a ValueError) unless
+    every value lies in the open interval (0, MAX_SIGMA_REL); `name` is the argument
+    named in the message."""
     s = np.asarray(sigma_rel, dtype=np.float64)
     bad = ~((s > 0) & (s < MAX_SIGMA_REL))  # also catches NaN
     if np.any(bad):
@@ -78,7 +79,7 @@ def power_function_beta(sigma_rel, t_next, t_delta):
 def _check_times(t, name):
     t = np.asarray(t, np.float64)
     if np.any(~(t > 0)) or np.any(~np.isfinite(t)):
-        raise EDM2Error(f"{name}: every profile end time must be a positive number of training images")
+        raise EDM2Error(f"`{name}`: every profile end time must be a positive number of training images")
     return t
 
 
@@ -95,27 +96,27 @@ def profile_inner_product(t_a, sigma_rel_a, t_b, sigma_rel_b):
     return num / ((g_a + g_b + 1) * np.maximum(t_a, t_b))
 
 
-def _inputs_and_outputs(in_t, in_std, out_t, out_std):
+def _inputs_and_outputs(in_t, in_sigma_rel, out_t, out_sigma_rel):
     in_t = _check_times(in_t, "in_t").ravel()
-    in_std = np.broadcast_to(np.asarray(in_std, np.float64), in_t.shape).ravel()
-    out_t, out_std = np.broadcast_arrays(np.atleast_1d(_check_times(out_t, "out_t")).ravel(),
-                                         np.atleast_1d(np.asarray(out_std, np.float64)).ravel())
-    check_sigma_rel(in_std, "in_std")
-    check_sigma_rel(out_std, "out_std")
-    return in_t, in_std, out_t, out_std
+    in_sigma_rel = np.broadcast_to(np.asarray(in_sigma_rel, np.float64), in_t.shape).ravel()
+    out_t, out_sigma_rel = np.broadcast_arrays(np.atleast_1d(_check_times(out_t, "out_t")).ravel(),
+                                         np.atleast_1d(np.asarray(out_sigma_rel, np.float64)).ravel())
+    check_sigma_rel(in_sigma_rel, "in_sigma_rel")
+    check_sigma_rel(out_sigma_rel, "out_sigma_rel")
+    return in_t, in_sigma_rel, out_t, out_sigma_rel
 
 
-def solve_posthoc_coefficients(in_t, in_std, out_t, out_std):
+def solve_posthoc_coefficients(in_t, in_sigma_rel, out_t, out_sigma_rel):
     """Least-squares combination of stored profiles that best matches each
     wanted profile in L2 (Sec. 3.2, App. C.5, Eqs. 129-143): solve A X = B with
     A[i, i'] = <p_i, p_i'> and B[i, j] = <p_i, p_j>, then normalise every column
     to sum 1 (so a constant parameter is reproduced exactly). Returns X of shape
     [len(in), len(out)]: theta_out[j] = sum_i X[i, j] theta_in[i]."""
-    in_t, in_std, out_t, out_std = _inputs_and_outputs(in_t, in_std, out_t, out_std)
+    in_t, in_sigma_rel, out_t, out_sigma_rel = _inputs_and_outputs(in_t, in_sigma_rel, out_t, out_sigma_rel)
     if len(in_t) < 1:
         raise EDM2Error("solve_posthoc_coefficients: no stored profiles")
-    A = profile_inner_product(in_t[:, None], in_std[:, None], in_t[None, :], in_std[None, :])
-    B = profile_inner_product(in_t[:, None], in_std[:, None], out_t[None, :], out_std[None, :])
+    A = profile_inner_product(in_t[:, None], in_sigma_rel[:, None], in_t[None, :], in_sigma_rel[None, :])
+    B = profile_inner_product(in_t[:, None], in_sigma_rel[:, None], out_t[None, :], out_sigma_rel[None, :])
     try:
         X = np.linalg.solve(A, B)
     except np.linalg.LinAlgError:
@@ -133,16 +134,16 @@ def profile_density(tau, t, sigma_rel):
     return np.where((tau >= 0) & (tau <= t), (g + 1) * x ** g / t, 0.0)
 
 
-def profile_fit_error(in_t, in_std, coeffs, out_t, out_std):
+def profile_fit_error(in_t, in_sigma_rel, coeffs, out_t, out_sigma_rel):
     """Relative L2 error ||sum_i X[i,j] p_i - p_j|| / ||p_j|| of each realised
     profile, exactly, from the inner products (no sampling of tau). With the
     solution of solve_posthoc_coefficients this is the paper's residual; it bounds
     the parameter error: |theta_hat - theta| <= err ||p_j|| ||theta(.) - c||_2
     for any constant c (Cauchy-Schwarz, since sum_i X[i,j] = 1)."""
-    in_t, in_std, out_t, out_std = _inputs_and_outputs(in_t, in_std, out_t, out_std)
+    in_t, in_sigma_rel, out_t, out_sigma_rel = _inputs_and_outputs(in_t, in_sigma_rel, out_t, out_sigma_rel)
     X = np.asarray(coeffs, np.float64).reshape(len(in_t), len(out_t))
-    A = profile_inner_product(in_t[:, None], in_std[:, None], in_t[None, :], in_std[None, :])
-    B = profile_inner_product(in_t[:, None], in_std[:, None], out_t[None, :], out_std[None, :])
-    P = profile_inner_product(out_t, out_std, out_t, out_std)
+    A = profile_inner_product(in_t[:, None], in_sigma_rel[:, None], in_t[None, :], in_sigma_rel[None, :])
+    B = profile_inner_product(in_t[:, None], in_sigma_rel[:, None], out_t[None, :], out_sigma_rel[None, :])
+    P = profile_inner_product(out_t, out_sigma_rel, out_t, out_sigma_rel)
     sq = np.einsum("ij,ik,kj->j", X, A, X) - 2 * np.einsum("ij,ij->j", X, B) + P
     return np.sqrt(np.clip(sq, 0, None) / P)

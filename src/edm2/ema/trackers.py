@@ -21,7 +21,7 @@ that never changes stays bit-identical); other buffers (integer counters) are
 copied from the module.
 
 `save_snapshots` writes one edm2 snapshot per profile (safetensors + JSON, see
-edm2.io.snapshot); `reconstruct` turns a folder of them into the weights of any
+edm2.io.snapshot); `reconstruct_state_dict` turns a folder of them into the weights of any
 other sigma_rel with the streaming code of `edm2 phema` (edm2.ema.posthoc).
 """
 from __future__ import annotations
@@ -36,7 +36,7 @@ from ..utils.errors import EDM2Error
 from .posthoc import find_phema_inputs, plan_posthoc, resolve_time, stream_state_dicts
 from .profiles import check_sigma_rel, std_to_exp
 
-__all__ = ["PowerFunctionEMA", "TraditionalEMA", "reconstruct", "trackable"]
+__all__ = ["PowerFunctionEMA", "TraditionalEMA", "reconstruct_state_dict", "trackable"]
 
 
 def trackable(net: torch.nn.Module) -> torch.nn.Module:
@@ -51,10 +51,10 @@ def trackable(net: torch.nn.Module) -> torch.nn.Module:
 
 
 class PowerFunctionEMA:
-    """Power-function EMA profiles of a module, one per sigma_rel in `stds`.
+    """Power-function EMA profiles of a module, one per sigma_rel in `sigma_rels`.
 
     net: the module being trained (DDP / torch.compile wrappers are looked through).
-    stds: the EMA lengths sigma_rel to track, each in (0, 0.2887).
+    sigma_rels: the EMA lengths sigma_rel to track, each in (0, 0.2887).
     dtype: dtype of the averaged parameters and float buffers (float32; float64 for
         tests of exactness).
     outdir, snapshot_every: with both, `update` writes `save_snapshots(outdir)`
@@ -68,19 +68,19 @@ class PowerFunctionEMA:
     `state_dict()` / `load_state_dict()` for checkpoints.
     """
 
-    def __init__(self, net: torch.nn.Module, stds=(0.050, 0.100), dtype: torch.dtype = torch.float32,
+    def __init__(self, net: torch.nn.Module, sigma_rels=(0.050, 0.100), dtype: torch.dtype = torch.float32,
                  outdir=None, snapshot_every: int | None = None, meta: dict | None = None):
-        self.stds = [float(s) for s in stds]
-        if not self.stds:
-            raise EDM2Error("--ema-std: track at least one EMA length sigma_rel")
-        if len(set(self.stds)) != len(self.stds):
-            raise EDM2Error(f"--ema-std {self.stds}: every value must be different")
-        check_sigma_rel(self.stds, "--ema-std")
+        self.sigma_rels = [float(s) for s in sigma_rels]
+        if not self.sigma_rels:
+            raise EDM2Error("`sigma_rels`: track at least one EMA length sigma_rel")
+        if len(set(self.sigma_rels)) != len(self.sigma_rels):
+            raise EDM2Error(f"sigma_rels={self.sigma_rels}: every value must be different")
+        check_sigma_rel(self.sigma_rels, "sigma_rels")
         if (outdir is None) != (snapshot_every is None):
-            raise EDM2Error("PowerFunctionEMA: give both outdir and snapshot_every (images), or neither")
+            raise EDM2Error("PowerFunctionEMA: give both `outdir` and `snapshot_every` (images), or neither")
         if snapshot_every is not None and int(snapshot_every) < 1:
             raise EDM2Error(f"snapshot_every={snapshot_every}: must be a positive number of images")
-        self.gammas = {s: float(std_to_exp(s)) for s in self.stds}
+        self.gammas = {s: float(std_to_exp(s)) for s in self.sigma_rels}
         self.dtype = dtype
         self.outdir = None if outdir is None else Path(outdir)
         self.snapshot_every = None if snapshot_every is None else int(snapshot_every)
@@ -88,7 +88,7 @@ class PowerFunctionEMA:
         self.nimg = 0  # image count of the last update (None: unknown, after loading an old checkpoint)
         net = trackable(net)
         self.nets = {}
-        for s in self.stds:
+        for s in self.sigma_rels:
             ema = copy.deepcopy(net).eval().requires_grad_(False)
             for t in _averaged(ema):
                 t.data = t.data.to(dtype)
@@ -103,7 +103,7 @@ class PowerFunctionEMA:
         prev = self.nimg
         if prev is None:  # resumed from a checkpoint without the count: trust batch_size
             if batch_size is None:
-                raise EDM2Error("PowerFunctionEMA.update: the previous image count is unknown; pass batch_size")
+                raise EDM2Error("PowerFunctionEMA.update: the previous image count is unknown; pass `batch_size`")
             prev = cur_nimg - int(batch_size)
         elif batch_size is not None and cur_nimg - prev != int(batch_size):
             raise EDM2Error(f"PowerFunctionEMA.update: cur_nimg={cur_nimg} is {cur_nimg - prev} images after the "
@@ -130,7 +130,7 @@ class PowerFunctionEMA:
     def save_snapshots(self, outdir) -> list[Path]:
         """Write every profile as outdir/snapshot-<nimg>-<sigma_rel>.safetensors
         (atomically; an existing file of the same name is replaced). These are
-        the inputs of `reconstruct` and `edm2 phema`."""
+        the inputs of `reconstruct_state_dict` and `edm2 phema`."""
         if self.nimg is None or self.nimg <= 0:
             raise EDM2Error("PowerFunctionEMA.save_snapshots: no update yet (post-hoc EMA needs nimg > 0)")
         outdir = Path(outdir)
@@ -155,10 +155,10 @@ class PowerFunctionEMA:
     def load_state_dict(self, state: dict, nimg: int | None = None) -> None:
         """Restore the profiles. nimg: the image count they were saved at (then
         updates every k steps stay exact); without it the next update needs batch_size."""
-        want = {f"{s:.6f}" for s in self.stds}
+        want = {f"{s:.6f}" for s in self.sigma_rels}
         if set(state) != want:
             raise EDM2Error(f"checkpoint holds EMA profiles {sorted(state)} but the run tracks {sorted(want)}; "
-                             f"resume with the same --ema-std")
+                             f"resume with the same EMA lengths sigma_rel")
         for s, ema in self.nets.items():
             ema.load_state_dict(state[f"{s:.6f}"])
         self.nimg = None if nimg is None else int(nimg)
@@ -184,24 +184,31 @@ def _generic_meta(net: torch.nn.Module) -> dict:
             "origin": {"module": f"{cls.__module__}.{cls.__qualname__}", "tool": "edm2.ema.trackers.PowerFunctionEMA"}}
 
 
-def reconstruct(folder, sigma_rel, at: int | None = None, model: torch.nn.Module | None = None,
-                progress: bool = False):
+def reconstruct_state_dict(folder, sigma_rel, at: int | None = None, model: torch.nn.Module | None = None,
+                           progress: bool = False, in_sigma_rels=None):
     """Post-hoc EMA (Sec. 3.2): the weights of EMA length sigma_rel at image count
     `at` (default: the last snapshot), from the snapshots in `folder` written by
     `PowerFunctionEMA.save_snapshots` (or `edm2 train`).
 
     Uses the least-squares combination and the streaming reader of `edm2 phema`
-    (edm2.ema.posthoc). Returns the state dict (float tensors in the snapshots'
+    (`edm2.ema.posthoc`; `edm2.ema.posthoc.reconstruct` writes the results as
+    files instead). Returns the state dict (float tensors in the snapshots'
     dtype), or, with `model`, loads it into the model (strictly) and returns the
-    model. A list of sigma_rel values gives a list of state dicts."""
+    model. A list of sigma_rel values gives a list of state dicts.
+    in_sigma_rels: combine only the stored profiles of these EMA lengths (default: all)."""
     many = not isinstance(sigma_rel, (int, float))
-    stds = [float(s) for s in (sigma_rel if many else [sigma_rel])]
-    check_sigma_rel(stds, "sigma_rel")
+    sigma_rels = [float(s) for s in (sigma_rel if many else [sigma_rel])]
+    check_sigma_rel(sigma_rels, "sigma_rel")
     if many and model is not None:
-        raise EDM2Error("reconstruct: pass one sigma_rel when loading into a model")
+        raise EDM2Error("reconstruct_state_dict: pass one `sigma_rel` when loading into a `model`")
     inputs = find_phema_inputs(folder)
+    if in_sigma_rels is not None:
+        keep = [float(s) for s in in_sigma_rels]
+        inputs = [r for r in inputs if any(abs(r.sigma_rel - s) < 5e-4 for s in keep)]
+        if not inputs:
+            raise EDM2Error(f"in_sigma_rels={keep}: {folder} holds no snapshots of these EMA lengths")
     t = resolve_time(inputs, at_nimg=at)
-    plan = plan_posthoc([r.nimg for r in inputs], [r.sigma_rel for r in inputs], stds, t, inputs)
+    plan = plan_posthoc([r.nimg for r in inputs], [r.sigma_rel for r in inputs], sigma_rels, t, inputs)
     states = stream_state_dicts(plan, progress=progress)
     if model is None:
         return states if many else states[0]
@@ -235,9 +242,10 @@ class TraditionalEMA:
 
     def __init__(self, net: torch.nn.Module, halflife_nimg: float = 50e6, rampup_ratio: float | None = 0.05):
         if not halflife_nimg >= 1:
-            raise EDM2Error(f"EMA half-life {halflife_nimg!r} images: must be at least 1 (the paper's config A: 50e6)")
+            raise EDM2Error(f"halflife_nimg={halflife_nimg!r}: the EMA half-life must be at least 1 image "
+                            f"(the paper's config A: 50e6)")
         if rampup_ratio is not None and not rampup_ratio > 0:
-            raise EDM2Error(f"EMA ramp-up ratio {rampup_ratio!r}: must be positive, or None for no ramp-up")
+            raise EDM2Error(f"rampup_ratio={rampup_ratio!r}: must be positive, or None for no ramp-up")
         self.halflife_nimg = float(halflife_nimg)
         self.rampup_ratio = None if rampup_ratio is None else float(rampup_ratio)
         self.nets = {self.halflife_nimg: copy.deepcopy(net).float().eval().requires_grad_(False)}
@@ -276,5 +284,3 @@ class TraditionalEMA:
     def _key(self) -> str:
         return f"halflife_nimg={self.halflife_nimg:.0f}"
 
-
-__all__ += ["TraditionalEMA"]

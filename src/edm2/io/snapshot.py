@@ -191,7 +191,7 @@ def load_snapshot(path, device="cpu", eval_mode: bool = True):
     if meta.get("net_kwargs") is None:  # written by edm2.ema.trackers.PowerFunctionEMA for a module of the user's
         module = meta.get("origin", {}).get("module", "user-defined module")
         raise SnapshotError(f"{path}: the snapshot holds a {module}, not an edm2 network; load its tensors into that "
-                            f"module (edm2.ema.trackers.reconstruct, safetensors.torch.load_file)")
+                            f"module (edm2.ema.reconstruct_state_dict, safetensors.torch.load_file)")
     with torch.device("meta"):  # no memory until the file's tensors are assigned
         # older metadata: use_fp16/reduced_dtype, and no config letter (G)
         net = build_network(snapshot_config(meta), **precision_kwargs(meta["net_kwargs"]))

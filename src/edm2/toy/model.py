@@ -11,25 +11,27 @@ D = x + sigma^2 grad log p is then c_skip x, EDM's skip connection. The
 learned term is divided by sigma so that its score contribution scales
 like 1 / sigma, as the true score of thin structures does.
 
-Snapshots are safetensors files with JSON metadata (key "edm2-toy"); never pickle.
+Snapshots are ordinary edm2 snapshot files (`edm2.io.snapshot`: safetensors + JSON
+metadata), written by `edm2.ema.PowerFunctionEMA`; the toy's own settings are in
+the metadata's "toy" entry. Never pickle.
 """
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save
+from safetensors.torch import load_file
 
+from ..io.snapshot import SnapshotError, read_snapshot_meta
 from ..nn import MPConv, mp_silu
 from ..utils.errors import EDM2Error, MissingFileError
-from ..utils.fileio import atomic_write_bytes
 
-__all__ = ["ToyNetConfig", "ToyNet", "save_toy", "load_toy", "TOY_FORMAT"]
+__all__ = ["ToyNetConfig", "ToyNet", "load_toy"]
 
-TOY_FORMAT = "edm2-toy"
+# Metadata key of the toy's own snapshot format before it used edm2 snapshots.
+_OLD_TOY_FORMAT = "edm2-toy"
 
 
 @dataclass
@@ -40,7 +42,7 @@ class ToyNetConfig:
 
     def check(self):
         if self.num_layers < 1 or self.hidden_dim < 1:
-            raise EDM2Error(f"toy net: layers={self.num_layers} and dim={self.hidden_dim} must both be >= 1")
+            raise EDM2Error(f"toy net: num_layers={self.num_layers} and hidden_dim={self.hidden_dim} must both be >= 1")
         if self.sigma_data <= 0:
             raise EDM2Error(f"toy net: sigma_data={self.sigma_data} must be > 0")
 
@@ -87,33 +89,50 @@ class ToyNet(torch.nn.Module):
         return x.to(torch.float32) + s ** 2 * self.score(x, sigma)
 
 
-def save_toy(path, net: ToyNet, meta: dict) -> None:
-    """Atomically write a toy net as safetensors + JSON metadata (config, training state)."""
-    header = {"format": TOY_FORMAT, "version": 1, "config": asdict(net.config), **meta}
-    tensors = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in net.state_dict().items()}
-    atomic_write_bytes(path, save(tensors, metadata={TOY_FORMAT: json.dumps(header)}))
+def toy_snapshot_meta(net: ToyNet, classes: str, train: dict | None = None) -> dict:
+    """Snapshot metadata of a toy net for `PowerFunctionEMA(meta=...)` (edm2.io.snapshot's
+    fields, minus nimg and ema_std which the tracker adds): the net's config, the
+    ground truth it learns and the training settings, under "toy"."""
+    return {"net_kwargs": None, "encoder": {}, "dataset": {},
+            "origin": {"module": "edm2.toy.model.ToyNet", "tool": "edm2.toy.train_toy"},
+            "toy": {"classes": classes, "config": asdict(net.config), "train": train or {}}}
 
 
-def read_toy_meta(path) -> dict:
-    """The JSON metadata of a toy snapshot (raises ValueError for other files)."""
-    path = Path(path)
-    if not path.is_file():
-        raise MissingFileError(f"{path}: no such toy snapshot")
+def _refuse_old_toy_file(path: Path) -> None:
     try:
         with safe_open(str(path), framework="pt") as f:
-            meta = json.loads((f.metadata() or {})[TOY_FORMAT])
+            old = _OLD_TOY_FORMAT in (f.metadata() or {})
     except Exception:
-        raise EDM2Error(f"{path}: not a toy snapshot "
-                         f"(expected a .safetensors file written by `edm2 toy train`)") from None
-    return meta
+        old = False
+    if old:
+        raise EDM2Error(f"{path}: a toy snapshot in the former toy-<iter>-<sigma_rel>.safetensors format, "
+                        f"written by an older edm2; retrain with `edm2 toy train`")
 
 
 def load_toy(path) -> tuple[ToyNet, dict]:
-    """Load a toy snapshot -> (ToyNet in eval mode without parameter gradients, metadata)."""
-    meta = read_toy_meta(path)
-    net = ToyNet(ToyNetConfig(**meta["config"]))
+    """Load a toy snapshot -> (ToyNet in eval mode without parameter gradients, metadata).
+
+    The metadata returned is the snapshot's "toy" entry (classes, config, train)
+    with the snapshot's nimg and ema_std (its sigma_rel), and iter (nimg / batch
+    size) when the training settings are known."""
+    path = Path(path)
+    if not path.is_file():
+        raise MissingFileError(f"{path}: no such toy snapshot")
+    _refuse_old_toy_file(path)
+    try:
+        meta = read_snapshot_meta(path)
+        toy = meta["toy"]
+        config = ToyNetConfig(**toy["config"])
+    except (SnapshotError, KeyError, TypeError):
+        raise EDM2Error(f"{path}: not a toy snapshot "
+                        f"(expected a .safetensors file written by `edm2 toy train`)") from None
+    net = ToyNet(config)
     try:
         net.load_state_dict(load_file(str(path)), strict=True)
     except RuntimeError as e:
         raise EDM2Error(f"{path}: weights do not match the config in its metadata: {str(e).splitlines()[0]}") from None
-    return net.eval().requires_grad_(False), meta
+    out = dict(toy, nimg=int(meta["nimg"]), ema_std=meta.get("ema_std"))
+    batch = (toy.get("train") or {}).get("batch_size")
+    if batch:
+        out["iter"] = int(meta["nimg"]) // int(batch)
+    return net.eval().requires_grad_(False), out
