@@ -8,7 +8,7 @@ The pipeline holds the denoiser `net`, an optional guiding network `gnet`
 (unconditional for classifier-free guidance, smaller/earlier for autoguidance),
 the optional Stable Diffusion VAE `vae` (AutoencoderKL, latent networks), and in
 its config the encoder's standardisation, the class names and the sampler
-settings. Sampling runs edm2.generate.sample_batch, so an image depends only on
+settings. Sampling runs edm2.sampling.sample_batch, so an image depends only on
 its generator, and seeds give the same images as `edm2 generate --seeds`.
 
 Folders: model_index.json + net/ (+ gnet/) in the Hugging Face layout of
@@ -28,9 +28,9 @@ from huggingface_hub import snapshot_download
 from PIL import Image
 
 from ..encoders import StabilityVAEEncoder, StandardRGBEncoder, encoder_from_meta
-from ..generate import SAMPLER_DEFAULTS, check_class, check_guide, load_nets, sample_batch
+from ..generate import check_class, check_guide, load_nets
 from ..nn import Precond
-from ..sampling import SeedRandom
+from ..sampling import SAMPLER_DEFAULTS, SeedRandom, sample_batch
 from ..utils.errors import EDM2Error, MissingFileError
 from ..utils.fileio import atomic_folder
 from .hub import CONFIG_NAME, _looks_local
