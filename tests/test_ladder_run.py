@@ -16,6 +16,7 @@ from edm2.analysis.dynamics import growth_factors, load_dynamics
 from edm2.analysis.ladder import LadderConfig, read_csv_rows, run_ladder
 from edm2.cli import main as cli_main
 from edm2.presets import RECIPES
+from edm2.utils.errors import EDM2Error
 from helpers import make_dataset  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -78,7 +79,7 @@ def test_resume_after_interruption(ladder, data, tmp_path, monkeypatch):
         return real_train(dataclasses.replace(tc, slice=16) if tc.config == "G" else tc)
 
     monkeypatch.setattr(ladder_mod, "train", killed_in_g)
-    with pytest.raises(RuntimeError, match="training stopped at 16 of 32"):
+    with pytest.raises(EDM2Error, match="training stopped at 16 of 32"):
         run_ladder(config(out, data))
     monkeypatch.setattr(ladder_mod, "train", real_train)
     assert (out / "B" / "ladder-rung.json").is_file() and not (out / "G" / "ladder-rung.json").exists()
@@ -113,7 +114,7 @@ def test_changed_settings_refused(ladder, data):
 
 def test_bad_input(data, tmp_path, capsys):
     out = tmp_path / "new"
-    with pytest.raises(ValueError, match="--configs: unknown config 'H'"):
+    with pytest.raises(ValueError, match="`configs`: unknown config 'H'"):
         run_ladder(dataclasses.replace(config(out, data), configs="B,H"))
     assert not out.exists()
     busy = tmp_path / "busy"
