@@ -18,6 +18,7 @@ from edm2.analysis.dynamics import (
 )
 from edm2.nn import Precond
 from edm2.presets import get_preset
+from helpers import write_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -239,24 +240,20 @@ def test_measure_stored_snapshots(tmp_path, capsys):
 
     from edm2.cli import main
     from edm2.data import convert_dataset
-    from edm2.io.snapshot import make_meta, save_snapshot, snapshot_name
 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", images=rng.integers(0, 256, (12, 16, 16), dtype=np.uint8))
     convert_dataset(tmp_path / "d.npz", tmp_path / "data", progress=False, workers=1)
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.json").write_text(json.dumps({"data": str(tmp_path / "data"), "seed": 3, "P_mean": -0.8,
-                                                 "P_std": 1.6}))
     net = _tiny_g()
-    kwargs = get_preset("tiny").net_kwargs(0)
-    for nimg, factor in ((64, 1.0), (128, 1.5)):
+
+    def net_at(nimg):   # the weights grow by 1.5 from the first snapshot to the second
         with torch.no_grad():
             for layer in find_layers(net):
-                layer.weight.mul_(factor)
-        for std in (0.05, 0.1):
-            save_snapshot(run / snapshot_name(nimg, std), net,
-                          make_meta(kwargs, nimg, std, {"type": "rgb"}, {"path": str(tmp_path / "data")}))
+                layer.weight.mul_(1.5 if nimg == 128 else 1.0)
+        return net
+
+    run = write_run(tmp_path / "run", times=(64, 128), sigma_rels=(0.05, 0.1), data=tmp_path / "data",
+                    config={"data": str(tmp_path / "data"), "seed": 3, "P_mean": -0.8, "P_std": 1.6}, net_at=net_at)
     main(["dynamics", "measure", str(run), "--probe", "8", "--device", "cpu"])
     recs = load_dynamics(run)     # no dynamics.jsonl: the snapshot records
     assert [(r["nimg"], r["ema_std"], r["net"]) for r in recs] == [(64, 0.1, "ema"), (128, 0.1, "ema")]

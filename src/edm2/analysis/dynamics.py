@@ -665,7 +665,7 @@ def plot_dynamics(runs, out=None, net: str = "ema", quantities=None, labels=None
     quantities = list(quantities or [q for q in QUANTITIES if any(r.get(q) for recs in data for r in recs)])
     unknown = [q for q in quantities if q not in QUANTITIES]
     if unknown:
-        raise EDM2Error(f"unknown quantities {unknown}; allowed: {', '.join(QUANTITIES)}")
+        raise EDM2Error(f"quantities={','.join(unknown)}: unknown; allowed: {', '.join(QUANTITIES)}")
     labels = list(labels or [Path(r).name if Path(r).is_dir() else Path(r).parent.name for r in runs])
     buckets = sorted({b for recs in data for r in recs for q in quantities for b in (r.get(q) or {})},
                      key=bucket_sort_key)
