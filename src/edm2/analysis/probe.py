@@ -38,8 +38,8 @@ from ..utils.errors import EDM2Error
 from ..utils.fileio import atomic_write_bytes
 from .dynamics import find_blocks
 
-__all__ = ["list_layers", "default_layer", "extract_features", "fit_linear_classifier", "ProbeResult",
-           "linear_probe", "probe_sweep", "write_probe_csv", "CSV_FIELDS"]
+__all__ = ["linear_probe", "probe_sweep", "ProbeResult", "write_probe_csv", "list_layers", "default_layer",
+           "extract_features", "fit_linear_classifier"]
 
 
 def list_layers(net: torch.nn.Module) -> list[str]:
