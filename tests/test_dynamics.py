@@ -9,7 +9,7 @@ from edm2.analysis.dynamics import (
     bucket_of,
     find_layers,
     load_dynamics,
-    make_probe,
+    make_measurement_batch,
     measure,
     plot_dynamics,
     plot_loss_profile,
@@ -18,6 +18,7 @@ from edm2.analysis.dynamics import (
 )
 from edm2.nn import Precond
 from edm2.presets import get_preset
+from helpers import write_run
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -43,9 +44,9 @@ class ToyUNet(torch.nn.Module):
         return b.norm(b.conv(torch.nn.functional.avg_pool2d(h, 2))).repeat_interleave(2, 2).repeat_interleave(2, 3)
 
 
-def _unit_probe(n=64, channels=4, res=8, seed=0):
+def _unit_batch(n=64, channels=4, res=8, seed=0):
     # Clean images 0 and sigma 1: the network input is unit-normal noise.
-    return make_probe(torch.zeros(n, channels, res, res), sigma=torch.ones(n), seed=seed)
+    return make_measurement_batch(torch.zeros(n, channels, res, res), sigma=torch.ones(n), seed=seed)
 
 
 def test_bucket_names():
@@ -57,9 +58,9 @@ def test_bucket_names():
 
 
 def test_identity_conv_has_unit_activation_and_scales_with_k():
-    probe = _unit_probe()
-    m1 = measure(ToyUNet(1.0), probe)
-    m3 = measure(ToyUNet(3.0), probe)
+    batch = _unit_batch()
+    m1 = measure(ToyUNet(1.0), batch)
+    m3 = measure(ToyUNet(3.0), batch)
     # Unit-normal input through an identity 1x1 conv: per-feature RMS over 64 positions ~ 1.
     assert m1["act_mean"]["enc-8x8"] == pytest.approx(1.0, abs=0.03)
     assert m3["act_mean"]["enc-8x8"] == pytest.approx(3 * m1["act_mean"]["enc-8x8"], rel=1e-5)
@@ -75,7 +76,7 @@ def test_identity_conv_has_unit_activation_and_scales_with_k():
     with torch.no_grad():
         net.dec["4x4_block0"].conv.weight.zero_()
         net.dec["4x4_block0"].conv.bias.fill_(2.0)
-    assert measure(net, probe)["act_max"]["dec-4x4"] == pytest.approx(2.0)
+    assert measure(net, batch)["act_max"]["dec-4x4"] == pytest.approx(2.0)
 
 
 def test_weight_magnitude_scales_linearly():
@@ -121,8 +122,8 @@ def test_buckets_of_the_tiny_g_network():
 
 def test_measure_tiny_g():
     net = _tiny_g()
-    probe = make_probe(torch.randn(24, 1, 16, 16) * 0.5, seed=1, P_mean=-0.8, P_std=1.6, bins=4)
-    m = measure(net, probe, batch_size=10)
+    batch = make_measurement_batch(torch.randn(24, 1, 16, 16) * 0.5, seed=1, P_mean=-0.8, P_std=1.6, bins=4)
+    m = measure(net, batch, batch_size=10)
     # N(0,1) initial weights: every row has RMS close to 1.
     for b, v in m["weight_mean"].items():
         assert v == pytest.approx(1.0, abs=0.15), b
@@ -136,9 +137,9 @@ def test_measure_tiny_g():
     assert len(m["u"]) == len(m["u_sigma"]) == 24
     # The training mode is restored and the measurement is repeatable.
     assert net.training
-    assert measure(net, probe, batch_size=10)["act_max"] == m["act_max"]
+    assert measure(net, batch, batch_size=10)["act_max"] == m["act_max"]
     # The number of items per network call changes nothing that is measured.
-    whole = measure(net, probe, batch_size=24)
+    whole = measure(net, batch, batch_size=24)
     assert whole["act_max"] == pytest.approx(m["act_max"], rel=1e-5)
     assert whole["act_mean"] == pytest.approx(m["act_mean"], rel=1e-5)
     assert whole["loss"] == pytest.approx(m["loss"], rel=1e-5) and whole["weight_max"] == m["weight_max"]
@@ -146,8 +147,8 @@ def test_measure_tiny_g():
 
 def test_tracker_writes_and_truncates_on_resume(tmp_path):
     net = ToyUNet()
-    probe = _unit_probe(16)
-    tr = DynamicsTracker(tmp_path, probe, tensorboard=False)
+    batch = _unit_batch(16)
+    tr = DynamicsTracker(tmp_path, batch, tensorboard=False)
     tr.measure(0, {"ema": net, "raw": net})
     with torch.no_grad():
         net.enc["8x8_conv"].weight.mul_(1.2)
@@ -159,7 +160,7 @@ def test_tracker_writes_and_truncates_on_resume(tmp_path):
     assert recs[2]["update"]["enc-8x8"] == pytest.approx(0.2, rel=1e-5)
     assert recs[3]["grad_norm"] == pytest.approx(0.5 * 4 / 2.0)   # ||0.5 * ones(16)|| / 2
     # Resuming from the checkpoint at 0 drops the later records.
-    DynamicsTracker(tmp_path, probe, start_nimg=0, tensorboard=False)
+    DynamicsTracker(tmp_path, batch, start_nimg=0, tensorboard=False)
     assert [r["nimg"] for r in load_dynamics(tmp_path)] == [0, 0]
     # A line cut short at the end is ignored; one in the middle is an error.
     with open(tmp_path / "dynamics.jsonl", "a") as f:
@@ -227,7 +228,8 @@ def test_adm_network_buckets_and_no_uncertainty():
         assert sorted({layer.bucket for layer in layers}) == ["dec-16x16", "dec-8x8", "enc-16x16", "enc-8x8"]
         assert all(layer.hooked for layer in layers)
         assert "model.dec.8x8_in0.qkv.weight" in [layer.name for layer in layers]
-        m = measure(net, make_probe(torch.randn(16, 1, 16, 16) * 0.5, seed=0, P_mean=-1.2, P_std=1.2, bins=4))
+        batch = make_measurement_batch(torch.randn(16, 1, 16, 16) * 0.5, seed=0, P_mean=-1.2, P_std=1.2, bins=4)
+        m = measure(net, batch)
         assert ("u" in m) == uncertainty
         # The zero-initialised last layers make D = c_skip x: the weighted loss is 1 at every sigma.
         assert m["loss"] == pytest.approx([1.0] * 4, abs=0.15)
@@ -238,24 +240,20 @@ def test_measure_stored_snapshots(tmp_path, capsys):
 
     from edm2.cli import main
     from edm2.data import convert_dataset
-    from edm2.io.snapshot import make_meta, save_snapshot, snapshot_name
 
     rng = np.random.default_rng(0)
     np.savez(tmp_path / "d.npz", images=rng.integers(0, 256, (12, 16, 16), dtype=np.uint8))
     convert_dataset(tmp_path / "d.npz", tmp_path / "data", progress=False, workers=1)
-    run = tmp_path / "run"
-    run.mkdir()
-    (run / "config.json").write_text(json.dumps({"data": str(tmp_path / "data"), "seed": 3, "P_mean": -0.8,
-                                                 "P_std": 1.6}))
     net = _tiny_g()
-    kwargs = get_preset("tiny").net_kwargs(0)
-    for nimg, factor in ((64, 1.0), (128, 1.5)):
+
+    def net_at(nimg):   # the weights grow by 1.5 from the first snapshot to the second
         with torch.no_grad():
             for layer in find_layers(net):
-                layer.weight.mul_(factor)
-        for std in (0.05, 0.1):
-            save_snapshot(run / snapshot_name(nimg, std), net,
-                          make_meta(kwargs, nimg, std, {"type": "rgb"}, {"path": str(tmp_path / "data")}))
+                layer.weight.mul_(1.5 if nimg == 128 else 1.0)
+        return net
+
+    run = write_run(tmp_path / "run", times=(64, 128), sigma_rels=(0.05, 0.1), data=tmp_path / "data",
+                    config={"data": str(tmp_path / "data"), "seed": 3, "P_mean": -0.8, "P_std": 1.6}, net_at=net_at)
     main(["dynamics", "measure", str(run), "--probe", "8", "--device", "cpu"])
     recs = load_dynamics(run)     # no dynamics.jsonl: the snapshot records
     assert [(r["nimg"], r["ema_std"], r["net"]) for r in recs] == [(64, 0.1, "ema"), (128, 0.1, "ema")]
@@ -267,7 +265,7 @@ def test_measure_stored_snapshots(tmp_path, capsys):
     capsys.readouterr()
     with pytest.raises(SystemExit):
         main(["dynamics", "measure", str(run), "--ema-std", "0.2"])
-    assert "stores the EMA widths 0.050, 0.100" in capsys.readouterr().err
+    assert "--ema-std 0.2: the run stores the EMA lengths 0.050, 0.100" in capsys.readouterr().err
 
 
 def _strip(records):
@@ -304,7 +302,7 @@ def test_train_records_dynamics_and_resumes_identically(tmp_path):
     assert recs[0]["update"] is None and recs[2]["update"]["enc-16x16"] > 0
     assert "grad_norm" not in recs[1] and recs[3]["grad_norm"] > 0
     assert sorted(recs[0]["act_max"]) == ["dec-16x16", "dec-8x8", "enc-16x16", "enc-8x8"]
-    # Interrupted after 32 images and resumed: the same records, updates included (the probe comes from
+    # Interrupted after 32 images and resumed: the same records, updates included (the measurement batch comes from
     # the seed; the weights at the checkpoint are those of the last measurement).
     train(TrainConfig(outdir=str(tmp_path / "b"), slice=32, **common))
     assert [r["nimg"] for r in load_dynamics(tmp_path / "b")] == [0, 0, 16, 16, 32, 32]

@@ -12,6 +12,7 @@ from PIL import Image
 
 from edm2.cli import main
 from edm2.generate import generate_images, generate_to_dir, load_nets, rank_batches
+from edm2.utils.errors import EDM2Error
 from helpers import write_snapshot
 
 STEPS = "3"
@@ -153,19 +154,23 @@ def bad_cases(snaps, tmp_path):
     from safetensors.torch import save_file
     foreign = tmp_path / "foreign.safetensors"  # a valid safetensors file, but not an edm2 snapshot
     save_file({"w": torch.zeros(2)}, str(foreign))
+    cond = ["--net", str(snaps["cond"])]
     return [
         (["--net", str(tmp_path / "missing.safetensors")], "missing"),
         (["--net", str(junk)], "junk.safetensors"),
         (["--net", str(foreign)], "not an edm2 snapshot"),
-        (["--net", str(snaps["cond"]), "--guidance", "2"], "--gnet"),
-        (["--net", str(snaps["cond"]), "--gnet", str(snaps["res8"]), "--guidance", "2"], "resolution"),
-        (["--net", str(snaps["cond"]), "--gnet", str(snaps["labels5"]), "--guidance", "2"], "label_dim"),
-        (["--net", str(snaps["cond"]), "--class", "3"], "--class"),
+        (["--net", str(snaps["cond"]), "--guidance", "2"], "--guidance 2: needs --gnet,"),
+        (["--net", str(snaps["cond"]), "--gnet", str(snaps["res8"]), "--guidance", "2"], "--gnet: its resolution is 8"),
+        (cond + ["--gnet", str(snaps["labels5"]), "--guidance", "2"], "--gnet: its label_dim is 5"),
+        (["--net", str(snaps["cond"]), "--class", "3"], "--class 3: out of range"),
         (["--net", str(snaps["cond"]), "--class", "cat"], "--class"),
-        (["--net", str(snaps["uncond"]), "--class", "0"], "unconditional"),
+        (["--net", str(snaps["uncond"]), "--class", "0"], "--class 0: the network is unconditional (label_dim 0); "
+                                                           "drop --class"),
+        (["--net", str(snaps["cond"]), "--batch", "0"], "--batch 0: must be >= 1"),
+        (["--net", str(snaps["cond"]), "--steps", "0"], "--steps 0"),
         (["--net", str(snaps["cond"]), "--seeds", "5-2"], "--seeds"),
         (["--net", str(snaps["cond"]), "--seeds", "0-x"], "--seeds"),
-        (["--net", str(snaps["cond"]), "--grid", str(tmp_path / "grid.jpg")], "--grid"),
+        (cond + ["--grid", str(tmp_path / "grid.jpg")], f"--grid {tmp_path / 'grid.jpg'}: must be"),
         (["--seeds", "0-3"], "--net"),
     ]
 
@@ -179,6 +184,26 @@ def test_bad_input_is_one_line_error_and_writes_nothing(snaps, tmp_path, capsys)
         assert e.value.code == 2, extra
         assert len(err.splitlines()) == 1 and needle in err, (extra, err)
         assert not out.exists() and not (tmp_path / "grid.jpg").exists(), extra
+
+
+def test_python_refusals_name_the_arguments(snaps, tmp_path):
+    """The library names its own arguments (the CLI shows them as flags, above)."""
+    net, _, encoder, _ = load_nets(snaps["cond"], device="cpu")
+    out = tmp_path / "out"
+    for kwargs, needle in [(dict(class_idx=3), "class_idx=3: out of range"),
+                           (dict(batch_size=0), "batch_size=0: must be >= 1"),
+                           (dict(seeds=[1, 1]), "`seeds`: a seed is listed twice"),
+                           (dict(seeds=[]), "`seeds`: no seeds given"),
+                           (dict(grid=tmp_path / "g.jpg"), "grid="),
+                           (dict(guidance=2.0), "guidance=2: needs `gnet`")]:
+        kwargs = {"seeds": [0, 1], **kwargs}
+        with pytest.raises(EDM2Error) as info:
+            generate_to_dir(net, encoder, kwargs.pop("seeds"), out, num_steps=1, progress=False, **kwargs)
+        assert needle in str(info.value), (kwargs, str(info.value))
+        assert not out.exists()
+    generate_to_dir(net, encoder, [0], out, num_steps=1, class_idx=0, progress=False)
+    with pytest.raises(EDM2Error, match=r"outdir=.*another network or settings \(num_steps=1 -> 2\)"):
+        generate_to_dir(net, encoder, [0, 1], out, num_steps=2, class_idx=0, progress=False)
 
 
 def test_guided_generation_uses_gnet(snaps, tmp_path):

@@ -114,7 +114,7 @@ def test_changed_settings_refused(ladder, data):
 
 def test_bad_input(data, tmp_path, capsys):
     out = tmp_path / "new"
-    with pytest.raises(ValueError, match="--configs: unknown config 'H'"):
+    with pytest.raises(ValueError, match="`configs`: unknown config 'H'"):
         run_ladder(dataclasses.replace(config(out, data), configs="B,H"))
     assert not out.exists()
     busy = tmp_path / "busy"
@@ -129,6 +129,16 @@ def test_bad_input(data, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err.startswith("edm2 ladder: error: --configs: unknown config 'X'") and "\n" not in err
     assert not out.exists()
+    # The library names LadderConfig's fields; the command shows its flags.
+    for argv, needle in [(["--std", "0.05,0.5"], "error: --std [0.5]: every EMA length"),
+                         (["--batch", "0"], "error: --batch 0: must be >= 1"),
+                         (["--dynamics-probe", "0"], "error: --dynamics-probe 0: must be >= 1"),
+                         (["--configs", "B,B"], "error: --configs B,B: a config is given twice")]:
+        with pytest.raises(SystemExit):
+            cli_main(["ladder", "--outdir", str(out), "--metrics", "fd_tiny", "--preset", "tiny", *argv])
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "\n" not in err, (argv, err)
+        assert not out.exists()
 
 
 def test_growth_factors():

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from edm2.analysis.dynamics import bucket_of, find_blocks
 from edm2.analysis.probe import (
     CSV_FIELDS,
     default_layer,
@@ -15,9 +16,9 @@ from edm2.analysis.probe import (
 )
 from edm2.cli import main
 from edm2.data import convert_dataset
-from edm2.io.snapshot import make_meta, save_snapshot
 from edm2.nn import Precond
 from edm2.presets import get_preset
+from helpers import write_snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -25,14 +26,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def _net(label_dim=0):
     torch.manual_seed(0)
     return Precond(**get_preset("tiny").net_kwargs(label_dim))
-
-
-def _snapshot(path, label_dim=0):
-    net = _net(label_dim)
-    meta = make_meta(get_preset("tiny").net_kwargs(label_dim), 0, 0.1, {"type": "rgb"},
-                     {"resolution": 16, "channels": 1, "label_dim": label_dim})
-    save_snapshot(path, net, meta)
-    return path
 
 
 def _dataset(path, n=80, separable=True, seed=0):
@@ -54,6 +47,10 @@ def test_layer_names_and_default():
     assert dec == ["dec.8x8_in0", "dec.8x8_in1", "dec.8x8_block0", "dec.8x8_block1", "dec.16x16_up",
                    "dec.16x16_block0", "dec.16x16_block1"]
     assert default_layer(net) == "dec.8x8_block1"
+    # One block finder for the probe and the dynamics buckets.
+    assert names == list(find_blocks(net))
+    assert [bucket_of(n) for n in (names[0], names[-1], "dec.8x8_in0.conv_res0")] == ["enc-16x16", "dec-16x16",
+                                                                                      "dec-8x8"]
 
 
 def test_classifier_on_separable_and_random_features():
@@ -70,7 +67,7 @@ def test_classifier_on_separable_and_random_features():
 
 
 def test_probe_on_tiny_network(tmp_path):
-    snap = _snapshot(tmp_path / "net.safetensors")
+    snap = write_snapshot(tmp_path / "net.safetensors", label_dim=0)
     good = _dataset(tmp_path / "good")
     r = linear_probe(snap, good, sigma=0.05, holdout=0.25)
     assert r.layer == "dec.8x8_block1" and r.n_test == 20 and r.n_train == 60 and r.num_classes == 2
@@ -78,15 +75,15 @@ def test_probe_on_tiny_network(tmp_path):
     bad = _dataset(tmp_path / "bad", separable=False)
     r = linear_probe(snap, bad, sigma=0.05, holdout=0.5, layer="8x8_in0")
     assert r.layer == "dec.8x8_in0" and r.accuracy < 0.8
-    with pytest.raises(ValueError, match=r"--layer 'nope': no such block; allowed: enc.16x16_conv, .*dec.16x16_block1"):
+    with pytest.raises(ValueError, match=r"layers='nope': no such block; allowed: enc.16x16_conv, .*dec.16x16_block1"):
         linear_probe(snap, good, sigma=0.05, layer="nope")
-    cond = _snapshot(tmp_path / "cond.safetensors", label_dim=2)
+    cond = write_snapshot(tmp_path / "cond.safetensors", label_dim=2)
     with pytest.raises(ValueError, match="class-conditional"):
         linear_probe(cond, good, sigma=0.05)
 
 
 def test_sweep_csv(tmp_path):
-    snap = _snapshot(tmp_path / "net.safetensors")
+    snap = write_snapshot(tmp_path / "net.safetensors", label_dim=0)
     train = _dataset(tmp_path / "train", n=40)
     test = _dataset(tmp_path / "test", n=20, seed=1)
     results = probe_sweep(snap, train, [0.05, 5.0], ["dec.8x8_block1", "16x16_block0"], test_data=test)
@@ -101,7 +98,7 @@ def test_sweep_csv(tmp_path):
 
 
 def test_cli(tmp_path, capsys):
-    snap = _snapshot(tmp_path / "net.safetensors")
+    snap = write_snapshot(tmp_path / "net.safetensors", label_dim=0)
     data = _dataset(tmp_path / "d", n=40)
     main(["probe", "--net", str(snap), "--list-layers", "--device", "cpu"])
     out = capsys.readouterr().out
@@ -115,14 +112,14 @@ def test_cli(tmp_path, capsys):
         main(["probe", "--net", str(snap), "--data", str(data), "--sigma", "0.05", "--layer", "dec.99x99_x",
               "--device", "cpu"])
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "allowed: enc.16x16_conv" in err
+    assert len(err.splitlines()) == 1 and "--layer 'dec.99x99_x': no such block; allowed: enc.16x16_conv" in err
 
 
 def test_cli_default_data_is_the_builtin(tmp_path, capsys, monkeypatch):
     """Without --data the probe uses the built-in dataset (that of `edm2 train` without --data)."""
     import edm2.cli.probe as cli_probe
 
-    snap = _snapshot(tmp_path / "net.safetensors")
+    snap = write_snapshot(tmp_path / "net.safetensors", label_dim=0)
     data = _dataset(tmp_path / "builtin", n=40)
     monkeypatch.setattr(cli_probe, "builtin_dataset_path", lambda progress=False: data)
     main(["probe", "--net", str(snap), "--sigma", "0.05", "--device", "cpu"])

@@ -159,10 +159,10 @@ def test_check_guidance_is_the_one_rule():
     check_guidance(1.0)                      # plain sampling needs no guide
     check_guidance(2.0, gnet="guide.safetensors")
     for gnet in (None, ""):
-        with pytest.raises(ValueError, match="--guidance 2 needs --gnet"):
+        with pytest.raises(ValueError, match="guidance=2: needs `gnet`"):
             check_guidance(2.0, gnet)
     with pytest.raises(ValueError, match="finite"):
         check_guidance(float("nan"), gnet="guide.safetensors")
     net = lambda x, t, labels: x  # noqa: E731
-    with pytest.raises(ValueError, match="--guidance 1.5 needs --gnet"):
+    with pytest.raises(ValueError, match="guidance=1.5: needs `gnet`"):
         guided_denoiser(net, None, 1.5)

@@ -34,21 +34,14 @@ from tqdm import tqdm
 
 from .encoders import encoder_from_meta
 from .io.loading import load_network
-from .sampling import SeedRandom, check_guidance, edm_sampler
+from .sampling import SAMPLER_DEFAULTS, SeedRandom, check_guidance, sample_batch
 from .utils.distributed import rank_world, resolve_device
 from .utils.errors import EDM2Error
 from .utils.fileio import RunLock, atomic_write_bytes, png_bytes
-from .utils.validate import SAMPLER_OPTION_NAMES, check_sampler_options
+from .utils.validate import check_sampler_options
 
-__all__ = ["GeneratedBatch", "generate_images", "sample_batch", "generate_to_dir", "load_nets", "check_guide",
-           "check_gnet_matches", "check_class", "check_request", "rank_batches", "image_path", "make_grid",
-           "compile_for_inference", "SAMPLER_DEFAULTS",
-           "MANIFEST_NAME", "net_fingerprint", "output_manifest", "check_output_folder"]
-
-# edm_sampler's keyword arguments and their defaults (paper App. D.1), for the CLI and docs.
-SAMPLER_DEFAULTS = dict(num_steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0,
-                        S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0)
-
+__all__ = ["GeneratedBatch", "generate_images", "generate_to_dir", "load_nets", "compile_for_inference",
+           "check_guide", "check_class", "rank_batches", "image_path", "MANIFEST_NAME"]
 
 @dataclass
 class GeneratedBatch:
@@ -78,7 +71,7 @@ def _shape(net):
 
 
 def check_guide(net, gnet=None, guidance: float = 1) -> None:
-    """Raise ValueError unless (gnet, guidance) is usable with net (docs/design.md#guidance):
+    """Raise `EDM2Error` unless (gnet, guidance) is usable with net (docs/design.md#guidance):
     `edm2.sampling.check_guidance`, then `check_gnet_matches` when there is a gnet."""
     check_guidance(guidance, gnet)
     if gnet is not None:
@@ -86,26 +79,26 @@ def check_guide(net, gnet=None, guidance: float = 1) -> None:
 
 
 def check_gnet_matches(net, gnet) -> None:
-    """Raise ValueError unless gnet works on the net's data: same resolution and
+    """Raise `EDM2Error` unless gnet works on the net's data: same resolution and
     channels, and the same label dimension or 0 (an unconditional guide, as
     EDM2's classifier-free guidance uses; it ignores the labels)."""
     names = ("resolution", "channels", "label_dim")
     for name, a, b in zip(names, _shape(net), _shape(gnet)):
         if a != b and not (name == "label_dim" and b == 0):
-            raise EDM2Error(f"--gnet: its {name} is {b} but the net's is {a}; the guiding network must work "
-                             f"on the same data (resolution, channels) and labels (the net's label_dim, or 0 "
-                             f"for an unconditional guide) as --net")
+            raise EDM2Error(f"`gnet`: its {name} is {b} but the net's is {a}; the guiding network must work "
+                            f"on the same data (resolution, channels) and labels (the net's label_dim, or 0 "
+                            f"for an unconditional guide) as `net`")
 
 
 def check_class(net, class_idx) -> None:
-    """Raise ValueError if class_idx (None = random) cannot be used with net."""
+    """Raise `EDM2Error` if class_idx (None = random) cannot be used with net."""
     if class_idx is None:
         return
     if net.label_dim == 0:
-        raise EDM2Error(f"--class {class_idx}: the network is unconditional (label_dim 0); drop --class")
+        raise EDM2Error(f"class_idx={class_idx}: the network is unconditional (label_dim 0); drop `class_idx`")
     if not isinstance(class_idx, (int, np.integer)) or not 0 <= class_idx < net.label_dim:
-        raise EDM2Error(f"--class {class_idx}: out of range; the network has classes 0-{net.label_dim - 1} "
-                         f"(or use --class random)")
+        raise EDM2Error(f"class_idx={class_idx}: out of range; the network has classes 0-{net.label_dim - 1} "
+                        f"(or none for a random class per image)")
 
 
 # ---------------------------------------------------------------------------
@@ -114,7 +107,7 @@ def check_class(net, class_idx) -> None:
 
 def check_request(net, gnet, guidance: float, class_idx, sampler_kwargs: dict) -> dict:
     """Check guidance, class and sampler options of a generation request
-    (ValueError); returns every sampler option, defaults filled in."""
+    (`EDM2Error`); returns every sampler option, defaults filled in."""
     check_guide(net, gnet, guidance)
     check_class(net, class_idx)
     unknown = set(sampler_kwargs) - set(SAMPLER_DEFAULTS)
@@ -132,7 +125,7 @@ def rank_batches(seeds, batch_size: int, rank: int = 0, world_size: int = 1) -> 
     are fewer seeds than processes), no seed twice and none left out.
     """
     if batch_size < 1:
-        raise EDM2Error(f"--batch {batch_size}: must be >= 1")
+        raise EDM2Error(f"batch_size={batch_size}: must be >= 1")
     seeds = list(seeds)
     num = max(math.ceil(len(seeds) / (batch_size * world_size)), 1) * world_size
     bounds = np.linspace(0, len(seeds), num + 1).round().astype(int)
@@ -156,9 +149,9 @@ def compile_for_inference(net):
 
 
 def load_nets(net, gnet=None, device=None):
-    """Load --net (and --gnet) from anything `edm2.io.loading.load_network`
+    """Load `net` (and `gnet`) from anything `edm2.io.loading.load_network`
     accepts -> (net, gnet or None, encoder, meta of net). Networks are in eval
-    mode; raises ValueError if gnet does not match net."""
+    mode; raises `EDM2Error` if gnet does not match net."""
     device = resolve_device(device)
     net, meta = load_network(net, device=device)
     if gnet is not None:
@@ -166,8 +159,8 @@ def load_nets(net, gnet=None, device=None):
         check_gnet_matches(net, gnet)
         kinds = meta["encoder"].get("type"), gmeta["encoder"].get("type")
         if kinds[0] != kinds[1]:
-            raise EDM2Error(f"--gnet: works in space {kinds[1]!r} but the net in {kinds[0]!r}; "
-                             f"pass a guiding network trained on the same data")
+            raise EDM2Error(f"`gnet`: works in space {kinds[1]!r} but the net in {kinds[0]!r}; "
+                            f"pass a guiding network trained on the same data")
     encoder = encoder_from_meta(meta["encoder"])
     return net, gnet, encoder, meta
 
@@ -186,7 +179,7 @@ def generate_images(net, encoder, seeds, gnet=None, guidance: float = 1, class_i
         default: this process's place in torch.distributed, or 0 of 1.
     sampler_kwargs: edm_sampler's num_steps, sigma_min, sigma_max, rho,
         S_churn, S_min, S_max, S_noise.
-    Checks run at the call (ValueError), generation while iterating. The
+    Checks run at the call (`EDM2Error`), generation while iterating. The
     networks are put in eval mode without gradients.
     """
     sampler_kwargs = check_request(net, gnet, guidance, class_idx, sampler_kwargs)
@@ -198,39 +191,6 @@ def generate_images(net, encoder, seeds, gnet=None, guidance: float = 1, class_i
         if m is not None:
             m.eval().requires_grad_(False)
     return _generate(net, encoder, batches, gnet, guidance, class_idx, device, progress, sampler_kwargs)
-
-
-def sample_batch(net, encoder, rnd: SeedRandom, class_idx=None, gnet=None, guidance: float = 1, **sampler_kwargs):
-    """One batch from per-sample generators `rnd` -> (images, labels, classes).
-
-    The draws follow the authors' order: noise, then (conditional net) the class
-    index when class_idx is None, then churn noise inside edm_sampler.
-    class_idx: None (random per sample), an int for every sample, or an int64
-    tensor [N] of per-sample classes. images: encoder.decode of the samples
-    (uint8 pixels), or the float32 network-space samples when encoder is None.
-    labels (one-hot float32) and classes (int64) are None for an unconditional net.
-    This is the one place that turns seeds into images (generate_images and
-    edm2.io.diffusers.EDM2Pipeline call it)."""
-    n, device = len(rnd), rnd.device
-    noise = rnd.randn([n, net.img_channels, net.img_resolution, net.img_resolution])
-    labels = classes = None
-    if net.label_dim:
-        if class_idx is None:
-            classes = rnd.randint(net.label_dim, [n])
-        elif torch.is_tensor(class_idx):
-            classes = class_idx.to(device=device, dtype=torch.int64).reshape(n)
-        else:
-            classes = torch.full([n], int(class_idx), dtype=torch.int64, device=device)
-        labels = torch.nn.functional.one_hot(classes, net.label_dim).to(torch.float32)
-    with torch.no_grad():
-        x = edm_sampler(net, noise, labels, gnet=gnet, guidance=guidance, randn_like=rnd.randn_like, **sampler_kwargs)
-        if not torch.isfinite(x).all():
-            bad = [s for s, ok in zip(rnd.seeds, torch.isfinite(x).flatten(1).all(1).tolist()) if not ok]
-            raise EDM2Error(f"the network produced non-finite values (NaN/inf) for seed(s) "
-                             f"{', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''}; its weights "
-                             f"are probably damaged or training diverged; nothing was written for them")
-        images = encoder.decode(x) if encoder is not None else x
-    return images, labels, classes
 
 
 def _generate(net, encoder, batches, gnet, guidance, class_idx, device, progress, sampler_kwargs):
@@ -277,13 +237,13 @@ def make_grid(paths) -> Image.Image:
 def _check_outputs(net, encoder, outdir, grid) -> None:
     out = Path(outdir)
     if out.exists() and not out.is_dir():
-        raise EDM2Error(f"--outdir {out}: exists and is not a folder; choose another --outdir")
+        raise EDM2Error(f"outdir={out}: exists and is not a folder; choose another `outdir`")
     if grid is not None:
         g = Path(grid)
         if g.suffix.lower() != ".png":
-            raise EDM2Error(f"--grid {g}: must be a .png file name")
+            raise EDM2Error(f"grid={g}: must be a .png file name")
         if g.is_dir():
-            raise EDM2Error(f"--grid {g}: is a folder; give a file name like {g / 'grid.png'}")
+            raise EDM2Error(f"grid={g}: is a folder; give a file name like {g / 'grid.png'}")
     kind = getattr(encoder, "kind", None)
     if kind == "rgb" and net.img_channels not in (1, 3, 4):
         raise EDM2Error(f"the network makes {net.img_channels}-channel pixels, which PNG cannot hold "
@@ -297,7 +257,7 @@ MANIFEST_FORMAT = "edm2-generate"
 def net_fingerprint(net) -> str:
     """A short hash of a network's weights and buffers (names, dtypes, shapes,
     bytes): equal exactly when the networks compute the same function (a
-    different --precision counts as different, as its images differ)."""
+    different precision counts as different, as its images differ)."""
     net = getattr(net, "_orig_mod", net)  # torch.compile wrapper
     h = hashlib.sha256()
     for name, value in net.state_dict().items():
@@ -330,26 +290,26 @@ def _manifest_diff(old: dict, new: dict) -> list[str]:
                 f"{json.dumps(old.get(key))[:40]} -> {json.dumps(new.get(key))[:40]}"
             out.append(f"{key} ({what})")
     old_s, new_s = old.get("sampler") or {}, new.get("sampler") or {}
-    out += [f"{SAMPLER_OPTION_NAMES.get(k, k)} {old_s.get(k)} -> {new_s.get(k)}"
+    out += [f"{k}={old_s.get(k)} -> {new_s.get(k)}"
             for k in sorted(set(old_s) | set(new_s)) if old_s.get(k) != new_s.get(k)]
     return out
 
 
 def check_output_folder(outdir, manifest: dict) -> bool:
-    """Raise ValueError unless `outdir` may receive images made as `manifest`
+    """Raise `EDM2Error` unless `outdir` may receive images made as `manifest`
     describes: it is new or empty of PNGs, or its generate.json describes the
     same networks and settings (a resumed job). Reads only. Returns whether
     generate.json still has to be written."""
     out = Path(outdir)
-    fix = f"use another --outdir, or remove {out} to start over"
+    fix = f"use another `outdir`, or remove {out} to start over"
     if not out.exists():
         return True
     path = out / MANIFEST_NAME
     if not path.is_file():
         pngs = sum(1 for _ in out.rglob("*.png"))
         if pngs:
-            raise EDM2Error(f"--outdir {out}: holds {pngs} PNG file(s) but no {MANIFEST_NAME}, so it is unknown which "
-                             f"network and settings made them and new images could mix with them; {fix}")
+            raise EDM2Error(f"outdir={out}: holds {pngs} PNG file(s) but no {MANIFEST_NAME}, so it is unknown which "
+                            f"network and settings made them and new images could mix with them; {fix}")
         return True
     try:
         old = json.loads(path.read_text())
@@ -359,8 +319,8 @@ def check_output_folder(outdir, manifest: dict) -> bool:
         raise EDM2Error(f"{path}: unreadable ({e}); {fix}") from None
     diff = _manifest_diff(old, manifest)
     if diff:
-        raise EDM2Error(f"--outdir {out}: holds images of another network or settings ({'; '.join(diff[:3])}); "
-                         f"new images would mix with them; {fix}")
+        raise EDM2Error(f"outdir={out}: holds images of another network or settings ({'; '.join(diff[:3])}); "
+                        f"new images would mix with them; {fix}")
     return False
 
 
@@ -395,19 +355,19 @@ def generate_to_dir(net, encoder, seeds, outdir, gnet=None, guidance: float = 1,
     """
     seeds = [int(s) for s in seeds]
     if encoder is None:
-        raise EDM2Error("generate_to_dir needs an encoder to turn samples into pixels "
-                         "(encoder_from_meta(meta['encoder']))")
+        raise EDM2Error("`encoder`: generate_to_dir needs one to turn samples into pixels "
+                        "(encoder_from_meta(meta['encoder']))")
     if not seeds:
-        raise EDM2Error("--seeds: no seeds given")
+        raise EDM2Error("`seeds`: no seeds given")
     if len(set(seeds)) != len(seeds):
-        raise EDM2Error("--seeds: a seed is listed twice; each seed names one image file")
+        raise EDM2Error("`seeds`: a seed is listed twice; each seed names one image file")
     _check_outputs(net, encoder, outdir, grid)
     sampler_kwargs = check_request(net, gnet, guidance, class_idx, sampler_kwargs)
     manifest = output_manifest(net, gnet if guidance != 1 else None, guidance, class_idx, encoder, sources,
                                **sampler_kwargs)
     device = resolve_device(device)
     rank, world = rank_world()
-    with RunLock(outdir, "--outdir") if rank == 0 else nullcontext():
+    with RunLock(outdir, "`outdir`") if rank == 0 else nullcontext():
         fresh = check_output_folder(outdir, manifest)  # every process reads, before anything is written
         if world > 1:
             dist.barrier()

@@ -1,20 +1,29 @@
 """EDM sampler (Karras et al. 2022, Algorithm 2) with optional guidance by a
-second network (paper App. D.1, Eq. 152; autoguidance paper Eq. 1), and the
-per-seed random generators that make every image depend only on its seed.
+second network (paper App. D.1, Eq. 152; autoguidance paper Eq. 1), the
+per-seed random generators that make every image depend only on its seed,
+and `sample_batch`, which turns a batch of seeds into images.
 
 Every sampler-like function here takes `net(x, sigma, labels)` (Precond's
-call signature) and returns float32 samples in the network's space.
+call signature) and returns float32 samples in the network's space. Nothing
+here reads or writes files: `edm2.generate` writes PNG folders, and the
+training loop's sample grids and `edm2.io.diffusers` call `sample_batch`.
 """
 from __future__ import annotations
 
 import math
+import numbers
 
 import torch
 
 from .utils.errors import EDM2Error
-from .utils.validate import check_float, check_sampler_options
+from .utils.validate import check_sampler_options
 
-__all__ = ["edm_sampler", "sigma_steps", "guided_denoiser", "check_guidance", "SeedRandom"]
+__all__ = ["edm_sampler", "sample_batch", "sigma_steps", "guided_denoiser", "check_guidance", "SeedRandom",
+           "SAMPLER_DEFAULTS"]
+
+# edm_sampler's keyword arguments and their defaults (paper App. D.1), for the CLI and docs.
+SAMPLER_DEFAULTS = dict(num_steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0,
+                        S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0)
 
 
 def sigma_steps(num_steps=32, sigma_min=0.002, sigma_max=80, rho=7, device=None) -> torch.Tensor:
@@ -36,16 +45,20 @@ def sigma_steps(num_steps=32, sigma_min=0.002, sigma_max=80, rho=7, device=None)
 
 
 def check_guidance(guidance: float, gnet=None) -> None:
-    """Raise ValueError unless the guidance weight w can be used: a finite
+    """Raise `EDM2Error` unless the guidance weight w can be used: a finite
     number >= 0, and w != 1 only with a guiding network `gnet` (a network, or the
     name of one before it is loaded). w = 1 is plain sampling.
     The one check of this rule: the sampler, generation, metrics and the CLI
     commands all call it."""
-    check_float(guidance, "--guidance", lo=0)  # finite; w < 0 would push away from the conditional net
+    # Finite; w < 0 would push away from the conditional net.
+    if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real):
+        raise EDM2Error(f"guidance={guidance!r}: expected a number")
+    if not (math.isfinite(guidance) and guidance >= 0):
+        raise EDM2Error(f"guidance={guidance}: must be a finite number >= 0")
     if guidance != 1 and (gnet is None or (isinstance(gnet, str) and not gnet)):
-        raise EDM2Error(f"--guidance {guidance:g} needs --gnet, a guiding network (unconditional for "
-                         f"classifier-free guidance, smaller or less trained for autoguidance); "
-                         f"or use --guidance 1")
+        raise EDM2Error(f"guidance={guidance:g}: needs `gnet`, a guiding network (unconditional for "
+                        f"classifier-free guidance, smaller or less trained for autoguidance); "
+                        f"or use guidance=1")
 
 
 def guided_denoiser(net, gnet=None, guidance: float = 1):
@@ -100,6 +113,40 @@ def edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_min=0.00
             d_prime = (x_next - denoise(x_next, t_next, labels)) / t_next
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
     return x_next
+
+
+def sample_batch(net, encoder, rnd: SeedRandom, class_idx=None, gnet=None, guidance: float = 1, **sampler_kwargs):
+    """One batch from per-sample generators `rnd` -> (images, labels, classes).
+
+    The draws follow the authors' order: noise, then (conditional net) the class
+    index when class_idx is None, then churn noise inside edm_sampler.
+    class_idx: None (random per sample), an int for every sample, or an int64
+    tensor [N] of per-sample classes. images: encoder.decode of the samples
+    (uint8 pixels), or the float32 network-space samples when encoder is None.
+    labels (one-hot float32) and classes (int64) are None for an unconditional net.
+    This is the one place that turns seeds into images (`edm2.generate.generate_images`,
+    the training loop's sample grids and `edm2.io.diffusers.EDM2Pipeline` call it)."""
+    n, device = len(rnd), rnd.device
+    noise = rnd.randn([n, net.img_channels, net.img_resolution, net.img_resolution])
+    labels = classes = None
+    if net.label_dim:
+        if class_idx is None:
+            classes = rnd.randint(net.label_dim, [n])
+        elif torch.is_tensor(class_idx):
+            classes = class_idx.to(device=device, dtype=torch.int64).reshape(n)
+        else:
+            classes = torch.full([n], int(class_idx), dtype=torch.int64, device=device)
+        labels = torch.nn.functional.one_hot(classes, net.label_dim).to(torch.float32)
+    with torch.no_grad():
+        x = edm_sampler(net, noise, labels, gnet=gnet, guidance=guidance, randn_like=rnd.randn_like, **sampler_kwargs)
+        if not torch.isfinite(x).all():
+            bad = [s for s, ok in zip(rnd.seeds, torch.isfinite(x).flatten(1).all(1).tolist()) if not ok]
+            raise EDM2Error(f"the network produced non-finite values (NaN/inf) for seed(s) "
+                            f"{', '.join(map(str, bad[:5]))}{' ...' if len(bad) > 5 else ''}; its weights "
+                            f"are probably damaged or training diverged; nothing was written for them")
+        images = encoder.decode(x) if encoder is not None else x
+    return images, labels, classes
+
 
 
 class SeedRandom:

@@ -58,7 +58,7 @@ SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, layers_pe
 SMALL_CONFIG = dict(SD_VAE_CONFIG, block_out_channels=[8, 16, 16, 16], norm_num_groups=8, layers_per_block=1)
 
 
-# --- EMA area: a training run's EMA snapshots ---
+# A training run's EMA snapshots.
 def write_ema_run(folder, times=(64, 128, 192), sigma_rels=(0.05, 0.10), seed=0, step=0.01, origin=None,
                   dtype=torch.float32, **net_kwargs):
     """A fake training run, named and described as the trainer does: a tiny Precond
@@ -84,4 +84,32 @@ def write_ema_run(folder, times=(64, 128, 192), sigma_rels=(0.05, 0.10), seed=0,
                     p.add_(step * torch.randn_like(p))
             meta = make_meta(kw, t, sigma_rel, StandardRGBEncoder().to_meta(), dataset, origin)
             save_snapshot(folder / snapshot_name(t, sigma_rel), net, meta, dtype=dtype)
+    return folder
+
+
+# Fake run folders.
+
+def write_run(folder, times=(64, 128), sigma_rels=(0.05, 0.10), config=None, label_dim=0, data=None, net_at=None):
+    """A run folder as `edm2 train` leaves it, without training: config.json (`config`, default {}) and one
+    EMA snapshot per (nimg in `times`, sigma_rel in `sigma_rels`), named `snapshot_name(nimg, sigma_rel)`.
+    The network stored at nimg is `net_at(nimg)` (default: the tiny preset's fresh network, seed 0), so a
+    test can change the weights from one time to the next. `data` is recorded as the snapshots' dataset."""
+    from pathlib import Path
+
+    from edm2.io.snapshot import snapshot_name
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config or {}))
+    kwargs = get_preset("tiny").net_kwargs(label_dim)
+    if net_at is None:
+        torch.manual_seed(0)
+        net = Precond(**kwargs)
+        net_at = lambda nimg: net  # noqa: E731
+    for nimg in times:
+        net = net_at(nimg)
+        for sigma_rel in sigma_rels:
+            meta = make_meta(kwargs, nimg, sigma_rel, StandardRGBEncoder().to_meta(),
+                             {"path": None if data is None else str(data)})
+            save_snapshot(folder / snapshot_name(nimg, sigma_rel), net, meta)
     return folder

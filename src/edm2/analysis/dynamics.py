@@ -18,7 +18,7 @@ like ours and the EDM/ADM ones (`enc['16x16_block0']`, `dec['8x8_in0']`,
   magnitude-preserving convolution called with a learned gain, after that
   gain), reduced per feature to M[h_i] = sqrt(mean_j h_ij^2) over the spatial
   positions j (App. A.6, Eq. 3: unit-normal activations give 1), averaged
-  over the samples of a fixed probe batch.
+  over the samples of a fixed measurement batch (`MeasurementBatch`).
 - **Weight magnitude**: the same M per output row of the stored weight,
   reshaped to out x rest.
 - Both are aggregated per bucket by max (Fig. 3) and by mean (Fig. 15).
@@ -29,7 +29,7 @@ like ours and the EDM/ADM ones (`enc['16x16_block0']`, `dec['8x8_in0']`,
   sigma) and the **learned uncertainty** u(sigma) of the loss (Eq. 21), for
   networks that return it (`net(x, sigma, labels, return_logvar=True)`).
 
-`measure(net, probe)` returns plain dicts; `DynamicsTracker` appends one JSON
+`measure(net, batch)` returns plain dicts; `DynamicsTracker` appends one JSON
 record per network and measurement to `dynamics.jsonl` in a run folder (and
 TensorBoard when installed); `load_dynamics(run)` reads them back;
 `plot_dynamics` and `plot_loss_profile` draw the figures (see docs/dynamics.md).
@@ -55,24 +55,40 @@ from ..io.snapshot import list_snapshots, load_snapshot, read_snapshot_meta
 from ..utils.errors import EDM2Error, MissingFileError
 from ..utils.fileio import atomic_write_bytes, pyplot, save_figure
 
-__all__ = ["bucket_of", "bucket_sort_key", "Layer", "find_layers", "Probe", "make_probe", "probe_from_dataset",
-           "DynamicsHook", "measure_snapshots", "measure", "weight_magnitudes", "relative_updates",
-           "gradient_norms", "DynamicsTracker", "DYNAMICS_FILE", "SNAPSHOTS_FILE", "load_dynamics", "plot_dynamics",
-           "plot_loss_profile", "QUANTITIES", "growth_factors"]
+__all__ = ["find_blocks", "bucket_of", "Layer", "find_layers", "MeasurementBatch", "make_measurement_batch",
+           "measurement_batch_from_dataset", "measure", "DynamicsTracker", "DynamicsHook", "measure_snapshots",
+           "load_dynamics", "plot_dynamics", "plot_loss_profile", "growth_factors", "DYNAMICS_FILE"]
 
 DYNAMICS_FILE = "dynamics.jsonl"
 SNAPSHOTS_FILE = "dynamics-snapshots.jsonl"     # measure_snapshots: records of the stored snapshots
-_BUCKET_RE = re.compile(r"(?:^|\.)(enc|dec)\.(\d+)x(\d+)_")
+# A block of the U-Net: a module held directly by its `enc` or `dec` dict, named '<R>x<R>_...'
+# (ours, the authors' EDM2 and ADM networks alike).
+_BLOCK_RE = re.compile(r"(?:^|\.)((enc|dec)\.(\d+)x(\d+)_\w+)(?=\.|$)")
 
 
 # ---------------------------------------------------------------------------
 # Layers and buckets.
 # ---------------------------------------------------------------------------
 
+def find_blocks(net: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """{'enc.16x16_block0': module, ..., 'dec.8x8_in0': module, ...}: the
+    U-Net's encoder and decoder blocks (the modules held directly by its `enc`
+    and `dec` dicts), encoder first, each in forward order. The one place that
+    finds the blocks: `bucket_of` (and so `find_layers`) and the linear probe
+    (`edm2.analysis.probe.list_layers`) use it."""
+    enc, dec = {}, {}
+    for name, module in net.named_modules():
+        m = _BLOCK_RE.search(name)
+        if m is not None and m.end() == len(name):
+            (enc if m.group(2) == "enc" else dec)[m.group(1)] = module
+    return {**enc, **dec}
+
+
 def bucket_of(module_name: str) -> str | None:
-    """'unet.enc.32x32_block1.conv_res0' -> 'enc-32x32'; None outside the encoder/decoder."""
-    m = _BUCKET_RE.search(module_name)
-    return None if m is None else f"{m.group(1)}-{m.group(2)}x{m.group(3)}"
+    """'unet.enc.32x32_block1.conv_res0' -> 'enc-32x32' (the block's side and
+    resolution); None outside the encoder/decoder."""
+    m = _BLOCK_RE.search(module_name)
+    return None if m is None else f"{m.group(2)}-{m.group(3)}x{m.group(4)}"
 
 
 def bucket_sort_key(bucket: str):
@@ -170,11 +186,11 @@ def gradient_norms(net: torch.nn.Module, scale: float = 1.0) -> dict | None:
 
 
 # ---------------------------------------------------------------------------
-# The probe batch.
+# The measurement batch.
 # ---------------------------------------------------------------------------
 
 @dataclass
-class Probe:
+class MeasurementBatch:
     """A fixed batch to measure on: clean images y (in the network's space:
     pixels in [-1, 1] or standardised latents), their labels, unit-normal
     noise and one noise level per sample; `bin` groups the samples into
@@ -189,15 +205,16 @@ class Probe:
     def __len__(self) -> int:
         return len(self.images)
 
-    def to(self, device) -> Probe:
+    def to(self, device) -> MeasurementBatch:
         labels = None if self.labels is None else self.labels.to(device)
-        return Probe(self.images.to(device), labels, self.noise.to(device), self.sigma.to(device), self.bin.to(device),
-                     self.bins)
+        return MeasurementBatch(self.images.to(device), labels, self.noise.to(device), self.sigma.to(device),
+                                self.bin.to(device), self.bins)
 
 
-def make_probe(images: torch.Tensor, labels: torch.Tensor | None = None, *, seed: int = 0, P_mean: float = -0.4,
-               P_std: float = 1.0, sigma: torch.Tensor | None = None, bins: int = 8) -> Probe:
-    """A probe of these images. The noise levels (unless given) are the N
+def make_measurement_batch(images: torch.Tensor, labels: torch.Tensor | None = None, *, seed: int = 0,
+                           P_mean: float = -0.4, P_std: float = 1.0, sigma: torch.Tensor | None = None,
+                           bins: int = 8) -> MeasurementBatch:
+    """A measurement batch of these images. The noise levels (unless given) are the N
     quantiles (i + 1/2) / N of the training distribution ln(sigma) ~
     N(P_mean, P_std^2) (paper Eq. 16), assigned to the samples in a seeded
     random order; bin b holds the samples of the b-th equal-probability band.
@@ -206,7 +223,7 @@ def make_probe(images: torch.Tensor, labels: torch.Tensor | None = None, *, seed
     images = images.to(torch.float32)
     n = len(images)
     if n < 1:
-        raise EDM2Error("make_probe: no images")
+        raise EDM2Error("make_measurement_batch: no images")
     g = torch.Generator().manual_seed(int(seed))
     if sigma is None:
         q = (torch.arange(n, dtype=torch.float64) + 0.5) / n
@@ -218,13 +235,13 @@ def make_probe(images: torch.Tensor, labels: torch.Tensor | None = None, *, seed
         ranks = torch.argsort(torch.argsort(sigma, stable=True), stable=True)
     bins = max(1, min(int(bins), n))
     noise = torch.randn(images.shape, generator=g)
-    return Probe(images.cpu(), None if labels is None else labels.to(torch.float32).cpu(), noise, sigma,
+    return MeasurementBatch(images.cpu(), None if labels is None else labels.to(torch.float32).cpu(), noise, sigma,
                  (ranks * bins // n).to(torch.int64), bins)
 
 
-def probe_from_dataset(dataset, encoder, count: int = 256, seed: int = 0, P_mean: float = -0.4, P_std: float = 1.0,
-                       bins: int = 8, use_labels: bool = True) -> Probe:
-    """A probe of `count` training items chosen by a seeded permutation of
+def measurement_batch_from_dataset(dataset, encoder, count: int = 256, seed: int = 0, P_mean: float = -0.4,
+                                   P_std: float = 1.0, bins: int = 8, use_labels: bool = True) -> MeasurementBatch:
+    """A measurement batch of `count` training items chosen by a seeded permutation of
     `dataset` (an edm2.data.ImageDataset), encoded by `encoder` as in
     training (latent datasets: one fixed posterior sample per item)."""
     n = min(int(count), len(dataset))
@@ -240,14 +257,14 @@ def probe_from_dataset(dataset, encoder, count: int = 256, seed: int = 0, P_mean
     labels = None
     if use_labels and getattr(dataset, "label_dim", 0):
         labels = torch.as_tensor(np.stack([it[1] for it in items]), dtype=torch.float32)
-    return make_probe(x, labels, seed=seed + 1, P_mean=P_mean, P_std=P_std, bins=bins)
+    return make_measurement_batch(x, labels, seed=seed + 1, P_mean=P_mean, P_std=P_std, bins=bins)
 
 
 # ---------------------------------------------------------------------------
 # Measuring.
 # ---------------------------------------------------------------------------
 
-# Probe items per network call while measuring. The numbers do not depend on it (per-item
+# Measurement-batch items per network call while measuring. The numbers do not depend on it (per-item
 # quantities, sums in float64); on a CPU, calls of 64 items run about 20% faster per item than
 # one call of 256, whose activations no longer fit the caches (BENCHMARKS.md, "Training dynamics cost").
 MEASURE_BATCH = 64
@@ -261,17 +278,17 @@ def _accepts_logvar(net) -> bool:
 
 
 @torch.no_grad()
-def measure(net: torch.nn.Module, probe: Probe, batch_size: int = MEASURE_BATCH, sigma_data: float | None = None,
-            u_points: int = 32) -> dict:
+def measure(net: torch.nn.Module, batch: MeasurementBatch, batch_size: int = MEASURE_BATCH,
+            sigma_data: float | None = None, u_points: int = 32) -> dict:
     """Measure `net` (called as net(x, sigma, labels[, return_logvar=True])) on
-    the probe, in eval mode (no dropout, weights untouched); the network's mode
+    the measurement `batch`, in eval mode (no dropout, weights untouched); the network's mode
     is restored afterwards. Returns
 
         act_max, act_mean, weight_max, weight_mean: {bucket: float}
         layers: {weight name: {act_max, act_mean, weight_max, weight_mean}}
         loss_sigma, loss: per noise-level bin, geometric-mean sigma and mean lambda(sigma)·||D-y||^2 / elements
-        loss_mean: the mean of that over the probe
-        u_sigma, u: the learned u(sigma) at up to `u_points` probe noise levels (absent without it)
+        loss_mean: the mean of that over the batch
+        u_sigma, u: the learned u(sigma) at up to `u_points` of the batch's noise levels (absent without it)
     """
     layers = _require_layers(net)
     device = next((p.device for p in net.parameters()), torch.device("cpu"))
@@ -302,7 +319,7 @@ def measure(net: torch.nn.Module, probe: Probe, batch_size: int = MEASURE_BATCH,
     losses, logvars = [], []
     try:
         net.eval()
-        p = probe.to(device)
+        p = batch.to(device)
         for start in range(0, len(p), batch_size):
             sl = slice(start, start + batch_size)
             y, sigma = p.images[sl], p.sigma[sl]
@@ -344,10 +361,10 @@ def measure(net: torch.nn.Module, probe: Probe, batch_size: int = MEASURE_BATCH,
     weight_max, weight_mean = _aggregate(weight_bucket)
 
     loss = torch.cat(losses).cpu().to(torch.float64)
-    sig = probe.sigma.to(torch.float64)
+    sig = batch.sigma.to(torch.float64)
     loss_sigma, loss_bins = [], []
-    for b in range(probe.bins):
-        sel = probe.bin == b
+    for b in range(batch.bins):
+        sel = batch.bin == b
         if sel.any():
             loss_sigma.append(float(sig[sel].log().mean().exp()))
             loss_bins.append(float(loss[sel].mean()))
@@ -355,9 +372,9 @@ def measure(net: torch.nn.Module, probe: Probe, batch_size: int = MEASURE_BATCH,
               "loss_sigma": loss_sigma, "loss": loss_bins, "loss_mean": float(loss.mean()), "layers": per_layer}
     if logvars:
         u = torch.cat(logvars).cpu()
-        order = torch.argsort(probe.sigma)
+        order = torch.argsort(batch.sigma)
         pick = order[torch.linspace(0, len(order) - 1, min(u_points, len(order))).round().long()]
-        result["u_sigma"] = [float(probe.sigma[i]) for i in pick]
+        result["u_sigma"] = [float(batch.sigma[i]) for i in pick]
         result["u"] = [float(u[i]) for i in pick]
     return result
 
@@ -391,11 +408,11 @@ class DynamicsTracker:
     that the run folder holds. `update` compares with the previous measurement
     of the same network in this invocation (null for the first one)."""
 
-    def __init__(self, outdir, probe: Probe, start_nimg: int = 0, tensorboard: bool = True,
+    def __init__(self, outdir, batch: MeasurementBatch, start_nimg: int = 0, tensorboard: bool = True,
                  batch_size: int = MEASURE_BATCH,
                  filename: str = DYNAMICS_FILE):
         self.path = Path(outdir) / filename
-        self.probe = probe
+        self.batch = batch
         self.batch_size = batch_size
         self.before: dict[str, dict[str, torch.Tensor]] = {}
         self.seconds = 0.0
@@ -430,7 +447,7 @@ class DynamicsTracker:
         records = []
         for tag, net in nets.items():
             rec = {"nimg": int(nimg), "net": tag, **(extra or {}).get(tag, {})}
-            rec.update(measure(net, self.probe, batch_size=self.batch_size))
+            rec.update(measure(net, self.batch, batch_size=self.batch_size))
             rec["update"] = relative_updates(net, self.before[tag]) if tag in self.before else None
             self.remember({tag: net})
             if grad_net is not None and tag == "raw":
@@ -460,7 +477,7 @@ class DynamicsTracker:
 
 
 def _probe_seed(seed: int) -> int:
-    """The probe's own random stream of a run with this seed (independent of training's streams)."""
+    """The measurement batch's own random stream of a run with this seed (independent of training's streams)."""
     return int(np.random.SeedSequence([int(seed), 0x64796E]).generate_state(1, np.uint32)[0])
 
 
@@ -469,8 +486,8 @@ class DynamicsHook:
     --dynamics N`): every `every` images (at the first maintenance point at or
     after each multiple of `every`, at image 0 of a fresh run and at the end of
     training) it measures the longest EMA network and the raw network on a
-    probe of `probe_size` training items and appends the records to the run's
-    dynamics.jsonl. The probe (items, noise, noise levels from the run's
+    measurement batch of `probe_size` training items and appends the records to
+    the run's dynamics.jsonl. The batch (items, noise, noise levels from the run's
     P_mean/P_std) is drawn once from the run's seed, so every measurement of
     every session of the run sees the same batch. Runs on rank 0 only."""
 
@@ -489,27 +506,27 @@ class DynamicsHook:
         plan = run.plan
         if run.rank != 0:
             return
-        std = max(run.ema.nets)
-        nets = {"ema": run.ema.nets[std], "raw": run.net}
+        sigma_rel = max(run.ema.nets)
+        nets = {"ema": run.ema.nets[sigma_rel], "raw": run.net}
         if self.tracker is None:
-            probe = probe_from_dataset(run.data, run.encoder, self.probe_size, seed=_probe_seed(plan.seed),
-                                       P_mean=plan.P_mean, P_std=plan.P_std)
-            self.tracker = DynamicsTracker(run.out, probe, start_nimg=run.start_nimg, batch_size=self.batch_size)
+            batch = measurement_batch_from_dataset(run.data, run.encoder, self.probe_size,
+                                                   seed=_probe_seed(plan.seed), P_mean=plan.P_mean, P_std=plan.P_std)
+            self.tracker = DynamicsTracker(run.out, batch, start_nimg=run.start_nimg, batch_size=self.batch_size)
             if run.nimg == run.start_nimg > 0 and self.tracker.last_nimg == run.nimg:
                 self.tracker.remember(nets)      # so the next update spans the same interval as without the resume
         if self.due(run.nimg, plan.batch, run.start_nimg, plan.duration):
             self.tracker.measure(run.nimg, nets, grad_net=run.net, grad_scale=plan.loss_scaling,
-                                 extra={"ema": {"ema_std": std}})
+                                 extra={"ema": {"ema_std": sigma_rel}})
 
 
-def measure_snapshots(run, ema_std: float | None = None, data=None, probe_size: int = 256, out=None,
+def measure_snapshots(run, sigma_rel: float | None = None, data=None, probe_size: int = 256, out=None,
                       device="cpu", progress: bool = False) -> Path:
     """Measure the stored EMA snapshots of a finished (or running) run after
     the fact, one record per snapshot, into `out` (default
     `<run>/dynamics-snapshots.jsonl`, rewritten): the paper's Fig. 15 for a run
-    that was trained without `--dynamics`. `ema_std`: which stored EMA
-    (default: the longest). The probe is the one `--dynamics` would use: the
-    run's dataset (or `data`), seed and noise-level distribution from its
+    that was trained without `--dynamics`. `sigma_rel`: which stored EMA
+    (default: the longest). The measurement batch is the one `--dynamics`
+    would use: the run's dataset (or `data`), seed and noise-level distribution from its
     config.json. Returns the output path."""
     run = Path(run)
     if not run.is_dir():
@@ -517,27 +534,28 @@ def measure_snapshots(run, ema_std: float | None = None, data=None, probe_size: 
     snaps = [r for r in list_snapshots(run) if r[1] is not None]
     if not snaps:
         raise MissingFileError(f"{run}: no EMA snapshot-*.safetensors files to measure")
-    stds = sorted({r[1] for r in snaps})
-    std = max(stds) if ema_std is None else float(ema_std)
-    snaps = [r for r in snaps if abs(r[1] - std) < 5e-4]
+    stored = sorted({r[1] for r in snaps})
+    chosen = max(stored) if sigma_rel is None else float(sigma_rel)
+    snaps = [r for r in snaps if abs(r[1] - chosen) < 5e-4]
     if not snaps:
-        raise EDM2Error(f"--ema-std {ema_std}: the run stores the EMA widths {', '.join(f'{s:.3f}' for s in stds)}")
+        raise EDM2Error(f"sigma_rel={sigma_rel}: the run stores the EMA lengths "
+                        f"{', '.join(f'{s:.3f}' for s in stored)}")
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
     meta = read_snapshot_meta(snaps[0][2])
     data = data or config.get("data") or meta.get("dataset", {}).get("path")
     if data is None:
-        raise EDM2Error(f"{run}: the snapshots do not say which dataset trained them; pass --data")
-    probe = probe_from_dataset(ImageDataset(data, use_labels=bool(meta["net_kwargs"].get("label_dim"))),
-                               encoder_from_meta(meta.get("encoder", {"type": "rgb"})), probe_size,
-                               seed=_probe_seed(config.get("seed", 0)), P_mean=config.get("P_mean", -0.4),
-                               P_std=config.get("P_std", 1.0))
+        raise EDM2Error(f"{run}: the snapshots do not say which dataset trained them; pass `data`")
+    batch = measurement_batch_from_dataset(
+        ImageDataset(data, use_labels=bool(meta["net_kwargs"].get("label_dim"))),
+        encoder_from_meta(meta.get("encoder", {"type": "rgb"})), probe_size, seed=_probe_seed(config.get("seed", 0)),
+        P_mean=config.get("P_mean", -0.4), P_std=config.get("P_std", 1.0))
     out = Path(out) if out is not None else run / SNAPSHOTS_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, b"")
-    tracker = DynamicsTracker(out.parent, probe, tensorboard=False, filename=out.name)
-    for nimg, s, path in tqdm(snaps, desc="measuring snapshots", unit="snapshot", disable=not progress):
+    tracker = DynamicsTracker(out.parent, batch, tensorboard=False, filename=out.name)
+    for nimg, snap_sigma_rel, path in tqdm(snaps, desc="measuring snapshots", unit="snapshot", disable=not progress):
         net, _ = load_snapshot(path, device=device)
-        tracker.measure(nimg, {"ema": net}, extra={"ema": {"ema_std": s, "snapshot": path.name}})
+        tracker.measure(nimg, {"ema": net}, extra={"ema": {"ema_std": snap_sigma_rel, "snapshot": path.name}})
     return out
 
 
@@ -647,7 +665,7 @@ def plot_dynamics(runs, out=None, net: str = "ema", quantities=None, labels=None
     quantities = list(quantities or [q for q in QUANTITIES if any(r.get(q) for recs in data for r in recs)])
     unknown = [q for q in quantities if q not in QUANTITIES]
     if unknown:
-        raise EDM2Error(f"unknown quantities {unknown}; allowed: {', '.join(QUANTITIES)}")
+        raise EDM2Error(f"quantities={','.join(unknown)}: unknown; allowed: {', '.join(QUANTITIES)}")
     labels = list(labels or [Path(r).name if Path(r).is_dir() else Path(r).parent.name for r in runs])
     buckets = sorted({b for recs in data for r in recs for q in quantities for b in (r.get(q) or {})},
                      key=bucket_sort_key)

@@ -2,6 +2,10 @@
 equal budget, find each one's best EMA length by post-hoc EMA, tabulate and
 plot (docs/ladder.md).
 
+This module is the experiment; the networks of its rungs are built by
+`edm2.nn.factory.build_network` (A, B: `edm2.nn.adm`; C-F: `edm2.nn.rungs`;
+G: `edm2.nn.unet`).
+
 `run_ladder(LadderConfig(outdir=...))` does, for every config ("rung") asked for:
 
 1. train it into `OUTDIR/<letter>/` with `edm2.train.loop.train`: the same size
@@ -50,8 +54,8 @@ from ..utils.units import parse_float_list
 from .dynamics import growth_factors, load_dynamics, plot_dynamics, plot_loss_profile
 from .flops import count_network
 
-__all__ = ["LadderConfig", "LadderRung", "run_ladder", "rung_train_config", "ladder_settings", "read_csv_rows",
-           "format_table", "plot_ladder", "LADDER_FILE", "RUNG_FILE", "REF_NAME"]
+__all__ = ["LadderConfig", "LadderRung", "run_ladder", "rung_train_config", "read_csv_rows", "format_table",
+           "plot_ladder"]
 
 LADDER_FILE = "ladder.json"
 RUNG_FILE = "ladder-rung.json"
@@ -65,8 +69,8 @@ class LadderConfig:
     `duration`: images per rung (None: the preset's); `snapshots`: snapshots
     per rung (the post-hoc EMA's inputs; also the checkpoint and, unless
     `dynamics` is given, the dynamics interval); `dynamics_probe`: items in
-    the dynamics probe batch; `grid`: sample-grid images at each snapshot
-    (0: none, as sampling them costs about as much as the training at
+    the dynamics measurement batch (`edm2.analysis.dynamics.MeasurementBatch`);
+    `grid`: sample-grid images at each snapshot (0: none, as sampling them costs about as much as the training at
     these sizes); `sigma_rels`: the EMA lengths
     to reconstruct and evaluate; `num`: generated images per evaluation;
     `steps`: sampler steps; `metrics`: detectors, the first one picks the best
@@ -116,43 +120,45 @@ def _check(cfg: LadderConfig) -> LadderConfig:
     configs = cfg.configs.split(",") if isinstance(cfg.configs, str) else list(cfg.configs)
     configs = [c.strip().upper() for c in configs if c.strip()]
     if not configs:
-        raise EDM2Error("--configs: empty; give letters of the paper's Table 1, e.g. B,C,D,E,F,G")
+        raise EDM2Error("`configs`: empty; give letters of the paper's Table 1, e.g. B,C,D,E,F,G")
     for c in configs:
         try:
             check_config(c)
         except ValueError:
-            raise EDM2Error(f"--configs: unknown config {c!r}; allowed: {', '.join(CONFIGS)} (the rows of the "
-                             f"paper's Table 1)") from None
+            raise EDM2Error(f"`configs`: unknown config {c!r}; allowed: {', '.join(CONFIGS)} (the rows of the "
+                            f"paper's Table 1)") from None
     for c in configs:  # every rung's network must exist at this size before anything is written
         try:
             count_network(cfg.preset, config=c)
         except ValueError as e:
-            raise EDM2Error(f"--configs {c}: config {c} cannot be built at preset {cfg.preset} ({e}); leave it "
-                             f"out or choose another --preset") from None
+            raise EDM2Error(f"configs={c}: config {c} cannot be built at preset {cfg.preset} ({e}); leave it "
+                            f"out or choose another `preset`") from None
     if len(set(configs)) != len(configs):
-        raise EDM2Error(f"--configs {','.join(configs)}: a config is given twice")
+        raise EDM2Error(f"configs={','.join(configs)}: a config is given twice")
     configs = sorted(configs)
-    sigma_rels = list(dict.fromkeys(parse_float_list(cfg.sigma_rels, "--std")))
+    sigma_rels = list(dict.fromkeys(parse_float_list(cfg.sigma_rels, "sigma_rels")))
     if any(c != "A" for c in configs):
-        check_sigma_rel(sigma_rels, "--std")
+        check_sigma_rel(sigma_rels, "sigma_rels")
     metrics = resolve_metrics(cfg.metrics)
     preset = get_preset(cfg.preset)
     duration = int(cfg.duration if cfg.duration is not None else preset.duration)
     if duration < preset.batch or duration % preset.batch:
-        raise EDM2Error(f"--duration {duration}: must be a positive multiple of the {cfg.preset} batch "
-                         f"{preset.batch}")
+        raise EDM2Error(f"duration={duration}: must be a positive multiple of the {cfg.preset} batch "
+                        f"{preset.batch}")
     if cfg.snapshots < 1:
-        raise EDM2Error(f"--snapshots {cfg.snapshots}: must be >= 1")
+        raise EDM2Error(f"snapshots={cfg.snapshots}: must be >= 1")
     if cfg.dynamics is not None and cfg.dynamics < 1:
-        raise EDM2Error(f"--dynamics {cfg.dynamics}: must be >= 1 (images between measurements)")
-    if cfg.dynamics_probe < 1 or cfg.grid < 0:
-        raise EDM2Error(f"--dynamics-probe {cfg.dynamics_probe}, --grid {cfg.grid}: must be >= 1 and >= 0")
+        raise EDM2Error(f"dynamics={cfg.dynamics}: must be >= 1 (images between measurements)")
+    if cfg.dynamics_probe < 1:
+        raise EDM2Error(f"dynamics_probe={cfg.dynamics_probe}: must be >= 1")
+    if cfg.grid < 0:
+        raise EDM2Error(f"grid={cfg.grid}: must be >= 0")
     if cfg.num < 2:
-        raise EDM2Error(f"--num {cfg.num}: need at least 2 images per evaluation")
+        raise EDM2Error(f"num={cfg.num}: need at least 2 images per evaluation")
     if cfg.steps < 1:
-        raise EDM2Error(f"--steps {cfg.steps}: must be >= 1")
+        raise EDM2Error(f"steps={cfg.steps}: must be >= 1")
     if cfg.batch_size < 1:
-        raise EDM2Error(f"--batch {cfg.batch_size}: must be >= 1")
+        raise EDM2Error(f"batch_size={cfg.batch_size}: must be >= 1")
     data = str(Path(cfg.data).resolve()) if cfg.data is not None else None
     return dataclasses.replace(cfg, configs=tuple(configs), sigma_rels=tuple(sigma_rels), metrics=tuple(metrics),
                                duration=duration, data=data)
@@ -192,17 +198,17 @@ def _claim_outdir(out: Path, settings: dict) -> None:
         try:
             old = json.loads(path.read_text())
         except ValueError:
-            raise EDM2Error(f"{path}: not JSON; the file is damaged: choose another --outdir") from None
+            raise EDM2Error(f"{path}: not JSON; the file is damaged: choose another `outdir`") from None
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if diff:
             shown = ", ".join(f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now" for k in diff)
-            raise EDM2Error(f"--outdir {out}: holds a ladder of other settings ({shown}); rerun with its settings "
-                             f"to continue it, or choose another --outdir")
+            raise EDM2Error(f"outdir={out}: holds a ladder of other settings ({shown}); rerun with its settings "
+                            f"to continue it, or choose another `outdir`")
         return
     # A new ladder goes into a new or empty folder; a *.log file (the command's own output, e.g.
     # `nohup edm2 ladder --outdir DIR > DIR/ladder.log`) is allowed there.
     if out.exists() and (not out.is_dir() or any(p.suffix != ".log" for p in out.iterdir())):
-        raise ExistingFileError(f"--outdir {out}: exists and holds no {LADDER_FILE}; choose a new or empty folder")
+        raise ExistingFileError(f"outdir={out}: exists and holds no {LADDER_FILE}; choose a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, (json.dumps(settings, indent=2) + "\n").encode())
 

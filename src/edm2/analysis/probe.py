@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import csv
 import io
-import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -37,32 +36,21 @@ from ..encoders import encoder_from_meta
 from ..io.loading import load_network
 from ..utils.errors import EDM2Error
 from ..utils.fileio import atomic_write_bytes
+from .dynamics import find_blocks
 
-__all__ = ["list_layers", "default_layer", "extract_features", "fit_linear_classifier", "ProbeResult",
-           "linear_probe", "probe_sweep", "write_probe_csv", "CSV_FIELDS"]
-
-_BLOCK_RE = re.compile(r"(?:^|\.)((?:enc|dec)\.\d+x\d+_\w+)$")
-
-
-def _blocks(net: torch.nn.Module) -> dict[str, torch.nn.Module]:
-    """{'dec.8x8_block1': module, ...}: the modules held directly by the
-    encoder/decoder dicts, encoder first, each in forward order."""
-    enc, dec = {}, {}
-    for name, module in net.named_modules():
-        m = _BLOCK_RE.search(name)
-        if m is not None and "." not in m.group(1).split(".", 1)[1]:
-            (enc if m.group(1).startswith("enc") else dec)[m.group(1)] = module
-    return {**enc, **dec}
+__all__ = ["linear_probe", "probe_sweep", "ProbeResult", "write_probe_csv", "list_layers", "default_layer",
+           "extract_features", "fit_linear_classifier"]
 
 
 def list_layers(net: torch.nn.Module) -> list[str]:
-    """Names that `--layer` accepts: 'enc.16x16_block0', ..., 'dec.8x8_in0', ... (encoder, then decoder)."""
-    return list(_blocks(net))
+    """Names that `layers` accepts: the blocks of `edm2.analysis.dynamics.find_blocks`,
+    'enc.16x16_block0', ..., 'dec.8x8_in0', ... (encoder, then decoder)."""
+    return list(find_blocks(net))
 
 
 def default_layer(net: torch.nn.Module) -> str:
     """The middle decoder block (half-way through the decoder's modules)."""
-    dec = [n for n in _blocks(net) if n.startswith("dec.")]
+    dec = [n for n in find_blocks(net) if n.startswith("dec.")]
     if not dec:
         raise EDM2Error(f"{type(net).__name__}: no decoder blocks (modules named dec['<R>x<R>_...']) to probe")
     return dec[len(dec) // 2]
@@ -80,8 +68,8 @@ def _resolve_layers(net, layers) -> list[str]:
     for name in layers:
         full = name if name in allowed else (f"dec.{name}" if f"dec.{name}" in allowed else None)
         if full is None:
-            raise EDM2Error(f"--layer {name!r}: no such block; allowed: {', '.join(allowed)} "
-                             f"(or 'all' decoder blocks)")
+            raise EDM2Error(f"layers={name!r}: no such block; allowed: {', '.join(allowed)} "
+                            f"(or 'all' decoder blocks)")
         out.append(full)
     return out
 
@@ -92,7 +80,7 @@ def extract_features(net, dataset: ImageDataset, encoder, sigma: float, layers, 
     """{layer: [N, C] float32}: spatially averaged outputs of `layers` for the
     dataset items `indices` (default all) noised at `sigma` and denoised once.
     Item i's noise comes from its own generator seeded by (seed, i)."""
-    blocks = _blocks(net)
+    blocks = find_blocks(net)
     indices = list(range(len(dataset))) if indices is None else list(indices)
     feats: dict[str, list] = {name: [] for name in layers}
     current: dict[str, torch.Tensor] = {}
@@ -171,8 +159,8 @@ CSV_FIELDS = list(ProbeResult.__dataclass_fields__)
 
 def _labels(ds: ImageDataset, where: str) -> np.ndarray:
     if ds.raw_labels is None:
-        raise EDM2Error(f"{where} {ds.path}: the linear probe needs class labels (a dataset.json with class "
-                         f"indices); convert a labelled source with `edm2 dataset convert`")
+        raise EDM2Error(f"{where}={ds.path}: the linear probe needs class labels (a dataset.json with class "
+                        f"indices); convert a labelled source with `edm2 dataset convert`")
     if ds.xflip:
         return np.concatenate([ds.raw_labels, ds.raw_labels])
     return ds.raw_labels
@@ -183,8 +171,8 @@ def _open_dataset(data, net, what: str, max_images, seed) -> ImageDataset:
     res, channels = getattr(net, "img_resolution", ds.resolution), getattr(net, "img_channels", None)
     have = 4 if ds.is_latent else ds.num_channels
     if ds.resolution != res or (channels is not None and have != channels):
-        raise EDM2Error(f"{what} {ds.path}: items are {have}x{ds.resolution}x{ds.resolution} but the network takes "
-                         f"{channels}x{res}x{res}; probe with a dataset like the training data")
+        raise EDM2Error(f"{what}={ds.path}: items are {have}x{ds.resolution}x{ds.resolution} but the network "
+                        f"takes {channels}x{res}x{res}; probe with a dataset like the training data")
     return ds
 
 
@@ -200,27 +188,27 @@ def probe_sweep(net, data, sigmas, layers=None, test_data=None, holdout: float =
         net, meta = load_network(net, device=device)
     net = net.to(device)
     if getattr(net, "label_dim", 0):
-        raise EDM2Error(f"--net: the network is class-conditional (label_dim {net.label_dim}); the linear probe is "
-                         f"for unconditional networks (train one with `edm2 train --uncond`)")
+        raise EDM2Error(f"`net`: the network is class-conditional (label_dim {net.label_dim}); the linear probe is "
+                        f"for unconditional networks (train one with `edm2 train --uncond`)")
     encoder = encoder_from_meta((meta or {}).get("encoder", {"type": "rgb"}))
     layers = _resolve_layers(net, layers)
     sigmas = [float(s) for s in sigmas]
     if not sigmas or any(not s > 0 for s in sigmas):
-        raise EDM2Error(f"--sigma {sigmas}: give one or more noise levels > 0")
-    train_ds = _open_dataset(data, net, "--data", max_images, seed)
-    labels = torch.as_tensor(_labels(train_ds, "--data"))
+        raise EDM2Error(f"sigmas={sigmas}: give one or more noise levels > 0")
+    train_ds = _open_dataset(data, net, "data", max_images, seed)
+    labels = torch.as_tensor(_labels(train_ds, "data"))
     if test_data is not None:
-        test_ds = _open_dataset(test_data, net, "--test-data", max_images, seed)
-        test_labels = torch.as_tensor(_labels(test_ds, "--test-data"))
+        test_ds = _open_dataset(test_data, net, "test_data", max_images, seed)
+        test_labels = torch.as_tensor(_labels(test_ds, "test_data"))
         splits = [(train_ds, list(range(len(train_ds)))), (test_ds, list(range(len(test_ds))))]
         y_train, y_test = labels, test_labels
     else:
         if not 0 < holdout < 1:
-            raise EDM2Error(f"--holdout {holdout}: must be between 0 and 1")
+            raise EDM2Error(f"holdout={holdout}: must be between 0 and 1")
         perm = torch.randperm(len(train_ds), generator=torch.Generator().manual_seed(seed)).tolist()
         n_test = max(1, int(round(len(perm) * holdout)))
         if n_test >= len(perm):
-            raise EDM2Error(f"--data {train_ds.path}: {len(perm)} images are too few to hold out {holdout:.0%}")
+            raise EDM2Error(f"data={train_ds.path}: {len(perm)} images are too few to hold out {holdout:.0%}")
         test_idx, train_idx = sorted(perm[:n_test]), sorted(perm[n_test:])
         splits = [(train_ds, train_idx), (train_ds, test_idx)]
         y_train, y_test = labels[train_idx], labels[test_idx]

@@ -31,10 +31,10 @@ def register(sub) -> None:
     m = cmds.add_parser("measure", help="measure the stored EMA snapshots of a run (trained without --dynamics) "
                         "into RUN/dynamics-snapshots.jsonl, which `plot` then draws")
     m.add_argument("run", metavar="RUN", help="run folder")
-    m.add_argument("--ema-std", type=float, help="which stored EMA (default: the longest)")
-    m.add_argument("--data", metavar="PATH", help="dataset for the probe batch (default: the run's)")
-    m.add_argument("--probe", type=int, default=256, metavar="N", help="probe batch size (default 256, as "
-                   "`edm2 train --dynamics`)")
+    m.add_argument("--ema-std", dest="sigma_rel", type=float, help="which stored EMA (default: the longest)")
+    m.add_argument("--data", metavar="PATH", help="dataset of the measurement batch (default: the run's)")
+    m.add_argument("--probe", dest="probe_size", type=int, default=256, metavar="N",
+                   help="items in the measurement batch (default 256, as `edm2 train --dynamics`)")
     m.add_argument("--out", metavar="FILE", help="output .jsonl (default RUN/dynamics-snapshots.jsonl)")
     m.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
     m.set_defaults(func=_measure)
@@ -56,6 +56,6 @@ def _plot(args) -> None:
 
 def _measure(args) -> None:
     configure_threads()
-    out = measure_snapshots(args.run, ema_std=args.ema_std, data=args.data, probe_size=args.probe, out=args.out,
-                            device=str(resolve_device(args.device)), progress=True)
+    out = measure_snapshots(args.run, sigma_rel=args.sigma_rel, data=args.data, probe_size=args.probe_size,
+                            out=args.out, device=str(resolve_device(args.device)), progress=True)
     print(f"wrote {out}")

@@ -8,7 +8,7 @@ import torch
 from ..generate import check_class, compile_for_inference, generate_to_dir, load_nets
 from ..nn import set_precision
 from ..presets import apply_generation_preset, format_generation_presets
-from ..sampling import check_guidance
+from ..sampling import SAMPLER_DEFAULTS, check_guidance
 from ..utils.distributed import configure_threads, default_device, init_distributed, shutdown_distributed
 from ..utils.errors import EDM2Error
 from ..utils.units import parse_int_list
@@ -42,12 +42,14 @@ def register(sub) -> None:
     p.add_argument("--seeds", default="0-63", metavar="LIST", help="seeds, e.g. 0-49999 or 1,5,10-20 (default 0-63)")
     p.add_argument("--class", dest="class_idx", default="random", metavar="N|random",
                    help="class of every image for a conditional net (default: random per seed)")
-    p.add_argument("--batch", type=int, default=32, metavar="B", help="images per batch per process (default 32)")
+    p.add_argument("--batch", dest="batch_size", type=int, default=32, metavar="B",
+                   help="images per batch per process (default 32)")
     p.add_argument("--subdirs", action="store_true", help="put 1000 images per sub-folder (000000/, 001000/, ...)")
     p.add_argument("--grid", metavar="FILE.png", help="also write a grid of the first --grid-count images")
     p.add_argument("--grid-count", type=int, default=100, metavar="N", help="images in the grid (default 100)")
+    # Each sampler option's dest is edm_sampler's keyword argument (`edm2.sampling.SAMPLER_DEFAULTS`).
     s = p.add_argument_group("sampler (EDM Heun, paper App. D.1)")
-    s.add_argument("--steps", type=int, default=32, help="Heun steps (default 32)")
+    s.add_argument("--steps", dest="num_steps", type=int, default=32, help="Heun steps (default 32)")
     s.add_argument("--sigma-min", type=float, default=0.002, help="lowest noise level (default 0.002)")
     s.add_argument("--sigma-max", type=float, default=80.0, help="highest noise level (default 80)")
     s.add_argument("--rho", type=float, default=7.0, help="time step exponent (default 7)")
@@ -81,13 +83,11 @@ def _checked_args(args) -> dict:
     guidance = 1.0 if args.guidance is None else args.guidance
     check_guidance(guidance, args.gnet)
     seeds = parse_int_list(args.seeds, "--seeds")
-    if args.batch < 1:
-        raise EDM2Error(f"--batch {args.batch}: must be >= 1")
+    if args.batch_size < 1:
+        raise EDM2Error(f"--batch {args.batch_size}: must be >= 1")
     if args.grid_count < 1:
         raise EDM2Error(f"--grid-count {args.grid_count}: must be >= 1")
-    sampler = check_sampler_options(dict(num_steps=args.steps, sigma_min=args.sigma_min, sigma_max=args.sigma_max,
-                                         rho=args.rho, S_churn=args.S_churn, S_min=args.S_min, S_max=args.S_max,
-                                         S_noise=args.S_noise))
+    sampler = check_sampler_options({name: getattr(args, name) for name in SAMPLER_DEFAULTS})
     return dict(seeds=seeds, guidance=guidance, class_idx=_class(args.class_idx), sampler=sampler)
 
 
@@ -110,7 +110,7 @@ def run(args) -> int:
         if args.compile:
             net, gnet = (compile_for_inference(m) if m is not None else None for m in (net, gnet))
         result = generate_to_dir(net, encoder, opts["seeds"], args.outdir, gnet=gnet, guidance=opts["guidance"],
-                                 class_idx=opts["class_idx"], batch_size=args.batch, device=device,
+                                 class_idx=opts["class_idx"], batch_size=args.batch_size, device=device,
                                  subdirs=args.subdirs, grid=args.grid, grid_count=args.grid_count,
                                  sources={"net": str(args.net), "gnet": args.gnet and str(args.gnet)},
                                  **opts["sampler"])

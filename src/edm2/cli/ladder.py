@@ -25,10 +25,10 @@ def register(sub) -> None:
     p.add_argument("--dynamics", metavar="N", help="images between training-dynamics measurements (default: "
                    "every snapshot)")
     p.add_argument("--dynamics-probe", type=int, default=d.dynamics_probe, metavar="N",
-                   help=f"training items in the dynamics probe batch (default {d.dynamics_probe})")
+                   help=f"training items in the dynamics measurement batch (default {d.dynamics_probe})")
     p.add_argument("--grid", type=int, default=d.grid, metavar="N", help=f"sample-grid images at each snapshot "
                    f"(default {d.grid}: none)")
-    p.add_argument("--std", default=",".join(f"{s:g}" for s in d.sigma_rels), metavar="LIST",
+    p.add_argument("--std", dest="sigma_rels", default=",".join(f"{s:g}" for s in d.sigma_rels), metavar="LIST",
                    help="EMA lengths sigma_rel to reconstruct and evaluate, e.g. 0.05,0.1 or 0.05,0.10,...,0.25 "
                    f"(default {','.join(f'{s:g}' for s in d.sigma_rels)})")
     p.add_argument("--num", type=int, default=d.num, metavar="N", help=f"generated images per evaluation "
@@ -39,8 +39,8 @@ def register(sub) -> None:
                    f"(default {','.join(d.metrics)})")
     p.add_argument("--detector-dir", metavar="DIR", help="folder with the detector weights (default "
                    "$EDM2_DETECTOR_DIR or ~/.cache/edm2/detectors)")
-    p.add_argument("--batch", type=int, default=d.batch_size, metavar="B", help=f"images per generation batch "
-                   f"(default {d.batch_size})")
+    p.add_argument("--batch", dest="batch_size", type=int, default=d.batch_size, metavar="B",
+                   help=f"images per generation batch (default {d.batch_size})")
     p.add_argument("--seed", type=int, default=d.seed, help=f"training and evaluation seed (default {d.seed})")
     p.add_argument("--threads", type=int, help="CPU threads (default: OMP_NUM_THREADS if set, else up to 4)")
     p.set_defaults(func=run)
@@ -48,10 +48,10 @@ def register(sub) -> None:
 
 def run(args) -> None:
     cfg = LadderConfig(outdir=args.outdir, configs=args.configs, data=args.data, preset=args.preset,
-                       duration=None if args.duration is None else parse_nimg(args.duration, "--duration"),
+                       duration=None if args.duration is None else parse_nimg(args.duration, "duration"),
                        snapshots=args.snapshots, dynamics_probe=args.dynamics_probe, grid=args.grid,
-                       dynamics=None if args.dynamics is None else parse_nimg(args.dynamics, "--dynamics"),
-                       sigma_rels=args.std, num=args.num, steps=args.steps, metrics=args.metrics,
-                       detector_dir=args.detector_dir, batch_size=args.batch, seed=args.seed, threads=args.threads)
+                       dynamics=None if args.dynamics is None else parse_nimg(args.dynamics, "dynamics"),
+                       sigma_rels=args.sigma_rels, num=args.num, steps=args.steps, metrics=args.metrics,
+                       detector_dir=args.detector_dir, batch_size=args.batch_size, seed=args.seed, threads=args.threads)
     configure_threads(args.threads)
     run_ladder(cfg)

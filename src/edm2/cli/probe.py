@@ -22,15 +22,17 @@ def register(sub) -> None:
                    "(default: hold out --holdout of --data)")
     p.add_argument("--holdout", type=float, default=0.2, metavar="F", help="fraction of --data held out when there "
                    "is no --test-data (default 0.2)")
-    p.add_argument("--sigma", metavar="S[,S...]", help="noise level(s), e.g. 0.06 (several with --sweep)")
-    p.add_argument("--layer", metavar="NAME[,NAME...]", help="block(s) to probe, e.g. dec.8x8_block1 "
+    p.add_argument("--sigma", dest="sigmas", metavar="S[,S...]",
+                   help="noise level(s), e.g. 0.06 (several with --sweep)")
+    p.add_argument("--layer", dest="layers", metavar="NAME[,NAME...]", help="block(s) to probe, e.g. dec.8x8_block1 "
                    "(default: the middle decoder block; 'all': every decoder block); see --list-layers")
     p.add_argument("--list-layers", action="store_true", help="print the block names of --net and exit")
     p.add_argument("--sweep", action="store_true", help="every --sigma x every --layer (default: all decoder "
                    "blocks), one CSV row each (--csv)")
     p.add_argument("--csv", metavar="FILE", help="write the results as CSV (needed with --sweep)")
     p.add_argument("--max-images", type=int, metavar="N", help="use at most N images of each dataset (seeded subset)")
-    p.add_argument("--batch", type=int, default=128, help="images per network call (default %(default)s)")
+    p.add_argument("--batch", dest="batch_size", type=int, default=128,
+                   help="images per network call (default %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="noise and split seed (default 0)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
     p.set_defaults(func=_run)
@@ -45,11 +47,11 @@ def _run(args) -> None:
         for name in list_layers(net):
             print(name + ("   (default)" if name == default else ""))
         return
-    if args.sigma is None:
+    if args.sigmas is None:
         raise EDM2Error("--sigma is required (or --list-layers)")
     data = builtin_dataset_path(progress=True) if args.data is None else args.data
-    sigmas = parse_float_list(args.sigma, "--sigma")
-    layers = None if args.layer is None else [s.strip() for s in args.layer.split(",")]
+    sigmas = parse_float_list(args.sigmas, "sigmas")
+    layers = None if args.layers is None else [s.strip() for s in args.layers.split(",")]
     if args.sweep:
         if args.csv is None:
             raise EDM2Error("--sweep writes a CSV: give --csv FILE")
@@ -57,7 +59,7 @@ def _run(args) -> None:
     elif len(sigmas) > 1 or (layers is not None and len(layers) > 1) or layers == ["all"]:
         raise EDM2Error("several --sigma or --layer values need --sweep (and --csv FILE)")
     results = probe_sweep(net, data, sigmas, layers, test_data=args.test_data, holdout=args.holdout,
-                          max_images=args.max_images, seed=args.seed, batch_size=args.batch, device=device,
+                          max_images=args.max_images, seed=args.seed, batch_size=args.batch_size, device=device,
                           meta=meta, progress=True)
     if args.csv is not None:
         write_probe_csv(results, args.csv)

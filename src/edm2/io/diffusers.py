@@ -8,7 +8,7 @@ The pipeline holds the denoiser `net`, an optional guiding network `gnet`
 (unconditional for classifier-free guidance, smaller/earlier for autoguidance),
 the optional Stable Diffusion VAE `vae` (AutoencoderKL, latent networks), and in
 its config the encoder's standardisation, the class names and the sampler
-settings. Sampling runs edm2.generate.sample_batch, so an image depends only on
+settings. Sampling runs edm2.sampling.sample_batch, so an image depends only on
 its generator, and seeds give the same images as `edm2 generate --seeds`.
 
 Folders: model_index.json + net/ (+ gnet/) in the Hugging Face layout of
@@ -27,10 +27,10 @@ from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput
 from huggingface_hub import snapshot_download
 
 from ..encoders import StabilityVAEEncoder, StandardRGBEncoder, encoder_from_meta
-from ..generate import SAMPLER_DEFAULTS, check_class, check_guide, load_nets, sample_batch, to_pil_image
+from ..generate import check_class, check_guide, load_nets, to_pil_image
 from ..nn import Precond
 from ..nn.hub import CONFIG_NAME, looks_local
-from ..sampling import SeedRandom
+from ..sampling import SAMPLER_DEFAULTS, SeedRandom, sample_batch
 from ..utils.errors import EDM2Error, MissingFileError
 from ..utils.fileio import atomic_folder
 

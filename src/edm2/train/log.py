@@ -13,8 +13,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from ..generate import sample_batch
-from ..sampling import SeedRandom
+from ..sampling import SeedRandom, sample_batch
 from ..utils.distributed import resolve_device
 from ..utils.fileio import atomic_write_bytes, png_bytes
 
