@@ -25,9 +25,9 @@ from tqdm import tqdm
 from ..encoders import DEFAULT_VAE, StabilityVAEEncoder
 from ..utils.distributed import resolve_device
 from ..utils.errors import EDM2Error
-from ..utils.fileio import atomic_write_bytes, png_bytes
+from ..utils.fileio import atomic_write_bytes, move_into_place, png_bytes
 from .dataset import ImageDataset
-from .writer import DatasetWriter, check_destination, item_name, move_into_place, write_dataset_json
+from .writer import DatasetWriter, check_destination, item_name, write_dataset_json
 
 __all__ = ["encode_dataset", "decode_dataset", "LatentResult", "latent_name"]
 
