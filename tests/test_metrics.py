@@ -18,7 +18,8 @@ from edm2.cli import main
 from edm2.encoders import StandardRGBEncoder
 from edm2.generate import generate_to_dir, load_nets
 from edm2.io.snapshot import make_meta, save_snapshot, snapshot_name
-from edm2.metrics import FeatureStats, TinyDetector, calc_metrics, frechet_distance, gen_metrics, load_ref
+from edm2.metrics import FeatureStats, calc_metrics, frechet_distance, gen_metrics, load_ref
+from edm2.metrics.detectors import TinyDetector
 from edm2.nn import Precond
 from edm2.presets import get_preset
 

@@ -16,8 +16,8 @@ from PIL import Image
 
 from edm2.encoders import StandardRGBEncoder
 from edm2.io.snapshot import SnapshotStreamWriter, make_meta, save_snapshot, snapshot_name
-from edm2.metrics import append_jsonl, check_metric_value, distances
 from edm2.metrics.detectors import INCEPTION_FILE
+from edm2.metrics.evaluate import append_jsonl, check_metric_value, distances
 from edm2.metrics.stats import FeatureStats
 from edm2.nn import Precond
 from edm2.presets import get_preset
@@ -272,6 +272,48 @@ CASES = [
                                                      w / "imgsA"], ["already exists", "--overwrite"])),
     ("metrics-calc-missing-ref", lambda w, t: (["metrics", "calc", "--images", w / "plain", "--ref", t / "no.npz",
                                                 "--jsonl", t / "m.jsonl"], ["no such file"])),
+    # --- the library names Python arguments; each command shows its own flags
+    ("dataset-convert-transform-without-resolution", lambda w, t: (
+        ["dataset", "convert", "--source", w / "plain", "--dest", t / "out", "--transform", "pad"],
+        ["--transform pad needs --resolution"])),
+    ("dataset-convert-resolution-zero", lambda w, t: (
+        ["dataset", "convert", "--source", w / "plain", "--dest", t / "out", "--resolution", "0"],
+        ["--resolution 0: must be >= 1"])),
+    ("dataset-convert-max-images-zero", lambda w, t: (
+        ["dataset", "convert", "--source", w / "plain", "--dest", t / "out", "--max-images", "0"],
+        ["--max-images 0: must be >= 1"])),
+    ("dataset-convert-max-images-text", lambda w, t: (
+        ["dataset", "convert", "--source", w / "plain", "--dest", t / "out", "--max-images", "many"],
+        ["--max-images 'many': expected a number of images"])),
+    ("dataset-convert-mixed-levels", lambda w, t: (
+        [shutil.copytree(w / "plain", t / "src"), write_images(t / "src" / "cls", n=2),
+         ["dataset", "convert", "--source", t / "src", "--dest", t / "out"]][-1],
+        ["--source " + str(t / "src"), "pass --no-labels"])),
+    ("dataset-convert-split-of-folder", lambda w, t: (
+        ["dataset", "convert", "--source", w / "plain", "--dest", t / "out", "--split", "test"],
+        ["--split test:", "drop --split"])),
+    ("metrics-ref-not-npz", lambda w, t: (["metrics", "ref", "--data", w / "plain", "--dest", t / "ref.txt",
+                                           "--metrics", "fd_tiny", "--device", "cpu"],
+                                          ["--dest " + str(t / "ref.txt")])),
+    ("metrics-ref-batch-zero", lambda w, t: (["metrics", "ref", "--data", w / "plain", "--dest", t / "ref.npz",
+                                              "--metrics", "fd_tiny", "--batch", "0", "--device", "cpu",
+                                              "--workers", "0"], ["--batch 0: must be >= 1"])),
+    ("metrics-calc-unknown-metric", lambda w, t: (["metrics", "calc", "--images", w / "plain", "--ref", w / "ref.npz",
+                                                   "--metrics", "fd_tiny,kid", "--num", "6", "--jsonl", t / "m.jsonl"],
+                                                  ["--metrics 'fd_tiny,kid': unknown metric 'kid'"])),
+    ("metrics-calc-num-text", lambda w, t: (["metrics", "calc", "--images", w / "plain", "--ref", w / "ref.npz",
+                                             "--num", "lots", "--jsonl", t / "m.jsonl"], ["--num 'lots'"])),
+    ("metrics-calc-seed-text", lambda w, t: (["metrics", "calc", "--images", w / "plain", "--ref", w / "ref.npz",
+                                              "--num", "6", "--seed", "x", "--jsonl", t / "m.jsonl"], ["--seed 'x'"])),
+    ("metrics-classifier-existing-out", lambda w, t: (["metrics", "classifier", "--data", w / "plain", "--out",
+                                                       w / "bad.json"], ["--out " + str(w / "bad.json"),
+                                                                         "pass --overwrite"])),
+    ("metrics-classifier-batch-zero", lambda w, t: (["metrics", "classifier", "--data", w / "plain", "--out",
+                                                     t / "c.safetensors", "--batch", "0"], ["--batch 0"])),
+    ("sweep-std-text", lambda w, t: (["sweep", "--rundir", w / "run1", "--std", "0.05,wide", "--ref", w / "ref.npz",
+                                      "--metrics", "fd_tiny"], ["--std '0.05,wide'"])),
+    ("sweep-steps-zero", lambda w, t: (["sweep", "--rundir", w / "run1", "--std", "0.07", "--ref", w / "ref.npz",
+                                        "--metrics", "fd_tiny", "--steps", "0"], ["--steps 0"])),
     ("metrics-calc-too-few-images", lambda w, t: (["metrics", "calc", "--images", w / "plain", "--ref", w / "ref.npz",
                                                    "--num", "50", "--jsonl", t / "m.jsonl", "--device", "cpu"],
                                                   ["holds 6 images"])),

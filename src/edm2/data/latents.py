@@ -84,10 +84,10 @@ def encode_dataset(source, dest, vae: str = DEFAULT_VAE, batch_size: int = 8, de
     dest = check_destination(dest, overwrite, source)
     ds = ImageDataset(source)
     if ds.is_latent:
-        raise EDM2Error(f"--source {source} already holds latents; encode needs an image dataset")
+        raise EDM2Error(f"source={source} already holds latents; encode needs an image dataset")
     if ds.resolution % 8:
-        raise EDM2Error(f"--source {source}: resolution {ds.resolution} is not a multiple of 8 (the VAE "
-                         f"downsamples by 8); convert it with --resolution N, N a multiple of 8")
+        raise EDM2Error(f"source={source}: resolution {ds.resolution} is not a multiple of 8 (the VAE "
+                         f"downsamples by 8); convert it with `edm2 dataset convert --resolution N`, N a multiple of 8")
     notes = ["grayscale images repeated to RGB for the VAE"] if ds.num_channels == 1 else []
     device = resolve_device(device)
     encoder = StabilityVAEEncoder(vae_name=vae, batch_size=batch_size)
@@ -166,7 +166,7 @@ def decode_dataset(source, dest, vae: str = DEFAULT_VAE, batch_size: int = 8, de
     dest = check_destination(dest, overwrite, source)
     ds = ImageDataset(source)
     if not ds.is_latent:
-        raise EDM2Error(f"--source {source} holds images, not latents; decode needs a latent dataset")
+        raise EDM2Error(f"source={source} holds images, not latents; decode needs a latent dataset")
     device = resolve_device(device)
     encoder = StabilityVAEEncoder(vae_name=vae, batch_size=batch_size)
     encoder.vae(device)

@@ -24,9 +24,9 @@ def check_destination(dest, overwrite: bool = False, source=None) -> Path:
     """Refuse an existing destination (unless overwrite) or one that is the source itself."""
     dest = Path(dest)
     if source is not None and dest.exists() and Path(source).exists() and dest.resolve() == Path(source).resolve():
-        raise EDM2Error(f"--dest {dest} is the source itself; choose another destination")
+        raise EDM2Error(f"dest={dest}: is the source itself; choose another destination")
     if dest.exists() and not overwrite:
-        raise ExistingFileError(f"--dest {dest} already exists; choose another name or pass --overwrite")
+        raise ExistingFileError(f"dest={dest}: already exists; choose another name or pass overwrite=True")
     return dest
 
 
