@@ -56,3 +56,41 @@ SD_VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, layers_pe
                      down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4)
 # Same family, narrow: 4 levels (downsampling by 8), fast on a CPU.
 SMALL_CONFIG = dict(SD_VAE_CONFIG, block_out_channels=[8, 16, 16, 16], norm_num_groups=8, layers_per_block=1)
+
+
+# --- data and metrics -------------------------------------------------------------------------------------------
+
+def write_images(folder, n=6, size=16, channels=1, seed=0, name="{i:03d}.png"):
+    """n PNGs of seeded random pixels in `folder` (created if needed), named `name.format(i=i)`:
+    grayscale [size, size] for channels=1, else [size, size, channels]. Returns `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    shape = (size, size) if channels == 1 else (size, size, channels)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(folder / name.format(i=i))
+    return folder
+
+
+def write_run(folder, times=(64, 128, 192), sigma_rels=(0.05, 0.10), run_id=None, run=None, seed=0, step=0.01):
+    """A training run's EMA snapshots as the trainer names and describes them: a tiny
+    unconditional network (`tiny` preset, 16x16 grayscale) that moves by `step`·N(0, 1)
+    before every snapshot. The origin records the preset, the run folder (`run`, default
+    `folder`), `seed` and `run_id` (None: an older snapshot without one). Returns `folder`."""
+    from edm2.io.snapshot import snapshot_name
+
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    kw = dict(get_preset("tiny").net_kwargs(0), img_resolution=16, img_channels=1)
+    net = Precond(**kw)
+    origin = {"preset": "tiny", "run": str(run or folder), "seed": seed}
+    if run_id is not None:
+        origin["run_id"] = run_id
+    for t in times:
+        for sigma_rel in sigma_rels:
+            with torch.no_grad():
+                for p in net.parameters():
+                    p.add_(step * torch.randn_like(p))
+            meta = make_meta(kw, t, sigma_rel, StandardRGBEncoder().to_meta(),
+                             {"resolution": 16, "channels": 1, "label_dim": 0}, origin)
+            save_snapshot(folder / snapshot_name(t, sigma_rel), net, meta)
+    return folder
