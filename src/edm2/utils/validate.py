@@ -42,7 +42,8 @@ def _range_text(lo, hi, lo_open, hi_open) -> str:
 def check_float(value, name: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
                 hi_open: bool = False, allow_inf: bool = False) -> float:
     """`value` as a float, or EDM2Error unless it is a real number (not NaN;
-    infinite only with allow_inf) within [lo, hi] (open ends with lo_open/hi_open)."""
+    infinite only with allow_inf) within [lo, hi] (open ends with lo_open/hi_open).
+    `name`: the Python argument, named in the message (`name=value: ...`)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise EDM2Error(f"{_named(name, repr(value))}: expected a number")
     x = float(value)
