@@ -39,3 +39,14 @@ def keep_thread_count():
     threads = torch.get_num_threads()
     yield
     torch.set_num_threads(threads)
+
+
+# --- data and metrics ---------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="session")
+def image_dataset(tmp_path_factory):
+    """A small labelled image dataset folder (`helpers.make_dataset`: 24 grayscale 16x16
+    images of 4 classes, dataset.json labels). Shared by the whole session: read it, never change it."""
+    from helpers import make_dataset
+
+    return make_dataset(tmp_path_factory.mktemp("image_dataset") / "data")

@@ -164,7 +164,7 @@ def test_malformed_cifar(tmp_path, capsys):
     with pytest.raises(ValueError, match="not a whole number of 3073-byte"):
         read_cifar(_tar(tmp_path / "bin.tar.gz", members), "test")
     # Wrong split name; --split on a source without splits.
-    with pytest.raises(ValueError, match="--split 'val': CIFAR has the splits train, test"):
+    with pytest.raises(ValueError, match="split='val': CIFAR has the splits train, test"):
         read_cifar(tar, "val")
     assert not (tmp_path / "o1").exists() and not (tmp_path / "o2").exists()
     # The CLI: one line, non-zero exit.

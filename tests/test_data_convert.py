@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from edm2.cli import main
-from edm2.data import ImageDataset, balanced_subset, convert_dataset, read_idx
-from edm2.data.convert import TRANSFORMS
+from edm2.data import ImageDataset, convert_dataset
+from edm2.data.convert import TRANSFORMS, balanced_subset, read_idx
 
 
 def save(path, arr, mode=None, **kw):
@@ -146,7 +146,7 @@ def test_corrupt_image_error_or_skip(tmp_path):
     (src / "a" / "bad.png").write_bytes(b"not a png at all")
     good = src / "a" / "00.png"
     (src / "a" / "truncated.png").write_bytes(good.read_bytes()[:60])  # valid header, cut data
-    with pytest.raises(ValueError, match="bad.png.*--skip-bad"):
+    with pytest.raises(ValueError, match="bad.png.*skip_bad=True"):
         convert_dataset(src, tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == [src]  # nothing left behind
     (src / "a" / "bad.png").unlink()
@@ -163,7 +163,7 @@ def test_corrupt_image_error_or_skip(tmp_path):
 def test_mixed_sizes_need_resolution(tmp_path):
     save(tmp_path / "src" / "a.png", np.zeros((8, 8, 3), np.uint8))
     save(tmp_path / "src" / "b.png", np.zeros((16, 16, 3), np.uint8))
-    with pytest.raises(ValueError, match="different sizes.*--resolution"):
+    with pytest.raises(ValueError, match="different sizes.*`resolution`"):
         convert_dataset(tmp_path / "src", tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
     r = convert_dataset(tmp_path / "src", tmp_path / "out", resolution=8, progress=False)
@@ -226,7 +226,7 @@ def test_destination_exists_refused_unless_overwrite(tmp_path):
     make_class_folders(src, classes=("a", "b"), per_class=2, size=(8, 8))
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "keep.txt").write_text("precious")
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(FileExistsError, match="overwrite=True"):
         convert_dataset(src, tmp_path / "out", progress=False)
     assert (tmp_path / "out" / "keep.txt").read_text() == "precious"
     convert_dataset(src, tmp_path / "out", overwrite=True, progress=False)
@@ -280,11 +280,11 @@ def test_zip_source_with_wrapping_folder(tmp_path):
 def test_shape_errors_before_any_work(tmp_path):
     save(tmp_path / "src" / "a.png", np.zeros((8, 8, 3), np.uint8))
     save(tmp_path / "src" / "b.png", np.zeros((8, 12, 3), np.uint8))
-    with pytest.raises(ValueError, match="b.png is 12x8, not square; pass --transform"):
+    with pytest.raises(ValueError, match="b.png is 12x8, not square; pass transform=center-crop"):
         convert_dataset(tmp_path / "src", tmp_path / "out", resolution=8, progress=False)
-    with pytest.raises(ValueError, match="b.png is 12x8, larger than --resolution 10"):
+    with pytest.raises(ValueError, match="b.png is 12x8, larger than resolution=10"):
         convert_dataset(tmp_path / "src", tmp_path / "out", resolution=10, transform="pad", progress=False)
-    with pytest.raises(ValueError, match="needs --resolution"):
+    with pytest.raises(ValueError, match="needs `resolution`"):
         convert_dataset(tmp_path / "src", tmp_path / "out", transform="center-crop", progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
 

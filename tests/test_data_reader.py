@@ -10,8 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from edm2.data import FASHION_MNIST_CLASSES, ImageDataset, builtin_dataset_path, read_idx
+from edm2.data import FASHION_MNIST_CLASSES, ImageDataset, builtin_dataset_path
 from edm2.data.builtin import BUILTIN_DIR
+from edm2.data.convert import read_idx
 
 
 def png_bytes(arr):

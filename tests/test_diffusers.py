@@ -100,7 +100,7 @@ def test_latent_network_with_vae_same_images_and_round_trip(nets, tmp_path):
 
 def test_bad_input(nets, tmp_path, capsys):
     pipe = EDM2Pipeline.from_snapshot(nets["cond"])
-    with pytest.raises(ValueError, match="needs --gnet, a guiding network"):
+    with pytest.raises(ValueError, match="needs `gnet`, a guiding network"):
         pipe(seeds=[0], guidance_scale=2.0, num_inference_steps=STEPS)
     with pytest.raises(ValueError, match="out of range"):
         pipe(class_labels=[5], seeds=[0], num_inference_steps=STEPS)

@@ -12,12 +12,15 @@ import pytest
 from PIL import Image
 
 from edm2.utils import fileio
+from edm2.utils.errors import ExistingFileError
 from edm2.utils.fileio import (
     AtomicWriter,
     LockError,
     RunLock,
     WriteError,
+    atomic_folder,
     atomic_write_bytes,
+    move_into_place,
     png_bytes,
     remove_temp_files,
 )
@@ -240,3 +243,46 @@ def test_dataset_writer_disk_full_leaves_nothing(tmp_path, monkeypatch, dest):
     monkeypatch.undo()
     assert str(tmp_path / dest) in str(e.value) and "no space left" in str(e.value)
     assert _listing(tmp_path) == []
+
+
+def test_atomic_folder_replaces_only_when_complete(tmp_path):
+    """An existing folder is refused without overwrite, kept whole when writing the
+    new one fails, and replaced by the complete new one otherwise."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with pytest.raises(ExistingFileError, match=r"outdir=.*out: exists and is not empty; pass overwrite=True"):
+        atomic_folder(out, lambda tmp: (tmp / "new.txt").write_text("new"))
+
+    def fail(tmp):
+        (tmp / "half.txt").write_text("half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    with pytest.raises(OSError):
+        atomic_folder(out, fail, overwrite=True)
+    assert _listing(tmp_path) == ["out"] and _listing(out) == ["old.txt"]
+    atomic_folder(out, lambda tmp: (tmp / "new.txt").write_text("new"), overwrite=True)
+    assert _listing(tmp_path) == ["out"] and _listing(out) == ["new.txt"]
+    assert (out.stat().st_mode & 0o777) == 0o777 & ~fileio._umask()
+
+
+def test_move_into_place_keeps_the_old_folder_when_the_rename_fails(tmp_path, monkeypatch):
+    dest, tmp = tmp_path / "data", tmp_path / ".data.x.tmp"
+    dest.mkdir()
+    (dest / "a.png").write_bytes(b"old")
+    tmp.mkdir()
+    (tmp / "b.png").write_bytes(b"new")
+    real = os.replace
+
+    def refuse_new(src, dst):
+        if str(src) == str(tmp):
+            raise OSError(errno.EIO, "Input/output error")
+        return real(src, dst)
+
+    monkeypatch.setattr(os, "replace", refuse_new)
+    with pytest.raises(OSError):
+        move_into_place(tmp, dest)
+    monkeypatch.undo()
+    assert _listing(tmp_path) == [".data.x.tmp", "data"] and _listing(dest) == ["a.png"]
+    move_into_place(tmp, dest)
+    assert _listing(tmp_path) == ["data"] and _listing(dest) == ["b.png"]

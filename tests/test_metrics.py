@@ -15,15 +15,13 @@ import torch
 from PIL import Image
 
 from edm2.cli import main
-from edm2.encoders import StandardRGBEncoder
 from edm2.generate import generate_to_dir, load_nets
-from edm2.io.snapshot import make_meta, save_snapshot, snapshot_name
-from edm2.metrics import FeatureStats, TinyDetector, calc_metrics, frechet_distance, gen_metrics, load_ref
-from edm2.nn import Precond
-from edm2.presets import get_preset
+from edm2.io.snapshot import snapshot_name
+from edm2.metrics import FeatureStats, calc_metrics, frechet_distance, gen_metrics, load_ref
+from edm2.metrics.detectors import TinyDetector
+from helpers import write_ema_run, write_snapshot
 
 STEPS = 2        # sampler steps: the pipeline, not image quality, is under test
-RES = 16
 
 
 # Tiny image counts are the point here; the few-samples warning is tested once, explicitly.
@@ -90,64 +88,19 @@ def test_feature_stats_mean_unbiased_covariance_and_merge():
 
 
 # ---------------------------------------------------------------------------
-# Fixtures: a tiny image dataset, tiny networks, a fake training run
+# Fixtures: reference statistics of `image_dataset`, tiny networks
 # ---------------------------------------------------------------------------
 
-def write_images(folder, n, seed=0, channels=1):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        img = (rng.random([RES, RES, channels]) * 255 * (0.3 + 0.7 * (i % 3) / 2)).astype(np.uint8)
-        Image.fromarray(img[:, :, 0] if channels == 1 else img).save(folder / f"img{i:04d}.png")
-    return folder
-
-
-def net_kwargs(label_dim=3, model_channels=16):
-    return dict(get_preset("tiny").net_kwargs(label_dim), img_resolution=RES, img_channels=1,
-                model_channels=model_channels)
-
-
-def random_net(seed, label_dim=3):
-    torch.manual_seed(seed)
-    net = Precond(**net_kwargs(label_dim))
-    with torch.no_grad():
-        net.unet.out_gain.fill_(1.0)
-    return net
-
-
-def write_snapshot(path, seed, label_dim=3):
-    kw = net_kwargs(label_dim)
-    meta = make_meta(kw, 64, 0.1, StandardRGBEncoder().to_meta(), {"resolution": RES, "channels": 1,
-                                                                    "label_dim": label_dim})
-    save_snapshot(path, random_net(seed, label_dim), meta)
-    return path
-
-
-def make_run(folder, times=(64, 128, 192, 256), stds=(0.05, 0.10)):
-    """A fake training run: EMA snapshots of a wandering tiny net, as the trainer names them."""
-    folder.mkdir(parents=True)
-    kw = net_kwargs(0)
-    net = random_net(0, 0)
-    for t in times:
-        for std in stds:
-            with torch.no_grad():
-                for p in net.unet.parameters():
-                    p.add_(0.3 * torch.randn_like(p))
-            meta = make_meta(kw, t, std, StandardRGBEncoder().to_meta(), {"resolution": RES, "channels": 1,
-                                                                          "label_dim": 0})
-            save_snapshot(folder / snapshot_name(t, std), net, meta)
-    return folder
-
-
 @pytest.fixture(scope="module")
-def files(tmp_path_factory):
+def files(tmp_path_factory, image_dataset):
     d = tmp_path_factory.mktemp("metrics")
-    data = write_images(d / "data", 24)
+    data = image_dataset
     assert main(["metrics", "ref", "--data", str(data), "--dest", str(d / "ref.npz"), "--metrics", "fd_tiny",
                  "--workers", "0"]) == 0
     return {"dir": d, "data": data, "ref": d / "ref.npz",
-            "net": write_snapshot(d / "net.safetensors", 0), "gnet": write_snapshot(d / "gnet.safetensors", 1),
-            "ugnet": write_snapshot(d / "ugnet.safetensors", 2, label_dim=0)}
+            "net": write_snapshot(d / "net.safetensors", seed=0),
+            "gnet": write_snapshot(d / "gnet.safetensors", seed=1),
+            "ugnet": write_snapshot(d / "ugnet.safetensors", label_dim=0, seed=2)}
 
 
 def tiny_features(folder):
@@ -241,7 +194,7 @@ def test_gen_under_torchrun_matches_one_process(files):
 
 
 def test_sweep_two_points_with_guidance_writes_csv_and_png(files, tmp_path, capsys):
-    run = make_run(tmp_path / "run")
+    run = write_ema_run(tmp_path / "run", times=(64, 128, 192, 256), step=0.3)
     out = tmp_path / "sweep"
     assert main(["sweep", "--rundir", str(run), "--std", "0.06,0.09", "--ref", str(files["ref"]), "--num", "6",
                  "--gnet", str(files["ugnet"]), "--guidance", "1,1.5", "--steps", str(STEPS),
@@ -287,7 +240,7 @@ def test_bad_input_is_one_line_and_writes_nothing(files, tmp_path, capsys, monke
                       "--jsonl", str(tmp_path / "x.jsonl")], capsys)
     assert "has no fid statistics" in err
     err = _cli_error(["metrics", "calc", "--images", data, "--ref", ref, "--jsonl", str(tmp_path / "x.jsonl")], capsys)
-    assert "holds 24 images but --num is 50000" in err
+    assert "holds 24 images but --num 50000; pass --num 24 or fewer" in err
     err = _cli_error(["metrics", "gen", "--net", str(files["net"]), "--ref", ref, "--guidance", "2"], capsys)
     assert "needs --gnet" in err
     err = _cli_error(["metrics", "calc", "--images", data, "--ref", str(tmp_path / "none.npz")], capsys)

@@ -121,7 +121,7 @@ def test_scores_of_a_conditional_network_in_one_pass(trained):
 def test_bad_inputs_are_refused_and_nothing_is_overwritten(trained, tmp_path):
     out = trained["dir"] / CLASSIFIER_FILE
     before = hashlib.sha256(out.read_bytes()).hexdigest()
-    with pytest.raises(FileExistsError, match="--overwrite"):
+    with pytest.raises(FileExistsError, match="overwrite=True"):
         train_classifier(trained["train"], out, progress=False, **SMALL)
     assert hashlib.sha256(out.read_bytes()).hexdigest() == before
     unlabelled = write_zip(tmp_path / "unlabelled.zip", bars(10, 4)[0])

@@ -12,16 +12,16 @@ import sys
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from edm2.encoders import StandardRGBEncoder
 from edm2.io.snapshot import SnapshotStreamWriter, make_meta, save_snapshot, snapshot_name
-from edm2.metrics import append_jsonl, check_metric_value, distances
 from edm2.metrics.detectors import INCEPTION_FILE
+from edm2.metrics.evaluate import append_jsonl, check_metric_value, distances
 from edm2.metrics.stats import FeatureStats
 from edm2.nn import Precond
 from edm2.presets import get_preset
 from edm2.utils.fileio import LOCK_NAME
+from helpers import write_ema_run, write_images, write_snapshot
 from helpers.cli import assert_refused, fill_disk, run_cli, small_tmpfs, tree_hashes
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
@@ -36,47 +36,12 @@ def tiny_net(seed, label_dim=3):
     return kw, Precond(**kw)
 
 
-def write_net(path, seed, label_dim=3):
-    kw, net = tiny_net(seed, label_dim)
-    meta = make_meta(kw, 64, 0.1, StandardRGBEncoder().to_meta(),
-                     {"resolution": 16, "channels": 1, "label_dim": label_dim})
-    save_snapshot(path, net, meta)
-    return path
-
-
-def write_run(folder, run_id, run=None, times=(64, 128, 192), stds=(0.05, 0.10), seed=0):
-    """Snapshots as the trainer writes them (origin with run folder, seed, run_id)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    kw, net = tiny_net(seed, 0)
-    origin = {"preset": "tiny", "run": str(run or folder), "seed": seed}
-    if run_id is not None:
-        origin["run_id"] = run_id
-    for t in times:
-        for s in stds:
-            with torch.no_grad():
-                for p in net.parameters():
-                    p.add_(0.01 * torch.randn_like(p))
-            meta = make_meta(kw, t, s, StandardRGBEncoder().to_meta(),
-                             {"resolution": 16, "channels": 1, "label_dim": 0}, origin)
-            save_snapshot(folder / snapshot_name(t, s), net, meta)
-    return folder
-
-
-def write_images(folder, n=6, size=16, channels=1, seed=0):
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for i in range(n):
-        shape = (size, size) if channels == 1 else (size, size, channels)
-        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(folder / f"{i:03d}.png")
-    return folder
-
-
 @pytest.fixture(scope="module")
 def w(tmp_path_factory):
     """Shared inputs; tests copy what they modify."""
     root = tmp_path_factory.mktemp("refusals")
-    write_net(root / "netA.safetensors", seed=0)
-    write_net(root / "netB.safetensors", seed=1)
+    write_snapshot(root / "netA.safetensors", seed=0)
+    write_snapshot(root / "netB.safetensors", seed=1)
     code, _, err = run_cli(["generate", "--net", root / "netA.safetensors", "--outdir", root / "imgsA", *GEN])
     assert code == 0, err
     write_images(root / "plain")
@@ -84,14 +49,14 @@ def w(tmp_path_factory):
     (root / "empty").mkdir()
     (root / "empty.safetensors").write_bytes(b"")
     # Two runs with the same seed and architecture but other settings (an lr sweep), copied into one folder.
-    write_run(root / "run1", "aaaa1111")
-    write_run(root / "run2", "bbbb2222", times=(64, 128, 192, 256))
+    write_ema_run(root / "run1", run_id="aaaa1111")
+    write_ema_run(root / "run2", run_id="bbbb2222", times=(64, 128, 192, 256))
     mixed = shutil.copytree(root / "run1", root / "mixed")
     shutil.copy(root / "run2" / snapshot_name(256, 0.10), mixed)
     # Older snapshots (no run_id): told apart by run folder.
-    write_run(root / "old1", None)
+    write_ema_run(root / "old1", run_id=None)
     old = shutil.copytree(root / "old1", root / "oldmixed")
-    write_run(root / "old2", None, times=(256,))
+    write_ema_run(root / "old2", run_id=None, times=(256,))
     shutil.copy(root / "old2" / snapshot_name(256, 0.05), old)
     # Reference statistics of the stand-in detector.
     code, _, err = run_cli(["metrics", "ref", "--data", root / "plain", "--dest", root / "ref.npz", "--metrics",
@@ -272,6 +237,48 @@ CASES = [
                                                      w / "imgsA"], ["already exists", "--overwrite"])),
     ("metrics-calc-missing-ref", lambda w, t: (["metrics", "calc", "--images", w / "plain", "--ref", t / "no.npz",
                                                 "--jsonl", t / "m.jsonl"], ["no such file"])),
+    # --- the library names Python arguments; each command shows its own flags
+    ("dataset-convert-transform-without-resolution", lambda w, t: (
+        ["dataset", "convert", "--source", w / "plain", "--dest", t / "out", "--transform", "pad"],
+        ["--transform pad needs --resolution"])),
+    ("dataset-convert-resolution-zero", lambda w, t: (
+        ["dataset", "convert", "--source", w / "plain", "--dest", t / "out", "--resolution", "0"],
+        ["--resolution 0: must be >= 1"])),
+    ("dataset-convert-max-images-zero", lambda w, t: (
+        ["dataset", "convert", "--source", w / "plain", "--dest", t / "out", "--max-images", "0"],
+        ["--max-images 0: must be >= 1"])),
+    ("dataset-convert-max-images-text", lambda w, t: (
+        ["dataset", "convert", "--source", w / "plain", "--dest", t / "out", "--max-images", "many"],
+        ["--max-images 'many': expected a number of images"])),
+    ("dataset-convert-mixed-levels", lambda w, t: (
+        [shutil.copytree(w / "plain", t / "src"), write_images(t / "src" / "cls", n=2),
+         ["dataset", "convert", "--source", t / "src", "--dest", t / "out"]][-1],
+        ["--source " + str(t / "src"), "pass --no-labels"])),
+    ("dataset-convert-split-of-folder", lambda w, t: (
+        ["dataset", "convert", "--source", w / "plain", "--dest", t / "out", "--split", "test"],
+        ["--split test:", "drop --split"])),
+    ("metrics-ref-not-npz", lambda w, t: (["metrics", "ref", "--data", w / "plain", "--dest", t / "ref.txt",
+                                           "--metrics", "fd_tiny", "--device", "cpu"],
+                                          ["--dest " + str(t / "ref.txt")])),
+    ("metrics-ref-batch-zero", lambda w, t: (["metrics", "ref", "--data", w / "plain", "--dest", t / "ref.npz",
+                                              "--metrics", "fd_tiny", "--batch", "0", "--device", "cpu",
+                                              "--workers", "0"], ["--batch 0: must be >= 1"])),
+    ("metrics-calc-unknown-metric", lambda w, t: (["metrics", "calc", "--images", w / "plain", "--ref", w / "ref.npz",
+                                                   "--metrics", "fd_tiny,kid", "--num", "6", "--jsonl", t / "m.jsonl"],
+                                                  ["--metrics 'fd_tiny,kid': unknown metric 'kid'"])),
+    ("metrics-calc-num-text", lambda w, t: (["metrics", "calc", "--images", w / "plain", "--ref", w / "ref.npz",
+                                             "--num", "lots", "--jsonl", t / "m.jsonl"], ["--num 'lots'"])),
+    ("metrics-calc-seed-text", lambda w, t: (["metrics", "calc", "--images", w / "plain", "--ref", w / "ref.npz",
+                                              "--num", "6", "--seed", "x", "--jsonl", t / "m.jsonl"], ["--seed 'x'"])),
+    ("metrics-classifier-existing-out", lambda w, t: (["metrics", "classifier", "--data", w / "plain", "--out",
+                                                       w / "bad.json"], ["--out " + str(w / "bad.json"),
+                                                                         "pass --overwrite"])),
+    ("metrics-classifier-batch-zero", lambda w, t: (["metrics", "classifier", "--data", w / "plain", "--out",
+                                                     t / "c.safetensors", "--batch", "0"], ["--batch 0"])),
+    ("sweep-std-text", lambda w, t: (["sweep", "--rundir", w / "run1", "--std", "0.05,wide", "--ref", w / "ref.npz",
+                                      "--metrics", "fd_tiny"], ["--std '0.05,wide'"])),
+    ("sweep-steps-zero", lambda w, t: (["sweep", "--rundir", w / "run1", "--std", "0.07", "--ref", w / "ref.npz",
+                                        "--metrics", "fd_tiny", "--steps", "0"], ["--steps 0"])),
     ("metrics-calc-too-few-images", lambda w, t: (["metrics", "calc", "--images", w / "plain", "--ref", w / "ref.npz",
                                                    "--num", "50", "--jsonl", t / "m.jsonl", "--device", "cpu"],
                                                   ["holds 6 images"])),
@@ -315,7 +322,7 @@ def test_stale_lock_is_taken_over(w, tmp_path):
 def test_phema_same_run_moved_folder_is_accepted(w, tmp_path):
     """A run moved to another folder and resumed keeps its run_id: still one run."""
     run = shutil.copytree(w / "run1", tmp_path / "run")
-    write_run(tmp_path / "later", "aaaa1111", run=tmp_path / "elsewhere", times=(256,))
+    write_ema_run(tmp_path / "later", run_id="aaaa1111", run=tmp_path / "elsewhere", times=(256,))
     for p in (tmp_path / "later").iterdir():
         shutil.copy(p, run)
     code, stdout, err = run_cli(["phema", "--rundir", run, "--outdir", tmp_path / "o", "--std", "0.07"])

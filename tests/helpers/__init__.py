@@ -2,7 +2,8 @@
 configurations made on the spot (`tests/conftest.py` turns the common ones
 into fixtures).
 
-    helpers           make_dataset, write_snapshot, SD_VAE_CONFIG, SMALL_CONFIG
+    helpers           make_dataset, write_images, write_snapshot, write_ema_run (EMA snapshots of a
+                      fake run), write_run (a run folder with config.json), SD_VAE_CONFIG, SMALL_CONFIG
     helpers.cli       run the CLI in-process, assert a one-line refusal that changed nothing
     helpers.official  pickles in the authors' format, written without their code
 """
@@ -60,11 +61,12 @@ SMALL_CONFIG = dict(SD_VAE_CONFIG, block_out_channels=[8, 16, 16, 16], norm_num_
 
 # A training run's EMA snapshots.
 def write_ema_run(folder, times=(64, 128, 192), sigma_rels=(0.05, 0.10), seed=0, step=0.01, origin=None,
-                  dtype=torch.float32, **net_kwargs):
+                  dtype=torch.float32, run_id=None, run=None, **net_kwargs):
     """A fake training run, named and described as the trainer does: a tiny Precond
     (preset tiny, unconditional; `net_kwargs` override) whose parameters take a random
     step of size `step` before each snapshot, one file per time (images) and sigma_rel.
-    origin: the snapshots' origin metadata (default: preset tiny, run = the folder)."""
+    origin: the snapshots' origin metadata (default: preset tiny, run = `run` or the folder, `seed`, and
+    `run_id` unless None, as in snapshots written before runs had an id). Returns `folder`."""
     from pathlib import Path
 
     from edm2.io.snapshot import snapshot_name
@@ -76,7 +78,10 @@ def write_ema_run(folder, times=(64, 128, 192), sigma_rels=(0.05, 0.10), seed=0,
     net = Precond(**kw)
     dataset = {"resolution": kw["img_resolution"], "channels": kw["img_channels"], "label_dim": 0,
                "class_names": None}
-    origin = {"preset": "tiny", "run": str(folder)} if origin is None else origin
+    if origin is None:
+        origin = {"preset": "tiny", "run": str(run or folder), "seed": seed}
+        if run_id is not None:
+            origin["run_id"] = run_id
     for t in times:
         for sigma_rel in sigma_rels:
             with torch.no_grad():
@@ -112,4 +117,16 @@ def write_run(folder, times=(64, 128), sigma_rels=(0.05, 0.10), config=None, lab
             meta = make_meta(kwargs, nimg, sigma_rel, StandardRGBEncoder().to_meta(),
                              {"path": None if data is None else str(data)})
             save_snapshot(folder / snapshot_name(nimg, sigma_rel), net, meta)
+    return folder
+
+
+# Image folders.
+def write_images(folder, n=6, size=16, channels=1, seed=0, name="{i:03d}.png"):
+    """n PNGs of seeded random pixels in `folder` (created if needed), named `name.format(i=i)`:
+    grayscale [size, size] for channels=1, else [size, size, channels]. Returns `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    shape = (size, size) if channels == 1 else (size, size, channels)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8)).save(folder / name.format(i=i))
     return folder

@@ -13,9 +13,9 @@ from ..utils.units import parse_nimg
 def _convert(args):
     names = None if args.class_names is None else [n.strip() for n in args.class_names.split(",")]
     r = convert_dataset(args.source, args.dest, resolution=args.resolution, transform=args.transform,
-                        max_images=None if args.max_images is None else parse_nimg(args.max_images, "--max-images"),
+                        max_images=None if args.max_images is None else parse_nimg(args.max_images, "max_images"),
                         skip_bad=args.skip_bad, overwrite=args.overwrite, class_names=names,
-                        use_labels=not args.no_labels, workers=args.workers, split=args.split)
+                        use_labels=args.use_labels, workers=args.workers, split=args.split)
     for note in r.notes:
         print(f"note: {note}")
     for bad in r.skipped[:20]:
@@ -26,7 +26,7 @@ def _convert(args):
 
 def _encode(args):
     configure_threads()
-    r = encode_dataset(args.source, args.dest, vae=args.vae, batch_size=args.batch, device=args.device,
+    r = encode_dataset(args.source, args.dest, vae=args.vae, batch_size=args.batch_size, device=args.device,
                        overwrite=args.overwrite, workers=args.workers)
     for note in r.notes:
         print(f"note: {note}")
@@ -35,7 +35,7 @@ def _encode(args):
 
 def _decode(args):
     configure_threads()
-    r = decode_dataset(args.source, args.dest, vae=args.vae, batch_size=args.batch, device=args.device,
+    r = decode_dataset(args.source, args.dest, vae=args.vae, batch_size=args.batch_size, device=args.device,
                        overwrite=args.overwrite, workers=args.workers)
     print(f"wrote {r.count} images of 3x{r.resolution}x{r.resolution} to {r.dest}")
 
@@ -50,7 +50,7 @@ def _vae_options(p):
     p.add_argument("--dest", required=True, help="output dataset: a folder, or a .zip")
     p.add_argument("--vae", default=DEFAULT_VAE, help="diffusers AutoencoderKL: hub name or a save_pretrained "
                    "folder (default %(default)s)")
-    p.add_argument("--batch", type=int, default=8, help="images per VAE call (default %(default)s)")
+    p.add_argument("--batch", dest="batch_size", type=int, default=8, help="images per VAE call (default %(default)s)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes reading items (default %(default)s)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --dest")
@@ -76,7 +76,7 @@ def register(sub):
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (counted) instead of failing")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --dest")
     p.add_argument("--class-names", default=None, help="comma-separated names of classes 0, 1, ...")
-    p.add_argument("--no-labels", action="store_true", help="ignore labels in the source")
+    p.add_argument("--no-labels", dest="use_labels", action="store_false", help="ignore labels in the source")
     p.add_argument("--workers", type=int, default=4, help="threads decoding/encoding images (default %(default)s)")
     p.set_defaults(func=_convert)
 

@@ -4,17 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..metrics import (
-    append_jsonl,
-    calc_metrics,
-    gen_metrics,
-    load_detectors,
-    load_ref,
-    reference_stats,
-    resolve_metrics,
-    sweep,
-)
+from ..metrics import calc_metrics, gen_metrics, load_ref, reference_stats, sweep
 from ..metrics.classifier import train_classifier
+from ..metrics.evaluate import append_jsonl, load_detectors, resolve_metrics
 from ..metrics.sweep import best_rows
 from ..presets import apply_generation_preset
 from ..sampling import check_guidance
@@ -34,7 +26,7 @@ def _common(p, ref=True, images=True, batch=64):
     p.add_argument("--metrics", metavar="LIST", help=METRICS_HELP)
     if images:
         p.add_argument("--num", default="50000", metavar="N", help="number of images (default 50000, as the paper)")
-    p.add_argument("--batch", type=int, default=batch, metavar="B",
+    p.add_argument("--batch", dest="batch_size", type=int, default=batch, metavar="B",
                    help=f"images per batch per process (default {batch})")
     p.add_argument("--detector-dir", metavar="DIR",
                    help="folder with the detector weights (default $EDM2_DETECTOR_DIR or ~/.cache/edm2/detectors)")
@@ -76,7 +68,7 @@ def register(sub) -> None:
     p.add_argument("--seed", default="0", metavar="LIST",
                    help="evaluation seed(s) k: images of seeds k*N ... (k+1)*N-1; 0,1,2 gives three results and "
                         "their minimum, as the paper reports (default 0)")
-    p.add_argument("--steps", type=int, default=32, help="sampler steps (default 32)")
+    p.add_argument("--steps", dest="num_steps", type=int, default=32, help="sampler steps (default 32)")
     p.add_argument("--jsonl", default="metrics.jsonl", metavar="FILE",
                    help="results are appended to this file (default metrics.jsonl)")
     p.set_defaults(func=run_gen)
@@ -91,7 +83,7 @@ def register(sub) -> None:
     p.add_argument("--val", metavar="DATASET",
                    help="labelled dataset for the accuracy (default: 5%% held out of --data)")
     p.add_argument("--epochs", type=int, default=4, help="passes over --data (default 4)")
-    p.add_argument("--batch", type=int, default=128, help="batch size (default 128)")
+    p.add_argument("--batch", dest="batch_size", type=int, default=128, help="batch size (default 128)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
     p.set_defaults(func=run_classifier)
@@ -100,7 +92,8 @@ def register(sub) -> None:
                        description="Reconstruct each EMA length (and guidance weight) with post-hoc EMA, "
                                    "evaluate it, and write sweep.csv and sweep.png (paper Figure 5).")
     p.add_argument("--rundir", required=True, metavar="DIR", help="training run folder with its EMA snapshots")
-    p.add_argument("--std", required=True, metavar="LIST", help="EMA lengths: 0.05,0.1 or 0.010,0.015,...,0.250")
+    p.add_argument("--std", dest="sigma_rels", required=True, metavar="LIST",
+                   help="EMA lengths: 0.05,0.1 or 0.010,0.015,...,0.250")
     p.add_argument("--at-nimg", metavar="N", help="training time in images, e.g. 8Mi (default: last snapshot)")
     p.add_argument("--outdir", metavar="DIR",
                    help="reconstructed snapshots, sweep.csv, sweep.png (default RUNDIR/sweep)")
@@ -108,14 +101,14 @@ def register(sub) -> None:
     p.add_argument("--guidance", default="1", metavar="LIST", help="guidance weight(s), e.g. 1,1.2,1.4 (default 1)")
     _common(p, batch=32)
     p.add_argument("--seed", type=int, default=0, help="evaluation seed k: seeds k*N ... (k+1)*N-1 (default 0)")
-    p.add_argument("--steps", type=int, default=32, help="sampler steps (default 32)")
+    p.add_argument("--steps", dest="num_steps", type=int, default=32, help="sampler steps (default 32)")
     p.set_defaults(func=run_sweep)
 
 
 def _num(args):
-    num = parse_nimg(args.num, "--num")
+    num = parse_nimg(args.num, "num")
     if num < 2:
-        raise EDM2Error(f"--num {num}: need at least 2 images (the paper uses 50000)")
+        raise EDM2Error(f"num={num}: need at least 2 images (the paper uses 50000)")
     return num
 
 
@@ -140,8 +133,8 @@ def _report(results: list, seeds: list, num: int, jsonl: str, source: dict, ref:
 def run_ref(args) -> int:
     rank, world = _start()
     try:
-        stats = reference_stats(args.data, args.dest, metrics=args.metrics or "fid,fd_dinov2", batch_size=args.batch,
-                                workers=args.workers, detector_dir=args.detector_dir,
+        stats = reference_stats(args.data, args.dest, metrics=args.metrics or "fid,fd_dinov2",
+                                batch_size=args.batch_size, workers=args.workers, detector_dir=args.detector_dir,
                                 device=resolve_device(args.device))
     finally:
         shutdown_distributed()
@@ -153,13 +146,13 @@ def run_ref(args) -> int:
 
 
 def run_calc(args) -> int:
-    num, seeds = _num(args), parse_int_list(args.seed, "--seed")
+    num, seeds = _num(args), parse_int_list(args.seed, "seed")
     ref = load_ref(args.ref)
     metrics = resolve_metrics(args.metrics, ref, args.ref)
     rank, world = _start()
     try:
         dets = load_detectors(metrics, args.detector_dir, resolve_device(args.device))
-        results = [calc_metrics(args.images, ref, metrics, num=num, seed=s, batch_size=args.batch,
+        results = [calc_metrics(args.images, ref, metrics, num=num, seed=s, batch_size=args.batch_size,
                                 workers=args.workers, detector_dir=args.detector_dir,
                                 device=resolve_device(args.device),
                                 detectors=dets) for s in seeds]
@@ -170,8 +163,8 @@ def run_calc(args) -> int:
 
 
 def run_gen(args) -> int:
-    num, seeds = _num(args), parse_int_list(args.seed, "--seed")
-    check_sampler_options({"num_steps": args.steps})
+    num, seeds = _num(args), parse_int_list(args.seed, "seed")
+    check_sampler_options({"num_steps": args.num_steps})
     # The authors' published (net, gnet, guidance) triple fills in what was not given.
     args.net, args.gnet, args.guidance = apply_generation_preset(args.preset, args.net, args.gnet, args.guidance)
     if not args.net:
@@ -186,8 +179,9 @@ def run_gen(args) -> int:
         results = []
         for s in seeds:
             results.append(gen_metrics(args.net, ref, gnet=args.gnet, guidance=args.guidance, metrics=metrics,
-                                       num=num, seed=s, batch_size=args.batch, detector_dir=args.detector_dir,
-                                       device=resolve_device(args.device), detectors=dets, num_steps=args.steps))
+                                       num=num, seed=s, batch_size=args.batch_size, detector_dir=args.detector_dir,
+                                       device=resolve_device(args.device), detectors=dets,
+                                       num_steps=args.num_steps))
     finally:
         shutdown_distributed()
     source = {"net": str(args.net), "gnet": args.gnet and str(args.gnet), "guidance": args.guidance}
@@ -197,7 +191,7 @@ def run_gen(args) -> int:
 
 def run_classifier(args) -> int:
     configure_threads()
-    info = train_classifier(args.data, args.out, val=args.val, epochs=args.epochs, batch_size=args.batch,
+    info = train_classifier(args.data, args.out, val=args.val, epochs=args.epochs, batch_size=args.batch_size,
                             seed=args.seed, overwrite=args.overwrite)
     print(f"accuracy {info['accuracy']:.4f} on {info['val_images']} held-out images; wrote {args.out}")
     return 0
@@ -205,15 +199,15 @@ def run_classifier(args) -> int:
 
 def run_sweep(args) -> int:
     num = _num(args)
-    sigma_rels = parse_float_list(args.std, "--std")
-    guidance = parse_float_list(args.guidance, "--guidance")
-    check_sampler_options({"num_steps": args.steps})
-    at_nimg = None if args.at_nimg is None else parse_nimg(args.at_nimg, "--at-nimg")
+    sigma_rels = parse_float_list(args.sigma_rels, "sigma_rels")
+    guidance = parse_float_list(args.guidance, "guidance")
+    check_sampler_options({"num_steps": args.num_steps})
+    at_nimg = None if args.at_nimg is None else parse_nimg(args.at_nimg, "at_nimg")
     rank, world = _start()
     try:
         rows = sweep(args.rundir, sigma_rels, args.ref, outdir=args.outdir, at_nimg=at_nimg, metrics=args.metrics,
-                     num=num, seed=args.seed, gnet=args.gnet, guidance=guidance, batch_size=args.batch,
-                     detector_dir=args.detector_dir, device=resolve_device(args.device), num_steps=args.steps)
+                     num=num, seed=args.seed, gnet=args.gnet, guidance=guidance, batch_size=args.batch_size,
+                     detector_dir=args.detector_dir, device=resolve_device(args.device), num_steps=args.num_steps)
     finally:
         shutdown_distributed()
     if rank == 0:

@@ -34,8 +34,7 @@ import numpy as np
 from ..io.official import UnsafePickleError, unpickle_numpy_data
 from ..utils.errors import EDM2Error
 
-__all__ = ["CifarData", "read_cifar", "is_cifar", "TinyImageNetFiles", "tiny_imagenet_files", "is_tiny_imagenet",
-           "CIFAR_SPLITS", "TINY_IMAGENET_SPLITS"]
+__all__ = ["read_cifar", "tiny_imagenet_files", "CIFAR_SPLITS", "TINY_IMAGENET_SPLITS"]
 
 CIFAR_SPLITS = ("train", "test")
 TINY_IMAGENET_SPLITS = ("train", "val")
@@ -77,7 +76,7 @@ class _Files:
                 self.tar = tarfile.open(path, "r:*")
                 self.members = {Path(m.name).name: m for m in self.tar.getmembers() if m.isfile()}
             except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-                raise EDM2Error(f"--source {path}: unreadable tar archive ({type(e).__name__}: {e})") from None
+                raise EDM2Error(f"source={path}: unreadable tar archive ({type(e).__name__}: {e})") from None
 
     def has(self, name: str) -> bool:
         return name in self.members
@@ -89,7 +88,7 @@ class _Files:
         try:
             return self.tar.extractfile(m).read()
         except (tarfile.TarError, OSError, EOFError, zlib.error) as e:
-            raise EDM2Error(f"--source {self.path}: cannot read {m.name} from the archive "
+            raise EDM2Error(f"source={self.path}: cannot read {m.name} from the archive "
                              f"({type(e).__name__}: {e}); the download may be truncated") from None
 
     def close(self):
@@ -166,17 +165,17 @@ def read_cifar(path, split: str = "train") -> CifarData:
     anything malformed."""
     path = Path(path)
     if split not in CIFAR_SPLITS:
-        raise EDM2Error(f"--split {split!r}: CIFAR has the splits {', '.join(CIFAR_SPLITS)}")
+        raise EDM2Error(f"split={split!r}: CIFAR has the splits {', '.join(CIFAR_SPLITS)}")
     files = _Files(path)
     try:
         found = _layout(files)
         if found is None:
-            raise EDM2Error(f"--source {path}: not a CIFAR-10/100 archive (no batches.meta/meta with test batches; "
+            raise EDM2Error(f"source={path}: not a CIFAR-10/100 archive (no batches.meta/meta with test batches; "
                              f"found {', '.join(sorted(files.members)[:8]) or 'no files'})")
         fmt, kind, layout = found
         missing = [n for n in layout[split] if not files.has(n)]
         if missing:
-            raise EDM2Error(f"--source {path}: the {split} split lacks {', '.join(missing)}; "
+            raise EDM2Error(f"source={path}: the {split} split lacks {', '.join(missing)}; "
                              f"the archive is incomplete")
         num_classes = 10 if kind == "cifar-10" else 100
         if fmt == "python":
@@ -196,12 +195,12 @@ def read_cifar(path, split: str = "train") -> CifarData:
     finally:
         files.close()
     if len(names) != num_classes:
-        raise EDM2Error(f"--source {path}: {len(names)} class names, expected {num_classes} for {kind.upper()}")
+        raise EDM2Error(f"source={path}: {len(names)} class names, expected {num_classes} for {kind.upper()}")
     data = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
     bad = labels[(labels < 0) | (labels >= num_classes)]
     if bad.size:
-        raise EDM2Error(f"--source {path}: label {int(bad[0])} out of range 0..{num_classes - 1} of {kind.upper()} "
+        raise EDM2Error(f"source={path}: label {int(bad[0])} out of range 0..{num_classes - 1} of {kind.upper()} "
                          f"({bad.size} such labels in the {split} split); the archive is damaged")
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)   # channel planes -> [N, H, W, C]
     return CifarData(np.ascontiguousarray(images), labels, list(names), kind, fmt)
@@ -238,10 +237,10 @@ def tiny_imagenet_files(path, split: str = "train") -> TinyImageNetFiles:
     """List the labelled images of a Tiny-ImageNet folder's split ('train' or 'val')."""
     path = Path(path)
     if split not in TINY_IMAGENET_SPLITS:
-        raise EDM2Error(f"--split {split!r}: Tiny-ImageNet has the labelled splits {', '.join(TINY_IMAGENET_SPLITS)}")
+        raise EDM2Error(f"split={split!r}: Tiny-ImageNet has the labelled splits {', '.join(TINY_IMAGENET_SPLITS)}")
     root = _tiny_root(path)
     if root is None:
-        raise EDM2Error(f"--source {path}: not a Tiny-ImageNet folder (no wnids.txt)")
+        raise EDM2Error(f"source={path}: not a Tiny-ImageNet folder (no wnids.txt)")
     wnids = _text_lines((root / "wnids.txt").read_bytes(), f"{root}/wnids.txt")
     if not wnids or len(set(wnids)) != len(wnids):
         raise EDM2Error(f"{root}/wnids.txt: needs one distinct class id per line")
@@ -279,5 +278,5 @@ def tiny_imagenet_files(path, split: str = "train") -> TinyImageNetFiles:
             labels[rel] = index[fields[1]]
         names.sort()
     if not names:
-        raise EDM2Error(f"--source {path}: the {split} split holds no images")
+        raise EDM2Error(f"source={path}: the {split} split holds no images")
     return TinyImageNetFiles(root, names, labels, class_names, wnids)

@@ -40,8 +40,7 @@ from .archives import is_cifar, is_tiny_imagenet, read_cifar, tiny_imagenet_file
 from .dataset import IMAGE_EXTENSIONS, LATENT_EXTENSION, list_dataset_files, match_labels, read_dataset_json
 from .writer import DatasetWriter, check_destination, item_name
 
-__all__ = ["convert_dataset", "ConvertResult", "open_source", "Source", "SourceItem", "TRANSFORMS",
-           "read_idx", "balanced_subset", "to_8bit"]
+__all__ = ["convert_dataset", "ConvertResult", "TRANSFORMS", "read_idx", "balanced_subset"]
 
 Image.MAX_IMAGE_PIXELS = None  # large photos are legitimate input here
 GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
@@ -87,8 +86,8 @@ def pad(img: Image.Image, n: int) -> Image.Image:
     """Zero-pad (black) to N×N, image centred; no resampling (e.g. 28×28 MNIST -> 32×32)."""
     w, h = img.size
     if w > n or h > n:
-        raise EDM2Error(f"--transform pad: image of {w}x{h} is larger than --resolution {n}; "
-                         f"use --transform center-crop")
+        raise EDM2Error(f"transform=pad: image of {w}x{h} is larger than resolution={n}; "
+                         f"use transform=center-crop")
     canvas = Image.new(img.mode, (n, n))
     canvas.paste(img, ((n - w) // 2, (n - h) // 2))
     return canvas
@@ -193,11 +192,11 @@ def _open_collection(path: Path, use_labels: bool) -> Source:
     names = [n for n in files if n.lower().endswith(IMAGE_EXTENSIONS)]
     if not names:
         if any(n.lower().endswith(LATENT_EXTENSION) for n in files):
-            raise EDM2Error(f"--source {path} holds .npy latents, not images; use `edm2 dataset decode`")
+            raise EDM2Error(f"source={path} holds .npy latents, not images; use `edm2 dataset decode`")
         if any("idx3-ubyte" in n for n in files):
-            raise EDM2Error(f"--source {path} holds IDX files; pass the images file itself, "
-                             f"e.g. --source {path}/train-images-idx3-ubyte.gz")
-        raise EDM2Error(f"--source {path} holds no images ({', '.join(IMAGE_EXTENSIONS)}); nothing to convert")
+            raise EDM2Error(f"source={path} holds IDX files; pass the images file itself, "
+                             f"e.g. source={path}/train-images-idx3-ubyte.gz")
+        raise EDM2Error(f"source={path} holds no images ({', '.join(IMAGE_EXTENSIONS)}); nothing to convert")
     notes, class_names, labels = [], None, None
     if "dataset.json" in files:  # an existing dataset: keep its labels
         meta = read_dataset_json(read_bytes("dataset.json"), f"{path}/dataset.json")
@@ -223,8 +222,8 @@ def _open_collection(path: Path, use_labels: bool) -> Source:
                 class_names, labels = None, None
         elif use_labels and any(in_sub):
             first = names[in_sub.index(False)]
-            raise EDM2Error(f"--source {path} has images both at the top level (e.g. {first}) and in "
-                             f"sub-folders; labels come from sub-folder names: move them, or pass --no-labels")
+            raise EDM2Error(f"source={path} has images both at the top level (e.g. {first}) and in "
+                             f"sub-folders; labels come from sub-folder names: move them, or pass use_labels=False")
     return Source(path, kind, _file_items(path, names, read_bytes, labels), class_names, notes,
                   zf.close if is_zip else (lambda: None))
 
@@ -282,23 +281,23 @@ def _open_npz(path: Path, use_labels: bool) -> Source:
     try:
         npz = np.load(path, allow_pickle=False)
     except Exception as e:
-        raise EDM2Error(f"--source {path}: cannot read .npz ({safe_error_text(e)})") from None
+        raise EDM2Error(f"source={path}: cannot read .npz ({safe_error_text(e)})") from None
     key = next((k for k in ("images", "x", "arr_0") if k in npz.files), None)
     if key is None:
-        raise EDM2Error(f"--source {path}: no 'images' (or 'x') array; found {npz.files}")
+        raise EDM2Error(f"source={path}: no 'images' (or 'x') array; found {npz.files}")
     images = npz[key]
     if images.dtype not in (np.uint8, np.uint16):
-        raise EDM2Error(f"--source {path}: images are {images.dtype}; store them as uint8 (0-255)")
+        raise EDM2Error(f"source={path}: images are {images.dtype}; store them as uint8 (0-255)")
     if images.ndim == 4 and images.shape[-1] not in (1, 3, 4) and images.shape[1] in (1, 3, 4):
         images = images.transpose(0, 2, 3, 1)  # NCHW -> NHWC
     if images.ndim not in (3, 4) or (images.ndim == 4 and images.shape[-1] not in (1, 3, 4)):
-        raise EDM2Error(f"--source {path}: images of shape {images.shape}; expected [N,H,W], [N,H,W,C] or [N,C,H,W]")
+        raise EDM2Error(f"source={path}: images of shape {images.shape}; expected [N,H,W], [N,H,W,C] or [N,C,H,W]")
     labels = None
     lkey = next((k for k in ("labels", "y") if k in npz.files), None)
     if use_labels and lkey is not None:
         labels = np.asarray(npz[lkey]).reshape(-1)
         if len(labels) != len(images) or not np.issubdtype(labels.dtype, np.integer) or labels.min() < 0:
-            raise EDM2Error(f"--source {path}: '{lkey}' must hold {len(images)} class indices >= 0")
+            raise EDM2Error(f"source={path}: '{lkey}' must hold {len(images)} class indices >= 0")
     class_names = [str(c) for c in npz["class_names"]] if "class_names" in npz.files and labels is not None else None
     return Source(path, "npz", _array_items(path.name, images, labels), class_names, [])
 
@@ -329,15 +328,15 @@ def open_source(source, use_labels: bool = True, split: str | None = None) -> So
     ('train', 'val') source; default 'train'."""
     path = Path(source)
     if not path.exists():
-        raise MissingFileError(f"--source {path} does not exist")
+        raise MissingFileError(f"source={path} does not exist")
     if is_cifar(path) or (path.is_file() and tarfile.is_tarfile(path)):
         # The only tarballs read are CIFAR's: for any other, read_cifar says what is missing.
         return _open_cifar(path, use_labels, split)
     if is_tiny_imagenet(path):
         return _open_tiny_imagenet(path, use_labels, split)
     if split is not None:
-        raise EDM2Error(f"--split {split}: only CIFAR archives and Tiny-ImageNet folders have splits; "
-                         f"drop --split for {path}")
+        raise EDM2Error(f"split={split}: only CIFAR archives and Tiny-ImageNet folders have splits; "
+                         f"drop `split` for {path}")
     if path.is_dir():
         return _open_collection(path, use_labels)
     name = path.name.lower()
@@ -347,7 +346,7 @@ def open_source(source, use_labels: bool = True, split: str | None = None) -> So
         return _open_collection(path, use_labels)
     if "idx" in name and "ubyte" in name:
         return _open_idx(path, use_labels)
-    raise EDM2Error(f"--source {path}: not a folder, .zip, .npz or IDX (*-images-idx3-ubyte[.gz]) file")
+    raise EDM2Error(f"source={path}: not a folder, .zip, .npz or IDX (*-images-idx3-ubyte[.gz]) file")
 
 
 def balanced_subset(labels: list, n: int) -> list[int]:
@@ -403,13 +402,13 @@ def convert_dataset(source, dest, resolution: int | None = None, transform: str 
     """
     check_destination(dest, overwrite, source)
     if transform is not None and transform not in TRANSFORMS:
-        raise EDM2Error(f"--transform {transform!r}: choose one of {', '.join(TRANSFORMS)}")
+        raise EDM2Error(f"transform={transform!r}: choose one of {', '.join(TRANSFORMS)}")
     if transform is not None and resolution is None:
-        raise EDM2Error(f"--transform {transform} needs --resolution N")
+        raise EDM2Error(f"transform={transform} needs `resolution`")
     if resolution is not None and resolution < 1:
-        raise EDM2Error(f"--resolution {resolution}: must be >= 1")
+        raise EDM2Error(f"resolution={resolution}: must be >= 1")
     if max_images is not None and max_images < 1:
-        raise EDM2Error(f"--max-images {max_images}: must be >= 1")
+        raise EDM2Error(f"max_images={max_images}: must be >= 1")
     src = open_source(source, use_labels, split)
     try:
         return _convert(src, dest, resolution, transform, max_images, skip_bad, overwrite, class_names, workers,
@@ -432,34 +431,34 @@ def _convert(src: Source, dest, resolution, transform, max_images, skip_bad, ove
         except Exception as e:
             if not skip_bad:
                 raise EDM2Error(f"{src.path}: cannot read image {item.name} ({type(e).__name__}: {e}); "
-                                 f"delete it or pass --skip-bad") from None
+                                 f"delete it or pass skip_bad=True") from None
             skipped.append(f"{item.name}: {type(e).__name__}")
             continue
         good.append(item)
         modes.append(mode)
         sizes.append(size)
     if not good:
-        raise EDM2Error(f"--source {src.path}: no readable images")
+        raise EDM2Error(f"source={src.path}: no readable images")
     channels = 1 if all(m in GRAY_MODES for m in modes) else 3
     if resolution is None:
         if len(set(sizes)) > 1:
             other = next(i for i, s in enumerate(sizes) if s != sizes[0])
-            raise EDM2Error(f"--source {src.path} has images of different sizes ({sizes[0][0]}x{sizes[0][1]} "
+            raise EDM2Error(f"source={src.path} has images of different sizes ({sizes[0][0]}x{sizes[0][1]} "
                              f"in {good[0].name}, {sizes[other][0]}x{sizes[other][1]} in {good[other].name}); "
-                             f"pass --resolution N and --transform center-crop")
+                             f"pass `resolution` and transform=center-crop")
         w, h = sizes[0]
         if w != h:
-            raise EDM2Error(f"--source {src.path}: images are {w}x{h}, not square; "
-                             f"pass --resolution N and --transform center-crop")
+            raise EDM2Error(f"source={src.path}: images are {w}x{h}, not square; "
+                             f"pass `resolution` and transform=center-crop")
         resolution = w
     # Shapes that the transform cannot handle fail now, before any work.
     for i, (w, h) in enumerate(sizes):
         if transform is None and w != h and (w, h) != (resolution, resolution):
-            raise EDM2Error(f"--source {src.path}: image {good[i].name} is {w}x{h}, not square; pass --transform "
-                             f"center-crop (or center-crop-wide, center-crop-dhariwal)")
+            raise EDM2Error(f"source={src.path}: image {good[i].name} is {w}x{h}, not square; pass "
+                             f"transform=center-crop (or center-crop-wide, center-crop-dhariwal)")
         if transform == "pad" and (w > resolution or h > resolution):
-            raise EDM2Error(f"--transform pad: image {good[i].name} is {w}x{h}, larger than --resolution "
-                             f"{resolution}; use --transform center-crop")
+            raise EDM2Error(f"transform=pad: image {good[i].name} is {w}x{h}, larger than "
+                             f"resolution={resolution}; use transform=center-crop")
 
     # 2. Labels and the subset.
     labels = [it.label for it in good]
@@ -473,7 +472,7 @@ def _convert(src: Source, dest, resolution, transform, max_images, skip_bad, ove
         if names is not None and len(names) < label_dim:
             raise EDM2Error(f"{len(names)} class names for {label_dim} classes; give one name per class")
     elif class_names is not None:
-        raise EDM2Error("--class-names given but the source has no labels")
+        raise EDM2Error("`class_names` given but the source has no labels")
 
     # 3. Decode, convert, transform and encode in threads (PIL releases the GIL); write in order.
     fn = TRANSFORMS.get(transform)
@@ -494,7 +493,7 @@ def _convert(src: Source, dest, resolution, transform, max_images, skip_bad, ove
                 img = img.resize((resolution, resolution), Image.LANCZOS)
             else:
                 raise EDM2Error(f"{src.path}: image {item.name} is {img.size[0]}x{img.size[1]}, not square; "
-                                 f"pass --transform center-crop (or center-crop-wide, center-crop-dhariwal)")
+                                 f"pass transform=center-crop (or center-crop-wide, center-crop-dhariwal)")
         return png_bytes(img, compress_level), None, note
 
     converted = Counter()
@@ -509,7 +508,7 @@ def _convert(src: Source, dest, resolution, transform, max_images, skip_bad, ove
                 bar.update(1)
                 if error is not None:
                     if not skip_bad:
-                        raise EDM2Error(f"{src.path}: cannot decode image {error}; delete it or pass --skip-bad")
+                        raise EDM2Error(f"{src.path}: cannot decode image {error}; delete it or pass skip_bad=True")
                     skipped.append(error)
                     continue
                 if note:
@@ -519,7 +518,7 @@ def _convert(src: Source, dest, resolution, transform, max_images, skip_bad, ove
                 if label is not None:
                     out_labels.append([name, int(label)])
         if writer.count == 0:
-            raise EDM2Error(f"--source {src.path}: every image was unreadable; nothing written")
+            raise EDM2Error(f"source={src.path}: every image was unreadable; nothing written")
         writer.commit(out_labels if src.has_labels else None, names if src.has_labels else None)
     notes += [f"converted {n} image(s) {k}" for k, n in sorted(converted.items())]
     if skipped:

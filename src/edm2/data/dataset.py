@@ -27,8 +27,7 @@ from PIL import Image
 from ..utils.errors import EDM2Error, MissingFileError
 from ..utils.validate import safe_error_text
 
-__all__ = ["ImageDataset", "IMAGE_EXTENSIONS", "LATENT_EXTENSION", "list_dataset_files", "read_dataset_json",
-           "decode_image", "check_labels", "MAX_CLASSES"]
+__all__ = ["ImageDataset", "IMAGE_EXTENSIONS", "LATENT_EXTENSION"]
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 LATENT_EXTENSION = ".npy"

@@ -25,9 +25,9 @@ from tqdm import tqdm
 from ..encoders import DEFAULT_VAE, StabilityVAEEncoder
 from ..utils.distributed import resolve_device
 from ..utils.errors import EDM2Error
-from ..utils.fileio import atomic_write_bytes, png_bytes
+from ..utils.fileio import atomic_write_bytes, move_into_place, png_bytes
 from .dataset import ImageDataset
-from .writer import DatasetWriter, check_destination, item_name, move_into_place, write_dataset_json
+from .writer import DatasetWriter, check_destination, item_name, write_dataset_json
 
 __all__ = ["encode_dataset", "decode_dataset", "LatentResult", "latent_name"]
 
@@ -84,10 +84,10 @@ def encode_dataset(source, dest, vae: str = DEFAULT_VAE, batch_size: int = 8, de
     dest = check_destination(dest, overwrite, source)
     ds = ImageDataset(source)
     if ds.is_latent:
-        raise EDM2Error(f"--source {source} already holds latents; encode needs an image dataset")
+        raise EDM2Error(f"source={source} already holds latents; encode needs an image dataset")
     if ds.resolution % 8:
-        raise EDM2Error(f"--source {source}: resolution {ds.resolution} is not a multiple of 8 (the VAE "
-                         f"downsamples by 8); convert it with --resolution N, N a multiple of 8")
+        raise EDM2Error(f"source={source}: resolution {ds.resolution} is not a multiple of 8 (the VAE "
+                         f"downsamples by 8); convert it with `edm2 dataset convert --resolution N`, N a multiple of 8")
     notes = ["grayscale images repeated to RGB for the VAE"] if ds.num_channels == 1 else []
     device = resolve_device(device)
     encoder = StabilityVAEEncoder(vae_name=vae, batch_size=batch_size)
@@ -166,7 +166,7 @@ def decode_dataset(source, dest, vae: str = DEFAULT_VAE, batch_size: int = 8, de
     dest = check_destination(dest, overwrite, source)
     ds = ImageDataset(source)
     if not ds.is_latent:
-        raise EDM2Error(f"--source {source} holds images, not latents; decode needs a latent dataset")
+        raise EDM2Error(f"source={source} holds images, not latents; decode needs a latent dataset")
     device = resolve_device(device)
     encoder = StabilityVAEEncoder(vae_name=vae, batch_size=batch_size)
     encoder.vae(device)

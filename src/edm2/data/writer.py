@@ -4,16 +4,15 @@ existing one is never touched unless `overwrite=True`."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 import zipfile
 from pathlib import Path
 
 from ..utils.errors import EDM2Error, ExistingFileError
-from ..utils.fileio import AtomicWriter, WriteError, describe_os_error
+from ..utils.fileio import AtomicWriter, WriteError, describe_os_error, move_into_place
 
-__all__ = ["DatasetWriter", "check_destination", "item_name", "move_into_place", "write_dataset_json"]
+__all__ = ["DatasetWriter", "check_destination", "item_name", "write_dataset_json"]
 
 
 def item_name(idx: int, ext: str = "png", prefix: str = "img") -> str:
@@ -25,30 +24,10 @@ def check_destination(dest, overwrite: bool = False, source=None) -> Path:
     """Refuse an existing destination (unless overwrite) or one that is the source itself."""
     dest = Path(dest)
     if source is not None and dest.exists() and Path(source).exists() and dest.resolve() == Path(source).resolve():
-        raise EDM2Error(f"--dest {dest} is the source itself; choose another destination")
+        raise EDM2Error(f"dest={dest}: is the source itself; choose another destination")
     if dest.exists() and not overwrite:
-        raise ExistingFileError(f"--dest {dest} already exists; choose another name or pass --overwrite")
+        raise ExistingFileError(f"dest={dest}: already exists; choose another name or pass overwrite=True")
     return dest
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def move_into_place(tmp: Path, dest: Path) -> None:
-    """Rename the finished `tmp` (file or folder) to `dest`, replacing what is there.
-    mkstemp/mkdtemp create private (0600/0700) entries: give them the usual permissions first."""
-    os.chmod(tmp, (0o777 if tmp.is_dir() else 0o666) & ~_umask())
-    if dest.exists() and (dest.is_dir() or tmp.is_dir()):
-        # Folders cannot be renamed over: move the old one aside first, then delete it.
-        trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
-        os.replace(dest, trash / "old")
-        os.replace(tmp, dest)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, dest)
 
 
 def write_dataset_json(labels, class_names) -> bytes:

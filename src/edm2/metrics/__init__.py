@@ -1,40 +1,26 @@
 """Evaluation (paper App. D.4, A.5): FID and FD_DINOv2 of image folders or of a network
 against reference statistics, and post-hoc EMA sweeps.
 
-- `detectors`: the feature networks (`load_detector`, `random_detector`).
-- `stats`: `FeatureStats`, `frechet_distance`.
-- `pipeline`: `reference_stats`, `calc_metrics`, `gen_metrics` (torchrun-aware).
-- `sweep`: `sweep` (reconstruct EMA lengths, evaluate, CSV + PNG).
+- `reference_stats(data, dest)`, `calc_metrics(images, ref)`, `gen_metrics(net, ref)`
+  (module `edm2.metrics.evaluate`; torchrun-aware), `load_ref(path)`.
+- `sweep(rundir, sigma_rels, ref)` and its figure `plot_sweep` (module `edm2.metrics.sweep`).
+- `FeatureStats`, `frechet_distance` (module `edm2.metrics.stats`).
+- The feature networks: `load_detector(metric)`, `random_detector`, `DETECTORS`,
+  `Detector` (module `edm2.metrics.detectors`); a classifier of your own:
+  `edm2.metrics.classifier`.
 """
-from .detectors import (
-                        DETECTORS,
-                        Detector,
-                        DINOv2Detector,
-                        InceptionDetector,
-                        TinyDetector,
-                        detector_dir,
-                        load_detector,
-                        random_detector,
-)
-from .evaluate import (
-                        append_jsonl,
-                        calc_metrics,
-                        check_metric_value,
-                        check_ref_stats,
-                        compute_stats,
-                        distances,
-                        gen_metrics,
-                        gen_seeds,
-                        load_detectors,
-                        load_ref,
-                        reference_stats,
-                        resolve_metrics,
-                        save_ref,
-)
+# `name as name`: building blocks of the commands and benchmarks, importable from here but not in
+# `__all__` (not part of the documented API).
+from .detectors import DETECTORS, Detector, load_detector, random_detector
+from .detectors import detector_dir as detector_dir
+from .evaluate import append_jsonl as append_jsonl
+from .evaluate import calc_metrics, gen_metrics, load_ref, reference_stats
+from .evaluate import check_metric_value as check_metric_value
+from .evaluate import distances as distances
+from .evaluate import load_detectors as load_detectors
+from .evaluate import resolve_metrics as resolve_metrics
 from .stats import FeatureStats, frechet_distance
 from .sweep import plot_sweep, sweep
 
-__all__ = ["DETECTORS", "Detector", "InceptionDetector", "DINOv2Detector", "TinyDetector", "detector_dir",
-           "load_detector", "random_detector", "FeatureStats", "frechet_distance", "append_jsonl", "calc_metrics",
-           "compute_stats", "distances", "gen_metrics", "gen_seeds", "load_detectors", "load_ref", "reference_stats",
-           "resolve_metrics", "save_ref", "sweep", "plot_sweep", "check_ref_stats", "check_metric_value"]
+__all__ = ["reference_stats", "calc_metrics", "gen_metrics", "load_ref", "sweep", "plot_sweep", "FeatureStats",
+           "frechet_distance", "load_detector", "random_detector", "DETECTORS", "Detector"]

@@ -44,9 +44,9 @@ __all__ = ["train_classifier", "evaluate_classifier", "class_consistency", "clas
 def _load_all(data, what: str) -> tuple[torch.Tensor, torch.Tensor, ImageDataset]:
     ds = ImageDataset(data)
     if ds.is_latent:
-        raise EDM2Error(f"{what} {data}: holds latents; a classifier needs images")
+        raise EDM2Error(f"{what}={data}: holds latents; a classifier needs images")
     if ds.raw_labels is None:
-        raise EDM2Error(f"{what} {data}: has no class labels; a classifier needs a labelled dataset")
+        raise EDM2Error(f"{what}={data}: has no class labels; a classifier needs a labelled dataset")
     images = torch.from_numpy(np.stack([ds[i][0] for i in range(len(ds))]))
     return images, torch.from_numpy(ds.raw_labels), ds
 
@@ -71,16 +71,16 @@ def train_classifier(data, out, val=None, epochs: int = 4, batch_size: int = 128
     """
     out = Path(out)
     if out.exists() and not overwrite:
-        raise ExistingFileError(f"{out} exists; choose another --out or pass --overwrite")
+        raise ExistingFileError(f"out={out}: exists; choose another file or pass overwrite=True")
     if epochs < 1 or batch_size < 1 or not (math.isfinite(lr) and lr > 0):
-        raise EDM2Error("--epochs, --batch and --lr must be positive")
-    images, labels, ds = _load_all(data, "--data")
+        raise EDM2Error(f"epochs={epochs}, batch_size={batch_size}, lr={lr}: each must be positive")
+    images, labels, ds = _load_all(data, "data")
     g = torch.Generator().manual_seed(seed)
     if val is not None:
-        val_images, val_labels, _ = _load_all(val, "--val")
+        val_images, val_labels, _ = _load_all(val, "val")
     else:
         if not 0 < val_fraction < 1:
-            raise EDM2Error(f"--val-fraction {val_fraction}: must be between 0 and 1")
+            raise EDM2Error(f"val_fraction={val_fraction}: must be between 0 and 1")
         order = torch.randperm(len(images), generator=g)
         n_val = max(1, int(len(images) * val_fraction))
         val_images, val_labels = images[order[:n_val]], labels[order[:n_val]]
@@ -126,7 +126,7 @@ def class_consistency(detector: ClassifierDetector, images: torch.Tensor, classe
 def classifier_scores(net, ref: dict, detector: ClassifierDetector, num: int = 1000, seed: int = 0,
                       batch_size: int = 100, device=None, progress: bool = True, **sampler_kwargs) -> dict:
     """Generate `num` images of `net` (snapshot, run folder or .pkl) for the seeds of
-    `edm2.metrics.gen_seeds(num, seed)` in one pass and return
+    `edm2.metrics.evaluate.gen_seeds(num, seed)` in one pass and return
     {"fd_classifier": FD to `ref` (reference statistics with that metric),
      "consistency": class consistency, or None for an unconditional net}."""
     ref = check_ref_stats(ref)

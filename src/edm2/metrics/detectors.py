@@ -407,7 +407,7 @@ DETECTORS = {
 
 def _check_metric(metric):
     if metric not in DETECTORS:
-        raise EDM2Error(f"--metrics: unknown metric {metric!r}; choose from fid, fd_dinov2, fd_classifier "
+        raise EDM2Error(f"metric={metric!r}: unknown; choose from fid, fd_dinov2, fd_classifier "
                          f"(fd_tiny is a test stand-in)")
 
 

@@ -35,9 +35,7 @@ from ..utils.validate import safe_error_text
 from .detectors import DETECTORS, load_detector
 from .stats import FeatureStats, frechet_distance
 
-__all__ = ["REF_FORMAT", "save_ref", "load_ref", "check_ref_stats", "check_metric_value", "load_detectors",
-           "resolve_metrics", "compute_stats",
-           "distances", "reference_stats", "calc_metrics", "gen_metrics", "gen_seeds", "append_jsonl"]
+__all__ = ["reference_stats", "calc_metrics", "gen_metrics", "load_ref", "save_ref", "REF_FORMAT"]
 
 REF_FORMAT = "edm2-ref-v1"
 
@@ -61,15 +59,15 @@ def save_ref(path, stats: dict, source: str = "") -> Path:
 
 
 def check_ref_stats(ref: dict, where: str = "REF") -> dict:
-    """Raise ValueError unless every entry of reference statistics is usable:
+    """Raise EDM2Error unless every entry of reference statistics is usable:
     mu a finite [D] vector, sigma a finite [D, D] matrix that is symmetric and
     positive semi-definite up to round-off (relative tolerance 1e-6 of its
     largest entry / eigenvalue), as a covariance must be. Returns ref."""
     if not isinstance(ref, dict) or not ref:
-        raise EDM2Error(f"--ref {where}: holds no statistics")
+        raise EDM2Error(f"ref={where}: holds no statistics")
     for m, s in ref.items():
         mu, sigma = np.asarray(s["mu"]), np.asarray(s["sigma"])
-        what = f"--ref {where}: {m}"
+        what = f"ref={where}: {m}"
         if mu.ndim != 1 or sigma.shape != (mu.size, mu.size) or mu.size == 0:
             raise EDM2Error(f"{what}: mu {list(mu.shape)} and sigma {list(sigma.shape)} are not [D] and [D, D]; "
                              f"the file is damaged: recompute it with `edm2 metrics ref`")
@@ -100,21 +98,21 @@ def load_ref(path) -> dict:
 def _read_ref(path) -> dict:
     text = str(path)
     if "://" not in text and not Path(text).is_file():
-        raise MissingFileError(f"--ref {text}: no such file; compute one with `edm2 metrics ref --data DATASET "
+        raise MissingFileError(f"ref={text}: no such file; compute one with `edm2 metrics ref --data DATASET "
                                 f"--dest {text}` or pass the authors' reference .pkl")
     if text.endswith(".npz") and "://" not in text:
         try:
             with np.load(text, allow_pickle=False) as z:
                 if "format" in z.files:
                     if str(z["format"]) != REF_FORMAT:
-                        raise EDM2Error(f"--ref {text}: format {str(z['format'])!r}, this edm2 reads {REF_FORMAT!r}")
+                        raise EDM2Error(f"ref={text}: format {str(z['format'])!r}, this edm2 reads {REF_FORMAT!r}")
                     names = [k[:-3] for k in z.files if k.endswith("_mu")]
                     return {m: {"mu": z[f"{m}_mu"].astype(np.float64), "sigma": z[f"{m}_sigma"].astype(np.float64)}
                             for m in names}
+        except EDM2Error:
+            raise
         except (OSError, ValueError, KeyError) as e:
-            if isinstance(e, ValueError) and str(e).startswith("--ref"):
-                raise
-            raise EDM2Error(f"--ref {text}: unreadable statistics file ({safe_error_text(e)})") from None
+            raise EDM2Error(f"ref={text}: unreadable statistics file ({safe_error_text(e)})") from None
     return load_reference_stats(text)
 
 
@@ -129,18 +127,19 @@ def resolve_metrics(metrics, ref: dict | None = None, ref_path="REF") -> list[st
     if metrics is None:
         names = [m for m in (ref or {"fid": 0, "fd_dinov2": 0}) if m in DETECTORS]
         if not names:
-            raise EDM2Error(f"--ref {ref_path}: holds no statistics of a known metric ({', '.join(ref)})")
+            raise EDM2Error(f"ref={ref_path}: holds no statistics of a known metric ({', '.join(ref)})")
     else:
         names = [m.strip() for m in metrics.split(",")] if isinstance(metrics, str) else list(metrics)
         names = list(dict.fromkeys(m for m in names if m))
         if not names:
-            raise EDM2Error("--metrics: empty; give e.g. fid,fd_dinov2")
+            raise EDM2Error(f"metrics={metrics!r}: empty; give e.g. fid,fd_dinov2")
+    given = metrics if isinstance(metrics, str) or metrics is None else ",".join(map(str, metrics))
     for m in names:
         if m not in DETECTORS:
-            raise EDM2Error(f"--metrics: unknown metric {m!r}; choose from fid, fd_dinov2")
+            raise EDM2Error(f"metrics={given!r}: unknown metric {m!r}; choose from fid, fd_dinov2")
         if ref is not None and m not in ref:
-            raise EDM2Error(f"--ref {ref_path}: has no {m} statistics (it holds {', '.join(ref)}); recompute it "
-                             f"with `edm2 metrics ref --metrics {','.join(names)}` or drop {m} from --metrics")
+            raise EDM2Error(f"ref={ref_path}: has no {m} statistics (it holds {', '.join(ref)}); recompute it "
+                             f"with `edm2 metrics ref --metrics {','.join(names)}` or drop {m} from `metrics`")
     return names
 
 
@@ -149,7 +148,7 @@ def load_detectors(metrics, detector_dir=None, device="cpu", download: bool = Tr
     return {m: load_detector(m, detector_dir, device, download) for m in metrics}
 
 
-def compute_stats(batches, detectors: dict, device="cpu") -> dict:
+def _compute_stats(batches, detectors: dict, device="cpu") -> dict:
     """Feed uint8 image batches [N, C, H, W] to every detector ->
     {metric: FeatureStats}, summed over torch.distributed processes."""
     stats = {m: FeatureStats(d.feature_dim, device) for m, d in detectors.items()}
@@ -194,10 +193,10 @@ def check_metric_value(name: str, value: float, scale: float = 1.0) -> float:
 def _open_images(path, what: str):
     ds = ImageDataset(path, use_labels=False)
     if ds.is_latent:
-        raise EDM2Error(f"{what} {path}: holds VAE latents; statistics are computed on pixels, so pass the "
+        raise EDM2Error(f"{what}={path}: holds VAE latents; statistics are computed on pixels, so pass the "
                          f"image dataset (folder or zip of PNGs) the latents were encoded from")
     if ds.num_channels not in (1, 3):
-        raise EDM2Error(f"{what} {path}: {ds.num_channels}-channel images; detectors take grayscale or RGB")
+        raise EDM2Error(f"{what}={path}: {ds.num_channels}-channel images; detectors take grayscale or RGB")
     return ds
 
 
@@ -207,7 +206,7 @@ def _stack_images(items):
 
 def _dataset_batches(ds, indices, batch_size: int, workers: int):
     if batch_size < 1:
-        raise EDM2Error(f"--batch {batch_size}: must be >= 1")
+        raise EDM2Error(f"batch_size={batch_size}: must be >= 1")
     loader = torch.utils.data.DataLoader(torch.utils.data.Subset(ds, list(indices)), batch_size=batch_size,
                                          num_workers=workers, collate_fn=_stack_images)
     yield from loader
@@ -231,16 +230,16 @@ def reference_stats(data, dest, metrics=("fid", "fd_dinov2"), batch_size: int = 
     detectors: preloaded {metric: Detector} (default: `load_detectors`)."""
     dest = Path(dest)
     if dest.suffix != ".npz":
-        raise EDM2Error(f"--dest {dest}: reference statistics are written as .npz; use a name ending in .npz")
+        raise EDM2Error(f"dest={dest}: reference statistics are written as .npz; use a name ending in .npz")
     if dest.exists():
-        raise ExistingFileError(f"--dest {dest}: already exists; delete it or choose another name")
+        raise ExistingFileError(f"dest={dest}: already exists; delete it or choose another name")
     metrics = resolve_metrics(list(detectors) if detectors else metrics)
-    ds = _open_images(data, "--data")
+    ds = _open_images(data, "data")
     rank, world = init_distributed()
     device = resolve_device(device)
     detectors = detectors or load_detectors(metrics, detector_dir, device)
     batches = _dataset_batches(ds, range(rank, len(ds), world), batch_size, workers)
-    stats = compute_stats(_progress(batches, len(range(rank, len(ds), world)), "ref", progress and rank == 0),
+    stats = _compute_stats(_progress(batches, len(range(rank, len(ds), world)), "ref", progress and rank == 0),
                           detectors, device)
     if rank == 0:
         save_ref(dest, stats, source=str(data))
@@ -256,9 +255,9 @@ def calc_metrics(images, ref, metrics=None, num: int = 50000, seed: int = 0, bat
     Returns {metric: value}."""
     ref_path, ref = (ref, load_ref(ref)) if not isinstance(ref, dict) else ("REF", ref)
     metrics = resolve_metrics(metrics, ref, ref_path)
-    ds = _open_images(images, "--images")
+    ds = _open_images(images, "images")
     if num < 2 or len(ds) < num:
-        raise EDM2Error(f"--images {images}: holds {len(ds)} images but --num is {num}; pass --num {len(ds)} "
+        raise EDM2Error(f"images={images}: holds {len(ds)} images but num={num}; pass num={len(ds)} "
                          f"or fewer (at least 2; the paper uses 50000)")
     chosen = np.arange(len(ds)) if len(ds) == num else np.sort(
         np.random.RandomState(seed % (1 << 32)).choice(len(ds), num, replace=False))
@@ -267,7 +266,7 @@ def calc_metrics(images, ref, metrics=None, num: int = 50000, seed: int = 0, bat
     detectors = {m: detectors[m] for m in metrics} if detectors else load_detectors(metrics, detector_dir, device)
     mine = chosen[rank::world]
     batches = _dataset_batches(ds, mine, batch_size, workers)
-    stats = compute_stats(_progress(batches, len(mine), "calc", progress and rank == 0), detectors, device)
+    stats = _compute_stats(_progress(batches, len(mine), "calc", progress and rank == 0), detectors, device)
     return distances(stats, ref)
 
 
@@ -286,7 +285,7 @@ def gen_metrics(net, ref, gnet=None, guidance: float = 1, metrics=None, num: int
     ref_path, ref = (ref, load_ref(ref)) if not isinstance(ref, dict) else ("REF", ref)
     metrics = resolve_metrics(metrics, ref, ref_path)
     if num < 2:
-        raise EDM2Error(f"--num {num}: need at least 2 images (the paper uses 50000)")
+        raise EDM2Error(f"num={num}: need at least 2 images (the paper uses 50000)")
     check_guidance(guidance, gnet)
     rank, world = init_distributed()
     device = resolve_device(device)
@@ -296,7 +295,7 @@ def gen_metrics(net, ref, gnet=None, guidance: float = 1, metrics=None, num: int
                                                    batch_size=batch_size, device=device, rank=rank,
                                                    world_size=world, progress=progress and rank == 0,
                                                    **sampler_kwargs))
-    return distances(compute_stats(batches, detectors, device), ref)
+    return distances(_compute_stats(batches, detectors, device), ref)
 
 
 def append_jsonl(path, record: dict) -> None:

@@ -20,7 +20,7 @@ import torch.distributed as dist
 
 from ..utils.errors import EDM2Error
 
-__all__ = ["FeatureStats", "frechet_distance", "sqrt_psd", "trace_sqrt_product"]
+__all__ = ["FeatureStats", "frechet_distance"]
 
 
 class FeatureStats:

@@ -23,13 +23,14 @@ from ..utils.units import parse_float_list
 from ..utils.validate import check_sampler_options
 from .evaluate import gen_metrics, load_detectors, load_ref, resolve_metrics
 
-__all__ = ["sweep", "write_csv", "plot_sweep", "best_rows"]
+__all__ = ["sweep", "plot_sweep"]
 
 CSV_NAME, PNG_NAME = "sweep.csv", "sweep.png"
 
 
 def write_csv(path, rows: list[dict], metrics: list[str]) -> None:
-    """rows -> CSV (ema_std, guidance, nimg, num, seed, one column per metric), atomically."""
+    """rows -> CSV (ema_std, guidance, nimg, num, seed, one column per metric), atomically.
+    A row is a record of the file: its EMA length sigma_rel is under the file's key `ema_std`."""
     buf = io.StringIO()
     writer = csv.DictWriter(buf, ["ema_std", "guidance", "nimg", "num", "seed", *metrics], lineterminator="\n")
     writer.writeheader()
@@ -89,10 +90,11 @@ def sweep(rundir, sigma_rels, ref, outdir=None, at_nimg=None, metrics=None, num:
     `outdir` (default rundir/sweep), evaluate every (EMA length, guidance)
     pair on `num` generated images against `ref`, and write outdir/sweep.csv
     (after every point) and outdir/sweep.png. Returns the rows (dicts with
-    ema_std, guidance, nimg, num, seed and one value per metric).
+    ema_std (the EMA length sigma_rel, under sweep.csv's column name), guidance,
+    nimg, num, seed and one value per metric).
     Under torchrun rank 0 reconstructs and writes, all processes generate."""
-    sigma_rels = list(dict.fromkeys(parse_float_list(sigma_rels, "--std")))
-    ws = list(dict.fromkeys(parse_float_list(guidance, "--guidance")))
+    sigma_rels = list(dict.fromkeys(parse_float_list(sigma_rels, "sigma_rels")))
+    ws = list(dict.fromkeys(parse_float_list(guidance, "guidance")))
     for w in ws:
         check_guidance(w, gnet)
     check_sampler_options(sampler_kwargs)
@@ -102,7 +104,7 @@ def sweep(rundir, sigma_rels, ref, outdir=None, at_nimg=None, metrics=None, num:
     csv_path, png_path = outdir / CSV_NAME, outdir / PNG_NAME
     for p in (csv_path, png_path):
         if p.exists():
-            raise ExistingFileError(f"{p}: a sweep was already written there; choose another --outdir")
+            raise ExistingFileError(f"{p}: a sweep was already written there; choose another `outdir`")
     rank, world = init_distributed()
     device = resolve_device(device)
     if gnet is not None:  # fail before the reconstruction if the guide does not fit the run's network

@@ -7,6 +7,10 @@
   never a half-written one. On any failure (disk full, read-only folder, an
   interrupt, even a failing close) the temporary file is removed and one
   `WriteError` naming the file and the fix is raised.
+- `atomic_folder(outdir, write)`: a whole folder written under a temporary
+  name and renamed into place when complete; `move_into_place(tmp, dest)`:
+  that final rename, replacing an existing file or folder without ever
+  losing it.
 - `png_bytes(image)`: PNG encoding to bytes; `save_figure(fig, path)`: a
   matplotlib figure as PNG, written atomically.
 - `RunLock(folder)`: an exclusive lock file per run/output folder, so two
@@ -32,8 +36,9 @@ from PIL import Image
 
 from .errors import EDM2Error, ExistingFileError
 
-__all__ = ["WriteError", "describe_os_error", "atomic_write_bytes", "AtomicWriter", "atomic_folder", "png_bytes",
-           "pyplot", "save_figure", "RunLock", "LockError", "remove_temp_files", "temp_name_matches", "LOCK_NAME"]
+__all__ = ["WriteError", "describe_os_error", "atomic_write_bytes", "AtomicWriter", "atomic_folder",
+           "move_into_place", "png_bytes", "pyplot", "save_figure", "RunLock", "LockError", "remove_temp_files",
+           "LOCK_NAME"]
 
 LOCK_NAME = ".edm2.lock"
 
@@ -220,17 +225,43 @@ def atomic_write_bytes(path, data: bytes) -> Path:
     return Path(path)
 
 
-def atomic_folder(outdir, write, overwrite: bool = False) -> Path:
+def move_into_place(tmp, dest) -> Path:
+    """Rename the finished temporary file or folder `tmp` (made beside `dest` by
+    mkstemp/mkdtemp) to `dest`, replacing what is there. It first gets the
+    usual permissions (mkstemp/mkdtemp make private entries). A folder cannot be
+    renamed over another: the old one is moved aside, the new one renamed into
+    place, and only then the old one deleted, so `dest` is never lost: at every
+    moment it is the old or the complete new one (the old one under a temporary
+    name for the instant between the two renames)."""
+    tmp, dest = Path(tmp), Path(dest)
+    os.chmod(tmp, (0o777 if tmp.is_dir() else 0o666) & ~_umask())
+    if dest.exists() and (dest.is_dir() or tmp.is_dir()):
+        trash = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", suffix=".old", dir=dest.parent))
+        os.replace(dest, trash / "old")
+        try:
+            os.replace(tmp, dest)
+        except BaseException:
+            _quiet(os.replace, trash / "old", dest)  # put the old one back
+            _quiet(os.rmdir, trash)
+            raise
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, dest)
+    return dest
+
+
+def atomic_folder(outdir, write, overwrite: bool = False, name: str = "outdir") -> Path:
     """Create the folder `outdir` with `write(tmp_folder)`: everything goes to a
     temporary folder `.<name>.<random>.tmp` beside it, renamed into place at the
-    end, so a failure leaves nothing behind and an existing outdir is replaced
-    (only with overwrite; a non-empty one is refused otherwise) once the new one
-    is complete."""
+    end (`move_into_place`), so a failure leaves nothing behind and an existing
+    outdir is replaced (only with overwrite; a non-empty one is refused
+    otherwise) once the new one is complete. `name` is the caller's argument
+    for `outdir`, named in its messages."""
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
-        raise ExistingFileError(f"--outdir {outdir}: exists and is not a folder")
+        raise ExistingFileError(f"{name}={outdir}: exists and is not a folder")
     if outdir.is_dir() and any(outdir.iterdir()) and not overwrite:
-        raise ExistingFileError(f"--outdir {outdir}: exists and is not empty; pass --overwrite or choose another "
+        raise ExistingFileError(f"{name}={outdir}: exists and is not empty; pass overwrite=True or choose another "
                                 "folder")
     try:
         outdir.parent.mkdir(parents=True, exist_ok=True)
@@ -239,14 +270,7 @@ def atomic_folder(outdir, write, overwrite: bool = False) -> Path:
         raise WriteError(describe_os_error(e, outdir)) from None
     try:
         write(tmp)
-        os.chmod(tmp, 0o777 & ~_umask())
-        old = None
-        if outdir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", suffix=".tmp", dir=outdir.parent))
-            os.replace(outdir, old)
-        os.replace(tmp, outdir)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        move_into_place(tmp, outdir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

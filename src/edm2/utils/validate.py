@@ -1,7 +1,9 @@
 """Checks of user-given numbers: the one place that decides whether a float
 or integer option is usable (finite, in range), for every command and the
-Python API alike. Each check raises ValueError with a one-line message that
-names the option and the accepted range.
+Python API alike. Each check raises `EDM2Error` (a ValueError) with a
+one-line message `name=value: ...` naming the Python argument and the
+accepted range; the command line shows it with the command's flag
+(`edm2.cli.flag_message`).
 
 NaN is never accepted (every comparison with NaN is false, so a range check
 written as `not lo <= x <= hi` catches it); infinity only where it means
@@ -14,13 +16,18 @@ import numbers
 
 from .errors import EDM2Error
 
-__all__ = ["check_float", "check_int", "check_sampler_options", "SAMPLER_OPTION_NAMES",
-           "safe_error_text", "UNSAFE_ADVICE"]
+__all__ = ["check_float", "check_int", "check_sampler_options", "safe_error_text", "UNSAFE_ADVICE"]
 
-# Command-line names of edm_sampler's keyword arguments (messages name what the user typed).
+# `edm2 generate`'s flags for edm_sampler's keyword arguments. Not used in messages (those name the
+# keyword argument; the CLI maps it to the flag); kept for edm2.generate's settings summary.
 SAMPLER_OPTION_NAMES = {"num_steps": "--steps", "sigma_min": "--sigma-min", "sigma_max": "--sigma-max",
                         "rho": "--rho", "S_churn": "--S-churn", "S_min": "--S-min", "S_max": "--S-max",
                         "S_noise": "--S-noise"}
+
+
+def _named(name: str, value) -> str:
+    """`name=value` for a Python argument; a caller still passing a flag (`--name`) gets `--name value`."""
+    return f"{name} {value}" if name.startswith("-") else f"{name}={value}"
 
 
 def _range_text(lo, hi, lo_open, hi_open) -> str:
@@ -34,10 +41,11 @@ def _range_text(lo, hi, lo_open, hi_open) -> str:
 
 def check_float(value, name: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False,
                 hi_open: bool = False, allow_inf: bool = False) -> float:
-    """`value` as a float, or ValueError unless it is a real number (not NaN;
-    infinite only with allow_inf) within [lo, hi] (open ends with lo_open/hi_open)."""
+    """`value` as a float, or EDM2Error unless it is a real number (not NaN;
+    infinite only with allow_inf) within [lo, hi] (open ends with lo_open/hi_open).
+    `name`: the Python argument, named in the message (`name=value: ...`)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise EDM2Error(f"{name} {value!r}: expected a number")
+        raise EDM2Error(f"{_named(name, repr(value))}: expected a number")
     x = float(value)
     ok = not math.isnan(x) and (allow_inf or math.isfinite(x))
     if ok and lo is not None:
@@ -47,17 +55,17 @@ def check_float(value, name: str, lo: float | None = None, hi: float | None = No
     if not ok:
         want = _range_text(lo, hi, lo_open, hi_open)
         kind = "a number" if allow_inf else "a finite number"
-        raise EDM2Error(f"{name} {value}: must be {kind}{' ' + want if want else ''}")
+        raise EDM2Error(f"{_named(name, value)}: must be {kind}{' ' + want if want else ''}")
     return x
 
 
 def check_int(value, name: str, lo: int | None = None, hi: int | None = None) -> int:
-    """`value` as an int, or ValueError unless it is a whole number within [lo, hi]."""
+    """`value` as an int, or EDM2Error unless it is a whole number within [lo, hi]."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise EDM2Error(f"{name} {value!r}: expected a whole number")
+        raise EDM2Error(f"{_named(name, repr(value))}: expected a whole number")
     x = int(value)
     if (lo is not None and x < lo) or (hi is not None and x > hi):
-        raise EDM2Error(f"{name} {x}: must be a whole number {_range_text(lo, hi, False, False)}")
+        raise EDM2Error(f"{_named(name, x)}: must be a whole number {_range_text(lo, hi, False, False)}")
     return x
 
 
@@ -65,22 +73,22 @@ def check_sampler_options(options: dict) -> dict:
     """Check edm_sampler's keyword arguments (those present): num_steps >= 1;
     0 < sigma_min < sigma_max, both finite; rho > 0; S_churn, S_min, S_noise
     finite and >= 0; S_max >= S_min (infinity allowed: no upper limit).
+    Messages name the keyword argument (`num_steps=0: ...`).
     Returns them with numbers normalised (floats, int steps)."""
     out = dict(options)
-    n = SAMPLER_OPTION_NAMES
     if "num_steps" in out:
-        out["num_steps"] = check_int(out["num_steps"], n["num_steps"], lo=1)
+        out["num_steps"] = check_int(out["num_steps"], "num_steps", lo=1)
     for key in ("sigma_min", "sigma_max", "rho"):
         if key in out:
-            out[key] = check_float(out[key], n[key], lo=0, lo_open=True)
+            out[key] = check_float(out[key], key, lo=0, lo_open=True)
     if "sigma_min" in out and "sigma_max" in out and not out["sigma_min"] < out["sigma_max"]:
-        raise EDM2Error(f"{n['sigma_min']} {out['sigma_min']:g} / {n['sigma_max']} {out['sigma_max']:g}: "
+        raise EDM2Error(f"sigma_min={out['sigma_min']:g} / sigma_max={out['sigma_max']:g}: "
                          f"need sigma_min < sigma_max")
     for key in ("S_churn", "S_min", "S_noise"):
         if key in out:
-            out[key] = check_float(out[key], n[key], lo=0)
+            out[key] = check_float(out[key], key, lo=0)
     if "S_max" in out:
-        out["S_max"] = check_float(out["S_max"], n["S_max"], lo=out.get("S_min", 0.0), allow_inf=True)
+        out["S_max"] = check_float(out["S_max"], "S_max", lo=out.get("S_min", 0.0), allow_inf=True)
     return out
 
 
