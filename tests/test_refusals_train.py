@@ -106,7 +106,7 @@ CASES = [
     ("threads zero", None, {"threads": "0"}, 2, ["--threads 0:", "must be >= 1"]),
     ("config unknown", None, {"config": "Q"}, 2, ["--config 'Q': unknown; allowed: A, B, C, D, E, F, G"]),
     ("config A with ema_std", None, {"config": "A", "ema_std": "0.05,0.1"}, 2,
-     ["--ema-std 0.05,0.1: config A keeps a traditional EMA", "allowed with ema_std: B, C, D, E, F, G"]),
+     ["--ema-std 0.05,0.1: config A keeps a traditional EMA", "allowed with --ema-std: B, C, D, E, F, G"]),
     ("ema_std too wide", None, {"ema_std": "0.05,0.5"}, 2, ["--ema-std [0.5]: every EMA length", "0.2887"]),
     ("ema_std repeated", None, {"ema_std": "0.1,0.1"}, 2, ["--ema-std 0.1,0.1: every value must be different"]),
     ("rampup negative", None, {"rampup_Mimg": "-0.5"}, 2, ["--rampup-Mimg -0.5: must be a finite number >= 0"]),

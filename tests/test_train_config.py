@@ -41,7 +41,7 @@ def test_every_config_field_is_an_option_of_edm2_train():
 def test_cli_parses_sizes_lists_and_switches():
     cfg = _parse("--outdir", "r", "--duration", "2Ki", "--batch-gpu", "4", "--ema-std", "0.05,0.1", "--uncond",
                  "--lr", "0.02", "--P-mean", "-1.2", "--force-new", "--precision", "bf16", "--rampup-Mimg", "0.5")
-    assert (cfg.duration, cfg.batch_gpu, cfg.ema_std, cfg.cond) == (2048, 4, (0.05, 0.1), False)
+    assert (cfg.duration, cfg.batch_gpu, cfg.sigma_rel, cfg.cond) == (2048, 4, (0.05, 0.1), False)
     assert (cfg.lr, cfg.P_mean, cfg.force_new, cfg.precision, cfg.rampup_Mimg) == (0.02, -1.2, True, "bf16", 0.5)
     assert _parse("--outdir", "r", "--cond").cond is True
 
