@@ -152,7 +152,7 @@ def plan_run(config: TrainConfig, world_size: int = 1, device: str = "cpu"):
     net_kwargs = _resolve_net_kwargs(config, preset, ds, dataset["channels"])
     on_cuda = torch.device(device).type == "cuda"
     settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig) if f.metadata["plan"]}
-    settings.update(values, **sizes)
+    settings.update({name: value for name, value in {**values, **sizes}.items() if name in settings})
     settings.update(
         preset=preset.name, config=preset.config, loss=preset.loss, adam_beta2=preset.adam_beta2, ema=preset.ema,
         ema_halflife=preset.ema_halflife, ema_rampup_ratio=preset.ema_rampup_ratio, data=dataset["path"],
