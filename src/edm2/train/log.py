@@ -18,7 +18,7 @@ from ..sampling import SeedRandom
 from ..utils.distributed import resolve_device
 from ..utils.fileio import atomic_write_bytes, png_bytes
 
-__all__ = ["Reporter", "StatusMeter", "save_grid", "peak_memory"]
+__all__ = ["Reporter", "save_grid"]
 
 
 class Reporter:

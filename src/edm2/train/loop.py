@@ -70,7 +70,7 @@ from .log import Reporter, StatusMeter, save_grid
 from .speed import to_channels_last
 
 __all__ = ["TrainConfig", "RunPlan", "TrainResult", "Run", "Hook", "plan_run", "setup", "start_session", "train",
-           "train_loop", "dry_run", "describe"]
+           "train_loop", "dry_run"]
 
 
 def _resolved(help: str, resume: bool = False) -> dataclasses.Field:
@@ -276,7 +276,7 @@ def _resolve_net_kwargs(config: TrainConfig, preset, ds, channels: int) -> dict:
             net_kwargs = adm_net_kwargs(net_kwargs)
     net_kwargs["precision"] = config.precision
     with torch.device("meta"):
-        build_network(preset.config, **net_kwargs)  # ValueError for an impossible architecture
+        build_network(preset.config, **net_kwargs)  # EDM2Error for an impossible architecture
     return net_kwargs
 
 
@@ -287,7 +287,7 @@ def _check_items(ds, limit: int = 2000) -> None:
         ds[i]
 
 
-def describe(plan: RunPlan, mode: str | None = None) -> str:
+def _describe(plan: RunPlan, mode: str | None = None) -> str:
     """The resolved configuration and the network size, as text."""
     with torch.device("meta"):
         net = build_network(plan.config, **plan.net_kwargs)
@@ -313,7 +313,7 @@ def dry_run(config: TrainConfig) -> str:
     size and what happens to the run folder. Trains nothing, writes nothing."""
     device = resolve_device(config.device or None)
     plan, _ = plan_run(config, 1, str(device))
-    return describe(plan, check_run_folder(plan.identity(), Path(config.outdir), config.force_new))
+    return _describe(plan, check_run_folder(plan.identity(), Path(config.outdir), config.force_new))
 
 
 # ---------------------------------------------------------------------------
