@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from edm2.cli import main as cli_main
-from edm2.train.checkpoint import list_checkpoints
+from edm2.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from edm2.train.loop import TrainConfig, train
 from edm2.utils.fileio import LOCK_NAME
 from helpers import make_dataset
@@ -70,6 +70,14 @@ def _truncate_checkpoints(run):
         path.write_bytes(path.read_bytes()[:500])
 
 
+def _rewrite_checkpoints(run, **changes):
+    """Each checkpoint saved again with some entries changed (None: removed)."""
+    for _, path in list_checkpoints(run):
+        state = load_checkpoint(path)
+        state.update(changes)
+        save_checkpoint(path, {k: v for k, v in state.items() if v is not None and k not in ("format", "version")})
+
+
 _HOLD_LOCK = textwrap.dedent("""
     import sys, time
     from edm2.utils.fileio import RunLock
@@ -96,6 +104,10 @@ CASES = [
     ("all checkpoints unreadable", "truncate", {}, 2,
      ["holds a run", "checkpoint(s) are unreadable", "--force-new", "previous-N"]),
     ("second invocation while one runs", "lock", {}, 2, ["is in use by process", LOCK_NAME]),
+    ("checkpoint of another seed", "seed", {"duration": "32"}, 2,
+     ["checkpoint-000000000016.pt: a checkpoint of seed 5, but the run has --seed 0", "--force-new"]),
+    ("checkpoint without the EMA", "no-ema", {"duration": "32"}, 2,
+     ["checkpoint-000000000016.pt: not a complete training checkpoint (no ema)"]),
     ("lr nan", None, {"lr": "nan"}, 2, ["--lr nan: must be a finite number > 0"]),
     ("lr negative", None, {"lr": "-1"}, 2, ["--lr -1.0: must be a finite number > 0"]),
     ("P_mean nan", None, {"P_mean": "nan"}, 2, ["--P-mean nan: must be a finite number"]),
@@ -106,12 +118,15 @@ CASES = [
     ("threads zero", None, {"threads": "0"}, 2, ["--threads 0:", "must be >= 1"]),
     ("config unknown", None, {"config": "Q"}, 2, ["--config 'Q': unknown; allowed: A, B, C, D, E, F, G"]),
     ("config A with ema_std", None, {"config": "A", "ema_std": "0.05,0.1"}, 2,
-     ["--ema-std 0.05,0.1: config A keeps a traditional EMA", "allowed with ema_std: B, C, D, E, F, G"]),
+     ["--ema-std 0.05,0.1: config A keeps a traditional EMA", "allowed with --ema-std: B, C, D, E, F, G"]),
     ("ema_std too wide", None, {"ema_std": "0.05,0.5"}, 2, ["--ema-std [0.5]: every EMA length", "0.2887"]),
     ("ema_std repeated", None, {"ema_std": "0.1,0.1"}, 2, ["--ema-std 0.1,0.1: every value must be different"]),
     ("rampup negative", None, {"rampup_Mimg": "-0.5"}, 2, ["--rampup-Mimg -0.5: must be a finite number >= 0"]),
     ("seed negative", None, {"seed": "-1"}, 2, ["--seed -1: must be a whole number >= 0"]),
     ("different run", None, {"lr": "0.02"}, 2, ["holds a different run", "lr: 0.01 -> 0.02", "--force-new"]),
+    ("seed changed on resume", None, {"seed": "1"}, 2, ["holds a different run", "seed: 0 -> 1"]),
+    ("ema_std changed on resume", None, {"ema_std": "0.05"}, 2,
+     ["holds a different run", "ema_std: [0.05, 0.1] -> [0.05]"]),
 ]
 
 
@@ -119,6 +134,8 @@ CASES = [
 def test_refused_and_nothing_changed(request, capsys, run, data, case, spoil, changes, status, says):
     if spoil == "truncate":
         _truncate_checkpoints(run)
+    if spoil in ("seed", "no-ema"):
+        _rewrite_checkpoints(run, **({"seed": 5} if spoil == "seed" else {"ema": None}))
     if spoil == "lock":
         pid = request.getfixturevalue("locked_by_another_process")
         says = says + [str(pid)]
@@ -170,6 +187,17 @@ def test_force_new_starts_over_after_unreadable_checkpoints(capsys, run, data):
     assert _hashes(run / "previous-1") == old            # moved aside, unchanged
     assert [n for n, _ in list_checkpoints(run)] == [16]  # and trained again
     assert not (run / LOCK_NAME).exists()                 # the lock is released
+
+
+def test_checkpoint_of_an_earlier_version_resumes(run, data):
+    """Checkpoints written before the checkpoint's contents were declared once also hold
+    `data_position` (always the image count); they resume, and new ones no longer hold it."""
+    _rewrite_checkpoints(run, data_position=16)
+    assert cli_main(_argv(run, data, duration=32)) == 0
+    assert "resuming from checkpoint-000000000016.pt at 16 images" in (run / "log.txt").read_text()
+    state = load_checkpoint(run / "checkpoint-000000000032.pt")
+    assert sorted(state) == ["ema", "format", "net", "nimg", "optimizer", "seed", "version"]
+    assert (state["nimg"], state["seed"]) == (32, 0)
 
 
 def test_a_stale_lock_is_taken_over(capsys, run, data):

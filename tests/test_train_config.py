@@ -11,10 +11,12 @@ import torch
 from edm2.cli import build_parser, flag_message
 from edm2.cli.train import config_from_args, flag
 from edm2.io.loading import load_network
-from edm2.io.snapshot import make_meta, save_snapshot
+from edm2.io.snapshot import make_meta, run_fingerprint, save_snapshot
 from edm2.nn import Precond, precision_kwargs
 from edm2.train.checkpoint import check_run_folder
-from edm2.train.loop import Stream, TrainConfig, sample_seed
+from edm2.train.loop import SESSION_FIELDS, RunPlan, Stream, TrainConfig, plan_run, sample_seed
+from edm2.utils.errors import EDM2Error
+from helpers import make_dataset, write_snapshot
 
 TINY = dict(img_resolution=8, img_channels=1, label_dim=0, model_channels=8, channel_mult=[1], num_blocks=1,
             attn_resolutions=[], channels_per_head=8)
@@ -41,7 +43,7 @@ def test_every_config_field_is_an_option_of_edm2_train():
 def test_cli_parses_sizes_lists_and_switches():
     cfg = _parse("--outdir", "r", "--duration", "2Ki", "--batch-gpu", "4", "--ema-std", "0.05,0.1", "--uncond",
                  "--lr", "0.02", "--P-mean", "-1.2", "--force-new", "--precision", "bf16", "--rampup-Mimg", "0.5")
-    assert (cfg.duration, cfg.batch_gpu, cfg.ema_std, cfg.cond) == (2048, 4, (0.05, 0.1), False)
+    assert (cfg.duration, cfg.batch_gpu, cfg.sigma_rel, cfg.cond) == (2048, 4, (0.05, 0.1), False)
     assert (cfg.lr, cfg.P_mean, cfg.force_new, cfg.precision, cfg.rampup_Mimg) == (0.02, -1.2, True, "bf16", 0.5)
     assert _parse("--outdir", "r", "--cond").cond is True
 
@@ -110,3 +112,95 @@ def test_run_folder_of_an_older_version_resumes(tmp_path):
     assert check_run_folder(identity, tmp_path) == "resume"
     with pytest.raises(ValueError, match="different run"):
         check_run_folder(dict(identity, net_kwargs=dict(TINY, precision="bf16")), tmp_path)
+
+
+# ---------------------------------------------------------------------------
+# What a resume may change: the --help headings and the refusal follow the same field metadata.
+# ---------------------------------------------------------------------------
+
+BASE = dict(preset="tiny", batch=8, duration=16, status=16, snapshot=16, checkpoint=16, grid=0, workers=0)
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    return make_dataset(root / "ds", n=8), make_dataset(root / "other", n=8)
+
+
+def _other_values(data, tmp_path):
+    """A valid value different from BASE's (or the default) for every option of `edm2 train`."""
+    return dict(data=str(data[1]), preset="cpu-32", config="F", cond=False, xflip=True, duration=32, batch=16,
+                batch_gpu=4, lr=0.02, decay=50.0, rampup_Mimg=0.5, channels=32, dropout=0.1, P_mean=-1.0, P_std=1.1,
+                sigma_rel=(0.05,), status=32, snapshot=32, checkpoint=32, slice=8, precision="bf16",
+                loss_scaling=2.0, compile=True, channels_last=True, seed=1,
+                init=str(write_snapshot(tmp_path / "init.safetensors", label_dim=4)), device="cpu", workers=1,
+                grid=4, dynamics=8, dynamics_probe=4, threads=1, force_new=True)
+
+
+def _help_headings():
+    """{dest: title of its --help group} of `edm2 train`."""
+    train_parser = build_parser().parse_args(["train", "--outdir", "r"])._parser
+    return {a.dest: group.title for group in train_parser._action_groups for a in group._group_actions}
+
+
+def test_help_headings_say_what_a_resume_refuses(tmp_path, datasets):
+    """For every option: changed on the resume of a run, is it refused (a different run)? The --help
+    heading of the option says "may change when a run is resumed" exactly when it is not."""
+    run = tmp_path / "run"
+    run.mkdir()
+    base = TrainConfig(outdir=str(run), data=str(datasets[0]), **BASE)
+    (run / "config.json").write_text(json.dumps(plan_run(base)[0].identity()))
+    headings = _help_headings()
+    refused, allowed = set(), set()
+    for name, value in _other_values(datasets, tmp_path).items():
+        changed = dataclasses.replace(base, **{name: value})
+        assert changed != base, name
+        try:
+            check_run_folder(plan_run(changed)[0].identity(), run, changed.force_new)
+            allowed.add(name)
+        except EDM2Error as e:
+            assert "holds a different run" in str(e), (name, e)
+            refused.add(name)
+    options = {f.name for f in dataclasses.fields(TrainConfig) if f.metadata["cli"]} - {"outdir"}  # its own run
+    assert refused | allowed == options
+    for name in options:
+        says_may_change = "may change when a run is resumed" in headings[name]
+        assert says_may_change == (name in allowed), (name, headings[name])
+        assert ("a resume refuses a change" in headings[name]) == (name in refused), (name, headings[name])
+    assert {"seed", "precision", "init", "lr", "sigma_rel"} <= refused
+    assert {"duration", "batch_gpu", "slice", "channels_last", "threads"} <= allowed
+    assert SESSION_FIELDS == tuple(f.name for f in dataclasses.fields(RunPlan) if f.metadata["resume"])
+
+
+# config.json of a tiny run as written before RunPlan was made from TrainConfig's fields (DATA: the dataset).
+OLD_CONFIG_JSON = {
+    "G": '{"preset": "tiny", "config": "G", "loss": "uncertainty", "adam_beta2": 0.99, "ema": "power", '
+         '"ema_halflife": 0.0, "ema_rampup_ratio": 0.05, "data": "DATA", "cond": true, "xflip": false, "net_kwargs": '
+         '{"img_resolution": 16, "img_channels": 1, "label_dim": 4, "model_channels": 16, "channel_mult": [1, 2], '
+         '"num_blocks": 1, "attn_resolutions": [8], "dropout": 0.0, "channels_per_head": 16, "precision": "fp16"}, '
+         '"encoder": {"type": "rgb"}, "dataset": {"resolution": 16, "channels": 1, "label_dim": 4, "class_names": '
+         '["a", "b", "c", "d"], "path": "DATA", "size": 8, "xflip": false}, "batch": 8, "lr": 0.01, "decay": 100.0, '
+         '"rampup_Mimg": 0.0001, "P_mean": -0.8, "P_std": 1.6, "ema_std": [0.05, 0.1], "precision": "fp16", '
+         '"loss_scaling": 1.0, "seed": 0, "init": null}',
+    "A": '{"preset": "tiny", "config": "A", "loss": "edm", "adam_beta2": 0.999, "ema": "traditional", '
+         '"ema_halflife": 1.4901161193847656, "ema_rampup_ratio": 0.05, "data": "DATA", "cond": true, "xflip": false, '
+         '"net_kwargs": {"img_resolution": 16, "img_channels": 1, "label_dim": 4, "model_channels": 16, '
+         '"channel_mult": [1, 2], "num_blocks": 1, "attn_resolutions": [16, 8], "dropout": 0.1, '
+         '"channels_per_head": 16, "precision": "fp16"}, "encoder": {"type": "rgb"}, "dataset": {"resolution": 16, '
+         '"channels": 1, "label_dim": 4, "class_names": ["a", "b", "c", "d"], "path": "DATA", "size": 8, '
+         '"xflip": false}, "batch": 8, "lr": 0.0001, "decay": 0.0, "rampup_Mimg": 0.0001, "P_mean": -1.2, '
+         '"P_std": 1.2, "ema_std": [], "precision": "fp16", "loss_scaling": 100.0, "seed": 0, "init": null}',
+}
+
+
+@pytest.mark.parametrize("config", ["G", "A"])
+def test_config_json_of_the_earlier_runplan_resumes(tmp_path, datasets, config):
+    data = str(datasets[0].resolve())
+    old = json.loads(OLD_CONFIG_JSON[config].replace("DATA", data))
+    (tmp_path / "config.json").write_text(json.dumps(old, indent=2))
+    sigma_rel = (0.05, 0.1) if config == "G" else None
+    plan, _ = plan_run(TrainConfig(outdir=str(tmp_path), data=data, config=config, sigma_rel=sigma_rel, **BASE))
+    assert plan.identity() == old
+    assert run_fingerprint(plan.identity()) == run_fingerprint(old)   # snapshots' run_id: post-hoc EMA mixes them
+    assert check_run_folder(plan.identity(), tmp_path) == "resume"
+    assert plan.sigma_rel == old["ema_std"] and "sigma_rel" not in plan.as_dict()

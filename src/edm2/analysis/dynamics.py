@@ -491,10 +491,11 @@ class DynamicsHook:
     P_mean/P_std) is drawn once from the run's seed, so every measurement of
     every session of the run sees the same batch. Runs on rank 0 only."""
 
-    def __init__(self, every: int, probe_size: int = 256, batch_size: int = MEASURE_BATCH):
+    def __init__(self, every: int, probe_size: int = 256, batch_size: int = MEASURE_BATCH, writer=None):
         if every < 1 or probe_size < 1:
             raise EDM2Error(f"dynamics={every}, dynamics_probe={probe_size}: both must be >= 1")
         self.every, self.probe_size, self.batch_size = int(every), int(probe_size), int(batch_size)
+        self.writer = writer   # the run's TensorBoard SummaryWriter (edm2.train.log.Reporter.tensorboard), or None
         self.tracker: DynamicsTracker | None = None
 
     def due(self, nimg: int, batch: int, start_nimg: int, duration: int) -> bool:

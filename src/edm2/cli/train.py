@@ -1,7 +1,7 @@
 """`edm2 train`: a thin layer over `edm2.train.loop.train(TrainConfig(...))`.
 
-The options are made from TrainConfig's fields (their help, kind and group
-live next to the field); errors of the library name the Python argument
+The options are made from TrainConfig's fields (their help, kind, flag and
+whether they may change on resume live next to the field); errors of the library name the Python argument
 (`lr=nan: ...`) and `edm2.cli.flag_message` shows them with the flag
 (`--lr nan: ...`).
 """
@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import dataclasses
 
-from ..train.config import TrainConfig
+from ..train.config import TrainConfig, may_change_on_resume
 from ..utils.units import parse_float_list, parse_nimg
 
 HELP = "train an EDM2 model (re-running the same command resumes)"
 
-_GROUPS = {"overrides": "overrides of the preset (default: the preset's value)",
-           "session": "this invocation (may change when a run is resumed)"}
+# The --help headings, by (may change on resume, default from the preset).
+FIXED_NOTE = "a resume refuses a change"
+RESUME_NOTE = "may change when a run is resumed"
+HEADINGS = {(False, False): f"the run ({FIXED_NOTE})",
+            (False, True): f"overrides of the preset (default: the preset's value; {FIXED_NOTE})",
+            (True, True): f"overrides of the preset that {RESUME_NOTE} (default: the preset's value)",
+            (True, False): f"this invocation ({RESUME_NOTE})"}
 _TYPES = {"int": int, "float": float}
 
 
@@ -24,19 +29,23 @@ def _fields():
 
 
 def flag(name: str) -> str:
-    """The command-line flag of a TrainConfig field: rampup_Mimg -> --rampup-Mimg."""
-    return "--" + name.replace("_", "-")
+    """The command-line flag of a TrainConfig field: rampup_Mimg -> --rampup-Mimg, sigma_rel -> --ema-std."""
+    f = {f.name: f for f in dataclasses.fields(TrainConfig)}.get(name)
+    return (f is not None and f.metadata.get("flag")) or "--" + name.replace("_", "-")
+
+
+def heading(f: dataclasses.Field) -> str | None:
+    """The --help heading of a TrainConfig field."""
+    return HEADINGS[may_change_on_resume(f), bool(f.metadata["preset"])]
 
 
 def register(sub) -> None:
     p = sub.add_parser("train", help=HELP, description=HELP + ". Without --data it trains on the built-in "
                        "Fashion-MNIST. Sizes count images and accept Ki/Mi/Gi suffixes (128Ki = 131072). "
                        "Several GPUs or nodes: launch with torchrun. Documentation: docs/training.md.")
-    groups = {None: p}
-    for key, title in _GROUPS.items():
-        groups[key] = p.add_argument_group(title)
+    groups = {title: p.add_argument_group(title) for title in HEADINGS.values()}
     for f in _fields():
-        _add_option(groups.get(f.metadata["group"], p), f)
+        _add_option(groups[heading(f)], f)
     p.add_argument("-n", "--dry-run", action="store_true", help="print the resolved configuration and network "
                    "size; train nothing, write nothing")
     p.set_defaults(func=run)

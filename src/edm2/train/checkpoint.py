@@ -1,11 +1,14 @@
 """Resume checkpoints of a training run (`checkpoint-NNNNNNNNNNNN.pt` in the
 run folder).
 
-A checkpoint holds everything needed to continue bit for bit: network and
-optimizer state, every EMA profile, the image count and the seed. The data
+A checkpoint holds everything needed to continue bit for bit: `nimg` (the
+image count), `seed`, `net` and `optimizer` state and `ema` (every EMA
+profile); `edm2.train.loop` declares these entries once, for saving and
+restoring, and refuses a checkpoint whose seed is not the run's. The data
 order and all random numbers of the trainer are functions of (seed, image
 position), so the image count is also the data-order position and the RNG
-state. Files are written with `torch.save` to memory, then atomically
+state (checkpoints of earlier versions also hold it as `data_position`, which
+is not read). Files are written with `torch.save` to memory, then atomically
 (temp file, fsync, rename); they are read with `torch.load(weights_only=True)`
 (no pickle code runs). A truncated or corrupt checkpoint is reported and the
 previous one is used.
@@ -31,7 +34,7 @@ from ..utils.fileio import LOCK_NAME, atomic_write_bytes, remove_temp_files
 from ..utils.validate import safe_error_text
 
 __all__ = ["checkpoint_name", "list_checkpoints", "save_checkpoint", "load_checkpoint", "load_latest_checkpoint",
-           "remove_stale_temp_files", "check_run_folder", "check_restart", "archive_run", "CHECKPOINT_FORMAT"]
+           "check_run_folder"]
 
 CHECKPOINT_FORMAT = "edm2-checkpoint"
 _NOT_RUN_FILES = {LOCK_NAME}   # files in a run folder that belong to no run (kept by archive_run)
@@ -60,7 +63,7 @@ def save_checkpoint(path, state: dict) -> None:
 
 
 def load_checkpoint(path, map_location="cpu") -> dict:
-    """Load one checkpoint; ValueError naming the file if it is unreadable."""
+    """Load one checkpoint; `EDM2Error` naming the file if it is unreadable."""
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # truncated zip, bad magic, unexpected object types, ...
@@ -95,7 +98,7 @@ _ADDED_SETTINGS = {"config": "G", "loss": "uncertainty", "adam_beta2": 0.99, "em
 def check_run_folder(identity: dict, outdir, force_new: bool = False) -> str:
     """What to do with outdir for a run described by `identity` (the settings that
     define a run, stored as config.json): 'fresh', 'resume' (same settings) or
-    'archive' (force_new over an existing run). Reads only; ValueError on a conflict."""
+    'archive' (force_new over an existing run). Reads only; `EDM2Error` on a conflict."""
     out = Path(outdir)
     if not out.exists():
         return "fresh"
@@ -128,7 +131,7 @@ def check_run_folder(identity: dict, outdir, force_new: bool = False) -> str:
 
 
 def check_restart(folder) -> None:
-    """Refuse (ValueError) to start a run again from image 0 in a folder whose
+    """Refuse (`EDM2Error`) to start a run again from image 0 in a folder whose
     checkpoints are all unreadable or missing while it holds files of that run
     beyond its start (snapshots after image 0, sample grids, checkpoints):
     starting over would overwrite them."""

@@ -17,20 +17,25 @@ from ..sampling import SeedRandom, sample_batch
 from ..utils.distributed import resolve_device
 from ..utils.fileio import atomic_write_bytes, png_bytes
 
-__all__ = ["Reporter", "StatusMeter", "save_grid", "peak_memory"]
+__all__ = ["Reporter", "save_grid"]
 
 
 class Reporter:
     """Status lines to the terminal and log.txt, records to stats.jsonl and
-    TensorBoard (rank 0 only; the others stay silent)."""
+    TensorBoard (rank 0 only; the others stay silent).
+
+    `tensorboard` is the run's one `SummaryWriter` (into OUTDIR/tensorboard/;
+    None when the tensorboard package is missing or on ranks other than 0):
+    whatever else logs scalars during training (e.g. the `--dynamics` hook) is
+    given this writer rather than opening its own. `close()` closes it."""
 
     def __init__(self, outdir: Path | None, active: bool, bar=None):
-        self.outdir, self.active, self.bar, self.tb = outdir, active, bar, None
+        self.outdir, self.active, self.bar, self.tensorboard = outdir, active, bar, None
         if active and outdir is not None:
             try:
                 # Optional and slow to import: only when a run is logged, and only if installed.
                 from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(outdir / "tensorboard"))
+                self.tensorboard = SummaryWriter(str(outdir / "tensorboard"))
             except ImportError:
                 pass
 
@@ -48,15 +53,15 @@ class Reporter:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with open(self.outdir / "stats.jsonl", "a") as f:
             f.write(json.dumps(clean) + "\n")  # strict JSON: NaN (no images yet) becomes null
-        if self.tb is not None:
+        if self.tensorboard is not None:
             for k, v in record.items():
                 if k != "nimg" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tb.add_scalar(f"train/{k}", v, record["nimg"])
-            self.tb.flush()
+                    self.tensorboard.add_scalar(f"train/{k}", v, record["nimg"])
+            self.tensorboard.flush()
 
     def close(self):
-        if self.tb is not None:
-            self.tb.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def peak_memory(device) -> tuple[float, float]:

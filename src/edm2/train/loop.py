@@ -49,8 +49,7 @@ from ..encoders import StabilityVAEEncoder, StandardRGBEncoder, VAEUnavailable, 
 from ..io.loading import load_network
 from ..io.snapshot import make_meta, run_fingerprint, save_snapshot, snapshot_config, snapshot_name
 from ..loss import EDM2Loss, EDMLoss, learning_rate_schedule
-from ..nn import DTYPES, Precond, force_normalize_
-from ..nn import build_network as make_network
+from ..nn import DTYPES, Precond, build_network, force_normalize_
 from ..nn.adm import adm_net_kwargs
 from ..presets import RECIPES, get_preset
 from ..utils.distributed import configure_threads, init_distributed, resolve_device
@@ -66,62 +65,62 @@ from .checkpoint import (
     remove_stale_temp_files,
     save_checkpoint,
 )
-from .config import TrainConfig
+from .config import TrainConfig, may_change_on_resume
 from .log import Reporter, StatusMeter, save_grid
 from .speed import to_channels_last
 
-__all__ = ["TrainConfig", "RunPlan", "TrainResult", "Run", "Stream", "plan_run", "setup", "start_session", "train",
-           "train_loop", "dry_run", "describe", "stream_indices", "sample_seed", "build_network", "build_optimizer",
-           "build_ema", "build_loss", "SESSION_FIELDS"]
+__all__ = ["TrainConfig", "RunPlan", "TrainResult", "Run", "Hook", "plan_run", "setup", "start_session", "train",
+           "train_loop", "dry_run"]
 
 
-# Fields of RunPlan that may change between invocations of the same run.
-SESSION_FIELDS = ("duration", "status", "snapshot", "checkpoint", "slice", "batch_gpu", "compile", "device",
-                  "world_size", "workers", "grid", "channels_last")
+def _resolved(help: str, resume: bool = False) -> dataclasses.Field:
+    """A RunPlan field that TrainConfig does not have: resolved from the preset, the data or the processes."""
+    return field(metadata=dict(help=help, resume=resume, key=None))
 
 
-@dataclass
-class RunPlan:
-    """The fully resolved run (stored as config.json)."""
-    preset: str
-    config: str                  # the config of the paper's Table 1 (A-G) and its recipe:
-    loss: str                    # 'uncertainty' (Eq. 21) or 'edm' (Eq. 14)
-    adam_beta2: float
-    ema: str                     # 'power' (ema_std profiles) or 'traditional' (ema_halflife)
-    ema_halflife: float          # traditional EMA: half-life in images
-    ema_rampup_ratio: float      # traditional EMA: EDM's ramp-up
-    data: str
-    cond: bool
-    xflip: bool
-    net_kwargs: dict
-    encoder: dict
-    dataset: dict
-    batch: int
-    lr: float
-    decay: float
-    rampup_Mimg: float
-    P_mean: float
-    P_std: float
-    ema_std: list
-    precision: str
-    loss_scaling: float
-    seed: int
-    init: str | None
-    duration: int
-    status: int
-    snapshot: int
-    checkpoint: int
-    slice: int | None
-    batch_gpu: int
-    compile: bool
-    device: str
-    world_size: int
-    workers: int
-    grid: int
-    channels_last: bool = False
+# The plan's fields beyond TrainConfig's (whose `plan=True` fields it holds, resolved).
+_RESOLVED_FIELDS = [
+    ("loss", str, _resolved("the config's loss: 'uncertainty' (Eq. 21) or 'edm' (Eq. 14)")),
+    ("adam_beta2", float, _resolved("Adam's beta2 of the config (App. B.2)")),
+    ("ema", str, _resolved("'power' (power-function profiles, sigma_rel) or 'traditional' (ema_halflife)")),
+    ("ema_halflife", float, _resolved("traditional EMA: half-life in images")),
+    ("ema_rampup_ratio", float, _resolved("traditional EMA: EDM's ramp-up")),
+    ("net_kwargs", dict, _resolved("Precond arguments (edm2.nn.build_network)")),
+    ("encoder", dict, _resolved("the encoder's metadata (edm2.encoders.encoder_from_meta)")),
+    ("dataset", dict, _resolved("the dataset: resolution, channels, labels, path, size")),
+    ("world_size", int, _resolved("processes", resume=True)),
+]
 
-    def identity(self) -> dict:
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in SESSION_FIELDS}
+
+def _plan_key(f: dataclasses.Field) -> str:
+    """The config.json key of a RunPlan field (its name unless the field says otherwise)."""
+    return f.metadata.get("key") or f.name
+
+
+def _identity(self) -> dict:
+    """The settings that define the run (a resume refuses a change of any), under
+    their config.json keys: what config.json stores and `check_run_folder` compares."""
+    values = dataclasses.asdict(self)
+    return {_plan_key(f): values[f.name] for f in dataclasses.fields(self) if not may_change_on_resume(f)}
+
+
+def _as_dict(self) -> dict:
+    """Every setting of the plan, under its config.json key."""
+    values = dataclasses.asdict(self)
+    return {_plan_key(f): values[f.name] for f in dataclasses.fields(self)}
+
+
+RunPlan = dataclasses.make_dataclass(
+    "RunPlan",
+    [(f.name, f.type, field(metadata=f.metadata)) for f in dataclasses.fields(TrainConfig) if f.metadata["plan"]]
+    + _RESOLVED_FIELDS,
+    namespace={"identity": _identity, "as_dict": _as_dict, "__module__": __name__,
+               "__doc__": "The fully resolved run: TrainConfig's `plan` fields with every None resolved, and the "
+                          "settings resolved from the preset, the data and the processes. `identity()` (the "
+                          "fields that may not change on resume) is stored as config.json."})
+
+# Fields of RunPlan that may change between invocations of the same run (derived from the field metadata).
+SESSION_FIELDS = tuple(f.name for f in dataclasses.fields(RunPlan) if may_change_on_resume(f))
 
 
 @dataclass
@@ -144,26 +143,22 @@ def _pick(value, default):
 
 def plan_run(config: TrainConfig, world_size: int = 1, device: str = "cpu"):
     """Open the dataset and merge the preset with the overrides -> (RunPlan, ImageDataset).
-    Raises ValueError / FileNotFoundError naming the argument and the fix."""
+    Raises `EDM2Error` (a ValueError; `MissingFileError` for a missing dataset) naming the argument and the fix."""
     preset = get_preset(config.preset, config.config)
     sizes = _resolve_sizes(config, preset, world_size)
     values = _check_values(config, preset)
-    ema_std = _check_ema_std(config, preset)
+    sigma_rel = _check_sigma_rel(config, preset)
     ds, encoder, dataset = _open_dataset(config)
     net_kwargs = _resolve_net_kwargs(config, preset, ds, dataset["channels"])
     on_cuda = torch.device(device).type == "cuda"
-    plan = RunPlan(
+    settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig) if f.metadata["plan"]}
+    settings.update({name: value for name, value in {**values, **sizes}.items() if name in settings})
+    settings.update(
         preset=preset.name, config=preset.config, loss=preset.loss, adam_beta2=preset.adam_beta2, ema=preset.ema,
-        ema_halflife=preset.ema_halflife, ema_rampup_ratio=preset.ema_rampup_ratio, data=dataset["path"], cond=ds.has_labels, xflip=config.xflip,
-        net_kwargs=net_kwargs, encoder=encoder.to_meta(), dataset=dataset, batch=sizes["batch"],
-        lr=values["lr"], decay=values["decay"], rampup_Mimg=values["rampup_Mimg"], P_mean=values["P_mean"],
-        P_std=values["P_std"], ema_std=ema_std, precision=config.precision, loss_scaling=values["loss_scaling"],
-        seed=config.seed,
-        init=config.init, duration=sizes["duration"], status=sizes["status"], snapshot=sizes["snapshot"],
-        checkpoint=sizes["checkpoint"], slice=config.slice, batch_gpu=sizes["batch_gpu"], compile=config.compile,
-        device=str(device), world_size=world_size, workers=_pick(config.workers, 2 if on_cuda else 0),
-        grid=config.grid, channels_last=config.channels_last)
-    return plan, ds
+        ema_halflife=preset.ema_halflife, ema_rampup_ratio=preset.ema_rampup_ratio, data=dataset["path"],
+        cond=ds.has_labels, net_kwargs=net_kwargs, encoder=encoder.to_meta(), dataset=dataset, sigma_rel=sigma_rel,
+        device=str(device), world_size=world_size, workers=_pick(config.workers, 2 if on_cuda else 0))
+    return RunPlan(**settings), ds
 
 
 # The real-valued settings: (low, high, low allowed, what the value must be); high is never allowed.
@@ -197,19 +192,20 @@ def _check_values(config: TrainConfig, preset) -> dict:
     return values
 
 
-def _check_ema_std(config: TrainConfig, preset) -> list:
+def _check_sigma_rel(config: TrainConfig, preset) -> list:
     """The EMA lengths sigma_rel: different values, each in (0, 0.2887) (paper Sec. 3.1)."""
     if preset.ema == "traditional":
-        if config.ema_std is not None:
-            raise EDM2Error(f"ema_std={','.join(map(str, config.ema_std))}: config {preset.config} keeps a traditional "
-                             f"EMA (half-life {preset.ema_halflife:.4g} images), not power-function profiles; drop "
-                             f"ema_std, or pick a config B-G (allowed with ema_std: B, C, D, E, F, G)")
+        if config.sigma_rel is not None:
+            raise EDM2Error(f"sigma_rel={','.join(map(str, config.sigma_rel))}: config {preset.config} keeps a "
+                            f"traditional EMA (half-life {preset.ema_halflife:.4g} images), not power-function "
+                            f"profiles; drop `sigma_rel`, or pick a config B-G (allowed with `sigma_rel`: B, C, D, "
+                            f"E, F, G)")
         return []
-    ema_std = parse_float_list(_pick(config.ema_std, preset.ema_std), "ema_std")
-    if len(set(ema_std)) != len(ema_std):
-        raise EDM2Error(f"ema_std={','.join(map(str, ema_std))}: every value must be different")
-    check_sigma_rel(ema_std, "ema_std")
-    return ema_std
+    sigma_rel = parse_float_list(_pick(config.sigma_rel, preset.ema_std), "sigma_rel")
+    if len(set(sigma_rel)) != len(sigma_rel):
+        raise EDM2Error(f"sigma_rel={','.join(map(str, sigma_rel))}: every value must be different")
+    check_sigma_rel(sigma_rel, "sigma_rel")
+    return sigma_rel
 
 
 def _resolve_sizes(config: TrainConfig, preset, world_size: int) -> dict:
@@ -280,7 +276,7 @@ def _resolve_net_kwargs(config: TrainConfig, preset, ds, channels: int) -> dict:
             net_kwargs = adm_net_kwargs(net_kwargs)
     net_kwargs["precision"] = config.precision
     with torch.device("meta"):
-        make_network(preset.config, **net_kwargs)  # ValueError for an impossible architecture
+        build_network(preset.config, **net_kwargs)  # EDM2Error for an impossible architecture
     return net_kwargs
 
 
@@ -291,15 +287,15 @@ def _check_items(ds, limit: int = 2000) -> None:
         ds[i]
 
 
-def describe(plan: RunPlan, mode: str | None = None) -> str:
+def _describe(plan: RunPlan, mode: str | None = None) -> str:
     """The resolved configuration and the network size, as text."""
     with torch.device("meta"):
-        net = make_network(plan.config, **plan.net_kwargs)
+        net = build_network(plan.config, **plan.net_kwargs)
     n_params = sum(p.numel() for p in net.parameters())
     recipe = RECIPES[plan.config]
     ema = (f"traditional EMA, half-life {plan.ema_halflife:.4g} images" if plan.ema == "traditional" else
-           f"power-function EMA, sigma_rel {', '.join(map(str, plan.ema_std))}")
-    lines = [json.dumps(dataclasses.asdict(plan), indent=2),
+           f"power-function EMA, sigma_rel {', '.join(map(str, plan.sigma_rel))}")
+    lines = [json.dumps(plan.as_dict(), indent=2),
              f"config {plan.config} ({recipe.title}; docs/ablation.md): {type(net).__name__}, "
              f"{'EDM loss' if plan.loss == 'edm' else 'loss with learned uncertainty u(sigma)'}, "
              f"Adam betas (0.9, {plan.adam_beta2}), learning rate {plan.lr:g} "
@@ -317,7 +313,7 @@ def dry_run(config: TrainConfig) -> str:
     size and what happens to the run folder. Trains nothing, writes nothing."""
     device = resolve_device(config.device or None)
     plan, _ = plan_run(config, 1, str(device))
-    return describe(plan, check_run_folder(plan.identity(), Path(config.outdir), config.force_new))
+    return _describe(plan, check_run_folder(plan.identity(), Path(config.outdir), config.force_new))
 
 
 # ---------------------------------------------------------------------------
@@ -492,10 +488,10 @@ def _find_resume_state(out: Path, mode: str, device: torch.device):
 
 
 def _build_run(plan: RunPlan, ds, out: Path, rank: int, world: int, device: torch.device, hooks) -> Run:
-    net = build_network(plan, device)
+    net = _network_for_plan(plan, device)
     return Run(plan=plan, out=out, rank=rank, world=world, device=device, data=ds, net=net,
-               opt=build_optimizer(plan, net), ema=build_ema(plan, net) if rank == 0 else None,
-               loss_fn=build_loss(plan, net),
+               opt=_optimizer_for_plan(plan, net), ema=_ema_for_plan(plan, net) if rank == 0 else None,
+               loss_fn=_loss_for_plan(plan, net),
                encoder=encoder_from_meta(plan.encoder), reporter=Reporter(out, rank == 0), nimg=0, start_nimg=0,
                stop_nimg=0, result=TrainResult(outdir=out, nimg=0, finished=False), grid=plan.grid,
                hooks=list(hooks))
@@ -526,43 +522,89 @@ def _prepare_folder(plan: RunPlan, out: Path, mode: str, rank: int, world: int) 
         dist.barrier()
 
 
-def build_network(plan: RunPlan, device: torch.device) -> Precond:
+def _network_for_plan(plan: RunPlan, device: torch.device) -> Precond:
     """The network to train: seeded initial weights, or those of `plan.init`."""
     torch.manual_seed(sample_seed(plan.seed, Stream.INIT, 0))
-    net = make_network(plan.config, **plan.net_kwargs).to(device).train().requires_grad_(True)
+    net = build_network(plan.config, **plan.net_kwargs).to(device).train().requires_grad_(True)
     if plan.init is not None:
         net.load_state_dict(load_network(plan.init)[0].state_dict())
     return net
 
 
-def build_optimizer(plan: RunPlan, net: Precond) -> torch.optim.Optimizer:
+def _optimizer_for_plan(plan: RunPlan, net: Precond) -> torch.optim.Optimizer:
     """Adam with the config's betas (0.9, 0.99; config A: 0.9, 0.999; App. B.2); the
     learning rate is set every step."""
     return torch.optim.Adam(net.parameters(), lr=0.0, betas=(0.9, plan.adam_beta2), eps=1e-8)
 
 
-def build_loss(plan: RunPlan, net: Precond):
+def _loss_for_plan(plan: RunPlan, net: Precond):
     """The config's loss: learned uncertainty (Eq. 21, configs B-G) or EDM's (Eq. 14, config A)."""
     kind = EDMLoss if plan.loss == "edm" else EDM2Loss
     return kind(P_mean=plan.P_mean, P_std=plan.P_std, sigma_data=net.sigma_data)
 
 
-def build_ema(plan: RunPlan, net: Precond):
+def _ema_for_plan(plan: RunPlan, net: Precond):
     """The config's EMA: power-function profiles for post-hoc EMA (Sec. 3, configs B-G),
     or a traditional EMA with a half-life (config A)."""
     if plan.ema == "traditional":
         return TraditionalEMA(net, plan.ema_halflife, plan.ema_rampup_ratio)
-    return PowerFunctionEMA(net, plan.ema_std)
+    return PowerFunctionEMA(net, plan.sigma_rel)
+
+
+# ---------------------------------------------------------------------------
+# What a checkpoint holds (edm2.train.checkpoint writes and reads the file):
+# one declaration, used both to save and to restore.
+# ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Part:
+    """One entry of a checkpoint: how to get it from a Run, and how to put it back."""
+    get: Callable[[Run], object]
+    restore: Callable[[Run, object, Path], None]
+
+
+def _restore_ema(run: Run, value, path: Path) -> None:
+    if run.ema is not None:           # rank 0 only
+        run.ema.load_state_dict(value, run.nimg)
+
+
+def _check_seed(run: Run, value, path: Path) -> None:
+    if int(value) != run.plan.seed:
+        raise EDM2Error(f"{path}: a checkpoint of seed {int(value)}, but the run has seed={run.plan.seed}; "
+                        f"move the checkpoint away or use force_new=True to start over")
+
+
+def _restore_nimg(run: Run, value, path: Path) -> None:
+    run.nimg = run.start_nimg = run.result.nimg = int(value)
+
+
+# Restored in this order (the EMA's restore needs the image count). The image count is also the position in
+# the data order and in every random stream (`Stream`), so nothing else is needed to continue bit for bit.
+# Checkpoints of earlier versions also hold `data_position` (always equal to `nimg`); it is not read.
+_CHECKPOINT_PARTS = {
+    "nimg": _Part(lambda run: run.nimg, _restore_nimg),
+    "seed": _Part(lambda run: run.plan.seed, _check_seed),
+    "net": _Part(lambda run: run.net.state_dict(), lambda run, value, path: run.net.load_state_dict(value)),
+    "optimizer": _Part(lambda run: run.opt.state_dict(), lambda run, value, path: run.opt.load_state_dict(value)),
+    "ema": _Part(lambda run: run.ema.state_dict(), _restore_ema),
+}
 
 
 def _restore(run: Run, state: dict, path: Path) -> None:
-    """Network, optimizer, EMA and image count from a checkpoint's state."""
-    run.net.load_state_dict(state["net"])
-    run.opt.load_state_dict(state["optimizer"])
-    if run.ema is not None:
-        run.ema.load_state_dict(state["ema"], int(state["nimg"]))
-    run.nimg = run.start_nimg = run.result.nimg = int(state["nimg"])
+    """Network, optimizer, EMA and image count from a checkpoint's state; the seed is checked."""
+    missing = [name for name in _CHECKPOINT_PARTS if name not in state]
+    if missing:
+        raise EDM2Error(f"{path}: not a complete training checkpoint (no {', '.join(missing)})")
+    for name, part in _CHECKPOINT_PARTS.items():
+        part.restore(run, state[name], path)
     run.reporter.log(f"resuming from {path.name} at {run.nimg} images")
+
+
+def save_run_checkpoint(run: Run) -> None:
+    """Write the checkpoint of the run at run.nimg (rank 0)."""
+    path = run.out / checkpoint_name(run.nimg)
+    save_checkpoint(path, {name: part.get(run) for name, part in _CHECKPOINT_PARTS.items()})
+    run.result.checkpoint = path
 
 
 def start_session(run: Run) -> None:
@@ -601,11 +643,12 @@ def train(config: TrainConfig, hooks: tuple[Hook, ...] = ()) -> TrainResult:
     callables hook(run) called at every maintenance point (before each step
     and at the end), e.g. to measure something every N images.
     """
-    if config.dynamics:   # magnitudes per U-Net level every N images (docs/dynamics.md)
-        hooks = (*hooks, DynamicsHook(config.dynamics, config.dynamics_probe))
     with _process_group() as (rank, world):
         run = setup(config, rank, world, hooks=hooks)
         try:
+            if config.dynamics:   # magnitudes per U-Net level every N images (docs/dynamics.md)
+                run.hooks.append(DynamicsHook(config.dynamics, config.dynamics_probe,
+                                              writer=run.reporter.tensorboard))
             if run.nimg >= run.stop_nimg:
                 run.reporter.log(f"nothing to do: the run in {run.out} is at {run.nimg} images "
                                  f"of duration {run.plan.duration}")
@@ -694,14 +737,6 @@ def save_snapshots(run: Run) -> None:
             run.grid = 0
         for m in run.ema.nets.values():
             m.eval()  # drops the MPConv weight caches
-
-
-def save_run_checkpoint(run: Run) -> None:
-    path = run.out / checkpoint_name(run.nimg)
-    save_checkpoint(path, {"net": run.net.state_dict(), "optimizer": run.opt.state_dict(),
-                           "ema": run.ema.state_dict(), "nimg": run.nimg, "seed": run.plan.seed,
-                           "data_position": run.nimg})
-    run.result.checkpoint = path
 
 
 def train_step(run: Run) -> None:
