@@ -148,7 +148,7 @@ def test_measure_tiny_g():
 def test_tracker_writes_and_truncates_on_resume(tmp_path):
     net = ToyUNet()
     batch = _unit_batch(16)
-    tr = DynamicsTracker(tmp_path, batch, tensorboard=False)
+    tr = DynamicsTracker(tmp_path, batch)
     tr.measure(0, {"ema": net, "raw": net})
     with torch.no_grad():
         net.enc["8x8_conv"].weight.mul_(1.2)
@@ -160,7 +160,7 @@ def test_tracker_writes_and_truncates_on_resume(tmp_path):
     assert recs[2]["update"]["enc-8x8"] == pytest.approx(0.2, rel=1e-5)
     assert recs[3]["grad_norm"] == pytest.approx(0.5 * 4 / 2.0)   # ||0.5 * ones(16)|| / 2
     # Resuming from the checkpoint at 0 drops the later records.
-    DynamicsTracker(tmp_path, batch, start_nimg=0, tensorboard=False)
+    DynamicsTracker(tmp_path, batch, start_nimg=0)
     assert [r["nimg"] for r in load_dynamics(tmp_path)] == [0, 0]
     # A line cut short at the end is ignored; one in the middle is an error.
     with open(tmp_path / "dynamics.jsonl", "a") as f:

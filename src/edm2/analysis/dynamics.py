@@ -408,7 +408,7 @@ class DynamicsTracker:
     that the run folder holds. `update` compares with the previous measurement
     of the same network in this invocation (null for the first one)."""
 
-    def __init__(self, outdir, batch: MeasurementBatch, start_nimg: int = 0, tensorboard: bool = True,
+    def __init__(self, outdir, batch: MeasurementBatch, start_nimg: int = 0, writer=None,
                  batch_size: int = MEASURE_BATCH,
                  filename: str = DYNAMICS_FILE):
         self.path = Path(outdir) / filename
@@ -421,14 +421,7 @@ class DynamicsTracker:
             keep = [r for r in _read_records(self.path) if r.get("nimg", 0) <= start_nimg]
             atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in keep).encode())
             self.last_nimg = keep[-1]["nimg"] if keep else None
-        self.tb = None
-        if tensorboard:
-            try:
-                # Optional and slow to import: only when a run is logged, and only if installed.
-                from torch.utils.tensorboard import SummaryWriter
-                self.tb = SummaryWriter(str(Path(outdir) / "tensorboard"))
-            except ImportError:
-                pass
+        self.writer = writer  # a TensorBoard SummaryWriter owned by the caller (the trainer's Reporter), or None
 
     def remember(self, nets: dict) -> None:
         """Take these weights as the previous measurement's (a resumed run whose
@@ -462,19 +455,14 @@ class DynamicsTracker:
             f.flush()
             os.fsync(f.fileno())
         self.last_nimg = int(nimg)
-        if self.tb is not None:
+        if self.writer is not None:
             for rec in records:
                 for key in QUANTITIES:
                     for bucket, v in (rec.get(key) or {}).items():
                         if v is not None and math.isfinite(v):
-                            self.tb.add_scalar(f"dynamics/{rec['net']}/{key}/{bucket}", v, nimg)
-            self.tb.flush()
+                            self.writer.add_scalar(f"dynamics/{rec['net']}/{key}/{bucket}", v, nimg)
+            self.writer.flush()
         return records
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
 
 def _probe_seed(seed: int) -> int:
     """The measurement batch's own random stream of a run with this seed (independent of training's streams)."""
@@ -512,7 +500,8 @@ class DynamicsHook:
         if self.tracker is None:
             batch = measurement_batch_from_dataset(run.data, run.encoder, self.probe_size,
                                                    seed=_probe_seed(plan.seed), P_mean=plan.P_mean, P_std=plan.P_std)
-            self.tracker = DynamicsTracker(run.out, batch, start_nimg=run.start_nimg, batch_size=self.batch_size)
+            self.tracker = DynamicsTracker(run.out, batch, start_nimg=run.start_nimg, writer=self.writer,
+                                           batch_size=self.batch_size)
             if run.nimg == run.start_nimg > 0 and self.tracker.last_nimg == run.nimg:
                 self.tracker.remember(nets)      # so the next update spans the same interval as without the resume
         if self.due(run.nimg, plan.batch, run.start_nimg, plan.duration):
@@ -553,7 +542,7 @@ def measure_snapshots(run, sigma_rel: float | None = None, data=None, probe_size
     out = Path(out) if out is not None else run / SNAPSHOTS_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(out, b"")
-    tracker = DynamicsTracker(out.parent, batch, tensorboard=False, filename=out.name)
+    tracker = DynamicsTracker(out.parent, batch, filename=out.name)
     for nimg, snap_sigma_rel, path in tqdm(snaps, desc="measuring snapshots", unit="snapshot", disable=not progress):
         net, _ = load_snapshot(path, device=device)
         tracker.measure(nimg, {"ema": net}, extra={"ema": {"ema_std": snap_sigma_rel, "snapshot": path.name}})
