@@ -1,5 +1,5 @@
 """Post-hoc EMA for any model: edm2.ema.trackers.PowerFunctionEMA against ema-pytorch's
-PostHocEMA on the exactness test of tests/test_ema_tracker.py.
+PostHocEMA on the exactness test of tests/test_ema_trackers.py.
 
 A small model (linear, batch norm, linear) trains T Adam steps in float64;
 each tracker folds the model in every k optimizer steps. The reference is the
