@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from ..utils.errors import EDM2Error
+from .denoiser import Denoiser
 from .layers import MPConv, MPFourier, normalize, resample
-from .unet import DTYPES, Block, Precond, check_architecture
+from .unet import Block, check_architecture, check_block
 
 __all__ = ["Rung", "RUNGS", "LadderConv", "Fourier", "group_rms_norm", "LadderBlock", "LadderUNet",
            "LadderPrecond"]
@@ -166,10 +167,7 @@ class LadderBlock(torch.nn.Module):
                  resample_mode: str = "keep", attention: bool = False, channels_per_head: int = 64,
                  dropout: float = 0.1, clip_act: float | None = 256):
         super().__init__()
-        if flavor not in ("enc", "dec"):
-            raise EDM2Error(f"flavor={flavor!r}; allowed: 'enc', 'dec'")
-        if resample_mode not in ("keep", "up", "down"):
-            raise EDM2Error(f"resample_mode={resample_mode!r}; allowed: 'keep', 'up', 'down'")
+        check_block(flavor, resample_mode)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.rung = rung
@@ -308,27 +306,19 @@ class LadderUNet(torch.nn.Module):
         return self.out_conv(x)
 
 
-class LadderPrecond(Precond):
+class LadderPrecond(Denoiser):
     """EDM preconditioning and the uncertainty u(sigma) around a config C-F U-Net.
 
-    Same constructor arguments and forward signature as `Precond`, plus
-    `config`; `forward` is Precond's. u(sigma) is a one-layer MLP over Fourier
-    features of c_noise with the rung's weight normalisation and no bias
-    (App. B.2-B.3).
+    Same constructor arguments and forward signature as `edm2.nn.Precond`, plus
+    `config`. u(sigma) is a one-layer MLP over Fourier features of c_noise with
+    the rung's weight normalisation and no bias (App. B.2-B.3).
     """
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int, config: str = "E",
                  precision: str = "fp16", sigma_data: float = 0.5, logvar_channels: int = 128, **unet_kwargs):
-        torch.nn.Module.__init__(self)
-        if precision not in DTYPES:
-            raise EDM2Error(f"precision={precision!r}; allowed: {', '.join(DTYPES)}")
+        super().__init__(img_resolution, img_channels, label_dim, precision=precision, sigma_data=sigma_data)
         rung = get_rung(config)
         self.config = rung.name
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.precision = precision
-        self.sigma_data = sigma_data
         self.unet = LadderUNet(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
                                config=rung.name, **unet_kwargs)
         self.logvar_fourier = Fourier(logvar_channels)
