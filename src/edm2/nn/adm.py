@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..utils.errors import EDM2Error
 from .denoiser import Denoiser
 from .layers import resample
-from .unet import check_architecture
+from .unet import check_architecture, unet_layout
 
 __all__ = ["ADMPrecond", "ADMUNet", "ADMBlock", "adm_net_kwargs", "adm_channels_per_head"]
 
@@ -243,35 +243,15 @@ class ADMUNet(torch.nn.Module):
         self.map_label = Linear(label_dim, emb_channels, bias=False, scale=math.sqrt(label_dim),
                                 normal=True) if label_dim else None
 
-        # Encoder.
+        # Encoder and decoder.
+        widths = [model_channels * mult for mult in channel_mult]
+        enc, dec = unet_layout(img_resolution, in_channels, widths, num_blocks, attn_resolutions)
         self.enc = torch.nn.ModuleDict()
-        cout = in_channels
-        for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
-            if level == 0:
-                cin, cout = cout, model_channels * mult
-                self.enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, 3)
-            else:
-                self.enc[f"{res}x{res}_down"] = ADMBlock(cout, cout, resample_mode="down", **block_kwargs)
-            for idx in range(num_blocks):
-                cin, cout = cout, model_channels * mult
-                self.enc[f"{res}x{res}_block{idx}"] = ADMBlock(
-                    cin, cout, attention=res in attn_resolutions, **block_kwargs)
-        skips = [m.out_channels for m in self.enc.values()]
-
-        # Decoder.
+        for name, cin, cout, kw in enc:
+            self.enc[name] = Conv2d(cin, cout, 3) if kw is None else ADMBlock(cin, cout, **kw, **block_kwargs)
         self.dec = torch.nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = ADMBlock(cout, cout, attention=True, **block_kwargs)
-                self.dec[f"{res}x{res}_in1"] = ADMBlock(cout, cout, **block_kwargs)
-            else:
-                self.dec[f"{res}x{res}_up"] = ADMBlock(cout, cout, resample_mode="up", **block_kwargs)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), model_channels * mult
-                self.dec[f"{res}x{res}_block{idx}"] = ADMBlock(
-                    cin, cout, attention=res in attn_resolutions, **block_kwargs)
+        for name, cin, cout, kw in dec:
+            self.dec[name] = ADMBlock(cin, cout, **kw, **block_kwargs)
         self.out_norm = GroupNorm(cout)
         self.out_conv = Conv2d(cout, out_channels, 3, scale=_ZERO)
 

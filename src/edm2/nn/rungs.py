@@ -32,8 +32,8 @@ import torch.nn.functional as F
 
 from ..utils.errors import EDM2Error
 from .denoiser import Denoiser
-from .layers import MPConv, MPFourier, normalize, resample
-from .unet import Block, check_architecture, check_block
+from .layers import MPConv, MPFourier, apply_weight, normalize, resample
+from .unet import Block, check_architecture, check_block, unet_layout
 
 __all__ = ["Rung", "RUNGS", "LadderConv", "Fourier", "group_rms_norm", "LadderBlock", "LadderUNet",
            "LadderPrecond"]
@@ -105,10 +105,7 @@ class LadderConv(torch.nn.Module):
         w = self.weight.to(torch.float32)
         if self.weight_norm == "standard":
             w = normalize(w) / np.sqrt(w[0].numel())  # Eq. 47: unit norm per output channel
-        w = w.to(x.dtype)
-        if w.ndim == 2:
-            return x @ w.t()
-        return F.conv2d(x, w, padding=(w.shape[-1] // 2,))
+        return apply_weight(x, w)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel={list(self.weight.shape[2:])}, " \
@@ -248,38 +245,15 @@ class LadderUNet(torch.nn.Module):
         self.emb_hidden = make_conv(cemb, cemb, [], wn) if rung.embedding_layers == 2 else None
         self.emb_label = make_conv(label_dim, cemb, [], wn) if label_dim else None
 
-        # Encoder.
+        # Encoder and decoder; the constant-1 input channel (App. B.3).
+        enc, dec = unet_layout(img_resolution, img_channels + 1, cblock, num_blocks, attn_resolutions)
         self.enc = torch.nn.ModuleDict()
-        cout = img_channels + 1  # the constant-1 input channel (App. B.3)
-        for level, channels in enumerate(cblock):
-            res = img_resolution >> level
-            if level == 0:
-                cin, cout = cout, channels
-                self.enc[f"{res}x{res}_conv"] = make_conv(cin, cout, [3, 3], wn)
-            else:
-                self.enc[f"{res}x{res}_down"] = LadderBlock(cout, cout, cemb, rung, flavor="enc", resample_mode="down",
-                                                            **block_kwargs)
-            for idx in range(num_blocks):
-                cin, cout = cout, channels
-                self.enc[f"{res}x{res}_block{idx}"] = LadderBlock(
-                    cin, cout, cemb, rung, flavor="enc", attention=res in attn_resolutions, **block_kwargs)
-
-        # Decoder.
+        for name, cin, cout, kw in enc:
+            self.enc[name] = make_conv(cin, cout, [3, 3], wn) if kw is None else \
+                LadderBlock(cin, cout, cemb, rung, flavor="enc", **kw, **block_kwargs)
         self.dec = torch.nn.ModuleDict()
-        skips = [m.out_channels for m in self.enc.values()]
-        for level, channels in reversed(list(enumerate(cblock))):
-            res = img_resolution >> level
-            if level == len(cblock) - 1:
-                self.dec[f"{res}x{res}_in0"] = LadderBlock(cout, cout, cemb, rung, flavor="dec", attention=True,
-                                                           **block_kwargs)
-                self.dec[f"{res}x{res}_in1"] = LadderBlock(cout, cout, cemb, rung, flavor="dec", **block_kwargs)
-            else:
-                self.dec[f"{res}x{res}_up"] = LadderBlock(cout, cout, cemb, rung, flavor="dec", resample_mode="up",
-                                                          **block_kwargs)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), channels
-                self.dec[f"{res}x{res}_block{idx}"] = LadderBlock(
-                    cin, cout, cemb, rung, flavor="dec", attention=res in attn_resolutions, **block_kwargs)
+        for name, cin, cout, kw in dec:
+            self.dec[name] = LadderBlock(cin, cout, cemb, rung, flavor="dec", **kw, **block_kwargs)
         self.out_conv = make_conv(cout, img_channels, [3, 3], wn)
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:

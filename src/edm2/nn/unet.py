@@ -127,36 +127,15 @@ class UNet(torch.nn.Module):
         self.emb_noise = MPConv(cnoise, cemb, kernel=[])
         self.emb_label = MPConv(label_dim, cemb, kernel=[]) if label_dim else None
 
-        # Encoder.
+        # Encoder and decoder.
+        enc, dec = unet_layout(img_resolution, img_channels + 1, cblock, num_blocks, attn_resolutions)
         self.enc = torch.nn.ModuleDict()
-        cout = img_channels + 1
-        for level, channels in enumerate(cblock):
-            res = img_resolution >> level
-            if level == 0:
-                cin, cout = cout, channels
-                self.enc[f"{res}x{res}_conv"] = MPConv(cin, cout, kernel=[3, 3])
-            else:
-                self.enc[f"{res}x{res}_down"] = Block(cout, cout, cemb, flavor="enc", resample_mode="down",
-                                                      **block_kwargs)
-            for idx in range(num_blocks):
-                cin, cout = cout, channels
-                self.enc[f"{res}x{res}_block{idx}"] = Block(
-                    cin, cout, cemb, flavor="enc", attention=res in attn_resolutions, **block_kwargs)
-
-        # Decoder.
+        for name, cin, cout, kw in enc:
+            self.enc[name] = MPConv(cin, cout, kernel=[3, 3]) if kw is None else \
+                Block(cin, cout, cemb, flavor="enc", **kw, **block_kwargs)
         self.dec = torch.nn.ModuleDict()
-        skips = [m.out_channels for m in self.enc.values()]
-        for level, channels in reversed(list(enumerate(cblock))):
-            res = img_resolution >> level
-            if level == len(cblock) - 1:
-                self.dec[f"{res}x{res}_in0"] = Block(cout, cout, cemb, flavor="dec", attention=True, **block_kwargs)
-                self.dec[f"{res}x{res}_in1"] = Block(cout, cout, cemb, flavor="dec", **block_kwargs)
-            else:
-                self.dec[f"{res}x{res}_up"] = Block(cout, cout, cemb, flavor="dec", resample_mode="up", **block_kwargs)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), channels
-                self.dec[f"{res}x{res}_block{idx}"] = Block(
-                    cin, cout, cemb, flavor="dec", attention=res in attn_resolutions, **block_kwargs)
+        for name, cin, cout, kw in dec:
+            self.dec[name] = Block(cin, cout, cemb, flavor="dec", **kw, **block_kwargs)
         self.out_conv = MPConv(cout, img_channels, kernel=[3, 3])
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
@@ -243,3 +222,42 @@ def check_block(flavor: str, resample_mode: str) -> None:
         raise EDM2Error(f"flavor={flavor!r}; allowed: 'enc', 'dec'")
     if resample_mode not in ("keep", "up", "down"):
         raise EDM2Error(f"resample_mode={resample_mode!r}; allowed: 'keep', 'up', 'down'")
+
+
+def unet_layout(img_resolution: int, in_channels: int, widths, num_blocks: int, attn_resolutions):
+    """The layout of every config's U-Net (paper Figs. 16-22; the authors' module names).
+
+    Returns (encoder, decoder), each a list of (name, in_channels,
+    out_channels, kwargs) in creation order. The encoder: an input conv at the
+    top level (kwargs None), then per level a 2x downsampling block
+    (`resample_mode='down'`, below the top) and `num_blocks` blocks; the
+    decoder: two blocks at the lowest resolution (`_in0` with attention), an
+    upsampling block per higher level, and `num_blocks + 1` blocks per level,
+    each taking one encoder output as a skip (counted in its in_channels).
+    Blocks at a resolution in `attn_resolutions` get `attention=True`.
+    `widths` are the channels of each level, top first.
+    """
+    enc, dec = [], []
+    cout = in_channels
+    for level, channels in enumerate(widths):
+        res = img_resolution >> level
+        if level == 0:
+            cin, cout = cout, channels
+            enc.append((f"{res}x{res}_conv", cin, cout, None))
+        else:
+            enc.append((f"{res}x{res}_down", cout, cout, dict(resample_mode="down")))
+        for idx in range(num_blocks):
+            cin, cout = cout, channels
+            enc.append((f"{res}x{res}_block{idx}", cin, cout, dict(attention=res in attn_resolutions)))
+    skips = [c for _, _, c, _ in enc]
+    for level, channels in reversed(list(enumerate(widths))):
+        res = img_resolution >> level
+        if level == len(widths) - 1:
+            dec.append((f"{res}x{res}_in0", cout, cout, dict(attention=True)))
+            dec.append((f"{res}x{res}_in1", cout, cout, {}))
+        else:
+            dec.append((f"{res}x{res}_up", cout, cout, dict(resample_mode="up")))
+        for idx in range(num_blocks + 1):
+            cin, cout = cout + skips.pop(), channels
+            dec.append((f"{res}x{res}_block{idx}", cin, cout, dict(attention=res in attn_resolutions)))
+    return enc, dec
