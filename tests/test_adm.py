@@ -11,6 +11,7 @@ from edm2.ema.trackers import TraditionalEMA
 from edm2.loss import EDM2Loss, EDMLoss
 from edm2.nn import set_precision
 from edm2.nn.adm import ADMBlock, ADMPrecond, FourierFeatures
+from helpers import make_dataset
 
 TINY = dict(model_channels=32, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(8,), channels_per_head=32)
 
@@ -329,7 +330,6 @@ def test_adm_channels_per_head_divides_the_attention_widths():
 def test_cpu32_adm_configs_build_and_train_a_step(tmp_path, config):
     from edm2.analysis.flops import count_network
     from edm2.train.loop import TrainConfig, plan_run, train
-    from helpers import make_dataset
 
     data = make_dataset(tmp_path / "ds", res=32)
     n = 64 if config == "A" else 32  # one batch (A doubles cpu-32's batch of 32)

@@ -201,7 +201,8 @@ def _markdown_table(text: str, first_header: str) -> list[dict]:
 
 def test_ablation_recipe_table_matches_the_recipes():
     """docs/ablation.md's recipe table is what `RECIPES` and the img512-s presets say."""
-    from edm2.presets import CONFIGS, RECIPES, get_preset
+    from edm2.nn import CONFIGS
+    from edm2.presets import RECIPES, get_preset
 
     rows = _markdown_table((DOCS / "ablation.md").read_text(), "config")
     assert [r["config"] for r in rows] == list(CONFIGS)

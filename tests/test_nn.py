@@ -5,8 +5,28 @@ import numpy as np
 import pytest
 import torch
 
-from edm2.nn import Block, MPConv, MPFourier, Precond, mp_cat, mp_silu, mp_sum, normalize, set_precision
+from edm2.nn import (
+    CONFIGS,
+    DTYPES,
+    Block,
+    Denoiser,
+    MPConv,
+    MPFourier,
+    Precond,
+    build_network,
+    check_config,
+    check_precision,
+    mp_cat,
+    mp_silu,
+    mp_sum,
+    network_config,
+    normalize,
+    precond_coefficients,
+    set_precision,
+)
+from edm2.nn.unet import unet_layout
 from edm2.presets import get_preset
+from edm2.utils.errors import EDM2Error
 
 
 def rms(x):
@@ -444,3 +464,86 @@ def test_unknown_preset():
     with pytest.raises(ValueError, match="unknown preset.*img512-xs"):
         get_preset("img512-huge")
     assert get_preset("edm2-img512-xs") is get_preset("img512-xs")
+
+
+# --- one base for every config's network ----------------------------------------------
+
+def _small_kwargs(config):
+    """A small network of any config (config A-B widths fit GroupNorm's groups)."""
+    return dict(img_resolution=16, img_channels=2, label_dim=3, model_channels=32, channel_mult=[1, 2], num_blocks=1,
+                attn_resolutions=[8], channels_per_head=32)
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_every_network_initialises_its_base_once(monkeypatch, config):
+    """Each config's network runs Denoiser.__init__ (none skips its parent's) and gets its attributes there."""
+    calls = []
+    init = Denoiser.__init__
+
+    def counting(self, *args, **kwargs):
+        calls.append(type(self).__name__)
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(Denoiser, "__init__", counting)
+    net = build_network(config, **_small_kwargs(config), precision="bf16", sigma_data=0.6)
+    assert len(calls) == 1 and isinstance(net, Denoiser) and network_config(net) == config
+    assert (net.img_resolution, net.img_channels, net.label_dim) == (16, 2, 3)
+    assert (net.precision, net.sigma_data) == ("bf16", 0.6)
+    assert net.compute_dtype(torch.device("cuda")) == torch.bfloat16
+    assert net.compute_dtype(torch.device("cpu")) == torch.float32
+    with pytest.raises(EDM2Error, match="precision='fp8'"):
+        build_network(config, **_small_kwargs(config), precision="fp8")
+
+
+@pytest.mark.parametrize("config", list(CONFIGS))
+def test_every_network_is_the_preconditioned_unet(config):
+    """D = c_skip x + c_out F(c_in x; c_noise) (Eqs. 4-7), whatever F is; u(sigma) from the logvar head."""
+    torch.manual_seed(0)
+    net = build_network(config, **_small_kwargs(config), precision="fp32").eval()
+    x, sigma, labels = torch.randn(3, 2, 16, 16), torch.tensor([0.1, 1.0, 20.0]), torch.eye(3)
+    c_skip, c_out, c_in, c_noise = precond_coefficients(sigma.reshape(-1, 1, 1, 1), net.sigma_data)
+    assert torch.allclose(c_skip, torch.tensor([0.25 / 0.26, 0.25 / 1.25, 0.25 / 400.25]).reshape(-1, 1, 1, 1))
+    with torch.no_grad():
+        F_x = getattr(net, net.backbone)(c_in * x, c_noise.flatten(), labels)
+        assert torch.equal(net(x, sigma, labels), c_skip * x + c_out * F_x)
+        if config != "A":
+            _, logvar = net(x, sigma, labels, return_logvar=True)
+            u = net.logvar_linear(net.logvar_fourier(c_noise.flatten())).reshape(-1, 1, 1, 1)
+            assert logvar.shape == (3, 1, 1, 1) and torch.equal(logvar, u)
+
+
+def test_check_precision_names_the_argument():
+    assert [check_precision("precision", p) for p in DTYPES] == ["fp16", "bf16", "fp32"]
+    with pytest.raises(EDM2Error, match=r"^reduced='fp8': allowed: fp16, bf16, fp32$"):
+        check_precision("reduced", "fp8")
+
+
+def test_all_configs_share_the_unet_layout():
+    """A, E and G have the same encoder/decoder modules, in the authors' order (unet_layout)."""
+    nets = {c: build_network(c, **_small_kwargs(c)) for c in "AEG"}
+    enc, dec = unet_layout(16, 3, [32, 64], 1, [8])
+    assert [n for n, *_ in enc] == ["16x16_conv", "16x16_block0", "8x8_down", "8x8_block0"]
+    assert [n for n, *_ in dec] == ["8x8_in0", "8x8_in1", "8x8_block0", "8x8_block1", "16x16_up", "16x16_block0",
+                                    "16x16_block1"]
+    # Encoder outputs, the skips (the down block's too): 32, 32, 32, 64. Each decoder "block" takes the
+    # last one left: in = previous out + the skip's width.
+    assert [(cin, cout) for _, cin, cout, _ in enc] == [(3, 32), (32, 32), (32, 32), (32, 64)]
+    assert [(cin, cout) for _, cin, cout, _ in dec] == [(64, 64), (64, 64), (128, 64), (96, 64), (64, 64),
+                                                       (96, 32), (64, 32)]
+    assert [kw.get("attention", False) for *_, kw in dec] == [True, False, True, True, False, False, False]
+    for net in nets.values():
+        unet = getattr(net, net.backbone)
+        assert list(unet.enc) == [n for n, *_ in enc] and list(unet.dec) == [n for n, *_ in dec]
+
+
+def test_presets_depend_on_nn_not_the_reverse():
+    """The network configs are nn's (edm2.nn.CONFIGS); importing edm2.nn does not import edm2.presets."""
+    import subprocess
+    import sys
+
+    code = "import sys, edm2.nn; assert 'edm2.presets' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], check=True)
+    import edm2.presets
+    assert edm2.presets.check_config is check_config
+    with pytest.raises(EDM2Error, match="config='H'"):
+        check_config("H")

@@ -14,10 +14,10 @@ from edm2.ema.trackers import PowerFunctionEMA, TraditionalEMA
 from edm2.io.loading import load_network
 from edm2.io.snapshot import list_snapshots, read_snapshot_meta
 from edm2.loss import EDM2Loss, EDMLoss
-from edm2.presets import CONFIGS
+from edm2.nn import CONFIGS
 from edm2.train.checkpoint import list_checkpoints, load_checkpoint
 from edm2.train.loop import TrainConfig, dry_run, setup, train
-from helpers import make_dataset  # noqa: E402
+from helpers import make_dataset
 
 COMMON = dict(preset="tiny", batch=8, status=16, snapshot=16, checkpoint=16, grid=0, progress=False, device="cpu")
 

@@ -10,16 +10,14 @@ import torch
 __all__ = ["EDM2Loss", "EDMLoss", "learning_rate_schedule"]
 
 
-class EDM2Loss:
-    """Per-element loss (lambda(sigma) / exp(u)) * ||D(y+n; sigma) - y||^2 + u.
+class _DenoisingLoss:
+    """What both losses share: ln(sigma) ~ N(P_mean, P_std^2), the weight
+    lambda(sigma) = (sigma^2 + sd^2) / (sigma * sd)^2 (paper Eqs. 13-16) and
+    n ~ N(0, sigma^2 I), drawn by `draw` (noise level first, then the noise,
+    from `generator` or one generator per sample); `evaluate` is the
+    deterministic rest, per element, and `__call__` is both."""
 
-    ln(sigma) ~ N(P_mean, P_std^2); lambda(sigma) = (sigma^2 + sd^2) / (sigma * sd)^2.
-    Returns the unreduced [N, C, H, W] tensor. `generator` makes the noise
-    reproducible (used for exact resume); a list of one generator per sample
-    makes each sample's noise independent of the batch it is in.
-    """
-
-    def __init__(self, P_mean: float = -0.4, P_std: float = 1.0, sigma_data: float = 0.5):
+    def __init__(self, P_mean: float, P_std: float, sigma_data: float = 0.5):
         self.P_mean = P_mean
         self.P_std = P_std
         self.sigma_data = sigma_data
@@ -32,13 +30,29 @@ class EDM2Loss:
         return _noise(images, self.P_mean, self.P_std, self.sigma_data, generator)
 
     def evaluate(self, net, labels, images, sigma, weight, noisy):
+        raise NotImplementedError
+
+
+class EDM2Loss(_DenoisingLoss):
+    """Per-element loss (lambda(sigma) / exp(u)) * ||D(y+n; sigma) - y||^2 + u.
+
+    ln(sigma) ~ N(P_mean, P_std^2); lambda(sigma) = (sigma^2 + sd^2) / (sigma * sd)^2.
+    Returns the unreduced [N, C, H, W] tensor. `generator` makes the noise
+    reproducible (used for exact resume); a list of one generator per sample
+    makes each sample's noise independent of the batch it is in.
+    """
+
+    def __init__(self, P_mean: float = -0.4, P_std: float = 1.0, sigma_data: float = 0.5):
+        super().__init__(P_mean, P_std, sigma_data)
+
+    def evaluate(self, net, labels, images, sigma, weight, noisy):
         """The deterministic part, Eq. 21 per element, on what `draw` returned
         (what `edm2.train.speed.compile_loss` compiles, with its backward)."""
         denoised, logvar = net(noisy, sigma, labels, return_logvar=True)
         return (weight / logvar.exp()) * ((denoised - images) ** 2) + logvar
 
 
-class EDMLoss:
+class EDMLoss(_DenoisingLoss):
     """EDM's loss (Karras et al. 2022), used by config A of the paper's Table 1
     (App. B.1): per element lambda(sigma) * (D(y+n; sigma) - y)^2.
 
@@ -50,16 +64,7 @@ class EDMLoss:
     """
 
     def __init__(self, P_mean: float = -1.2, P_std: float = 1.2, sigma_data: float = 0.5):
-        self.P_mean = P_mean
-        self.P_std = P_std
-        self.sigma_data = sigma_data
-
-    def __call__(self, net, images, labels=None, generator: torch.Generator | None = None):
-        return self.evaluate(net, labels, *self.draw(images, generator))
-
-    def draw(self, images, generator: torch.Generator | None = None):
-        """The random part: (float32 images y, sigma [N,1,1,1], lambda(sigma), y + n)."""
-        return _noise(images, self.P_mean, self.P_std, self.sigma_data, generator)
+        super().__init__(P_mean, P_std, sigma_data)
 
     def evaluate(self, net, labels, images, sigma, weight, noisy):
         """The deterministic part, per element, on what `draw` returned."""

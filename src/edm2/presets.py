@@ -11,9 +11,10 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 
+from .nn.factory import check_config
 from .utils.errors import EDM2Error
 
-__all__ = ["Preset", "PRESETS", "get_preset", "Recipe", "RECIPES", "apply_recipe", "CONFIGS", "check_config",
+__all__ = ["Preset", "PRESETS", "get_preset", "Recipe", "RECIPES", "apply_recipe",
            "apply_generation_preset", "GenerationPreset", "GENERATION_PRESETS", "get_generation_preset",
            "format_generation_presets", "POSTHOC_URL"]
 
@@ -160,8 +161,6 @@ def get_preset(name: str, config: str = "G") -> Preset:
 # training recipe, as the paper gives it at EDM2-S size (img512-s).
 # ---------------------------------------------------------------------------
 
-CONFIGS = ("A", "B", "C", "D", "E", "F", "G")
-
 # Config A's traditional EMA: half-life 50M images of a 2147.5M-image (2^31) run (App. B.1).
 _A_HALFLIFE_FRACTION = 50e6 / 2 ** 31
 
@@ -212,13 +211,6 @@ RECIPES: dict[str, Recipe] = {r.config: r for r in [
 ]}
 
 _G_LR = RECIPES["G"].lr
-
-
-def check_config(config) -> str:
-    """The config letter, or ValueError naming the allowed ones."""
-    if config not in CONFIGS:
-        raise EDM2Error(f"config={config!r}: unknown; allowed: {', '.join(CONFIGS)} (the rows of the paper's Table 1)")
-    return config
 
 
 def apply_recipe(preset: Preset, config: str) -> Preset:

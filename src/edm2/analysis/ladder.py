@@ -45,7 +45,8 @@ from ..ema.profiles import check_sigma_rel
 from ..io.snapshot import list_snapshots
 from ..metrics import gen_metrics, load_detectors, load_ref, reference_stats, resolve_metrics, sweep
 from ..metrics.sweep import CSV_NAME, write_csv
-from ..presets import CONFIGS, RECIPES, check_config, get_preset
+from ..nn import CONFIGS, check_config
+from ..presets import RECIPES, get_preset
 from ..train.checkpoint import list_checkpoints
 from ..train.loop import TrainConfig, train
 from ..utils.errors import EDM2Error, ExistingFileError, MissingFileError

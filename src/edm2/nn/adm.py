@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 
 from ..utils.errors import EDM2Error
+from .denoiser import Denoiser
 from .layers import resample
-from .unet import DTYPES, check_architecture, precond_coefficients, precondition
+from .unet import check_architecture, unet_layout
 
-__all__ = ["ADMBlock", "ADMPrecond", "ADMUNet", "FourierFeatures", "adm_channels_per_head", "adm_net_kwargs",
-           "precond_coefficients"]
+__all__ = ["ADMPrecond", "ADMUNet", "ADMBlock", "adm_net_kwargs", "adm_channels_per_head"]
 
 
 def _init(shape, fan_in: int, scale: float, normal: bool = False) -> torch.Tensor:
@@ -243,35 +243,15 @@ class ADMUNet(torch.nn.Module):
         self.map_label = Linear(label_dim, emb_channels, bias=False, scale=math.sqrt(label_dim),
                                 normal=True) if label_dim else None
 
-        # Encoder.
+        # Encoder and decoder.
+        widths = [model_channels * mult for mult in channel_mult]
+        enc, dec = unet_layout(img_resolution, in_channels, widths, num_blocks, attn_resolutions)
         self.enc = torch.nn.ModuleDict()
-        cout = in_channels
-        for level, mult in enumerate(channel_mult):
-            res = img_resolution >> level
-            if level == 0:
-                cin, cout = cout, model_channels * mult
-                self.enc[f"{res}x{res}_conv"] = Conv2d(cin, cout, 3)
-            else:
-                self.enc[f"{res}x{res}_down"] = ADMBlock(cout, cout, resample_mode="down", **block_kwargs)
-            for idx in range(num_blocks):
-                cin, cout = cout, model_channels * mult
-                self.enc[f"{res}x{res}_block{idx}"] = ADMBlock(
-                    cin, cout, attention=res in attn_resolutions, **block_kwargs)
-        skips = [m.out_channels for m in self.enc.values()]
-
-        # Decoder.
+        for name, cin, cout, kw in enc:
+            self.enc[name] = Conv2d(cin, cout, 3) if kw is None else ADMBlock(cin, cout, **kw, **block_kwargs)
         self.dec = torch.nn.ModuleDict()
-        for level, mult in reversed(list(enumerate(channel_mult))):
-            res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f"{res}x{res}_in0"] = ADMBlock(cout, cout, attention=True, **block_kwargs)
-                self.dec[f"{res}x{res}_in1"] = ADMBlock(cout, cout, **block_kwargs)
-            else:
-                self.dec[f"{res}x{res}_up"] = ADMBlock(cout, cout, resample_mode="up", **block_kwargs)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), model_channels * mult
-                self.dec[f"{res}x{res}_block{idx}"] = ADMBlock(
-                    cin, cout, attention=res in attn_resolutions, **block_kwargs)
+        for name, cin, cout, kw in dec:
+            self.dec[name] = ADMBlock(cin, cout, **kw, **block_kwargs)
         self.out_norm = GroupNorm(cout)
         self.out_conv = Conv2d(cout, out_channels, 3, scale=_ZERO)
 
@@ -292,7 +272,7 @@ class ADMUNet(torch.nn.Module):
         return self.out_conv(F.silu(self.out_norm(x)))
 
 
-class ADMPrecond(torch.nn.Module):
+class ADMPrecond(Denoiser):
     """Denoiser D(x; sigma) = c_skip x + c_out F(c_in x; c_noise, labels) around
     the ADM U-Net: config A of the paper's Table 1 by default, config B with
     ``attn_resolutions=(16, 8), uncertainty=True``.
@@ -307,6 +287,8 @@ class ADMPrecond(torch.nn.Module):
     on the CPU run in float32. `clip_act` clamps every block's output to
     [-clip_act, clip_act] (None: no clamp, as in EDM).
     """
+
+    backbone = "model"  # EDM's name for the U-Net (its checkpoints' keys)
 
     def __init__(
         self,
@@ -326,19 +308,14 @@ class ADMPrecond(torch.nn.Module):
         precision: str = "fp16",
         clip_act: float | None = None,
     ):
-        super().__init__()
         channel_mult = tuple(channel_mult)
         attn_resolutions = tuple(attn_resolutions)
         _check_arguments(img_resolution, img_channels, label_dim, model_channels, channel_mult, channel_mult_emb,
                          num_blocks, attn_resolutions, dropout, channels_per_head, sigma_data, logvar_channels,
-                         precision, clip_act)
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.sigma_data = sigma_data
+                         clip_act)
+        super().__init__(img_resolution, img_channels, label_dim, precision=precision, sigma_data=sigma_data)
         self.uncertainty = bool(uncertainty)
         self.attn_resolutions = attn_resolutions
-        self.precision = precision
         self.model = ADMUNet(img_resolution, img_channels, img_channels, label_dim=label_dim,
                              model_channels=model_channels, channel_mult=channel_mult,
                              channel_mult_emb=channel_mult_emb, num_blocks=num_blocks,
@@ -353,16 +330,11 @@ class ADMPrecond(torch.nn.Module):
         """'B' when the network has the learned uncertainty u(sigma), else 'A'."""
         return "B" if self.uncertainty else "A"
 
-    def compute_dtype(self, device: torch.device, force_fp32: bool = False) -> torch.dtype:
-        if self.precision != "fp32" and not force_fp32 and device.type == "cuda":
-            return DTYPES[self.precision]
-        return torch.float32
-
     def forward(self, x, sigma, class_labels=None, force_fp32: bool = False, return_logvar: bool = False):
         if return_logvar and not self.uncertainty:
             raise EDM2Error("return_logvar=True: this config-A network has no learned uncertainty u(sigma); "
                              "train it with edm2.loss.EDMLoss, or build it with uncertainty=True (config B)")
-        return precondition(self, self.model, x, sigma, class_labels, force_fp32, return_logvar)
+        return super().forward(x, sigma, class_labels, force_fp32, return_logvar)
 
 
 def adm_channels_per_head(img_resolution: int, model_channels: int, channel_mult, attn_resolutions,
@@ -405,8 +377,8 @@ def adm_net_kwargs(net_kwargs: dict) -> dict:
 
 def _check_arguments(img_resolution, img_channels, label_dim, model_channels, channel_mult, channel_mult_emb,
                      num_blocks, attn_resolutions, dropout, channels_per_head, sigma_data, logvar_channels,
-                     precision, clip_act) -> None:
-    """Raise ValueError naming the bad argument and what is allowed."""
+                     clip_act) -> None:
+    """`EDM2Error` naming the bad argument and what is allowed (the precision: `Denoiser`)."""
     check_architecture(img_resolution, img_channels, label_dim, model_channels, channel_mult, num_blocks)
     for m in channel_mult:
         if not _groups_ok(model_channels * m):
@@ -434,7 +406,5 @@ def _check_arguments(img_resolution, img_channels, label_dim, model_channels, ch
         raise EDM2Error(f"sigma_data={sigma_data!r}: must be positive")
     if not isinstance(logvar_channels, int) or logvar_channels < 1:
         raise EDM2Error(f"logvar_channels={logvar_channels!r}: must be a positive integer")
-    if precision not in DTYPES:
-        raise EDM2Error(f"precision={precision!r}; allowed: {', '.join(DTYPES)}")
     if clip_act is not None and not clip_act > 0:
         raise EDM2Error(f"clip_act={clip_act!r}: must be positive, or None for no clamp")

@@ -12,12 +12,22 @@ from __future__ import annotations
 
 import torch
 
-from ..presets import CONFIGS, check_config
+from ..utils.errors import EDM2Error
 from .adm import ADMPrecond
 from .rungs import LadderPrecond
 from .unet import Precond
 
 __all__ = ["CONFIGS", "check_config", "build_network", "network_config"]
+
+CONFIGS = ("A", "B", "C", "D", "E", "F", "G")
+"""The network configs of the paper's ablation (Table 1), one letter a row."""
+
+
+def check_config(config) -> str:
+    """The config letter, or `EDM2Error` naming the allowed ones."""
+    if config not in CONFIGS:
+        raise EDM2Error(f"config={config!r}: unknown; allowed: {', '.join(CONFIGS)} (the rows of the paper's Table 1)")
+    return config
 
 
 def build_network(config: str = "G", **net_kwargs) -> torch.nn.Module:

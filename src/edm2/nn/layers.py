@@ -135,6 +135,15 @@ class _TrainingWeight(torch.autograd.Function):
             return grad_w, grad_gain, None
 
 
+def apply_weight(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """A bias-free layer's weight `w` applied to `x` in x's dtype: x @ w^T for a
+    fully connected [out, in] weight, else a convolution with 'same' padding."""
+    w = w.to(x.dtype)
+    if w.ndim == 2:
+        return x @ w.t()
+    return F.conv2d(x, w, padding=(w.shape[-1] // 2,))
+
+
 class MPConv(torch.nn.Module):
     """Convolution or fully connected layer with forced weight normalisation.
 
@@ -164,10 +173,7 @@ class MPConv(torch.nn.Module):
         else:
             w = normalize(self.weight.to(torch.float32))
             w = w * (gain / np.sqrt(w[0].numel()))
-        w = w.to(x.dtype)
-        if w.ndim == 2:
-            return x @ w.t()
-        return F.conv2d(x, w, padding=(w.shape[-1] // 2,))
+        return apply_weight(x, w)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel={list(self.weight.shape[2:])}"

@@ -31,8 +31,9 @@ import torch
 import torch.nn.functional as F
 
 from ..utils.errors import EDM2Error
-from .layers import MPConv, MPFourier, normalize, resample
-from .unet import DTYPES, Block, Precond, check_architecture
+from .denoiser import Denoiser
+from .layers import MPConv, MPFourier, apply_weight, normalize, resample
+from .unet import Block, check_architecture, check_block, unet_layout
 
 __all__ = ["Rung", "RUNGS", "LadderConv", "Fourier", "group_rms_norm", "LadderBlock", "LadderUNet",
            "LadderPrecond"]
@@ -104,10 +105,7 @@ class LadderConv(torch.nn.Module):
         w = self.weight.to(torch.float32)
         if self.weight_norm == "standard":
             w = normalize(w) / np.sqrt(w[0].numel())  # Eq. 47: unit norm per output channel
-        w = w.to(x.dtype)
-        if w.ndim == 2:
-            return x @ w.t()
-        return F.conv2d(x, w, padding=(w.shape[-1] // 2,))
+        return apply_weight(x, w)
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, kernel={list(self.weight.shape[2:])}, " \
@@ -166,10 +164,7 @@ class LadderBlock(torch.nn.Module):
                  resample_mode: str = "keep", attention: bool = False, channels_per_head: int = 64,
                  dropout: float = 0.1, clip_act: float | None = 256):
         super().__init__()
-        if flavor not in ("enc", "dec"):
-            raise EDM2Error(f"flavor={flavor!r}; allowed: 'enc', 'dec'")
-        if resample_mode not in ("keep", "up", "down"):
-            raise EDM2Error(f"resample_mode={resample_mode!r}; allowed: 'keep', 'up', 'down'")
+        check_block(flavor, resample_mode)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.rung = rung
@@ -250,38 +245,15 @@ class LadderUNet(torch.nn.Module):
         self.emb_hidden = make_conv(cemb, cemb, [], wn) if rung.embedding_layers == 2 else None
         self.emb_label = make_conv(label_dim, cemb, [], wn) if label_dim else None
 
-        # Encoder.
+        # Encoder and decoder; the constant-1 input channel (App. B.3).
+        enc, dec = unet_layout(img_resolution, img_channels + 1, cblock, num_blocks, attn_resolutions)
         self.enc = torch.nn.ModuleDict()
-        cout = img_channels + 1  # the constant-1 input channel (App. B.3)
-        for level, channels in enumerate(cblock):
-            res = img_resolution >> level
-            if level == 0:
-                cin, cout = cout, channels
-                self.enc[f"{res}x{res}_conv"] = make_conv(cin, cout, [3, 3], wn)
-            else:
-                self.enc[f"{res}x{res}_down"] = LadderBlock(cout, cout, cemb, rung, flavor="enc", resample_mode="down",
-                                                            **block_kwargs)
-            for idx in range(num_blocks):
-                cin, cout = cout, channels
-                self.enc[f"{res}x{res}_block{idx}"] = LadderBlock(
-                    cin, cout, cemb, rung, flavor="enc", attention=res in attn_resolutions, **block_kwargs)
-
-        # Decoder.
+        for name, cin, cout, kw in enc:
+            self.enc[name] = make_conv(cin, cout, [3, 3], wn) if kw is None else \
+                LadderBlock(cin, cout, cemb, rung, flavor="enc", **kw, **block_kwargs)
         self.dec = torch.nn.ModuleDict()
-        skips = [m.out_channels for m in self.enc.values()]
-        for level, channels in reversed(list(enumerate(cblock))):
-            res = img_resolution >> level
-            if level == len(cblock) - 1:
-                self.dec[f"{res}x{res}_in0"] = LadderBlock(cout, cout, cemb, rung, flavor="dec", attention=True,
-                                                           **block_kwargs)
-                self.dec[f"{res}x{res}_in1"] = LadderBlock(cout, cout, cemb, rung, flavor="dec", **block_kwargs)
-            else:
-                self.dec[f"{res}x{res}_up"] = LadderBlock(cout, cout, cemb, rung, flavor="dec", resample_mode="up",
-                                                          **block_kwargs)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), channels
-                self.dec[f"{res}x{res}_block{idx}"] = LadderBlock(
-                    cin, cout, cemb, rung, flavor="dec", attention=res in attn_resolutions, **block_kwargs)
+        for name, cin, cout, kw in dec:
+            self.dec[name] = LadderBlock(cin, cout, cemb, rung, flavor="dec", **kw, **block_kwargs)
         self.out_conv = make_conv(cout, img_channels, [3, 3], wn)
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
@@ -308,27 +280,19 @@ class LadderUNet(torch.nn.Module):
         return self.out_conv(x)
 
 
-class LadderPrecond(Precond):
+class LadderPrecond(Denoiser):
     """EDM preconditioning and the uncertainty u(sigma) around a config C-F U-Net.
 
-    Same constructor arguments and forward signature as `Precond`, plus
-    `config`; `forward` is Precond's. u(sigma) is a one-layer MLP over Fourier
-    features of c_noise with the rung's weight normalisation and no bias
-    (App. B.2-B.3).
+    Same constructor arguments and forward signature as `edm2.nn.Precond`, plus
+    `config`. u(sigma) is a one-layer MLP over Fourier features of c_noise with
+    the rung's weight normalisation and no bias (App. B.2-B.3).
     """
 
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int, config: str = "E",
                  precision: str = "fp16", sigma_data: float = 0.5, logvar_channels: int = 128, **unet_kwargs):
-        torch.nn.Module.__init__(self)
-        if precision not in DTYPES:
-            raise EDM2Error(f"precision={precision!r}; allowed: {', '.join(DTYPES)}")
+        super().__init__(img_resolution, img_channels, label_dim, precision=precision, sigma_data=sigma_data)
         rung = get_rung(config)
         self.config = rung.name
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.precision = precision
-        self.sigma_data = sigma_data
         self.unet = LadderUNet(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
                                config=rung.name, **unet_kwargs)
         self.logvar_fourier = Fourier(logvar_channels)

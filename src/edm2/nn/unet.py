@@ -10,12 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from ..utils.errors import EDM2Error
+from .denoiser import Denoiser
 from .hub import HubMixin
 from .layers import MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize, resample
 
-__all__ = ["Block", "UNet", "Precond", "set_precision", "precision_kwargs", "DTYPES"]
-
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+__all__ = ["Block", "UNet", "Precond", "check_architecture"]
 
 
 class Block(torch.nn.Module):
@@ -37,10 +36,7 @@ class Block(torch.nn.Module):
         clip_act: float | None = 256,
     ):
         super().__init__()
-        if flavor not in ("enc", "dec"):
-            raise EDM2Error(f"flavor={flavor!r}; allowed: 'enc', 'dec'")
-        if resample_mode not in ("keep", "up", "down"):
-            raise EDM2Error(f"resample_mode={resample_mode!r}; allowed: 'keep', 'up', 'down'")
+        check_block(flavor, resample_mode)
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.flavor = flavor
@@ -131,36 +127,15 @@ class UNet(torch.nn.Module):
         self.emb_noise = MPConv(cnoise, cemb, kernel=[])
         self.emb_label = MPConv(label_dim, cemb, kernel=[]) if label_dim else None
 
-        # Encoder.
+        # Encoder and decoder.
+        enc, dec = unet_layout(img_resolution, img_channels + 1, cblock, num_blocks, attn_resolutions)
         self.enc = torch.nn.ModuleDict()
-        cout = img_channels + 1
-        for level, channels in enumerate(cblock):
-            res = img_resolution >> level
-            if level == 0:
-                cin, cout = cout, channels
-                self.enc[f"{res}x{res}_conv"] = MPConv(cin, cout, kernel=[3, 3])
-            else:
-                self.enc[f"{res}x{res}_down"] = Block(cout, cout, cemb, flavor="enc", resample_mode="down",
-                                                      **block_kwargs)
-            for idx in range(num_blocks):
-                cin, cout = cout, channels
-                self.enc[f"{res}x{res}_block{idx}"] = Block(
-                    cin, cout, cemb, flavor="enc", attention=res in attn_resolutions, **block_kwargs)
-
-        # Decoder.
+        for name, cin, cout, kw in enc:
+            self.enc[name] = MPConv(cin, cout, kernel=[3, 3]) if kw is None else \
+                Block(cin, cout, cemb, flavor="enc", **kw, **block_kwargs)
         self.dec = torch.nn.ModuleDict()
-        skips = [m.out_channels for m in self.enc.values()]
-        for level, channels in reversed(list(enumerate(cblock))):
-            res = img_resolution >> level
-            if level == len(cblock) - 1:
-                self.dec[f"{res}x{res}_in0"] = Block(cout, cout, cemb, flavor="dec", attention=True, **block_kwargs)
-                self.dec[f"{res}x{res}_in1"] = Block(cout, cout, cemb, flavor="dec", **block_kwargs)
-            else:
-                self.dec[f"{res}x{res}_up"] = Block(cout, cout, cemb, flavor="dec", resample_mode="up", **block_kwargs)
-            for idx in range(num_blocks + 1):
-                cin, cout = cout + skips.pop(), channels
-                self.dec[f"{res}x{res}_block{idx}"] = Block(
-                    cin, cout, cemb, flavor="dec", attention=res in attn_resolutions, **block_kwargs)
+        for name, cin, cout, kw in dec:
+            self.dec[name] = Block(cin, cout, cemb, flavor="dec", **kw, **block_kwargs)
         self.out_conv = MPConv(cout, img_channels, kernel=[3, 3])
 
     def forward(self, x: torch.Tensor, noise_labels: torch.Tensor, class_labels: torch.Tensor | None) -> torch.Tensor:
@@ -185,7 +160,7 @@ class UNet(torch.nn.Module):
         return self.out_conv(x, gain=self.out_gain)
 
 
-class Precond(torch.nn.Module, HubMixin):
+class Precond(Denoiser, HubMixin):
     """EDM preconditioning D(x; sigma) around the U-Net, plus the learned
     uncertainty u(sigma) used by the loss (paper App. B.1 Eqs. 4-8, App. B.2 Eq. 21).
 
@@ -212,93 +187,16 @@ class Precond(torch.nn.Module, HubMixin):
         use_fp16: bool | None = None,
         **unet_kwargs,
     ):
-        super().__init__()
         if use_fp16 is not None:
             precision = "fp16" if use_fp16 else "fp32"
-        if precision not in DTYPES:
-            raise EDM2Error(f"precision={precision!r}; allowed: {', '.join(DTYPES)}")
-        self.img_resolution = img_resolution
-        self.img_channels = img_channels
-        self.label_dim = label_dim
-        self.precision = precision
-        self.sigma_data = sigma_data
+        super().__init__(img_resolution, img_channels, label_dim, precision=precision, sigma_data=sigma_data)
         self.unet = UNet(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, **unet_kwargs)
         self.logvar_fourier = MPFourier(logvar_channels)
         self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])
 
-    def compute_dtype(self, device: torch.device, force_fp32: bool = False) -> torch.dtype:
-        if not force_fp32 and device.type == "cuda":
-            return DTYPES[self.precision]
-        return torch.float32
-
-    def forward(self, x, sigma, class_labels=None, force_fp32: bool = False, return_logvar: bool = False):
-        return precondition(self, self.unet, x, sigma, class_labels, force_fp32, return_logvar)
-
-
-def precondition(net, model, x, sigma, class_labels=None, force_fp32: bool = False, return_logvar: bool = False):
-    """A preconditioned denoiser's forward pass, D(x; sigma) = c_skip x +
-    c_out F(c_in x; c_noise) (paper Eqs. 4-7), with `model` as F; with
-    return_logvar also the log-variance of the learned uncertainty of the
-    loss (App. B.2, Eq. 21), from net.logvar_fourier and net.logvar_linear."""
-    x, sigma, class_labels, dtype = denoiser_inputs(net, x, sigma, class_labels, force_fp32)
-    c_skip, c_out, c_in, c_noise = precond_coefficients(sigma, net.sigma_data)
-    c_noise = c_noise.flatten()
-    F_x = model((c_in * x).to(dtype), c_noise, class_labels)
-    D_x = c_skip * x + c_out * F_x.to(torch.float32)
-    if not return_logvar:
-        return D_x
-    logvar = net.logvar_linear(net.logvar_fourier(c_noise)).reshape(-1, 1, 1, 1)
-    return D_x, logvar
-
-
-def denoiser_inputs(net, x, sigma, class_labels=None, force_fp32: bool = False):
-    """The inputs of a denoiser's forward pass, as every config's network takes
-    them: x and sigma ([N, 1, 1, 1]) in float32; labels as float32 [-1, label_dim]
-    (None for an unconditional net, one all-zero row when a conditional net gets
-    none); and the dtype the U-Net runs in (`net.compute_dtype`)."""
-    x = x.to(torch.float32)
-    sigma = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1, 1, 1, 1)
-    if net.label_dim == 0:
-        class_labels = None
-    elif class_labels is None:
-        class_labels = torch.zeros([1, net.label_dim], device=x.device)
-    else:
-        class_labels = class_labels.to(torch.float32).reshape(-1, net.label_dim)
-    return x, sigma, class_labels, net.compute_dtype(x.device, force_fp32)
-
-
-def precond_coefficients(sigma: torch.Tensor, sigma_data: float):
-    """EDM preconditioning (Karras et al. 2022, Table 1; paper Eqs. 4-7): c_skip, c_out, c_in, c_noise."""
-    c_skip = sigma_data ** 2 / (sigma ** 2 + sigma_data ** 2)
-    c_out = sigma * sigma_data / (sigma ** 2 + sigma_data ** 2).sqrt()
-    c_in = 1 / (sigma_data ** 2 + sigma ** 2).sqrt()
-    c_noise = sigma.log() / 4
-    return c_skip, c_out, c_in, c_noise
-
-
-def set_precision(net: Precond, precision: str) -> None:
-    """Choose the U-Net dtype on CUDA: 'fp32', 'fp16' (reference) or 'bf16'."""
-    if precision not in DTYPES:
-        raise EDM2Error(f"precision={precision!r}; allowed: {', '.join(DTYPES)}")
-    net.precision = precision
-
-
-def precision_kwargs(net_kwargs: dict | None) -> dict | None:
-    """Stored `Precond` arguments with the older pair use_fp16 (the authors'
-    name) / reduced_dtype (edm2 0.1) replaced by the one `precision` knob.
-    None (a snapshot of a module that is not an edm2 network) stays None."""
-    if net_kwargs is None:
-        return None
-    kwargs = dict(net_kwargs)
-    if "use_fp16" in kwargs or "reduced_dtype" in kwargs:
-        use_fp16 = kwargs.pop("use_fp16", True)
-        reduced = kwargs.pop("reduced_dtype", "fp16")
-        kwargs.setdefault("precision", reduced if use_fp16 else "fp32")
-    return kwargs
-
 
 def check_architecture(img_resolution, img_channels, label_dim, model_channels, channel_mult, num_blocks) -> None:
-    """Raise ValueError naming the bad argument and what is allowed."""
+    """The U-Net arguments every config shares: `EDM2Error` naming the bad argument and what is allowed."""
     r = img_resolution
     if not isinstance(r, int) or r < 8 or r & (r - 1):
         raise EDM2Error(f"img_resolution={r!r}: must be a power of two >= 8 (8, 16, 32, 64, ...)")
@@ -316,3 +214,50 @@ def check_architecture(img_resolution, img_channels, label_dim, model_channels, 
                          f"(at most {r.bit_length()})")
     if not isinstance(num_blocks, int) or num_blocks < 1:
         raise EDM2Error(f"num_blocks={num_blocks!r}: must be an integer >= 1")
+
+
+def check_block(flavor: str, resample_mode: str) -> None:
+    """A block's kind (every config's U-Net): `EDM2Error` naming the bad argument and what is allowed."""
+    if flavor not in ("enc", "dec"):
+        raise EDM2Error(f"flavor={flavor!r}; allowed: 'enc', 'dec'")
+    if resample_mode not in ("keep", "up", "down"):
+        raise EDM2Error(f"resample_mode={resample_mode!r}; allowed: 'keep', 'up', 'down'")
+
+
+def unet_layout(img_resolution: int, in_channels: int, widths, num_blocks: int, attn_resolutions):
+    """The layout of every config's U-Net (paper Figs. 16-22; the authors' module names).
+
+    Returns (encoder, decoder), each a list of (name, in_channels,
+    out_channels, kwargs) in creation order. The encoder: an input conv at the
+    top level (kwargs None), then per level a 2x downsampling block
+    (`resample_mode='down'`, below the top) and `num_blocks` blocks; the
+    decoder: two blocks at the lowest resolution (`_in0` with attention), an
+    upsampling block per higher level, and `num_blocks + 1` blocks per level,
+    each taking one encoder output as a skip (counted in its in_channels).
+    Blocks at a resolution in `attn_resolutions` get `attention=True`.
+    `widths` are the channels of each level, top first.
+    """
+    enc, dec = [], []
+    cout = in_channels
+    for level, channels in enumerate(widths):
+        res = img_resolution >> level
+        if level == 0:
+            cin, cout = cout, channels
+            enc.append((f"{res}x{res}_conv", cin, cout, None))
+        else:
+            enc.append((f"{res}x{res}_down", cout, cout, dict(resample_mode="down")))
+        for idx in range(num_blocks):
+            cin, cout = cout, channels
+            enc.append((f"{res}x{res}_block{idx}", cin, cout, dict(attention=res in attn_resolutions)))
+    skips = [c for _, _, c, _ in enc]
+    for level, channels in reversed(list(enumerate(widths))):
+        res = img_resolution >> level
+        if level == len(widths) - 1:
+            dec.append((f"{res}x{res}_in0", cout, cout, dict(attention=True)))
+            dec.append((f"{res}x{res}_in1", cout, cout, {}))
+        else:
+            dec.append((f"{res}x{res}_up", cout, cout, dict(resample_mode="up")))
+        for idx in range(num_blocks + 1):
+            cin, cout = cout + skips.pop(), channels
+            dec.append((f"{res}x{res}_block{idx}", cin, cout, dict(attention=res in attn_resolutions)))
+    return enc, dec
