@@ -119,7 +119,7 @@ def test_docs_build_strict(tmp_path):
     published = (site / "published-models" / "index.html").read_text()
     assert "edm2-img512-xxl-autog-fid" in published and "edm2-img512-m-0268435-0.155" in published
     api = (site / "api" / "index.html").read_text()
-    assert 'id="edm2.nn.Precond"' in api and 'id="edm2.ema.profiles.solve_posthoc_coefficients"' in api
+    assert 'id="edm2.nn.Precond"' in api and 'id="edm2.ema.solve_posthoc_coefficients"' in api
 
 
 def shell_commands(text: str, fenced_only: bool):

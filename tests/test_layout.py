@@ -116,3 +116,27 @@ def test_test_files_are_named_after_what_they_test():
         if not any(d in modules for d in dotted) and parts[0] not in leaves:
             wrong.append(path.name)
     assert not wrong, f"test files not named after an edm2 module: {wrong}"
+
+
+def _documented_modules() -> list[str]:
+    return re.findall(r"^::: (edm2[\w.]*)$", (ROOT / "docs" / "api.md").read_text(), flags=re.M)
+
+
+def test_all_is_defined_exactly_by_the_documented_modules():
+    """A module's `__all__` is its documented public surface: the modules that
+    define one are those docs/api.md renders, and no others."""
+    with_all = set()
+    for module, path in _modules().items():
+        tree = ast.parse(path.read_text())
+        if any(isinstance(n, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in n.targets)
+               for n in tree.body):
+            with_all.add(module)
+    documented = set(_documented_modules())
+    assert with_all == documented, (f"__all__ without a docs/api.md entry: {sorted(with_all - documented)}; "
+                                    f"documented without __all__: {sorted(documented - with_all)}")
+
+
+def test_api_page_states_the_size_of_the_public_surface():
+    count = sum(len(__import__(m, fromlist=["_"]).__all__) for m in _documented_modules())
+    stated = re.search(r"(\d+) names in all", (ROOT / "docs" / "api.md").read_text())
+    assert stated and int(stated.group(1)) == count, (stated and stated.group(1), count)

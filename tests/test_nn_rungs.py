@@ -284,8 +284,8 @@ def test_recipes_at_the_paper_size():
                tuple(p.attn_resolutions), p.loss, p.ema)
         assert got == w, config
         assert p.config == config and p.duration == 2048 * 2 ** 20
-    assert get_preset("img512-s", "A").ema_halflife == 50e6 and get_preset("img512-s", "A").ema_std == ()
-    assert get_preset("img512-s", "B").ema_std == (0.05, 0.10)
+    assert get_preset("img512-s", "A").ema_halflife == 50e6 and get_preset("img512-s", "A").sigma_rel == ()
+    assert get_preset("img512-s", "B").sigma_rel == (0.05, 0.10)
     assert get_preset("img512-s") == get_preset("img512-s", "G")
 
 

@@ -40,7 +40,7 @@ def test_recipes_c_e_g():
     assert all((p.P_mean, p.P_std) == (-0.8, 1.6) for p in (c, e, g))
     assert (g.dropout, e.dropout, c.dropout) == (0.13, 0.10, 0.10)
     assert (c.loss_scaling, e.loss_scaling, g.loss_scaling) == (100.0, 1.0, 1.0)
-    assert all(p.adam_beta2 == 0.99 and p.ema == "power" and p.ema_std == (0.05, 0.10) for p in (c, e, g))
+    assert all(p.adam_beta2 == 0.99 and p.ema == "power" and p.sigma_rel == (0.05, 0.10) for p in (c, e, g))
     # Every interval is a whole number of batches, also at config A's doubled batch.
     a = get_preset("cifar-32", "A")
     assert a.batch == 1024 and all(v % 1024 == 0 for v in (a.duration, a.status, a.snapshot, a.checkpoint))

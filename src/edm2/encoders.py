@@ -22,7 +22,7 @@ from .nn.hub import looks_local
 from .utils.errors import EDM2Error
 
 __all__ = ["StandardRGBEncoder", "StabilityVAEEncoder", "encoder_from_meta", "load_vae", "VAEUnavailable",
-           "DEFAULT_VAE", "RAW_MEAN", "RAW_STD"]
+           "DEFAULT_VAE"]
 
 DEFAULT_VAE = "stabilityai/sd-vae-ft-mse"
 RAW_MEAN = (5.81, 3.25, 0.12, -2.15)

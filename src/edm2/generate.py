@@ -40,8 +40,7 @@ from .utils.errors import EDM2Error
 from .utils.fileio import RunLock, atomic_write_bytes, png_bytes
 from .utils.validate import check_sampler_options
 
-__all__ = ["GeneratedBatch", "generate_images", "generate_to_dir", "load_nets", "compile_for_inference",
-           "check_guide", "check_class", "rank_batches", "image_path", "MANIFEST_NAME"]
+__all__ = ["load_nets", "generate_images", "generate_to_dir", "GeneratedBatch", "compile_for_inference"]
 
 @dataclass
 class GeneratedBatch:

@@ -14,9 +14,8 @@ from dataclasses import dataclass
 from .nn.factory import check_config
 from .utils.errors import EDM2Error
 
-__all__ = ["Preset", "PRESETS", "get_preset", "Recipe", "RECIPES", "apply_recipe",
-           "apply_generation_preset", "GenerationPreset", "GENERATION_PRESETS", "get_generation_preset",
-           "format_generation_presets", "POSTHOC_URL"]
+__all__ = ["Preset", "PRESETS", "get_preset", "Recipe", "RECIPES", "apply_recipe", "GenerationPreset",
+           "GENERATION_PRESETS", "get_generation_preset", "apply_generation_preset"]
 
 Ki, Mi, Gi = 2 ** 10, 2 ** 20, 2 ** 30
 
@@ -49,13 +48,13 @@ class Preset:
     status: int = 128 * Ki
     snapshot: int = 8 * Mi
     checkpoint: int = 128 * Mi
-    ema_std: tuple = (0.050, 0.100)
+    sigma_rel: tuple = (0.050, 0.100)
     # The config of the ablation ladder (Table 1) and the recipe fields it sets (see RECIPES).
     config: str = "G"
     loss: str = "uncertainty"         # 'uncertainty': learned u(sigma), Eq. 21; 'edm': EDM's loss, Eq. 14
     adam_beta2: float = 0.99
     loss_scaling: float = 1.0
-    ema: str = "power"                # 'power': power-function EMA + post-hoc (ema_std); 'traditional'
+    ema: str = "power"                # 'power': power-function EMA + post-hoc (sigma_rel); 'traditional'
     ema_halflife: float = 0.0         # traditional EMA: half-life in images
     ema_rampup_ratio: float = 0.05    # traditional EMA: half-life <= this ratio of the images seen (EDM)
 
@@ -122,7 +121,7 @@ PRESETS["cpu-32"] = Preset(
 PRESETS["demo"] = PRESETS["cpu-32"].replace(
     name="demo",
     description="the Fashion-MNIST demo: cpu-32's network, ~8 min of training on 2 cores",
-    lr=0.0200, decay=512, duration=24 * Ki, snapshot=6 * Ki, checkpoint=12 * Ki, ema_std=(0.050, 0.100))
+    lr=0.0200, decay=512, duration=24 * Ki, snapshot=6 * Ki, checkpoint=12 * Ki, sigma_rel=(0.050, 0.100))
 PRESETS["tiny"] = Preset(
     name="tiny",
     description="smallest sensible network, for tests and smoke runs",
@@ -239,7 +238,7 @@ def apply_recipe(preset: Preset, config: str) -> Preset:
         top = min(2 * max(preset.attn_resolutions), preset.img_resolution)
         changes.update(attn_resolutions=tuple(sorted(set(preset.attn_resolutions) | {top}, reverse=True)))
     if r.ema == "traditional":
-        changes.update(ema_std=(), ema_halflife=preset.duration * _A_HALFLIFE_FRACTION)
+        changes.update(sigma_rel=(), ema_halflife=preset.duration * _A_HALFLIFE_FRACTION)
     return preset.replace(**changes)
 
 

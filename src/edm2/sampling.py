@@ -18,8 +18,7 @@ import torch
 from .utils.errors import EDM2Error
 from .utils.validate import check_sampler_options
 
-__all__ = ["edm_sampler", "sample_batch", "sigma_steps", "guided_denoiser", "check_guidance", "SeedRandom",
-           "SAMPLER_DEFAULTS"]
+__all__ = ["edm_sampler", "sample_batch", "sigma_steps", "guided_denoiser", "SeedRandom"]
 
 # edm_sampler's keyword arguments and their defaults (paper App. D.1), for the CLI and docs.
 SAMPLER_DEFAULTS = dict(num_steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0,

@@ -55,9 +55,8 @@ from ..io.snapshot import list_snapshots, load_snapshot, read_snapshot_meta
 from ..utils.errors import EDM2Error, MissingFileError
 from ..utils.fileio import atomic_write_bytes, pyplot, save_figure
 
-__all__ = ["find_blocks", "bucket_of", "Layer", "find_layers", "MeasurementBatch", "make_measurement_batch",
-           "measurement_batch_from_dataset", "measure", "DynamicsTracker", "DynamicsHook", "measure_snapshots",
-           "load_dynamics", "plot_dynamics", "plot_loss_profile", "growth_factors", "DYNAMICS_FILE"]
+__all__ = ["DynamicsHook", "measure", "make_measurement_batch", "measure_snapshots", "load_dynamics",
+           "growth_factors", "plot_dynamics", "plot_loss_profile", "find_blocks"]
 
 DYNAMICS_FILE = "dynamics.jsonl"
 SNAPSHOTS_FILE = "dynamics-snapshots.jsonl"     # measure_snapshots: records of the stored snapshots

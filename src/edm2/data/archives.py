@@ -34,8 +34,6 @@ import numpy as np
 from ..io.official import UnsafePickleError, unpickle_numpy_data
 from ..utils.errors import EDM2Error
 
-__all__ = ["read_cifar", "tiny_imagenet_files", "CIFAR_SPLITS", "TINY_IMAGENET_SPLITS"]
-
 CIFAR_SPLITS = ("train", "test")
 TINY_IMAGENET_SPLITS = ("train", "val")
 _PIXELS = 32 * 32 * 3

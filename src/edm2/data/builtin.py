@@ -10,8 +10,6 @@ from ..io.download import cache_root
 from ..utils.errors import MissingFileError
 from .convert import convert_dataset
 
-__all__ = ["builtin_dataset_path", "default_cache_dir", "FASHION_MNIST_CLASSES", "BUILTIN_DIR"]
-
 BUILTIN_DIR = Path(__file__).parent / "builtin"
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
                          "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]

@@ -40,8 +40,6 @@ from .archives import is_cifar, is_tiny_imagenet, read_cifar, tiny_imagenet_file
 from .dataset import IMAGE_EXTENSIONS, LATENT_EXTENSION, list_dataset_files, match_labels, read_dataset_json
 from .writer import DatasetWriter, check_destination, item_name
 
-__all__ = ["convert_dataset", "ConvertResult", "TRANSFORMS", "read_idx", "balanced_subset"]
-
 Image.MAX_IMAGE_PIXELS = None  # large photos are legitimate input here
 GRAY_MODES = {"1", "L", "LA", "La", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 

@@ -27,8 +27,6 @@ from PIL import Image
 from ..utils.errors import EDM2Error, MissingFileError
 from ..utils.validate import safe_error_text
 
-__all__ = ["ImageDataset", "IMAGE_EXTENSIONS", "LATENT_EXTENSION"]
-
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 LATENT_EXTENSION = ".npy"
 LATENT_CHANNELS = 8

@@ -6,8 +6,6 @@ from pathlib import Path
 
 from .dataset import ImageDataset
 
-__all__ = ["dataset_info", "format_info"]
-
 
 def _size_bytes(path: Path) -> int:
     if path.is_file():

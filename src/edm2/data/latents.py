@@ -29,8 +29,6 @@ from ..utils.fileio import atomic_write_bytes, move_into_place, png_bytes
 from .dataset import ImageDataset
 from .writer import DatasetWriter, check_destination, item_name, write_dataset_json
 
-__all__ = ["encode_dataset", "decode_dataset", "LatentResult", "latent_name"]
-
 
 @dataclass
 class LatentResult:

@@ -12,8 +12,6 @@ from pathlib import Path
 from ..utils.errors import EDM2Error, ExistingFileError
 from ..utils.fileio import AtomicWriter, WriteError, describe_os_error, move_into_place
 
-__all__ = ["DatasetWriter", "check_destination", "item_name", "write_dataset_json"]
-
 
 def item_name(idx: int, ext: str = "png", prefix: str = "img") -> str:
     """Layout of the official tool: '00000/img00000000.png', 1000 items per folder."""

@@ -13,23 +13,28 @@
 The EMA length is called `sigma_rel` everywhere in Python (the snapshot
 metadata keeps its key `ema_std`). See docs/posthoc-ema.md.
 """
-from .posthoc import PhemaInput, PosthocPlan, find_phema_inputs, plan_posthoc, plot_profiles, reconstruct, resolve_time
+# `name as name`: building blocks of the commands and tests, importable from here but not in `__all__`.
+from .posthoc import PhemaInput as PhemaInput
+from .posthoc import PosthocPlan as PosthocPlan
+from .posthoc import find_phema_inputs as find_phema_inputs
+from .posthoc import plan_posthoc as plan_posthoc
+from .posthoc import plot_profiles as plot_profiles
+from .posthoc import reconstruct
+from .posthoc import resolve_time as resolve_time
 from .profiles import (
-    MAX_SIGMA_REL,
-    check_sigma_rel,
-    exp_to_std,
-    power_function_beta,
-    profile_density,
-    profile_fit_error,
-    profile_inner_product,
-    solve_posthoc_coefficients,
-    std_to_exp,
+           MAX_SIGMA_REL,
+           exp_to_std,
+           power_function_beta,
+           profile_inner_product,
+           solve_posthoc_coefficients,
+           std_to_exp,
 )
-from .trackers import PowerFunctionEMA, TraditionalEMA, reconstruct_state_dict, trackable
+from .profiles import check_sigma_rel as check_sigma_rel
+from .profiles import profile_density as profile_density
+from .profiles import profile_fit_error as profile_fit_error
+from .trackers import PowerFunctionEMA, TraditionalEMA, reconstruct_state_dict
+from .trackers import trackable as trackable
 
-__all__ = [
-    "PowerFunctionEMA", "TraditionalEMA", "reconstruct_state_dict", "trackable",
-    "exp_to_std", "std_to_exp", "power_function_beta", "profile_inner_product", "solve_posthoc_coefficients",
-    "profile_density", "profile_fit_error", "check_sigma_rel", "MAX_SIGMA_REL",
-    "reconstruct", "find_phema_inputs", "resolve_time", "plan_posthoc", "plot_profiles", "PosthocPlan", "PhemaInput",
-]
+__all__ = ["PowerFunctionEMA", "TraditionalEMA", "reconstruct_state_dict", "reconstruct", "exp_to_std",
+           "std_to_exp", "power_function_beta", "profile_inner_product", "solve_posthoc_coefficients",
+           "MAX_SIGMA_REL"]

@@ -38,9 +38,6 @@ from ..utils.fileio import RunLock, atomic_write_bytes, pyplot, remove_temp_file
 from ..utils.units import parse_float_list
 from .profiles import check_sigma_rel, profile_density, profile_fit_error, solve_posthoc_coefficients
 
-__all__ = ["reconstruct", "find_phema_inputs", "resolve_time", "plan_posthoc", "plot_profiles", "PosthocPlan",
-           "PhemaInput"]
-
 _TORCH_DTYPES = {k: v for k, v in SAFETENSORS_DTYPES.items() if v.is_floating_point}
 # Tensors of these dtypes (integer buffers such as counters) are copied from the latest input, not averaged.
 _COPIED_DTYPES = {k: v for k, v in SAFETENSORS_DTYPES.items() if not v.is_floating_point}

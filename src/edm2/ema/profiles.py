@@ -13,10 +13,6 @@ import numpy as np
 
 from ..utils.errors import EDM2Error
 
-__all__ = ["exp_to_std", "std_to_exp", "power_function_beta", "profile_inner_product",
-           "solve_posthoc_coefficients", "profile_density", "profile_fit_error", "check_sigma_rel",
-           "MAX_SIGMA_REL"]
-
 MAX_SIGMA_REL = float(np.sqrt(1 / 12))  # sigma_rel of gamma = 0, the flat profile (upper bound, 0.2887)
 
 

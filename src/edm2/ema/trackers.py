@@ -36,8 +36,6 @@ from ..utils.errors import EDM2Error
 from .posthoc import find_phema_inputs, plan_posthoc, resolve_time, stream_state_dicts
 from .profiles import check_sigma_rel, std_to_exp
 
-__all__ = ["PowerFunctionEMA", "TraditionalEMA", "reconstruct_state_dict", "trackable"]
-
 
 def trackable(net: torch.nn.Module) -> torch.nn.Module:
     """The module behind DistributedDataParallel / torch.compile wrappers."""

@@ -53,9 +53,8 @@ from ..utils.validate import safe_error_text
 from .download import cache_dir, fetch, is_url
 from .snapshot import make_meta, save_snapshot, snapshot_name
 
-__all__ = ["UnsafePickleError", "OfficialFormatError", "Record", "safe_unpickle", "parse_official_name",
-           "load_official", "import_official", "convert_official_folder", "list_official_pickles",
-           "load_reference_stats"]
+__all__ = ["load_official", "import_official", "convert_official_folder", "load_reference_stats",
+           "safe_unpickle", "UnsafePickleError", "OfficialFormatError"]
 
 
 class UnsafePickleError(EDM2Error):

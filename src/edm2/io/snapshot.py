@@ -37,9 +37,8 @@ from ..nn import CONFIGS, build_network, precision_kwargs
 from ..utils.errors import EDM2Error
 from ..utils.fileio import AtomicWriter, atomic_write_bytes
 
-__all__ = ["SnapshotError", "FORMAT", "snapshot_name", "parse_snapshot_name", "make_meta", "save_snapshot",
-           "save_state_dict", "read_snapshot_meta", "load_snapshot", "snapshot_config", "list_snapshots",
-           "run_fingerprint", "SnapshotStreamWriter", "SAFETENSORS_DTYPES"]
+__all__ = ["save_snapshot", "load_snapshot", "read_snapshot_meta", "list_snapshots", "snapshot_name",
+           "make_meta", "SnapshotError"]
 
 FORMAT = "edm2-snapshot"
 VERSION = 1

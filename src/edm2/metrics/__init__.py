@@ -7,11 +7,12 @@ against reference statistics, and post-hoc EMA sweeps.
 - `FeatureStats`, `frechet_distance` (module `edm2.metrics.stats`).
 - The feature networks: `load_detector(metric)`, `random_detector`, `DETECTORS`,
   `Detector` (module `edm2.metrics.detectors`); a classifier of your own:
-  `edm2.metrics.classifier`.
+  `train_classifier`, `load_classifier`, `classifier_scores` (module `edm2.metrics.classifier`).
 """
 # `name as name`: building blocks of the commands and benchmarks, importable from here but not in
 # `__all__` (not part of the documented API).
-from .detectors import DETECTORS, Detector, load_detector, random_detector
+from .classifier import classifier_scores, train_classifier
+from .detectors import DETECTORS, Detector, load_classifier, load_detector, random_detector
 from .detectors import detector_dir as detector_dir
 from .evaluate import append_jsonl as append_jsonl
 from .evaluate import calc_metrics, gen_metrics, load_ref, reference_stats
@@ -23,4 +24,5 @@ from .stats import FeatureStats, frechet_distance
 from .sweep import plot_sweep, sweep
 
 __all__ = ["reference_stats", "calc_metrics", "gen_metrics", "load_ref", "sweep", "plot_sweep", "FeatureStats",
-           "frechet_distance", "load_detector", "random_detector", "DETECTORS", "Detector"]
+           "frechet_distance", "load_detector", "random_detector", "DETECTORS", "Detector", "train_classifier",
+           "classifier_scores", "load_classifier"]

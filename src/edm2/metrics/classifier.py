@@ -34,9 +34,6 @@ from .detectors import Classifier, ClassifierConfig, ClassifierDetector, save_cl
 from .evaluate import check_ref_stats, distances, gen_seeds
 from .stats import FeatureStats
 
-__all__ = ["train_classifier", "evaluate_classifier", "class_consistency", "classifier_scores"]
-
-
 # ---------------------------------------------------------------------------
 # Training and evaluation
 # ---------------------------------------------------------------------------

@@ -44,10 +44,6 @@ from ..utils.errors import EDM2Error, MissingFileError
 from ..utils.fileio import atomic_write_bytes
 from ..utils.validate import safe_error_text
 
-__all__ = ["Detector", "InceptionDetector", "DINOv2Detector", "TinyDetector", "ClassifierConfig", "Classifier",
-           "ClassifierDetector", "CLASSIFIER_FILE", "save_classifier", "load_classifier", "DETECTORS", "detector_dir",
-           "load_detector", "random_detector", "INCEPTION_FILE", "INCEPTION_URL", "DINOV2_FOLDER", "DINOV2_HUB"]
-
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_FILE}"
 DINOV2_FOLDER = "dinov2-large"          # <detector_dir>/dinov2-large/{config.json, model.safetensors}

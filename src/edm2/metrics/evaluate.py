@@ -35,8 +35,6 @@ from ..utils.validate import safe_error_text
 from .detectors import DETECTORS, load_detector
 from .stats import FeatureStats, frechet_distance
 
-__all__ = ["reference_stats", "calc_metrics", "gen_metrics", "load_ref", "save_ref", "REF_FORMAT"]
-
 REF_FORMAT = "edm2-ref-v1"
 
 

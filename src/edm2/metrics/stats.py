@@ -20,8 +20,6 @@ import torch.distributed as dist
 
 from ..utils.errors import EDM2Error
 
-__all__ = ["FeatureStats", "frechet_distance"]
-
 
 class FeatureStats:
     """Running mean and covariance of feature vectors, in float64.

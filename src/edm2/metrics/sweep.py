@@ -23,8 +23,6 @@ from ..utils.units import parse_float_list
 from ..utils.validate import check_sampler_options
 from .evaluate import gen_metrics, load_detectors, load_ref, resolve_metrics
 
-__all__ = ["sweep", "plot_sweep"]
-
 CSV_NAME, PNG_NAME = "sweep.csv", "sweep.png"
 
 

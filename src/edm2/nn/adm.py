@@ -26,8 +26,6 @@ from .denoiser import Denoiser
 from .layers import resample
 from .unet import check_architecture, unet_layout
 
-__all__ = ["ADMPrecond", "ADMUNet", "ADMBlock", "adm_net_kwargs", "adm_channels_per_head"]
-
 
 def _init(shape, fan_in: int, scale: float, normal: bool = False) -> torch.Tensor:
     """He-uniform U(+-sqrt(3 / fan_in)), or He-normal N(0, 1 / fan_in) when

@@ -13,8 +13,6 @@ import torch
 
 from ..utils.errors import EDM2Error
 
-__all__ = ["DTYPES", "check_precision", "set_precision", "precision_kwargs", "precond_coefficients", "Denoiser"]
-
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 """The U-Net's dtype on CUDA, by name (`precision`)."""
 

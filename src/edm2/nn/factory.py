@@ -17,8 +17,6 @@ from .adm import ADMPrecond
 from .rungs import LadderPrecond
 from .unet import Precond
 
-__all__ = ["CONFIGS", "check_config", "build_network", "network_config"]
-
 CONFIGS = ("A", "B", "C", "D", "E", "F", "G")
 """The network configs of the paper's ablation (Table 1), one letter a row."""
 

@@ -24,8 +24,6 @@ from safetensors.torch import load_file, save
 from ..utils.errors import EDM2Error, MissingFileError
 from ..utils.fileio import atomic_write_bytes
 
-__all__ = ["HubMixin", "CONFIG_NAME", "WEIGHTS_NAME"]
-
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 _PAPER = "https://arxiv.org/abs/2312.02696"

@@ -13,8 +13,6 @@ import torch.nn.functional as F
 
 from ..utils.errors import EDM2Error
 
-__all__ = ["normalize", "mp_silu", "mp_sum", "mp_cat", "resample", "MPFourier", "MPConv", "force_normalize_"]
-
 
 def normalize(x: torch.Tensor, dim=None, eps: float = 1e-4) -> torch.Tensor:
     """Divide x by (eps + RMS over `dim`); default dim = all but the first.

@@ -35,9 +35,6 @@ from .denoiser import Denoiser
 from .layers import MPConv, MPFourier, apply_weight, normalize, resample
 from .unet import Block, check_architecture, check_block, unet_layout
 
-__all__ = ["Rung", "RUNGS", "LadderConv", "Fourier", "group_rms_norm", "LadderBlock", "LadderUNet",
-           "LadderPrecond"]
-
 
 @dataclass(frozen=True)
 class Rung:

@@ -14,8 +14,6 @@ from .denoiser import Denoiser
 from .hub import HubMixin
 from .layers import MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize, resample
 
-__all__ = ["Block", "UNet", "Precond", "check_architecture"]
-
 
 class Block(torch.nn.Module):
     """Residual U-Net block, encoder or decoder flavour (paper Fig. 22)."""

@@ -17,8 +17,6 @@ from ..sampling import edm_sampler
 from ..utils.fileio import atomic_write_bytes
 from .gmm import tree_mixture
 
-__all__ = ["IN_LOGP", "toy_noise", "sample_toy", "toy_score", "write_score_json"]
-
 IN_LOGP = -1.8
 SIGMA_MAX = 5.0   # the toy's data lives in [-1.5, 1.5]^2; sigma_max = 80 would only waste steps
 

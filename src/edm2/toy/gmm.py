@@ -24,8 +24,6 @@ import torch
 
 from ..utils.errors import EDM2Error
 
-__all__ = ["GaussianMixture", "tree_mixture", "CLASSES"]
-
 CLASSES = ("A", "B", "AB")
 
 

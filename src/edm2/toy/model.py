@@ -28,8 +28,6 @@ from ..io.snapshot import SnapshotError, read_snapshot_meta
 from ..nn import MPConv, mp_silu
 from ..utils.errors import EDM2Error, MissingFileError
 
-__all__ = ["ToyNetConfig", "ToyNet", "load_toy"]
-
 # Metadata key of the toy's own snapshot format before it used edm2 snapshots.
 _OLD_TOY_FORMAT = "edm2-toy"
 

@@ -13,8 +13,6 @@ from ..utils.fileio import pyplot, save_figure
 from .evaluate import IN_LOGP, sample_toy, toy_score
 from .gmm import tree_mixture
 
-__all__ = ["ToyPanel", "plot_toy"]
-
 
 @dataclass
 class ToyPanel:

@@ -31,8 +31,6 @@ from ..utils.fileio import atomic_write_bytes
 from .gmm import CLASSES, tree_mixture
 from .model import ToyNet, ToyNetConfig, load_toy, toy_snapshot_meta
 
-__all__ = ["ToyTrainConfig", "ToyRun", "train_toy", "list_toy_snapshots", "load_toy_run", "posthoc_toy"]
-
 
 @dataclass
 class ToyTrainConfig:

@@ -7,13 +7,6 @@ The pieces live in `edm2.train.loop` (the loop), `edm2.train.config`
 folder), `edm2.train.log` (status, TensorBoard, sample grids) and
 `edm2.train.speed` (channels_last, torch.compile)."""
 from .config import TrainConfig
+from .loop import RunPlan, TrainResult, dry_run, train
 
 __all__ = ["TrainConfig", "TrainResult", "RunPlan", "train", "dry_run"]
-
-
-def __getattr__(name: str):
-    # The loop imports torch: loaded on first use (PEP 562), so that `edm2.train.config` stays light.
-    if name in __all__:
-        from . import loop
-        return getattr(loop, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

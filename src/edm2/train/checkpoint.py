@@ -33,9 +33,6 @@ from ..utils.errors import EDM2Error
 from ..utils.fileio import LOCK_NAME, atomic_write_bytes, remove_temp_files
 from ..utils.validate import safe_error_text
 
-__all__ = ["checkpoint_name", "list_checkpoints", "save_checkpoint", "load_checkpoint", "load_latest_checkpoint",
-           "check_run_folder"]
-
 CHECKPOINT_FORMAT = "edm2-checkpoint"
 _NOT_RUN_FILES = {LOCK_NAME}   # files in a run folder that belong to no run (kept by archive_run)
 _NAME_RE = re.compile(r"checkpoint-(\d{12})\.pt$")

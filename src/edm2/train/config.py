@@ -9,8 +9,6 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import MISSING, dataclass, field
 
-__all__ = ["TrainConfig", "PRECISIONS"]
-
 PRECISIONS = ("fp32", "bf16", "fp16")   # U-Net dtypes on CUDA (edm2.nn.Precond's `precision`)
 
 

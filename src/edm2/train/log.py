@@ -17,8 +17,6 @@ from ..sampling import SeedRandom, sample_batch
 from ..utils.distributed import resolve_device
 from ..utils.fileio import atomic_write_bytes, png_bytes
 
-__all__ = ["Reporter", "save_grid"]
-
 
 class Reporter:
     """Status lines to the terminal and log.txt, records to stats.jsonl and

@@ -49,7 +49,7 @@ from ..encoders import StabilityVAEEncoder, StandardRGBEncoder, VAEUnavailable, 
 from ..io.loading import load_network
 from ..io.snapshot import make_meta, run_fingerprint, save_snapshot, snapshot_config, snapshot_name
 from ..loss import EDM2Loss, EDMLoss, learning_rate_schedule
-from ..nn import DTYPES, Precond, build_network, force_normalize_
+from ..nn import Precond, build_network, check_precision, force_normalize_
 from ..nn.adm import adm_net_kwargs
 from ..presets import RECIPES, get_preset
 from ..utils.distributed import configure_threads, init_distributed, resolve_device
@@ -68,9 +68,6 @@ from .checkpoint import (
 from .config import TrainConfig, may_change_on_resume
 from .log import Reporter, StatusMeter, save_grid
 from .speed import to_channels_last
-
-__all__ = ["TrainConfig", "RunPlan", "TrainResult", "Run", "Hook", "plan_run", "setup", "start_session", "train",
-           "train_loop", "dry_run"]
 
 
 def _resolved(help: str, resume: bool = False) -> dataclasses.Field:
@@ -182,8 +179,7 @@ def _check_values(config: TrainConfig, preset) -> dict:
             where = "" if given is not None else f" (from preset {preset.name})"
             raise EDM2Error(f"{name}={value}{where}: must be {must}")
         values[name] = value
-    if config.precision not in DTYPES:
-        raise EDM2Error(f"precision={config.precision!r}: allowed: {', '.join(DTYPES)}")
+    check_precision("precision", config.precision)
     for name in ("seed", "workers", "grid", "threads", "channels", "dynamics", "dynamics_probe"):
         value = getattr(config, name)
         low = 1 if name in ("threads", "channels", "dynamics", "dynamics_probe") else 0
@@ -201,7 +197,7 @@ def _check_sigma_rel(config: TrainConfig, preset) -> list:
                             f"profiles; drop `sigma_rel`, or pick a config B-G (allowed with `sigma_rel`: B, C, D, "
                             f"E, F, G)")
         return []
-    sigma_rel = parse_float_list(_pick(config.sigma_rel, preset.ema_std), "sigma_rel")
+    sigma_rel = parse_float_list(_pick(config.sigma_rel, preset.sigma_rel), "sigma_rel")
     if len(set(sigma_rel)) != len(sigma_rel):
         raise EDM2Error(f"sigma_rel={','.join(map(str, sigma_rel))}: every value must be different")
     check_sigma_rel(sigma_rel, "sigma_rel")

@@ -8,8 +8,6 @@ import torch
 
 from ..nn.layers import force_normalize_
 
-__all__ = ["to_channels_last", "compile_loss"]
-
 
 def to_channels_last(net: torch.nn.Module) -> torch.nn.Module:
     """Put the 4-D weights (convolutions) of `net` in channels_last memory format, in place; returns `net`.

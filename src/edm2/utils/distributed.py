@@ -35,9 +35,6 @@ import torch.distributed as dist
 
 from .errors import EDM2Error
 
-__all__ = ["default_device", "resolve_device", "init_distributed", "rank_world", "shutdown_distributed",
-           "configure_threads", "available_cores", "DEFAULT_MAX_THREADS"]
-
 # Upper limit of the automatic thread count (more rarely pays off for edm2's CPU work).
 DEFAULT_MAX_THREADS = 4
 

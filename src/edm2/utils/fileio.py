@@ -36,10 +36,6 @@ from PIL import Image
 
 from .errors import EDM2Error, ExistingFileError
 
-__all__ = ["WriteError", "describe_os_error", "atomic_write_bytes", "AtomicWriter", "atomic_folder",
-           "move_into_place", "png_bytes", "pyplot", "save_figure", "RunLock", "LockError", "remove_temp_files",
-           "LOCK_NAME"]
-
 LOCK_NAME = ".edm2.lock"
 
 

@@ -16,8 +16,6 @@ import numbers
 
 from .errors import EDM2Error
 
-__all__ = ["check_float", "check_int", "check_sampler_options", "safe_error_text", "UNSAFE_ADVICE"]
-
 # `edm2 generate`'s flags for edm_sampler's keyword arguments. Not used in messages (those name the
 # keyword argument; the CLI maps it to the flag); kept for edm2.generate's settings summary.
 SAMPLER_OPTION_NAMES = {"num_steps": "--steps", "sigma_min": "--sigma-min", "sigma_max": "--sigma-max",
