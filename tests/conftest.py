@@ -50,3 +50,22 @@ def image_dataset(tmp_path_factory):
     from helpers import make_dataset
 
     return make_dataset(tmp_path_factory.mktemp("image_dataset") / "data")
+
+
+@pytest.fixture(scope="session")
+def tiny_snapshot(tmp_path_factory):
+    """An unconditional snapshot of the `tiny` preset (16x16 grayscale) with non-zero
+    gains (`helpers.write_snapshot`). Shared by the whole session: read it, never change it."""
+    from helpers import write_snapshot
+
+    return write_snapshot(tmp_path_factory.mktemp("tiny_snapshot") / "net.safetensors", label_dim=0)
+
+
+@pytest.fixture(scope="session")
+def ema_run(tmp_path_factory):
+    """A fake training run folder of EMA snapshots (`helpers.write_ema_run`: times 64, 128,
+    192; sigma_rel 0.05 and 0.10; run id 'aaaa1111'). Shared by the whole session: read it,
+    never change it."""
+    from helpers import write_ema_run
+
+    return write_ema_run(tmp_path_factory.mktemp("ema_run") / "run", run_id="aaaa1111")

@@ -17,7 +17,6 @@ from edm2.analysis.ladder import LadderConfig, read_csv_rows, run_ladder
 from edm2.cli import main as cli_main
 from edm2.presets import RECIPES
 from edm2.utils.errors import EDM2Error
-from helpers import make_dataset  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -34,8 +33,9 @@ def hashes(folder) -> dict:
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("data") / "ds")
+def data(image_dataset):
+    """The shared labelled dataset (tests/conftest.py)."""
+    return image_dataset
 
 
 @pytest.fixture(scope="module")

@@ -37,7 +37,7 @@ def tiny_net(seed, label_dim=3):
 
 
 @pytest.fixture(scope="module")
-def w(tmp_path_factory):
+def w(tmp_path_factory, ema_run):
     """Shared inputs; tests copy what they modify."""
     root = tmp_path_factory.mktemp("refusals")
     write_snapshot(root / "netA.safetensors", seed=0)
@@ -49,7 +49,7 @@ def w(tmp_path_factory):
     (root / "empty").mkdir()
     (root / "empty.safetensors").write_bytes(b"")
     # Two runs with the same seed and architecture but other settings (an lr sweep), copied into one folder.
-    write_ema_run(root / "run1", run_id="aaaa1111")
+    shutil.copytree(ema_run, root / "run1")   # run id aaaa1111
     write_ema_run(root / "run2", run_id="bbbb2222", times=(64, 128, 192, 256))
     mixed = shutil.copytree(root / "run1", root / "mixed")
     shutil.copy(root / "run2" / snapshot_name(256, 0.10), mixed)

@@ -138,3 +138,24 @@ def test_no_cycle_through_imports_inside_functions_either():
 @pytest.mark.parametrize("module", sorted(MODULES))
 def test_every_module_imports(module):
     importlib.import_module(module)
+
+
+# The layers of docs/design.md#code-map: a package on the left imports none on the right.
+FORBIDDEN = {
+    "utils": {"nn", "ema", "io", "data", "train", "generate", "metrics", "analysis", "toy", "cli", "presets", "loss",
+              "sampling", "encoders"},
+    "nn": {"ema", "io", "data", "train", "generate", "metrics", "analysis", "toy", "cli", "presets", "loss",
+           "sampling", "encoders"},
+}
+for _low in ("ema", "data", "sampling", "loss", "presets", "encoders"):
+    FORBIDDEN[_low] = {"train", "generate", "metrics", "analysis", "toy", "cli"}
+
+
+def test_lower_layers_do_not_import_higher_ones():
+    def package(module):
+        parts = module.split(".")
+        return parts[1] if len(parts) > 1 else ""
+
+    wrong = sorted(f"{a} -> {b}" for a, targets in import_graph(everywhere=True).items() for b in targets
+                   if package(b) in FORBIDDEN.get(package(a), ()))
+    assert not wrong, wrong

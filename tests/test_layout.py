@@ -90,11 +90,11 @@ def test_all_lists_only_names_the_module_has():
 
 
 def test_tests_share_helpers_without_path_tricks():
-    offenders = []
+    offenders, path_trick = [], "sys.path." + "insert"   # spelled in two parts, so this file passes its own check
     for path in sorted(TESTS.rglob("*.py")):
         text = path.read_text()
-        if path.name != "test_layout.py" and "sys.path.insert" in text:
-            offenders.append(f"{path.name}: sys.path.insert")
+        if path_trick in text:
+            offenders.append(f"{path.name}: {path_trick}")
         if re.search(r"^\s*(from|import) test_\w+", text, flags=re.M):
             offenders.append(f"{path.name}: imports another test module")
     assert not offenders, offenders

@@ -66,8 +66,8 @@ def test_classifier_on_separable_and_random_features():
     assert float((predict(noise[200:]) == y[200:]).double().mean()) < 0.55
 
 
-def test_probe_on_tiny_network(tmp_path):
-    snap = write_snapshot(tmp_path / "net.safetensors", label_dim=0)
+def test_probe_on_tiny_network(tmp_path, tiny_snapshot):
+    snap = tiny_snapshot
     good = _dataset(tmp_path / "good")
     r = linear_probe(snap, good, sigma=0.05, holdout=0.25)
     assert r.layer == "dec.8x8_block1" and r.n_test == 20 and r.n_train == 60 and r.num_classes == 2
@@ -82,8 +82,8 @@ def test_probe_on_tiny_network(tmp_path):
         linear_probe(cond, good, sigma=0.05)
 
 
-def test_sweep_csv(tmp_path):
-    snap = write_snapshot(tmp_path / "net.safetensors", label_dim=0)
+def test_sweep_csv(tmp_path, tiny_snapshot):
+    snap = tiny_snapshot
     train = _dataset(tmp_path / "train", n=40)
     test = _dataset(tmp_path / "test", n=20, seed=1)
     results = probe_sweep(snap, train, [0.05, 5.0], ["dec.8x8_block1", "16x16_block0"], test_data=test)
@@ -97,8 +97,8 @@ def test_sweep_csv(tmp_path):
     assert float(rows[0]["accuracy"]) == 1.0
 
 
-def test_cli(tmp_path, capsys):
-    snap = write_snapshot(tmp_path / "net.safetensors", label_dim=0)
+def test_cli(tmp_path, tiny_snapshot, capsys):
+    snap = tiny_snapshot
     data = _dataset(tmp_path / "d", n=40)
     main(["probe", "--net", str(snap), "--list-layers", "--device", "cpu"])
     out = capsys.readouterr().out
@@ -115,11 +115,11 @@ def test_cli(tmp_path, capsys):
     assert len(err.splitlines()) == 1 and "--layer 'dec.99x99_x': no such block; allowed: enc.16x16_conv" in err
 
 
-def test_cli_default_data_is_the_builtin(tmp_path, capsys, monkeypatch):
+def test_cli_default_data_is_the_builtin(tmp_path, tiny_snapshot, capsys, monkeypatch):
     """Without --data the probe uses the built-in dataset (that of `edm2 train` without --data)."""
     import edm2.cli.probe as cli_probe
 
-    snap = write_snapshot(tmp_path / "net.safetensors", label_dim=0)
+    snap = tiny_snapshot
     data = _dataset(tmp_path / "builtin", n=40)
     monkeypatch.setattr(cli_probe, "builtin_dataset_path", lambda progress=False: data)
     main(["probe", "--net", str(snap), "--sigma", "0.05", "--device", "cpu"])

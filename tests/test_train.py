@@ -31,8 +31,9 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return make_dataset(tmp_path_factory.mktemp("data") / "ds")
+def data(image_dataset):
+    """The shared labelled dataset (tests/conftest.py)."""
+    return image_dataset
 
 
 @pytest.fixture(scope="module")

@@ -154,7 +154,7 @@ def _load_inception(folder: Path, download: bool, device) -> InceptionDetector:
             why = f"; downloading {INCEPTION_URL} failed ({type(e).__name__})"
     if not path.is_file():
         raise MissingFileError(f"FID weights {path} not found{why}: download {INCEPTION_URL} on a machine with "
-                                f"network access and put it at {path} (the folder is --detector-dir or "
+                                f"network access and put it at {path} (the folder is `detector_dir` or "
                                 f"$EDM2_DETECTOR_DIR)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
@@ -223,7 +223,7 @@ def _load_dinov2(folder: Path, download: bool, device) -> DINOv2Detector:
     local = folder / DINOV2_FOLDER
     how = (f"on a machine with network access run `hf download {DINOV2_HUB} --local-dir {DINOV2_FOLDER}` "
            f"(or Dinov2Model.from_pretrained('{DINOV2_HUB}').save_pretrained('{DINOV2_FOLDER}')) and copy that "
-           f"folder to {local} (the parent is --detector-dir or $EDM2_DETECTOR_DIR)")
+           f"folder to {local} (the parent is `detector_dir` or $EDM2_DETECTOR_DIR)")
     if local.exists():
         missing = [n for n in ("config.json", "model.safetensors") if not (local / n).is_file()]
         if missing:

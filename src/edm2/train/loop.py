@@ -717,8 +717,8 @@ def save_snapshots(run: Run) -> None:
     origin = {"preset": plan.preset, "run": str(run.out.resolve()), "seed": plan.seed, "tool": "edm2 train",
               "run_id": run_fingerprint(plan.identity())}  # post-hoc EMA refuses to mix runs
     traditional = plan.ema == "traditional"
-    for std, ema_net in run.ema.nets.items():
-        sigma_rel = None if traditional else std
+    for key, ema_net in run.ema.nets.items():
+        sigma_rel = None if traditional else key
         path = run.out / snapshot_name(nimg, sigma_rel, traditional=traditional)
         save_snapshot(path, ema_net, make_meta(plan.net_kwargs, nimg, sigma_rel, plan.encoder, dataset, origin,
                                                config=plan.config,
