@@ -19,6 +19,15 @@ def test_single_process_without_torchrun(monkeypatch):
     assert resolve_device(torch.device("cpu")) == torch.device("cpu")
 
 
+def test_cuda_without_index_is_this_processes_gpu(monkeypatch):
+    """`--device cuda` names the process's own GPU: torch.cuda.set_device needs an index."""
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert resolve_device("cuda") == torch.device("cuda", 0)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert resolve_device("cuda") == torch.device("cuda", 3)
+    assert resolve_device("cuda:1") == torch.device("cuda", 1)
+
+
 def test_configure_threads_order_explicit_env_default(monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "3")
     assert configure_threads(2) == 2 and torch.get_num_threads() == 2  # an explicit value wins

@@ -40,10 +40,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _remember_leaf_parsers(parser: argparse.ArgumentParser) -> None:
     """Each command's own parser becomes a default of its namespace (`_parser`),
-    so that errors can be shown with that command's flags."""
+    so that errors can be shown with that command's flags. An option whose `dest`
+    is a Python argument's name (`--steps` -> `num_steps`) keeps the flag's own
+    metavar in the help (`--steps STEPS`)."""
     children = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
     if not children:
         parser.set_defaults(_parser=parser)
+    for action in parser._actions:
+        longs = [s for s in action.option_strings if s.startswith("--")]
+        if longs and action.nargs != 0 and action.metavar is None and action.choices is None:
+            own = longs[0][2:].replace("-", "_")
+            if action.dest != own:
+                action.metavar = own.upper()
     for action in children:
         for child in set(action.choices.values()):
             _remember_leaf_parsers(child)

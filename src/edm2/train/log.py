@@ -90,7 +90,7 @@ def save_grid(path, net, encoder, count: int, device) -> None:
         images.append(sample_batch(net, encoder, rnd, class_idx=labels)[0])
     x = torch.cat(images)                                           # [rows*cols, C, H, W] uint8
     c, h, w = x.shape[1:]
-    x = x.reshape(rows, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, c).numpy()
+    x = x.reshape(rows, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, c).cpu().numpy()
     atomic_write_bytes(path, png_bytes(x))
 
 

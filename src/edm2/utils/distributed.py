@@ -47,8 +47,15 @@ def default_device() -> torch.device:
 
 
 def resolve_device(device=None) -> torch.device:
-    """`device` (a torch.device or a name like 'cpu', 'cuda:1') as a torch.device; None: `default_device()`."""
-    return torch.device(device) if device is not None else default_device()
+    """`device` (a torch.device or a name like 'cpu', 'cuda:1') as a torch.device; None: `default_device()`.
+    'cuda' without an index is this process's GPU, cuda:LOCAL_RANK (as `default_device`), so that
+    every CUDA call that needs an index (torch.cuda.set_device, memory statistics) gets one."""
+    if device is None:
+        return default_device()
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return device
 
 
 def init_distributed() -> tuple[int, int]:
