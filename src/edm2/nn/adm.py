@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from ..utils.errors import EDM2Error
 from .denoiser import Denoiser
 from .layers import resample
-from .unet import check_architecture, unet_layout
+from .unet import check_architecture, unet_encode_decode, unet_layout
 
 
 def _init(shape, fan_in: int, scale: float, normal: bool = False) -> torch.Tensor:
@@ -259,14 +259,7 @@ class ADMUNet(torch.nn.Module):
             emb = emb + self.map_label(class_labels)
         emb = F.silu(emb)
 
-        skips = []
-        for name, block in self.enc.items():
-            x = block(x) if name.endswith("_conv") else block(x, emb)
-            skips.append(x)
-        for name, block in self.dec.items():
-            if "_block" in name:
-                x = torch.cat([x, skips.pop()], dim=1)
-            x = block(x, emb)
+        x = unet_encode_decode(self.enc, self.dec, x, emb, join=lambda a, b: torch.cat([a, b], dim=1))
         return self.out_conv(F.silu(self.out_norm(x)))
 
 

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from ..utils.errors import EDM2Error
 from .denoiser import Denoiser
 from .layers import MPConv, MPFourier, apply_weight, normalize, resample
-from .unet import Block, check_architecture, check_block, unet_layout
+from .unet import Block, check_architecture, check_block, unet_encode_decode, unet_layout
 
 
 @dataclass(frozen=True)
@@ -263,14 +263,7 @@ class LadderUNet(torch.nn.Module):
         emb = F.silu(emb)
 
         x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
-        skips = []
-        for name, block in self.enc.items():
-            x = block(x) if name.endswith("_conv") else block(x, emb)
-            skips.append(x)
-        for name, block in self.dec.items():
-            if "block" in name:
-                x = torch.cat([x, skips.pop()], dim=1)
-            x = block(x, emb)
+        x = unet_encode_decode(self.enc, self.dec, x, emb, join=lambda a, b: torch.cat([a, b], dim=1))
 
         if self.rung.output_block == "norm_silu_conv":
             x = F.silu(group_rms_norm(x, num_groups_for(x.shape[1])))

@@ -143,18 +143,8 @@ class UNet(torch.nn.Module):
             emb = mp_sum(emb, self.emb_label(class_labels * np.sqrt(class_labels.shape[1])), t=self.label_balance)
         emb = mp_silu(emb)
 
-        # Encoder: every module's output goes on the skip stack.
-        x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)
-        skips = []
-        for name, block in self.enc.items():
-            x = block(x) if name.endswith("_conv") else block(x, emb)
-            skips.append(x)
-
-        # Decoder: concatenate a skip before every "block" module.
-        for name, block in self.dec.items():
-            if "block" in name:
-                x = mp_cat(x, skips.pop(), t=self.concat_balance)
-            x = block(x, emb)
+        x = torch.cat([x, torch.ones_like(x[:, :1])], dim=1)   # the constant input channel (App. B.3)
+        x = unet_encode_decode(self.enc, self.dec, x, emb, join=lambda a, b: mp_cat(a, b, t=self.concat_balance))
         return self.out_conv(x, gain=self.out_gain)
 
 
@@ -220,6 +210,22 @@ def check_block(flavor: str, resample_mode: str) -> None:
         raise EDM2Error(f"flavor={flavor!r}; allowed: 'enc', 'dec'")
     if resample_mode not in ("keep", "up", "down"):
         raise EDM2Error(f"resample_mode={resample_mode!r}; allowed: 'keep', 'up', 'down'")
+
+
+def unet_encode_decode(enc, dec, x: torch.Tensor, emb: torch.Tensor, join) -> torch.Tensor:
+    """The forward pass through the modules of `unet_layout`, shared by every config:
+    every encoder output goes on the skip stack (the input conv takes no embedding),
+    and each decoder `_block` module first joins the newest skip, `join(x, skip)`
+    (MP-Cat, Eq. 103, in config G; plain concatenation in A-F)."""
+    skips = []
+    for name, block in enc.items():
+        x = block(x) if name.endswith("_conv") else block(x, emb)
+        skips.append(x)
+    for name, block in dec.items():
+        if "_block" in name:
+            x = join(x, skips.pop())
+        x = block(x, emb)
+    return x
 
 
 def unet_layout(img_resolution: int, in_channels: int, widths, num_blocks: int, attn_resolutions):
