@@ -1,4 +1,4 @@
-"""Post-hoc EMA for any model: edm2.ema.trackers.PowerFunctionEMA against ema-pytorch's
+"""Post-hoc EMA for any model: edm2.ema.PowerFunctionEMA against ema-pytorch's
 PostHocEMA on the exactness test of tests/test_ema_trackers.py.
 
 A small model (linear, batch norm, linear) trains T Adam steps in float64;
@@ -138,7 +138,7 @@ def main():
     parser.add_argument("--every", type=int, nargs="+", default=[1, 3, 8], help="update intervals k")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    rows = [("edm2.ema.trackers.PowerFunctionEMA", run_edm2)]
+    rows = [("edm2.ema.PowerFunctionEMA", run_edm2)]
     try:
         import ema_pytorch  # noqa: F401
         rows.append(("ema_pytorch.PostHocEMA", run_ema_pytorch))

@@ -11,12 +11,11 @@ training loop's sample grids and `edm2.io.diffusers` call `sample_batch`.
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
 from .utils.errors import EDM2Error
-from .utils.validate import check_sampler_options
+from .utils.validate import check_float, check_sampler_options
 
 __all__ = ["edm_sampler", "sample_batch", "sigma_steps", "guided_denoiser", "SeedRandom"]
 
@@ -49,11 +48,7 @@ def check_guidance(guidance: float, gnet=None) -> None:
     name of one before it is loaded). w = 1 is plain sampling.
     The one check of this rule: the sampler, generation, metrics and the CLI
     commands all call it."""
-    # Finite; w < 0 would push away from the conditional net.
-    if isinstance(guidance, bool) or not isinstance(guidance, numbers.Real):
-        raise EDM2Error(f"guidance={guidance!r}: expected a number")
-    if not (math.isfinite(guidance) and guidance >= 0):
-        raise EDM2Error(f"guidance={guidance}: must be a finite number >= 0")
+    check_float(guidance, "guidance", lo=0)  # finite; w < 0 would push away from the conditional net
     if guidance != 1 and (gnet is None or (isinstance(gnet, str) and not gnet)):
         raise EDM2Error(f"guidance={guidance:g}: needs `gnet`, a guiding network (unconditional for "
                         f"classifier-free guidance, smaller or less trained for autoguidance); "
@@ -145,7 +140,6 @@ def sample_batch(net, encoder, rnd: SeedRandom, class_idx=None, gnet=None, guida
                             f"are probably damaged or training diverged; nothing was written for them")
         images = encoder.decode(x) if encoder is not None else x
     return images, labels, classes
-
 
 
 class SeedRandom:

@@ -82,7 +82,7 @@ def _checked_args(args) -> dict:
         raise EDM2Error("--net is required: a snapshot file or a run folder")
     guidance = 1.0 if args.guidance is None else args.guidance
     check_guidance(guidance, args.gnet)
-    seeds = parse_int_list(args.seeds, "--seeds")
+    seeds = parse_int_list(args.seeds, "seeds")
     if args.batch_size < 1:
         raise EDM2Error(f"--batch {args.batch_size}: must be >= 1")
     if args.grid_count < 1:

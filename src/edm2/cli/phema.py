@@ -26,8 +26,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    sigma_rels = parse_float_list(args.sigma_rels, "--std")
-    at_nimg = None if args.at_nimg is None else parse_nimg(args.at_nimg, "--at-nimg")
+    sigma_rels = parse_float_list(args.sigma_rels, "sigma_rels")
+    at_nimg = None if args.at_nimg is None else parse_nimg(args.at_nimg, "at_nimg")
     paths = reconstruct(args.rundir, args.outdir, sigma_rels, at_nimg=at_nimg, at_kimg=args.at_kimg,
                         plot=args.plot, overwrite=args.overwrite)
     for path in paths:

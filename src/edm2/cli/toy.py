@@ -63,7 +63,7 @@ def register(sub):
 def _train(args):
     config = ToyTrainConfig(classes=args.classes, num_layers=args.num_layers, hidden_dim=args.hidden_dim,
                             iters=args.iters, batch_size=args.batch_size,
-                            sigma_rels=tuple(parse_float_list(args.sigma_rels, "--ema")),
+                            sigma_rels=tuple(parse_float_list(args.sigma_rels, "sigma_rels")),
                             snapshot_iters=args.snapshot_iters, seed=args.seed, threads=args.threads)
     run = train_toy(config, outdir=args.outdir)
     print(f"trained {args.classes} layers={args.num_layers} dim={args.hidden_dim} for {args.iters} iterations "

@@ -179,7 +179,7 @@ def _copied(net: torch.nn.Module):
 def _generic_meta(net: torch.nn.Module) -> dict:
     cls = type(net)
     return {"net_kwargs": None, "encoder": {}, "dataset": {},
-            "origin": {"module": f"{cls.__module__}.{cls.__qualname__}", "tool": "edm2.ema.trackers.PowerFunctionEMA"}}
+            "origin": {"module": f"{cls.__module__}.{cls.__qualname__}", "tool": "edm2.ema.PowerFunctionEMA"}}
 
 
 def reconstruct_state_dict(folder, sigma_rel, at: int | None = None, model: torch.nn.Module | None = None,

@@ -773,10 +773,12 @@ def _micro_batch(run: Run, first: int):
 
 
 def _next_batch(batches: Iterator):
-    """The next micro-batch; a data error (possibly from a worker) becomes one line."""
+    """The next micro-batch; a data error of edm2's (possibly re-raised from a loader
+    worker, whose message then holds the worker's traceback) becomes its last line.
+    Any other exception is a bug and keeps its traceback."""
     try:
         return next(batches)
-    except ValueError as e:
+    except EDM2Error as e:
         lines = [ln for ln in str(e).splitlines() if ln.strip()]
         raise EDM2Error(lines[-1] if lines else str(e)) from None
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import re
 
 from .errors import EDM2Error
-from .validate import _named
 
 __all__ = ["parse_nimg", "parse_float_list", "parse_int_list"]
 
@@ -22,13 +21,13 @@ def parse_nimg(text, name: str = "size") -> int:
     else:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*(Ki|Mi|Gi|K|M|G|)\s*", str(text))
         if not m:
-            raise EDM2Error(f"{_named(name, repr(text))}: expected a number of images like 20000, 128Ki, 8Mi or 2Gi")
+            raise EDM2Error(f"{name}={text!r}: expected a number of images like 20000, 128Ki, 8Mi or 2Gi")
         value = float(m.group(1)) * _SUFFIX[m.group(2)]
         if value != int(value):
-            raise EDM2Error(f"{_named(name, repr(text))}: not a whole number of images")
+            raise EDM2Error(f"{name}={text!r}: not a whole number of images")
         value = int(value)
     if value < 0:
-        raise EDM2Error(f"{_named(name, repr(text))}: must be >= 0")
+        raise EDM2Error(f"{name}={text!r}: must be >= 0")
     return value
 
 
@@ -51,10 +50,10 @@ def parse_float_list(text, name: str = "list") -> list[float]:
         else:
             values = [float(p) for p in parts]
     except ValueError:
-        raise EDM2Error(f"{_named(name, repr(text))}: expected numbers like 0.05,0.1 "
+        raise EDM2Error(f"{name}={text!r}: expected numbers like 0.05,0.1 "
                          f"or a range like 0.010,0.015,...,0.250") from None
     if not values:
-        raise EDM2Error(f"{_named(name, repr(text))}: empty list")
+        raise EDM2Error(f"{name}={text!r}: empty list")
     return values
 
 
@@ -67,7 +66,7 @@ def parse_int_list(text, name: str = "list") -> list[int]:
         part = part.strip()
         m = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
         if not m or (m.group(2) is not None and int(m.group(2)) < int(m.group(1))):
-            raise EDM2Error(f"{_named(name, repr(text))}: expected integers and ranges like 0-49999 or 1,2,5-10")
+            raise EDM2Error(f"{name}={text!r}: expected integers and ranges like 0-49999 or 1,2,5-10")
         lo = int(m.group(1))
         hi = int(m.group(2)) if m.group(2) is not None else lo
         out.extend(range(lo, hi + 1))

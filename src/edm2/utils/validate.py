@@ -16,17 +16,6 @@ import numbers
 
 from .errors import EDM2Error
 
-# `edm2 generate`'s flags for edm_sampler's keyword arguments. Not used in messages (those name the
-# keyword argument; the CLI maps it to the flag); kept for edm2.generate's settings summary.
-SAMPLER_OPTION_NAMES = {"num_steps": "--steps", "sigma_min": "--sigma-min", "sigma_max": "--sigma-max",
-                        "rho": "--rho", "S_churn": "--S-churn", "S_min": "--S-min", "S_max": "--S-max",
-                        "S_noise": "--S-noise"}
-
-
-def _named(name: str, value) -> str:
-    """`name=value` for a Python argument; a caller still passing a flag (`--name`) gets `--name value`."""
-    return f"{name} {value}" if name.startswith("-") else f"{name}={value}"
-
 
 def _range_text(lo, hi, lo_open, hi_open) -> str:
     parts = []
@@ -43,7 +32,7 @@ def check_float(value, name: str, lo: float | None = None, hi: float | None = No
     infinite only with allow_inf) within [lo, hi] (open ends with lo_open/hi_open).
     `name`: the Python argument, named in the message (`name=value: ...`)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise EDM2Error(f"{_named(name, repr(value))}: expected a number")
+        raise EDM2Error(f"{name}={value!r}: expected a number")
     x = float(value)
     ok = not math.isnan(x) and (allow_inf or math.isfinite(x))
     if ok and lo is not None:
@@ -53,17 +42,17 @@ def check_float(value, name: str, lo: float | None = None, hi: float | None = No
     if not ok:
         want = _range_text(lo, hi, lo_open, hi_open)
         kind = "a number" if allow_inf else "a finite number"
-        raise EDM2Error(f"{_named(name, value)}: must be {kind}{' ' + want if want else ''}")
+        raise EDM2Error(f"{name}={value}: must be {kind}{' ' + want if want else ''}")
     return x
 
 
 def check_int(value, name: str, lo: int | None = None, hi: int | None = None) -> int:
     """`value` as an int, or EDM2Error unless it is a whole number within [lo, hi]."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise EDM2Error(f"{_named(name, repr(value))}: expected a whole number")
+        raise EDM2Error(f"{name}={value!r}: expected a whole number")
     x = int(value)
     if (lo is not None and x < lo) or (hi is not None and x > hi):
-        raise EDM2Error(f"{_named(name, x)}: must be a whole number {_range_text(lo, hi, False, False)}")
+        raise EDM2Error(f"{name}={x}: must be a whole number {_range_text(lo, hi, False, False)}")
     return x
 
 
