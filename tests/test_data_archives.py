@@ -4,6 +4,8 @@ import io
 import json
 import struct
 import tarfile
+import tracemalloc
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +13,7 @@ from PIL import Image
 
 from edm2.cli import main
 from edm2.data import ImageDataset, convert_dataset
-from edm2.data.archives import read_cifar
+from edm2.data.archives import MAX_READ_BYTES, read_cifar
 
 CIFAR10_NAMES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
 
@@ -292,3 +294,65 @@ def test_malformed_cifar_cli(tmp_path, capsys):
             err = capsys.readouterr().err.strip()
             assert len(err.splitlines()) == 1 and text in err and tar.name in err, (name, err)
             assert sorted(p.name for p in tmp_path.iterdir()) == before, name   # no dest, no temporary files
+
+
+def _sparse_header(name: str, realsize: int) -> bytes:
+    """A GNU sparse ('S') tar header that stores no data but expands to `realsize` bytes of zeros:
+    a few hundred bytes on disk whose header declares a member of any size."""
+    info = tarfile.TarInfo(name)
+    info.size, info.type = 0, tarfile.GNUTYPE_SPARSE
+    buf = bytearray(info.tobuf(tarfile.GNU_FORMAT))
+    buf[386:398] = b"%011o\0" % realsize    # one sparse entry: offset realsize, 0 bytes
+    buf[398:410] = b"%011o\0" % 0
+    buf[483:495] = b"%011o\0" % realsize    # the expanded size
+    buf[148:156] = b" " * 8
+    buf[148:156] = b"%06o\0 " % sum(buf[:512])
+    return bytes(buf)
+
+
+@pytest.mark.parametrize("declared", [MAX_READ_BYTES + 1, 2 ** 31], ids=["just-over", "2GiB"])
+def test_huge_member_refused_from_its_header(tmp_path, capsys, declared):
+    """A tarball of a few KB whose test batch declares more bytes than a CIFAR split can hold is
+    refused from the header, before the member is read (no allocation of its declared size)."""
+    good, _ = cifar10_python(tmp_path / "good.tar.gz", per_batch=1)
+    out = io.BytesIO()
+    with tarfile.open(good) as t:
+        for m in t.getmembers():
+            if m.name.endswith("/test_batch"):
+                out.write(_sparse_header(m.name, declared))
+                continue
+            data = t.extractfile(m).read()
+            out.write(m.tobuf(tarfile.GNU_FORMAT) + data + b"\0" * (-len(data) % 512))
+    bomb = tmp_path / "cifar-10-python.tar"
+    bomb.write_bytes(out.getvalue() + b"\0" * 1024)
+    assert bomb.stat().st_size < 64 * 1024
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match=f"test_batch declares {declared} bytes.*download it again"):
+            read_cifar(bomb, "test")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2 ** 20, peak
+    before = sorted(p.name for p in tmp_path.iterdir())
+    with pytest.raises(SystemExit) as e:
+        main(["dataset", "convert", "--source", str(bomb), "--split", "test", "--dest", str(tmp_path / "out")])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--source" in err and f"declares {declared} bytes" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_members_read_are_bounded_together(tmp_path):
+    """The train split's five batches count together: each under the bound, too many bytes in all."""
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    good, _ = cifar10_python(tmp_path / "good.tar.gz", per_batch=1)
+    with tarfile.open(good) as t:
+        for m in t.getmembers():
+            (folder / Path(m.name).name).write_bytes(t.extractfile(m).read())
+    for i in range(1, 6):   # sparse files: 60 MiB each on paper, nothing on disk
+        with open(folder / f"data_batch_{i}", "r+b") as f:
+            f.truncate(60 * 2 ** 20)
+    with pytest.raises(ValueError, match=r"data_batch_5 \(62914560 bytes\) brings the members read to"):
+        read_cifar(folder, "train")

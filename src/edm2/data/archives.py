@@ -14,6 +14,12 @@
   Pixels are stored channel-planar (1024 red, 1024 green, 1024 blue bytes, each
   a 32x32 image in row order). Splits: 'train' (the five data batches /
   `train`) and 'test'. CIFAR-100 uses its 100 fine labels.
+  The members read for one split (its batches and the class names) may hold
+  at most `MAX_READ_BYTES` (256 MiB) together; the largest real split,
+  CIFAR-100's train, holds about 154 MB. The size is taken from the tar
+  header (or the file's size in a folder) before anything is read, so an
+  archive whose header declares a huge member (or a sparse member that
+  expands to one) is refused instead of filling the memory.
 - Tiny-ImageNet (`tiny-imagenet-200/` as extracted): `wnids.txt` (the class
   order), `words.txt` (names), `train/<wnid>/images/*.JPEG` and
   `val/images/*.JPEG` labelled by `val/val_annotations.txt`. Splits: 'train',
@@ -37,6 +43,9 @@ from ..utils.errors import EDM2Error
 CIFAR_SPLITS = ("train", "test")
 TINY_IMAGENET_SPLITS = ("train", "val")
 _PIXELS = 32 * 32 * 3
+# Bound on the bytes read from one archive (the members of one split and the class names):
+# CIFAR-100's train split, the largest, holds 50,000 x 3,074 bytes (about 154 MB).
+MAX_READ_BYTES = 256 * 2 ** 20
 
 # Member file names (basenames) of each distribution.
 _PY10 = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"], "meta": "batches.meta"}
@@ -67,6 +76,7 @@ class _Files:
     def __init__(self, path: Path):
         self.path = path
         self.tar = None
+        self.bytes_read = 0   # the sizes of the members read so far (bounded by MAX_READ_BYTES)
         if path.is_dir():
             self.members = {p.name: p for p in sorted(_folder_with(path).iterdir()) if p.is_file()}
         else:
@@ -79,8 +89,21 @@ class _Files:
     def has(self, name: str) -> bool:
         return name in self.members
 
+    def size(self, name: str) -> int:
+        """The member's size as its tar header declares it (for a sparse member: expanded), or the file's."""
+        m = self.members[name]
+        return m.stat().st_size if self.tar is None else m.size
+
     def read(self, name: str) -> bytes:
         m = self.members[name]
+        size = self.size(name)
+        if self.bytes_read + size > MAX_READ_BYTES:   # checked before reading: the header may lie
+            what = (f"{name} declares {size} bytes" if size > MAX_READ_BYTES else
+                    f"{name} ({size} bytes) brings the members read to {self.bytes_read + size} bytes")
+            raise EDM2Error(f"source={self.path}: {what}, more than the {MAX_READ_BYTES} bytes a CIFAR split can "
+                             f"hold (the largest real one about 154 MB); the archive is damaged or not a CIFAR "
+                             f"archive: download it again")
+        self.bytes_read += size
         if self.tar is None:
             return m.read_bytes()
         try:
