@@ -120,6 +120,25 @@ def _locked_by_other_host(folder):
     (folder / LOCK_NAME).write_text(json.dumps({"pid": 4242, "host": "another-host", "started": "t0"}))
 
 
+def _training_run(w, folder):
+    """A copy of run1 with what `edm2 train` adds around its snapshots: config.json, the log, a checkpoint."""
+    shutil.copytree(w / "run1", folder)
+    (folder / "config.json").write_text("{}")
+    (folder / "stats.jsonl").write_text("{}\n")
+    (folder / "checkpoint-000000000192.pt").write_bytes(b"state")
+    return folder
+
+
+def _truncated_zip(w, tmp):
+    """An image dataset zip cut in half, as an interrupted copy leaves it."""
+    code, _, err = run_cli(["dataset", "convert", "--source", w / "plain", "--dest", tmp / "whole.zip"])
+    assert code == 0, err
+    data = (tmp / "whole.zip").read_bytes()
+    (tmp / "cut.zip").write_bytes(data[:len(data) // 2])
+    (tmp / "whole.zip").unlink()
+    return tmp / "cut.zip"
+
+
 # (id, function (w, tmp) -> (argv, strings the message must contain))
 CASES = [
     # --- generation: settings, mixing, locks
@@ -257,6 +276,55 @@ CASES = [
     ("dataset-convert-split-of-folder", lambda w, t: (
         ["dataset", "convert", "--source", w / "plain", "--dest", t / "out", "--split", "test"],
         ["--split test:", "drop --split"])),
+    ("dataset-convert-max-images-overflow", lambda w, t: (
+        ["dataset", "convert", "--source", w / "plain", "--dest", t / "out", "--max-images", "1e999"],
+        ["--max-images '1e999': too large", "2^63 - 1"])),
+    ("dataset-convert-max-images-2-63", lambda w, t: (
+        ["dataset", "convert", "--source", w / "plain", "--dest", t / "out", "--max-images", str(2 ** 63)],
+        [f"--max-images '{2 ** 63}': too large"])),
+    ("dataset-convert-workers-negative", lambda w, t: (
+        ["dataset", "convert", "--source", w / "plain", "--dest", t / "out", "--workers", "-1"],
+        ["--workers -1: must be a whole number >= 0"])),
+    # --- no command replaces a folder holding its input or a training run, not even with --overwrite
+    ("dataset-convert-dest-holds-source", lambda w, t: (
+        [shutil.copytree(w / "plain", t / "d" / "src"),
+         ["dataset", "convert", "--source", t / "d" / "src", "--dest", t / "d", "--overwrite"]][-1],
+        [f"--dest {t / 'd'}: holds the input --source {t / 'd' / 'src'}", "choose another --dest"])),
+    ("dataset-convert-dest-is-source", lambda w, t: (
+        [shutil.copytree(w / "plain", t / "src"),
+         ["dataset", "convert", "--source", t / "src", "--dest", t / "src", "--overwrite"]][-1],
+        [f"--dest {t / 'src'}: is the input --source"])),
+    ("dataset-convert-dest-inside-source", lambda w, t: (
+        [shutil.copytree(w / "plain", t / "src"), write_images(t / "src" / "old", n=1),
+         ["dataset", "convert", "--source", t / "src", "--dest", t / "src" / "old", "--overwrite",
+          "--no-labels"]][-1],
+        ["lies inside --source", "would delete part of the source"])),
+    ("dataset-convert-dest-is-a-run", lambda w, t: (
+        ["dataset", "convert", "--source", w / "plain", "--dest", _training_run(w, t / "run"), "--overwrite"],
+        [f"--dest {t / 'run'}: is an edm2 training run folder"])),
+    ("dataset-info-truncated-zip", lambda w, t: (["dataset", "info", _truncated_zip(w, t)],
+                                                 ["cut.zip: a truncated or corrupt zip file",
+                                                  "re-create it with `edm2 dataset convert`"])),
+    ("dataset-convert-truncated-zip", lambda w, t: (
+        ["dataset", "convert", "--source", _truncated_zip(w, t), "--dest", t / "out"],
+        [f"--source {t / 'cut.zip'}: a truncated or corrupt zip file"])),
+    ("export-hf-outdir-is-the-run", lambda w, t: (
+        ["export", _training_run(w, t / "run"), "--format", "hf", "--outdir", t / "run", "--overwrite"],
+        [f"--outdir {t / 'run'}: is the input {t / 'run'}", "choose another --outdir"])),
+    ("export-hf-outdir-holds-the-run", lambda w, t: (
+        ["export", _training_run(w, t / "runs" / "r1"), "--format", "hf", "--outdir", t / "runs", "--overwrite"],
+        [f"--outdir {t / 'runs'}: holds the input"])),
+    ("export-hf-outdir-holds-another-run", lambda w, t: (
+        [_training_run(w, t / "o" / "r2"),
+         ["export", w / "netA.safetensors", "--format", "hf", "--outdir", t / "o", "--overwrite"]][-1],
+        [f"--outdir {t / 'o'}: holds an edm2 training run ({t / 'o' / 'r2'})"])),
+    ("export-hf-outdir-holds-the-snapshot", lambda w, t: (
+        [(t / "o").mkdir(), shutil.copy(w / "netA.safetensors", t / "o" / "mine.safetensors"),
+         ["export", t / "o" / "mine.safetensors", "--format", "hf", "--outdir", t / "o", "--overwrite"]][-1],
+        [f"--outdir {t / 'o'}: holds the input {t / 'o' / 'mine.safetensors'}"])),
+    ("export-diffusers-outdir-is-the-run", lambda w, t: (
+        ["export", _training_run(w, t / "run"), "--format", "diffusers", "--outdir", t / "run", "--overwrite"],
+        [f"--outdir {t / 'run'}: is the input"])),
     ("metrics-ref-not-npz", lambda w, t: (["metrics", "ref", "--data", w / "plain", "--dest", t / "ref.txt",
                                            "--metrics", "fd_tiny", "--device", "cpu"],
                                           ["--dest " + str(t / "ref.txt")])),

@@ -266,6 +266,53 @@ def test_atomic_folder_replaces_only_when_complete(tmp_path):
     assert (out.stat().st_mode & 0o777) == 0o777 & ~fileio._umask()
 
 
+
+def test_a_folder_holding_an_input_or_a_run_is_never_replaced(tmp_path):
+    """check_replaceable, and atomic_folder with overwrite=True: a destination that is or holds
+    one of the inputs, or holds an edm2 run (checkpoints, EMA snapshots, config.json + stats.jsonl)
+    at any depth, is refused and left whole; hub names and objects among the inputs are skipped."""
+    from edm2.io.snapshot import snapshot_name
+    from edm2.train.checkpoint import checkpoint_name
+
+    def write(tmp):
+        (tmp / "new.txt").write_text("new")
+
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    (run / "config.json").write_text("{}")
+    (run / "stats.jsonl").write_text("{}\n")
+    snap = tmp_path / "plain" / "net.safetensors"   # a snapshot under a name of the user's own
+    snap.parent.mkdir()
+    snap.write_bytes(b"weights")
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for dest, inputs, match in [
+            (run, None, "is an edm2 training run folder"),
+            (tmp_path / "runs", None, f"holds an edm2 training run \\({run}\\)"),
+            (tmp_path, {"source": snap}, f"holds the input source={snap}"),
+            (snap.parent, {"source": snap.parent}, "is the input source="),
+            (snap.parent, {"source": snap}, "holds the input source=")]:
+        with pytest.raises(ValueError, match=rf"outdir={dest}: {match}.*choose another `outdir`"):
+            fileio.check_replaceable(dest, inputs)
+        with pytest.raises(ValueError, match=rf"outdir={dest}: {match}"):
+            atomic_folder(dest, write, overwrite=True, inputs=inputs)
+    for name in (checkpoint_name(4096), snapshot_name(4096, 0.05), snapshot_name(4096, None)):
+        folder = tmp_path / "only" / name
+        folder.mkdir(parents=True)
+        (folder / name).write_bytes(b"x")
+        with pytest.raises(ValueError, match="is an edm2 training run folder"):
+            atomic_folder(folder, write, overwrite=True)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and "only" not in p.parts} == before
+    assert not list(tmp_path.rglob(".*.tmp"))
+    # What may be replaced: an earlier export, with a hub name and a network object as inputs.
+    out = tmp_path / "export"
+    out.mkdir()
+    (out / "config.json").write_text("{}")
+    (out / "model.safetensors").write_bytes(b"old")
+    inputs = {"source": "stabilityai/sd-vae-ft-mse", "vae": object(), "gnet": None, "net": snap}
+    assert fileio.check_replaceable(out, inputs) == out
+    atomic_folder(out, write, overwrite=True, inputs=inputs)
+    assert _listing(out) == ["new.txt"]
+
 def test_move_into_place_keeps_the_old_folder_when_the_rename_fails(tmp_path, monkeypatch):
     dest, tmp = tmp_path / "data", tmp_path / ".data.x.tmp"
     dest.mkdir()

@@ -35,9 +35,16 @@ from tqdm import tqdm
 
 from ..utils.errors import EDM2Error, MissingFileError
 from ..utils.fileio import png_bytes
-from ..utils.validate import safe_error_text
+from ..utils.validate import check_int, safe_error_text
 from .archives import is_cifar, is_tiny_imagenet, read_cifar, tiny_imagenet_files
-from .dataset import IMAGE_EXTENSIONS, LATENT_EXTENSION, list_dataset_files, match_labels, read_dataset_json
+from .dataset import (
+    IMAGE_EXTENSIONS,
+    LATENT_EXTENSION,
+    list_dataset_files,
+    match_labels,
+    read_dataset_json,
+    starts_like_zip,
+)
 from .writer import DatasetWriter, check_destination, item_name
 
 Image.MAX_IMAGE_PIXELS = None  # large photos are legitimate input here
@@ -344,6 +351,9 @@ def open_source(source, use_labels: bool = True, split: str | None = None) -> So
         return _open_collection(path, use_labels)
     if "idx" in name and "ubyte" in name:
         return _open_idx(path, use_labels)
+    if starts_like_zip(path):   # a zip cut short (interrupted download or copy)
+        raise EDM2Error(f"source={path}: a truncated or corrupt zip file (its table of contents at the end is "
+                         f"missing); download or copy it again, or re-create it with `edm2 dataset convert`")
     raise EDM2Error(f"source={path}: not a folder, .zip, .npz or IDX (*-images-idx3-ubyte[.gz]) file")
 
 
@@ -407,6 +417,7 @@ def convert_dataset(source, dest, resolution: int | None = None, transform: str 
         raise EDM2Error(f"resolution={resolution}: must be >= 1")
     if max_images is not None and max_images < 1:
         raise EDM2Error(f"max_images={max_images}: must be >= 1")
+    workers = check_int(workers, "workers", lo=0)
     src = open_source(source, use_labels, split)
     try:
         return _convert(src, dest, resolution, transform, max_images, skip_bad, overwrite, class_names, workers,

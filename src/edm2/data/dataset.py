@@ -36,6 +36,19 @@ def _is_item(name: str) -> bool:
     return name.lower().endswith(IMAGE_EXTENSIONS + (LATENT_EXTENSION,))
 
 
+_ZIP_FIX = "re-create it with `edm2 dataset convert` (or copy it again if it is a copy)"
+
+
+def starts_like_zip(path) -> bool:
+    """Whether the file begins with a zip entry's signature: a file that does so but
+    is no readable zip (`zipfile.is_zipfile`) is a truncated or damaged one."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) == b"PK\x03\x04"
+    except OSError:
+        return False
+
+
 def list_dataset_files(path) -> list[str]:
     """Sorted relative POSIX paths of every file in a dataset folder or zip (macOS junk left out)."""
     path = Path(path)
@@ -45,8 +58,11 @@ def list_dataset_files(path) -> list[str]:
             rel = os.path.relpath(root, path)
             names += [f if rel == "." else f"{rel}/{f}".replace(os.sep, "/") for f in files]
     else:
-        with zipfile.ZipFile(path) as z:
-            names = [n for n in z.namelist() if not n.endswith("/")]
+        try:
+            with zipfile.ZipFile(path) as z:
+                names = [n for n in z.namelist() if not n.endswith("/")]
+        except zipfile.BadZipFile as e:   # its table of contents (central directory) is damaged
+            raise EDM2Error(f"{path}: a corrupt zip file ({e}); {_ZIP_FIX}") from None
     return sorted(n for n in names if not n.startswith("__MACOSX/") and not Path(n).name.startswith("._"))
 
 
@@ -186,6 +202,9 @@ class ImageDataset:
             raise MissingFileError(f"dataset {self.path} does not exist; create one with `edm2 dataset convert`")
         self._is_zip = self.path.is_file()
         if self._is_zip and not zipfile.is_zipfile(self.path):
+            if starts_like_zip(self.path):   # e.g. a copy or a write that was cut short
+                raise EDM2Error(f"dataset {self.path}: a truncated or corrupt zip file (its table of contents at "
+                                 f"the end is missing); {_ZIP_FIX}")
             raise EDM2Error(f"dataset {self.path} is neither a folder nor a zip file")
         self._zip = None
         self._zip_pid = None

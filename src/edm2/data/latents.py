@@ -26,6 +26,7 @@ from ..encoders import DEFAULT_VAE, StabilityVAEEncoder
 from ..utils.distributed import resolve_device
 from ..utils.errors import EDM2Error
 from ..utils.fileio import atomic_write_bytes, move_into_place, png_bytes
+from ..utils.validate import check_int
 from .dataset import ImageDataset
 from .writer import DatasetWriter, check_destination, item_name, write_dataset_json
 
@@ -59,6 +60,11 @@ def _npy_ok(path: Path, shape) -> bool:
         return False
 
 
+def _check_counts(batch_size, workers) -> tuple[int, int]:
+    """The VAE batch size (>= 1) and the number of DataLoader processes (>= 0), or EDM2Error."""
+    return check_int(batch_size, "batch_size", lo=1), check_int(workers, "workers", lo=0)
+
+
 def _batches(ds: ImageDataset, indices: list[int], batch_size: int, workers: int):
     """Yield (indices, stacked items) in order; `workers` > 0 reads with DataLoader processes."""
     if not indices:
@@ -78,7 +84,9 @@ def encode_dataset(source, dest, vae: str = DEFAULT_VAE, batch_size: int = 8, de
     vae: hub name or a folder written by `AutoencoderKL.save_pretrained`; loaded before any
         work, so a missing VAE fails at once (`VAEUnavailable`, a RuntimeError, with a how-to).
     Grayscale images are repeated to RGB. Resumable: see the module doc.
+    batch_size >= 1 and workers >= 0 are checked before anything is read or written.
     """
+    batch_size, workers = _check_counts(batch_size, workers)
     dest = check_destination(dest, overwrite, source)
     ds = ImageDataset(source)
     if ds.is_latent:
@@ -161,6 +169,7 @@ def decode_dataset(source, dest, vae: str = DEFAULT_VAE, batch_size: int = 8, de
     truncates x·255 to uint8 (as the authors' code): the net effect is VAE.decode(mean), the
     constants being applied exactly once in each direction.
     """
+    batch_size, workers = _check_counts(batch_size, workers)
     dest = check_destination(dest, overwrite, source)
     ds = ImageDataset(source)
     if not ds.is_latent:

@@ -4,13 +4,14 @@ existing one is never touched unless `overwrite=True`."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import zipfile
 from pathlib import Path
 
 from ..utils.errors import EDM2Error, ExistingFileError
-from ..utils.fileio import AtomicWriter, WriteError, describe_os_error, move_into_place
+from ..utils.fileio import AtomicWriter, WriteError, check_replaceable, describe_os_error, move_into_place
 
 
 def item_name(idx: int, ext: str = "png", prefix: str = "img") -> str:
@@ -19,10 +20,15 @@ def item_name(idx: int, ext: str = "png", prefix: str = "img") -> str:
 
 
 def check_destination(dest, overwrite: bool = False, source=None) -> Path:
-    """Refuse an existing destination (unless overwrite) or one that is the source itself."""
-    dest = Path(dest)
-    if source is not None and dest.exists() and Path(source).exists() and dest.resolve() == Path(source).resolve():
-        raise EDM2Error(f"dest={dest}: is the source itself; choose another destination")
+    """Refuse an existing destination unless overwrite, and always one that is or
+    holds the source or an edm2 training run (`edm2.utils.fileio.check_replaceable`),
+    or that lies inside the source folder (whose every file is read): replacing it
+    would delete them."""
+    dest = check_replaceable(dest, {"source": source}, "dest")
+    if dest.exists() and source is not None and Path(source).is_dir() and \
+            Path(os.path.realpath(source)) in Path(os.path.realpath(dest)).parents:
+        raise EDM2Error(f"dest={dest}: lies inside source={source}; replacing it would delete part of the source; "
+                        f"choose a `dest` outside the source folder")
     if dest.exists() and not overwrite:
         raise ExistingFileError(f"dest={dest}: already exists; choose another name or pass overwrite=True")
     return dest

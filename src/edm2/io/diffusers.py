@@ -32,7 +32,7 @@ from ..nn import Precond
 from ..nn.hub import CONFIG_NAME, looks_local
 from ..sampling import SAMPLER_DEFAULTS, SeedRandom, sample_batch
 from ..utils.errors import EDM2Error, MissingFileError
-from ..utils.fileio import atomic_folder
+from ..utils.fileio import atomic_folder, check_replaceable
 
 __all__ = ["EDM2Pipeline", "export_diffusers"]
 
@@ -285,6 +285,7 @@ def export_diffusers(net, outdir, gnet=None, vae=None, guidance: float = 1.0, ov
                      **sampler) -> Path:
     """`edm2 export --format diffusers`: an EDM2Pipeline folder from edm2 snapshots
     (EDM2Pipeline.from_snapshot, then save_pretrained)."""
+    check_replaceable(outdir, {"net": net, "gnet": gnet, "vae": vae})   # never replace an input or a run
     pipe = EDM2Pipeline.from_snapshot(net, gnet=gnet, vae=vae, guidance=guidance, **sampler)
     return pipe.save_pretrained(outdir, overwrite=overwrite)
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from ..nn.hub import CONFIG_NAME, WEIGHTS_NAME, HubMixin, looks_local  # noqa: F401 (importable here too)
 from ..utils.errors import EDM2Error
-from ..utils.fileio import atomic_folder
+from ..utils.fileio import atomic_folder, check_replaceable
 from .loading import load_network
 
 __all__ = ["export_hf", "EDM2_JSON"]
@@ -29,6 +29,7 @@ def export_hf(source, outdir, overwrite: bool = False) -> Path:
     `<class>.from_pretrained(outdir)`), README.md (model card) and edm2.json
     (the snapshot's metadata: encoder, dataset, nimg, sigma_rel as "ema_std", origin).
     Nothing is written unless everything succeeds."""
+    check_replaceable(outdir, {"source": source})   # never replace the input or a run, even with overwrite
     net, meta = load_network(source)
     if not isinstance(net, HubMixin):
         raise EDM2Error(f"source={source}: its network class {type(net).__name__} has no Hugging Face support "

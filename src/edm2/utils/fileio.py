@@ -10,7 +10,9 @@
 - `atomic_folder(outdir, write)`: a whole folder written under a temporary
   name and renamed into place when complete; `move_into_place(tmp, dest)`:
   that final rename, replacing an existing file or folder without ever
-  losing it.
+  losing it; `check_replaceable(dest, inputs)`: the one guard every command
+  that replaces a folder calls first, refusing a destination that is or holds
+  one of its inputs or an edm2 training run.
 - `png_bytes(image)`: PNG encoding to bytes; `save_figure(fig, path)`: a
   matplotlib figure as PNG, written atomically.
 - `RunLock(folder)`: an exclusive lock file per run/output folder, so two
@@ -24,6 +26,7 @@ import errno
 import io
 import json
 import os
+import re
 import shutil
 import socket
 import sys
@@ -246,19 +249,68 @@ def move_into_place(tmp, dest) -> Path:
     return dest
 
 
-def atomic_folder(outdir, write, overwrite: bool = False, name: str = "outdir") -> Path:
+# The files by which a folder is recognised as an edm2 training run (or a folder of a run's
+# snapshots): the trainer's checkpoints (`edm2.train.checkpoint.checkpoint_name`), its EMA
+# snapshots (`edm2.io.snapshot.snapshot_name`), and its log beside its config.json.
+_RUN_FILE_RE = re.compile(r"checkpoint-\d{12}\.pt|snapshot-\d{12}-(?:raw|ema|\d+\.\d+)\.safetensors")
+_RUN_LOG = ("config.json", "stats.jsonl")
+
+
+def find_run(folder) -> Path | None:
+    """The first folder at or under `folder` that holds an edm2 training run's
+    files (checkpoints, EMA snapshots, or config.json with the stats.jsonl log),
+    or None."""
+    for root, _dirs, files in os.walk(folder):
+        if any(_RUN_FILE_RE.fullmatch(f) for f in files) or all(f in files for f in _RUN_LOG):
+            return Path(root)
+    return None
+
+
+def check_replaceable(dest, inputs=None, name: str = "outdir") -> Path:
+    """Refuse (`EDM2Error`) to replace the existing `dest` when that would delete
+    what cannot be made again: one of the command's inputs (`inputs`: {argument
+    name: path}; paths that do not exist, such as hub names, are skipped) when
+    `dest` is it or holds it, or an edm2 training run at or under `dest`
+    (`find_run`). Call it before any work, whether or not overwriting was asked
+    for: the refusal names the real reason. `name` is the caller's argument
+    for `dest`. Returns `dest` as a Path."""
+    dest = Path(dest)
+    if not dest.exists():
+        return dest
+    real = Path(os.path.realpath(dest))
+    for arg, given in (inputs or {}).items():
+        if not isinstance(given, (str, os.PathLike)) or not os.path.exists(given):
+            continue
+        path = Path(os.path.realpath(given))
+        if path == real or real in path.parents:
+            how = "is" if path == real else "holds"
+            raise EDM2Error(f"{name}={dest}: {how} the input {arg}={given}; replacing it would delete that input; "
+                            f"choose another `{name}`")
+    run = find_run(dest) if dest.is_dir() else None
+    if run is not None:
+        where = "is an edm2 training run folder" if run == dest else f"holds an edm2 training run ({run})"
+        raise EDM2Error(f"{name}={dest}: {where}; replacing it would delete the run's checkpoints and snapshots; "
+                        f"choose another `{name}`")
+    return dest
+
+
+def atomic_folder(outdir, write, overwrite: bool = False, name: str = "outdir", inputs=None) -> Path:
     """Create the folder `outdir` with `write(tmp_folder)`: everything goes to a
     temporary folder `.<name>.<random>.tmp` beside it, renamed into place at the
     end (`move_into_place`), so a failure leaves nothing behind and an existing
     outdir is replaced (only with overwrite; a non-empty one is refused
-    otherwise) once the new one is complete. `name` is the caller's argument
-    for `outdir`, named in its messages."""
+    otherwise) once the new one is complete. An outdir that is or holds one of
+    `inputs` ({argument name: path}) or an edm2 run is never replaced
+    (`check_replaceable`). `name` is the caller's argument for `outdir`, named
+    in its messages."""
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
         raise ExistingFileError(f"{name}={outdir}: exists and is not a folder")
-    if outdir.is_dir() and any(outdir.iterdir()) and not overwrite:
-        raise ExistingFileError(f"{name}={outdir}: exists and is not empty; pass overwrite=True or choose another "
-                                "folder")
+    if outdir.is_dir() and any(outdir.iterdir()):
+        check_replaceable(outdir, inputs, name)
+        if not overwrite:
+            raise ExistingFileError(f"{name}={outdir}: exists and is not empty; pass overwrite=True or choose "
+                                    "another folder")
     try:
         outdir.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{outdir.name}.", suffix=".tmp", dir=outdir.parent))

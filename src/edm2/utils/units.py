@@ -5,29 +5,41 @@
 from __future__ import annotations
 
 import re
+from decimal import Decimal, localcontext
 
 from .errors import EDM2Error
 
 __all__ = ["parse_nimg", "parse_float_list", "parse_int_list"]
 
+MAX_COUNT = 2 ** 63 - 1   # counts are stored as 64-bit integers (torch/numpy int64, metadata)
 _SUFFIX = {"": 1, "Ki": 2 ** 10, "Mi": 2 ** 20, "Gi": 2 ** 30, "K": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9}
 
 
 def parse_nimg(text, name: str = "size") -> int:
     """'128Ki' -> 131072, '8Mi' -> 8388608, '1.5Mi', '20000' (images; docs/design.md#units).
-    Binary suffixes Ki/Mi/Gi and decimal K/M/G; the result must be a whole number >= 0."""
-    if isinstance(text, int):
+    Binary suffixes Ki/Mi/Gi and decimal K/M/G; the result must be a whole number
+    from 0 to `MAX_COUNT` (2^63 - 1: counts are stored as 64-bit integers). The
+    text is read as an exact decimal, so '9223372036854775808' or '1e999' is
+    refused rather than rounded or overflowing."""
+    if isinstance(text, int) and not isinstance(text, bool):
         value = text
     else:
         m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*(Ki|Mi|Gi|K|M|G|)\s*", str(text))
         if not m:
             raise EDM2Error(f"{name}={text!r}: expected a number of images like 20000, 128Ki, 8Mi or 2Gi")
-        value = float(m.group(1)) * _SUFFIX[m.group(2)]
-        if value != int(value):
+        number = Decimal(m.group(1))
+        if number.adjusted() > 30:   # far beyond MAX_COUNT; keeps the product below exact
+            raise EDM2Error(f"{name}={text!r}: too large; at most {MAX_COUNT} (2^63 - 1) images")
+        with localcontext() as ctx:
+            ctx.prec = len(m.group(1)) + 20   # exact: no rounding of the digits given
+            value = number * _SUFFIX[m.group(2)]
+        if value != value.to_integral_value():
             raise EDM2Error(f"{name}={text!r}: not a whole number of images")
         value = int(value)
     if value < 0:
         raise EDM2Error(f"{name}={text!r}: must be >= 0")
+    if value > MAX_COUNT:
+        raise EDM2Error(f"{name}={text!r}: too large; at most {MAX_COUNT} (2^63 - 1) images")
     return value
 
 
