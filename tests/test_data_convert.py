@@ -11,6 +11,7 @@ from PIL import Image
 from edm2.cli import main
 from edm2.data import ImageDataset, convert_dataset
 from edm2.data.convert import TRANSFORMS, balanced_subset, read_idx
+from edm2.data.writer import DatasetWriter
 
 
 def save(path, arr, mode=None, **kw):
@@ -233,6 +234,25 @@ def test_destination_exists_refused_unless_overwrite(tmp_path):
     assert not (tmp_path / "out" / "keep.txt").exists() and len(ImageDataset(tmp_path / "out")) == 4
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "src"]  # no temporaries left
 
+
+
+def test_destination_never_replaces_the_source(tmp_path):
+    """Not even with overwrite=True: a dest that is the source, holds it, or lies inside it (whose
+    files are all read) is refused before anything is written, and the source is left whole."""
+    src = tmp_path / "d" / "src"
+    make_class_folders(src, classes=("a", "b"), per_class=2, size=(8, 8))
+    (src / "a" / "old").mkdir()
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    for dest, match in [(src, "is the input source="), (tmp_path / "d", "holds the input source="),
+                        (tmp_path, "holds the input source="), (src / "a", "lies inside source="),
+                        (src / "a" / "old", "lies inside source=")]:
+        for make in (convert_dataset, DatasetWriter):
+            with pytest.raises(ValueError, match=rf"dest={dest}: {match}"):
+                make(src, dest, overwrite=True) if make is convert_dataset else make(dest, True, src)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+    assert not list(tmp_path.rglob(".*.tmp"))
+    r = convert_dataset(src, src.parent / "out", overwrite=True, progress=False)   # beside it: fine
+    assert r.num_images == 4
 
 def test_cli_convert_info_and_errors(tmp_path, capsys):
     src = tmp_path / "src"

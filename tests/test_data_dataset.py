@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from edm2.data import FASHION_MNIST_CLASSES, ImageDataset, builtin_dataset_path
+from edm2.data import FASHION_MNIST_CLASSES, ImageDataset, builtin_dataset_path, convert_dataset
 from edm2.data.builtin import BUILTIN_DIR
 from edm2.data.convert import read_idx
 
@@ -143,6 +143,30 @@ def test_missing_and_empty_dataset(tmp_path):
     (tmp_path / "junk.zip").write_bytes(b"hello")
     with pytest.raises(ValueError, match="neither a folder nor a zip"):
         ImageDataset(tmp_path / "junk.zip")
+
+
+
+def test_truncated_or_corrupt_zip_is_called_so(tmp_path, image_dataset):
+    """A zip dataset cut short (an interrupted copy) or with a damaged table of contents is named
+    as such, with the fix, by every reader: ImageDataset (train, metrics, info) and convert."""
+    convert_dataset(image_dataset, tmp_path / "whole.zip", progress=False)
+    data = (tmp_path / "whole.zip").read_bytes()
+    (tmp_path / "cut.zip").write_bytes(data[:len(data) // 2])
+    with pytest.raises(ValueError, match=r"dataset .*cut.zip: a truncated or corrupt zip file.*"
+                                         r"re-create it with `edm2 dataset convert`"):
+        ImageDataset(tmp_path / "cut.zip")
+    with pytest.raises(ValueError, match=r"source=.*cut.zip: a truncated or corrupt zip file"):
+        convert_dataset(tmp_path / "cut.zip", tmp_path / "out", progress=False)
+    damaged = bytearray(data)
+    at = damaged.rfind(b"PK\x01\x02")   # the last entry of the central directory
+    damaged[at:at + 4] = b"XXXX"
+    (tmp_path / "damaged.zip").write_bytes(bytes(damaged))
+    assert zipfile.is_zipfile(tmp_path / "damaged.zip")
+    for read in (lambda: ImageDataset(tmp_path / "damaged.zip"),
+                 lambda: convert_dataset(tmp_path / "damaged.zip", tmp_path / "out", progress=False)):
+        with pytest.raises(ValueError, match=r"damaged.zip: a corrupt zip file .*edm2 dataset convert"):
+            read()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cut.zip", "damaged.zip", "whole.zip"]
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from edm2.data import ImageDataset, convert_dataset, decode_dataset, encode_data
 from edm2.data.latents import latent_name  # noqa: E402
 from edm2.encoders import RAW_MEAN, RAW_STD, StabilityVAEEncoder, VAEUnavailable, load_vae  # noqa: E402
 from helpers import SD_VAE_CONFIG, SMALL_CONFIG  # noqa: E402
+from helpers.cli import assert_refused  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +110,29 @@ def test_grayscale_needs_multiple_of_8_and_is_repeated(small_vae, tmp_path):
     convert_dataset(tmp_path / "g.npz", tmp_path / "g8", resolution=8, progress=False)
     r = encode_dataset(tmp_path / "g8", tmp_path / "lat", vae=str(small_vae), device="cpu", progress=False)
     assert any("RGB" in n for n in r.notes) and ImageDataset(tmp_path / "lat")[0][0].shape == (8, 1, 1)
+
+
+
+@pytest.mark.parametrize("command", ["encode", "decode"])
+@pytest.mark.parametrize("flags, message", [(["--batch", "0"], "--batch 0: must be a whole number >= 1"),
+                                            (["--batch", "-2"], "--batch -2: must be"),
+                                            (["--workers", "-1"], "--workers -1: must be a whole number >= 0")],
+                         ids=["batch-zero", "batch-negative", "workers-negative"])
+def test_counts_refused_before_anything_is_written(small_vae, images, tmp_path, command, flags, message):
+    """With a VAE at hand: a batch of 0 (or below) or negative workers is refused in one line
+    before the VAE is loaded and before DEST.partial/ is made (it was left behind, with a traceback)."""
+    src = images[0]
+    if command == "decode":
+        encode_dataset(src, tmp_path / "lat", vae=str(small_vae), device="cpu", progress=False)
+        src = tmp_path / "lat"
+    argv = ["dataset", command, "--source", src, "--dest", tmp_path / "out", "--vae", small_vae, "--device", "cpu",
+            *flags]
+    assert_refused(argv, watch=[tmp_path, src], match=[message])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if command == "encode" else ["lat"])
+    fn = encode_dataset if command == "encode" else decode_dataset
+    kwargs = {"batch_size": int(flags[1])} if flags[0] == "--batch" else {"workers": int(flags[1])}
+    with pytest.raises(ValueError, match=f"{next(iter(kwargs))}={flags[1]}: must be"):
+        fn(src, tmp_path / "out", vae=str(small_vae), device="cpu", progress=False, **kwargs)
 
 
 def test_offline_without_vae_fails_at_once(images, tmp_path, monkeypatch, capsys):
