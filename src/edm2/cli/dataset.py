@@ -53,7 +53,8 @@ def _vae_options(p):
     p.add_argument("--batch", dest="batch_size", type=int, default=8, help="images per VAE call (default %(default)s)")
     p.add_argument("--device", default=None, help="cuda, cpu, ... (default: cuda when present)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader processes reading items (default %(default)s)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --dest")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --dest (never the "
+                   "source, a folder holding it or an edm2 training run)")
 
 
 def register(sub):
@@ -74,7 +75,8 @@ def register(sub):
                    help="how to reach N x N (default: resize square images; non-square ones are an error)")
     p.add_argument("--max-images", default=None, help="keep at most this many (class-balanced when labelled)")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images (counted) instead of failing")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --dest")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --dest (never the "
+                   "source, a folder holding it or an edm2 training run)")
     p.add_argument("--class-names", default=None, help="comma-separated names of classes 0, 1, ...")
     p.add_argument("--no-labels", dest="use_labels", action="store_false", help="ignore labels in the source")
     p.add_argument("--workers", type=int, default=4, help="threads decoding/encoding images (default %(default)s)")

@@ -22,7 +22,8 @@ def register(sub) -> None:
                    "(needs --gnet)")
     p.add_argument("--vae", metavar="DIR|NAME", help="diffusers, latent networks: the VAE (default: the one named "
                    "in the snapshot, from the Hugging Face cache)")
-    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists and is not empty")
+    p.add_argument("--overwrite", action="store_true", help="replace DIR if it exists and is not empty (never "
+                   "one that is or holds the snapshot or an edm2 training run)")
     p.set_defaults(func=run)
 
 
