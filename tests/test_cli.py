@@ -6,10 +6,13 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from edm2.cli import build_parser, flag_message, main
 from edm2.cli import flops as flops_cli
+from edm2.utils.distributed import default_device, resolve_device
 from edm2.utils.errors import EDM2Error, ExistingFileError, MissingFileError
+from helpers.cli import assert_refused
 
 
 def _flops_parser():
@@ -84,3 +87,55 @@ def test_traceback_reaches_the_terminal(tmp_path):
     assert result.returncode == 1
     assert "Traceback (most recent call last)" in result.stderr
     assert "RuntimeError: inside torch" in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# --device: one check (edm2.utils.distributed.resolve_device) for every command.
+# ---------------------------------------------------------------------------
+
+def _device_commands(t):
+    """A parsable command line of every command that has --device (inputs need not exist)."""
+    return [["train", "--outdir", t / "run", "--preset", "tiny"],
+            ["generate", "--net", t / "n.safetensors", "--outdir", t / "imgs"],
+            ["metrics", "ref", "--data", t / "d", "--dest", t / "r.npz"],
+            ["metrics", "calc", "--images", t / "imgs", "--ref", t / "r.npz"],
+            ["metrics", "gen", "--net", t / "n.safetensors", "--ref", t / "r.npz"],
+            ["sweep", "--rundir", t / "run", "--std", "0.1", "--ref", t / "r.npz"],
+            ["dataset", "encode", "--source", t / "d", "--dest", t / "l.zip"],
+            ["dataset", "decode", "--source", t / "l.zip", "--dest", t / "d2"],
+            ["dynamics", "measure", t / "run"],
+            ["probe", "--net", t / "n.safetensors"]]
+
+
+def test_every_command_with_device_has_the_one_check(tmp_path):
+    parser = build_parser()
+    with_device = set()
+    for action in parser._subparsers._group_actions[0].choices.values():
+        subs = [a for a in action._actions if isinstance(a, type(parser._subparsers._group_actions[0]))]
+        for p in [p for s in subs for p in s.choices.values()] or [action]:
+            if any("--device" in a.option_strings for a in p._actions):
+                with_device.add(p.prog)
+    listed = {parser.parse_args([str(a) for a in argv])._parser.prog for argv in _device_commands(tmp_path)}
+    assert listed == with_device
+
+
+@pytest.mark.parametrize("device,cuda,match", [
+    ("cuda", False, "--device cuda: CUDA is not available here"),
+    ("cuda:1", False, "--device cuda:1: CUDA is not available here"),
+    ("cuda:99", None, "--device cuda:99"),    # no such GPU, with or without CUDA
+    ("gpu0", None, "--device gpu0: not a device"),
+])
+def test_a_device_this_machine_lacks_is_refused_by_every_command(tmp_path, monkeypatch, device, cuda, match):
+    if cuda is False:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    for argv in _device_commands(tmp_path):
+        assert_refused([*argv, "--device", device], watch=[tmp_path], match=[match, "--device cpu" if cuda is False
+                                                                            else "--device"], code=2)
+    assert not any(tmp_path.iterdir())
+
+
+def test_resolve_device():
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device(None) == resolve_device("") == default_device()
+    with pytest.raises(EDM2Error, match="device=cuda:99"):
+        resolve_device("cuda:99")

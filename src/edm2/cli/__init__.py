@@ -17,6 +17,7 @@ import argparse
 import re
 import sys
 
+from ..utils.distributed import resolve_device
 from ..utils.errors import EDM2Error
 from ..utils.fileio import describe_os_error
 from ..utils.validate import UNSAFE_ADVICE, safe_error_text
@@ -99,6 +100,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "device", None):  # every command's --device: refused before any work if missing here
+            resolve_device(args.device)
         result = args.func(args)
     except EDM2Error as e:
         # What the user asked for cannot be done: one line naming the flag or file, and the fix.
