@@ -2,8 +2,11 @@
 line naming the command's flags, exit status 2; the machine's refusals are one
 line, exit status 1; anything else (a bug, a failure inside torch) keeps its
 traceback."""
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -87,6 +90,51 @@ def test_traceback_reaches_the_terminal(tmp_path):
     assert result.returncode == 1
     assert "Traceback (most recent call last)" in result.stderr
     assert "RuntimeError: inside torch" in result.stderr
+
+
+# ---------------------------------------------------------------------------
+# Ctrl-C: one line, exit 130, nothing half-written.
+# ---------------------------------------------------------------------------
+
+def test_interrupt_is_one_line_and_exit_130(monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(flops_cli, "count_network", interrupted)
+    with pytest.raises(SystemExit) as e:
+        main(["flops", "--preset", "tiny"])
+    assert e.value.code == 130
+    assert capsys.readouterr().err == "edm2 flops: interrupted; rerun the same command\n"
+
+
+def test_ctrl_c_stops_training_cleanly_and_the_run_resumes(tmp_path, image_dataset):
+    """End to end: SIGINT to `python -m edm2 train` in the middle of a run: one line,
+    exit 130, no temp or lock files; the same command resumes from the last checkpoint."""
+    out = tmp_path / "run"
+    argv = [sys.executable, "-m", "edm2", "train", "--outdir", str(out), "--data", str(image_dataset),
+            "--preset", "tiny", "--batch", "8", "--duration", "64Ki", "--status", "8", "--snapshot", "64Ki",
+            "--checkpoint", "16", "--grid", "0", "--workers", "0"]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.time() + 60
+        while not list(out.glob("checkpoint-*.pt")) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.communicate()[1]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert err.strip().splitlines()[-1] == "edm2 train: interrupted; rerun the same command to resume"
+    left = [p.name for p in out.iterdir() if p.name.endswith(".tmp") or p.name.startswith(".edm2.lock")]
+    assert left == []
+    newest = max(int(p.stem.split("-")[1]) for p in out.glob("checkpoint-*.pt"))
+    resumed = subprocess.run([*argv, "--slice", "8"], capture_output=True, text=True, env=env, timeout=120)
+    assert resumed.returncode == 0, resumed.stderr
+    assert f"resuming from checkpoint-{newest:012d}.pt at {newest} images" in (out / "log.txt").read_text()
 
 
 # ---------------------------------------------------------------------------
