@@ -396,7 +396,7 @@ class RunLock:
         return info if isinstance(info, dict) else None
 
     def acquire(self) -> RunLock:
-        import filelock
+        import filelock  # takes a quarter of a second to import; only commands that write a folder need it
 
         if self._lock is not None:
             raise LockError(f"{self.path}: already held by this object")
