@@ -99,6 +99,8 @@ def test_wandb_one_run_continued_on_resume(tmp_path, image_dataset, fake_wandb):
     assert all(r["kimg"] == r["nimg"] / 1000 and "train/time" not in r and "train/kimg" not in r
                for r in first.logged)
     assert "train/loss" not in first.logged[0] and "train/loss" in first.logged[1]   # NaN (no images yet): left out
+    train(TrainConfig(outdir=str(out), data=str(image_dataset), log="wandb", force_new=True, **SETTINGS))
+    assert fake_wandb[2].init["id"] != first.init["id"]   # starting over: a new W&B run
 
 
 def test_backend_names_are_checked():

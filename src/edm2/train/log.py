@@ -10,8 +10,8 @@ never depends on which packages happen to be installed):
   and the wall-clock time of the record (TensorBoard's "relative"/"wall" axes);
   `nimg`, `kimg` and `time` are therefore not scalars of their own.
 - `wandb`: Weights & Biases (extra `edm2[wandb]`): one W&B run (project
-  "edm2") per training run and folder, named after OUTDIR and continued on
-  resume; scalars `train/<name>` against the step metric `nimg`, with
+  "edm2") per training run, named after OUTDIR and continued on resume (a
+  --force-new restart is a new one); scalars `train/<name>` against the step metric `nimg`, with
   `kimg` logged beside it. Offline: set WANDB_MODE=offline.
 
 A backend that is not installed is refused before anything is written

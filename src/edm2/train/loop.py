@@ -460,7 +460,7 @@ def _lock_run_folder(out: Path, rank: int, world: int) -> RunLock | None:
     lock, error = None, None
     if rank == 0:
         try:
-            lock = RunLock(out, "outdir").acquire()
+            lock = RunLock(out, "`outdir`").acquire()
         except (LockError, OSError) as e:
             error = e
     if world > 1:
@@ -489,8 +489,10 @@ def _find_resume_state(out: Path, mode: str, device: torch.device):
 def _build_run(plan: RunPlan, ds, out: Path, rank: int, world: int, device: torch.device, hooks,
                log: str | None = None) -> Run:
     net = _network_for_plan(plan, device)
-    # One W&B run per training run and folder, continued on resume.
-    wandb_id = hashlib.sha256(f"{run_fingerprint(plan.identity())}:{out.resolve()}".encode()).hexdigest()[:16]
+    # One W&B run per training run, continued on resume: the run's fingerprint, folder and the time its
+    # config.json was written (a --force-new restart writes it again: a new W&B run).
+    written = (out / "config.json").stat().st_mtime_ns if (out / "config.json").exists() else 0
+    wandb_id = hashlib.sha256(f"{run_fingerprint(plan.identity())}:{out.resolve()}:{written}".encode()).hexdigest()[:16]
     reporter = Reporter(out, rank == 0, log=log, run_id=wandb_id, config=plan.identity())
     return Run(plan=plan, out=out, rank=rank, world=world, device=device, data=ds, net=net,
                opt=_optimizer_for_plan(plan, net), ema=_ema_for_plan(plan, net) if rank == 0 else None,
