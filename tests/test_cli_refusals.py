@@ -422,8 +422,8 @@ def test_interrupted_phema_leaves_no_temp_file_and_resumes(w, tmp_path, monkeypa
         raise KeyboardInterrupt
 
     monkeypatch.setattr(SnapshotStreamWriter, "commit", commit_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        run_cli(argv)
+    code, _, err = run_cli(argv)
+    assert code == 130 and err.splitlines()[-1] == "edm2 phema: interrupted; rerun the same command to resume"
     monkeypatch.undo()
     first, second = snapshot_name(192, 0.06), snapshot_name(192, 0.08)
     assert sorted(os.listdir(out)) == [first]        # no temp file, no lock
