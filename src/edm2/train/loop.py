@@ -429,6 +429,7 @@ def setup(config: TrainConfig, rank: int = 0, world: int = 1, device: torch.devi
     plan, ds = plan_run(config, world, str(device))
     out = Path(config.outdir)
     lock = _lock_run_folder(out, rank, world)
+    run = None
     try:
         mode = check_run_folder(plan.identity(), out, config.force_new)
         state, path, notes = _find_resume_state(out, mode, device)
@@ -443,6 +444,8 @@ def setup(config: TrainConfig, rank: int = 0, world: int = 1, device: torch.devi
         if state is not None:
             _restore(run, state, path)
     except BaseException:
+        if run is not None:
+            run.reporter.close()   # the logging backends' files and W&B run
         if lock is not None:
             lock.release()
         raise
