@@ -29,8 +29,11 @@ def test_cuda_without_index_is_this_processes_gpu(monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert resolve_device("cuda") == torch.device("cuda", 3)
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
-    with pytest.raises(EDM2Error, match="device=cuda:4: this machine has 4 GPU"):
+    with pytest.raises(EDM2Error, match="device=cuda:4: this process sees 4 GPU"):
         resolve_device("cuda:4")
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    with pytest.raises(EDM2Error, match=r"device=cuda \(cuda means cuda:LOCAL_RANK = cuda:5\): this process"):
+        resolve_device("cuda")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(EDM2Error, match="device=cuda: CUDA is not available here"):
         resolve_device("cuda")

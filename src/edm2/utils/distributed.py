@@ -64,12 +64,14 @@ def resolve_device(device=None, name: str = "device") -> torch.device:
         if not torch.cuda.is_available():
             raise EDM2Error(f"{name}={device}: CUDA is not available here (no GPU, or PyTorch built without "
                             f"CUDA); use {name}=cpu")
+        given = resolved
         if resolved.index is None:
             resolved = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         count = torch.cuda.device_count()
         if resolved.index >= count:
-            raise EDM2Error(f"{name}={device}: this machine has {count} GPU(s), cuda:0 to cuda:{count - 1}; "
-                            f"choose one of them")
+            means = "" if given.index is not None else f" (cuda means cuda:LOCAL_RANK = {resolved})"
+            raise EDM2Error(f"{name}={device}{means}: this process sees {count} GPU(s), cuda:0 to "
+                            f"cuda:{count - 1}; choose one of them")
     elif resolved.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
         raise EDM2Error(f"{name}={device}: Apple's GPU (MPS) is not available here; use {name}=cpu")
     return resolved
