@@ -1,13 +1,11 @@
 """Bad input of every kind is refused with one line and a non-zero exit, and
 nothing on disk changes (every file under the test's folders is hashed before
 and after). One parametrised case per kind of mistake; see docs/reliability.md."""
+import contextlib
 import fractions
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -20,9 +18,9 @@ from edm2.metrics.evaluate import append_jsonl, check_metric_value, distances
 from edm2.metrics.stats import FeatureStats
 from edm2.nn import Precond
 from edm2.presets import get_preset
-from edm2.utils.fileio import LOCK_NAME
+from edm2.utils.fileio import HOLDER_NAME, LOCK_NAME
 from helpers import write_ema_run, write_images, write_snapshot
-from helpers.cli import assert_refused, fill_disk, run_cli, small_tmpfs, tree_hashes
+from helpers.cli import assert_refused, fill_disk, hold_lock, run_cli, small_tmpfs, tree_hashes
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),
               pytest.mark.filterwarnings("ignore:only 6 images for 16-d features")]
@@ -115,9 +113,18 @@ def _pickled_fid_weights(tmp):
     return folder
 
 
-def _locked_by_other_host(folder):
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / LOCK_NAME).write_text(json.dumps({"pid": 4242, "host": "another-host", "started": "t0"}))
+_HOLDERS = contextlib.ExitStack()   # lock-holding processes of the current case
+
+
+@pytest.fixture(autouse=True)
+def _end_lock_holders():
+    yield
+    _HOLDERS.close()
+
+
+def _locked_by_another_process(folder):
+    """`folder` locked by a live process (RunLock), until the end of the test."""
+    _HOLDERS.enter_context(hold_lock(folder))
 
 
 def _training_run(w, folder):
@@ -174,9 +181,9 @@ CASES = [
          ["generate", "--net", w / "netA.safetensors", "--outdir", t / "o", *GEN]][-1],
         ["generate.json", "unreadable"])),
     ("generate-locked-elsewhere", lambda w, t: (
-        [_locked_by_other_host(t / "o"),
+        [_locked_by_another_process(t / "o"),
          ["generate", "--net", w / "netA.safetensors", "--outdir", t / "o", *GEN]][-1],
-        ["another-host", f"delete {t / 'o' / LOCK_NAME}"])),
+        ["is in use by process", LOCK_NAME, "choose another --outdir"])),
     # --- post-hoc EMA
     ("phema-two-runs-one-folder", lambda w, t: (["phema", "--rundir", w / "mixed", "--outdir", t / "o", "--std",
                                                  "0.07"], ["different training runs", "aaaa1111"])),
@@ -185,8 +192,9 @@ CASES = [
     ("phema-std-nan", lambda w, t: (["phema", "--rundir", w / "run1", "--outdir", t / "o", "--std", "0.05,nan"],
                                     ["--std"])),
     ("phema-locked-elsewhere", lambda w, t: (
-        [_locked_by_other_host(t / "o"), ["phema", "--rundir", w / "run1", "--outdir", t / "o", "--std", "0.07"]][-1],
-        ["another-host", LOCK_NAME])),
+        [_locked_by_another_process(t / "o"),
+         ["phema", "--rundir", w / "run1", "--outdir", t / "o", "--std", "0.07"]][-1],
+        ["is in use by process", LOCK_NAME])),
     ("phema-foreign-file-in-the-way", lambda w, t: (
         [(t / "o").mkdir(), (t / "o" / snapshot_name(192, 0.07)).write_bytes(b"mine"),
          ["phema", "--rundir", w / "run1", "--outdir", t / "o", "--std", "0.07"]][-1], ["--overwrite"])),
@@ -376,15 +384,14 @@ def test_generate_resumes_matching_folder(w, tmp_path):
     assert sorted(p.name for p in out.iterdir()) == ["000000.png", "000001.png", "000002.png", "generate.json"]
 
 
-def test_stale_lock_is_taken_over(w, tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
+def test_lock_of_a_killed_process_is_free(w, tmp_path):
     out = tmp_path / "o"
-    out.mkdir()
-    (out / LOCK_NAME).write_text(json.dumps({"pid": proc.pid, "host": socket.gethostname(), "started": "t0"}))
-    code, _, err = run_cli(["generate", "--net", w / "netA.safetensors", "--outdir", out, *GEN])
+    with hold_lock(out) as proc:
+        proc.kill()
+        proc.wait()
+        code, _, err = run_cli(["generate", "--net", w / "netA.safetensors", "--outdir", out, *GEN])
     assert code == 0 and "no longer running" in err
-    assert not (out / LOCK_NAME).exists()
+    assert not (out / LOCK_NAME).exists() and not (out / HOLDER_NAME).exists()
 
 
 def test_phema_same_run_moved_folder_is_accepted(w, tmp_path):
@@ -483,8 +490,8 @@ def test_interrupted_phema_leaves_no_temp_file_and_resumes(w, tmp_path, monkeypa
         raise KeyboardInterrupt
 
     monkeypatch.setattr(SnapshotStreamWriter, "commit", commit_then_interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        run_cli(argv)
+    code, _, err = run_cli(argv)
+    assert code == 130 and err.splitlines()[-1] == "edm2 phema: interrupted; rerun the same command to resume"
     monkeypatch.undo()
     first, second = snapshot_name(192, 0.06), snapshot_name(192, 0.08)
     assert sorted(os.listdir(out)) == [first]        # no temp file, no lock

@@ -4,9 +4,6 @@ import hashlib
 import json
 import os
 import shutil
-import subprocess
-import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -14,9 +11,9 @@ import pytest
 from edm2.cli import main as cli_main
 from edm2.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from edm2.train.loop import TrainConfig, train
-from edm2.utils.fileio import LOCK_NAME
+from edm2.utils.fileio import HOLDER_NAME, LOCK_NAME
 from helpers import make_dataset
-from helpers.cli import fill_disk, small_tmpfs
+from helpers.cli import fill_disk, hold_lock, small_tmpfs
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,25 +75,10 @@ def _rewrite_checkpoints(run, **changes):
         save_checkpoint(path, {k: v for k, v in state.items() if v is not None and k not in ("format", "version")})
 
 
-_HOLD_LOCK = textwrap.dedent("""
-    import sys, time
-    from edm2.utils.fileio import RunLock
-    lock = RunLock(sys.argv[1]).acquire()
-    print("locked", flush=True)
-    time.sleep(120)
-""")
-
-
 @pytest.fixture
 def locked_by_another_process(run):
-    proc = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(run)], stdout=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
-    try:
-        assert proc.stdout.readline().strip() == "locked"
+    with hold_lock(run) as proc:
         yield proc.pid
-    finally:
-        proc.kill()
-        proc.wait()
 
 
 # (case, how to spoil the run or its command, exit status, what the one line must say)
@@ -200,13 +182,14 @@ def test_checkpoint_of_an_earlier_version_resumes(run, data):
     assert (state["nimg"], state["seed"]) == (32, 0)
 
 
-def test_a_stale_lock_is_taken_over(capsys, run, data):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-    (run / LOCK_NAME).write_text(f'{{"pid": {int(dead.stdout)}, "host": "{os.uname().nodename}", '
-                                 f'"started": "earlier"}}')
-    assert cli_main(_argv(run, data)) == 0               # the run is finished: nothing to do
+def test_the_lock_of_a_killed_run_is_free(capsys, run, data):
+    with hold_lock(run) as proc:
+        proc.kill()   # SIGKILL: no cleanup; the OS releases its lock
+        proc.wait()
+        assert cli_main(_argv(run, data)) == 0               # the run is finished: nothing to do
     assert "nothing to do" in (run / "log.txt").read_text().splitlines()[-1]
-    assert not (run / LOCK_NAME).exists()
+    assert "no longer running" in capsys.readouterr().err
+    assert not (run / LOCK_NAME).exists() and not (run / HOLDER_NAME).exists()
 
 
 # (label put in place of item 1's, class_names kept?, what the one line must say)

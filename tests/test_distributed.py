@@ -4,6 +4,7 @@ import torch
 
 from edm2.utils import distributed
 from edm2.utils.distributed import configure_threads, default_device, init_distributed, rank_world, resolve_device
+from edm2.utils.errors import EDM2Error
 
 
 def test_single_process_without_torchrun(monkeypatch):
@@ -21,11 +22,21 @@ def test_single_process_without_torchrun(monkeypatch):
 
 def test_cuda_without_index_is_this_processes_gpu(monkeypatch):
     """`--device cuda` names the process's own GPU: torch.cuda.set_device needs an index."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)   # as on a machine with 4 GPUs
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     monkeypatch.delenv("LOCAL_RANK", raising=False)
     assert resolve_device("cuda") == torch.device("cuda", 0)
     monkeypatch.setenv("LOCAL_RANK", "3")
     assert resolve_device("cuda") == torch.device("cuda", 3)
     assert resolve_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(EDM2Error, match="device=cuda:4: this process sees 4 GPU"):
+        resolve_device("cuda:4")
+    monkeypatch.setenv("LOCAL_RANK", "5")
+    with pytest.raises(EDM2Error, match=r"device=cuda \(cuda means cuda:LOCAL_RANK = cuda:5\): this process"):
+        resolve_device("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(EDM2Error, match="device=cuda: CUDA is not available here"):
+        resolve_device("cuda")
 
 
 def test_configure_threads_order_explicit_env_default(monkeypatch):

@@ -3,8 +3,6 @@ import errno
 import json
 import os
 import socket
-import subprocess
-import sys
 import zipfile
 
 import numpy as np
@@ -24,6 +22,7 @@ from edm2.utils.fileio import (
     png_bytes,
     remove_temp_files,
 )
+from helpers.cli import hold_lock
 
 
 def _listing(folder):
@@ -165,13 +164,15 @@ def test_remove_temp_files(tmp_path):
 def test_runlock_excludes_and_releases(tmp_path):
     out = tmp_path / "run"
     with RunLock(out) as lock:
-        info = json.loads(lock.path.read_text())
-        assert info["pid"] == os.getpid() and info["host"] == socket.gethostname()
+        info = json.loads(lock.holder_path.read_text())
+        assert info["pid"] == os.getpid() and info["host"] == socket.gethostname() and "command" in info
         with pytest.raises(LockError) as e:
             RunLock(out).acquire()
         assert str(lock.path) in str(e.value) and "in use by this process" in str(e.value)
         (out / "result.txt").write_text("kept")
     assert _listing(out) == ["result.txt"]
+    with RunLock(out):   # released: free again
+        pass
 
 
 def test_runlock_removes_folder_it_created_when_empty(tmp_path):
@@ -184,38 +185,34 @@ def test_runlock_removes_folder_it_created_when_empty(tmp_path):
     assert (tmp_path / "old").is_dir()
 
 
-def _dead_pid():
-    proc = subprocess.Popen([sys.executable, "-c", "pass"])
-    proc.wait()
-    return proc.pid
-
-
-def test_runlock_takes_over_stale_lock(tmp_path):
-    (tmp_path / fileio.LOCK_NAME).write_text(json.dumps({"pid": _dead_pid(), "host": socket.gethostname(),
-                                                         "started": "2026-01-01T00:00:00"}))
-    notes = []
-    with RunLock(tmp_path, warn=notes.append) as lock:
-        assert json.loads(lock.path.read_text())["pid"] == os.getpid()
-    assert len(notes) == 1 and "no longer running" in notes[0]
+def test_runlock_refuses_a_live_holder_and_is_free_once_it_dies(tmp_path):
+    """The OS lock: refused while another process holds it (the message names that
+    process and its command); free as soon as it is killed, without any cleanup."""
+    with hold_lock(tmp_path) as proc:
+        with pytest.raises(LockError) as e:
+            RunLock(tmp_path, "`outdir`").acquire()
+        msg = str(e.value)
+        assert f"is in use by process {proc.pid} on {socket.gethostname()}" in msg and "\n" not in msg
+        assert fileio.LOCK_NAME in msg and f"(-c {tmp_path}, since" in msg and "choose another `outdir`" in msg
+        proc.kill()
+        proc.wait()
+        notes = []
+        with RunLock(tmp_path, warn=notes.append) as lock:
+            assert json.loads(lock.holder_path.read_text())["pid"] == os.getpid()
+    assert len(notes) == 1 and f"process {proc.pid}" in notes[0] and "no longer running" in notes[0]
     assert _listing(tmp_path) == []
 
 
-def test_runlock_refuses_live_owner_and_other_host(tmp_path):
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
-    try:
-        lockfile = tmp_path / fileio.LOCK_NAME
-        lockfile.write_text(json.dumps({"pid": proc.pid, "host": socket.gethostname(), "started": "t0"}))
-        with pytest.raises(LockError, match=f"in use by process {proc.pid}"):
-            RunLock(tmp_path).acquire()
-        lockfile.write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "t0"}))
-        with pytest.raises(LockError) as e:
-            RunLock(tmp_path).acquire()
-        msg = str(e.value)
-        assert "host elsewhere" in msg and f"delete {lockfile}" in msg and "\n" not in msg
-        assert json.loads(lockfile.read_text())["host"] == "elsewhere"  # untouched
-    finally:
-        proc.kill()
-        proc.wait()
+def test_runlock_ignores_lock_files_nobody_holds(tmp_path):
+    """A lock file naming a live process or another host, but not locked by the OS
+    (an old lock file, a copied folder), does not block the folder."""
+    (tmp_path / fileio.LOCK_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "t0"}))
+    (tmp_path / fileio.HOLDER_NAME).write_text(json.dumps({"pid": 1, "host": "elsewhere", "started": "t0"}))
+    notes = []
+    with RunLock(tmp_path, warn=notes.append):
+        pass
+    assert len(notes) == 1 and "elsewhere" in notes[0]
+    assert _listing(tmp_path) == []
 
 
 def test_runlock_refuses_a_file(tmp_path):

@@ -134,7 +134,7 @@ def _other_values(data, tmp_path):
                 sigma_rel=(0.05,), status=32, snapshot=32, checkpoint=32, slice=8, precision="bf16",
                 loss_scaling=2.0, compile=True, channels_last=True, seed=1,
                 init=str(write_snapshot(tmp_path / "init.safetensors", label_dim=4)), device="cpu", workers=1,
-                grid=4, dynamics=8, dynamics_probe=4, threads=1, force_new=True)
+                grid=4, dynamics=8, dynamics_probe=4, log="wandb", threads=1, force_new=True)
 
 
 def _help_headings():

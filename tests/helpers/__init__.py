@@ -4,7 +4,8 @@ into fixtures).
 
     helpers           make_dataset, write_images, write_snapshot, write_ema_run (EMA snapshots of a
                       fake run), write_run (a run folder with config.json), SD_VAE_CONFIG, SMALL_CONFIG
-    helpers.cli       run the CLI in-process, assert a one-line refusal that changed nothing
+    helpers.cli       run the CLI in-process, assert a one-line refusal that changed nothing, hold a
+                      folder's RunLock from another process (hold_lock)
     helpers.official  pickles in the authors' format, written without their code
 """
 from __future__ import annotations

@@ -15,13 +15,15 @@ import hashlib
 import io
 import os
 import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
 
 from edm2.cli import main
 
-__all__ = ["tree_hashes", "run_cli", "assert_refused", "small_tmpfs", "fill_disk"]
+__all__ = ["tree_hashes", "run_cli", "assert_refused", "small_tmpfs", "fill_disk", "hold_lock"]
 
 
 def tree_hashes(paths) -> dict:
@@ -111,3 +113,27 @@ def fill_disk(folder, leave: int = 0) -> None:
                 f.write(b"\0" * min(free - leave, 1 << 16))
         except OSError:
             pass
+
+
+_HOLD_LOCK = textwrap.dedent("""
+    import sys, time
+    from edm2.utils.fileio import RunLock
+    lock = RunLock(sys.argv[1]).acquire()
+    print("locked", flush=True)
+    time.sleep(120)
+""")
+
+
+@contextlib.contextmanager
+def hold_lock(folder):
+    """A separate process holding `folder`'s RunLock for the block -> that process
+    (a Popen); it is killed (SIGKILL, no cleanup) at the end of the block."""
+    proc = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(folder)], stdout=subprocess.PIPE, text=True,
+                            env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path)))
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait()
+        proc.stdout.close()

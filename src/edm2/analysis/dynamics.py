@@ -31,7 +31,7 @@ like ours and the EDM/ADM ones (`enc['16x16_block0']`, `dec['8x8_in0']`,
 
 `measure(net, batch)` returns plain dicts; `DynamicsTracker` appends one JSON
 record per network and measurement to `dynamics.jsonl` in a run folder (and
-TensorBoard when installed); `load_dynamics(run)` reads them back;
+TensorBoard with `--log tensorboard`); `load_dynamics(run)` reads them back;
 `plot_dynamics` and `plot_loss_profile` draw the figures (see docs/dynamics.md).
 """
 from __future__ import annotations

@@ -10,6 +10,12 @@ Errors: the library's `EDM2Error`s name Python arguments (`lr=nan: ...`,
 `dest` is the name of the Python argument it feeds. The operating system's
 refusals (disk full, permissions) are one line with exit status 1. Anything
 else is a bug and keeps its traceback.
+
+Ctrl-C (SIGINT) ends any command with one line, `edm2 COMMAND: interrupted;
+rerun the same command to resume` (or `... rerun the same command` where
+nothing resumes), and exit status 130 (128 + SIGINT, as shells report it).
+Every file is written atomically and every lock is released on the way out,
+so nothing half-written stays behind.
 """
 from __future__ import annotations
 
@@ -17,12 +23,19 @@ import argparse
 import re
 import sys
 
+from ..utils.distributed import resolve_device
 from ..utils.errors import EDM2Error
 from ..utils.fileio import describe_os_error
 from ..utils.validate import UNSAFE_ADVICE, safe_error_text
 from . import dataset, dynamics, export, flops, generate, import_official, ladder, metrics, phema, probe, toy, train
 
 __all__ = ["main", "build_parser", "flag_message"]
+
+# Commands that pick up where an interrupted run stopped when run again: training resumes from its
+# newest checkpoint, generation skips the images already there, post-hoc EMA keeps finished outputs,
+# encoding a dataset keeps the finished blocks.
+_RESUMING = {"edm2 train", "edm2 generate", "edm2 phema", "edm2 dataset encode"}
+EXIT_INTERRUPTED = 130  # 128 + SIGINT
 
 _COMMAND_MODULES = [train, generate, phema, dataset, metrics, flops, import_official, export, toy, dynamics, probe,
                     ladder]
@@ -99,6 +112,8 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
+        if getattr(args, "device", None):  # every command's --device: refused before any work if missing here
+            resolve_device(args.device)
         result = args.func(args)
     except EDM2Error as e:
         # What the user asked for cannot be done: one line naming the flag or file, and the fix.
@@ -108,6 +123,11 @@ def main(argv=None) -> int:
         # The machine said no (disk full, read-only folder, permissions): one line naming the file.
         print(f"edm2 {args.command}: error: {describe_os_error(e)}", file=sys.stderr)
         sys.exit(1)
+    except KeyboardInterrupt:
+        # Ctrl-C: the user's wish, not an error. Temp files and locks were cleaned up on the way here.
+        again = "rerun the same command to resume" if args._parser.prog in _RESUMING else "rerun the same command"
+        print(f"edm2 {args.command}: interrupted; {again}", file=sys.stderr)
+        sys.exit(EXIT_INTERRUPTED)
     if isinstance(result, int) and result:
         sys.exit(result)
     return 0

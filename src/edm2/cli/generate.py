@@ -3,13 +3,11 @@ from __future__ import annotations
 
 import argparse
 
-import torch
-
 from ..generate import check_class, compile_for_inference, generate_to_dir, load_nets
 from ..nn import set_precision
 from ..presets import apply_generation_preset, format_generation_presets
 from ..sampling import SAMPLER_DEFAULTS, check_guidance
-from ..utils.distributed import configure_threads, default_device, init_distributed, shutdown_distributed
+from ..utils.distributed import configure_threads, init_distributed, resolve_device, shutdown_distributed
 from ..utils.errors import EDM2Error
 from ..utils.units import parse_int_list
 from ..utils.validate import check_sampler_options
@@ -96,11 +94,7 @@ def run(args) -> int:
     rank, world = init_distributed()
     configure_threads()
     try:
-        device = torch.device(args.device) if args.device else None
-        if device is not None and device.type == "cuda" and not torch.cuda.is_available():
-            raise EDM2Error(f"--device {args.device}: CUDA is not available here; use --device cpu")
-        if device is not None and device.type == "cuda" and device.index is None:
-            device = default_device()  # one GPU per torchrun process: cuda:LOCAL_RANK
+        device = resolve_device(args.device)  # refuses a device this machine lacks; cuda: cuda:LOCAL_RANK
         net, gnet, encoder, meta = load_nets(args.net, args.gnet, device)
         check_class(net, opts["class_idx"])
         nets = [m for m in (net, gnet) if m is not None]

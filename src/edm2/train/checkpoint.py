@@ -30,11 +30,11 @@ import torch
 from ..io.snapshot import list_snapshots
 from ..nn import precision_kwargs
 from ..utils.errors import EDM2Error
-from ..utils.fileio import LOCK_NAME, atomic_write_bytes, remove_temp_files
+from ..utils.fileio import LOCK_FILES, atomic_write_bytes, remove_temp_files
 from ..utils.validate import safe_error_text
 
 CHECKPOINT_FORMAT = "edm2-checkpoint"
-_NOT_RUN_FILES = {LOCK_NAME}   # files in a run folder that belong to no run (kept by archive_run)
+_NOT_RUN_FILES = set(LOCK_FILES)  # files in a run folder that belong to no run (kept by archive_run)
 _NAME_RE = re.compile(r"checkpoint-(\d{12})\.pt$")
 
 

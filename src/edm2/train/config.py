@@ -106,6 +106,10 @@ class TrainConfig:
                                    plan=False)
     dynamics_probe: int = _option(256, "training items in the --dynamics probe batch (default 256)", kind="int",
                                   resume=True, plan=False)
+    log: str | None = _option(help="also log the status records to: tensorboard (OUTDIR/tensorboard/), wandb "
+                              "(Weights & Biases), or both, comma-separated (default: none; log.txt and stats.jsonl "
+                              "are always written; docs/training.md#logging)", resume=True, plan=False,
+                              metavar="LIST")
     threads: int | None = _option(help="CPU threads per process (default: OMP_NUM_THREADS if set, else this "
                                   "machine's cores shared by its training processes, at most 4 each)", kind="int",
                                   resume=True, plan=False)

@@ -1,6 +1,22 @@
 """Output of a training run besides snapshots and checkpoints: status lines
-(terminal and log.txt), stats.jsonl records, TensorBoard scalars (when the
-tensorboard package is installed) and sample-grid PNGs."""
+(terminal and log.txt), stats.jsonl records, the optional logging backends
+(`--log tensorboard,wandb`) and sample-grid PNGs.
+
+Backends (`log` argument, comma-separated; default none, so a run's output
+never depends on which packages happen to be installed):
+
+- `tensorboard`: scalars `train/<name>` into OUTDIR/tensorboard/ (extra
+  `edm2[tensorboard]`). The x-axis is the number of training images (step)
+  and the wall-clock time of the record (TensorBoard's "relative"/"wall" axes);
+  `nimg`, `kimg` and `time` are therefore not scalars of their own.
+- `wandb`: Weights & Biases (extra `edm2[wandb]`): one W&B run (project
+  "edm2") per training run, named after OUTDIR and continued on resume (a
+  --force-new restart is a new one); scalars `train/<name>` against the step metric `nimg`, with
+  `kimg` logged beside it. Offline: set WANDB_MODE=offline.
+
+A backend that is not installed is refused before anything is written
+(`parse_log_backends`), naming the pip command.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -15,27 +31,66 @@ import torch.distributed as dist
 
 from ..sampling import SeedRandom, sample_batch
 from ..utils.distributed import resolve_device
+from ..utils.errors import EDM2Error
 from ..utils.fileio import atomic_write_bytes, png_bytes
+
+LOG_BACKENDS = ("tensorboard", "wandb")
+_AXES = ("nimg", "kimg", "time")   # the x-axes of a record (step, its kimg, wall clock): not scalars
+
+
+def parse_log_backends(log) -> tuple[str, ...]:
+    """The `log` argument ('tensorboard,wandb', a list, None or '' for none) -> the backends,
+    each known and installed; otherwise one EDM2Error naming the fix."""
+    if log is None or log == "" or log == "none":
+        return ()
+    names = [n.strip() for n in (log.split(",") if isinstance(log, str) else log)]
+    names = [n for n in names if n]
+    for n in names:
+        if n not in LOG_BACKENDS:
+            raise EDM2Error(f"log={log}: unknown logging backend {n!r}; choose from {', '.join(LOG_BACKENDS)} "
+                            f"(comma-separated)")
+    for n in names:
+        try:
+            _import_backend(n)
+        except ImportError:
+            raise EDM2Error(f"log={log}: the {n} package is not installed; pip install 'edm2[{n}]' "
+                            f"(or pip install {n}), or leave {n} out") from None
+    return tuple(dict.fromkeys(names))
+
+
+def _import_backend(name: str):
+    """The backend's module (imported only when asked for: both are slow to import)."""
+    if name == "tensorboard":
+        from torch.utils.tensorboard import SummaryWriter
+        return SummaryWriter
+    import wandb
+    return wandb
 
 
 class Reporter:
     """Status lines to the terminal and log.txt, records to stats.jsonl and
-    TensorBoard (rank 0 only; the others stay silent).
+    the logging backends (rank 0 only; the others stay silent).
 
     `tensorboard` is the run's one `SummaryWriter` (into OUTDIR/tensorboard/;
-    None when the tensorboard package is missing or on ranks other than 0):
+    None unless `log` names tensorboard, and on ranks other than 0):
     whatever else logs scalars during training (e.g. the `--dynamics` hook) is
-    given this writer rather than opening its own. `close()` closes it."""
+    given this writer rather than opening its own. `wandb` is the W&B run (or
+    None). `close()` closes both."""
 
-    def __init__(self, outdir: Path | None, active: bool, bar=None):
-        self.outdir, self.active, self.bar, self.tensorboard = outdir, active, bar, None
-        if active and outdir is not None:
-            try:
-                # Optional and slow to import: only when a run is logged, and only if installed.
-                from torch.utils.tensorboard import SummaryWriter
-                self.tensorboard = SummaryWriter(str(outdir / "tensorboard"))
-            except ImportError:
-                pass
+    def __init__(self, outdir: Path | None, active: bool, bar=None, log=None, run_id: str | None = None,
+                 config: dict | None = None):
+        self.outdir, self.active, self.bar, self.tensorboard, self.wandb = outdir, active, bar, None, None
+        backends = parse_log_backends(log)
+        if not (active and outdir is not None):
+            return
+        if "tensorboard" in backends:
+            self.tensorboard = _import_backend("tensorboard")(str(outdir / "tensorboard"))
+        if "wandb" in backends:
+            wandb = _import_backend("wandb")
+            self.wandb = wandb.init(project="edm2", name=Path(outdir).resolve().name, dir=str(outdir),
+                                    id=run_id, resume="allow" if run_id else None, config=config)
+            self.wandb.define_metric("nimg")
+            self.wandb.define_metric("*", step_metric="nimg")
 
     def log(self, msg: str) -> None:
         if not self.active:
@@ -51,15 +106,22 @@ class Reporter:
         clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in record.items()}
         with open(self.outdir / "stats.jsonl", "a") as f:
             f.write(json.dumps(clean) + "\n")  # strict JSON: NaN (no images yet) becomes null
+        scalars = {f"train/{k}": v for k, v in record.items()
+                   if k not in _AXES and isinstance(v, (int, float)) and math.isfinite(v)}
         if self.tensorboard is not None:
-            for k, v in record.items():
-                if k != "nimg" and isinstance(v, (int, float)) and math.isfinite(v):
-                    self.tensorboard.add_scalar(f"train/{k}", v, record["nimg"])
+            for k, v in scalars.items():
+                self.tensorboard.add_scalar(k, v, global_step=record["nimg"], walltime=record.get("time"))
             self.tensorboard.flush()
+        if self.wandb is not None:
+            self.wandb.log({"nimg": record["nimg"], "kimg": record["nimg"] / 1000, **scalars})
 
     def close(self):
         if self.tensorboard is not None:
             self.tensorboard.close()
+            self.tensorboard = None
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
 
 
 def peak_memory(device) -> tuple[float, float]:

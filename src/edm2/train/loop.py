@@ -10,7 +10,7 @@ folder:
     snapshot-<nimg>-<sigma_rel>.safetensors   EMA networks (edm2.io.snapshot format)
     grid-<nimg>.png                     samples of the longest EMA at each snapshot
     checkpoint-<nimg>.pt                resume state (edm2.train.checkpoint)
-    tensorboard/                        event files, when tensorboard is installed
+    tensorboard/                        event files, with --log tensorboard
 
 Re-running the same command resumes from the newest readable checkpoint.
 Everything random is a function of (seed, stream, position), see `Stream`:
@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import hashlib
 import json
 import math
 import sys
@@ -66,7 +67,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig, may_change_on_resume
-from .log import Reporter, StatusMeter, save_grid
+from .log import Reporter, StatusMeter, parse_log_backends, save_grid
 from .speed import to_channels_last
 
 
@@ -308,6 +309,7 @@ def dry_run(config: TrainConfig) -> str:
     """What `train(config)` would do, as text: the resolved plan, the network
     size and what happens to the run folder. Trains nothing, writes nothing."""
     device = resolve_device(config.device or None)
+    parse_log_backends(config.log)
     plan, _ = plan_run(config, 1, str(device))
     return _describe(plan, check_run_folder(plan.identity(), Path(config.outdir), config.force_new))
 
@@ -423,9 +425,11 @@ def setup(config: TrainConfig, rank: int = 0, world: int = 1, device: torch.devi
     network, optimizer and EMA, restored from the newest checkpoint when resuming.
     Nothing in the run folder changes when a check fails."""
     device = device or resolve_device(config.device or None)
+    parse_log_backends(config.log)   # a backend that is not installed: refused before anything is written
     plan, ds = plan_run(config, world, str(device))
     out = Path(config.outdir)
     lock = _lock_run_folder(out, rank, world)
+    run = None
     try:
         mode = check_run_folder(plan.identity(), out, config.force_new)
         state, path, notes = _find_resume_state(out, mode, device)
@@ -433,13 +437,15 @@ def setup(config: TrainConfig, rank: int = 0, world: int = 1, device: torch.devi
             dist.barrier()
         _configure_device(device, config.threads)
         _prepare_folder(plan, out, mode, rank, world)
-        run = _build_run(plan, ds, out, rank, world, device, hooks)
+        run = _build_run(plan, ds, out, rank, world, device, hooks, config.log)
         run.lock = lock
         for note in notes:
             run.reporter.log(note)
         if state is not None:
             _restore(run, state, path)
     except BaseException:
+        if run is not None:
+            run.reporter.close()   # the logging backends' files and W&B run
         if lock is not None:
             lock.release()
         raise
@@ -457,7 +463,7 @@ def _lock_run_folder(out: Path, rank: int, world: int) -> RunLock | None:
     lock, error = None, None
     if rank == 0:
         try:
-            lock = RunLock(out, "outdir").acquire()
+            lock = RunLock(out, "`outdir`").acquire()
         except (LockError, OSError) as e:
             error = e
     if world > 1:
@@ -483,12 +489,18 @@ def _find_resume_state(out: Path, mode: str, device: torch.device):
     return state, path, notes
 
 
-def _build_run(plan: RunPlan, ds, out: Path, rank: int, world: int, device: torch.device, hooks) -> Run:
+def _build_run(plan: RunPlan, ds, out: Path, rank: int, world: int, device: torch.device, hooks,
+               log: str | None = None) -> Run:
     net = _network_for_plan(plan, device)
+    # One W&B run per training run, continued on resume: the run's fingerprint, folder and the time its
+    # config.json was written (a --force-new restart writes it again: a new W&B run).
+    written = (out / "config.json").stat().st_mtime_ns if (out / "config.json").exists() else 0
+    wandb_id = hashlib.sha256(f"{run_fingerprint(plan.identity())}:{out.resolve()}:{written}".encode()).hexdigest()[:16]
+    reporter = Reporter(out, rank == 0, log=log, run_id=wandb_id, config=plan.identity())
     return Run(plan=plan, out=out, rank=rank, world=world, device=device, data=ds, net=net,
                opt=_optimizer_for_plan(plan, net), ema=_ema_for_plan(plan, net) if rank == 0 else None,
                loss_fn=_loss_for_plan(plan, net),
-               encoder=encoder_from_meta(plan.encoder), reporter=Reporter(out, rank == 0), nimg=0, start_nimg=0,
+               encoder=encoder_from_meta(plan.encoder), reporter=reporter, nimg=0, start_nimg=0,
                stop_nimg=0, result=TrainResult(outdir=out, nimg=0, finished=False), grid=plan.grid,
                hooks=list(hooks))
 

@@ -3,7 +3,8 @@ how wide edm2 runs.
 
 - `default_device()`: `cuda:LOCAL_RANK` when CUDA is there (one GPU per
   torchrun process), else the CPU; `resolve_device(device)` turns an optional
-  user choice into a torch.device, falling back to it.
+  user choice into a torch.device, falling back to it, and refuses a device
+  this machine does not have (every command's --device goes through it).
 - `init_distributed()` / `rank_world()` / `shutdown_distributed()`: join,
   query and leave the process group torchrun describes in the environment
   (WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR, ...). Without torchrun every
@@ -46,16 +47,34 @@ def default_device() -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_device(device=None) -> torch.device:
-    """`device` (a torch.device or a name like 'cpu', 'cuda:1') as a torch.device; None: `default_device()`.
-    'cuda' without an index is this process's GPU, cuda:LOCAL_RANK (as `default_device`), so that
-    every CUDA call that needs an index (torch.cuda.set_device, memory statistics) gets one."""
-    if device is None:
+def resolve_device(device=None, name: str = "device") -> torch.device:
+    """`device` (a torch.device or a name like 'cpu', 'cuda:1') as a torch.device; None or '':
+    `default_device()`. 'cuda' without an index is this process's GPU, cuda:LOCAL_RANK (as
+    `default_device`), so that every CUDA call that needs an index (torch.cuda.set_device, memory
+    statistics) gets one. A device this machine does not have (CUDA without a GPU, cuda:3 with two
+    GPUs, mps without Apple's GPU, a misspelling) is refused with an `EDM2Error` naming the argument
+    `name`: every command's --device goes through here, so all refuse it alike, before any work."""
+    if device is None or device == "":
         return default_device()
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    return device
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise EDM2Error(f"{name}={device}: not a device; use cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise EDM2Error(f"{name}={device}: CUDA is not available here (no GPU, or PyTorch built without "
+                            f"CUDA); use {name}=cpu")
+        given = resolved
+        if resolved.index is None:
+            resolved = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        count = torch.cuda.device_count()
+        if resolved.index >= count:
+            means = "" if given.index is not None else f" (cuda means cuda:LOCAL_RANK = {resolved})"
+            raise EDM2Error(f"{name}={device}{means}: this process sees {count} GPU(s), cuda:0 to "
+                            f"cuda:{count - 1}; choose one of them")
+    elif resolved.type == "mps" and not (hasattr(torch.backends, "mps") and torch.backends.mps.is_available()):
+        raise EDM2Error(f"{name}={device}: Apple's GPU (MPS) is not available here; use {name}=cpu")
+    return resolved
 
 
 def init_distributed() -> tuple[int, int]:

@@ -15,8 +15,8 @@
   one of its inputs or an edm2 training run.
 - `png_bytes(image)`: PNG encoding to bytes; `save_figure(fig, path)`: a
   matplotlib figure as PNG, written atomically.
-- `RunLock(folder)`: an exclusive lock file per run/output folder, so two
-  processes never write into the same folder at once.
+- `RunLock(folder)`: the operating system's exclusive lock on a run/output
+  folder, so two processes never write into the same folder at once.
 - `remove_temp_files(folder, prefixes)`: delete temporary files a killed
   process left behind (only call it while holding the folder's `RunLock`).
 """
@@ -39,7 +39,9 @@ from PIL import Image
 
 from .errors import EDM2Error, ExistingFileError
 
-LOCK_NAME = ".edm2.lock"
+LOCK_NAME = ".edm2.lock"          # the OS lock (RunLock)
+HOLDER_NAME = ".edm2.lock.json"   # who holds it: pid, host, command
+LOCK_FILES = (LOCK_NAME, HOLDER_NAME)
 
 
 class WriteError(OSError):
@@ -392,59 +394,63 @@ def remove_temp_files(folder, prefixes=None) -> list[Path]:
 # ---------------------------------------------------------------------------
 
 class LockError(EDM2Error, RuntimeError):
-    """The folder is in use by another process (or its lock cannot be judged)."""
+    """The folder is in use by another process."""
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    except OSError:
-        return True
-    return True
+def _command_line() -> str:
+    """This process's command as a user typed it: `edm2 train ...`, `python -m edm2 train ...`."""
+    argv = list(sys.argv) or ["?"]
+    prog = Path(argv[0])
+    if prog.name == "__main__.py":
+        argv[0] = f"python -m {prog.parent.name}"
+    elif argv[0] not in ("-c", "-m", ""):
+        argv[0] = prog.name
+    return " ".join(argv)
 
 
 class RunLock:
-    """Exclusive lock on an output folder: the file `<folder>/.edm2.lock`,
-    created with O_EXCL and holding the owner's pid, host and start time.
+    """Exclusive lock on an output folder, so that one process at a time writes
+    into it:
 
         with RunLock(outdir):
             ...  # only this process writes into outdir
 
-    A lock left by a process that is gone (same host, pid not alive) is taken
-    over with a note through `warn`; a live owner, or a lock from another host
-    (its process cannot be checked from here), is refused with a `LockError`
-    naming the lock file and how to remove it. The folder is created if
-    needed, and removed again on release if it was created here and is still
-    empty (a refused command leaves nothing behind)."""
+    The lock is the operating system's lock (`filelock`, flock on POSIX) on the
+    file `<folder>/.edm2.lock`: the OS releases it when the holder ends, however
+    it ends (killed, out of memory, machine rebooted), so a lock never goes
+    stale. Beside it, `<folder>/.edm2.lock.json` names the holder (pid, host,
+    command, start time) for the message that refuses a second process. Both
+    files are removed on release. The folder is created if needed, and removed
+    again on release if it was created here and is still empty (a refused
+    command leaves nothing behind). `what` is the caller's name for the folder
+    in messages (e.g. "`outdir`")."""
 
     def __init__(self, folder, what: str = "output folder", warn=None):
         self.folder = Path(folder)
         self.path = self.folder / LOCK_NAME
+        self.holder_path = self.folder / HOLDER_NAME
         self.what = what
         self.warn = warn if warn is not None else (lambda msg: print(msg, file=sys.stderr))
-        self._token = None
+        self._lock = None
         self._created_folder = False
 
-    def _describe(self) -> dict:
+    @staticmethod
+    def _describe() -> dict:
         return {"pid": os.getpid(), "host": socket.gethostname(),
-                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv)[:500]}
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": _command_line()[:500]}
 
-    def _read(self):
+    def holder(self) -> dict | None:
+        """The holder's description (pid, host, command, started), or None if unknown."""
         try:
-            text = self.path.read_text()
-            info = json.loads(text)
-            return text, (info if isinstance(info, dict) else None)
-        except FileNotFoundError:
-            return None, None
+            info = json.loads(self.holder_path.read_text())
         except (OSError, ValueError):
-            return "", None
+            return None
+        return info if isinstance(info, dict) else None
 
     def acquire(self) -> RunLock:
-        if self._token is not None:
+        import filelock  # takes a quarter of a second to import; only commands that write a folder need it
+
+        if self._lock is not None:
             raise LockError(f"{self.path}: already held by this object")
         if self.folder.exists() and not self.folder.is_dir():
             raise LockError(f"{self.folder}: exists and is not a folder; choose another {self.what}")
@@ -457,64 +463,58 @@ class RunLock:
         except OSError as e:
             raise WriteError(describe_os_error(e, self.folder), e.errno) from None
         for _ in range(20):
-            token = json.dumps(self._describe())
+            lock = filelock.FileLock(str(self.path), timeout=0)
             try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                self._judge_existing()
+                lock.acquire()
+            except filelock.Timeout:
+                self._cleanup_folder()
+                raise LockError(self._refusal()) from None
+            except OSError as e:
+                self._cleanup_folder()
+                raise WriteError(describe_os_error(e, self.path), e.errno) from None
+            if not self._same_file(lock):
+                lock.release()  # the holder removed the file as we locked it: lock the new one
                 continue
-            except OSError as e:
-                self._cleanup_folder()
-                raise WriteError(describe_os_error(e, self.path), e.errno) from None
-            try:
-                os.write(fd, token.encode())
-                os.close(fd)
-            except OSError as e:
-                _quiet(os.close, fd)
-                _quiet(os.unlink, self.path)
-                self._cleanup_folder()
-                raise WriteError(describe_os_error(e, self.path), e.errno) from None
-            self._token = token
-            return self
-        raise LockError(f"{self.path}: could not take the lock (it keeps changing); is another edm2 "
-                        f"command starting in {self.folder}?")
+            self._lock = lock
+            break
+        else:
+            self._cleanup_folder()
+            raise LockError(f"{self.path}: could not take the lock (it keeps changing); is another edm2 "
+                            f"command starting in {self.folder}?")
+        previous = self.holder()
+        if previous is not None:
+            self.warn(f"note: {self.folder}: process {previous.get('pid')} on {previous.get('host')} "
+                      f"({previous.get('command', '?')}) ended without releasing it (it is no longer running)")
+        try:
+            atomic_write_bytes(self.holder_path, json.dumps(self._describe()).encode())
+        except BaseException:
+            self.release()
+            raise
+        return self
 
-    def _judge_existing(self) -> None:
-        """Remove a stale lock, or raise LockError."""
-        text, info = self._read()
-        if text is None:
-            return  # vanished meanwhile: try again
-        fix = f"if no edm2 command is using {self.folder}, delete {self.path} and retry"
+    def _same_file(self, lock) -> bool:
+        """Whether the locked file is still the one at self.path (a releasing holder
+        unlinks it; whoever locked the unlinked file must lock the new one)."""
+        fd = getattr(getattr(lock, "_context", None), "lock_file_fd", None)
+        try:
+            on_disk = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        if fd is None:
+            return True
+        mine = os.fstat(fd)
+        return (mine.st_dev, mine.st_ino) == (on_disk.st_dev, on_disk.st_ino)
+
+    def _refusal(self) -> str:
+        info = self.holder()
+        fix = f"wait for it to finish or stop it, or choose another {self.what}"
         if info is None:
-            # Unreadable: a writer killed between creating and filling it, or a foreign file.
-            try:
-                age = time.time() - self.path.stat().st_mtime
-            except FileNotFoundError:
-                return
-            if age < 10:
-                time.sleep(0.2)
-                return
-            self.warn(f"note: {self.path}: replacing an unreadable lock file (last changed {age:.0f} s ago)")
-            self._remove_if_unchanged(text)
-            return
-        pid, host, started = info.get("pid"), info.get("host"), info.get("started", "?")
-        if host != socket.gethostname():
-            self._cleanup_folder()
-            raise LockError(f"{self.folder} is in use by process {pid} on host {host} (since {started}), "
-                            f"lock file {self.path}; {fix}")
-        if isinstance(pid, int) and pid > 0 and _pid_alive(pid):
-            self._cleanup_folder()
-            who = "this process" if pid == os.getpid() else f"process {pid}"
-            raise LockError(f"{self.folder} is in use by {who} (since {started}), lock file {self.path}; "
-                            f"wait for it to finish or stop it, or choose another {self.what}")
-        self.warn(f"note: {self.path}: taking over the lock of process {pid} (started {started}), "
-                  f"which is no longer running")
-        self._remove_if_unchanged(text)
-
-    def _remove_if_unchanged(self, text: str) -> None:
-        now, _ = self._read()
-        if now == text:
-            _quiet(os.unlink, self.path)
+            return f"{self.folder} is in use by another process (lock {self.path}); {fix}"
+        pid, host = info.get("pid"), info.get("host")
+        who = ("this process" if pid == os.getpid() and host == socket.gethostname()
+               else f"process {pid} on {host}")
+        return (f"{self.folder} is in use by {who} ({info.get('command', '?')}, since {info.get('started', '?')}), "
+                f"lock {self.path}; {fix}")
 
     def _cleanup_folder(self) -> None:
         if self._created_folder:
@@ -522,17 +522,18 @@ class RunLock:
             self._created_folder = False
 
     def release(self) -> None:
-        if self._token is None:
+        if self._lock is None:
             return
-        text, _ = self._read()
-        if text == self._token:
-            _quiet(os.unlink, self.path)
-        self._token = None
+        # Remove the files while still holding the lock (see _same_file), then let go.
+        _quiet(os.unlink, self.holder_path)
+        _quiet(os.unlink, self.path)
+        lock, self._lock = self._lock, None
+        lock.release()
         self._cleanup_folder()
 
     @property
     def held(self) -> bool:
-        return self._token is not None
+        return self._lock is not None
 
     def __enter__(self):
         return self.acquire()
