@@ -92,7 +92,8 @@ class EDM2Pipeline(DiffusionPipeline):
         net, gnet, encoder, meta = load_nets(net, gnet, device=device)
         for name, module in (("net", net), ("gnet", gnet)):
             if module is not None and not isinstance(module, HubMixin):
-                raise EDM2Error(f"{name}={sources[name]}: {_describe(module)} has no Hugging Face format; the "
+                where = sources[name] if name == "net" else f"gnet={sources[name]}"  # the file, or the flag
+                raise EDM2Error(f"{where}: {_describe(module)} has no Hugging Face format; the "
                                 f"pipeline takes config G networks (edm2.nn.Precond); sample others with "
                                 f"`edm2 generate`")
         if isinstance(encoder, StabilityVAEEncoder):
