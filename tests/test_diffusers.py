@@ -259,3 +259,20 @@ def test_networks_without_hub_format_are_refused(tmp_path):
                        match=[f"{snap}: a config {config} network", "has no Hugging Face format"])
         with pytest.raises(ValueError, match=f"`net`: a config {config} network"):
             EDM2Pipeline(net=net)
+
+
+def test_documented_journey(tmp_path, monkeypatch, hub_calls):
+    """The diffusers example of docs/integrations.md runs as written (a tiny conditional
+    network with 1000 classes stands in for the ImageNet one; Hub calls recorded)."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text()
+    [block] = [b for b in re.findall(r"```python\n(.*?)```", text, re.DOTALL) if "push_to_hub(" in b]
+    monkeypatch.chdir(tmp_path)
+    snap = write_snapshot(tmp_path / "snap.safetensors", label_dim=1000, channels=3)
+    EDM2Pipeline.from_snapshot(snap).save_pretrained("my-pipeline")
+    exec(compile(block, "docs/integrations.md", "exec"), {})
+    assert Image.open("flamingo.png").size == (16, 16)
+    assert (tmp_path / "my-pipeline-copy" / "model_index.json").is_file()
+    assert [c[:2] for c in hub_calls] == [("create_repo", "your-name/edm2-pipeline"),
+                                          ("upload_folder", "your-name/edm2-pipeline")]
