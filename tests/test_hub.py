@@ -264,3 +264,17 @@ def test_export_records_no_local_paths(tmp_path):
     assert info["origin"] == {"run": "run-7", "source": "https://example.org/a.pkl",
                               "inputs": ["snapshot-1.safetensors"]}
     assert info["encoder"]["vae_name"] == "my-vae"
+
+
+def test_hub_repo_config_problems_are_one_line(tmp_path, monkeypatch):
+    """A Hub repo's config.json is checked like a folder's (the download is mocked)."""
+    import edm2.nn.hub as hub
+    from edm2.utils.errors import EDM2Error
+
+    config = tmp_path / "config.json"
+    monkeypatch.setattr(hub, "hf_hub_download", lambda repo_id, filename, **kwargs: str(tmp_path / filename))
+    for text, match in (("[1, 2]", "someone/edm2-model/config.json: holds a JSON list"),
+                        ("{oops", "someone/edm2-model/config.json: not valid JSON")):
+        config.write_text(text)
+        with pytest.raises(EDM2Error, match=match):
+            Precond.from_pretrained("someone/edm2-model")

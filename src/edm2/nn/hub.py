@@ -63,16 +63,23 @@ class HubMixin(PyTorchModelHubMixin, library_name="edm2", paper_url=_PAPER, tags
         src = str(pretrained_model_name_or_path)
         if os.path.isfile(os.path.join(src, CONFIG_NAME)):
             read_config(os.path.join(src, CONFIG_NAME))  # one line naming the file if it is not a JSON object
+        elif not looks_local(src):  # a Hub repo id: its config.json, into the cache the loading below reads
+            try:
+                path = hf_hub_download(repo_id=src, filename=CONFIG_NAME, revision=kwargs.get("revision"),
+                                       cache_dir=kwargs.get("cache_dir"), token=kwargs.get("token"),
+                                       force_download=kwargs.get("force_download", False),
+                                       local_files_only=kwargs.get("local_files_only", False))
+            except (OSError, ValueError):  # no such repo or file, offline: reported by the loading below
+                path = None
+            if path is not None:
+                read_config(path, shown=f"{src}/{CONFIG_NAME}")
         if not os.path.isdir(src) and looks_local(src):
             raise MissingFileError(f"{src}: no such folder (a model folder holds {CONFIG_NAME} and {WEIGHTS_NAME}; "
                                     f"write one with save_pretrained or `edm2 export --format hf`)")
         if os.path.isdir(src) and not os.path.isfile(os.path.join(src, CONFIG_NAME)):
             raise MissingFileError(f"{src}: not a model folder (no {CONFIG_NAME}); write one with save_pretrained "
                                     f"or `edm2 export --format hf`")
-        try:
-            return super().from_pretrained(src, **kwargs)
-        except json.JSONDecodeError as e:  # a downloaded config.json that is not JSON
-            raise EDM2Error(f"{src}/{CONFIG_NAME}: not valid JSON ({e})") from None
+        return super().from_pretrained(src, **kwargs)
 
     @classmethod
     def _from_pretrained(cls, *, model_id, revision, cache_dir, force_download, local_files_only, token,
@@ -113,15 +120,17 @@ def looks_local(src: str) -> bool:
             or os.sep in src.replace("/", ""))
 
 
-def read_config(path) -> dict:
-    """A config.json as a dict; `EDM2Error` naming the file if it is not valid JSON or not an object."""
+def read_config(path, shown=None) -> dict:
+    """A config.json as a dict; `EDM2Error` naming the file (as `shown`, default
+    its path) if it is not valid JSON or not an object."""
+    shown = path if shown is None else shown
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)
     except (ValueError, UnicodeDecodeError) as e:
-        raise EDM2Error(f"{path}: not valid JSON ({e}); write the folder again with save_pretrained") from None
+        raise EDM2Error(f"{shown}: not valid JSON ({e}); write the folder again with save_pretrained") from None
     if not isinstance(config, dict):
-        raise EDM2Error(f"{path}: holds a JSON {type(config).__name__}, not an object of constructor arguments; "
+        raise EDM2Error(f"{shown}: holds a JSON {type(config).__name__}, not an object of constructor arguments; "
                          f"write the folder again with save_pretrained")
     return config
 
