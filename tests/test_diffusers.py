@@ -92,6 +92,8 @@ def test_latent_network_with_vae_same_images_and_round_trip(nets, tmp_path):
     assert ref[0].shape == (64, 64, 3)  # 8x8 latents decoded by the 8x VAE
     assert main(["export", "--format", "diffusers", str(nets["latent"]), "--outdir", str(tmp_path / "p")]) == 0
     assert (tmp_path / "p" / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    index = (tmp_path / "p" / "model_index.json").read_text()  # the VAE travels in vae/: no local path recorded
+    assert str(nets["vae"].parent) not in index and json.loads(index)["encoder"]["vae_name"] == "vae"
     pipe = EDM2Pipeline.from_pretrained(str(tmp_path / "p"))
     assert isinstance(pipe.vae, diffusers.AutoencoderKL) and pipe.config.encoder["type"] == "sd-vae"
     _assert_same(pipe(class_labels=0, num_inference_steps=STEPS, seeds=SEEDS).images, ref)

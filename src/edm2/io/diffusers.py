@@ -11,6 +11,11 @@ its config the encoder's standardisation, the class names and the sampler
 settings. Sampling runs edm2.sampling.sample_batch, so an image depends only on
 its generator, and seeds give the same images as `edm2 generate --seeds`.
 
+The three networks are registered components, so diffusers' `pipe.to(device or
+dtype)`, `pipe.device`, `pipe.dtype` and `pipe.components` cover them all, and
+`__call__` shows diffusers' progress bar (`set_progress_bar_config`) over the
+network evaluations.
+
 Folders: model_index.json + net/ (+ gnet/) in the Hugging Face layout of
 edm2.io.hub (config.json, model.safetensors) + vae/ (diffusers). Loading reads JSON
 and safetensors only; it never imports or runs code named in the files.
@@ -66,10 +71,7 @@ class EDM2Pipeline(DiffusionPipeline):
     def __init__(self, net, gnet=None, vae=None, encoder: dict | None = None, class_names=None,
                  sampler: dict | None = None, guidance: float = 1.0):
         super().__init__()
-        for name, module in (("net", net), ("gnet", gnet)):
-            if module is not None and not isinstance(module, HubMixin):
-                raise EDM2Error(f"`{name}`: {_describe(module)} has no Hugging Face format; the pipeline takes "
-                                f"config G networks (edm2.nn.Precond); sample others with `edm2 generate`")
+        _check_hub_format({"`net`": net, "`gnet`": gnet})
         if encoder is None:
             encoder = StandardRGBEncoder().to_meta() if vae is None else StabilityVAEEncoder().to_meta()
         check_guide(net, gnet, float(guidance))
@@ -88,14 +90,9 @@ class EDM2Pipeline(DiffusionPipeline):
         """A pipeline from edm2 snapshots (anything `edm2 generate --net/--gnet`
         accepts). vae: an AutoencoderKL, a folder or hub name; default: the one
         named in the snapshot's metadata (latent networks only)."""
-        sources = {"net": net, "gnet": gnet}
+        names = (str(net), f"gnet={gnet}")  # the file, and the argument (`edm2 export`'s source and --gnet)
         net, gnet, encoder, meta = load_nets(net, gnet, device=device)
-        for name, module in (("net", net), ("gnet", gnet)):
-            if module is not None and not isinstance(module, HubMixin):
-                where = sources[name] if name == "net" else f"gnet={sources[name]}"  # the file, or the flag
-                raise EDM2Error(f"{where}: {_describe(module)} has no Hugging Face format; the "
-                                f"pipeline takes config G networks (edm2.nn.Precond); sample others with "
-                                f"`edm2 generate`")
+        _check_hub_format(dict(zip(names, (net, gnet))))
         if isinstance(encoder, StabilityVAEEncoder):
             if vae is None or isinstance(vae, (str, os.PathLike)):
                 if vae is not None:
@@ -312,9 +309,15 @@ class _Counted:
         return getattr(self._net, name)
 
 
-def _describe(module) -> str:
-    """'a config A network (ADMPrecond)' for an edm2 network, else the class name."""
-    return f"a config {network_config(module)} network ({type(module).__name__})"
+def _check_hub_format(networks: dict) -> None:
+    """Refuse a network without the Hugging Face format (configs A-F): the
+    pipeline folder stores its networks in that format. `networks`: {how the
+    message names it: network or None}."""
+    for where, module in networks.items():
+        if module is not None and not isinstance(module, HubMixin):
+            raise EDM2Error(f"{where}: a config {network_config(module)} network ({type(module).__name__}) has no "
+                            f"Hugging Face format; the pipeline takes config G networks (edm2.nn.Precond); sample "
+                            f"others with `edm2 generate`")
 
 
 def _count(class_labels, generator, seeds, num_images) -> int:
