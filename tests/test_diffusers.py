@@ -1,6 +1,7 @@
 """EDM2Pipeline (diffusers): the same images as `edm2 generate --seeds`, bitwise on
 CPU, for pixel and latent networks, guidance, save/load round trips, bad input."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,6 +92,8 @@ def test_latent_network_with_vae_same_images_and_round_trip(nets, tmp_path):
     assert ref[0].shape == (64, 64, 3)  # 8x8 latents decoded by the 8x VAE
     assert main(["export", "--format", "diffusers", str(nets["latent"]), "--outdir", str(tmp_path / "p")]) == 0
     assert (tmp_path / "p" / "vae" / "diffusion_pytorch_model.safetensors").is_file()
+    index = (tmp_path / "p" / "model_index.json").read_text()  # the VAE travels in vae/: no local path recorded
+    assert str(nets["vae"].parent) not in index and json.loads(index)["encoder"]["vae_name"] == "vae"
     pipe = EDM2Pipeline.from_pretrained(str(tmp_path / "p"))
     assert isinstance(pipe.vae, diffusers.AutoencoderKL) and pipe.config.encoder["type"] == "sd-vae"
     _assert_same(pipe(class_labels=0, num_inference_steps=STEPS, seeds=SEEDS).images, ref)
@@ -140,3 +143,138 @@ def test_bad_input(nets, tmp_path, capsys):
         assert e.value.code == 2 and len(err.splitlines()) == 1, err
     assert f"--vae {nets['vae']}: " in err and "drop --vae" in err  # the Python argument shown as its flag
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "p"]
+
+
+def test_components_move_together_and_report_device_and_dtype(nets, tmp_path):
+    """net, gnet and the VAE are registered components: diffusers' .to(), .device, .dtype see all three."""
+    pipe = EDM2Pipeline.from_snapshot(nets["latent"], gnet=nets["latent"], guidance=1.5)
+    assert sorted(pipe.components) == ["gnet", "net", "vae"]
+    assert pipe.device == torch.device("cpu") and pipe.dtype == torch.float32
+    ref = pipe(class_labels=0, num_inference_steps=STEPS, seeds=SEEDS[:2], output_type="uint8").images
+    assert pipe.to(torch.float16) is pipe
+    assert {pipe.net.dtype, pipe.gnet.dtype, pipe.vae.dtype, pipe.dtype} == {torch.float16}
+    # float16 weights (and a float16 VAE, which gets float16 latents) give nearly the same images.
+    half = pipe(class_labels=0, num_inference_steps=STEPS, seeds=SEEDS[:2], output_type="uint8").images
+    assert half.dtype == torch.uint8 and (half.int() - ref.int()).abs().float().mean() < 2
+    pipe.to(dtype=torch.float32)
+    assert {pipe.net.dtype, pipe.gnet.dtype, pipe.vae.dtype} == {torch.float32}
+
+    # .to("cuda") reaches every component (the modules' own .to is recorded, not run).
+    calls = []
+    for name in ("net", "gnet", "vae"):
+        module = getattr(pipe, name)
+        object.__setattr__(module, "to", lambda *a, _name=name, **k: calls.append((_name, a, k)))
+    pipe.to("cuda")
+    assert sorted(c[0] for c in calls) == ["gnet", "net", "vae"]
+    assert all(torch.device(c[1][0]).type == "cuda" for c in calls)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_pipeline_on_cuda(nets):
+    pipe = EDM2Pipeline.from_snapshot(nets["cond"]).to("cuda")
+    assert pipe.device.type == "cuda" and pipe.net.device.type == "cuda"
+    images = pipe(class_labels=1, num_inference_steps=STEPS, seeds=SEEDS, output_type="uint8").images
+    assert images.shape == (4, 3, 16, 16)
+
+
+def test_progress_bar_counts_network_evaluations(nets, capsys):
+    pipe = EDM2Pipeline.from_snapshot(nets["cond"])
+    pipe(class_labels=1, num_inference_steps=STEPS, seeds=SEEDS[:1], output_type="uint8")
+    err = capsys.readouterr().err
+    assert f"{2 * STEPS - 1}/{2 * STEPS - 1}" in err  # Heun: 2 evaluations per step but the last
+    pipe.set_progress_bar_config(disable=True)
+    pipe(class_labels=1, num_inference_steps=STEPS, seeds=SEEDS[:1], output_type="uint8")
+    assert capsys.readouterr().err == ""
+
+
+@pytest.fixture
+def hub_calls(monkeypatch):
+    """diffusers' Hub calls, recorded instead of made (no network)."""
+    from diffusers.utils import hub_utils
+    from huggingface_hub import ModelCard
+
+    calls = []
+
+    def create_repo(repo_id, **kwargs):
+        calls.append(("create_repo", repo_id, kwargs))
+        return type("RepoUrl", (), {"repo_id": repo_id if "/" in repo_id else f"someone/{repo_id}"})()
+
+    def upload_folder(**kwargs):
+        folder = Path(kwargs["folder_path"])
+        calls.append(("upload_folder", kwargs["repo_id"], sorted(p.name for p in folder.iterdir())))
+
+    monkeypatch.setattr(hub_utils, "create_repo", create_repo)
+    monkeypatch.setattr(hub_utils, "upload_folder", upload_folder)
+    monkeypatch.setattr(hub_utils, "load_or_create_model_card",
+                        lambda repo_id, **kwargs: ModelCard("---\nlibrary_name: edm2\n---\n# EDM2 pipeline\n"))
+    return calls
+
+
+def test_save_and_load_take_diffusers_options(nets, tmp_path, hub_calls):
+    pipe = EDM2Pipeline.from_snapshot(nets["cond"])
+    ref = pipe(class_labels=1, num_inference_steps=STEPS, seeds=SEEDS, output_type="uint8").images
+    pipe.save_pretrained(tmp_path / "p", safe_serialization=True, variant=None, max_shard_size="5GB")
+    assert not hub_calls
+    pipe.save_pretrained(tmp_path / "my-pipeline", push_to_hub=True, commit_message="first", private=True)
+    assert hub_calls == [("create_repo", "my-pipeline", {"exist_ok": True, "private": True, "token": None}),
+                         ("upload_folder", "someone/my-pipeline", ["README.md", "model_index.json", "net"])]
+    hub_calls.clear()
+    pipe.push_to_hub("user/edm2-pipeline")  # diffusers' own push_to_hub, through save_pretrained
+    assert hub_calls[0][:2] == ("create_repo", "user/edm2-pipeline")
+    assert hub_calls[1] == ("upload_folder", "user/edm2-pipeline", ["README.md", "model_index.json", "net"])
+    for kwargs, match in ((dict(safe_serialization=False), "safe_serialization=False: edm2 writes safetensors only"),
+                          (dict(variant="fp16"), "variant='fp16': .* one set of weights"),
+                          (dict(colour="red"), r"unknown option\(s\) \['colour'\]"),
+                          (dict(commit_message="x"), "only with push_to_hub=True")):
+        with pytest.raises(ValueError, match=match):
+            pipe.save_pretrained(tmp_path / "q", **kwargs)
+    assert not (tmp_path / "q").exists()
+
+    back = EDM2Pipeline.from_pretrained(tmp_path / "p", torch_dtype=torch.float16, use_safetensors=True,
+                                        device_map="cpu")
+    assert back.dtype == torch.float16 and back.net.dtype == torch.float16
+    assert EDM2Pipeline.from_pretrained(tmp_path / "p", dtype=torch.float32).dtype == torch.float32
+    same = EDM2Pipeline.from_pretrained(tmp_path / "p", device_map=None, use_safetensors=None)
+    assert torch.equal(same(class_labels=1, num_inference_steps=STEPS, seeds=SEEDS, output_type="uint8").images, ref)
+    for kwargs, match in ((dict(device_map="auto"), "device_map='auto': an EDM2Pipeline runs on one device"),
+                          (dict(use_safetensors=False), "use_safetensors=False: .* safetensors only"),
+                          (dict(torch_dtype="float16"), "torch_dtype='float16': must be a floating-point")):
+        with pytest.raises(ValueError, match=match):
+            EDM2Pipeline.from_pretrained(tmp_path / "p", **kwargs)
+
+
+def test_networks_without_hub_format_are_refused(tmp_path):
+    """Configs A-F (edm2.nn.build_network) have no Hugging Face format: one line, nothing written."""
+    from edm2.io.snapshot import make_meta, save_snapshot
+    from edm2.nn import build_network
+    from helpers.cli import assert_refused
+
+    kw = dict(img_resolution=16, img_channels=3, label_dim=3, model_channels=16, channel_mult=[1, 2], num_blocks=1,
+              attn_resolutions=[8], channels_per_head=16)
+    for config in ("A", "E"):
+        torch.manual_seed(0)
+        net = build_network(config, **kw)
+        snap = tmp_path / f"{config}.safetensors"
+        save_snapshot(snap, net, make_meta(kw, 64, 0.1, {"type": "rgb"}, {"resolution": 16, "channels": 3,
+                                                                           "label_dim": 3}, config=config))
+        assert_refused(["export", "--format", "diffusers", snap, "--outdir", tmp_path / "o"], watch=[tmp_path],
+                       match=[f"{snap}: a config {config} network", "has no Hugging Face format"])
+        with pytest.raises(ValueError, match=f"`net`: a config {config} network"):
+            EDM2Pipeline(net=net)
+
+
+def test_documented_journey(tmp_path, monkeypatch, hub_calls):
+    """The diffusers example of docs/integrations.md runs as written (a tiny conditional
+    network with 1000 classes stands in for the ImageNet one; Hub calls recorded)."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "integrations.md").read_text()
+    [block] = [b for b in re.findall(r"```python\n(.*?)```", text, re.DOTALL) if "push_to_hub(" in b]
+    monkeypatch.chdir(tmp_path)
+    snap = write_snapshot(tmp_path / "snap.safetensors", label_dim=1000, channels=3)
+    EDM2Pipeline.from_snapshot(snap).save_pretrained("my-pipeline")
+    exec(compile(block, "docs/integrations.md", "exec"), {})
+    assert Image.open("flamingo.png").size == (16, 16)
+    assert (tmp_path / "my-pipeline-copy" / "model_index.json").is_file()
+    assert [c[:2] for c in hub_calls] == [("create_repo", "your-name/edm2-pipeline"),
+                                          ("upload_folder", "your-name/edm2-pipeline")]

@@ -229,7 +229,7 @@ def test_broken_and_foreign_files(tiny, tmp_path):
     # Stored arguments that disagree with the weights, or that our Precond does not know.
     wrong = tmp_path / "wrong.pkl"
     wrong.write_bytes(fmt.published_bytes(tiny[0], init_kwargs={"model_channels": 16}))
-    with pytest.raises(official.OfficialFormatError, match="weights do not match .*size mismatch"):
+    with pytest.raises(official.OfficialFormatError, match=r"weights do not match .*\(shape mismatch \(file vs"):
         official.load_official(wrong)
     wrong.write_bytes(fmt.published_bytes(tiny[0], init_kwargs={"fancy_option": 1}))
     with pytest.raises(official.OfficialFormatError, match="does not know: fancy_option"):

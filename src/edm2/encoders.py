@@ -159,9 +159,10 @@ class StabilityVAEEncoder:
         vae = self.vae(x.device)
         x = x.to(torch.float32)
         x = (x - self._const(self.bias, x)) / self._const(self.scale, x)
+        dtype = getattr(vae, "dtype", torch.float32)  # a float16 VAE (pipe.to(torch.float16)) takes float16 latents
         outs = []
         for chunk in x.split(self.batch_size):
-            img = vae.decode(chunk)["sample"]
+            img = vae.decode(chunk.to(dtype))["sample"].to(torch.float32)
             outs.append(img.clamp(0, 1).mul(255).to(torch.uint8))
         return torch.cat(outs)
 

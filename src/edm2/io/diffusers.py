@@ -11,6 +11,11 @@ its config the encoder's standardisation, the class names and the sampler
 settings. Sampling runs edm2.sampling.sample_batch, so an image depends only on
 its generator, and seeds give the same images as `edm2 generate --seeds`.
 
+The three networks are registered components, so diffusers' `pipe.to(device or
+dtype)`, `pipe.device`, `pipe.dtype` and `pipe.components` cover them all, and
+`__call__` shows diffusers' progress bar (`set_progress_bar_config`) over the
+network evaluations.
+
 Folders: model_index.json + net/ (+ gnet/) in the Hugging Face layout of
 edm2.io.hub (config.json, model.safetensors) + vae/ (diffusers). Loading reads JSON
 and safetensors only; it never imports or runs code named in the files.
@@ -24,12 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils import hub_utils
 from huggingface_hub import snapshot_download
 
 from ..encoders import StabilityVAEEncoder, StandardRGBEncoder, encoder_from_meta
 from ..generate import check_class, check_guide, load_nets, to_pil_image
 from ..nn import Precond
-from ..nn.hub import CONFIG_NAME, looks_local
+from ..nn.factory import network_config
+from ..nn.hub import CONFIG_NAME, HubMixin, looks_local
 from ..sampling import SAMPLER_DEFAULTS, SeedRandom, sample_batch
 from ..utils.errors import EDM2Error, MissingFileError
 from ..utils.fileio import atomic_folder, check_replaceable
@@ -57,10 +64,14 @@ class EDM2Pipeline(DiffusionPipeline):
     """
 
     model_cpu_offload_seq = "net->gnet->vae"
+    # Components besides the required `net`: diffusers' `.to()`, `.device`, `.dtype`,
+    # `components` and offloading treat them as modules of the pipeline.
+    _optional_components = ["gnet", "vae"]
 
     def __init__(self, net, gnet=None, vae=None, encoder: dict | None = None, class_names=None,
                  sampler: dict | None = None, guidance: float = 1.0):
         super().__init__()
+        _check_hub_format({"`net`": net, "`gnet`": gnet})
         if encoder is None:
             encoder = StandardRGBEncoder().to_meta() if vae is None else StabilityVAEEncoder().to_meta()
         check_guide(net, gnet, float(guidance))
@@ -79,12 +90,16 @@ class EDM2Pipeline(DiffusionPipeline):
         """A pipeline from edm2 snapshots (anything `edm2 generate --net/--gnet`
         accepts). vae: an AutoencoderKL, a folder or hub name; default: the one
         named in the snapshot's metadata (latent networks only)."""
+        names = (str(net), f"gnet={gnet}")  # the file, and the argument (`edm2 export`'s source and --gnet)
         net, gnet, encoder, meta = load_nets(net, gnet, device=device)
+        _check_hub_format(dict(zip(names, (net, gnet))))
         if isinstance(encoder, StabilityVAEEncoder):
             if vae is None or isinstance(vae, (str, os.PathLike)):
                 if vae is not None:
                     encoder.vae_name = str(vae)
                 vae = encoder.vae(device)
+                if os.path.isdir(encoder.vae_name):  # the VAE travels in vae/; record no local path
+                    encoder.vae_name = Path(encoder.vae_name).name
         elif vae is not None:
             given = vae if isinstance(vae, (str, os.PathLike)) else type(vae).__name__
             raise EDM2Error(f"vae={given}: {meta.get('origin', {}).get('run', 'the network')} is a pixel-space "
@@ -94,11 +109,41 @@ class EDM2Pipeline(DiffusionPipeline):
 
     # ------------------------------------------------------------------ files
 
-    def save_pretrained(self, save_directory, overwrite: bool = True, **kwargs):
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, variant: str | None = None,
+                        max_shard_size=None, push_to_hub: bool = False, overwrite: bool = True, **kwargs):
         """Write model_index.json, net/, gnet/ (if any) and vae/ (if any), all
-        safetensors + JSON. The folder appears complete or not at all."""
+        safetensors + JSON. The folder appears complete or not at all.
+
+        The options of diffusers' DiffusionPipeline.save_pretrained: with
+        push_to_hub=True the folder is then uploaded to the Hub repo `repo_id`
+        (default: the folder's name; created if needed), with `commit_message`,
+        `private`, `create_pr` and `token` as diffusers takes them.
+        safe_serialization must stay True (edm2 never writes pickles), variant
+        None (one set of weights), and max_shard_size is not used (one file per
+        network)."""
+        if not safe_serialization:
+            raise EDM2Error("safe_serialization=False: edm2 writes safetensors only (never pickles); drop "
+                            "`safe_serialization`")
+        if variant is not None:
+            raise EDM2Error(f"variant={variant!r}: an EDM2Pipeline folder holds one set of weights; drop `variant` "
+                            f"(pipe.to(torch.float16) before saving stores float16 weights)")
+        push = {k: kwargs.pop(k) for k in ("commit_message", "private", "create_pr", "token", "repo_id")
+                if k in kwargs}
         if kwargs:
-            raise EDM2Error(f"EDM2Pipeline.save_pretrained: unsupported options {sorted(kwargs)}")
+            raise EDM2Error(f"EDM2Pipeline.save_pretrained: unknown option(s) {sorted(kwargs)}; allowed: "
+                            f"safe_serialization, variant, max_shard_size, push_to_hub, overwrite, commit_message, "
+                            f"private, create_pr, token, repo_id")
+        if push and not push_to_hub:
+            raise EDM2Error(f"{', '.join(sorted(push))}: only with push_to_hub=True")
+        card = None
+        if push_to_hub:
+            # As diffusers does: the repo first (so a bad token writes nothing), then the folder, then the upload.
+            repo_id = push.get("repo_id") or Path(save_directory).name
+            repo_id = hub_utils.create_repo(repo_id, exist_ok=True, private=push.get("private"),
+                                            token=push.get("token")).repo_id
+            card = hub_utils.populate_model_card(
+                hub_utils.load_or_create_model_card(repo_id, token=push.get("token"), is_pipeline=True),
+                tags=["edm2"])
 
         def write(tmp: Path):
             self.save_config(tmp)
@@ -108,15 +153,40 @@ class EDM2Pipeline(DiffusionPipeline):
                     module.save_pretrained(tmp / name)
             if self.vae is not None:
                 self.vae.save_pretrained(tmp / "vae", safe_serialization=True)
+            if card is not None:
+                card.save(tmp / "README.md")
 
-        return atomic_folder(save_directory, write, overwrite=overwrite)
+        out = atomic_folder(save_directory, write, overwrite=overwrite, name="save_directory")
+        if push_to_hub:
+            self._upload_folder(out, repo_id, token=push.get("token"), commit_message=push.get("commit_message"),
+                                create_pr=push.get("create_pr", False))
+        return out
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, device="cpu", revision=None, cache_dir=None,
-                        local_files_only: bool = False, token=None, **overrides):
+                        local_files_only: bool = False, token=None, torch_dtype=None, use_safetensors=None,
+                        device_map=None, force_download: bool = False, **overrides):
         """Load a folder written by save_pretrained / `edm2 export --format diffusers`,
         or a Hub repo id (downloaded through the Hub client's cache). `overrides`
-        replace components (net=..., gnet=None, vae=...)."""
+        replace components (net=..., gnet=None, vae=...).
+
+        Options as diffusers' DiffusionPipeline.from_pretrained takes them:
+        torch_dtype (or dtype) casts the weights (`pipe.to(torch_dtype)`);
+        use_safetensors may be None or True (edm2 reads safetensors only);
+        device_map may be None or "cpu" (one device; move with `pipe.to(device)`)."""
+        dtype = overrides.pop("dtype", None)
+        if dtype is not None and torch_dtype is not None:
+            raise EDM2Error("give either `torch_dtype` or `dtype`, not both")
+        torch_dtype = dtype if torch_dtype is None else torch_dtype
+        if torch_dtype is not None and not (isinstance(torch_dtype, torch.dtype) and torch_dtype.is_floating_point):
+            raise EDM2Error(f"torch_dtype={torch_dtype!r}: must be a floating-point torch.dtype such as "
+                            f"torch.float16")
+        if use_safetensors is False:
+            raise EDM2Error("use_safetensors=False: edm2 pipeline folders hold safetensors only (never pickles); "
+                            "drop `use_safetensors`")
+        if device_map not in (None, "cpu"):
+            raise EDM2Error(f"device_map={device_map!r}: an EDM2Pipeline runs on one device; drop `device_map` and "
+                            f"move it with pipe.to(device)")
         src = str(pretrained_model_name_or_path)
         if os.path.isdir(src):
             folder = Path(src)
@@ -125,7 +195,7 @@ class EDM2Pipeline(DiffusionPipeline):
                                     f"write one with save_pretrained or `edm2 export --format diffusers`)")
         else:
             folder = Path(snapshot_download(src, revision=revision, cache_dir=cache_dir, token=token,
-                                            local_files_only=local_files_only,
+                                            local_files_only=local_files_only, force_download=force_download,
                                             allow_patterns=["*.json", "*.safetensors", "*.md"]))
         index = folder / cls.config_name
         if not index.is_file():
@@ -153,8 +223,9 @@ class EDM2Pipeline(DiffusionPipeline):
             parts[name] = _load_component(folder, index, name, config.get(name), device)
         if parts["net"] is None:
             raise EDM2Error(f"{index}: no 'net' component")
-        return cls(**parts, encoder=config.get("encoder"), class_names=config.get("class_names"),
+        pipe = cls(**parts, encoder=config.get("encoder"), class_names=config.get("class_names"),
                    sampler=config.get("sampler"), guidance=config.get("guidance", 1.0))
+        return pipe if torch_dtype is None else pipe.to(torch_dtype)
 
     # ------------------------------------------------------------------ sampling
 
@@ -186,7 +257,7 @@ class EDM2Pipeline(DiffusionPipeline):
             raise EDM2Error(f"output_type={output_type!r}; allowed: 'pil', 'np', 'pt', 'uint8', 'latent'")
         options = dict(self.config.sampler or {})
         options.update(_check_sampler(sampler_kwargs))
-        device = next(net.parameters()).device
+        device = net.device
         n = _count(class_labels, generator, seeds, num_images)
         if seeds is not None:
             if generator is not None:
@@ -206,8 +277,11 @@ class EDM2Pipeline(DiffusionPipeline):
         for m in (net, gnet):
             if m is not None:
                 m.eval().requires_grad_(False)
-        images, _, _ = sample_batch(net, encoder, rnd, classes, gnet, guidance, num_steps=int(num_inference_steps),
-                                    **options)
+        steps = int(num_inference_steps)
+        # The progress bar counts evaluations of `net`: 2 per step but the last (Heun, EDM Alg. 2).
+        with self.progress_bar(total=max(2 * steps - 1, 0)) as bar:
+            images, _, _ = sample_batch(_Counted(net, bar), encoder, rnd, classes, gnet, guidance, num_steps=steps,
+                                        **options)
         if output_type in ("latent", "uint8"):
             out = images
         elif output_type == "pt":
@@ -217,6 +291,33 @@ class EDM2Pipeline(DiffusionPipeline):
         else:
             out = [to_pil_image(image) for image in images.cpu()]
         return ImagePipelineOutput(images=out) if return_dict else (out,)
+
+
+class _Counted:
+    """A network that advances a progress bar at every evaluation (its other
+    attributes are the network's)."""
+
+    def __init__(self, net, bar):
+        self._net, self._bar = net, bar
+
+    def __call__(self, *args, **kwargs):
+        out = self._net(*args, **kwargs)
+        self._bar.update(1)
+        return out
+
+    def __getattr__(self, name):
+        return getattr(self._net, name)
+
+
+def _check_hub_format(networks: dict) -> None:
+    """Refuse a network without the Hugging Face format (configs A-F): the
+    pipeline folder stores its networks in that format. `networks`: {how the
+    message names it: network or None}."""
+    for where, module in networks.items():
+        if module is not None and not isinstance(module, HubMixin):
+            raise EDM2Error(f"{where}: a config {network_config(module)} network ({type(module).__name__}) has no "
+                            f"Hugging Face format; the pipeline takes config G networks (edm2.nn.Precond); sample "
+                            f"others with `edm2 generate`")
 
 
 def _count(class_labels, generator, seeds, num_images) -> int:

@@ -48,6 +48,7 @@ from tqdm import tqdm
 
 from ..encoders import StabilityVAEEncoder, StandardRGBEncoder
 from ..nn import Block, Precond, UNet, build_network, precision_kwargs
+from ..nn.hub import state_mismatch
 from ..utils.errors import EDM2Error, ExistingFileError, MissingFileError
 from ..utils.validate import safe_error_text
 from .download import cache_dir, fetch, is_url
@@ -359,12 +360,10 @@ def load_official(source, device="cpu", name_hint: str | None = None):
         raise OfficialFormatError(f"{where}: cannot build the network from its stored arguments: {e}") from None
     # fp16 (as published) -> float32: exact widening of every parameter and buffer.
     state = {k: (v.detach().to(torch.float32) if v.is_floating_point() else v.detach()) for k, v in tensors.items()}
-    try:
-        net.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:  # torch's message: a header line, then the missing/unexpected/mismatched keys
-        lines = [line.strip() for line in str(e).splitlines() if line.strip()]
-        raise OfficialFormatError(f"{where}: weights do not match the architecture of its _init_kwargs: "
-                                  f"{lines[-1][:300]}") from None
+    problem = state_mismatch(net, state)
+    if problem:
+        raise OfficialFormatError(f"{where}: weights do not match the architecture of its _init_kwargs ({problem})")
+    net.load_state_dict(state, strict=True, assign=True)
     net = net.to(device).eval().requires_grad_(False)
 
     encoder = _encoder_meta(data.get("encoder"), where)

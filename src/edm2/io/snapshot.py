@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save
 
 from ..nn import CONFIGS, build_network, precision_kwargs
+from ..nn.hub import state_mismatch
 from ..utils.errors import EDM2Error
 from ..utils.fileio import AtomicWriter, atomic_write_bytes
 
@@ -166,6 +167,14 @@ def _check_meta(meta, path) -> None:
         raise SnapshotError(f"{path}: metadata names config {meta['config']!r}; allowed: {', '.join(CONFIGS)}")
 
 
+def _is_training_checkpoint(path: Path) -> bool:
+    """A `checkpoint-*.pt` of a training run (edm2.train.checkpoint): torch.save's zip
+    format, told by its name or its first bytes (nothing of it is loaded)."""
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    return magic == b"PK\x03\x04" and (path.suffix == ".pt" or path.name.startswith("checkpoint-"))
+
+
 def read_snapshot_meta(path) -> dict:
     """Read only the JSON metadata of a snapshot (cheap: the header only)."""
     path = Path(path)
@@ -175,6 +184,9 @@ def read_snapshot_meta(path) -> dict:
         with safe_open(str(path), framework="pt") as f:
             header = f.metadata() or {}
     except Exception as e:  # safetensors raises its own error types for bad headers
+        if _is_training_checkpoint(path):
+            raise SnapshotError(f"{path}: this is a training checkpoint (resume state), not a snapshot; pass the "
+                                f"run folder or a snapshot-*.safetensors file") from None
         raise SnapshotError(f"{path}: unreadable or truncated snapshot ({type(e).__name__}: {e})") from None
     try:
         meta = json.loads(header["edm2"])
@@ -191,18 +203,29 @@ def load_snapshot(path, device="cpu", eval_mode: bool = True):
         module = meta.get("origin", {}).get("module", "user-defined module")
         raise SnapshotError(f"{path}: the snapshot holds a {module}, not an edm2 network; load its tensors into that "
                             f"module (edm2.ema.reconstruct_state_dict, safetensors.torch.load_file)")
-    with torch.device("meta"):  # no memory until the file's tensors are assigned
-        # older metadata: use_fp16/reduced_dtype, and no config letter (G)
-        net = build_network(snapshot_config(meta), **precision_kwargs(meta["net_kwargs"]))
+    net_kwargs = meta["net_kwargs"]
+    if not isinstance(net_kwargs, dict):
+        raise SnapshotError(f"{path}: metadata net_kwargs is a JSON {type(net_kwargs).__name__}, not an object of "
+                            f"constructor arguments; the file was edited or written by another tool")
+    try:
+        with torch.device("meta"):  # no memory until the file's tensors are assigned
+            # older metadata: use_fp16/reduced_dtype, and no config letter (G)
+            net = build_network(snapshot_config(meta), **precision_kwargs(net_kwargs))
+    except TypeError as e:  # an argument the config's constructor does not take
+        if "unexpected keyword argument" not in str(e):
+            raise
+        raise SnapshotError(f"{path}: metadata net_kwargs do not fit config {snapshot_config(meta)} ({e}); the file "
+                            f"was edited or written by another tool") from None
+    except EDM2Error as e:  # a value the constructor refuses (sigma_data, dropout, channels, ...)
+        raise SnapshotError(f"{path}: metadata net_kwargs: {e}") from None
     try:
         state = load_file(str(path), device=str(device))
     except Exception as e:
         raise SnapshotError(f"{path}: unreadable or truncated snapshot ({type(e).__name__}: {e})") from None
-    try:
-        net.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        raise SnapshotError(f"{path}: weights do not match the architecture in its metadata: "
-                            f"{str(e).splitlines()[0]}") from None
+    problem = state_mismatch(net, state)
+    if problem:
+        raise SnapshotError(f"{path}: weights do not match the architecture in its metadata ({problem})")
+    net.load_state_dict(state, strict=True, assign=True)
     for p in net.parameters():
         if p.dtype != torch.float32:
             p.data = p.data.float()

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ..utils.errors import EDM2Error
-from .denoiser import Denoiser
+from .denoiser import Denoiser, check_dropout, check_sigma_data
 from .layers import resample
 from .unet import check_architecture, unet_encode_decode, unet_layout
 
@@ -391,10 +391,8 @@ def _check_arguments(img_resolution, img_channels, label_dim, model_channels, ch
                 resolutions[level] in attn_resolutions or level == len(channel_mult) - 1):
             raise EDM2Error(f"channels_per_head={channels_per_head}: width {c} at {resolutions[level]}x"
                              f"{resolutions[level]} is not a multiple of it")
-    if not 0 <= dropout < 1:
-        raise EDM2Error(f"dropout={dropout!r}: must be in [0, 1)")
-    if not sigma_data > 0:
-        raise EDM2Error(f"sigma_data={sigma_data!r}: must be positive")
+    check_dropout("dropout", dropout)
+    check_sigma_data("sigma_data", sigma_data)
     if not isinstance(logvar_channels, int) or logvar_channels < 1:
         raise EDM2Error(f"logvar_channels={logvar_channels!r}: must be a positive integer")
     if clip_act is not None and not clip_act > 0:

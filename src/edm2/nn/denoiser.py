@@ -9,6 +9,9 @@ random numbers each layer draws when seeded.
 """
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 from ..utils.errors import EDM2Error
@@ -23,6 +26,22 @@ def check_precision(name: str, value: str) -> str:
     if value not in DTYPES:
         raise EDM2Error(f"{name}={value!r}: allowed: {', '.join(DTYPES)}")
     return value
+
+
+def check_sigma_data(name: str, value) -> float:
+    """`value` as a float if it is a finite number > 0 (sigma_data, the standard
+    deviation of the training data, paper Eqs. 4-7), else `EDM2Error` naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (math.isfinite(value) and value > 0):
+        raise EDM2Error(f"{name}={value!r}: must be a finite number > 0 (0.5 for images and the SD latents)")
+    return float(value)
+
+
+def check_dropout(name: str, value) -> float:
+    """`value` as a float if it is a dropout probability in [0, 1), else
+    `EDM2Error` naming `name`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < 1:
+        raise EDM2Error(f"{name}={value!r}: must be in [0, 1)")
+    return float(value)
 
 
 def set_precision(net: Denoiser, precision: str) -> None:
@@ -78,7 +97,18 @@ class Denoiser(torch.nn.Module):
         self.img_channels = img_channels
         self.label_dim = label_dim
         self.precision = check_precision("precision", precision)
-        self.sigma_data = sigma_data
+        self.sigma_data = check_sigma_data("sigma_data", sigma_data)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the weights are (diffusers' pipelines read `component.device`)."""
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the stored weights (diffusers' pipelines read `component.dtype`).
+        The U-Net computes in float32, or in `precision` on CUDA, whatever it is."""
+        return next(self.parameters()).dtype
 
     def compute_dtype(self, device: torch.device, force_fp32: bool = False) -> torch.dtype:
         """The dtype F runs in for input on `device`."""

@@ -14,6 +14,7 @@ folders from snapshots.
 from __future__ import annotations
 
 import inspect
+import json
 import os
 from pathlib import Path
 
@@ -60,6 +61,18 @@ class HubMixin(PyTorchModelHubMixin, library_name="edm2", paper_url=_PAPER, tags
         Keyword arguments: those of PyTorchModelHubMixin.from_pretrained
         (revision, cache_dir, local_files_only, token, ...), map_location."""
         src = str(pretrained_model_name_or_path)
+        if os.path.isfile(os.path.join(src, CONFIG_NAME)):
+            read_config(os.path.join(src, CONFIG_NAME))  # one line naming the file if it is not a JSON object
+        elif not looks_local(src):  # a Hub repo id: its config.json, into the cache the loading below reads
+            try:
+                path = hf_hub_download(repo_id=src, filename=CONFIG_NAME, revision=kwargs.get("revision"),
+                                       cache_dir=kwargs.get("cache_dir"), token=kwargs.get("token"),
+                                       force_download=kwargs.get("force_download", False),
+                                       local_files_only=kwargs.get("local_files_only", False))
+            except (OSError, ValueError):  # no such repo or file, offline: reported by the loading below
+                path = None
+            if path is not None:
+                read_config(path, shown=f"{src}/{CONFIG_NAME}")
         if not os.path.isdir(src) and looks_local(src):
             raise MissingFileError(f"{src}: no such folder (a model folder holds {CONFIG_NAME} and {WEIGHTS_NAME}; "
                                     f"write one with save_pretrained or `edm2 export --format hf`)")
@@ -71,6 +84,9 @@ class HubMixin(PyTorchModelHubMixin, library_name="edm2", paper_url=_PAPER, tags
     @classmethod
     def _from_pretrained(cls, *, model_id, revision, cache_dir, force_download, local_files_only, token,
                          config=None, map_location="cpu", **model_kwargs):
+        if config is not None and not isinstance(config, dict):
+            raise EDM2Error(f"{model_id}/{CONFIG_NAME}: holds a JSON {type(config).__name__}, not an object of "
+                             f"constructor arguments; write the folder again with save_pretrained")
         if not isinstance(config, dict):
             raise MissingFileError(f"{model_id}: no readable {CONFIG_NAME}; not a model folder or repository")
         unknown = sorted(set(config) - cls.config_fields())
@@ -104,15 +120,47 @@ def looks_local(src: str) -> bool:
             or os.sep in src.replace("/", ""))
 
 
+def read_config(path, shown=None) -> dict:
+    """A config.json as a dict; `EDM2Error` naming the file (as `shown`, default
+    its path) if it is not valid JSON or not an object."""
+    shown = path if shown is None else shown
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise EDM2Error(f"{shown}: not valid JSON ({e}); write the folder again with save_pretrained") from None
+    if not isinstance(config, dict):
+        raise EDM2Error(f"{shown}: holds a JSON {type(config).__name__}, not an object of constructor arguments; "
+                         f"write the folder again with save_pretrained")
+    return config
+
+
+def state_mismatch(model: torch.nn.Module, state: dict, show: int = 3) -> str | None:
+    """How a state dict differs from a model's in one line: the first `show`
+    missing and unexpected keys and shape mismatches, with their counts; None if
+    every key and shape matches."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {list(state[k].shape)} vs {list(own[k].shape)}" for k in own
+              if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    parts = []
+    for what, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch (file vs model)", shapes)):
+        if items:
+            more = f", ... ({len(items)} in all)" if len(items) > show else ""
+            parts.append(f"{what}: {', '.join(items[:show])}{more}")
+    return "; ".join(parts) or None
+
+
 def _load_weights(model: torch.nn.Module, path, device="cpu") -> None:
     try:
         state = load_file(str(path), device=str(device))
     except Exception as e:  # safetensors' own error types for truncated or foreign files
         raise EDM2Error(f"{path}: unreadable or truncated safetensors file ({type(e).__name__}: {e})") from None
-    try:
-        model.load_state_dict(state, strict=True, assign=True)
-    except RuntimeError as e:
-        raise EDM2Error(f"{path}: weights do not match {CONFIG_NAME} ({str(e).splitlines()[0]})") from None
+    problem = state_mismatch(model, state)
+    if problem:
+        raise EDM2Error(f"{path}: weights do not match {CONFIG_NAME} ({problem})")
+    model.load_state_dict(state, strict=True, assign=True)
     for p in model.parameters():
         if p.dtype != torch.float32:
             p.data = p.data.float()

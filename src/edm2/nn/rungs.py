@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from ..utils.errors import EDM2Error
-from .denoiser import Denoiser
+from .denoiser import Denoiser, check_dropout
 from .layers import MPConv, MPFourier, apply_weight, normalize, resample
 from .unet import Block, check_architecture, check_block, unet_encode_decode, unet_layout
 
@@ -281,6 +281,7 @@ class LadderPrecond(Denoiser):
     def __init__(self, img_resolution: int, img_channels: int, label_dim: int, config: str = "E",
                  precision: str = "fp16", sigma_data: float = 0.5, logvar_channels: int = 128, **unet_kwargs):
         super().__init__(img_resolution, img_channels, label_dim, precision=precision, sigma_data=sigma_data)
+        check_dropout("dropout", unet_kwargs.get("dropout", 0.1))
         rung = get_rung(config)
         self.config = rung.name
         self.unet = LadderUNet(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from ..utils.errors import EDM2Error
-from .denoiser import Denoiser
+from .denoiser import Denoiser, check_dropout
 from .hub import HubMixin
 from .layers import MPConv, MPFourier, mp_cat, mp_silu, mp_sum, normalize, resample
 
@@ -178,6 +178,7 @@ class Precond(Denoiser, HubMixin):
         if use_fp16 is not None:
             precision = "fp16" if use_fp16 else "fp32"
         super().__init__(img_resolution, img_channels, label_dim, precision=precision, sigma_data=sigma_data)
+        check_dropout("dropout", unet_kwargs.get("dropout", 0))
         self.unet = UNet(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim, **unet_kwargs)
         self.logvar_fourier = MPFourier(logvar_channels)
         self.logvar_linear = MPConv(logvar_channels, 1, kernel=[])

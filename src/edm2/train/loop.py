@@ -52,6 +52,7 @@ from ..io.snapshot import make_meta, run_fingerprint, save_snapshot, snapshot_co
 from ..loss import EDM2Loss, EDMLoss, learning_rate_schedule
 from ..nn import Precond, build_network, check_precision, force_normalize_
 from ..nn.adm import adm_net_kwargs
+from ..nn.denoiser import check_dropout
 from ..presets import RECIPES, get_preset
 from ..utils.distributed import configure_threads, init_distributed, resolve_device
 from ..utils.errors import EDM2Error
@@ -165,7 +166,6 @@ _RANGES = {"lr": (0, math.inf, False, "a finite number > 0"),
            "rampup_Mimg": (0, math.inf, True, "a finite number >= 0"),
            "P_mean": (-math.inf, math.inf, False, "a finite number"),
            "P_std": (0, math.inf, False, "a finite number > 0"),
-           "dropout": (0, 1, True, "in [0, 1)"),
            "loss_scaling": (0, math.inf, False, "a finite number > 0")}
 
 
@@ -180,6 +180,7 @@ def _check_values(config: TrainConfig, preset) -> dict:
             where = "" if given is not None else f" (from preset {preset.name})"
             raise EDM2Error(f"{name}={value}{where}: must be {must}")
         values[name] = value
+    values["dropout"] = check_dropout("dropout", float(_pick(config.dropout, preset.dropout)))
     check_precision("precision", config.precision)
     for name in ("seed", "workers", "grid", "threads", "channels", "dynamics", "dynamics_probe"):
         value = getattr(config, name)
