@@ -22,6 +22,8 @@ __all__ = ["edm_sampler", "sample_batch", "sigma_steps", "guided_denoiser", "See
 # edm_sampler's keyword arguments and their defaults (paper App. D.1), for the CLI and docs.
 SAMPLER_DEFAULTS = dict(num_steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0,
                         S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0)
+# Its other options: the solver and the guidance interval (None = guide every step).
+SOLVER_DEFAULTS = dict(solver="heun", guidance_interval=None)
 
 
 def sigma_steps(num_steps=32, sigma_min=0.002, sigma_max=80, rho=7, device=None) -> torch.Tensor:
@@ -99,6 +101,16 @@ def check_guidance_interval(guidance_interval):
     return lo, hi
 
 
+def check_solver_options(solver="heun", guidance_interval=None, S_churn=0.0) -> dict:
+    """Check `edm_sampler`'s solver and guidance_interval (and that churn fits the solver);
+    returns {'solver', 'guidance_interval'} normalised. `EDM2Error` names the argument."""
+    check_solver(solver)
+    if solver == "dpm++2m" and S_churn > 0:
+        raise EDM2Error(f"S_churn={S_churn:g}: solver='dpm++2m' is a deterministic multistep method and cannot "
+                        f"add churn noise; use S_churn=0, or solver='heun' / 'euler' for a stochastic sampler")
+    return dict(solver=solver, guidance_interval=check_guidance_interval(guidance_interval))
+
+
 def guided_step_mask(t_steps, guidance_interval) -> list[bool]:
     """Which steps are guided: step i is when sigma_lo < t_i <= sigma_hi, t_i its noise level
     before churn (Kynkäänniemi et al. 2024, Sec. 3). t_steps: `sigma_steps` (t_N = 0 included)."""
@@ -155,10 +167,7 @@ def edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_min=0.00
     opts = check_sampler_options(dict(num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
                                       S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise))
     num_steps, S_churn, S_min, S_max, S_noise = (opts[k] for k in ("num_steps", "S_churn", "S_min", "S_max", "S_noise"))
-    check_solver(solver)
-    if solver == "dpm++2m" and S_churn > 0:
-        raise EDM2Error(f"S_churn={S_churn:g}: solver='dpm++2m' is a deterministic multistep method and cannot "
-                        f"add churn noise; use S_churn=0, or solver='heun' / 'euler' for a stochastic sampler")
+    check_solver_options(solver, guidance_interval, S_churn)
     guided = guided_denoiser(net, gnet, guidance)
     plain = guided_denoiser(net)
     t_steps = sigma_steps(num_steps, sigma_min, sigma_max, rho, device=noise.device)
