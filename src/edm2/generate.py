@@ -303,6 +303,8 @@ def _manifest_diff(old: dict, new: dict) -> list[str]:
                 f"{json.dumps(old.get(key))[:40]} -> {json.dumps(new.get(key))[:40]}"
             out.append(f"{key} ({what})")
     old_s, new_s = old.get("sampler") or {}, new.get("sampler") or {}
+    # A missing solver / guidance_interval is its default (heun, every step guided).
+    old_s, new_s = {**SOLVER_DEFAULTS, **old_s}, {**SOLVER_DEFAULTS, **new_s}
     out += [f"{k}={old_s.get(k)} -> {new_s.get(k)}"
             for k in sorted(set(old_s) | set(new_s)) if old_s.get(k) != new_s.get(k)]
     return out

@@ -93,10 +93,10 @@ def check_guidance_interval(guidance_interval):
     try:
         lo, hi = (float(v) for v in text)
     except (TypeError, ValueError):
-        raise EDM2Error(f"guidance_interval={guidance_interval!r}: expected two noise levels LO,HI "
+        raise EDM2Error(f"guidance_interval={guidance_interval}: expected two noise levels LO,HI "
                         f"(guidance where LO < sigma <= HI), e.g. 0.28,1.61") from None
     if not (math.isfinite(lo) and lo >= 0 and hi >= lo and not math.isnan(hi)):
-        raise EDM2Error(f"guidance_interval={guidance_interval!r}: need 0 <= LO <= HI (HI may be inf), "
+        raise EDM2Error(f"guidance_interval={guidance_interval}: need 0 <= LO <= HI (HI may be inf), "
                         f"e.g. 0.28,1.61")
     return lo, hi
 
