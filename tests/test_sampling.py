@@ -305,3 +305,27 @@ def test_solver_refusals_and_callback():
         assert [c["i"] for c in seen] == list(range(5)) and torch.equal(seen[-1]["x"], x)
         assert set(seen[0]) == {"x", "i", "sigma", "sigma_hat", "denoised"}
         assert float(seen[0]["sigma"]) == pytest.approx(80)
+
+
+def test_sampler_nfe_benchmark_arguments_and_recommendation():
+    """benchmarks/sampler_nfe.py: its options, its points (Heun-32 always measured) and its pick."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).parents[1] / "benchmarks" / "sampler_nfe.py"
+    spec = importlib.util.spec_from_file_location("sampler_nfe_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.parse_args(["--net", "n", "--gnet", "g", "--guidance", "2", "--guidance-interval", "0.28,1.61",
+                             "--ref", "r", "--solvers", "euler,dpm++2m", "--steps", "8,16"])
+    assert args.guidance_interval == (0.28, 1.61)
+    pts = bench.points(args)
+    assert pts[0] == ("guided", "heun", 32) and ("interval", "dpm++2m", 16) in pts and len(pts) == 10
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--net", "n", "--ref", "r", "--solvers", "rk4"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--net", "n", "--ref", "r", "--guidance-interval", "0.28,1.61"])  # no guidance
+    rows = [dict(variant="unguided", solver=s, steps=n, nfe=sampler_nfe(s, n), guide_nfe=0, fd_classifier=fd,
+                 consistency=0.5, s_per_img=0.01 * sampler_nfe(s, n))
+            for s, n, fd in (("heun", 32, 10.0), ("euler", 8, 12.0), ("dpm++2m", 8, 10.4), ("dpm++2m", 16, 10.0))]
+    (line,) = bench.recommend(rows)
+    assert line.startswith("unguided: dpm++2m 8 steps, NFE 8") and "7.88x faster" in line
