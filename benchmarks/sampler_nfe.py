@@ -151,7 +151,8 @@ def recommend(rows: list[dict]) -> list[str]:
         ref = next(r for r in mine if (r["solver"], r["steps"]) == REFERENCE)
         ok = [r for r in mine if r["fd_classifier"] <= (1 + TOLERANCE) * ref["fd_classifier"]]
         best = min(ok, key=lambda r: (r["nfe"] + r["guide_nfe"], r["s_per_img"]))
-        out.append(f"{variant}: {best['solver']} {best['steps']} steps, NFE {best['nfe']} (+{best['guide_nfe']} guide), "
+        out.append(f"{variant}: {best['solver']} {best['steps']} steps, NFE {best['nfe']} "
+                   f"(+{best['guide_nfe']} guide), "
                    f"FD {best['fd_classifier']:.3f} vs Heun-32 {ref['fd_classifier']:.3f}; "
                    f"{best['s_per_img']:.4f} s/img vs Heun-32 {ref['s_per_img']:.4f} s/img "
                    f"({ref['s_per_img'] / best['s_per_img']:.2f}x faster)")
