@@ -260,6 +260,7 @@ def test_interval_presets_fill_in_the_interval_and_explicit_values_win():
     assert apply_generation_preset("img512-xxl-guid-interval-dino", guidance=2.0, guidance_interval="1,2")[2:] == (
         2.0, "1,2")
     assert apply_generation_preset("img512-s-guid-fid")[3] is None  # EDM2's presets guide every step
+    assert apply_generation_preset("img512-xxl-guid-interval-fid", guidance=1.0)[3] is None  # nothing to limit
     assert apply_generation_preset(None, "a", None, None, None) == ("a", None, None, None)
 
 
@@ -292,4 +293,7 @@ def test_solver_and_guidance_interval_in_generate(snaps, tmp_path):
     with pytest.raises(EDM2Error, match="guidance_interval="):
         generate_to_dir(net, encoder, [0], tmp_path / "x", num_steps=2, gnet=net, guidance=2,
                         guidance_interval=(3, 1), progress=False)
+    with pytest.raises(EDM2Error, match="guidance_interval=0.28,1.61: there is no guidance to limit"):
+        generate_to_dir(net, encoder, [0], tmp_path / "x", num_steps=2, guidance_interval=(0.28, 1.61),
+                        progress=False)
     assert not (tmp_path / "x").exists()

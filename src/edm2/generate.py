@@ -108,8 +108,8 @@ def check_request(net, gnet, guidance: float, class_idx, sampler_kwargs: dict) -
     """Check guidance, class and sampler options of a generation request
     (`EDM2Error`); returns every numeric sampler option, defaults filled in, plus
     `solver` and `guidance_interval` where they differ from the defaults (Heun, every
-    step guided; the interval is dropped when guidance == 1, where it changes nothing),
-    so folders made before these options existed keep their generate.json."""
+    step guided), so folders made before these options existed keep their generate.json.
+    An interval without guidance (guidance == 1) is refused: it would change nothing."""
     check_guide(net, gnet, guidance)
     check_class(net, class_idx)
     unknown = set(sampler_kwargs) - set(SAMPLER_DEFAULTS) - set(SOLVER_DEFAULTS)
@@ -119,9 +119,7 @@ def check_request(net, gnet, guidance: float, class_idx, sampler_kwargs: dict) -
     numeric = check_sampler_options({**SAMPLER_DEFAULTS, **{k: v for k, v in sampler_kwargs.items()
                                                              if k in SAMPLER_DEFAULTS}})
     extra = check_solver_options(sampler_kwargs.get("solver", "heun"), sampler_kwargs.get("guidance_interval"),
-                                 numeric["S_churn"])
-    if guidance == 1:
-        extra["guidance_interval"] = None
+                                 numeric["S_churn"], guidance)
     return {**numeric, **{k: v for k, v in extra.items() if v != SOLVER_DEFAULTS[k]}}
 
 

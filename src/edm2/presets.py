@@ -386,5 +386,6 @@ def apply_generation_preset(name: str | None, net=None, gnet=None, guidance=None
         preset = get_generation_preset(name)
         net, gnet = net or preset.net, gnet or preset.gnet
         guidance = preset.guidance if guidance is None else guidance
-        guidance_interval = preset.guidance_interval if guidance_interval is None else guidance_interval
+        if guidance_interval is None and guidance != 1:  # the interval only means something when guided
+            guidance_interval = preset.guidance_interval
     return net, gnet, guidance, guidance_interval

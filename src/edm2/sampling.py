@@ -101,14 +101,19 @@ def check_guidance_interval(guidance_interval):
     return lo, hi
 
 
-def check_solver_options(solver="heun", guidance_interval=None, S_churn=0.0) -> dict:
-    """Check `edm_sampler`'s solver and guidance_interval (and that churn fits the solver);
+def check_solver_options(solver="heun", guidance_interval=None, S_churn=0.0, guidance=None) -> dict:
+    """Check `edm_sampler`'s solver and guidance_interval (and that churn fits the solver;
+    with `guidance` given, that an interval has guidance to limit, guidance != 1);
     returns {'solver', 'guidance_interval'} normalised. `EDM2Error` names the argument."""
     check_solver(solver)
     if solver == "dpm++2m" and S_churn > 0:
         raise EDM2Error(f"S_churn={S_churn:g}: solver='dpm++2m' is a deterministic multistep method and cannot "
                         f"add churn noise; use S_churn=0, or solver='heun' / 'euler' for a stochastic sampler")
-    return dict(solver=solver, guidance_interval=check_guidance_interval(guidance_interval))
+    interval = check_guidance_interval(guidance_interval)
+    if interval is not None and guidance == 1:
+        raise EDM2Error(f"guidance_interval={interval[0]:g},{interval[1]:g}: there is no guidance to limit "
+                        f"(guidance=1); give `guidance` != 1 with `gnet`, or drop `guidance_interval`")
+    return dict(solver=solver, guidance_interval=interval)
 
 
 def guided_step_mask(t_steps, guidance_interval) -> list[bool]:

@@ -93,7 +93,7 @@ def _checked_args(args) -> dict:
     if args.grid_count < 1:
         raise EDM2Error(f"--grid-count {args.grid_count}: must be >= 1")
     sampler = check_sampler_options({name: getattr(args, name) for name in SAMPLER_DEFAULTS})
-    sampler.update(check_solver_options(args.solver, args.guidance_interval, sampler["S_churn"]))
+    sampler.update(check_solver_options(args.solver, args.guidance_interval, sampler["S_churn"], guidance))
     return dict(seeds=seeds, guidance=guidance, class_idx=_class(args.class_idx), sampler=sampler)
 
 

@@ -181,7 +181,7 @@ def run_gen(args) -> int:
         raise EDM2Error("--net is required: a snapshot file, run folder or .pkl (or give --preset)")
     args.guidance = 1.0 if args.guidance is None else args.guidance
     check_guidance(args.guidance, args.gnet)
-    solver_opts = check_solver_options(args.solver, args.guidance_interval)
+    solver_opts = check_solver_options(args.solver, args.guidance_interval, guidance=args.guidance)
     ref = load_ref(args.ref)
     metrics = resolve_metrics(args.metrics, ref, args.ref)
     rank, world = _start()
@@ -197,7 +197,7 @@ def run_gen(args) -> int:
         shutdown_distributed()
     source = {"net": str(args.net), "gnet": args.gnet and str(args.gnet), "guidance": args.guidance,
               "solver": args.solver, "num_steps": args.num_steps}
-    if solver_opts["guidance_interval"] is not None and args.guidance != 1:
+    if solver_opts["guidance_interval"] is not None:
         source["guidance_interval"] = list(solver_opts["guidance_interval"])
     _report(results, seeds, num, args.jsonl, source, args.ref, rank)
     return 0

@@ -127,6 +127,8 @@ def sweep(rundir, sigma_rels, ref, outdir=None, at_nimg=None, metrics=None, num:
     ws = list(dict.fromkeys(parse_float_list(guidance, "guidance")))
     for w in ws:
         check_guidance(w, gnet)
+    if "solver" in sampler_kwargs:  # one solver given as gen_metrics takes it
+        solvers = [sampler_kwargs.pop("solver")]
     if steps is None:
         steps = [sampler_kwargs.pop("num_steps", 32)]
     elif "num_steps" in sampler_kwargs:
