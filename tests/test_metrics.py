@@ -17,8 +17,9 @@ from PIL import Image
 from edm2.cli import main
 from edm2.generate import generate_to_dir, load_nets
 from edm2.io.snapshot import snapshot_name
-from edm2.metrics import FeatureStats, calc_metrics, frechet_distance, gen_metrics, load_ref
+from edm2.metrics import FeatureStats, calc_metrics, frechet_distance, gen_metrics, load_ref, sweep
 from edm2.metrics.detectors import TinyDetector
+from edm2.utils.errors import EDM2Error
 from helpers import write_ema_run, write_snapshot
 
 STEPS = 2        # sampler steps: the pipeline, not image quality, is under test
@@ -237,6 +238,14 @@ def test_sweep_solvers_and_steps_against_network_evaluations(files, tmp_path, ca
     with Image.open(out / "sweep.png") as png:
         assert png.format == "PNG"
     assert "evaluations)" in capsys.readouterr().out
+    # An interval with no guided point, or dpm++2m with churn: refused before anything is written.
+    assert "there is no guidance to limit" in _cli_error(
+        ["sweep", "--rundir", str(run), "--std", "0.08", "--ref", str(files["ref"]), "--num", "4",
+         "--guidance-interval", "0.5,20", "--outdir", str(tmp_path / "s2")], capsys)
+    assert not (tmp_path / "s2").exists()
+    with pytest.raises(EDM2Error, match="S_churn=1: solver='dpm"):
+        sweep(run, "0.08", files["ref"], outdir=tmp_path / "s3", num=4, solvers="heun,dpm++2m", S_churn=1)
+    assert not (tmp_path / "s3").exists()
 
 
 # ---------------------------------------------------------------------------

@@ -220,7 +220,7 @@ def run_sweep(args) -> int:
         check_sampler_options({"num_steps": n})
     solvers = list(dict.fromkeys(v.strip() for v in args.solver.split(",")))
     for solver in solvers:
-        check_solver_options(solver, args.guidance_interval)
+        check_solver_options(solver, args.guidance_interval, guidance=1 if all(w == 1 for w in guidance) else None)
     at_nimg = None if args.at_nimg is None else parse_nimg(args.at_nimg, "at_nimg")
     rank, world = _start()
     try:

@@ -138,8 +138,9 @@ def sweep(rundir, sigma_rels, ref, outdir=None, at_nimg=None, metrics=None, num:
     check_sampler_options(sampler_kwargs)
     for n in steps:
         check_sampler_options({"num_steps": n})
-    for solver in solvers:
-        check_solver_options(solver, guidance_interval, sampler_kwargs.get("S_churn", 0.0))
+    for solver in solvers:  # an interval needs a guided point (it applies to those with guidance != 1)
+        check_solver_options(solver, guidance_interval, sampler_kwargs.get("S_churn", 0.0),
+                             guidance=1 if all(w == 1 for w in ws) else None)
     ref_path, ref = (ref, load_ref(ref)) if not isinstance(ref, dict) else ("REF", ref)
     metrics = resolve_metrics(metrics, ref, ref_path)
     outdir = Path(outdir) if outdir is not None else Path(rundir) / "sweep"
