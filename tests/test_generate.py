@@ -232,16 +232,68 @@ def test_list_presets_prints_the_published_table_and_needs_no_other_option(capsy
         main(["generate", "--list-presets"])  # no --outdir: the listing exits before the required-option check
     assert exit_info.value.code == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].split() == ["preset", "guidance", "tuned", "for", "reported", "net", "gnet"]
-    assert len(lines) == 1 + len(GENERATION_PRESETS) + 1
-    rows = {line.split()[0]: line.split() for line in lines[1:-1]}
+    assert lines[0].split() == ["preset", "guidance", "interval", "tuned", "for", "reported", "net", "gnet"]
+    notes = [p for p in GENERATION_PRESETS.values() if p.description]
+    assert len(lines) == 1 + len(GENERATION_PRESETS) + 1 + len(notes)
+    rows = {line.split()[0]: line.split() for line in lines[1:1 + len(GENERATION_PRESETS)]}
     assert set(rows) == set(GENERATION_PRESETS)
-    assert rows["edm2-img512-s-guid-dino"] == ["edm2-img512-s-guid-dino", "1.9", "FD_DINOv2", "52.32",
+    assert rows["edm2-img512-s-guid-dino"] == ["edm2-img512-s-guid-dino", "1.9", "-", "FD_DINOv2", "52.32",
                                                "edm2-img512-s-2147483-0.085", "edm2-img512-xs-uncond-2147483-0.085"]
-    assert rows["edm2-img64-xl-fid"] == ["edm2-img64-xl-fid", "1", "FID", "1.33", "edm2-img64-xl-0671088-0.040", "-"]
-    assert lines[-1] == f"(files: {POSTHOC_URL}/NAME.pkl)"
-    # The documentation's Markdown form has the same rows.
+    assert rows["edm2-img64-xl-fid"] == ["edm2-img64-xl-fid", "1", "-", "FID", "1.33", "edm2-img64-xl-0671088-0.040",
+                                         "-"]
+    assert rows["edm2-img512-xxl-guid-interval-fid"][1:5] == ["2", "0.28,1.61", "FID", "1.4"]
+    assert rows["edm2-img512-xxl-guid-interval-dino"][1:5] == ["2.9", "0.6,5", "FD_DINOv2", "-"]
+    assert lines[1 + len(GENERATION_PRESETS)] == f"(files: {POSTHOC_URL}/NAME.pkl)"
+    assert all("EMA lengths" in line for line in lines[2 + len(GENERATION_PRESETS):])
+    # The documentation's Markdown form has the same rows, then the notes.
     md = format_generation_presets(markdown=True).splitlines()
-    assert len(md) == 2 + len(GENERATION_PRESETS)
-    assert "| `edm2-img512-xxl-autog-fid` | 2.05 | FID | 1.25 | `edm2-img512-xxl-0939524-0.075` | " \
+    assert len(md) == 2 + len(GENERATION_PRESETS) + 1 + len(notes)
+    assert "| `edm2-img512-xxl-autog-fid` | 2.05 | - | FID | 1.25 | `edm2-img512-xxl-0939524-0.075` | " \
            "`edm2-img512-m-0268435-0.155` |" in md
+
+
+def test_interval_presets_fill_in_the_interval_and_explicit_values_win():
+    from edm2.presets import apply_generation_preset
+    net, gnet, w, interval = apply_generation_preset("img512-xxl-guid-interval-fid")
+    assert (w, interval) == (2.0, (0.28, 1.61)) and net.endswith("edm2-img512-xxl-0939524-0.015.pkl")
+    assert gnet.endswith("edm2-img512-xs-uncond-2147483-0.015.pkl")
+    assert apply_generation_preset("img512-xxl-guid-interval-dino", guidance=2.0, guidance_interval="1,2")[2:] == (
+        2.0, "1,2")
+    assert apply_generation_preset("img512-s-guid-fid")[3] is None  # EDM2's presets guide every step
+    assert apply_generation_preset("img512-xxl-guid-interval-fid", guidance=1.0)[3] is None  # nothing to limit
+    assert apply_generation_preset(None, "a", None, None, None) == ("a", None, None, None)
+
+
+def test_solver_and_guidance_interval_in_generate(snaps, tmp_path):
+    base = ["generate", "--net", str(snaps["cond"]), "--seeds", "0-1", "--steps", STEPS, "--class", "1",
+            "--gnet", str(snaps["uncond"]), "--guidance", "3"]
+    main(base + ["--outdir", str(tmp_path / "heun")])
+    main(base + ["--outdir", str(tmp_path / "dpm"), "--solver", "dpm++2m"])
+    main(base + ["--outdir", str(tmp_path / "all"), "--guidance-interval", "0,inf"])
+    main(base + ["--outdir", str(tmp_path / "none"), "--guidance-interval", "100,200"])
+    main(base[:-4] + ["--outdir", str(tmp_path / "plain")])
+    heun, dpm, full, none, plain = (read_pngs(tmp_path / d) for d in ("heun", "dpm", "all", "none", "plain"))
+    for name in heun:
+        assert np.array_equal(heun[name], full[name])   # (0, inf): every step guided
+        assert np.array_equal(none[name], plain[name])  # no step in the interval: unguided
+        assert np.abs(heun[name].astype(int) - dpm[name].astype(int)).max() > 5
+    # generate.json records the solver and interval only when they are not the defaults, so
+    # folders made before these options resume; another solver in the same folder is refused.
+    import json
+    assert "solver" not in json.loads((tmp_path / "heun" / "generate.json").read_text())["sampler"]
+    manifest = json.loads((tmp_path / "all" / "generate.json").read_text())["sampler"]
+    assert manifest["guidance_interval"] == [0.0, "inf"]
+    assert json.loads((tmp_path / "dpm" / "generate.json").read_text())["sampler"]["solver"] == "dpm++2m"
+    main(base + ["--outdir", str(tmp_path / "all"), "--guidance-interval", "0,inf"])  # resumes
+    with pytest.raises(SystemExit):
+        main(base + ["--outdir", str(tmp_path / "heun"), "--solver", "euler"])
+    net, _, encoder, _ = load_nets(snaps["cond"], device="cpu")
+    with pytest.raises(EDM2Error, match="S_churn=1: solver='dpm"):
+        generate_to_dir(net, encoder, [0], tmp_path / "x", num_steps=2, solver="dpm++2m", S_churn=1, progress=False)
+    with pytest.raises(EDM2Error, match="guidance_interval="):
+        generate_to_dir(net, encoder, [0], tmp_path / "x", num_steps=2, gnet=net, guidance=2,
+                        guidance_interval=(3, 1), progress=False)
+    with pytest.raises(EDM2Error, match="guidance_interval=0.28,1.61: there is no guidance to limit"):
+        generate_to_dir(net, encoder, [0], tmp_path / "x", num_steps=2, guidance_interval=(0.28, 1.61),
+                        progress=False)
+    assert not (tmp_path / "x").exists()

@@ -17,8 +17,9 @@ from PIL import Image
 from edm2.cli import main
 from edm2.generate import generate_to_dir, load_nets
 from edm2.io.snapshot import snapshot_name
-from edm2.metrics import FeatureStats, calc_metrics, frechet_distance, gen_metrics, load_ref
+from edm2.metrics import FeatureStats, calc_metrics, frechet_distance, gen_metrics, load_ref, sweep
 from edm2.metrics.detectors import TinyDetector
+from edm2.utils.errors import EDM2Error
 from helpers import write_ema_run, write_snapshot
 
 STEPS = 2        # sampler steps: the pipeline, not image quality, is under test
@@ -217,6 +218,34 @@ def test_sweep_two_points_with_guidance_writes_csv_and_png(files, tmp_path, caps
     assert _cli_error(["sweep", "--rundir", str(run), "--std", "0.06", "--ref", str(files["ref"]), "--num", "6",
                        "--outdir", str(out)], capsys) .endswith(
         "a sweep was already written there; choose another --outdir")
+
+
+def test_sweep_solvers_and_steps_against_network_evaluations(files, tmp_path, capsys):
+    run = write_ema_run(tmp_path / "run", times=(64, 128), step=0.3)
+    out = tmp_path / "sweep"
+    assert main(["sweep", "--rundir", str(run), "--std", "0.08", "--ref", str(files["ref"]), "--num", "4",
+                 "--gnet", str(files["ugnet"]), "--guidance", "1.5", "--guidance-interval", "0.5,20",
+                 "--solver", "heun,euler,dpm++2m", "--steps", "2,3", "--outdir", str(out)]) == 0
+    with open(out / "sweep.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0])[:5] == ["ema_std", "guidance", "solver", "steps", "nfe"]
+    assert [(r["solver"], int(r["steps"]), int(r["nfe"])) for r in rows] == [
+        ("heun", 2, 3), ("heun", 3, 5), ("euler", 2, 2), ("euler", 3, 3), ("dpm++2m", 2, 2), ("dpm++2m", 3, 3)]
+    # Each row is what gen_metrics gives for that solver, steps and interval.
+    one = gen_metrics(out / snapshot_name(128, 0.08), files["ref"], gnet=files["ugnet"], guidance=1.5, num=4,
+                      progress=False, solver="dpm++2m", num_steps=3, guidance_interval=(0.5, 20))
+    assert float(rows[-1]["fd_tiny"]) == pytest.approx(one["fd_tiny"], rel=1e-9)
+    with Image.open(out / "sweep.png") as png:
+        assert png.format == "PNG"
+    assert "evaluations)" in capsys.readouterr().out
+    # An interval with no guided point, or dpm++2m with churn: refused before anything is written.
+    assert "there is no guidance to limit" in _cli_error(
+        ["sweep", "--rundir", str(run), "--std", "0.08", "--ref", str(files["ref"]), "--num", "4",
+         "--guidance-interval", "0.5,20", "--outdir", str(tmp_path / "s2")], capsys)
+    assert not (tmp_path / "s2").exists()
+    with pytest.raises(EDM2Error, match="S_churn=1: solver='dpm"):
+        sweep(run, "0.08", files["ref"], outdir=tmp_path / "s3", num=4, solvers="heun,dpm++2m", S_churn=1)
+    assert not (tmp_path / "s3").exists()
 
 
 # ---------------------------------------------------------------------------

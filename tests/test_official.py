@@ -309,7 +309,7 @@ def test_download_to_cache_and_offline_error(tiny, tmp_path):
 def test_generation_presets():
     from edm2.presets import GENERATION_PRESETS, POSTHOC_URL, get_generation_preset
 
-    assert len(GENERATION_PRESETS) == 36
+    assert len(GENERATION_PRESETS) == 38  # EDM2's 36, and the two guidance-interval settings
     p = get_generation_preset("edm2-img512-s-guid-dino")
     assert (p.net, p.gnet, p.guidance) == (f"{POSTHOC_URL}/edm2-img512-s-2147483-0.085.pkl",
                                            f"{POSTHOC_URL}/edm2-img512-xs-uncond-2147483-0.085.pkl", 1.9)

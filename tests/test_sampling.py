@@ -7,7 +7,17 @@ import torch
 
 from edm2.nn import Precond
 from edm2.presets import get_preset
-from edm2.sampling import SeedRandom, check_guidance, edm_sampler, guided_denoiser, sigma_steps
+from edm2.sampling import (
+    SOLVERS,
+    SeedRandom,
+    check_guidance,
+    edm_sampler,
+    guided_denoiser,
+    guided_step_mask,
+    sample_batch,
+    sampler_nfe,
+    sigma_steps,
+)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -166,3 +176,156 @@ def test_check_guidance_is_the_one_rule():
     net = lambda x, t, labels: x  # noqa: E731
     with pytest.raises(ValueError, match="guidance=1.5: needs `gnet`"):
         guided_denoiser(net, None, 1.5)
+
+
+# ---------------------------------------------------------------------------
+# Guidance interval (Kynkäänniemi et al. 2024), solvers, callback, NFE.
+# ---------------------------------------------------------------------------
+
+def heun_before_solvers(net, noise, labels, gnet, guidance, num_steps, S_churn, randn_like):
+    """The Heun sampler as it was before solvers and the guidance interval were added
+    (EDM Alg. 2), for the bit-for-bit check of the defaults."""
+    denoise = guided_denoiser(net, gnet, guidance)
+    t_steps = sigma_steps(num_steps)
+    gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_churn > 0 else 0.0
+    x_next = noise.to(torch.float32) * t_steps[0]
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        x_cur = x_next
+        if gamma > 0:
+            t_hat = t_cur + gamma * t_cur
+            x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * randn_like(x_cur)
+        else:
+            t_hat, x_hat = t_cur, x_cur
+        d_cur = (x_hat - denoise(x_hat, t_hat, labels)) / t_hat
+        x_next = x_hat + (t_next - t_hat) * d_cur
+        if i < num_steps - 1:
+            d_prime = (x_next - denoise(x_next, t_next, labels)) / t_next
+            x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+    return x_next
+
+
+def test_defaults_reproduce_the_heun_sampler_bit_for_bit():
+    net, guide = tiny_net(seed=0), tiny_net(seed=1)
+    noise = torch.randn([2, 1, 16, 16], generator=torch.Generator().manual_seed(3))
+    labels = torch.eye(3)[:2]
+    for w, churn in ((1.0, 0.0), (2.0, 0.0), (2.0, 3.0)):
+        rnd_a, rnd_b = SeedRandom([1, 2]), SeedRandom([1, 2])
+        old = heun_before_solvers(net, noise, labels, guide, w, 5, churn, rnd_a.randn_like)
+        new = edm_sampler(net, noise, labels, gnet=guide, guidance=w, num_steps=5, S_churn=churn,
+                          randn_like=rnd_b.randn_like)
+        assert torch.equal(old, new)
+
+
+def test_published_interval_selects_steps_17_to_22():
+    # The published form [17, 22] (inclusive step indices) at 32 steps, rho 7,
+    # sigma 0.002-80 is the noise-level interval (0.28, 1.61]; FD_DINOv2's [13, 19] is (0.6, 5.0].
+    t = sigma_steps(32, 0.002, 80, 7)
+    assert [i for i, m in enumerate(guided_step_mask(t, (0.28, 1.61))) if m] == list(range(17, 23))
+    assert [i for i, m in enumerate(guided_step_mask(t, "0.6,5.0")) if m] == list(range(13, 20))
+
+
+def test_guidance_interval_full_empty_and_guide_calls():
+    net, guide = tiny_net(seed=0), Counting(tiny_net(seed=1))
+    noise = torch.randn([2, 1, 16, 16], generator=torch.Generator().manual_seed(0))
+    labels = torch.eye(3)[:2]
+    for solver in SOLVERS:
+        kw = dict(num_steps=6, solver=solver)
+        plain = edm_sampler(net, noise, labels, **kw)
+        guided = edm_sampler(net, noise, labels, gnet=guide, guidance=2.0, **kw)
+        # (0, inf) contains every step: plain guidance, bit for bit.
+        full = edm_sampler(net, noise, labels, gnet=guide, guidance=2.0, guidance_interval=(0, float("inf")), **kw)
+        assert torch.equal(full, guided) and not torch.equal(guided, plain)
+        # An interval with no step in it: unguided sampling, and the guide is never called.
+        for empty in ((100.0, 200.0), (1.0, 1.0)):
+            guide.calls = 0
+            out = edm_sampler(net, noise, labels, gnet=guide, guidance=2.0, guidance_interval=empty, **kw)
+            assert torch.equal(out, plain) and guide.calls == 0
+        # Only the steps inside the interval call the guide, in all their evaluations.
+        t = sigma_steps(6)
+        interval = (float(t[3]) - 1e-3, float(t[1]))  # steps 1, 2, 3
+        guide.calls = 0
+        edm_sampler(net, noise, labels, gnet=guide, guidance=2.0, guidance_interval=interval, **kw)
+        expected = sampler_nfe(solver, 6, guide=True, guidance_interval=interval) - sampler_nfe(solver, 6)
+        assert guide.calls == expected == (6 if solver == "heun" else 3)
+
+
+def test_sampler_nfe_counts():
+    assert [sampler_nfe(s, 32) for s in SOLVERS] == [63, 32, 32]
+    assert sampler_nfe("heun", 1) == 1
+    assert sampler_nfe("heun", 32, guide=True) == 126 and sampler_nfe("euler", 8, guide=True) == 16
+    assert sampler_nfe("heun", 32, guide=True, guidance_interval=(0.28, 1.61)) == 63 + 12
+    with pytest.raises(ValueError, match="solver='rk4'"):
+        sampler_nfe("rk4", 8)
+
+
+@pytest.mark.parametrize("solver, order", [("euler", 1), ("heun", 2), ("dpm++2m", 2)])
+def test_solver_order_of_convergence_on_gaussian(solver, order):
+    # Data N(0, s^2): D(x, sigma) = x s^2 / (s^2 + sigma^2), and the probability-flow ODE's
+    # exact solution is x(sigma) = x_T sqrt(s^2 + sigma^2) / sqrt(s^2 + sigma_T^2).
+    s = 0.5
+    noise = torch.randn([500, 1, 1, 1], generator=torch.Generator().manual_seed(0))
+    err = []
+    for n in (16, 32, 64):
+        t0 = float(sigma_steps(n)[0])
+        exact = noise.double() * t0 * s / math.sqrt(s ** 2 + t0 ** 2)
+        x = edm_sampler(lambda x, t, labels: x * s ** 2 / (s ** 2 + t ** 2), noise, num_steps=n, solver=solver)
+        err.append((x.double() - exact).abs().max().item())
+    slopes = [math.log2(a / b) for a, b in zip(err[:-1], err[1:])]
+    assert all(abs(k - order) < 0.35 for k in slopes), slopes
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_solvers_are_per_seed_with_guidance_and_interval(solver):
+    net, guide = tiny_net(seed=0), tiny_net(label_dim=0, seed=1)
+    guide.img_channels = net.img_channels
+    churn = {} if solver == "dpm++2m" else dict(S_churn=2.0)
+    kw = dict(gnet=guide, guidance=1.5, num_steps=4, solver=solver, guidance_interval=(0.5, 20.0), **churn)
+    batch, _, classes = sample_batch(net, None, SeedRandom([4, 9, 11]), **kw)
+    alone, _, one_class = sample_batch(net, None, SeedRandom([9]), **kw)
+    assert torch.equal(classes[1:2], one_class)
+    assert torch.allclose(batch[1:2], alone, rtol=1e-4, atol=1e-4)  # batch size changes float rounding only
+    uncond = tiny_net(label_dim=0, seed=2)
+    out = sample_batch(uncond, None, SeedRandom([1, 2]), gnet=guide, guidance=2.0, num_steps=3, solver=solver)[0]
+    assert out.shape == (2, uncond.img_channels, 16, 16) and torch.isfinite(out).all()
+
+
+def test_solver_refusals_and_callback():
+    noise = torch.randn([2, 1, 2, 2])
+    D = lambda x, t, labels: 0.5 * x  # noqa: E731
+    with pytest.raises(ValueError, match="S_churn=1: solver='dpm\\+\\+2m'"):
+        edm_sampler(D, noise, solver="dpm++2m", S_churn=1)
+    with pytest.raises(ValueError, match="solver='ddim': unknown"):
+        edm_sampler(D, noise, solver="ddim")
+    for bad in ((2.0, 1.0), (-1, 2), "0.3", (0.1, float("nan"))):
+        with pytest.raises(ValueError, match="guidance_interval="):
+            edm_sampler(D, noise, guidance_interval=bad)
+    for solver in SOLVERS:
+        seen = []
+        x = edm_sampler(D, noise, num_steps=5, solver=solver, callback=seen.append)
+        assert [c["i"] for c in seen] == list(range(5)) and torch.equal(seen[-1]["x"], x)
+        assert set(seen[0]) == {"x", "i", "sigma", "sigma_hat", "denoised"}
+        assert float(seen[0]["sigma"]) == pytest.approx(80)
+
+
+def test_sampler_nfe_benchmark_arguments_and_recommendation():
+    """benchmarks/sampler_nfe.py: its options, its points (Heun-32 always measured) and its pick."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).parents[1] / "benchmarks" / "sampler_nfe.py"
+    spec = importlib.util.spec_from_file_location("sampler_nfe_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = bench.parse_args(["--net", "n", "--gnet", "g", "--guidance", "2", "--guidance-interval", "0.28,1.61",
+                             "--ref", "r", "--solvers", "euler,dpm++2m", "--steps", "8,16"])
+    assert args.guidance_interval == (0.28, 1.61)
+    pts = bench.points(args)
+    assert pts[0] == ("guided", "heun", 32) and ("interval", "dpm++2m", 16) in pts and len(pts) == 10
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--net", "n", "--ref", "r", "--solvers", "rk4"])
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--net", "n", "--ref", "r", "--guidance-interval", "0.28,1.61"])  # no guidance
+    rows = [dict(variant="unguided", solver=s, steps=n, nfe=sampler_nfe(s, n), guide_nfe=0, fd_classifier=fd,
+                 consistency=0.5, s_per_img=0.01 * sampler_nfe(s, n))
+            for s, n, fd in (("heun", 32, 10.0), ("euler", 8, 12.0), ("dpm++2m", 8, 10.4), ("dpm++2m", 16, 10.0))]
+    (line,) = bench.recommend(rows)
+    assert line.startswith("unguided: dpm++2m 8 steps, NFE 8") and "7.88x faster" in line

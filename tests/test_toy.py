@@ -100,6 +100,18 @@ def test_exact_denoiser_sampling_reproduces_mixture():
     s2, path = sample_toy(g, 16, seed=3, num_steps=8, trajectories=True)
     assert path.shape == (9, 16, 2)
     assert torch.equal(path[-1], s2) and torch.allclose(path[0], 5 * toy_noise(16, seed=3))
+    # The path is the sampler's own states (per-step callback): the same as recording the
+    # main net's input at each step's first evaluation, with any solver.
+    for solver in ("heun", "dpm++2m"):
+        seen = {}
+
+        def recording(x, sigma, labels=None):
+            seen.setdefault(float(sigma), []).append(x.clone())
+            return g(x, sigma, labels)
+        s3, path3 = sample_toy(g, 16, seed=3, num_steps=8, trajectories=True, solver=solver)
+        sample_toy(recording, 16, seed=3, num_steps=8, solver=solver)
+        firsts = [seen[t][-1] for t in sorted(seen, reverse=True)]
+        assert all(torch.equal(a, b) for a, b in zip(path3[:-1], firsts)) and len(firsts) == 8
 
 
 def test_toynet_preconditioning_and_denoiser():

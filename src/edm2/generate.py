@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 from .encoders import encoder_from_meta
 from .io.loading import load_network
-from .sampling import SAMPLER_DEFAULTS, SeedRandom, check_guidance, sample_batch
+from .sampling import SAMPLER_DEFAULTS, SOLVER_DEFAULTS, SeedRandom, check_guidance, check_solver_options, sample_batch
 from .utils.distributed import rank_world, resolve_device
 from .utils.errors import EDM2Error
 from .utils.fileio import RunLock, atomic_write_bytes, png_bytes
@@ -106,13 +106,21 @@ def check_class(net, class_idx) -> None:
 
 def check_request(net, gnet, guidance: float, class_idx, sampler_kwargs: dict) -> dict:
     """Check guidance, class and sampler options of a generation request
-    (`EDM2Error`); returns every sampler option, defaults filled in."""
+    (`EDM2Error`); returns every numeric sampler option, defaults filled in, plus
+    `solver` and `guidance_interval` where they differ from the defaults (Heun, every
+    step guided), so folders made before these options existed keep their generate.json.
+    An interval without guidance (guidance == 1) is refused: it would change nothing."""
     check_guide(net, gnet, guidance)
     check_class(net, class_idx)
-    unknown = set(sampler_kwargs) - set(SAMPLER_DEFAULTS)
+    unknown = set(sampler_kwargs) - set(SAMPLER_DEFAULTS) - set(SOLVER_DEFAULTS)
     if unknown:
-        raise EDM2Error(f"unknown sampler options {sorted(unknown)}; allowed: {', '.join(SAMPLER_DEFAULTS)}")
-    return check_sampler_options({**SAMPLER_DEFAULTS, **sampler_kwargs})
+        raise EDM2Error(f"unknown sampler options {sorted(unknown)}; allowed: "
+                        f"{', '.join([*SAMPLER_DEFAULTS, *SOLVER_DEFAULTS])}")
+    numeric = check_sampler_options({**SAMPLER_DEFAULTS, **{k: v for k, v in sampler_kwargs.items()
+                                                             if k in SAMPLER_DEFAULTS}})
+    extra = check_solver_options(sampler_kwargs.get("solver", "heun"), sampler_kwargs.get("guidance_interval"),
+                                 numeric["S_churn"], guidance)
+    return {**numeric, **{k: v for k, v in extra.items() if v != SOLVER_DEFAULTS[k]}}
 
 
 def rank_batches(seeds, batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
@@ -177,7 +185,9 @@ def generate_images(net, encoder, seeds, gnet=None, guidance: float = 1, class_i
     rank, world_size: which share of the seeds to make (`rank_batches`);
         default: this process's place in torch.distributed, or 0 of 1.
     sampler_kwargs: edm_sampler's num_steps, sigma_min, sigma_max, rho,
-        S_churn, S_min, S_max, S_noise.
+        S_churn, S_min, S_max, S_noise, solver ('heun', 'euler', 'dpm++2m') and
+        guidance_interval ((sigma_lo, sigma_hi): guide only the steps with
+        sigma_lo < t_i <= sigma_hi; docs/sampling.md).
     Checks run at the call (`EDM2Error`), generation while iterating. The
     networks are put in eval mode without gradients.
     """
@@ -273,6 +283,8 @@ def output_manifest(net, gnet=None, guidance: float = 1, class_idx=None, encoder
     decoder and every sampler setting (defaults filled in). `sources` (e.g.
     {"net": path}) is recorded for people and not compared."""
     sampler = {**SAMPLER_DEFAULTS, **sampler_kwargs}
+    if sampler.get("guidance_interval") is not None:  # recorded only when given (older folders lack it)
+        sampler["guidance_interval"] = [v if math.isfinite(v) else str(v) for v in sampler["guidance_interval"]]
     sampler = {k: (v if math.isfinite(v) else str(v)) if isinstance(v, float) else v for k, v in sampler.items()}
     return {"format": MANIFEST_FORMAT, "version": 1,
             "net": net_fingerprint(net), "gnet": None if gnet is None else net_fingerprint(gnet),
@@ -289,6 +301,8 @@ def _manifest_diff(old: dict, new: dict) -> list[str]:
                 f"{json.dumps(old.get(key))[:40]} -> {json.dumps(new.get(key))[:40]}"
             out.append(f"{key} ({what})")
     old_s, new_s = old.get("sampler") or {}, new.get("sampler") or {}
+    # A missing solver / guidance_interval is its default (heun, every step guided).
+    old_s, new_s = {**SOLVER_DEFAULTS, **old_s}, {**SOLVER_DEFAULTS, **new_s}
     out += [f"{k}={old_s.get(k)} -> {new_s.get(k)}"
             for k in sorted(set(old_s) | set(new_s)) if old_s.get(k) != new_s.get(k)]
     return out

@@ -258,13 +258,16 @@ POSTHOC_URL = "https://nvlabs-fi-cdn.nvidia.com/edm2/posthoc-reconstructions"
 
 @dataclass(frozen=True)
 class GenerationPreset:
-    """A published (net, gnet, guidance) triple. `gnet` is None without guidance."""
+    """A published (net, gnet, guidance) triple, with the guidance interval where one was
+    published. `gnet` is None without guidance."""
     name: str
     net: str                  # URL of the main network pickle
     gnet: str | None          # URL of the guiding network (unconditional: CFG; smaller/earlier: autoguidance)
     guidance: float           # guidance weight w (1 = none)
     metric: str               # 'fid' or 'fd_dinov2': what the EMA length and w were tuned for
-    reported: float           # the authors' reported value of that metric
+    reported: float | None    # the authors' reported value of that metric (None: not documented)
+    guidance_interval: tuple[float, float] | None = None  # (sigma_lo, sigma_hi]: guided steps (None: all)
+    description: str = ""     # what the source does not document, and what was chosen instead
 
 
 _GENERATION = [
@@ -320,6 +323,25 @@ GENERATION_PRESETS: dict[str, GenerationPreset] = {
 }
 
 
+# Guidance interval (Kynkäänniemi et al., NeurIPS 2024; github.com/kynkaat/guidance-interval): EDM2-XXL
+# guided by the unconditional XS model in a limited interval of noise levels. The authors give step
+# indices at 32 Heun steps (rho 7, sigma 0.002-80): [17, 22] for FID (w 2.0, FID 1.40) and [13, 19]
+# for FD_DINOv2 (w 2.9), i.e. the noise-level intervals (0.28, 1.61] and (0.6, 5.0].
+_INTERVAL_FILES = ("The guidance-interval authors distribute their networks separately and do not document "
+                   "their EMA lengths; this preset uses EDM2's own guided-{metric} XXL and XS-uncond "
+                   "reconstructions (sigma_rel 0.015), so results may differ from the reported value.")
+GENERATION_PRESETS.update({
+    "edm2-img512-xxl-guid-interval-fid": GenerationPreset(
+        "edm2-img512-xxl-guid-interval-fid", _posthoc_url("img512-xxl-0939524-0.015"),
+        _posthoc_url("img512-xs-uncond-2147483-0.015"), 2.0, "fid", 1.40, (0.28, 1.61),
+        _INTERVAL_FILES.format(metric="FID")),
+    "edm2-img512-xxl-guid-interval-dino": GenerationPreset(
+        "edm2-img512-xxl-guid-interval-dino", _posthoc_url("img512-xxl-0939524-0.015"),
+        _posthoc_url("img512-xs-uncond-2147483-0.015"), 2.9, "fd_dinov2", None, (0.6, 5.0),
+        _INTERVAL_FILES.format(metric="FD_DINOv2") + " Its README does not report the FD_DINOv2 value."),
+})
+
+
 def get_generation_preset(name: str) -> GenerationPreset:
     """Look up a published generation preset by the authors' name
     ('edm2-img512-s-guid-dino'); the name without 'edm2-' is accepted too."""
@@ -331,34 +353,39 @@ def get_generation_preset(name: str) -> GenerationPreset:
 
 
 def format_generation_presets(markdown: bool = False) -> str:
-    """The table of `GENERATION_PRESETS`: name, guidance weight, the metric it
-    was tuned for and the authors' reported value, then the net and gnet files
-    (names under `POSTHOC_URL`, without `.pkl`). `markdown=True` gives a
-    Markdown table (the documentation's), else aligned plain text
-    (`edm2 generate --list-presets`)."""
+    """The table of `GENERATION_PRESETS`: name, guidance weight, guidance interval
+    (sigma_lo,sigma_hi; '-' = every step), the metric it was tuned for and the
+    authors' reported value ('-' = not documented), then the net and gnet files
+    (names under `POSTHOC_URL`, without `.pkl`), followed by the presets'
+    descriptions. `markdown=True` gives a Markdown table (the documentation's),
+    else aligned plain text (`edm2 generate --list-presets`)."""
     metric = {"fid": "FID", "fd_dinov2": "FD_DINOv2"}
-    header = ["preset", "guidance", "tuned for", "reported", "net", "gnet"]
+    header = ["preset", "guidance", "interval", "tuned for", "reported", "net", "gnet"]
 
     def stem(url):
         return url.rsplit("/", 1)[-1].removesuffix(".pkl") if url else "-"
 
-    rows = [[p.name, f"{p.guidance:g}", metric.get(p.metric, p.metric), f"{p.reported:g}", stem(p.net), stem(p.gnet)]
-            for p in GENERATION_PRESETS.values()]
+    rows = [[p.name, f"{p.guidance:g}", ",".join(f"{v:g}" for v in p.guidance_interval) if p.guidance_interval
+             else "-", metric.get(p.metric, p.metric), "-" if p.reported is None else f"{p.reported:g}",
+             stem(p.net), stem(p.gnet)] for p in GENERATION_PRESETS.values()]
+    notes = [f"{p.name}: {p.description}" for p in GENERATION_PRESETS.values() if p.description]
     if markdown:
         lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-        lines += ["| " + " | ".join(f"`{c}`" if i in (0, 4, 5) and c != "-" else c for i, c in enumerate(r)) + " |"
+        lines += ["| " + " | ".join(f"`{c}`" if i in (0, 5, 6) and c != "-" else c for i, c in enumerate(r)) + " |"
                   for r in rows]
-        return "\n".join(lines)
+        return "\n".join([*lines, "", *(f"- `{n.split(': ', 1)[0]}`: {n.split(': ', 1)[1]}" for n in notes)])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in [header, *rows]]
-    return "\n".join([*lines, f"(files: {POSTHOC_URL}/NAME.pkl)"])
+    return "\n".join([*lines, f"(files: {POSTHOC_URL}/NAME.pkl)", *notes])
 
 
-def apply_generation_preset(name: str | None, net=None, gnet=None, guidance=None):
-    """(net, gnet, guidance) with a published preset filling in what was not
-    given; explicit values win, as in the authors' generate script."""
+def apply_generation_preset(name: str | None, net=None, gnet=None, guidance=None, guidance_interval=None):
+    """(net, gnet, guidance, guidance_interval) with a published preset filling in
+    what was not given; explicit values win, as in the authors' generate script."""
     if name:
         preset = get_generation_preset(name)
         net, gnet = net or preset.net, gnet or preset.gnet
         guidance = preset.guidance if guidance is None else guidance
-    return net, gnet, guidance
+        if guidance_interval is None and guidance != 1:  # the interval only means something when guided
+            guidance_interval = preset.guidance_interval
+    return net, gnet, guidance, guidance_interval

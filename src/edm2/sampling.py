@@ -17,11 +17,13 @@ import torch
 from .utils.errors import EDM2Error
 from .utils.validate import check_float, check_sampler_options
 
-__all__ = ["edm_sampler", "sample_batch", "sigma_steps", "guided_denoiser", "SeedRandom"]
+__all__ = ["edm_sampler", "sample_batch", "sigma_steps", "guided_denoiser", "SeedRandom", "SOLVERS", "sampler_nfe"]
 
 # edm_sampler's keyword arguments and their defaults (paper App. D.1), for the CLI and docs.
 SAMPLER_DEFAULTS = dict(num_steps=32, sigma_min=0.002, sigma_max=80.0, rho=7.0,
                         S_churn=0.0, S_min=0.0, S_max=float("inf"), S_noise=1.0)
+# Its other options: the solver and the guidance interval (None = guide every step).
+SOLVER_DEFAULTS = dict(solver="heun", guidance_interval=None)
 
 
 def sigma_steps(num_steps=32, sigma_min=0.002, sigma_max=80, rho=7, device=None) -> torch.Tensor:
@@ -68,31 +70,124 @@ def guided_denoiser(net, gnet=None, guidance: float = 1):
     return denoise
 
 
+# Solvers of `edm_sampler` (docs/sampling.md): EDM's 2nd-order Heun (the default), 1st-order
+# Euler, and DPM-Solver++(2M) (Lu et al. 2022), all on EDM's time steps (Eq. 5).
+SOLVERS = ("heun", "euler", "dpm++2m")
+
+
+def check_solver(solver) -> str:
+    """Raise `EDM2Error` unless `solver` is one of `SOLVERS`; returns it."""
+    if solver not in SOLVERS:
+        raise EDM2Error(f"solver={solver!r}: unknown; allowed: {', '.join(SOLVERS)}")
+    return solver
+
+
+def check_guidance_interval(guidance_interval):
+    """None, or (sigma_lo, sigma_hi) with 0 <= sigma_lo <= sigma_hi (sigma_hi may be inf)
+    -> (float, float). A string 'LO,HI' is accepted too. `EDM2Error` otherwise."""
+    if guidance_interval is None:
+        return None
+    text = guidance_interval
+    if isinstance(text, str):
+        text = [p.strip() for p in text.split(",")]
+    try:
+        lo, hi = (float(v) for v in text)
+    except (TypeError, ValueError):
+        raise EDM2Error(f"guidance_interval={guidance_interval}: expected two noise levels LO,HI "
+                        f"(guidance where LO < sigma <= HI), e.g. 0.28,1.61") from None
+    if not (math.isfinite(lo) and lo >= 0 and hi >= lo and not math.isnan(hi)):
+        raise EDM2Error(f"guidance_interval={guidance_interval}: need 0 <= LO <= HI (HI may be inf), "
+                        f"e.g. 0.28,1.61")
+    return lo, hi
+
+
+def check_solver_options(solver="heun", guidance_interval=None, S_churn=0.0, guidance=None) -> dict:
+    """Check `edm_sampler`'s solver and guidance_interval (and that churn fits the solver;
+    with `guidance` given, that an interval has guidance to limit, guidance != 1);
+    returns {'solver', 'guidance_interval'} normalised. `EDM2Error` names the argument."""
+    check_solver(solver)
+    if solver == "dpm++2m" and S_churn > 0:
+        raise EDM2Error(f"S_churn={S_churn:g}: solver='dpm++2m' is a deterministic multistep method and cannot "
+                        f"add churn noise; use S_churn=0, or solver='heun' / 'euler' for a stochastic sampler")
+    interval = check_guidance_interval(guidance_interval)
+    if interval is not None and guidance == 1:
+        raise EDM2Error(f"guidance_interval={interval[0]:g},{interval[1]:g}: there is no guidance to limit "
+                        f"(guidance=1); give `guidance` != 1 with `gnet`, or drop `guidance_interval`")
+    return dict(solver=solver, guidance_interval=interval)
+
+
+def guided_step_mask(t_steps, guidance_interval) -> list[bool]:
+    """Which steps are guided: step i is when sigma_lo < t_i <= sigma_hi, t_i its noise level
+    before churn (Kynkäänniemi et al. 2024, Sec. 3). t_steps: `sigma_steps` (t_N = 0 included)."""
+    ts = t_steps[:-1].tolist()
+    if guidance_interval is None:
+        return [True] * len(ts)
+    lo, hi = check_guidance_interval(guidance_interval)
+    return [lo < t <= hi for t in ts]
+
+
+def sampler_nfe(solver: str = "heun", num_steps: int = 32, guide: bool = False, guidance_interval=None,
+                sigma_min: float = 0.002, sigma_max: float = 80, rho: float = 7) -> int:
+    """Network evaluations per sample (docs/sampling.md#counting-network-evaluations).
+    Without `guide`, the main network's: heun 2N-1 (no correction on the last step, to t_N = 0),
+    euler N, dpm++2m N, the usual NFE. With `guide=True` the guiding network's evaluations
+    are added: one per evaluation of a guided step, every step, or with `guidance_interval`
+    those `guided_step_mask` selects on the time steps of (num_steps, sigma_min, sigma_max, rho)."""
+    check_solver(solver)
+    t_steps = sigma_steps(num_steps, sigma_min, sigma_max, rho)
+    per_step = [2 if solver == "heun" and i < num_steps - 1 else 1 for i in range(num_steps)]
+    total = sum(per_step)
+    if guide:
+        mask = guided_step_mask(t_steps, guidance_interval)
+        total += sum(n for n, m in zip(per_step, mask) if m)
+    return total
+
+
 @torch.no_grad()
 def edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_min=0.002, sigma_max=80, rho=7,
-                guidance=1, S_churn=0, S_min=0, S_max=float("inf"), S_noise=1, randn_like=torch.randn_like):
-    """2nd-order Heun sampler of EDM (Karras et al. 2022, Alg. 2; paper App. D.1),
-    deterministic unless S_churn > 0.
+                guidance=1, S_churn=0, S_min=0, S_max=float("inf"), S_noise=1, randn_like=torch.randn_like,
+                solver="heun", guidance_interval=None, callback=None):
+    """Sample from `noise` with one of `SOLVERS` on EDM's time steps (Karras et al. 2022, Eq. 5):
+    "heun": the 2nd-order sampler of EDM (Alg. 2; paper App. D.1), the default;
+    "euler": its 1st-order Euler step alone;
+    "dpm++2m": DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in EDM's sigma parameterisation:
+    a multistep 2nd-order method with one evaluation per step.
+    Deterministic unless S_churn > 0 (heun and euler only; EDM Alg. 2 lines 4-6).
 
     noise: unit-variance starting noise [N, C, H, W] (scaled by t_0 here).
     labels: one-hot [N, label_dim] or None, given to both networks.
+    guidance, gnet: D~ = D_g + w (D - D_g) (`guided_denoiser`).
+    guidance_interval: (sigma_lo, sigma_hi) or None: guide only the steps with
+        sigma_lo < t_i <= sigma_hi (t_i the step's noise level before churn), in all of
+        that step's evaluations; elsewhere only `net` runs (Kynkäänniemi et al. 2024).
+        None guides every step.
     randn_like draws the churn noise (pass `SeedRandom.randn_like` for
-    results that do not depend on the batch). Returns float32 samples.
-    Everything constant over the run (the noise levels, the churn factors)
-    is computed once before the loop.
+    results that do not depend on the batch).
+    callback: called after each step with {'x', 'i', 'sigma', 'sigma_hat', 'denoised'}
+        (k-diffusion's convention): the new x, the step index, t_i, the noise level after
+        churn and the denoiser's output at (x_hat, sigma_hat).
+    Returns float32 samples. Everything constant over the run (the noise levels,
+    the churn factors, the guided steps) is computed once before the loop.
     """
     opts = check_sampler_options(dict(num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho,
                                       S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise))
     num_steps, S_churn, S_min, S_max, S_noise = (opts[k] for k in ("num_steps", "S_churn", "S_min", "S_max", "S_noise"))
-    denoise = guided_denoiser(net, gnet, guidance)
+    check_solver_options(solver, guidance_interval, S_churn)
+    guided = guided_denoiser(net, gnet, guidance)
+    plain = guided_denoiser(net)
     t_steps = sigma_steps(num_steps, sigma_min, sigma_max, rho, device=noise.device)
     # Churn factor gamma_i per step (EDM Alg. 2 line 4), as Python floats.
     gamma_max = min(S_churn / num_steps, math.sqrt(2) - 1) if S_churn > 0 else 0.0
     gammas = [gamma_max if gamma_max > 0 and S_min <= t <= S_max else 0.0 for t in t_steps[:-1].tolist()]
+    mask = guided_step_mask(t_steps, guidance_interval)
+    denoisers = [guided if m else plain for m in mask]
 
+    if solver == "dpm++2m":
+        return _dpmpp_2m(denoisers, noise, labels, t_steps, callback)
     x_next = noise.to(torch.float32) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
         x_cur = x_next
+        denoise = denoisers[i]
         # Optional churn: raise the noise level to t_hat, adding fresh noise.
         if gammas[i] > 0:
             t_hat = t_cur + gammas[i] * t_cur
@@ -100,13 +195,43 @@ def edm_sampler(net, noise, labels=None, gnet=None, num_steps=32, sigma_min=0.00
         else:
             t_hat, x_hat = t_cur, x_cur
         # Euler step from (x_hat, t_hat) to t_next.
-        d_cur = (x_hat - denoise(x_hat, t_hat, labels)) / t_hat
+        denoised = denoise(x_hat, t_hat, labels)
+        d_cur = (x_hat - denoised) / t_hat
         x_next = x_hat + (t_next - t_hat) * d_cur
         # Trapezoidal (Heun) correction, every step but the last (t_N = 0).
-        if i < num_steps - 1:
+        if solver == "heun" and i < num_steps - 1:
             d_prime = (x_next - denoise(x_next, t_next, labels)) / t_next
             x_next = x_hat + (t_next - t_hat) * (0.5 * d_cur + 0.5 * d_prime)
+        if callback is not None:
+            callback({"x": x_next, "i": i, "sigma": t_cur, "sigma_hat": t_hat, "denoised": denoised})
     return x_next
+
+
+def _dpmpp_2m(denoisers, noise, labels, t_steps, callback):
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) with lambda = -log(sigma) (EDM's
+    x = y + sigma n, so alpha = 1). Each step is the exact exponential-integrator update
+    x <- (sigma'/sigma) x + (1 - sigma'/sigma) D, with D extrapolated linearly in lambda
+    from this step's and the previous step's denoised values (1st order on the first
+    step and on the last step, to sigma = 0, where it returns D)."""
+    x = noise.to(torch.float32) * t_steps[0]
+    old_denoised, h_last = None, None
+    for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):
+        denoised = denoisers[i](x, t_cur, labels)
+        if t_next == 0:
+            x_new = denoised
+        else:
+            h = (t_cur / t_next).log()  # lambda(t_next) - lambda(t_cur)
+            d = denoised
+            if old_denoised is not None:
+                r = h_last / h
+                d = (1 + 1 / (2 * r)) * denoised - (1 / (2 * r)) * old_denoised
+            x_new = (t_next / t_cur) * x - torch.expm1(-h) * d
+            h_last = h
+        old_denoised = denoised
+        x = x_new
+        if callback is not None:
+            callback({"x": x, "i": i, "sigma": t_cur, "sigma_hat": t_cur, "denoised": denoised})
+    return x
 
 
 def sample_batch(net, encoder, rnd: SeedRandom, class_idx=None, gnet=None, guidance: float = 1, **sampler_kwargs):

@@ -6,13 +6,13 @@ import argparse
 from ..generate import check_class, compile_for_inference, generate_to_dir, load_nets
 from ..nn import set_precision
 from ..presets import apply_generation_preset, format_generation_presets
-from ..sampling import SAMPLER_DEFAULTS, check_guidance
+from ..sampling import SAMPLER_DEFAULTS, SOLVERS, check_guidance, check_solver_options
 from ..utils.distributed import configure_threads, init_distributed, resolve_device, shutdown_distributed
 from ..utils.errors import EDM2Error
 from ..utils.units import parse_int_list
 from ..utils.validate import check_sampler_options
 
-HELP = "generate images (PNG per seed) with the EDM Heun sampler, optionally guided"
+HELP = "generate images (PNG per seed) with the EDM sampler (Heun, Euler or DPM-Solver++(2M)), optionally guided"
 
 
 class _ListPresets(argparse.Action):
@@ -33,8 +33,10 @@ def register(sub) -> None:
     p.add_argument("--net", metavar="SNAPSHOT", help="snapshot file or run folder (latest, longest EMA)")
     p.add_argument("--gnet", metavar="SNAPSHOT", help="guiding network: unconditional (CFG) or weaker (autoguidance)")
     p.add_argument("--guidance", type=float, default=None, metavar="W", help="guidance weight w (default 1: none)")
+    p.add_argument("--guidance-interval", metavar="LO,HI", help="guide only the steps whose noise level t is in "
+                   "LO < t <= HI, e.g. 0.28,1.61 (default: every step; docs/sampling.md)")
     p.add_argument("--preset", metavar="NAME", help="a published model, e.g. edm2-img512-s-guid-dino: sets --net, "
-                   "--gnet, --guidance where not given (files are downloaded once to the cache)")
+                   "--gnet, --guidance, --guidance-interval where not given (files are downloaded once to the cache)")
     p.add_argument("--list-presets", action=_ListPresets, help="list the published presets (--preset NAME) and exit")
     p.add_argument("--outdir", required=True, metavar="DIR", help="folder for the PNGs")
     p.add_argument("--seeds", default="0-63", metavar="LIST", help="seeds, e.g. 0-49999 or 1,5,10-20 (default 0-63)")
@@ -46,8 +48,10 @@ def register(sub) -> None:
     p.add_argument("--grid", metavar="FILE.png", help="also write a grid of the first --grid-count images")
     p.add_argument("--grid-count", type=int, default=100, metavar="N", help="images in the grid (default 100)")
     # Each sampler option's dest is edm_sampler's keyword argument (`edm2.sampling.SAMPLER_DEFAULTS`).
-    s = p.add_argument_group("sampler (EDM Heun, paper App. D.1)")
-    s.add_argument("--steps", dest="num_steps", type=int, default=32, help="Heun steps (default 32)")
+    s = p.add_argument_group("sampler (EDM, paper App. D.1; docs/sampling.md)")
+    s.add_argument("--solver", default="heun", choices=SOLVERS,
+                   help="heun (2nd order, 2N-1 evaluations), euler (N), dpm++2m (2nd order, N) (default heun)")
+    s.add_argument("--steps", dest="num_steps", type=int, default=32, help="sampler steps (default 32)")
     s.add_argument("--sigma-min", type=float, default=0.002, help="lowest noise level (default 0.002)")
     s.add_argument("--sigma-max", type=float, default=80.0, help="highest noise level (default 80)")
     s.add_argument("--rho", type=float, default=7.0, help="time step exponent (default 7)")
@@ -75,7 +79,8 @@ def _class(text):
 def _checked_args(args) -> dict:
     """Everything that can be checked before loading anything (no file is written on error)."""
     # The authors' published (net, gnet, guidance) triple fills in what was not given.
-    args.net, args.gnet, args.guidance = apply_generation_preset(args.preset, args.net, args.gnet, args.guidance)
+    args.net, args.gnet, args.guidance, args.guidance_interval = apply_generation_preset(
+        args.preset, args.net, args.gnet, args.guidance, args.guidance_interval)
     if not args.net:
         raise EDM2Error("--net is required: a snapshot file or a run folder")
     guidance = 1.0 if args.guidance is None else args.guidance
@@ -86,6 +91,7 @@ def _checked_args(args) -> dict:
     if args.grid_count < 1:
         raise EDM2Error(f"--grid-count {args.grid_count}: must be >= 1")
     sampler = check_sampler_options({name: getattr(args, name) for name in SAMPLER_DEFAULTS})
+    sampler.update(check_solver_options(args.solver, args.guidance_interval, sampler["S_churn"], guidance))
     return dict(seeds=seeds, guidance=guidance, class_idx=_class(args.class_idx), sampler=sampler)
 
 

@@ -7,9 +7,9 @@ from pathlib import Path
 from ..metrics import calc_metrics, gen_metrics, load_ref, reference_stats, sweep
 from ..metrics.classifier import train_classifier
 from ..metrics.evaluate import append_jsonl, load_detectors, resolve_metrics
-from ..metrics.sweep import best_rows
+from ..metrics.sweep import SWEEP_KEYS, best_rows
 from ..presets import apply_generation_preset
-from ..sampling import check_guidance
+from ..sampling import SOLVERS, check_guidance, check_solver_options
 from ..utils.distributed import configure_threads, init_distributed, resolve_device, shutdown_distributed
 from ..utils.errors import EDM2Error
 from ..utils.units import parse_float_list, parse_int_list, parse_nimg
@@ -69,6 +69,9 @@ def register(sub) -> None:
                    help="evaluation seed(s) k: images of seeds k*N ... (k+1)*N-1; 0,1,2 gives three results and "
                         "their minimum, as the paper reports (default 0)")
     p.add_argument("--steps", dest="num_steps", type=int, default=32, help="sampler steps (default 32)")
+    p.add_argument("--solver", default="heun", choices=SOLVERS, help="sampler solver (default heun; docs/sampling.md)")
+    p.add_argument("--guidance-interval", metavar="LO,HI",
+                   help="guide only the steps whose noise level t is in LO < t <= HI (default: every step)")
     p.add_argument("--jsonl", default="metrics.jsonl", metavar="FILE",
                    help="results are appended to this file (default metrics.jsonl)")
     p.set_defaults(func=run_gen)
@@ -101,7 +104,13 @@ def register(sub) -> None:
     p.add_argument("--guidance", default="1", metavar="LIST", help="guidance weight(s), e.g. 1,1.2,1.4 (default 1)")
     _common(p, batch=32)
     p.add_argument("--seed", type=int, default=0, help="evaluation seed k: seeds k*N ... (k+1)*N-1 (default 0)")
-    p.add_argument("--steps", dest="num_steps", type=int, default=32, help="sampler steps (default 32)")
+    p.add_argument("--steps", dest="num_steps", default="32", metavar="LIST",
+                   help="sampler steps, e.g. 8,12,16,32 (default 32); several give the metric against network "
+                        "evaluations")
+    p.add_argument("--solver", default="heun", metavar="LIST",
+                   help=f"sampler solver(s) of {', '.join(SOLVERS)}, e.g. heun,dpm++2m (default heun)")
+    p.add_argument("--guidance-interval", metavar="LO,HI",
+                   help="guide only the steps whose noise level t is in LO < t <= HI (default: every step)")
     p.set_defaults(func=run_sweep)
 
 
@@ -166,11 +175,13 @@ def run_gen(args) -> int:
     num, seeds = _num(args), parse_int_list(args.seed, "seed")
     check_sampler_options({"num_steps": args.num_steps})
     # The authors' published (net, gnet, guidance) triple fills in what was not given.
-    args.net, args.gnet, args.guidance = apply_generation_preset(args.preset, args.net, args.gnet, args.guidance)
+    args.net, args.gnet, args.guidance, args.guidance_interval = apply_generation_preset(
+        args.preset, args.net, args.gnet, args.guidance, args.guidance_interval)
     if not args.net:
         raise EDM2Error("--net is required: a snapshot file, run folder or .pkl (or give --preset)")
     args.guidance = 1.0 if args.guidance is None else args.guidance
     check_guidance(args.guidance, args.gnet)
+    solver_opts = check_solver_options(args.solver, args.guidance_interval, guidance=args.guidance)
     ref = load_ref(args.ref)
     metrics = resolve_metrics(args.metrics, ref, args.ref)
     rank, world = _start()
@@ -181,10 +192,13 @@ def run_gen(args) -> int:
             results.append(gen_metrics(args.net, ref, gnet=args.gnet, guidance=args.guidance, metrics=metrics,
                                        num=num, seed=s, batch_size=args.batch_size, detector_dir=args.detector_dir,
                                        device=resolve_device(args.device), detectors=dets,
-                                       num_steps=args.num_steps))
+                                       num_steps=args.num_steps, **solver_opts))
     finally:
         shutdown_distributed()
-    source = {"net": str(args.net), "gnet": args.gnet and str(args.gnet), "guidance": args.guidance}
+    source = {"net": str(args.net), "gnet": args.gnet and str(args.gnet), "guidance": args.guidance,
+              "solver": args.solver, "num_steps": args.num_steps}
+    if solver_opts["guidance_interval"] is not None:
+        source["guidance_interval"] = list(solver_opts["guidance_interval"])
     _report(results, seeds, num, args.jsonl, source, args.ref, rank)
     return 0
 
@@ -201,19 +215,26 @@ def run_sweep(args) -> int:
     num = _num(args)
     sigma_rels = parse_float_list(args.sigma_rels, "sigma_rels")
     guidance = parse_float_list(args.guidance, "guidance")
-    check_sampler_options({"num_steps": args.num_steps})
+    steps = parse_int_list(args.num_steps, "num_steps")
+    for n in steps:
+        check_sampler_options({"num_steps": n})
+    solvers = list(dict.fromkeys(v.strip() for v in args.solver.split(",")))
+    for solver in solvers:
+        check_solver_options(solver, args.guidance_interval, guidance=1 if all(w == 1 for w in guidance) else None)
     at_nimg = None if args.at_nimg is None else parse_nimg(args.at_nimg, "at_nimg")
     rank, world = _start()
     try:
         rows = sweep(args.rundir, sigma_rels, args.ref, outdir=args.outdir, at_nimg=at_nimg, metrics=args.metrics,
                      num=num, seed=args.seed, gnet=args.gnet, guidance=guidance, batch_size=args.batch_size,
-                     detector_dir=args.detector_dir, device=resolve_device(args.device), num_steps=args.num_steps)
+                     detector_dir=args.detector_dir, device=resolve_device(args.device), solvers=solvers,
+                     steps=steps, guidance_interval=args.guidance_interval)
     finally:
         shutdown_distributed()
     if rank == 0:
-        metrics = [k for k in rows[0] if k not in ("ema_std", "guidance", "nimg", "num", "seed")]
+        metrics = [k for k in rows[0] if k not in SWEEP_KEYS]
         for m, r in best_rows(rows, metrics).items():
-            print(f"best {m} {r[m]:.4f}: sigma_rel {r['ema_std']:.4f}, guidance {r['guidance']:g}")
+            print(f"best {m} {r[m]:.4f}: sigma_rel {r['ema_std']:.4f}, guidance {r['guidance']:g}, "
+                  f"{r['solver']} {r['steps']} steps ({r['nfe']} evaluations)")
         outdir = Path(args.outdir) if args.outdir else Path(args.rundir) / "sweep"
         print(f"wrote {outdir / 'sweep.csv'} and {outdir / 'sweep.png'}")
     return 0

@@ -13,7 +13,7 @@ import json
 
 import torch
 
-from ..sampling import edm_sampler
+from ..sampling import edm_sampler, sigma_steps
 from ..utils.fileio import atomic_write_bytes
 from .gmm import tree_mixture
 
@@ -28,26 +28,28 @@ def toy_noise(num: int, seed: int = 0) -> torch.Tensor:
 
 def sample_toy(net, num: int = 4096, seed: int = 0, gnet=None, guidance: float = 1, num_steps: int = 32,
                sigma_max: float = SIGMA_MAX, sigma_min: float = 0.002, rho: float = 7,
-               trajectories: bool = False):
+               trajectories: bool = False, solver: str = "heun", guidance_interval=None):
     """Samples [num, 2] from a toy denoiser (a ToyNet or a GaussianMixture, both
     callable as net(x, sigma, labels)) with edm2.sampling.edm_sampler: 32-step
-    Heun, optionally guided by gnet with weight `guidance` (autoguidance Eq. 1).
+    Heun (or `solver`), optionally guided by gnet with weight `guidance`
+    (autoguidance Eq. 1), in `guidance_interval` if given.
 
     With trajectories=True also returns the path [num_steps + 1, num, 2]: the
-    state at the start of every step, recorded from the main net's inputs
-    (the last evaluation at each noise level is the Euler step's, at x_i)."""
-    seen = {}
+    starting point t_0 * noise, then the state after every step, recorded by
+    the sampler's per-step callback."""
+    noise = toy_noise(num, seed)
+    path = []
 
-    def recording(x, sigma, labels=None):
-        seen[float(sigma)] = x.detach().clone()   # later calls at the same level overwrite: x_i wins
-        return net(x, sigma, labels)
+    def record(info):
+        path.append(info["x"].detach().clone())
 
-    samples = edm_sampler(recording if trajectories else net, toy_noise(num, seed), gnet=gnet, guidance=guidance,
-                          num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, rho=rho)
+    samples = edm_sampler(net, noise, gnet=gnet, guidance=guidance, num_steps=num_steps, sigma_min=sigma_min,
+                          sigma_max=sigma_max, rho=rho, solver=solver, guidance_interval=guidance_interval,
+                          callback=record if trajectories else None)
     if not trajectories:
         return samples
-    path = [seen[t] for t in sorted(seen, reverse=True)] + [samples]
-    return samples, torch.stack(path)
+    start = noise.to(torch.float32) * sigma_steps(num_steps, sigma_min, sigma_max, rho)[0]
+    return samples, torch.stack([start, *path])
 
 
 def toy_score(samples: torch.Tensor, classes: str = "A") -> dict:
