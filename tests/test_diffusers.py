@@ -177,14 +177,61 @@ def test_pipeline_on_cuda(nets):
     assert images.shape == (4, 3, 16, 16)
 
 
-def test_progress_bar_counts_network_evaluations(nets, capsys):
+def test_progress_bar_counts_sampler_steps(nets, capsys):
     pipe = EDM2Pipeline.from_snapshot(nets["cond"])
     pipe(class_labels=1, num_inference_steps=STEPS, seeds=SEEDS[:1], output_type="uint8")
     err = capsys.readouterr().err
-    assert f"{2 * STEPS - 1}/{2 * STEPS - 1}" in err  # Heun: 2 evaluations per step but the last
+    assert f"{STEPS}/{STEPS}" in err  # one tick per step, whatever the solver
     pipe.set_progress_bar_config(disable=True)
     pipe(class_labels=1, num_inference_steps=STEPS, seeds=SEEDS[:1], output_type="uint8")
     assert capsys.readouterr().err == ""
+
+
+def test_solver_and_guidance_interval_same_images_as_generate(nets, tmp_path):
+    extra = ["--gnet", str(nets["uncond"]), "--guidance", "2.5", "--class", "2", "--solver", "dpm++2m",
+             "--guidance-interval", "0.5,20"]
+    ref = _generate(tmp_path / "a", nets["cond"], *extra)
+    pipe = EDM2Pipeline.from_snapshot(nets["cond"], gnet=nets["uncond"], guidance=2.5, solver="dpm++2m",
+                                      guidance_interval=(0.5, 20))
+    _assert_same(pipe(class_labels=2, num_inference_steps=STEPS, seeds=SEEDS).images, ref)
+    # As call options of a pipeline without them, and after a save/load round trip (inf stored as "inf").
+    plain = EDM2Pipeline.from_snapshot(nets["cond"], gnet=nets["uncond"], guidance=2.5)
+    _assert_same(plain(class_labels=2, num_inference_steps=STEPS, seeds=SEEDS, solver="dpm++2m",
+                       guidance_interval=(0.5, 20)).images, ref)
+    wide = EDM2Pipeline.from_snapshot(nets["cond"], gnet=nets["uncond"], guidance=2.5,
+                                      guidance_interval=(0, float("inf")))
+    wide.save_pretrained(tmp_path / "p")
+    assert json.loads((tmp_path / "p" / "model_index.json").read_text())["sampler"]["guidance_interval"] == [0, "inf"]
+    back = EDM2Pipeline.from_pretrained(tmp_path / "p")
+    a = back(class_labels=2, num_inference_steps=STEPS, seeds=SEEDS, output_type="uint8").images
+    b = plain(class_labels=2, num_inference_steps=STEPS, seeds=SEEDS, output_type="uint8").images
+    assert torch.equal(a, b)  # the interval (0, inf) guides every step
+    # guidance_scale=1 drops the config's interval instead of refusing it.
+    unguided = back(class_labels=2, num_inference_steps=STEPS, seeds=SEEDS, guidance_scale=1, output_type="uint8")
+    assert not torch.equal(unguided.images, a)
+
+
+def test_callback_on_step_end(nets):
+    pipe = EDM2Pipeline.from_snapshot(nets["cond"])
+    seen = []
+
+    def record(p, i, sigma, kwargs):
+        assert p is pipe and set(kwargs) == {"latents", "denoised"}
+        seen.append((i, sigma, kwargs["latents"].clone()))
+        return kwargs
+
+    out = pipe(class_labels=1, num_inference_steps=STEPS, seeds=SEEDS[:2], output_type="latent",
+               callback_on_step_end=record, callback_on_step_end_tensor_inputs=["latents", "denoised"]).images
+    assert [i for i, _, _ in seen] == list(range(STEPS))
+    assert seen[0][1] == pytest.approx(80.0) and seen[-1][1] < seen[0][1]
+    assert torch.equal(seen[-1][2], out)  # the last step's state is the output
+    # Returned latents replace the state: zeroing it after the last step gives zeros.
+    zeros = pipe(class_labels=1, num_inference_steps=STEPS, seeds=SEEDS[:2], output_type="latent",
+                 callback_on_step_end=lambda p, i, s, kw: {"latents": torch.zeros_like(kw["latents"])}).images
+    assert torch.count_nonzero(zeros) == 0
+    with pytest.raises(ValueError, match="callback_on_step_end_tensor_inputs"):
+        pipe(num_inference_steps=STEPS, seeds=SEEDS[:1], callback_on_step_end=record,
+             callback_on_step_end_tensor_inputs=["noise_pred"])
 
 
 @pytest.fixture

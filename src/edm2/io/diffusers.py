@@ -23,6 +23,7 @@ and safetensors only; it never imports or runs code named in the files.
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -37,14 +38,14 @@ from ..generate import check_class, check_guide, load_nets, to_pil_image
 from ..nn import Precond
 from ..nn.factory import network_config
 from ..nn.hub import CONFIG_NAME, HubMixin, looks_local
-from ..sampling import SAMPLER_DEFAULTS, SeedRandom, sample_batch
+from ..sampling import SAMPLER_DEFAULTS, SOLVER_DEFAULTS, SeedRandom, check_solver_options, sample_batch
 from ..utils.errors import EDM2Error, MissingFileError
 from ..utils.fileio import atomic_folder, check_replaceable
 
 __all__ = ["EDM2Pipeline", "export_diffusers"]
 
 _NETS = ("net", "gnet")
-_SAMPLER_KEYS = tuple(k for k in SAMPLER_DEFAULTS if k != "num_steps")
+_SAMPLER_KEYS = tuple(k for k in SAMPLER_DEFAULTS if k != "num_steps") + tuple(SOLVER_DEFAULTS)
 _CONFIG_KEYS = {"_class_name", "_diffusers_version", "_name_or_path", "net", "gnet", "vae", "encoder", "class_names",
                 "sampler", "guidance"}
 
@@ -59,11 +60,14 @@ class EDM2Pipeline(DiffusionPipeline):
         the 'sd-vae' standardisation); default: 'rgb' without a VAE, else the
         Stable Diffusion standardisation (edm2.encoders).
     class_names: names of the classes (informational).
-    sampler: edm_sampler defaults (sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise).
+    sampler: edm_sampler defaults (sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise,
+        solver, guidance_interval).
     guidance: default guidance_scale.
     """
 
     model_cpu_offload_seq = "net->gnet->vae"
+    # What `callback_on_step_end` may ask for in its callback_kwargs (diffusers' convention).
+    _callback_tensor_inputs = ["latents", "denoised"]
     # Components besides the required `net`: diffusers' `.to()`, `.device`, `.dtype`,
     # `components` and offloading treat them as modules of the pipeline.
     _optional_components = ["gnet", "vae"]
@@ -232,12 +236,14 @@ class EDM2Pipeline(DiffusionPipeline):
     @torch.no_grad()
     def __call__(self, class_labels=None, num_inference_steps: int = 32, guidance_scale: float | None = None,
                  generator=None, seeds=None, num_images: int | None = None, output_type: str = "pil",
-                 return_dict: bool = True, **sampler_kwargs):
+                 return_dict: bool = True, callback_on_step_end=None,
+                 callback_on_step_end_tensor_inputs=("latents",), **sampler_kwargs):
         """Generate images.
 
         class_labels: a class index per image, one index for all, or None (a random
             class per image, drawn from its generator, for a conditional network).
-        num_inference_steps: EDM sampler steps (2 network evaluations each but the last).
+        num_inference_steps: sampler steps (Heun: 2 network evaluations each but the
+            last; euler and dpm++2m: one each; `edm2.sampling.sampler_nfe`).
         guidance_scale: w of D_g + w (D - D_g) with the gnet component; default: the config's.
         generator: a torch.Generator per image (a single one is shared by the batch),
             or seeds: integers, one per image (the noise of `edm2 generate --seeds`).
@@ -246,7 +252,13 @@ class EDM2Pipeline(DiffusionPipeline):
         output_type: 'pil' (list of PIL images), 'np' (float32 [N, H, W, C] in [0, 1]),
             'pt' (float32 [N, C, H, W] in [0, 1]), 'uint8' (uint8 [N, C, H, W]) or
             'latent' (the network's float32 output, not decoded).
-        sampler_kwargs: sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise
+        callback_on_step_end: diffusers' per-step hook, called after each step as
+            callback(pipe, i, sigma, callback_kwargs) with callback_kwargs the tensors named in
+            callback_on_step_end_tensor_inputs ('latents': the current state x_{i+1},
+            'denoised': the step's denoised estimate); a returned dict with 'latents'
+            replaces the state for the following steps.
+        sampler_kwargs: sigma_min, sigma_max, rho, S_churn, S_min, S_max, S_noise, solver
+            ('heun', 'euler', 'dpm++2m'), guidance_interval ((sigma_lo, sigma_hi))
             (default: the config's sampler settings).
         Returns ImagePipelineOutput(images=...) or, with return_dict=False, (images,).
         """
@@ -255,8 +267,17 @@ class EDM2Pipeline(DiffusionPipeline):
         check_guide(net, gnet, guidance)  # w != 1 needs the 'gnet' component
         if output_type not in ("pil", "np", "pt", "uint8", "latent"):
             raise EDM2Error(f"output_type={output_type!r}; allowed: 'pil', 'np', 'pt', 'uint8', 'latent'")
-        options = dict(self.config.sampler or {})
+        options = _check_sampler(dict(self.config.sampler or {}))
+        if guidance == 1 and "guidance_interval" not in sampler_kwargs:
+            options.pop("guidance_interval", None)  # the config's interval limits its guidance only
         options.update(_check_sampler(sampler_kwargs))
+        options.update(check_solver_options(options.get("solver", "heun"), options.get("guidance_interval"),
+                                            options.get("S_churn", 0.0), guidance))
+        names = list(callback_on_step_end_tensor_inputs or ())
+        unknown = sorted(set(names) - set(self._callback_tensor_inputs))
+        if unknown:
+            raise EDM2Error(f"callback_on_step_end_tensor_inputs: unknown {unknown}; allowed: "
+                            f"{self._callback_tensor_inputs}")
         device = net.device
         n = _count(class_labels, generator, seeds, num_images)
         if seeds is not None:
@@ -278,10 +299,18 @@ class EDM2Pipeline(DiffusionPipeline):
             if m is not None:
                 m.eval().requires_grad_(False)
         steps = int(num_inference_steps)
-        # The progress bar counts evaluations of `net`: 2 per step but the last (Heun, EDM Alg. 2).
-        with self.progress_bar(total=max(2 * steps - 1, 0)) as bar:
-            images, _, _ = sample_batch(_Counted(net, bar), encoder, rnd, classes, gnet, guidance, num_steps=steps,
-                                        **options)
+        with self.progress_bar(total=steps) as bar:  # one tick per sampler step
+
+            def on_step(info):  # the sampler's per-step callback (k-diffusion's convention)
+                if callback_on_step_end is not None:
+                    given = {"latents": info["x"], "denoised": info["denoised"]}
+                    out = callback_on_step_end(self, info["i"], float(info["sigma"]), {k: given[k] for k in names})
+                    if isinstance(out, dict) and out.get("latents") is not None and out["latents"] is not info["x"]:
+                        info["x"].copy_(out["latents"])
+                bar.update(1)
+
+            images, _, _ = sample_batch(net, encoder, rnd, classes, gnet, guidance, num_steps=steps,
+                                        callback=on_step, **options)
         if output_type in ("latent", "uint8"):
             out = images
         elif output_type == "pt":
@@ -291,22 +320,6 @@ class EDM2Pipeline(DiffusionPipeline):
         else:
             out = [to_pil_image(image) for image in images.cpu()]
         return ImagePipelineOutput(images=out) if return_dict else (out,)
-
-
-class _Counted:
-    """A network that advances a progress bar at every evaluation (its other
-    attributes are the network's)."""
-
-    def __init__(self, net, bar):
-        self._net, self._bar = net, bar
-
-    def __call__(self, *args, **kwargs):
-        out = self._net(*args, **kwargs)
-        self._bar.update(1)
-        return out
-
-    def __getattr__(self, name):
-        return getattr(self._net, name)
 
 
 def _check_hub_format(networks: dict) -> None:
@@ -350,11 +363,22 @@ def _classes(net, class_labels, n):
 
 
 def _check_sampler(options: dict) -> dict:
+    """Sampler options as stored in the config: numbers as floats, the solver's
+    name, and the guidance interval as [lo, hi] (JSON has no inf: 'inf' as a string)."""
     unknown = sorted(set(options) - set(_SAMPLER_KEYS))
     if unknown:
         raise EDM2Error(f"unknown sampler option(s) {unknown}; allowed: {', '.join(_SAMPLER_KEYS)} "
                          f"(and num_inference_steps)")
-    return {k: float(v) for k, v in options.items()}
+    out = {}
+    for k, v in options.items():
+        if k == "solver":
+            out[k] = check_solver_options(solver=v)["solver"]
+        elif k == "guidance_interval":
+            interval = check_solver_options(guidance_interval=v)["guidance_interval"]
+            out[k] = None if interval is None else [interval[0], interval[1] if math.isfinite(interval[1]) else "inf"]
+        else:
+            out[k] = float(v)
+    return out
 
 
 def _load_component(folder: Path, index: Path, name: str, entry, device):
