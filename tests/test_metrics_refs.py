@@ -47,8 +47,9 @@ def test_other_classifier_refused(refs, tmp_path):
     jsonl = tmp_path / "m.jsonl"
     assert_refused(["metrics", "calc", "--images", refs["data"], "--ref", refs["ref"], "--num", "24",
                     "--workers", "0", "--detector-dir", refs["b"], "--jsonl", jsonl],
-                   watch=[tmp_path, refs["dir"]], match=["made with classifier", "but scoring with classifier",
-                                                         "edm2 metrics ref"])
+                   watch=[tmp_path, refs["dir"]],
+                   match=[f"--ref {refs['ref']}: fd_classifier statistics made with classifier",
+                          "but scoring with classifier", "edm2 metrics ref"])
     assert not jsonl.exists()
 
 
@@ -59,7 +60,9 @@ def test_classifier_ref_without_record_refused(refs, tmp_path):
         calc_metrics(refs["data"], old, num=24, workers=0, detector_dir=refs["a"], progress=False)
     assert_refused(["metrics", "calc", "--images", refs["data"], "--ref", old, "--num", "24", "--workers", "0",
                     "--detector-dir", refs["a"], "--jsonl", tmp_path / "m.jsonl"],
-                   watch=[tmp_path], match=["edm2 metrics ref --data", "--metrics fd_classifier"])
+                   watch=[tmp_path], match=[f"--ref {old}: its fd_classifier statistics do not record",
+                                            f"edm2 metrics ref --data {refs['data']} --dest {tmp_path / 'old-new.npz'}",
+                                            "--metrics fd_classifier"])
 
 
 def test_other_resolution_refused(refs, tmp_path):
@@ -69,4 +72,18 @@ def test_other_resolution_refused(refs, tmp_path):
     save_ref(ref, {"fd_tiny": s}, source="x", resolution=64)
     assert load_ref(ref)["fd_tiny"]["resolution"] == 64
     assert_refused(["metrics", "calc", "--images", refs["data"], "--ref", ref, "--num", "24", "--workers", "0",
-                    "--jsonl", tmp_path / "m.jsonl"], watch=[tmp_path], match=["made from 64x64 images"])
+                    "--jsonl", tmp_path / "m.jsonl"], watch=[tmp_path],
+                   match=[f"--ref {ref}: made from 64x64 images but the images in {refs['data']} are 16x16"])
+
+
+def test_sweep_and_gen_refuse_another_classifier_before_any_work(refs, tmp_path, tiny_snapshot):
+    from helpers import write_ema_run
+
+    run = write_ema_run(tmp_path / "run", times=(64, 128), step=0.3)
+    assert_refused(["sweep", "--rundir", run, "--std", "0.06", "--ref", refs["ref"], "--num", "6",
+                    "--detector-dir", refs["b"], "--outdir", tmp_path / "sweep"],
+                   watch=[tmp_path], match=["made with classifier", "but scoring with classifier"])
+    assert not (tmp_path / "sweep").exists()
+    assert_refused(["metrics", "gen", "--net", tiny_snapshot, "--ref", refs["ref"], "--num", "6",
+                    "--detector-dir", refs["b"], "--jsonl", tmp_path / "m.jsonl"],
+                   watch=[tmp_path], match=["made with classifier", "but scoring with classifier"])

@@ -117,13 +117,20 @@ def _read_ref(path) -> dict:
                     dets = meta.get("detectors") or {}
                     return {m: {"mu": z[f"{m}_mu"].astype(np.float64), "sigma": z[f"{m}_sigma"].astype(np.float64),
                                 "detector": dets.get(m), "resolution": meta.get("resolution"),
-                                "source": meta.get("source") or str(z["source"])}
+                                "source": meta.get("source") or str(z["source"]), "path": text}
                             for m in names}
         except EDM2Error:
             raise
         except (OSError, ValueError, KeyError) as e:
             raise EDM2Error(f"ref={text}: unreadable statistics file ({safe_error_text(e)})") from None
     return load_reference_stats(text)
+
+
+def _where(ref: dict, ref_path) -> str:
+    """The reference's file for messages: `ref_path`, or the path `load_ref` kept in a loaded dict."""
+    if ref_path != "REF":
+        return str(ref_path)
+    return next((s["path"] for s in ref.values() if isinstance(s, dict) and s.get("path")), "REF")
 
 
 def _recompute_hint(ref: dict, metric: str, ref_path) -> str:
@@ -138,6 +145,7 @@ def check_ref_detectors(ref: dict, detectors: dict, ref_path="REF") -> None:
     fd_classifier statistics must record their classifier's sha256 (`save_ref`); the
     fixed, published detectors (fid, fd_dinov2) are named by their metric, and files
     without a record (the authors' .pkl, older files) are taken as made with them."""
+    ref_path = _where(ref, ref_path)
     for m, det in detectors.items():
         if m not in ref:
             continue
@@ -159,6 +167,7 @@ def check_ref_detectors(ref: dict, detectors: dict, ref_path="REF") -> None:
 
 def check_ref_resolution(ref: dict, resolution: int, ref_path="REF", what: str = "images") -> None:
     """Refuse scoring images of another resolution than the reference's (when it recorded one)."""
+    ref_path = _where(ref, ref_path)
     for s in ref.values():
         res = s.get("resolution") if isinstance(s, dict) else None
         if res is not None and int(res) != int(resolution):
