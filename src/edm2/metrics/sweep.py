@@ -154,7 +154,14 @@ def _reconstruct(rundir, outdir: Path, sigma_rels, at_nimg, progress) -> list[Pa
             os.replace(outdir / name, staging / name)
     # Snapshots left by an interrupted sweep are rebuilt unless they are exactly this reconstruction
     # (posthoc never replaces the run's own snapshots).
-    reconstruct(rundir, staging, sigma_rels, at_nimg=at_nimg, overwrite=True, progress=progress)
+    try:
+        reconstruct(rundir, staging, sigma_rels, at_nimg=at_nimg, overwrite=True, progress=progress)
+    except BaseException:
+        try:
+            staging.rmdir()  # only when empty: a refused reconstruction leaves no folder behind
+        except OSError:
+            pass
+        raise
     for name in names:
         os.replace(staging / name, outdir / name)
     try:
