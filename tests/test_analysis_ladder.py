@@ -141,6 +141,53 @@ def test_bad_input(data, tmp_path, capsys):
         assert not out.exists()
 
 
+def test_second_ladder_on_the_same_folder_refused(ladder, data):
+    from edm2.utils.fileio import RunLock
+
+    out, _ = ladder
+    before = hashes(out)
+    with RunLock(out):   # a ladder running on this folder (here: this process)
+        with pytest.raises(EDM2Error, match="is in use by this process"):
+            run_ladder(config(out, data))
+    assert hashes(out) == before
+
+
+def test_everything_checked_before_anything_is_written(data, tmp_path, capsys):
+    out = tmp_path / "new"
+    for argv, needle in [(["--seed", "-1"], "error: --seed -1: must be a whole number >= 0"),
+                         (["--std", "0.05,0.0501"], "agree to 3 decimals"),
+                         (["--duration", "12"], "--duration 12: must be a positive multiple"),
+                         (["--data", str(tmp_path / "none")], str(tmp_path / "none")),
+                         (["--metrics", "fd_classifier", "--detector-dir", str(tmp_path / "weights")],
+                          "no classifier there")]:
+        with pytest.raises(SystemExit):
+            cli_main(["ladder", "--outdir", str(out), "--preset", "tiny", "--configs", "B,G", "--data", str(data),
+                      "--metrics", "fd_tiny", "--duration", "32", "--snapshots", "2", *argv])
+        err = capsys.readouterr().err.strip()
+        assert needle in err and "\n" not in err, (argv, err)
+        assert not out.exists(), argv
+        assert sorted(p.name for p in tmp_path.iterdir()) == [], argv
+
+
+@pytest.mark.parametrize("damage", ["rung", "sweep"])
+def test_damaged_records_named(ladder, data, tmp_path, damage):
+    import shutil
+
+    src, _ = ladder
+    out = tmp_path / "out"
+    shutil.copytree(src, out)
+    if damage == "rung":
+        path = out / "G" / "ladder-rung.json"
+        path.write_text(path.read_text()[:40])          # truncated
+    else:
+        (out / "G" / "ladder-rung.json").unlink()
+        path = out / "G" / "sweep" / "sweep.csv"
+        path.write_text("config,value\nB,1\n")          # wrong columns
+    with pytest.raises(EDM2Error, match="the file is damaged: delete it") as e:
+        run_ladder(config(out, data))
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+
+
 def test_growth_factors():
     records = [
         {"nimg": 0, "net": "raw", "act_max": {"enc-16x16": 1.0, "dec-8x8": 2.0}},

@@ -268,6 +268,52 @@ def test_measure_stored_snapshots(tmp_path, capsys):
     assert "--ema-std 0.2: the run stores the EMA lengths 0.050, 0.100" in capsys.readouterr().err
 
 
+def test_measure_never_truncates_and_refuses_bad_counts(tmp_path):
+    import numpy as np
+
+    from edm2.data import convert_dataset
+    from helpers.cli import assert_refused
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", images=rng.integers(0, 256, (12, 16, 16), dtype=np.uint8))
+    convert_dataset(tmp_path / "d.npz", tmp_path / "data", progress=False, workers=1)
+    run = write_run(tmp_path / "run", times=(64, 128), sigma_rels=(0.05, 0.1), data=tmp_path / "data",
+                    config={"data": str(tmp_path / "data"), "seed": 3}, net_at=lambda nimg: _tiny_g())
+    log = run / "stats.jsonl"
+    log.write_text('{"nimg": 64, "loss": 0.5}\n')
+    mine = tmp_path / "mine.jsonl"
+    mine.write_text("kept\n")
+    base = ["dynamics", "measure", run, "--device", "cpu"]
+    # The run's own training log is never replaced, with or without --overwrite.
+    for extra in ([], ["--overwrite"]):
+        assert_refused(base + ["--probe", "8", "--out", log, *extra], watch=[tmp_path],
+                       match=["is a file of the run itself"])
+    assert_refused(base + ["--probe", "8", "--out", mine], watch=[tmp_path],
+                   match=[f"--out {mine}: already exists", "--overwrite"])
+    for extra, needle in [(["--probe", "0"], "--probe 0: must be a whole number >= 1"),
+                          (["--probe", "-3"], "--probe -3: must be"),
+                          (["--ema-std", "nan"], "--ema-std nan: must be a finite number"),
+                          (["--ema-std", "inf"], "--ema-std inf: must be a finite number")]:
+        assert_refused(base + extra, watch=[tmp_path], match=[needle])
+    # With --overwrite an earlier output is replaced, atomically, at the end.
+    from edm2.cli import main
+    main([str(a) for a in base + ["--probe", "8", "--out", mine, "--overwrite"]])
+    assert [json.loads(line)["nimg"] for line in mine.read_text().splitlines()] == [64, 128]
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_plot_refuses_existing_files(tmp_path):
+    from edm2.cli import main
+    from helpers.cli import assert_refused
+
+    a = _synthetic_run(tmp_path / "C", 20.0)
+    (tmp_path / "fig-loss.png").write_bytes(b"mine")
+    assert_refused(["dynamics", "plot", a, "--out", tmp_path / "fig.png"], watch=[tmp_path],
+                   match=["fig-loss.png already exists", "--overwrite"])
+    main(["dynamics", "plot", str(a), "--out", str(tmp_path / "fig.png"), "--overwrite"])
+    assert (tmp_path / "fig-loss.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def _strip(records):
     return [{k: v for k, v in r.items() if k not in ("time", "seconds")} for r in records]
 

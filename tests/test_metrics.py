@@ -247,6 +247,38 @@ def test_sweep_solvers_and_steps_against_network_evaluations(files, tmp_path, ca
         sweep(run, "0.08", files["ref"], outdir=tmp_path / "s3", num=4, solvers="heun,dpm++2m", S_churn=1)
     assert not (tmp_path / "s3").exists()
 
+def test_second_sweep_into_the_same_folder_is_refused_while_the_first_runs(files, tmp_path, monkeypatch):
+    from helpers.cli import assert_refused
+
+    sweep_module = sys.modules["edm2.metrics.sweep"]  # the module (edm2.metrics.sweep is also the function's name)
+    run = write_ema_run(tmp_path / "run", times=(64, 128, 192, 256), step=0.3)
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--rundir", str(run), "--std", "0.06,0.09", "--ref", str(files["ref"]), "--num", "6",
+            "--steps", str(STEPS), "--outdir", str(out)]
+    real, seen = sweep_module.gen_metrics, []
+
+    def gen_metrics_with_a_second_sweep(*args, **kwargs):
+        if not seen:  # the first sweep has reconstructed its snapshots and evaluates: a second one starts
+            seen.append(assert_refused(argv[:4] + ["0.07"] + argv[5:], watch=[out],
+                                       match=["is in use by this process", "choose another --outdir"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sweep_module, "gen_metrics", gen_metrics_with_a_second_sweep)
+    assert main(argv) == 0
+    assert len(seen) == 1
+    with open(out / "sweep.csv") as f:
+        assert [float(r["ema_std"]) for r in csv.DictReader(f)] == [0.06, 0.09]
+    assert sorted(p.name for p in out.iterdir()) == sorted([snapshot_name(256, 0.06), snapshot_name(256, 0.09),
+                                                            "sweep.csv", "sweep.png"])
+
+
+def test_sweep_refuses_lengths_that_share_a_file_name(files, tmp_path):
+    from helpers.cli import assert_refused
+
+    run = write_ema_run(tmp_path / "run", times=(64, 128), step=0.3)
+    assert_refused(["sweep", "--rundir", run, "--std", "0.05,0.0501", "--ref", files["ref"], "--num", "6",
+                    "--outdir", tmp_path / "sweep"], watch=[tmp_path], match=["agree to 3 decimals"])
+
 
 # ---------------------------------------------------------------------------
 # Bad input: one line, exit status 2, nothing written

@@ -115,6 +115,27 @@ def test_cli(tmp_path, tiny_snapshot, capsys):
     assert len(err.splitlines()) == 1 and "--layer 'dec.99x99_x': no such block; allowed: enc.16x16_conv" in err
 
 
+def test_cli_refuses_bad_counts_and_existing_csv(tmp_path, tiny_snapshot):
+    from helpers.cli import assert_refused
+
+    data = _dataset(tmp_path / "d", n=40)
+    out = tmp_path / "s.csv"
+    out.write_text("mine\n")
+    base = ["probe", "--net", tiny_snapshot, "--data", data, "--device", "cpu"]
+    for extra, needle in [(["--sigma", "0.05", "--batch", "0"], "--batch 0: must be a whole number >= 1"),
+                          (["--sigma", "0.05", "--max-images", "0"], "--max-images 0: must be"),
+                          (["--sigma", "0.05", "--max-images", "-5"], "--max-images -5: must be"),
+                          (["--sigma", "0.05", "--seed", "-1"], "--seed -1: must be"),
+                          (["--sigma", "inf"], "finite noise levels"),
+                          (["--sigma", "nan"], "finite noise levels"),
+                          (["--sigma", "0.05", "--holdout", "nan"], "--holdout nan: must be between 0 and 1"),
+                          (["--sigma", "0.05", "--csv", out], f"--csv {out}: already exists")]:
+        assert_refused(base + extra, watch=[tmp_path], match=[needle])
+    main([str(a) for a in base + ["--sigma", "0.05", "--csv", out, "--overwrite"]])
+    with open(out) as f:
+        assert len(list(csv.DictReader(f))) == 1
+
+
 def test_cli_default_data_is_the_builtin(tmp_path, tiny_snapshot, capsys, monkeypatch):
     """Without --data the probe uses the built-in dataset (that of `edm2 train` without --data)."""
     import edm2.cli.probe as cli_probe

@@ -41,6 +41,7 @@ import json
 import math
 import os
 import re
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,8 +53,8 @@ from tqdm import tqdm
 from ..data import ImageDataset
 from ..encoders import encoder_from_meta
 from ..io.snapshot import list_snapshots, load_snapshot, read_snapshot_meta
-from ..utils.errors import EDM2Error, MissingFileError
-from ..utils.fileio import atomic_write_bytes, pyplot, save_figure
+from ..utils.errors import EDM2Error, ExistingFileError, MissingFileError
+from ..utils.fileio import atomic_write_bytes, move_into_place, pyplot, save_figure
 
 __all__ = ["DynamicsHook", "measure", "make_measurement_batch", "measure_snapshots", "load_dynamics",
            "growth_factors", "plot_dynamics", "plot_loss_profile", "find_blocks"]
@@ -508,16 +509,33 @@ class DynamicsHook:
                                  extra={"ema": {"ema_std": sigma_rel}})
 
 
+def _check_new_output(path, overwrite: bool, name: str = "out") -> Path:
+    """Refuse an output file that exists (unless `overwrite`) or is not a file."""
+    path = Path(path)
+    if path.is_dir():
+        raise ExistingFileError(f"{name}={path}: is a folder; give a file name")
+    if path.exists() and not overwrite:
+        raise ExistingFileError(f"{name}={path}: already exists; choose another file or pass overwrite=True")
+    return path
+
+
 def measure_snapshots(run, sigma_rel: float | None = None, data=None, probe_size: int = 256, out=None,
-                      device="cpu", progress: bool = False) -> Path:
+                      device="cpu", progress: bool = False, overwrite: bool = False) -> Path:
     """Measure the stored EMA snapshots of a finished (or running) run after
     the fact, one record per snapshot, into `out` (default
-    `<run>/dynamics-snapshots.jsonl`, rewritten): the paper's Fig. 15 for a run
+    `<run>/dynamics-snapshots.jsonl`): the paper's Fig. 15 for a run
     that was trained without `--dynamics`. `sigma_rel`: which stored EMA
     (default: the longest). The measurement batch is the one `--dynamics`
     would use: the run's dataset (or `data`), seed and noise-level distribution from its
-    config.json. Returns the output path."""
+    config.json. An existing `out` is refused unless `overwrite` (and the run's own
+    files, such as its training logs, always are); the file is written atomically once
+    every snapshot is measured. Returns the output path."""
     run = Path(run)
+    if isinstance(probe_size, bool) or not isinstance(probe_size, int) or probe_size < 1:
+        raise EDM2Error(f"probe_size={probe_size!r}: must be a whole number >= 1 (items in the measurement batch)")
+    if sigma_rel is not None and not (isinstance(sigma_rel, (int, float)) and math.isfinite(sigma_rel)
+                                      and sigma_rel > 0):
+        raise EDM2Error(f"sigma_rel={sigma_rel!r}: must be a finite number > 0 (a stored EMA length)")
     if not run.is_dir():
         raise MissingFileError(f"{run}: not a run folder")
     snaps = [r for r in list_snapshots(run) if r[1] is not None]
@@ -529,6 +547,11 @@ def measure_snapshots(run, sigma_rel: float | None = None, data=None, probe_size
     if not snaps:
         raise EDM2Error(f"sigma_rel={sigma_rel}: the run stores the EMA lengths "
                         f"{', '.join(f'{s:.3f}' for s in stored)}")
+    out = Path(out) if out is not None else run / SNAPSHOTS_FILE
+    if out.exists() and out.parent.resolve() == run.resolve() and out.name != SNAPSHOTS_FILE:
+        raise ExistingFileError(f"out={out}: is a file of the run itself (e.g. its training log); choose another "
+                                f"file (default {run / SNAPSHOTS_FILE})")
+    _check_new_output(out, overwrite)
     config = json.loads((run / "config.json").read_text()) if (run / "config.json").is_file() else {}
     meta = read_snapshot_meta(snaps[0][2])
     data = data or config.get("data") or meta.get("dataset", {}).get("path")
@@ -538,13 +561,22 @@ def measure_snapshots(run, sigma_rel: float | None = None, data=None, probe_size
         ImageDataset(data, use_labels=bool(meta["net_kwargs"].get("label_dim"))),
         encoder_from_meta(meta.get("encoder", {"type": "rgb"})), probe_size, seed=_probe_seed(config.get("seed", 0)),
         P_mean=config.get("P_mean", -0.4), P_std=config.get("P_std", 1.0))
-    out = Path(out) if out is not None else run / SNAPSHOTS_FILE
     out.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(out, b"")
-    tracker = DynamicsTracker(out.parent, batch, filename=out.name)
-    for nimg, snap_sigma_rel, path in tqdm(snaps, desc="measuring snapshots", unit="snapshot", disable=not progress):
-        net, _ = load_snapshot(path, device=device)
-        tracker.measure(nimg, {"ema": net}, extra={"ema": {"ema_std": snap_sigma_rel, "snapshot": path.name}})
+    # Measured into a temporary file beside `out`, renamed into place at the end: an existing
+    # file is never emptied, and an interrupted measurement leaves nothing behind.
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        tracker = DynamicsTracker(out.parent, batch, filename=tmp.name)
+        for nimg, snap_sigma_rel, path in tqdm(snaps, desc="measuring snapshots", unit="snapshot",
+                                               disable=not progress):
+            net, _ = load_snapshot(path, device=device)
+            tracker.measure(nimg, {"ema": net}, extra={"ema": {"ema_std": snap_sigma_rel, "snapshot": path.name}})
+        move_into_place(tmp, out)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     return out
 
 

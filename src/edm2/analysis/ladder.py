@@ -41,16 +41,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..data import builtin_dataset_path
-from ..ema.profiles import check_sigma_rel
 from ..io.snapshot import list_snapshots
 from ..metrics import gen_metrics, load_detectors, load_ref, reference_stats, resolve_metrics, sweep
-from ..metrics.sweep import CSV_NAME, write_csv
+from ..metrics.evaluate import check_ref_detectors
+from ..metrics.sweep import CSV_NAME, check_sweep_lengths, write_csv
 from ..nn import CONFIGS, check_config
 from ..presets import RECIPES, get_preset
 from ..train.checkpoint import list_checkpoints
-from ..train.loop import TrainConfig, train
+from ..train.loop import TrainConfig, plan_run, train
 from ..utils.errors import EDM2Error, ExistingFileError, MissingFileError
-from ..utils.fileio import atomic_write_bytes, pyplot, save_figure
+from ..utils.fileio import LOCK_NAME, RunLock, atomic_write_bytes, pyplot, save_figure
 from ..utils.units import parse_float_list
 from .dynamics import growth_factors, load_dynamics, plot_dynamics, plot_loss_profile
 from .flops import count_network
@@ -137,9 +137,10 @@ def _check(cfg: LadderConfig) -> LadderConfig:
     if len(set(configs)) != len(configs):
         raise EDM2Error(f"configs={','.join(configs)}: a config is given twice")
     configs = sorted(configs)
-    sigma_rels = list(dict.fromkeys(parse_float_list(cfg.sigma_rels, "sigma_rels")))
-    if any(c != "A" for c in configs):
-        check_sigma_rel(sigma_rels, "sigma_rels")
+    if any(c != "A" for c in configs):  # in (0, max), and no two sharing a snapshot file name
+        sigma_rels = check_sweep_lengths(cfg.sigma_rels, "sigma_rels")
+    else:
+        sigma_rels = list(dict.fromkeys(parse_float_list(cfg.sigma_rels, "sigma_rels")))
     metrics = resolve_metrics(cfg.metrics)
     preset = get_preset(cfg.preset)
     duration = int(cfg.duration if cfg.duration is not None else preset.duration)
@@ -160,6 +161,8 @@ def _check(cfg: LadderConfig) -> LadderConfig:
         raise EDM2Error(f"steps={cfg.steps}: must be >= 1")
     if cfg.batch_size < 1:
         raise EDM2Error(f"batch_size={cfg.batch_size}: must be >= 1")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
+        raise EDM2Error(f"seed={cfg.seed!r}: must be a whole number >= 0")
     data = str(Path(cfg.data).resolve()) if cfg.data is not None else None
     return dataclasses.replace(cfg, configs=tuple(configs), sigma_rels=tuple(sigma_rels), metrics=tuple(metrics),
                                duration=duration, data=data)
@@ -208,7 +211,8 @@ def _claim_outdir(out: Path, settings: dict) -> None:
         return
     # A new ladder goes into a new or empty folder; a *.log file (the command's own output, e.g.
     # `nohup edm2 ladder --outdir DIR > DIR/ladder.log`) is allowed there.
-    if out.exists() and (not out.is_dir() or any(p.suffix != ".log" for p in out.iterdir())):
+    if out.exists() and (not out.is_dir() or any(p.suffix != ".log" and p.name != LOCK_NAME
+                                                 for p in out.iterdir())):
         raise ExistingFileError(f"outdir={out}: exists and holds no {LADDER_FILE}; choose a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, (json.dumps(settings, indent=2) + "\n").encode())
@@ -224,13 +228,24 @@ def _say(cfg: LadderConfig, text: str) -> None:
 
 
 def read_csv_rows(path, metrics) -> list[dict]:
-    """The rows of a sweep.csv (numbers as numbers; an empty ema_std: None)."""
+    """The rows of a sweep.csv (numbers as numbers; an empty ema_std: None). A file
+    without the columns ema_std, guidance, nimg, num, seed and one per metric, or
+    with a value that is not a number, raises `EDM2Error` naming it."""
     rows = []
-    with open(path, newline="") as f:
-        for r in csv.DictReader(f):
-            rows.append({"ema_std": float(r["ema_std"]) if r["ema_std"] else None,
-                         "guidance": float(r["guidance"]), "nimg": int(r["nimg"]), "num": int(r["num"]),
-                         "seed": int(r["seed"]), **{m: float(r[m]) for m in metrics}})
+    want = ["ema_std", "guidance", "nimg", "num", "seed", *metrics]
+    try:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in want if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ValueError(f"no column {missing[0]!r}")
+            for r in reader:
+                rows.append({"ema_std": float(r["ema_std"]) if r["ema_std"] else None,
+                             "guidance": float(r["guidance"]), "nimg": int(r["nimg"]), "num": int(r["num"]),
+                             "seed": int(r["seed"]), **{m: float(r[m]) for m in metrics}})
+    except (ValueError, TypeError, csv.Error, UnicodeDecodeError) as e:
+        raise EDM2Error(f"{path}: not a sweep.csv with the columns {', '.join(want)} ({str(e)[:120]}); the file "
+                        f"is damaged: delete it to evaluate again") from None
     return rows
 
 
@@ -282,7 +297,7 @@ def _rung(cfg: LadderConfig, letter: str, ref: dict, detectors: dict) -> LadderR
     done = rundir / RUNG_FILE
     if done.is_file():
         _say(cfg, f"{letter}: finished earlier ({done})")
-        return LadderRung(**json.loads(done.read_text()))
+        return _read_rung(done)
     if _trained(rundir, cfg.duration):
         _say(cfg, f"{letter}: trained earlier")
     else:
@@ -306,6 +321,18 @@ def _rung(cfg: LadderConfig, letter: str, ref: dict, detectors: dict) -> LadderR
     return rung
 
 
+def _read_rung(path: Path) -> LadderRung:
+    """A finished rung's ladder-rung.json; a damaged one raises `EDM2Error` naming it."""
+    try:
+        rung = LadderRung(**json.loads(path.read_text()))
+        if not (isinstance(rung.values, dict) and isinstance(rung.sweep, list) and isinstance(rung.config, str)):
+            raise ValueError("values, sweep or config of the wrong type")
+        return rung
+    except (ValueError, TypeError, UnicodeDecodeError) as e:
+        raise EDM2Error(f"{path}: not a finished rung's record ({type(e).__name__}: {str(e)[:120]}); the file is "
+                        f"damaged: delete it to evaluate the rung again (its training is kept)") from None
+
+
 def _reference(cfg: LadderConfig, detectors: dict) -> dict:
     path = Path(cfg.outdir) / REF_NAME
     if not path.is_file():
@@ -313,7 +340,13 @@ def _reference(cfg: LadderConfig, detectors: dict) -> dict:
         _say(cfg, f"reference statistics of {data} -> {path}")
         reference_stats(data, path, metrics=list(cfg.metrics), workers=0, device="cpu", progress=cfg.progress,
                         detectors=detectors)
-    return load_ref(path)
+    ref = load_ref(path)
+    try:
+        check_ref_detectors(ref, detectors, str(path))
+    except EDM2Error as e:
+        raise EDM2Error(f"{e}; or, to continue this ladder, rerun with the detector_dir it was evaluated "
+                        f"with") from None
+    return ref
 
 
 def run_ladder(cfg: LadderConfig) -> list[LadderRung]:
@@ -321,11 +354,18 @@ def run_ladder(cfg: LadderConfig) -> list[LadderRung]:
     docstring); returns one `LadderRung` per config, in letter order."""
     cfg = _check(cfg)
     out = Path(cfg.outdir)
-    _claim_outdir(out, ladder_settings(cfg))
+    settings = ladder_settings(cfg)
+    # Everything is checked before anything is written: every rung's training settings and
+    # dataset (as `train` will check them), and the detectors' weights.
+    for letter in cfg.configs:
+        plan_run(rung_train_config(cfg, letter))
     detectors = load_detectors(list(cfg.metrics), cfg.detector_dir, "cpu")
-    ref = _reference(cfg, detectors)
-    rungs = [_rung(cfg, letter, ref, detectors) for letter in cfg.configs]
-    write_outputs(cfg, rungs)
+    # One ladder at a time in a folder: a second `edm2 ladder` on it is refused, not joined.
+    with RunLock(out, "`outdir`"):
+        _claim_outdir(out, settings)
+        ref = _reference(cfg, detectors)
+        rungs = [_rung(cfg, letter, ref, detectors) for letter in cfg.configs]
+        write_outputs(cfg, rungs)
     return rungs
 
 

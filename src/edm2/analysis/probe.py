@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -34,7 +35,7 @@ from tqdm import tqdm
 from ..data import ImageDataset
 from ..encoders import encoder_from_meta
 from ..io.loading import load_network
-from ..utils.errors import EDM2Error
+from ..utils.errors import EDM2Error, ExistingFileError
 from ..utils.fileio import atomic_write_bytes
 from .dynamics import find_blocks
 
@@ -176,6 +177,27 @@ def _open_dataset(data, net, what: str, max_images, seed) -> ImageDataset:
     return ds
 
 
+def _whole(name: str, value, low: int, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise EDM2Error(f"{name}={value!r}: must be a whole number >= {low}")
+
+
+def check_probe_options(sigmas, batch_size: int = 128, max_images=None, seed: int = 0, holdout: float = 0.2) -> None:
+    """Refuse unusable probe settings before any work: noise levels finite and > 0,
+    batch_size >= 1, max_images None or >= 1, seed >= 0, holdout in (0, 1) (None: not used)."""
+    values = [sigmas] if isinstance(sigmas, (int, float)) else list(sigmas)
+    if not values or any(isinstance(s, bool) or not isinstance(s, (int, float)) or not math.isfinite(s) or s <= 0
+                         for s in values):
+        raise EDM2Error(f"sigmas={values}: give one or more finite noise levels > 0")
+    _whole("batch_size", batch_size, 1)
+    _whole("max_images", max_images, 1, allow_none=True)
+    _whole("seed", seed, 0)
+    if holdout is not None and not (isinstance(holdout, (int, float)) and 0 < holdout < 1):
+        raise EDM2Error(f"holdout={holdout}: must be between 0 and 1")
+
+
 def probe_sweep(net, data, sigmas, layers=None, test_data=None, holdout: float = 0.2, max_images: int | None = None,
                 seed: int = 0, batch_size: int = 128, device="cpu", meta: dict | None = None,
                 progress: bool = False) -> list[ProbeResult]:
@@ -184,6 +206,8 @@ def probe_sweep(net, data, sigmas, layers=None, test_data=None, holdout: float =
     ImageDatasets). Without `test_data`, a seeded `holdout` fraction of `data`
     is held out. `max_images` caps each dataset (a seeded random subset).
     One pass over the data per sigma gives every layer's features."""
+    check_probe_options(sigmas, batch_size=batch_size, max_images=max_images, seed=seed,
+                        holdout=holdout if test_data is None else None)
     if not isinstance(net, torch.nn.Module):
         net, meta = load_network(net, device=device)
     net = net.to(device)
@@ -193,8 +217,6 @@ def probe_sweep(net, data, sigmas, layers=None, test_data=None, holdout: float =
     encoder = encoder_from_meta((meta or {}).get("encoder", {"type": "rgb"}))
     layers = _resolve_layers(net, layers)
     sigmas = [float(s) for s in sigmas]
-    if not sigmas or any(not s > 0 for s in sigmas):
-        raise EDM2Error(f"sigmas={sigmas}: give one or more noise levels > 0")
     train_ds = _open_dataset(data, net, "data", max_images, seed)
     labels = torch.as_tensor(_labels(train_ds, "data"))
     if test_data is not None:
@@ -235,8 +257,11 @@ def linear_probe(net, data, sigma: float, layer: str | None = None, **kwargs) ->
     return probe_sweep(net, data, [sigma], None if layer is None else [layer], **kwargs)[0]
 
 
-def write_probe_csv(results, path) -> None:
-    """One row per result, columns CSV_FIELDS; written atomically."""
+def write_probe_csv(results, path, overwrite: bool = False) -> None:
+    """One row per result, columns CSV_FIELDS; written atomically. An existing
+    file is refused unless `overwrite`."""
+    if Path(path).exists() and not overwrite:
+        raise ExistingFileError(f"csv={path}: already exists; choose another file or pass overwrite=True")
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=CSV_FIELDS, lineterminator="\n")
     writer.writeheader()

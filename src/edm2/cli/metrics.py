@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..metrics import calc_metrics, gen_metrics, load_ref, reference_stats, sweep
 from ..metrics.classifier import train_classifier
-from ..metrics.evaluate import append_jsonl, load_detectors, resolve_metrics
+from ..metrics.evaluate import append_jsonl, check_ref_detectors, load_detectors, resolve_metrics
 from ..metrics.sweep import SWEEP_KEYS, best_rows
 from ..presets import apply_generation_preset
 from ..sampling import SOLVERS, check_guidance, check_solver_options
@@ -161,6 +161,7 @@ def run_calc(args) -> int:
     rank, world = _start()
     try:
         dets = load_detectors(metrics, args.detector_dir, resolve_device(args.device))
+        check_ref_detectors(ref, dets, args.ref)
         results = [calc_metrics(args.images, ref, metrics, num=num, seed=s, batch_size=args.batch_size,
                                 workers=args.workers, detector_dir=args.detector_dir,
                                 device=resolve_device(args.device),
@@ -187,6 +188,7 @@ def run_gen(args) -> int:
     rank, world = _start()
     try:
         dets = load_detectors(metrics, args.detector_dir, resolve_device(args.device))
+        check_ref_detectors(ref, dets, args.ref)
         results = []
         for s in seeds:
             results.append(gen_metrics(args.net, ref, gnet=args.gnet, guidance=args.guidance, metrics=metrics,

@@ -31,7 +31,7 @@ from ..data import ImageDataset
 from ..generate import generate_images, load_nets
 from ..utils.errors import EDM2Error, ExistingFileError
 from .detectors import Classifier, ClassifierConfig, ClassifierDetector, save_classifier
-from .evaluate import check_ref_stats, distances, gen_seeds
+from .evaluate import check_ref_detectors, check_ref_resolution, check_ref_stats, distances, gen_seeds
 from .stats import FeatureStats
 
 # ---------------------------------------------------------------------------
@@ -130,10 +130,13 @@ def classifier_scores(net, ref: dict, detector: ClassifierDetector, num: int = 1
     if "fd_classifier" not in ref:
         raise EDM2Error("the reference statistics hold no fd_classifier entry; make them with "
                          "`edm2 metrics ref --metrics fd_classifier --detector-dir DIR`")
+    check_ref_detectors(ref, {"fd_classifier": detector})
     net, _, encoder, _ = load_nets(net, None, device)
     stats, hits, total, conditional = FeatureStats(detector.feature_dim), 0, 0, False
     for b in generate_images(net, encoder, gen_seeds(num, seed), batch_size=batch_size, device=device,
                              rank=0, world_size=1, progress=progress, **sampler_kwargs):
+        if not total:
+            check_ref_resolution(ref, int(b.images.shape[-1]), what="generated images")
         with torch.no_grad():  # one pass through the classifier gives the features and the predicted classes
             features = detector.classifier.features(detector.classifier.prepare(b.images))
         stats.append(features)

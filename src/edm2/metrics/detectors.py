@@ -24,6 +24,7 @@ missing file raises FileNotFoundError naming it and where to put it.
 """
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import io
@@ -310,11 +311,23 @@ class ClassifierDetector(Detector):
 
     metric = "fd_classifier"
 
-    def __init__(self, classifier: Classifier | None = None, meta: dict | None = None):
+    def __init__(self, classifier: Classifier | None = None, meta: dict | None = None,
+                 weights_sha256: str | None = None):
         super().__init__()
         self.classifier = (classifier if classifier is not None else Classifier(ClassifierConfig())).eval()
-        self.feature_dim = classifier.config.feature_dim
+        self.feature_dim = self.classifier.config.feature_dim
         self.meta = dict(meta or {})
+        self._sha256 = weights_sha256
+
+    @property
+    def weights_sha256(self) -> str:
+        """Which classifier this is: the sha256 of the classifier.safetensors file it was read from
+        (`sha256sum classifier.safetensors`), or, for one built in memory, of its weights serialised
+        as safetensors without metadata. Reference statistics record it (`edm2.metrics.evaluate.save_ref`)."""
+        if self._sha256 is None:
+            state = {k: v.detach().cpu().contiguous() for k, v in self.classifier.state_dict().items()}
+            return hashlib.sha256(save(state)).hexdigest()
+        return self._sha256
 
     def features(self, rgb):
         return self.classifier.features(self.classifier.prepare(rgb))
@@ -359,7 +372,25 @@ def load_classifier(path, device="cpu") -> ClassifierDetector:
         classifier.load_state_dict(state)
     except RuntimeError:
         raise EDM2Error(f"{path}: its tensors do not match its recorded architecture; the file is damaged") from None
-    return ClassifierDetector(classifier.to(device), json.loads(meta.get("info", "{}")))
+    return ClassifierDetector(classifier.to(device), json.loads(meta.get("info", "{}")), file_sha256(path))
+
+
+def file_sha256(path) -> str:
+    """sha256 of a file's bytes (read in chunks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def detector_record(metric: str, detector) -> dict:
+    """What reference statistics record about the detector of `metric`: its name, and for
+    "fd_classifier" (a network of your own, so not fixed by its name) the sha256 of its weights."""
+    record = {"name": metric}
+    if metric == "fd_classifier":
+        record["sha256"] = detector.weights_sha256
+    return record
 
 
 def _load_for_metric(folder: Path, download: bool, device) -> ClassifierDetector:

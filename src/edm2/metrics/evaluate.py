@@ -32,7 +32,7 @@ from ..utils.distributed import init_distributed, resolve_device
 from ..utils.errors import EDM2Error, ExistingFileError, MissingFileError
 from ..utils.fileio import atomic_write_bytes
 from ..utils.validate import safe_error_text
-from .detectors import DETECTORS, load_detector
+from .detectors import DETECTORS, detector_record, load_detector
 from .stats import FeatureStats, frechet_distance
 
 REF_FORMAT = "edm2-ref-v1"
@@ -42,10 +42,16 @@ REF_FORMAT = "edm2-ref-v1"
 # Reference statistics files
 # ---------------------------------------------------------------------------
 
-def save_ref(path, stats: dict, source: str = "") -> Path:
+def save_ref(path, stats: dict, source: str = "", detectors: dict | None = None,
+             resolution: int | None = None) -> Path:
     """Write {metric: FeatureStats} as .npz: `<metric>_mu`, `<metric>_sigma`
-    (float64), `<metric>_num`, plus `format` and `source` (strings). Atomic."""
-    arrays = {"format": np.array(REF_FORMAT), "source": np.array(str(source))}
+    (float64), `<metric>_num`, plus `format`, `source` and `meta` (strings). `meta`
+    is JSON: the detector of each metric (`edm2.metrics.detectors.detector_record`:
+    name, and the classifier's sha256 for fd_classifier), the image resolution and
+    the source, which readers check (`check_ref_detectors`, `check_ref_resolution`). Atomic."""
+    meta = {"source": str(source), "resolution": None if resolution is None else int(resolution),
+            "detectors": {m: detector_record(m, d) for m, d in (detectors or {}).items() if m in stats}}
+    arrays = {"format": np.array(REF_FORMAT), "source": np.array(str(source)), "meta": np.array(json.dumps(meta))}
     for metric, s in stats.items():
         arrays[f"{metric}_mu"] = s.mean()
         arrays[f"{metric}_sigma"] = s.cov()
@@ -105,13 +111,79 @@ def _read_ref(path) -> dict:
                     if str(z["format"]) != REF_FORMAT:
                         raise EDM2Error(f"ref={text}: format {str(z['format'])!r}, this edm2 reads {REF_FORMAT!r}")
                     names = [k[:-3] for k in z.files if k.endswith("_mu")]
-                    return {m: {"mu": z[f"{m}_mu"].astype(np.float64), "sigma": z[f"{m}_sigma"].astype(np.float64)}
+                    meta = json.loads(str(z["meta"])) if "meta" in z.files else {}
+                    if not isinstance(meta, dict):
+                        raise ValueError("its meta record is not a JSON object")
+                    dets = meta.get("detectors") or {}
+                    return {m: {"mu": z[f"{m}_mu"].astype(np.float64), "sigma": z[f"{m}_sigma"].astype(np.float64),
+                                "detector": dets.get(m), "resolution": meta.get("resolution"),
+                                "source": meta.get("source") or str(z["source"]), "path": text}
                             for m in names}
         except EDM2Error:
             raise
         except (OSError, ValueError, KeyError) as e:
             raise EDM2Error(f"ref={text}: unreadable statistics file ({safe_error_text(e)})") from None
     return load_reference_stats(text)
+
+
+def _where(ref: dict, ref_path) -> str:
+    """The reference's file for messages: `ref_path`, or the path `load_ref` kept in a loaded dict."""
+    if ref_path != "REF":
+        return str(ref_path)
+    return next((s["path"] for s in ref.values() if isinstance(s, dict) and s.get("path")), "REF")
+
+
+def _recompute_hint(ref: dict, metric: str, ref_path) -> str:
+    data = (ref.get(metric) or {}).get("source") or "DATASET"
+    new = Path(str(ref_path)).with_name(Path(str(ref_path)).stem + "-new.npz") if ref_path != "REF" else "NEW.npz"
+    return f"recompute it with `edm2 metrics ref --data {data} --dest {new} --metrics {metric} --detector-dir DIR`"
+
+
+def check_ref_detectors(ref: dict, detectors: dict, ref_path="REF") -> None:
+    """Refuse reference statistics made with another detector than the one scoring now
+    (a Fréchet distance between features of two different networks means nothing).
+    fd_classifier statistics must record their classifier's sha256 (`save_ref`); the
+    fixed, published detectors (fid, fd_dinov2) are named by their metric, and files
+    without a record (the authors' .pkl, older files) are taken as made with them."""
+    ref_path = _where(ref, ref_path)
+    for m, det in detectors.items():
+        if m not in ref:
+            continue
+        have = detector_record(m, det)
+        made = ref[m].get("detector")
+        if m == "fd_classifier" and not (isinstance(made, dict) and made.get("sha256")):
+            raise EDM2Error(f"ref={ref_path}: its fd_classifier statistics do not record which classifier made "
+                            f"them, so they cannot be checked against classifier {have['sha256'][:12]}; "
+                            + _recompute_hint(ref, m, ref_path))
+        if not isinstance(made, dict):
+            continue
+        if made.get("name") != m or made.get("sha256") != have.get("sha256"):
+            what = "classifier" if m == "fd_classifier" else "detector"
+            was = (made.get("sha256") or "?")[:12] if m == "fd_classifier" else made.get("name")
+            now = have["sha256"][:12] if m == "fd_classifier" else m
+            raise EDM2Error(f"ref={ref_path}: {m} statistics made with {what} {was} but scoring with {what} {now}; "
+                            + _recompute_hint(ref, m, ref_path))
+
+
+def check_ref_resolution(ref: dict, resolution: int, ref_path="REF", what: str = "images") -> None:
+    """Refuse scoring images of another resolution than the reference's (when it recorded one)."""
+    ref_path = _where(ref, ref_path)
+    for s in ref.values():
+        res = s.get("resolution") if isinstance(s, dict) else None
+        if res is not None and int(res) != int(resolution):
+            raise EDM2Error(f"ref={ref_path}: made from {res}x{res} images but the {what} are "
+                            f"{resolution}x{resolution}; use reference statistics of data at {resolution}x"
+                            f"{resolution} (`edm2 metrics ref`)")
+
+
+def _check_batches_resolution(batches, ref: dict, ref_path, what: str):
+    """Pass batches through, checking the first one's resolution against the reference."""
+    first = True
+    for images in batches:
+        if first and len(images):
+            check_ref_resolution(ref, int(images.shape[-1]), ref_path, what)
+            first = False
+        yield images
 
 
 # ---------------------------------------------------------------------------
@@ -240,7 +312,7 @@ def reference_stats(data, dest, metrics=("fid", "fd_dinov2"), batch_size: int = 
     stats = _compute_stats(_progress(batches, len(range(rank, len(ds), world)), "ref", progress and rank == 0),
                           detectors, device)
     if rank == 0:
-        save_ref(dest, stats, source=str(data))
+        save_ref(dest, stats, source=str(data), detectors=detectors, resolution=ds.resolution)
     return stats
 
 
@@ -261,7 +333,9 @@ def calc_metrics(images, ref, metrics=None, num: int = 50000, seed: int = 0, bat
         np.random.RandomState(seed % (1 << 32)).choice(len(ds), num, replace=False))
     rank, world = init_distributed()
     device = resolve_device(device)
+    check_ref_resolution(ref, ds.resolution, ref_path, f"images in {images}")
     detectors = {m: detectors[m] for m in metrics} if detectors else load_detectors(metrics, detector_dir, device)
+    check_ref_detectors(ref, detectors, ref_path)
     mine = chosen[rank::world]
     batches = _dataset_batches(ds, mine, batch_size, workers)
     stats = _compute_stats(_progress(batches, len(mine), "calc", progress and rank == 0), detectors, device)
@@ -289,10 +363,12 @@ def gen_metrics(net, ref, gnet=None, guidance: float = 1, metrics=None, num: int
     device = resolve_device(device)
     net, gnet, encoder, _ = load_nets(net, gnet, device)  # also checks that gnet fits net
     detectors = {m: detectors[m] for m in metrics} if detectors else load_detectors(metrics, detector_dir, device)
+    check_ref_detectors(ref, detectors, ref_path)
     batches = (b.images for b in generate_images(net, encoder, gen_seeds(num, seed), gnet=gnet, guidance=guidance,
                                                    batch_size=batch_size, device=device, rank=rank,
                                                    world_size=world, progress=progress and rank == 0,
                                                    **sampler_kwargs))
+    batches = _check_batches_resolution(batches, ref, ref_path, "generated images")
     return distances(_compute_stats(batches, detectors, device), ref)
 
 

@@ -10,25 +10,43 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 from pathlib import Path
 
 import torch.distributed as dist
 
 from ..ema.posthoc import find_phema_inputs, reconstruct, resolve_time
+from ..ema.profiles import check_sigma_rel
 from ..generate import load_nets
 from ..io.snapshot import read_snapshot_meta, snapshot_name
 from ..sampling import check_guidance, check_solver_options, sampler_nfe
 from ..utils.distributed import init_distributed, resolve_device
 from ..utils.errors import EDM2Error, ExistingFileError
-from ..utils.fileio import atomic_write_bytes, pyplot, save_figure
+from ..utils.fileio import RunLock, atomic_write_bytes, pyplot, save_figure
 from ..utils.units import parse_float_list, parse_int_list
 from ..utils.validate import check_sampler_options
-from .evaluate import gen_metrics, load_detectors, load_ref, resolve_metrics
+from .evaluate import check_ref_detectors, gen_metrics, load_detectors, load_ref, resolve_metrics
 
 CSV_NAME, PNG_NAME = "sweep.csv", "sweep.png"
 # sweep.csv's columns before the metrics. nfe: the main network's evaluations per image
 # (`edm2.sampling.sampler_nfe`; a guided step also evaluates the guide).
 SWEEP_KEYS = ("ema_std", "guidance", "solver", "steps", "nfe", "nimg", "num", "seed")
+
+STAGING = ".phema"   # sub-folder of the sweep folder that post-hoc EMA reconstructs into (see `_reconstruct`)
+
+
+def check_sweep_lengths(sigma_rels, name: str = "sigma_rels") -> list[float]:
+    """The EMA lengths of a sweep (list or '0.05,0.1' / '0.010,...,0.250'), checked: each in
+    (0, max) (`edm2.ema.profiles.check_sigma_rel`) and no two that agree to the 3 decimals of
+    a snapshot's file name (they would share one file)."""
+    values = list(dict.fromkeys(parse_float_list(sigma_rels, name)))
+    check_sigma_rel(values, name)
+    tags = [f"{s:.3f}" for s in values]
+    for i, tag in enumerate(tags):
+        if tag in tags[:i]:
+            raise EDM2Error(f"{name}={','.join(f'{s:g}' for s in values)}: {values[tags.index(tag)]:g} and "
+                            f"{values[i]:g} agree to 3 decimals and would share a snapshot file; drop one")
+    return values
 
 
 def write_csv(path, rows: list[dict], metrics: list[str]) -> None:
@@ -123,7 +141,7 @@ def sweep(rundir, sigma_rels, ref, outdir=None, at_nimg=None, metrics=None, num:
     counts (list or '8,12,16,32'; default sampler_kwargs' num_steps, else 32);
     guidance_interval: (sigma_lo, sigma_hi) for every guided point (docs/sampling.md).
     Under torchrun rank 0 reconstructs and writes, all processes generate."""
-    sigma_rels = list(dict.fromkeys(parse_float_list(sigma_rels, "sigma_rels")))
+    sigma_rels = check_sweep_lengths(sigma_rels, "sigma_rels")
     ws = list(dict.fromkeys(parse_float_list(guidance, "guidance")))
     for w in ws:
         check_guidance(w, gnet)
@@ -155,11 +173,59 @@ def sweep(rundir, sigma_rels, ref, outdir=None, at_nimg=None, metrics=None, num:
         if inputs:
             load_nets(inputs[-1].path, gnet, "cpu")
     detectors = {m: detectors[m] for m in metrics} if detectors else load_detectors(metrics, detector_dir, device)
+    check_ref_detectors(ref, detectors, ref_path)
 
+    # The whole sweep holds the folder's lock: a second sweep into it is refused instead of
+    # replacing this one's CSV and figure.
+    lock = RunLock(outdir, "`outdir`").acquire() if rank == 0 else None
+    try:
+        return _sweep_locked(rundir, sigma_rels, ws, ref, outdir, csv_path, png_path, at_nimg, metrics, num, seed,
+                             gnet, batch_size, device, progress, detectors, rank, world, solvers, steps,
+                             guidance_interval, sampler_kwargs)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _reconstruct(rundir, outdir: Path, sigma_rels, at_nimg, progress) -> list[Path]:
+    """Post-hoc EMA snapshots of `rundir` into `outdir`, which the sweep holds locked.
+    `reconstruct` takes its own lock on its output folder, so it writes into the
+    sub-folder STAGING (snapshots of an interrupted sweep are moved there first, so
+    matching ones are kept) and the results are then moved into `outdir`."""
+    t = resolve_time(find_phema_inputs(rundir), at_nimg)
+    staging = outdir / STAGING
+    staging.mkdir(exist_ok=True)
+    names = [snapshot_name(t, s) for s in sigma_rels]
+    for name in names:
+        if (outdir / name).is_file():
+            os.replace(outdir / name, staging / name)
+    # Snapshots left by an interrupted sweep are rebuilt unless they are exactly this reconstruction
+    # (posthoc never replaces the run's own snapshots).
+    try:
+        reconstruct(rundir, staging, sigma_rels, at_nimg=at_nimg, overwrite=True, progress=progress)
+    except BaseException:
+        try:
+            staging.rmdir()  # only when empty: a refused reconstruction leaves no folder behind
+        except OSError:
+            pass
+        raise
+    for name in names:
+        os.replace(staging / name, outdir / name)
+    try:
+        staging.rmdir()
+    except OSError:
+        pass
+    return [outdir / name for name in names]
+
+
+def _sweep_locked(rundir, sigma_rels, ws, ref, outdir, csv_path, png_path, at_nimg, metrics, num, seed, gnet,
+                  batch_size, device, progress, detectors, rank, world, solvers, steps, guidance_interval,
+                  sampler_kwargs) -> list[dict]:
     if rank == 0:
-        # The sweep.csv check above guards the folder; snapshots left by an interrupted sweep are
-        # rebuilt (posthoc never replaces the run's own snapshots).
-        paths = reconstruct(rundir, outdir, sigma_rels, at_nimg=at_nimg, overwrite=True, progress=progress)
+        for p in (csv_path, png_path):  # again, now that the folder is ours
+            if p.exists():
+                raise ExistingFileError(f"{p}: a sweep was already written there; choose another `outdir`")
+        paths = _reconstruct(rundir, outdir, sigma_rels, at_nimg, progress)
     if world > 1:
         dist.barrier()
     if rank != 0:
