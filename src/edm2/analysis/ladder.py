@@ -139,7 +139,7 @@ def _check(cfg: LadderConfig) -> LadderConfig:
     configs = sorted(configs)
     sigma_rels = list(dict.fromkeys(parse_float_list(cfg.sigma_rels, "sigma_rels")))
     if any(c != "A" for c in configs):
-        check_sigma_rel(sigma_rels, "sigma_rels")
+        check_sigma_rel(sigma_rels, "sigma_rels", distinct=True)
     metrics = resolve_metrics(cfg.metrics)
     preset = get_preset(cfg.preset)
     duration = int(cfg.duration if cfg.duration is not None else preset.duration)

@@ -369,7 +369,7 @@ def reconstruct(rundir, outdir, sigma_rels, at_nimg=None, at_kimg=None, plot=Fal
     overwrite: replace existing output files (never an input).
     Everything is checked before anything is written. Returns the snapshot paths."""
     sigma_rels = list(dict.fromkeys(parse_float_list(sigma_rels, "sigma_rels")))
-    check_sigma_rel(sigma_rels, "sigma_rels")
+    check_sigma_rel(sigma_rels, "sigma_rels", distinct=True)  # one output file name each
     inputs = find_phema_inputs(rundir)
     t = resolve_time(inputs, at_nimg, at_kimg)
     plan = plan_posthoc([r.nimg for r in inputs], [r.sigma_rel for r in inputs], sigma_rels, t, inputs)
@@ -377,10 +377,7 @@ def reconstruct(rundir, outdir, sigma_rels, at_nimg=None, at_kimg=None, plot=Fal
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
         raise ExistingFileError(f"outdir={outdir}: exists and is not a folder")
-    names = [snapshot_name(t, s) for s in sigma_rels]
-    if len(set(names)) < len(names):
-        raise EDM2Error(f"sigma_rels={sigma_rels}: values that agree to 3 decimals would share a file name; drop one")
-    out_paths = [outdir / n for n in names]
+    out_paths = [outdir / snapshot_name(t, s) for s in sigma_rels]
     png_paths = [outdir / plot_name(t, s) for s in sigma_rels] if plot else []
     in_files = {r.path.resolve() for r in inputs}
     for p in out_paths:

@@ -71,9 +71,7 @@ class PowerFunctionEMA:
         self.sigma_rels = [float(s) for s in sigma_rels]
         if not self.sigma_rels:
             raise EDM2Error("`sigma_rels`: track at least one EMA length sigma_rel")
-        if len(set(self.sigma_rels)) != len(self.sigma_rels):
-            raise EDM2Error(f"sigma_rels={self.sigma_rels}: every value must be different")
-        check_sigma_rel(self.sigma_rels, "sigma_rels")
+        check_sigma_rel(self.sigma_rels, "sigma_rels", distinct=True)  # one snapshot file name each
         if (outdir is None) != (snapshot_every is None):
             raise EDM2Error("PowerFunctionEMA: give both `outdir` and `snapshot_every` (images), or neither")
         if snapshot_every is not None and int(snapshot_every) < 1:

@@ -198,9 +198,7 @@ def _check_sigma_rel(config: TrainConfig, preset) -> list:
                             f"E, F, G)")
         return []
     sigma_rel = parse_float_list(_pick(config.sigma_rel, preset.sigma_rel), "sigma_rel")
-    if len(set(sigma_rel)) != len(sigma_rel):
-        raise EDM2Error(f"sigma_rel={','.join(map(str, sigma_rel))}: every value must be different")
-    check_sigma_rel(sigma_rel, "sigma_rel")
+    check_sigma_rel(sigma_rel, "sigma_rel", distinct=True)  # different snapshot file names too
     return sigma_rel
 
 
