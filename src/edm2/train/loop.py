@@ -580,7 +580,8 @@ _CHECKPOINT_PARTS = {
     "seed": _Part(lambda run: run.plan.seed, _check_seed),
     "net": _Part(lambda run: run.net.state_dict(), lambda run, value, path: run.net.load_state_dict(value)),
     "optimizer": _Part(lambda run: run.opt.state_dict(), lambda run, value, path: run.opt.load_state_dict(value)),
-    "ema": _Part(lambda run: run.ema.state_dict(), _restore_ema),
+    # The tracker's own run id is left out: the trainer's snapshots carry the run's fingerprint (save_snapshots).
+    "ema": _Part(lambda run: {k: v for k, v in run.ema.state_dict().items() if k != "run_id"}, _restore_ema),
 }
 
 
