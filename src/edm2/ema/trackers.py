@@ -34,7 +34,14 @@ import torch
 
 from ..io.snapshot import FORMAT, VERSION, save_state_dict, snapshot_name
 from ..utils.errors import EDM2Error
-from .posthoc import find_phema_inputs, plan_posthoc, resolve_time, stream_state_dicts
+from .posthoc import (
+    MAX_PROFILE_ERROR,
+    check_profile_error,
+    find_phema_inputs,
+    plan_posthoc,
+    resolve_time,
+    stream_state_dicts,
+)
 from .profiles import check_sigma_rel, std_to_exp
 
 
@@ -232,7 +239,7 @@ def _generic_meta(net: torch.nn.Module) -> dict:
 
 
 def reconstruct_state_dict(folder, sigma_rel, at: int | None = None, model: torch.nn.Module | None = None,
-                           progress: bool = False, in_sigma_rels=None):
+                           progress: bool = False, in_sigma_rels=None, max_profile_error=MAX_PROFILE_ERROR):
     """Post-hoc EMA (Sec. 3.2): the weights of EMA length sigma_rel at image count
     `at` (default: the last snapshot), from the snapshots in `folder` written by
     `PowerFunctionEMA.save_snapshots` (or `edm2 train`).
@@ -242,7 +249,9 @@ def reconstruct_state_dict(folder, sigma_rel, at: int | None = None, model: torc
     files instead). Returns the state dict (float tensors in the snapshots'
     dtype), or, with `model`, loads it into the model (strictly) and returns the
     model. A list of sigma_rel values gives a list of state dicts.
-    in_sigma_rels: combine only the stored profiles of these EMA lengths (default: all)."""
+    in_sigma_rels: combine only the stored profiles of these EMA lengths (default: all).
+    max_profile_error: refuse (`EDM2Error`) if a wanted profile is realised with a
+    larger relative L2 error (default `edm2.ema.posthoc.MAX_PROFILE_ERROR`); None: no check."""
     many = not isinstance(sigma_rel, (int, float))
     sigma_rels = [float(s) for s in (sigma_rel if many else [sigma_rel])]
     check_sigma_rel(sigma_rels, "sigma_rel")
@@ -256,6 +265,7 @@ def reconstruct_state_dict(folder, sigma_rel, at: int | None = None, model: torc
             raise EDM2Error(f"in_sigma_rels={keep}: {folder} holds no snapshots of these EMA lengths")
     t = resolve_time(inputs, at_nimg=at)
     plan = plan_posthoc([r.nimg for r in inputs], [r.sigma_rel for r in inputs], sigma_rels, t, inputs)
+    check_profile_error(plan, max_profile_error)
     states = stream_state_dicts(plan, progress=progress)
     if model is None:
         return states if many else states[0]
