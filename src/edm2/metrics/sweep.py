@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-from ..ema.posthoc import find_phema_inputs, reconstruct, resolve_time
+from ..ema.posthoc import MAX_PROFILE_ERROR, find_phema_inputs, reconstruct, resolve_time
 from ..generate import load_nets
 from ..io.snapshot import read_snapshot_meta, snapshot_name
 from ..sampling import check_guidance
@@ -82,14 +82,16 @@ def plot_sweep(rows: list[dict], metrics: list[str], path=None) -> bytes:
 
 def sweep(rundir, sigma_rels, ref, outdir=None, at_nimg=None, metrics=None, num: int = 50000, seed: int = 0,
           gnet=None, guidance=(1.0,), batch_size: int = 32, detector_dir=None, device=None,
-          progress: bool = True, detectors: dict | None = None, **sampler_kwargs) -> list[dict]:
+          progress: bool = True, detectors: dict | None = None, max_profile_error=MAX_PROFILE_ERROR,
+          **sampler_kwargs) -> list[dict]:
     """Reconstruct `rundir` at each EMA length in `sigma_rels` (list or '0.05,0.1' /
     '0.010,0.015,...,0.250') at time `at_nimg` (default: the last snapshot) into
     `outdir` (default rundir/sweep), evaluate every (EMA length, guidance)
     pair on `num` generated images against `ref`, and write outdir/sweep.csv
     (after every point) and outdir/sweep.png. Returns the rows (dicts with
     ema_std (the EMA length sigma_rel, under sweep.csv's column name), guidance,
-    nimg, num, seed and one value per metric).
+    nimg, num, seed and one value per metric). max_profile_error: the largest relative L2
+    profile error of a reconstruction accepted (edm2.ema.posthoc.reconstruct; None: no check).
     Under torchrun rank 0 reconstructs and writes, all processes generate."""
     sigma_rels = list(dict.fromkeys(parse_float_list(sigma_rels, "sigma_rels")))
     ws = list(dict.fromkeys(parse_float_list(guidance, "guidance")))
@@ -114,7 +116,8 @@ def sweep(rundir, sigma_rels, ref, outdir=None, at_nimg=None, metrics=None, num:
     if rank == 0:
         # The sweep.csv check above guards the folder; snapshots left by an interrupted sweep are
         # rebuilt (posthoc never replaces the run's own snapshots).
-        paths = reconstruct(rundir, outdir, sigma_rels, at_nimg=at_nimg, overwrite=True, progress=progress)
+        paths = reconstruct(rundir, outdir, sigma_rels, at_nimg=at_nimg, overwrite=True, progress=progress,
+                            max_profile_error=max_profile_error)
     if world > 1:
         dist.barrier()
     if rank != 0:
