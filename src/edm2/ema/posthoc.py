@@ -186,11 +186,17 @@ def check_profile_error(plan: PosthocPlan, max_profile_error=MAX_PROFILE_ERROR) 
     bad = [j for j, e in enumerate(plan.fit_error) if not e <= limit]
     if bad:
         j = max(bad, key=lambda j: plan.fit_error[j])
+        times = sorted({int(t) for t in plan.in_nimg})
+        if plan.at_nimg in times:
+            fix = (f"the {len(times)} snapshot times are too few for it; choose an EMA length nearer the stored "
+                   f"ones ({', '.join(f'{s:g}' for s in sorted(set(plan.in_sigma_rel.tolist())))})")
+        else:
+            fix = (f"at_nimg={plan.at_nimg} lies after the last snapshot it can use (nimg {times[-1]}); choose a "
+                   f"snapshot time")
         raise EDM2Error(f"max_profile_error={limit:g}: the stored snapshots realise sigma_rel={plan.sigma_rels[j]:g} "
-                        f"at nimg {plan.at_nimg} only with a {plan.fit_error[j]:.1%} profile error (relative L2, "
-                        f"{len(bad)} of {len(plan.sigma_rels)} EMA length(s) above the limit); choose `at_nimg` at "
-                        f"a snapshot time, an EMA length nearer the stored ones, or a larger `max_profile_error` "
-                        f"(None: no check)")
+                        f"at nimg {plan.at_nimg} only with a {plan.fit_error[j]:.1%} profile error (relative L2; "
+                        f"{len(bad)} of {len(plan.sigma_rels)} EMA length(s) above the limit): {fix}, or pass a larger "
+                        f"`max_profile_error` (None: no check)")
 
 
 def plot_name(nimg: int, sigma_rel: float) -> str:
