@@ -114,7 +114,9 @@ def check_one_run(inputs: list[PhemaInput]) -> None:
 
     The trainer records the run in each snapshot's metadata: `origin.run_id`, a
     fingerprint of the run's settings (config.json: data, architecture,
-    learning rate, seed, ...), and `origin.run`, the run folder. Snapshots with
+    learning rate, seed, ...), and `origin.run`, the run folder;
+    `edm2.ema.trackers.PowerFunctionEMA` records its own random `run_id`, kept
+    across a resume through its state_dict. Snapshots with
     run_id must all have the same one (a run moved to another folder and
     resumed keeps it). Older snapshots without run_id are compared by run folder,
     seed and preset. Snapshots without any run record (imported ones) are not
@@ -127,8 +129,8 @@ def check_one_run(inputs: list[PhemaInput]) -> None:
     for r in with_id[1:]:
         a, b = with_id[0].meta["origin"]["run_id"], r.meta["origin"]["run_id"]
         if a != b:
-            raise EDM2Error(f"{with_id[0].path} and {r.path}: snapshots of different training runs (run settings "
-                             f"{a} vs {b}: e.g. another learning rate or dataset); post-hoc EMA combines one run's "
+            raise EDM2Error(f"{with_id[0].path} and {r.path}: snapshots of different training runs (run id {a} vs "
+                             f"{b}: other settings, or another start of a script); post-hoc EMA combines one run's "
                              f"snapshots only; move the other run's snapshots to a folder of their own")
     known = {legacy(r) for r in with_id}
     old = [r for r in inputs if r not in with_id and legacy(r) is not None]
