@@ -219,6 +219,20 @@ def test_sweep_two_points_with_guidance_writes_csv_and_png(files, tmp_path, caps
         "a sweep was already written there; choose another --outdir")
 
 
+def test_sweep_forwards_max_profile_error(files, tmp_path):
+    from helpers.cli import assert_refused
+
+    run = write_ema_run(tmp_path / "run", times=(64, 128, 192, 256), step=0.3)
+    argv = ["sweep", "--rundir", run, "--std", "0.06", "--ref", files["ref"], "--num", "6", "--steps", STEPS,
+            "--outdir", tmp_path / "sweep"]
+    # Between two snapshots the profile is far from the wanted one: refused before anything is generated.
+    assert_refused(argv + ["--at-nimg", "200"], watch=[tmp_path],
+                   match=["--max-profile-error 0.05: the stored snapshots realise sigma_rel=0.06 at nimg 200",
+                          "--at-nimg 200 lies after the last snapshot it can use (nimg 192)"], code=2)
+    assert_refused(argv + ["--max-profile-error", "1e-9"], watch=[tmp_path],
+                   match="--max-profile-error 1e-09: the stored snapshots realise sigma_rel=0.06 at nimg 256", code=2)
+
+
 # ---------------------------------------------------------------------------
 # Bad input: one line, exit status 2, nothing written
 # ---------------------------------------------------------------------------
