@@ -55,6 +55,10 @@ def test_sigma_rels_that_share_a_file_name_are_refused():
     with pytest.raises(EDM2Error, match="every value must be different"):
         check_sigma_rel([0.1, 0.1], "sigma_rels", distinct=True)
     assert check_sigma_rel([0.05, 0.0504]).tolist() == [0.05, 0.0504]  # the math accepts any values
+    from edm2.toy import ToyTrainConfig
+
+    with pytest.raises(EDM2Error, match="0.05 and 0.0504 would share the snapshot file name"):
+        ToyTrainConfig(sigma_rels=(0.05, 0.0504)).check()
 
 
 # -- pairing by name and shape -------------------------------------------------------------------

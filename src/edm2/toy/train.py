@@ -65,7 +65,7 @@ class ToyTrainConfig:
             raise EDM2Error("`sigma_rels`: track at least one EMA profile")
         if len(set(self.sigma_rels)) != len(self.sigma_rels):
             raise EDM2Error(f"sigma_rels={list(self.sigma_rels)}: every value must be different")
-        check_sigma_rel(list(self.sigma_rels), "sigma_rels")  # names the allowed sigma_rel range
+        check_sigma_rel(list(self.sigma_rels), "sigma_rels", distinct=True)  # range; one file name each
         self.net_config().check()
 
     def net_config(self) -> ToyNetConfig:
