@@ -213,3 +213,25 @@ def test_reconstruct_inside_the_callers_lock(tmp_path):
             reconstruct(tmp_path / "run", tmp_path / "out", [0.07], progress=False)
         (path,) = reconstruct(tmp_path / "run", tmp_path / "out", [0.07], progress=False, lock=False)
     assert path.is_file()
+
+
+def test_the_documented_profile_errors():
+    """docs/posthoc-ema.md's table: snapshots at t/n, ..., t of sigma_rel 0.05 and 0.10, wanted at t."""
+    from pathlib import Path
+
+    from edm2.ema.profiles import profile_fit_error, solve_posthoc_coefficients
+
+    def shown(x):  # a percentage as the table writes it
+        return "< 0.1 %" if x < 0.05 else f"{x:.0f} %" if x >= 10 else f"{x:.1f} %"
+
+    text = (Path(__file__).parents[1] / "docs" / "posthoc-ema.md").read_text()
+    lines = text.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("| snapshots n |"))
+    outs = [float(c.strip().split()[-1]) for c in lines[head].strip("|").split("|")[1:]]
+    rows = [line.strip("|").split("|") for line in lines[head + 2:] if line.startswith("| ")]
+    assert len(rows) == 3
+    for row in rows:
+        n = int(row[0])
+        t, s = np.repeat(np.arange(1, n + 1) / n, 2), np.tile([0.05, 0.10], n)
+        got = profile_fit_error(t, s, solve_posthoc_coefficients(t, s, 1.0, outs), 1.0, outs)
+        assert [shown(100 * x) for x in got] == [c.strip() for c in row[1:]], n
