@@ -101,7 +101,7 @@ def child(args) -> None:
     sigma_rels = output_sigma_rels(args.outputs)
     t0 = time.perf_counter()
     if args.child == "stream":
-        reconstruct(args.rundir, args.outdir, sigma_rels, progress=False)
+        reconstruct(args.rundir, args.outdir, sigma_rels, progress=False, max_profile_error=None)  # speed only
     elif args.child == "whole":
         whole_models(Path(args.rundir), Path(args.outdir), sigma_rels)
     seconds = time.perf_counter() - t0

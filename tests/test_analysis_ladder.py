@@ -155,7 +155,7 @@ def test_second_ladder_on_the_same_folder_refused(ladder, data):
 def test_everything_checked_before_anything_is_written(data, tmp_path, capsys):
     out = tmp_path / "new"
     for argv, needle in [(["--seed", "-1"], "error: --seed -1: must be a whole number >= 0"),
-                         (["--std", "0.05,0.0501"], "agree to 3 decimals"),
+                         (["--std", "0.05,0.0501"], "would share the snapshot file name"),
                          (["--duration", "12"], "--duration 12: must be a positive multiple"),
                          (["--data", str(tmp_path / "none")], str(tmp_path / "none")),
                          (["--metrics", "fd_classifier", "--detector-dir", str(tmp_path / "weights")],

@@ -103,6 +103,8 @@ CASES = [
      ["--ema-std 0.05,0.1: config A keeps a traditional EMA", "allowed with --ema-std: B, C, D, E, F, G"]),
     ("ema_std too wide", None, {"ema_std": "0.05,0.5"}, 2, ["--ema-std [0.5]: every EMA length", "0.2887"]),
     ("ema_std repeated", None, {"ema_std": "0.1,0.1"}, 2, ["--ema-std 0.1,0.1: every value must be different"]),
+    ("ema_std same file name", None, {"ema_std": "0.05,0.0504"}, 2,
+     ["--ema-std 0.05,0.0504: 0.05 and 0.0504 would share the snapshot file name", "first 3 decimals"]),
     ("rampup negative", None, {"rampup_Mimg": "-0.5"}, 2, ["--rampup-Mimg -0.5: must be a finite number >= 0"]),
     ("seed negative", None, {"seed": "-1"}, 2, ["--seed -1: must be a whole number >= 0"]),
     ("different run", None, {"lr": "0.02"}, 2, ["holds a different run", "lr: 0.01 -> 0.02", "--force-new"]),

@@ -50,7 +50,8 @@ def _inputs(folder, upto):
 def test_reconstruct_writes_the_weighted_sums(run, tmp_path):
     at = TIMES[3]
     paths = reconstruct(run, tmp_path / "out", [0.07, 0.10, 0.2], at_nimg=at, plot=True, progress=False,
-                        chunk_elems=2000)  # small row blocks: big tensors are streamed in several pieces
+                        chunk_elems=2000,  # small row blocks: big tensors are streamed in several pieces
+                        max_profile_error=None)  # sigma_rel 0.2 from 4 snapshot times: 22 % profile error
     assert [p.name for p in paths] == [snapshot_name(at, s) for s in (0.07, 0.10, 0.2)]
     in_t, in_sigma_rel, states = _inputs(run, at)
     assert len(states) == 8  # only snapshots with nimg <= at take part
@@ -92,9 +93,9 @@ def test_reconstruct_writes_the_weighted_sums(run, tmp_path):
 def test_default_time_fp16_inputs_and_earlier_outputs_ignored(tmp_path):
     folder = make_run(tmp_path / "run16", seed=1, dtype=torch.float16, times=TIMES[:3])
     # Earlier post-hoc outputs in the run folder are not used as inputs.
-    reconstruct(folder, folder, [0.13], progress=False)
+    reconstruct(folder, folder, [0.13], progress=False, max_profile_error=None)
     assert len(find_phema_inputs(folder)) == 6
-    (path,) = reconstruct(folder, tmp_path / "out", [0.13], progress=False)
+    (path,) = reconstruct(folder, tmp_path / "out", [0.13], progress=False, max_profile_error=None)
     assert path.name == snapshot_name(TIMES[2], 0.13)  # default time: the last snapshot
     assert all(v.dtype == torch.float16 for k, v in load_file(path).items() if k.endswith("weight"))
     name = "unet.out_conv.weight"
@@ -146,7 +147,7 @@ def test_resolve_time():
     ("0.1", str(TIMES[-1] + 1), f"--at-nimg {TIMES[-1] + 1}: beyond the last snapshot (nimg {TIMES[-1]})"),
     ("0.1", "0", "must be > 0"),
     ("0.1", str(TIMES[0] - 1), "needs at least 2 (train longer or choose a later --at-nimg)"),
-    ("0.1001,0.1004", None, "--std [0.1001, 0.1004]: values that agree to 3 decimals")])
+    ("0.1001,0.1004", None, "--std 0.1001,0.1004: 0.1001 and 0.1004 would share the snapshot file name")])
 def test_bad_options_write_nothing(run, tmp_path, sigma_rel, at, match):
     argv = ["phema", "--rundir", str(run), "--outdir", str(tmp_path / "out"), "--std", sigma_rel]
     assert_refused(argv + ([] if at is None else ["--at-nimg", at]), watch=[run, tmp_path], match=match, code=2)

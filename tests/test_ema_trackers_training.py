@@ -114,7 +114,7 @@ def test_state_dict_round_trip_and_profile_mismatch():
         PowerFunctionEMA(_Toy(), sigma_rels=[0.05]).load_state_dict(a.state_dict())
     with pytest.raises(EDM2Error, match=r"sigma_rels=\[0.5\]: every EMA length"):
         PowerFunctionEMA(_Toy(), sigma_rels=[0.5])
-    with pytest.raises(EDM2Error, match=r"sigma_rels=\[0.1, 0.1\]: every value must be different"):
+    with pytest.raises(EDM2Error, match=r"sigma_rels=0.1,0.1: every value must be different"):
         PowerFunctionEMA(_Toy(), sigma_rels=[0.1, 0.1])
     with pytest.raises(EDM2Error, match="`sigma_rels`: track at least one"):
         PowerFunctionEMA(_Toy(), sigma_rels=[])

@@ -277,7 +277,20 @@ def test_sweep_refuses_lengths_that_share_a_file_name(files, tmp_path):
 
     run = write_ema_run(tmp_path / "run", times=(64, 128), step=0.3)
     assert_refused(["sweep", "--rundir", run, "--std", "0.05,0.0501", "--ref", files["ref"], "--num", "6",
-                    "--outdir", tmp_path / "sweep"], watch=[tmp_path], match=["agree to 3 decimals"])
+                    "--outdir", tmp_path / "sweep"], watch=[tmp_path], match=["would share the snapshot file name"])
+
+def test_sweep_forwards_max_profile_error(files, tmp_path):
+    from helpers.cli import assert_refused
+
+    run = write_ema_run(tmp_path / "run", times=(64, 128, 192, 256), step=0.3)
+    argv = ["sweep", "--rundir", run, "--std", "0.06", "--ref", files["ref"], "--num", "6", "--steps", STEPS,
+            "--outdir", tmp_path / "sweep"]
+    # Between two snapshots the profile is far from the wanted one: refused before anything is generated.
+    assert_refused(argv + ["--at-nimg", "200"], watch=[tmp_path],
+                   match=["--max-profile-error 0.05: the stored snapshots realise sigma_rel=0.06 at nimg 200",
+                          "--at-nimg 200 lies after the last snapshot it can use (nimg 192)"], code=2)
+    assert_refused(argv + ["--max-profile-error", "1e-9"], watch=[tmp_path],
+                   match="--max-profile-error 1e-09: the stored snapshots realise sigma_rel=0.06 at nimg 256", code=2)
 
 
 # ---------------------------------------------------------------------------

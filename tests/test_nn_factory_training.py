@@ -56,7 +56,8 @@ def test_config_trains_resumes_bitwise_and_samples(tmp_path, data, config):
         with pytest.raises(ValueError, match="traditional EMA"):
             reconstruct(whole, tmp_path / "ph", [0.07], progress=False)
     else:
-        out = reconstruct(whole, tmp_path / "ph", [0.07], progress=False)
+        out = reconstruct(whole, tmp_path / "ph", [0.07], progress=False,
+                          max_profile_error=0.1)  # 2 snapshot times: 5.5 % profile error
         assert getattr(load_network(out[0])[0], "config", "G") == config
     cli_main(["generate", "--net", str(whole), "--outdir", str(tmp_path / "gen"), "--seeds", "0-1", "--steps", "3"])
     assert len(list((tmp_path / "gen").rglob("*.png"))) == 2

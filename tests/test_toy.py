@@ -167,8 +167,11 @@ def test_training_learns_the_tree(toy_run):
 
 def test_posthoc_ema_matches_tracked_profile(toy_run, tmp_path):
     run, out = toy_run
-    # Reconstruct sigma_rel = 0.010 from the 0.050 / 0.100 snapshots only.
-    rec, meta = posthoc_toy(out, 0.010, in_sigma_rels=(0.050, 0.100))
+    # Reconstruct sigma_rel = 0.010 from the 0.050 / 0.100 snapshots only: far outside them, the profile
+    # error is about 50 %, refused by default.
+    with pytest.raises(ValueError, match="max_profile_error=0.05: .* sigma_rel=0.01 at nimg 65536"):
+        posthoc_toy(out, 0.010, in_sigma_rels=(0.050, 0.100))
+    rec, meta = posthoc_toy(out, 0.010, in_sigma_rels=(0.050, 0.100), max_profile_error=None)
     assert meta["ema_std"] == 0.010 and meta["posthoc"]["in_sigma_rels"] == [0.05, 0.1]
     assert len(meta["posthoc"]["inputs"]) == 16
     direct = run.emas[0.010]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from ..ema.posthoc import MAX_PROFILE_ERROR
 from ..metrics import calc_metrics, gen_metrics, load_ref, reference_stats, sweep
 from ..metrics.classifier import train_classifier
 from ..metrics.evaluate import append_jsonl, check_ref_detectors, load_detectors, resolve_metrics
@@ -14,6 +15,7 @@ from ..utils.distributed import configure_threads, init_distributed, resolve_dev
 from ..utils.errors import EDM2Error
 from ..utils.units import parse_float_list, parse_int_list, parse_nimg
 from ..utils.validate import check_sampler_options
+from .phema import parse_max_profile_error
 
 METRICS_HELP = ("comma-separated: fid, fd_dinov2, fd_classifier (default: ref: fid,fd_dinov2; calc/gen/sweep: "
                 "those in --ref)")
@@ -102,6 +104,9 @@ def register(sub) -> None:
                    help="reconstructed snapshots, sweep.csv, sweep.png (default RUNDIR/sweep)")
     p.add_argument("--gnet", metavar="SNAPSHOT", help="guiding network for --guidance")
     p.add_argument("--guidance", default="1", metavar="LIST", help="guidance weight(s), e.g. 1,1.2,1.4 (default 1)")
+    p.add_argument("--max-profile-error", metavar="E", type=parse_max_profile_error, default=MAX_PROFILE_ERROR,
+                   help=f"refuse EMA lengths whose reconstructed profile has a larger relative L2 error "
+                        f"(default {MAX_PROFILE_ERROR}; 'none': no check)")
     _common(p, batch=32)
     p.add_argument("--seed", type=int, default=0, help="evaluation seed k: seeds k*N ... (k+1)*N-1 (default 0)")
     p.add_argument("--steps", dest="num_steps", default="32", metavar="LIST",
@@ -229,7 +234,8 @@ def run_sweep(args) -> int:
         rows = sweep(args.rundir, sigma_rels, args.ref, outdir=args.outdir, at_nimg=at_nimg, metrics=args.metrics,
                      num=num, seed=args.seed, gnet=args.gnet, guidance=guidance, batch_size=args.batch_size,
                      detector_dir=args.detector_dir, device=resolve_device(args.device), solvers=solvers,
-                     steps=steps, guidance_interval=args.guidance_interval)
+                     steps=steps, guidance_interval=args.guidance_interval,
+                     max_profile_error=args.max_profile_error)
     finally:
         shutdown_distributed()
     if rank == 0:

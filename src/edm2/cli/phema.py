@@ -1,7 +1,7 @@
 """`edm2 phema`: a thin layer over `edm2.ema.posthoc.reconstruct` (post-hoc EMA, paper Sec. 3.2, App. C.5)."""
 from __future__ import annotations
 
-from ..ema.posthoc import reconstruct
+from ..ema.posthoc import MAX_PROFILE_ERROR, reconstruct
 from ..io.snapshot import read_snapshot_meta
 from ..utils.units import parse_float_list, parse_nimg
 
@@ -21,15 +21,28 @@ def register(sub) -> None:
     when.add_argument("--at-kimg", metavar="K", type=int, help="training time in the reference's kimg naming")
     p.add_argument("--plot", action="store_true", help="also write phema-<nimg>-<sigma_rel>.png per output "
                    "(wanted against realised weighting of past training, like the paper's Figure 4)")
+    p.add_argument("--max-profile-error", metavar="E", type=parse_max_profile_error, default=MAX_PROFILE_ERROR,
+                   help=f"refuse if an output's realised profile differs from the wanted one by more than this "
+                        f"relative L2 error (default {MAX_PROFILE_ERROR}; 'none': no check)")
     p.add_argument("--overwrite", action="store_true", help="replace output files that already exist")
     p.set_defaults(func=run)
+
+
+def parse_max_profile_error(text: str):
+    """--max-profile-error: a number >= 0, or 'none' (no check); checked by reconstruct."""
+    if text.strip().lower() == "none":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        return text  # reconstruct refuses it in one line naming max_profile_error
 
 
 def run(args) -> int:
     sigma_rels = parse_float_list(args.sigma_rels, "sigma_rels")
     at_nimg = None if args.at_nimg is None else parse_nimg(args.at_nimg, "at_nimg")
     paths = reconstruct(args.rundir, args.outdir, sigma_rels, at_nimg=at_nimg, at_kimg=args.at_kimg,
-                        plot=args.plot, overwrite=args.overwrite)
+                        plot=args.plot, overwrite=args.overwrite, max_profile_error=args.max_profile_error)
     for path in paths:
         info = read_snapshot_meta(path)["origin"]["phema"]
         print(f"{path}  sigma_rel={info['ema_std']:.4f}  from {len(info['inputs'])} snapshots  "

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import copy
 import json
-from contextlib import ExitStack
+from contextlib import ExitStack, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +36,16 @@ from ..nn import build_network, precision_kwargs
 from ..utils.errors import EDM2Error, ExistingFileError, MissingFileError
 from ..utils.fileio import RunLock, atomic_write_bytes, pyplot, remove_temp_files, save_figure
 from ..utils.units import parse_float_list
+from ..utils.validate import check_float
 from .profiles import check_sigma_rel, profile_density, profile_fit_error, solve_posthoc_coefficients
+
+# Largest relative L2 error (profiles.profile_fit_error) between the profile a reconstruction realises and
+# the wanted one that reconstruct / reconstruct_state_dict accept by default (`max_profile_error`). At the
+# last of 256 snapshots of the trainer's two profiles (sigma_rel 0.05, 0.10) it is below 0.5 % for
+# sigma_rel 0.01-0.25; between snapshots, or with few snapshots, it grows to several percent and more,
+# and the result is then a different average than the one asked for (paper Sec. 3.2, Figure 4; the
+# table in docs/posthoc-ema.md).
+MAX_PROFILE_ERROR = 0.05
 
 _TORCH_DTYPES = {k: v for k, v in SAFETENSORS_DTYPES.items() if v.is_floating_point}
 # Tensors of these dtypes (integer buffers such as counters) are copied from the latest input, not averaged.
@@ -106,7 +115,9 @@ def check_one_run(inputs: list[PhemaInput]) -> None:
 
     The trainer records the run in each snapshot's metadata: `origin.run_id`, a
     fingerprint of the run's settings (config.json: data, architecture,
-    learning rate, seed, ...), and `origin.run`, the run folder. Snapshots with
+    learning rate, seed, ...), and `origin.run`, the run folder;
+    `edm2.ema.trackers.PowerFunctionEMA` records its own random `run_id`, kept
+    across a resume through its state_dict. Snapshots with
     run_id must all have the same one (a run moved to another folder and
     resumed keeps it). Older snapshots without run_id are compared by run folder,
     seed and preset. Snapshots without any run record (imported ones) are not
@@ -119,8 +130,8 @@ def check_one_run(inputs: list[PhemaInput]) -> None:
     for r in with_id[1:]:
         a, b = with_id[0].meta["origin"]["run_id"], r.meta["origin"]["run_id"]
         if a != b:
-            raise EDM2Error(f"{with_id[0].path} and {r.path}: snapshots of different training runs (run settings "
-                             f"{a} vs {b}: e.g. another learning rate or dataset); post-hoc EMA combines one run's "
+            raise EDM2Error(f"{with_id[0].path} and {r.path}: snapshots of different training runs (run id {a} vs "
+                             f"{b}: other settings, or another start of a script); post-hoc EMA combines one run's "
                              f"snapshots only; move the other run's snapshots to a folder of their own")
     known = {legacy(r) for r in with_id}
     old = [r for r in inputs if r not in with_id and legacy(r) is not None]
@@ -167,6 +178,28 @@ def plan_posthoc(in_nimg, in_sigma_rel, sigma_rels, at_nimg, inputs=None) -> Pos
     X = solve_posthoc_coefficients(in_nimg, in_sigma_rel, at_nimg, sigma_rels)
     err = profile_fit_error(in_nimg, in_sigma_rel, X, at_nimg, sigma_rels)
     return PosthocPlan(in_nimg, in_sigma_rel, int(at_nimg), sigma_rels, X, err, inputs)
+
+
+def check_profile_error(plan: PosthocPlan, max_profile_error=MAX_PROFILE_ERROR) -> None:
+    """Raise `EDM2Error` if a wanted profile is realised with a relative L2 error
+    (plan.fit_error) above max_profile_error (None: no check)."""
+    if max_profile_error is None:
+        return
+    limit = check_float(max_profile_error, "max_profile_error", lo=0)
+    bad = [j for j, e in enumerate(plan.fit_error) if not e <= limit]
+    if bad:
+        j = max(bad, key=lambda j: plan.fit_error[j])
+        times = sorted({int(t) for t in plan.in_nimg})
+        if plan.at_nimg in times:
+            fix = (f"the {len(times)} snapshot times are too few for it; choose an EMA length nearer the stored "
+                   f"ones ({', '.join(f'{s:g}' for s in sorted(set(plan.in_sigma_rel.tolist())))})")
+        else:
+            fix = (f"at_nimg={plan.at_nimg} lies after the last snapshot it can use (nimg {times[-1]}); choose a "
+                   f"snapshot time")
+        raise EDM2Error(f"max_profile_error={limit:g}: the stored snapshots realise sigma_rel={plan.sigma_rels[j]:g} "
+                        f"at nimg {plan.at_nimg} only with a {plan.fit_error[j]:.1%} profile error (relative L2; "
+                        f"{len(bad)} of {len(plan.sigma_rels)} EMA length(s) above the limit): {fix}, or pass a larger "
+                        f"`max_profile_error` (None: no check)")
 
 
 def plot_name(nimg: int, sigma_rel: float) -> str:
@@ -300,6 +333,8 @@ def _stream(plan: PosthocPlan, specs, buffers, writers, chunk_elems: int, progre
             row_elems = int(np.prod(shape[1:], dtype=np.int64)) if len(shape) else 1
             if name in buffers:
                 data = readers.rows(n_in - 1, name, 0, rows, len(shape))
+                if data.is_floating_point() and not torch.isfinite(data).all():
+                    _refuse_non_finite(plan.inputs[n_in - 1].path, name)
                 for w in writers:
                     w.write(data)
                 continue
@@ -309,12 +344,24 @@ def _stream(plan: PosthocPlan, specs, buffers, writers, chunk_elems: int, progre
                 block = np.empty((n_in, (r1 - r0) * row_elems), dtype=np.float32)
                 for i in range(n_in):
                     block[i] = _as_numpy(readers.rows(i, name, r0, r1, len(shape))).reshape(-1)
+                    if not np.isfinite(block[i]).all():
+                        _refuse_non_finite(plan.inputs[i].path, name)
                 out = coef @ block
                 for j, w in enumerate(writers):
-                    w.write(_from_numpy(out[j], dtype))
+                    data = _from_numpy(out[j], dtype)
+                    if not torch.isfinite(data).all():  # finite inputs, but out of the output dtype's range
+                        raise EDM2Error(f"{name}: the post-hoc EMA of sigma_rel={plan.sigma_rels[j]:g} overflows "
+                                        f"{dtype} (non-finite values); nothing was written")
+                    w.write(data)
                 readers.maybe_reopen()
     finally:
         readers.close()
+
+
+def _refuse_non_finite(path: Path, name: str):
+    raise EDM2Error(f"{path}: tensor {name} holds NaN or infinite values (the run diverged by this snapshot?); "
+                    f"post-hoc EMA would be NaN; choose an earlier `at_nimg` or move this snapshot out of the "
+                    f"run folder; nothing was written")
 
 
 def _output_meta(plan: PosthocPlan, j: int) -> dict:
@@ -358,7 +405,8 @@ def stream_state_dicts(plan: PosthocPlan, progress: bool = False, chunk_elems: i
 
 
 def reconstruct(rundir, outdir, sigma_rels, at_nimg=None, at_kimg=None, plot=False, overwrite=False,
-                progress=True, chunk_elems=1 << 18) -> list[Path]:
+                progress=True, chunk_elems=1 << 18, max_profile_error=MAX_PROFILE_ERROR,
+                lock: bool = True) -> list[Path]:
     """Write post-hoc EMA snapshots of a training run (paper Sec. 3.2, App. C.5).
 
     rundir: the run folder (its snapshot-<nimg>-<sigma_rel>.safetensors files);
@@ -366,28 +414,30 @@ def reconstruct(rundir, outdir, sigma_rels, at_nimg=None, at_kimg=None, plot=Fal
     sigma_rels: wanted sigma_rel values (list or '0.05,0.1' / '0.010,0.015,...,0.250');
     at_nimg / at_kimg: output time (default: the last snapshot);
     plot: also write phema-<nimg>-<sigma_rel>.png per output (plot_profiles);
-    overwrite: replace existing output files (never an input).
-    Everything is checked before anything is written. Returns the snapshot paths."""
+    overwrite: replace existing output files (never an input);
+    max_profile_error: refuse (`EDM2Error`) if a wanted profile is realised with a
+        larger relative L2 error (see `MAX_PROFILE_ERROR`, the default); None: no check;
+    lock: take `outdir`'s RunLock while writing; False when the caller already holds it.
+    Everything is checked before anything is written, and inputs holding NaN or
+    infinite values are refused (nothing is written). Returns the snapshot paths."""
     sigma_rels = list(dict.fromkeys(parse_float_list(sigma_rels, "sigma_rels")))
-    check_sigma_rel(sigma_rels, "sigma_rels")
+    check_sigma_rel(sigma_rels, "sigma_rels", distinct=True)  # one output file name each
     inputs = find_phema_inputs(rundir)
     t = resolve_time(inputs, at_nimg, at_kimg)
     plan = plan_posthoc([r.nimg for r in inputs], [r.sigma_rel for r in inputs], sigma_rels, t, inputs)
+    check_profile_error(plan, max_profile_error)
 
     outdir = Path(outdir)
     if outdir.exists() and not outdir.is_dir():
         raise ExistingFileError(f"outdir={outdir}: exists and is not a folder")
-    names = [snapshot_name(t, s) for s in sigma_rels]
-    if len(set(names)) < len(names):
-        raise EDM2Error(f"sigma_rels={sigma_rels}: values that agree to 3 decimals would share a file name; drop one")
-    out_paths = [outdir / n for n in names]
+    out_paths = [outdir / snapshot_name(t, s) for s in sigma_rels]
     png_paths = [outdir / plot_name(t, s) for s in sigma_rels] if plot else []
     in_files = {r.path.resolve() for r in inputs}
     for p in out_paths:
         if p.resolve() in in_files:
             raise ExistingFileError(f"{p}: would replace a training snapshot; choose another `outdir`")
     specs, buffers = _tensor_layout(plan.inputs)
-    with RunLock(outdir, "`outdir`"):
+    with RunLock(outdir, "`outdir`") if lock else nullcontext():
         # Leftovers of a killed run: temp files (only ours can be there, as we hold the lock).
         remove_temp_files(outdir, ("snapshot-", "phema-"))
         # Outputs of exactly this reconstruction (same inputs, time, EMA length) are kept: a re-run resumes.

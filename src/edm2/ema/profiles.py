@@ -11,21 +11,39 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..io.snapshot import snapshot_name
 from ..utils.errors import EDM2Error
 
 MAX_SIGMA_REL = float(np.sqrt(1 / 12))  # sigma_rel of gamma = 0, the flat profile (upper bound, 0.2887)
 
 
-def check_sigma_rel(sigma_rel, name: str = "sigma_rel") -> np.ndarray:
+def check_sigma_rel(sigma_rel, name: str = "sigma_rel", distinct: bool = False) -> np.ndarray:
     """Return sigma_rel as a float64 array, or raise `EDM2Error` (a ValueError) unless
     every value lies in the open interval (0, MAX_SIGMA_REL); `name` is the argument
-    named in the message."""
+    named in the message.
+
+    distinct=True (a list of EMA lengths to track or to write, one file each): also
+    refuse values whose snapshot file names (`edm2.io.snapshot.snapshot_name`, three
+    decimals) would be the same, such as 0.05 and 0.0504; one profile would silently
+    replace the other on disk."""
     s = np.asarray(sigma_rel, dtype=np.float64)
     bad = ~((s > 0) & (s < MAX_SIGMA_REL))  # also catches NaN
     if np.any(bad):
         raise EDM2Error(f"{name}={np.atleast_1d(s)[np.atleast_1d(bad)].tolist()}: every EMA length sigma_rel "
                          f"must lie in (0, {MAX_SIGMA_REL:.4f}); {MAX_SIGMA_REL:.4f} is the flat average "
                          f"of all of training")
+    if distinct:
+        seen = {}
+        for v in np.atleast_1d(s).tolist():
+            key = snapshot_name(1, v)
+            if key in seen:
+                given = f"{name}={','.join(map(str, np.atleast_1d(s).tolist()))}"
+                if seen[key] == v:
+                    raise EDM2Error(f"{given}: every value must be different ({v} is given twice)")
+                raise EDM2Error(f"{given}: {seen[key]} and {v} would share the snapshot file name "
+                                f"...-{key.rsplit('-', 1)[1]} (3 decimals), so one profile would be lost; give EMA "
+                                f"lengths that differ in the first 3 decimals")
+            seen[key] = v
     return s
 
 

@@ -27,13 +27,21 @@ other sigma_rel with the streaming code of `edm2 phema` (edm2.ema.posthoc).
 from __future__ import annotations
 
 import copy
+import uuid
 from pathlib import Path
 
 import torch
 
 from ..io.snapshot import FORMAT, VERSION, save_state_dict, snapshot_name
 from ..utils.errors import EDM2Error
-from .posthoc import find_phema_inputs, plan_posthoc, resolve_time, stream_state_dicts
+from .posthoc import (
+    MAX_PROFILE_ERROR,
+    check_profile_error,
+    find_phema_inputs,
+    plan_posthoc,
+    resolve_time,
+    stream_state_dicts,
+)
 from .profiles import check_sigma_rel, std_to_exp
 
 
@@ -60,6 +68,14 @@ class PowerFunctionEMA:
     meta: extra snapshot metadata (a dict like edm2.io.snapshot.make_meta returns,
         minus nimg and ema_std), e.g. net_kwargs so that `edm2 generate` can load a
         tracked Precond; by default the snapshots describe a generic module.
+    run_id: recorded as `origin.run_id` in every snapshot (unless `meta` has one), so
+        that post-hoc EMA refuses a folder holding the snapshots of two runs (a script
+        run twice into one outdir). Default: a new random id; `state_dict()` keeps it,
+        so a run resumed with `load_state_dict` continues with the same id.
+
+    Parameters and buffers are paired with the module's by name and checked by shape
+    at every update: a module whose names or shapes differ from the tracked ones is
+    refused (a layer added after the tracker was made would otherwise go untracked).
 
     `update(net, cur_nimg)` after an optimizer step (every step or every k steps);
     `nets` maps sigma_rel -> averaged module (eval mode, no gradients);
@@ -67,13 +83,12 @@ class PowerFunctionEMA:
     """
 
     def __init__(self, net: torch.nn.Module, sigma_rels=(0.050, 0.100), dtype: torch.dtype = torch.float32,
-                 outdir=None, snapshot_every: int | None = None, meta: dict | None = None):
+                 outdir=None, snapshot_every: int | None = None, meta: dict | None = None,
+                 run_id: str | None = None):
         self.sigma_rels = [float(s) for s in sigma_rels]
         if not self.sigma_rels:
             raise EDM2Error("`sigma_rels`: track at least one EMA length sigma_rel")
-        if len(set(self.sigma_rels)) != len(self.sigma_rels):
-            raise EDM2Error(f"sigma_rels={self.sigma_rels}: every value must be different")
-        check_sigma_rel(self.sigma_rels, "sigma_rels")
+        check_sigma_rel(self.sigma_rels, "sigma_rels", distinct=True)  # one snapshot file name each
         if (outdir is None) != (snapshot_every is None):
             raise EDM2Error("PowerFunctionEMA: give both `outdir` and `snapshot_every` (images), or neither")
         if snapshot_every is not None and int(snapshot_every) < 1:
@@ -83,6 +98,7 @@ class PowerFunctionEMA:
         self.outdir = None if outdir is None else Path(outdir)
         self.snapshot_every = None if snapshot_every is None else int(snapshot_every)
         self.meta = meta
+        self.run_id = uuid.uuid4().hex[:16] if run_id is None else str(run_id)
         self.nimg = 0  # image count of the last update (None: unknown, after loading an old checkpoint)
         net = trackable(net)
         self.nets = {}
@@ -110,16 +126,17 @@ class PowerFunctionEMA:
         if not 0 <= prev < cur_nimg:
             raise EDM2Error(f"PowerFunctionEMA.update: cur_nimg={cur_nimg} must exceed the previous update's {prev}")
         net = trackable(net)
-        src = list(_averaged(net))
-        src_copied = list(_copied(net))
+        src = _named_tensors(net)
         for s, ema in self.nets.items():
+            pairs = _pair(ema, src, "PowerFunctionEMA.update")
             # Eq. 127 with t_delta = t - t_prev; exact in float64, and 0 (a copy) at the first update.
             beta = (prev / cur_nimg) ** (self.gammas[s] + 1)
-            for e, p in zip(_averaged(ema), src):
-                # lerp(end, w) = ema + w (theta - ema) = beta ema + (1 - beta) theta; w = 1 gives theta exactly.
-                e.lerp_(p.detach().to(e.dtype), 1 - beta)
-            for e, b in zip(_copied(ema), src_copied):
-                e.copy_(b)
+            for e, p in pairs:
+                if e.is_floating_point():
+                    # lerp(end, w) = ema + w (theta - ema) = beta ema + (1 - beta) theta; w = 1 gives theta exactly.
+                    e.lerp_(p.detach().to(e.dtype), 1 - beta)
+                else:
+                    e.copy_(p)
         self.nimg = cur_nimg
         if self.snapshot_every is not None and cur_nimg // self.snapshot_every > prev // self.snapshot_every:
             return self.save_snapshots(self.outdir)
@@ -139,26 +156,36 @@ class PowerFunctionEMA:
             meta.update(format=FORMAT, version=VERSION, nimg=self.nimg, ema_std=s)
             meta.setdefault("net_kwargs", None)
             meta.setdefault("origin", {})
+            meta["origin"] = dict(meta["origin"] or {})
+            meta["origin"].setdefault("run_id", self.run_id)  # post-hoc EMA combines one run's snapshots only
             path = outdir / snapshot_name(self.nimg, s)
-            save_state_dict(path, ema.state_dict(), meta)
+            save_state_dict(path, _unshared(ema.state_dict()), meta)
             paths.append(path)
         return paths
 
     def state_dict(self) -> dict:
-        """{f'{sigma_rel:.6f}': module state dict} (plain tensors, loadable with
-        torch.load(weights_only=True)). The image count of the last update is
-        `self.nimg`; give it back to load_state_dict."""
-        return {f"{s:.6f}": {k: v.detach().clone() for k, v in ema.state_dict().items()} for s, ema in self.nets.items()}
+        """{f'{sigma_rel:.6f}': module state dict, 'run_id': str} (plain tensors and a
+        string, loadable with torch.load(weights_only=True)). The image count of the
+        last update is `self.nimg`; give it back to load_state_dict."""
+        state = {f"{s:.6f}": {k: v.detach().clone() for k, v in ema.state_dict().items()}
+                 for s, ema in self.nets.items()}
+        state["run_id"] = self.run_id
+        return state
 
     def load_state_dict(self, state: dict, nimg: int | None = None) -> None:
-        """Restore the profiles. nimg: the image count they were saved at (then
+        """Restore the profiles and the run id (a state without one, from an earlier
+        version, keeps this tracker's). nimg: the image count they were saved at (then
         updates every k steps stay exact); without it the next update needs batch_size."""
+        state = dict(state)
+        run_id = state.pop("run_id", None)
         want = {f"{s:.6f}" for s in self.sigma_rels}
         if set(state) != want:
             raise EDM2Error(f"checkpoint holds EMA profiles {sorted(state)} but the run tracks {sorted(want)}; "
                              f"resume with the same EMA lengths sigma_rel")
         for s, ema in self.nets.items():
             ema.load_state_dict(state[f"{s:.6f}"])
+        if run_id is not None:
+            self.run_id = str(run_id)
         self.nimg = None if nimg is None else int(nimg)
 
 
@@ -170,10 +197,39 @@ def _averaged(net: torch.nn.Module):
             yield b
 
 
-def _copied(net: torch.nn.Module):
-    for b in net.buffers():
-        if not b.is_floating_point():
-            yield b
+def _named_tensors(net: torch.nn.Module) -> dict:
+    """{name: tensor} of the parameters and buffers (tied ones once, under their first name)."""
+    return {**dict(net.named_parameters()), **dict(net.named_buffers())}
+
+
+def _pair(ema: torch.nn.Module, src: dict, who: str) -> list:
+    """(average, live tensor) pairs by name, or `EDM2Error` if the live module's
+    parameter/buffer names or shapes differ from the tracked copy's."""
+    own = _named_tensors(ema)
+    if own.keys() != src.keys():
+        added, gone = sorted(src.keys() - own.keys()), sorted(own.keys() - src.keys())
+        raise EDM2Error(f"{who}: `net` does not have the tracked parameters and buffers (new in `net`: "
+                        f"{added[:3] or 'none'}; missing: {gone[:3] or 'none'}); pass the module the tracker was "
+                        f"made for, or make a new tracker after changing the model")
+    for k, e in own.items():
+        if e.shape != src[k].shape:
+            raise EDM2Error(f"{who}: `net` has {k} of shape {tuple(src[k].shape)} but the tracked one is "
+                            f"{tuple(e.shape)}; pass the module the tracker was made for, or make a new tracker "
+                            f"after changing the model")
+    return [(e, src[k]) for k, e in own.items()]
+
+
+def _unshared(state: dict) -> dict:
+    """The state dict with tensors that share memory (tied weights) cloned: safetensors
+    refuses to write shared tensors, and every name must stay in the file so that a
+    strict load_state_dict of the result works."""
+    seen, out = set(), {}
+    for k, v in state.items():
+        key = (v.untyped_storage().data_ptr(), v.device) if v.numel() else None
+        out[k] = v.clone() if key in seen else v
+        if key is not None:
+            seen.add(key)
+    return out
 
 
 def _generic_meta(net: torch.nn.Module) -> dict:
@@ -183,7 +239,7 @@ def _generic_meta(net: torch.nn.Module) -> dict:
 
 
 def reconstruct_state_dict(folder, sigma_rel, at: int | None = None, model: torch.nn.Module | None = None,
-                           progress: bool = False, in_sigma_rels=None):
+                           progress: bool = False, in_sigma_rels=None, max_profile_error=MAX_PROFILE_ERROR):
     """Post-hoc EMA (Sec. 3.2): the weights of EMA length sigma_rel at image count
     `at` (default: the last snapshot), from the snapshots in `folder` written by
     `PowerFunctionEMA.save_snapshots` (or `edm2 train`).
@@ -193,7 +249,9 @@ def reconstruct_state_dict(folder, sigma_rel, at: int | None = None, model: torc
     files instead). Returns the state dict (float tensors in the snapshots'
     dtype), or, with `model`, loads it into the model (strictly) and returns the
     model. A list of sigma_rel values gives a list of state dicts.
-    in_sigma_rels: combine only the stored profiles of these EMA lengths (default: all)."""
+    in_sigma_rels: combine only the stored profiles of these EMA lengths (default: all).
+    max_profile_error: refuse (`EDM2Error`) if a wanted profile is realised with a
+    larger relative L2 error (default `edm2.ema.posthoc.MAX_PROFILE_ERROR`); None: no check."""
     many = not isinstance(sigma_rel, (int, float))
     sigma_rels = [float(s) for s in (sigma_rel if many else [sigma_rel])]
     check_sigma_rel(sigma_rels, "sigma_rel")
@@ -207,6 +265,7 @@ def reconstruct_state_dict(folder, sigma_rel, at: int | None = None, model: torc
             raise EDM2Error(f"in_sigma_rels={keep}: {folder} holds no snapshots of these EMA lengths")
     t = resolve_time(inputs, at_nimg=at)
     plan = plan_posthoc([r.nimg for r in inputs], [r.sigma_rel for r in inputs], sigma_rels, t, inputs)
+    check_profile_error(plan, max_profile_error)
     states = stream_state_dicts(plan, progress=progress)
     if model is None:
         return states if many else states[0]
@@ -261,10 +320,13 @@ class TraditionalEMA:
         the image count to cur_nimg (the step consumed batch_size images)."""
         beta = self.beta(cur_nimg, batch_size)
         ema = self.nets[self.halflife_nimg]
-        for p_ema, p in zip(ema.parameters(), net.parameters()):
-            p_ema.lerp_(p.detach().to(torch.float32), 1 - beta)
-        for b_ema, b in zip(ema.buffers(), net.buffers()):
-            b_ema.copy_(b)
+        net = trackable(net)
+        params = dict(ema.named_parameters())
+        for name, (e, p) in zip(_named_tensors(ema), _pair(ema, _named_tensors(net), "TraditionalEMA.update")):
+            if name in params:
+                e.lerp_(p.detach().to(e.dtype), 1 - beta)
+            else:
+                e.copy_(p)
 
     def state_dict(self) -> dict:
         """{f'halflife_nimg={h:.0f}': state dict} (plain tensors, loadable with weights_only=True)."""

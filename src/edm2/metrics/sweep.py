@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 from pathlib import Path
 
 import torch.distributed as dist
 
-from ..ema.posthoc import find_phema_inputs, reconstruct, resolve_time
+from ..ema.posthoc import MAX_PROFILE_ERROR, find_phema_inputs, reconstruct, resolve_time
 from ..ema.profiles import check_sigma_rel
 from ..generate import load_nets
 from ..io.snapshot import read_snapshot_meta, snapshot_name
@@ -32,20 +31,13 @@ CSV_NAME, PNG_NAME = "sweep.csv", "sweep.png"
 # (`edm2.sampling.sampler_nfe`; a guided step also evaluates the guide).
 SWEEP_KEYS = ("ema_std", "guidance", "solver", "steps", "nfe", "nimg", "num", "seed")
 
-STAGING = ".phema"   # sub-folder of the sweep folder that post-hoc EMA reconstructs into (see `_reconstruct`)
-
 
 def check_sweep_lengths(sigma_rels, name: str = "sigma_rels") -> list[float]:
-    """The EMA lengths of a sweep (list or '0.05,0.1' / '0.010,...,0.250'), checked: each in
-    (0, max) (`edm2.ema.profiles.check_sigma_rel`) and no two that agree to the 3 decimals of
-    a snapshot's file name (they would share one file)."""
+    """The EMA lengths of a sweep (list or '0.05,0.1' / '0.010,...,0.250'), duplicates
+    dropped, checked by `edm2.ema.profiles.check_sigma_rel` (each in (0, max), and no two
+    sharing a snapshot's file name)."""
     values = list(dict.fromkeys(parse_float_list(sigma_rels, name)))
-    check_sigma_rel(values, name)
-    tags = [f"{s:.3f}" for s in values]
-    for i, tag in enumerate(tags):
-        if tag in tags[:i]:
-            raise EDM2Error(f"{name}={','.join(f'{s:g}' for s in values)}: {values[tags.index(tag)]:g} and "
-                            f"{values[i]:g} agree to 3 decimals and would share a snapshot file; drop one")
+    check_sigma_rel(values, name, distinct=True)
     return values
 
 
@@ -128,7 +120,8 @@ def plot_sweep(rows: list[dict], metrics: list[str], path=None) -> bytes:
 def sweep(rundir, sigma_rels, ref, outdir=None, at_nimg=None, metrics=None, num: int = 50000, seed: int = 0,
           gnet=None, guidance=(1.0,), batch_size: int = 32, detector_dir=None, device=None,
           progress: bool = True, detectors: dict | None = None, solvers=("heun",), steps=None,
-          guidance_interval=None, **sampler_kwargs) -> list[dict]:
+          guidance_interval=None, max_profile_error=MAX_PROFILE_ERROR,
+          **sampler_kwargs) -> list[dict]:
     """Reconstruct `rundir` at each EMA length in `sigma_rels` (list or '0.05,0.1' /
     '0.010,0.015,...,0.250') at time `at_nimg` (default: the last snapshot) into
     `outdir` (default rundir/sweep), evaluate every (EMA length, guidance, solver,
@@ -140,6 +133,8 @@ def sweep(rundir, sigma_rels, ref, outdir=None, at_nimg=None, metrics=None, num:
     solvers: names of `edm2.sampling.SOLVERS` (list or 'heun,dpm++2m'); steps: step
     counts (list or '8,12,16,32'; default sampler_kwargs' num_steps, else 32);
     guidance_interval: (sigma_lo, sigma_hi) for every guided point (docs/sampling.md).
+    max_profile_error: the largest relative L2 profile error of a reconstruction accepted
+    (edm2.ema.posthoc.reconstruct; None: no check).
     Under torchrun rank 0 reconstructs and writes, all processes generate."""
     sigma_rels = check_sweep_lengths(sigma_rels, "sigma_rels")
     ws = list(dict.fromkeys(parse_float_list(guidance, "guidance")))
@@ -181,51 +176,23 @@ def sweep(rundir, sigma_rels, ref, outdir=None, at_nimg=None, metrics=None, num:
     try:
         return _sweep_locked(rundir, sigma_rels, ws, ref, outdir, csv_path, png_path, at_nimg, metrics, num, seed,
                              gnet, batch_size, device, progress, detectors, rank, world, solvers, steps,
-                             guidance_interval, sampler_kwargs)
+                             guidance_interval, max_profile_error, sampler_kwargs)
     finally:
         if lock is not None:
             lock.release()
 
 
-def _reconstruct(rundir, outdir: Path, sigma_rels, at_nimg, progress) -> list[Path]:
-    """Post-hoc EMA snapshots of `rundir` into `outdir`, which the sweep holds locked.
-    `reconstruct` takes its own lock on its output folder, so it writes into the
-    sub-folder STAGING (snapshots of an interrupted sweep are moved there first, so
-    matching ones are kept) and the results are then moved into `outdir`."""
-    t = resolve_time(find_phema_inputs(rundir), at_nimg)
-    staging = outdir / STAGING
-    staging.mkdir(exist_ok=True)
-    names = [snapshot_name(t, s) for s in sigma_rels]
-    for name in names:
-        if (outdir / name).is_file():
-            os.replace(outdir / name, staging / name)
-    # Snapshots left by an interrupted sweep are rebuilt unless they are exactly this reconstruction
-    # (posthoc never replaces the run's own snapshots).
-    try:
-        reconstruct(rundir, staging, sigma_rels, at_nimg=at_nimg, overwrite=True, progress=progress)
-    except BaseException:
-        try:
-            staging.rmdir()  # only when empty: a refused reconstruction leaves no folder behind
-        except OSError:
-            pass
-        raise
-    for name in names:
-        os.replace(staging / name, outdir / name)
-    try:
-        staging.rmdir()
-    except OSError:
-        pass
-    return [outdir / name for name in names]
-
-
 def _sweep_locked(rundir, sigma_rels, ws, ref, outdir, csv_path, png_path, at_nimg, metrics, num, seed, gnet,
                   batch_size, device, progress, detectors, rank, world, solvers, steps, guidance_interval,
-                  sampler_kwargs) -> list[dict]:
+                  max_profile_error, sampler_kwargs) -> list[dict]:
     if rank == 0:
         for p in (csv_path, png_path):  # again, now that the folder is ours
             if p.exists():
                 raise ExistingFileError(f"{p}: a sweep was already written there; choose another `outdir`")
-        paths = _reconstruct(rundir, outdir, sigma_rels, at_nimg, progress)
+        # Snapshots left by an interrupted sweep are rebuilt unless they are exactly this reconstruction
+        # (posthoc never replaces the run's own snapshots); the sweep already holds the folder's lock.
+        paths = reconstruct(rundir, outdir, sigma_rels, at_nimg=at_nimg, overwrite=True, progress=progress,
+                            max_profile_error=max_profile_error, lock=False)
     if world > 1:
         dist.barrier()
     if rank != 0:

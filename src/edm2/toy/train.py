@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import tqdm
 
+from ..ema.posthoc import MAX_PROFILE_ERROR
 from ..ema.profiles import check_sigma_rel
 from ..ema.trackers import PowerFunctionEMA, reconstruct_state_dict
 from ..io.snapshot import list_snapshots
@@ -64,7 +65,7 @@ class ToyTrainConfig:
             raise EDM2Error("`sigma_rels`: track at least one EMA profile")
         if len(set(self.sigma_rels)) != len(self.sigma_rels):
             raise EDM2Error(f"sigma_rels={list(self.sigma_rels)}: every value must be different")
-        check_sigma_rel(list(self.sigma_rels), "sigma_rels")  # names the allowed sigma_rel range
+        check_sigma_rel(list(self.sigma_rels), "sigma_rels", distinct=True)  # range; one file name each
         self.net_config().check()
 
     def net_config(self) -> ToyNetConfig:
@@ -183,18 +184,21 @@ def load_toy_run(source, sigma_rel: float | None = None, iteration: int | None =
     return posthoc_toy(path, sigma_rel, iteration)
 
 
-def posthoc_toy(run_dir, sigma_rel: float, iteration: int | None = None, in_sigma_rels=None):
+def posthoc_toy(run_dir, sigma_rel: float, iteration: int | None = None, in_sigma_rels=None,
+                max_profile_error=MAX_PROFILE_ERROR):
     """Post-hoc EMA (EDM2 Sec. 3.2, Eq. 128-130): the least-squares combination
     of stored snapshots (profiles in_sigma_rels, default all stored ones, at every
     iteration <= `iteration`, default the last) that best matches profile sigma_rel
-    at `iteration`, by `edm2.ema.reconstruct_state_dict` -> (ToyNet, meta)."""
+    at `iteration`, by `edm2.ema.reconstruct_state_dict` -> (ToyNet, meta).
+    max_profile_error: the largest relative L2 profile error accepted (None: no check)."""
     snaps = list_toy_snapshots(run_dir)
     if not snaps:
         raise MissingFileError(f"{run_dir}: no snapshot-*.safetensors to reconstruct from")
     net, meta = load_toy(snaps[-1][2])
     batch = meta["train"]["batch_size"]
     nimg = snaps[-1][0] if iteration is None else int(iteration) * batch
-    reconstruct_state_dict(run_dir, float(sigma_rel), at=nimg, model=net, in_sigma_rels=in_sigma_rels)
+    reconstruct_state_dict(run_dir, float(sigma_rel), at=nimg, model=net, in_sigma_rels=in_sigma_rels,
+                           max_profile_error=max_profile_error)
     used = sorted({s for n, s, _ in snaps if n <= nimg and (in_sigma_rels is None
                                                             or any(abs(s - v) < 5e-4 for v in in_sigma_rels))})
     meta = dict(meta, iter=nimg // batch, nimg=nimg, ema_std=float(sigma_rel),

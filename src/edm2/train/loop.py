@@ -200,9 +200,7 @@ def _check_sigma_rel(config: TrainConfig, preset) -> list:
                             f"E, F, G)")
         return []
     sigma_rel = parse_float_list(_pick(config.sigma_rel, preset.sigma_rel), "sigma_rel")
-    if len(set(sigma_rel)) != len(sigma_rel):
-        raise EDM2Error(f"sigma_rel={','.join(map(str, sigma_rel))}: every value must be different")
-    check_sigma_rel(sigma_rel, "sigma_rel")
+    check_sigma_rel(sigma_rel, "sigma_rel", distinct=True)  # different snapshot file names too
     return sigma_rel
 
 
@@ -595,7 +593,8 @@ _CHECKPOINT_PARTS = {
     "seed": _Part(lambda run: run.plan.seed, _check_seed),
     "net": _Part(lambda run: run.net.state_dict(), lambda run, value, path: run.net.load_state_dict(value)),
     "optimizer": _Part(lambda run: run.opt.state_dict(), lambda run, value, path: run.opt.load_state_dict(value)),
-    "ema": _Part(lambda run: run.ema.state_dict(), _restore_ema),
+    # The tracker's own run id is left out: the trainer's snapshots carry the run's fingerprint (save_snapshots).
+    "ema": _Part(lambda run: {k: v for k, v in run.ema.state_dict().items() if k != "run_id"}, _restore_ema),
 }
 
 
