@@ -36,6 +36,15 @@ def may_change_on_resume(f: dataclasses.Field) -> bool:
     return bool(f.metadata["resume"])
 
 
+def kept_on_resume(f: dataclasses.Field) -> bool:
+    """Whether a field of the resolved `RunPlan` is fixed when the run starts
+    although it is derived from a setting that may change on resume: config A's
+    EMA half-life, a fraction of the duration (paper App. B.1). Such a value is
+    stored in config.json and a resume uses the stored value instead of deriving
+    it again, so extending a run with another duration never changes it mid-run."""
+    return bool(f.metadata.get("kept"))
+
+
 @dataclass
 class TrainConfig:
     """What the user asks for; None means "the preset's value" (or automatic).

@@ -51,28 +51,33 @@ from ..io.snapshot import make_meta, run_fingerprint, save_snapshot, snapshot_co
 from ..loss import EDM2Loss, EDMLoss, learning_rate_schedule
 from ..nn import Precond, build_network, check_precision, force_normalize_
 from ..nn.adm import adm_net_kwargs
-from ..presets import RECIPES, get_preset
+from ..presets import RECIPES, get_preset, traditional_ema_halflife
 from ..utils.distributed import configure_threads, init_distributed, resolve_device
 from ..utils.errors import EDM2Error
 from ..utils.fileio import LockError, RunLock, atomic_write_bytes
 from ..utils.units import parse_float_list
 from .checkpoint import (
+    ADDED_KEYS,
     archive_run,
     check_restart,
     check_run_folder,
     checkpoint_name,
+    dataset_fingerprint,
+    list_checkpoints,
     load_latest_checkpoint,
+    read_run_config,
     remove_stale_temp_files,
     save_checkpoint,
 )
-from .config import TrainConfig, may_change_on_resume
+from .config import TrainConfig, kept_on_resume, may_change_on_resume
 from .log import Reporter, StatusMeter, save_grid
 from .speed import to_channels_last
 
 
-def _resolved(help: str, resume: bool = False) -> dataclasses.Field:
-    """A RunPlan field that TrainConfig does not have: resolved from the preset, the data or the processes."""
-    return field(metadata=dict(help=help, resume=resume, key=None))
+def _resolved(help: str, resume: bool = False, kept: bool = False) -> dataclasses.Field:
+    """A RunPlan field that TrainConfig does not have: resolved from the preset, the data or the processes.
+    `kept`: see `edm2.train.config.kept_on_resume`."""
+    return field(metadata=dict(help=help, resume=resume, key=None, kept=kept))
 
 
 # The plan's fields beyond TrainConfig's (whose `plan=True` fields it holds, resolved).
@@ -80,11 +85,14 @@ _RESOLVED_FIELDS = [
     ("loss", str, _resolved("the config's loss: 'uncertainty' (Eq. 21) or 'edm' (Eq. 14)")),
     ("adam_beta2", float, _resolved("Adam's beta2 of the config (App. B.2)")),
     ("ema", str, _resolved("'power' (power-function profiles, sigma_rel) or 'traditional' (ema_halflife)")),
-    ("ema_halflife", float, _resolved("traditional EMA: half-life in images")),
+    ("ema_halflife", float, _resolved("traditional EMA: half-life in images, from the run's duration when it "
+                                      "starts (edm2.presets.traditional_ema_halflife); kept on resume", kept=True)),
     ("ema_rampup_ratio", float, _resolved("traditional EMA: EDM's ramp-up")),
     ("net_kwargs", dict, _resolved("Precond arguments (edm2.nn.build_network)")),
     ("encoder", dict, _resolved("the encoder's metadata (edm2.encoders.encoder_from_meta)")),
     ("dataset", dict, _resolved("the dataset: resolution, channels, labels, path, size")),
+    ("data_fingerprint", str, _resolved("the dataset's content (edm2.train.checkpoint.dataset_fingerprint); "
+                                        "None for a run started before edm2 stored it")),
     ("world_size", int, _resolved("processes", resume=True)),
 ]
 
@@ -98,7 +106,8 @@ def _identity(self) -> dict:
     """The settings that define the run (a resume refuses a change of any), under
     their config.json keys: what config.json stores and `check_run_folder` compares."""
     values = dataclasses.asdict(self)
-    return {_plan_key(f): values[f.name] for f in dataclasses.fields(self) if not may_change_on_resume(f)}
+    return {_plan_key(f): values[f.name] for f in dataclasses.fields(self)
+            if not may_change_on_resume(f) and not (_plan_key(f) in ADDED_KEYS and values[f.name] is None)}
 
 
 def _as_dict(self) -> dict:
@@ -150,12 +159,28 @@ def plan_run(config: TrainConfig, world_size: int = 1, device: str = "cpu"):
     on_cuda = torch.device(device).type == "cuda"
     settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig) if f.metadata["plan"]}
     settings.update({name: value for name, value in {**values, **sizes}.items() if name in settings})
+    halflife = traditional_ema_halflife(sizes["duration"]) if preset.ema == "traditional" else preset.ema_halflife
     settings.update(
         preset=preset.name, config=preset.config, loss=preset.loss, adam_beta2=preset.adam_beta2, ema=preset.ema,
-        ema_halflife=preset.ema_halflife, ema_rampup_ratio=preset.ema_rampup_ratio, data=dataset["path"],
+        ema_halflife=halflife, ema_rampup_ratio=preset.ema_rampup_ratio, data=dataset["path"],
         cond=ds.has_labels, net_kwargs=net_kwargs, encoder=encoder.to_meta(), dataset=dataset, sigma_rel=sigma_rel,
-        device=str(device), world_size=world_size, workers=_pick(config.workers, 2 if on_cuda else 0))
-    return RunPlan(**settings), ds
+        device=str(device), world_size=world_size, workers=_pick(config.workers, 2 if on_cuda else 0),
+        data_fingerprint=dataset_fingerprint(dataset["path"]))
+    return _as_stored(RunPlan(**settings), config), ds
+
+
+def _as_stored(plan: RunPlan, config: TrainConfig) -> RunPlan:
+    """The plan of a resume: the values fixed when the run started (`kept_on_resume`)
+    taken from its config.json, and the settings its config.json lacks (`ADDED_KEYS`)
+    left out. A new run (no readable config.json, or force_new) keeps the plan as is."""
+    stored = None if config.force_new else read_run_config(Path(config.outdir))
+    if stored is None:
+        return plan
+    changes = {f.name: stored[_plan_key(f)] for f in dataclasses.fields(RunPlan)
+               if kept_on_resume(f) and _plan_key(f) in stored}
+    changes.update({f.name: None for f in dataclasses.fields(RunPlan)
+                    if _plan_key(f) in ADDED_KEYS and _plan_key(f) not in stored})
+    return dataclasses.replace(plan, **changes)
 
 
 # The real-valued settings: (low, high, low allowed, what the value must be); high is never allowed.
@@ -437,6 +462,10 @@ def setup(config: TrainConfig, rank: int = 0, world: int = 1, device: torch.devi
         run.lock = lock
         for note in notes:
             run.reporter.log(note)
+        if plan.ema == "traditional" and plan.ema_halflife != traditional_ema_halflife(plan.duration):
+            run.reporter.log(f"config {plan.config}: the EMA half-life stays {plan.ema_halflife:.4g} images, as "
+                             f"when the run started (duration={plan.duration} alone would give "
+                             f"{traditional_ema_halflife(plan.duration):.4g})")
         if state is not None:
             _restore(run, state, path)
     except BaseException:
