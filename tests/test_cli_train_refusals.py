@@ -10,6 +10,8 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
+from safetensors.torch import load_file
 
 from edm2.cli import main as cli_main
 from edm2.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -246,3 +248,30 @@ def test_full_disk_is_one_line_and_keeps_the_run(tmp_path, capsys, finished_run,
         (mnt / "filler.bin").unlink()                     # space again: the same command continues
         assert cli_main(_argv(run, data, duration=32)) == 0
         assert [n for n, _ in list_checkpoints(run)] == [16, 32]
+
+
+def test_diverged_training_stops_and_saves_nothing_non_finite(tmp_path, capsys, data):
+    """A finite but far too large --lr: the loss turns inf/NaN after a few steps. The command stops with one
+    line (the image, the last good checkpoint and snapshot, what to do); no snapshot or checkpoint holds a
+    non-finite value; re-running it stops again at the same image and writes nothing new."""
+    out = tmp_path / "run"
+    argv = _argv(out, data, lr="1e30", duration=64, status=8)
+    err = _refused(capsys, argv)
+    for text in ["--lr 1e+30: the training diverged: the loss of the step from image 16 is not finite",
+                 f"last good checkpoint: {out}/checkpoint-000000000016.pt",
+                 f"--init {out}/snapshot-000000000016-0.100.safetensors", "lr may not change on resume",
+                 "--force-new"]:
+        assert text in err, (text, err)
+    assert [n for n, _ in list_checkpoints(out)] == [16]
+    assert sorted(p.name for p in out.glob("snapshot-*")) == [f"snapshot-0000000000{n}-{s}.safetensors"
+                                                             for n in ("00", "16") for s in ("0.050", "0.100")]
+    for path in [*out.glob("snapshot-*"), *out.glob("checkpoint-*")]:
+        tensors = load_file(path) if path.suffix == ".safetensors" else load_checkpoint(path)["net"]
+        assert all(torch.isfinite(t).all() for t in tensors.values()), path
+    assert "stopped: lr=1e+30: the training diverged" in (out / "log.txt").read_text()
+    before = _hashes(out)
+    err = _refused(capsys, argv)                  # the same command: resumes at 16, stops again, saves nothing
+    assert "the step from image 16 is not finite" in err
+    after = _hashes(out)
+    assert {k: v for k, v in after.items() if k not in ("log.txt", "stats.jsonl")} == \
+        {k: v for k, v in before.items() if k not in ("log.txt", "stats.jsonl")}

@@ -47,7 +47,7 @@ from ..ema.profiles import check_sigma_rel
 from ..ema.trackers import PowerFunctionEMA, TraditionalEMA
 from ..encoders import StabilityVAEEncoder, StandardRGBEncoder, VAEUnavailable, encoder_from_meta
 from ..io.loading import load_network
-from ..io.snapshot import make_meta, run_fingerprint, save_snapshot, snapshot_config, snapshot_name
+from ..io.snapshot import list_snapshots, make_meta, run_fingerprint, save_snapshot, snapshot_config, snapshot_name
 from ..loss import EDM2Loss, EDMLoss, learning_rate_schedule
 from ..nn import Precond, build_network, check_precision, force_normalize_
 from ..nn.adm import adm_net_kwargs
@@ -420,6 +420,7 @@ class Run:
     meter: StatusMeter | None = None
     bar: tqdm | None = None
     lock: RunLock | None = None            # the run folder's lock (rank 0)
+    nonfinite_at: torch.Tensor | None = None   # first step (its image count) with a non-finite loss, on the device
 
     @property
     def per_rank(self) -> int:
@@ -649,6 +650,7 @@ def start_session(run: Run) -> None:
                                                    pin_memory=run.device.type == "cuda",
                                                    prefetch_factor=2 if plan.workers else None))
     run.meter = StatusMeter(run.device, run.world, run.nimg)
+    run.nonfinite_at = torch.full([], _FINITE, dtype=torch.int64, device=run.device)
     n_params = sum(p.numel() for p in run.net.parameters())
     run.reporter.log(
         f"run {run.out}: {plan.preset}, {n_params:,} parameters, data {plan.data} ({len(ds)} items, "
@@ -726,17 +728,60 @@ def set_learning_rate(run: Run) -> float:
 
 
 def maintenance(run: Run, lr: float) -> None:
-    """Status line, snapshots and grid, checkpoint, hooks: whichever is due at run.nimg."""
+    """Status line, snapshots and grid, checkpoint, hooks: whichever is due at run.nimg.
+    Nothing is saved once the training has diverged (`check_finite`)."""
     plan, nimg, done = run.plan, run.nimg, run.nimg >= run.stop_nimg
-    if nimg % plan.status == 0 or done:
+    status = nimg % plan.status == 0 or done
+    snapshot = (nimg % plan.snapshot == 0 or nimg == plan.duration) and (nimg != run.start_nimg or nimg == 0)
+    checkpoint = nimg != run.start_nimg and (nimg % plan.checkpoint == 0 or done)   # (snapshot: also at image 0)
+    if status:
         run.meter.report(run.reporter, nimg, lr)
-    if run.rank == 0 and (nimg % plan.snapshot == 0 or nimg == plan.duration) \
-            and (nimg != run.start_nimg or nimg == 0):   # also at image 0 of a fresh run
+    if status or snapshot or checkpoint:
+        check_finite(run, snapshot)
+    if run.rank == 0 and snapshot:
         save_snapshots(run)
-    if run.rank == 0 and nimg != run.start_nimg and (nimg % plan.checkpoint == 0 or done):
+    if run.rank == 0 and checkpoint:
         save_run_checkpoint(run)
     for hook in run.hooks:
         hook(run)
+
+
+_FINITE = 2 ** 62   # `Run.nonfinite_at` while every loss was finite
+
+
+def check_finite(run: Run, snapshot: bool) -> None:
+    """Stop (`EDM2Error`, on every process) when a loss since the start of this
+    invocation was non-finite, or the network (or, when a snapshot is due, an
+    EMA network) holds a non-finite value: a diverged run (e.g. a far too large
+    `lr`) would otherwise train on NaN and save NaN snapshots and checkpoints.
+    Non-finite gradient elements alone are zeroed and training goes on (paper App.
+    B.5's reference does the same); a non-finite loss is tracked on the device
+    in `train_step`, so this is the only synchronisation, at status, snapshot
+    and checkpoint points."""
+    at = run.nonfinite_at if run.nonfinite_at is not None else torch.full([], _FINITE, device=run.device)
+    nets = [run.net] + (list(run.ema.nets.values()) if snapshot and run.ema is not None else [])
+    finite = torch.stack([torch.isfinite(p).all() for net in nets for p in net.parameters()]).all()
+    at = torch.where(finite, at, at.clamp(max=run.nimg))
+    if run.world > 1:
+        at = at.clone()
+        dist.all_reduce(at, op=dist.ReduceOp.MIN)
+    if int(at) != _FINITE:
+        message = _diverged_message(run, int(at))
+        run.reporter.log(f"stopped: {message}")
+        raise EDM2Error(message)
+
+
+def _diverged_message(run: Run, at: int) -> str:
+    """What went wrong (from which image), the last good checkpoint and snapshot, and what to do."""
+    checkpoints = [p for n, p in list_checkpoints(run.out) if n <= at]
+    snapshots = [p for n, _, p in list_snapshots(run.out) if n <= at]
+    checkpoint = checkpoints[-1] if checkpoints else "none"
+    snapshot = snapshots[-1] if snapshots else None
+    return (f"lr={run.plan.lr:g}: the training diverged: the loss of the step from image {at} is not finite; "
+            f"nothing after image {at} was saved; last good checkpoint: {checkpoint}; last good snapshot: "
+            f"{snapshot or 'none'}; lr may not change on resume, so start again with a lower lr in another outdir "
+            f"or with force_new=True, or fine-tune with init={snapshot or 'SNAPSHOT'} and a lower lr in another "
+            f"outdir")
 
 
 def save_snapshots(run: Run) -> None:
@@ -768,6 +813,7 @@ def train_step(run: Run) -> None:
     """One optimizer step over plan.batch images, in run.rounds micro-batches per process."""
     plan = run.plan
     run.opt.zero_grad(set_to_none=True)
+    finite = torch.ones([], dtype=torch.bool, device=run.device)
     for r in range(run.rounds):
         first = run.nimg + run.rank * run.per_rank + r * plan.batch_gpu
         x, labels, gens = _micro_batch(run, first)
@@ -778,6 +824,9 @@ def train_step(run: Run) -> None:
             loss = run.loss_fn(run.model, x, labels, generator=gens)   # per-pixel loss, paper Eq. 21
             loss.sum().mul(plan.loss_scaling / run.per_rank).backward()
         run.meter.add_loss(loss)
+        finite &= torch.isfinite(loss.detach()).all()
+    if run.nonfinite_at is not None:  # the first such step's image count, without waiting for the device
+        run.nonfinite_at = torch.where(finite, run.nonfinite_at, run.nonfinite_at.clamp(max=run.nimg))
     for p in run.net.parameters():
         if p.grad is not None:
             torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
