@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from edm2.cli import main as cli_main
@@ -275,3 +276,23 @@ def test_diverged_training_stops_and_saves_nothing_non_finite(tmp_path, capsys, 
     after = _hashes(out)
     assert {k: v for k, v in after.items() if k not in ("log.txt", "stats.jsonl")} == \
         {k: v for k, v in before.items() if k not in ("log.txt", "stats.jsonl")}
+
+
+def test_grid_never_replaces_a_file_it_does_not_own(tmp_path, capsys, data):
+    """Sample grids carry the run id: a resume refuses (one line, nothing changed) when a file that is not a
+    grid of this run stands where it would write one; its own grids (e.g. after falling back to an earlier
+    checkpoint) are written again."""
+    out = tmp_path / "run"
+    assert cli_main(_argv(out, data, grid=4, duration=32)) == 0
+    assert sorted(p.name for p in out.glob("grid-*")) == ["grid-000000000016.png", "grid-000000000032.png"]
+    (out / "checkpoint-000000000032.pt").unlink()               # back to image 16: grid 32 is written again
+    assert cli_main(_argv(out, data, grid=4, duration=32)) == 0
+    assert "resuming from checkpoint-000000000016.pt" in (out / "log.txt").read_text()
+    foreign = out / "grid-000000000048.png"
+    Image.new("L", (8, 8), 200).save(foreign)                   # the user's own picture, under a grid's name
+    before = _hashes(out)
+    err = _refused(capsys, _argv(out, data, grid=4, duration=48))
+    assert "--outdir" in err and "grid-000000000048.png is not a sample grid of this run" in err, err
+    assert "--grid 0" in err and _hashes(out) == before
+    assert cli_main(_argv(out, data, grid=0, duration=48)) == 0  # without grids it trains on, the file is kept
+    assert _hashes(out)["grid-000000000048.png"] == before["grid-000000000048.png"]

@@ -70,7 +70,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .config import TrainConfig, kept_on_resume, may_change_on_resume
-from .log import Reporter, StatusMeter, save_grid
+from .log import Reporter, StatusMeter, check_grid_owner, save_grid
 from .speed import to_channels_last
 
 
@@ -455,6 +455,8 @@ def setup(config: TrainConfig, rank: int = 0, world: int = 1, device: torch.devi
     try:
         mode = check_run_folder(plan.identity(), out, config.force_new)
         state, path, notes = _find_resume_state(out, mode, device)
+        if mode == "resume":
+            _check_grids(plan, out, state)
         if world > 1:  # every process has read the folder before rank 0 starts writing into it
             dist.barrier()
         _configure_device(device, config.threads)
@@ -784,12 +786,31 @@ def _diverged_message(run: Run, at: int) -> str:
             f"outdir")
 
 
+def _grid_path(out: Path, nimg: int) -> Path:
+    return out / f"grid-{nimg:012d}.png"
+
+
+def _check_grids(plan: RunPlan, out: Path, state: dict | None) -> None:
+    """Refuse (before anything is written) to resume a run whose folder holds, where
+    this invocation would write a sample grid, a file that is not a grid of this run."""
+    if not plan.grid or not out.is_dir():
+        return
+    start = int(state["nimg"]) if state is not None and "nimg" in state else 0
+    stop = plan.duration if plan.slice is None else min(plan.duration, start + plan.slice)
+    owner = run_fingerprint(plan.identity())
+    for path in sorted(out.glob("grid-*.png")):
+        nimg = path.name[len("grid-"):-len(".png")]
+        if nimg.isdigit() and start < int(nimg) <= stop and (int(nimg) % plan.snapshot == 0 or
+                                                              int(nimg) == plan.duration):
+            check_grid_owner(path, owner)
+
+
 def save_snapshots(run: Run) -> None:
     """One snapshot per EMA profile, and a sample grid of the longest one."""
     plan, nimg = run.plan, run.nimg
     dataset = {k: plan.dataset[k] for k in ("resolution", "channels", "label_dim", "class_names", "path")}
     origin = {"preset": plan.preset, "run": str(run.out.resolve()), "seed": plan.seed, "tool": "edm2 train",
-              "run_id": run_fingerprint(plan.identity())}  # post-hoc EMA refuses to mix runs
+              "run_id": run_fingerprint(plan.identity())}  # post-hoc EMA refuses to mix runs; grids carry it too
     traditional = plan.ema == "traditional"
     for key, ema_net in run.ema.nets.items():
         sigma_rel = None if traditional else key
@@ -800,8 +821,8 @@ def save_snapshots(run: Run) -> None:
         run.result.snapshots.append(path)
     if run.grid and nimg > 0:  # (a grid of the untrained network would be noise)
         try:
-            save_grid(run.out / f"grid-{nimg:012d}.png", run.ema.nets[max(run.ema.nets)], run.encoder, run.grid,
-                      run.device)
+            save_grid(_grid_path(run.out, nimg), run.ema.nets[max(run.ema.nets)], run.encoder, run.grid,
+                      run.device, owner=origin["run_id"])
         except VAEUnavailable as e:
             run.reporter.log(f"no sample grids: {e}")
             run.grid = 0
