@@ -71,7 +71,9 @@ class TrainConfig:
     cond: bool | None = _option(help="class-conditional (default: if the dataset has labels)", kind="tristate",
                                 resume=False, off_flag="--uncond")
     xflip: bool = _option(False, "x-flip augmentation (doubles the dataset)", kind="flag", resume=False)
-    duration: int | None = _option(help="training images in all", kind="nimg", resume=True, preset=True)
+    duration: int | None = _option(help="training images in all (config A's EMA half-life is computed from it "
+                                   "when the run starts and kept on resume)", kind="nimg", resume=True,
+                                   preset=True)
     batch: int | None = _option(help="global batch size", kind="nimg", resume=False, preset=True)
     batch_gpu: int | None = _option(help="micro-batch per process (gradient accumulation when smaller; default: "
                                     "the per-process batch)", kind="nimg", resume=True)
