@@ -122,6 +122,8 @@ CASES = [
     ("config unknown", None, {"config": "Q"}, 2, ["--config 'Q': unknown; allowed: A, B, C, D, E, F, G"]),
     ("config A with ema_std", None, {"config": "A", "ema_std": "0.05,0.1"}, 2,
      ["--ema-std 0.05,0.1: config A keeps a traditional EMA", "allowed with --ema-std: B, C, D, E, F, G"]),
+    ("config A too short for its EMA", None, {"config": "A", "duration": "32"}, 2,
+     ["--duration 32: config A's EMA half-life", "would be 0.745 images, below 1; use --duration 48 or more"]),
     ("ema_std too wide", None, {"ema_std": "0.05,0.5"}, 2, ["--ema-std [0.5]: every EMA length", "0.2887"]),
     ("ema_std repeated", None, {"ema_std": "0.1,0.1"}, 2, ["--ema-std 0.1,0.1: every value must be different"]),
     ("rampup negative", None, {"rampup_Mimg": "-0.5"}, 2, ["--rampup-Mimg -0.5: must be a finite number >= 0"]),

@@ -159,7 +159,7 @@ def plan_run(config: TrainConfig, world_size: int = 1, device: str = "cpu"):
     on_cuda = torch.device(device).type == "cuda"
     settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig) if f.metadata["plan"]}
     settings.update({name: value for name, value in {**values, **sizes}.items() if name in settings})
-    halflife = traditional_ema_halflife(sizes["duration"]) if preset.ema == "traditional" else preset.ema_halflife
+    halflife = _traditional_halflife(sizes) if preset.ema == "traditional" else preset.ema_halflife
     settings.update(
         preset=preset.name, config=preset.config, loss=preset.loss, adam_beta2=preset.adam_beta2, ema=preset.ema,
         ema_halflife=halflife, ema_rampup_ratio=preset.ema_rampup_ratio, data=dataset["path"],
@@ -251,6 +251,19 @@ def _resolve_sizes(config: TrainConfig, preset, world_size: int) -> dict:
             raise EDM2Error(f"{name}={value}: must be a positive multiple of batch={batch} "
                              f"(e.g. {max(value // batch, 1) * batch})")
     return dict(sizes, batch=batch, batch_gpu=batch_gpu)
+
+
+def _traditional_halflife(sizes: dict) -> float:
+    """Config A's EMA half-life for the run's duration (paper App. B.1, scaled);
+    at least 1 image, which needs a duration of 43 images or more."""
+    halflife = traditional_ema_halflife(sizes["duration"])
+    if halflife < 1:
+        batch = sizes["batch"]
+        shortest = next(n for n in range(batch, 2 ** 40, batch) if traditional_ema_halflife(n) >= 1)
+        raise EDM2Error(f"duration={sizes['duration']}: config A's EMA half-life, the paper's fraction 50M/2147.5M "
+                        f"of the duration (App. B.1), would be {halflife:.3g} images, below 1; use duration={shortest} or "
+                        f"more")
+    return halflife
 
 
 def _open_dataset(config: TrainConfig):
