@@ -298,3 +298,14 @@ def test_grid_never_replaces_a_file_it_does_not_own(tmp_path, capsys, data):
     assert "--grid 0" in err and _hashes(out) == before
     assert cli_main(_argv(out, data, grid=0, duration=48)) == 0  # without grids it trains on, the file is kept
     assert _hashes(out)["grid-000000000048.png"] == before["grid-000000000048.png"]
+
+
+def test_resume_on_a_dataset_whose_images_changed_is_refused(tmp_path, capsys, data):
+    ds = shutil.copytree(data, tmp_path / "ds")
+    out = tmp_path / "run"
+    assert cli_main(_argv(out, ds)) == 0
+    Image.new("L", (16, 16), 77).save(ds / "0002.png")        # same name, other pixels
+    before = _hashes(tmp_path)
+    err = _refused(capsys, _argv(out, ds, duration=32))
+    assert f"--data {ds.resolve()}: the dataset's content changed since the run in {out} started" in err, err
+    assert "--force-new" in err and _hashes(tmp_path) == before
