@@ -355,3 +355,18 @@ def test_dry_run_writes_nothing(tmp_path, capsys, data):
     text = capsys.readouterr().out
     assert '"preset": "tiny"' in text and "parameters" in text and "run folder: fresh" in text
     assert not out.exists()
+
+
+def test_config_a_extended_with_another_duration_keeps_its_ema_halflife(tmp_path, data):
+    """Config A's half-life is the paper's fraction of the run's duration (App. B.1), fixed when the run
+    starts: extending the run (a resume with a larger duration) keeps it and says so in the log."""
+    out = tmp_path / "run"
+    cfg = dict(COMMON, outdir=str(out), data=str(data), config="A", status=48, snapshot=48, checkpoint=48)
+    train(TrainConfig(duration=48, **cfg))
+    assert train(TrainConfig(duration=96, **cfg)).finished
+    halflife = 48 * 50e6 / 2 ** 31
+    assert json.loads((out / "config.json").read_text())["ema_halflife"] == pytest.approx(halflife)
+    metas = {n: read_snapshot_meta(p) for n, _, p in list_snapshots(out)}
+    assert set(metas) == {0, 48, 96} and all(m["ema_halflife"] == pytest.approx(halflife) for m in metas.values())
+    assert "the EMA half-life stays 1.118 images, as when the run started (duration=96 alone would give 2.235)" \
+        in (out / "log.txt").read_text()
