@@ -229,14 +229,16 @@ def test_config_a_halflife_comes_from_the_runs_duration(tmp_path, datasets):
 def test_a_resume_with_another_duration_keeps_the_halflife(tmp_path, datasets):
     run = tmp_path / "run"
     run.mkdir()
-    first = TrainConfig(outdir=str(run), data=str(datasets[0]), config="A", **dict(BASE, batch=16))
+    first = TrainConfig(outdir=str(run), data=str(datasets[0]), config="A", **dict(BASE, batch=16, duration=48))
     (run / "config.json").write_text(json.dumps(plan_run(first)[0].identity()))
-    longer = dataclasses.replace(first, duration=64)
+    longer = dataclasses.replace(first, duration=96)
     plan = plan_run(longer)[0]
-    assert plan.ema_halflife == pytest.approx(16 * 50e6 / 2 ** 31)   # not 64's
+    assert plan.ema_halflife == pytest.approx(48 * 50e6 / 2 ** 31)   # not 96's
     assert check_run_folder(plan.identity(), run) == "resume"
     fresh = plan_run(dataclasses.replace(longer, outdir=str(tmp_path / "new")))[0]
-    assert fresh.ema_halflife == pytest.approx(64 * 50e6 / 2 ** 31)
+    assert fresh.ema_halflife == pytest.approx(96 * 50e6 / 2 ** 31)
+    with pytest.raises(EDM2Error, match=r"^duration=32: config A's EMA half-life.* use duration=48 or more"):
+        plan_run(dataclasses.replace(longer, outdir=str(tmp_path / "short"), duration=32))
 
 
 # ---------------------------------------------------------------------------

@@ -126,12 +126,12 @@ def check_run_folder(identity: dict, outdir, force_new: bool = False) -> str:
         if key not in old:
             new.pop(key, None)
     diff = _leaf_diff(old, new)
-    if "data_fingerprint" in diff and "data" not in diff:
+    if "data_fingerprint" in diff and all(k == "data_fingerprint" or k.startswith("dataset.") for k in diff):
         raise EDM2Error(f"data={new.get('data')}: the dataset's content changed since the run in {out} started "
                         f"(fingerprint {old['data_fingerprint']} -> {new['data_fingerprint']}); resume with the "
                         f"original data, or train on this data in another outdir or with force_new=True")
     if diff:
-        shown = "; ".join(f"{k}: {json.dumps(a)} -> {json.dumps(b)}" for k, (a, b) in diff.items())
+        shown = "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, (a, b) in diff.items())
         raise EDM2Error(f"outdir={out} holds a different run ({shown}); use another outdir, or force_new=True to "
                          f"start over there (its files move to {out}/previous-N/)")
     return "resume"
@@ -162,12 +162,16 @@ def check_restart(folder) -> None:
                          f"(the old files move to {folder}/previous-N/)")
 
 
-_ABSENT = "(absent)"
+_ABSENT = object()   # a key one of the two config.json files lacks
+
+
+def _show(value) -> str:
+    return "(absent)" if value is _ABSENT else json.dumps(value)
 
 
 def _leaf_diff(old, new, prefix: str = "") -> dict:
     """{dotted key: (old value, new value)} of every differing leaf of two
-    config.json dicts (nested dicts are walked; a missing key shows as "(absent)")."""
+    config.json dicts (nested dicts are walked; `_ABSENT` for a missing key)."""
     diff = {}
     for k in sorted(set(old) | set(new)):
         a, b = old.get(k, _ABSENT), new.get(k, _ABSENT)

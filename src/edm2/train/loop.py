@@ -159,14 +159,18 @@ def plan_run(config: TrainConfig, world_size: int = 1, device: str = "cpu"):
     on_cuda = torch.device(device).type == "cuda"
     settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig) if f.metadata["plan"]}
     settings.update({name: value for name, value in {**values, **sizes}.items() if name in settings})
-    halflife = _traditional_halflife(sizes) if preset.ema == "traditional" else preset.ema_halflife
+    traditional = preset.ema == "traditional"
+    halflife = traditional_ema_halflife(sizes["duration"]) if traditional else preset.ema_halflife
     settings.update(
         preset=preset.name, config=preset.config, loss=preset.loss, adam_beta2=preset.adam_beta2, ema=preset.ema,
         ema_halflife=halflife, ema_rampup_ratio=preset.ema_rampup_ratio, data=dataset["path"],
         cond=ds.has_labels, net_kwargs=net_kwargs, encoder=encoder.to_meta(), dataset=dataset, sigma_rel=sigma_rel,
         device=str(device), world_size=world_size, workers=_pick(config.workers, 2 if on_cuda else 0),
         data_fingerprint=dataset_fingerprint(dataset["path"]))
-    return _as_stored(RunPlan(**settings), config), ds
+    plan = _as_stored(RunPlan(**settings), config)
+    if traditional:
+        _check_halflife(plan)
+    return plan, ds
 
 
 def _as_stored(plan: RunPlan, config: TrainConfig) -> RunPlan:
@@ -253,17 +257,14 @@ def _resolve_sizes(config: TrainConfig, preset, world_size: int) -> dict:
     return dict(sizes, batch=batch, batch_gpu=batch_gpu)
 
 
-def _traditional_halflife(sizes: dict) -> float:
-    """Config A's EMA half-life for the run's duration (paper App. B.1, scaled);
-    at least 1 image, which needs a duration of 43 images or more."""
-    halflife = traditional_ema_halflife(sizes["duration"])
-    if halflife < 1:
-        batch = sizes["batch"]
-        shortest = next(n for n in range(batch, 2 ** 40, batch) if traditional_ema_halflife(n) >= 1)
-        raise EDM2Error(f"duration={sizes['duration']}: config A's EMA half-life, the paper's fraction 50M/2147.5M "
-                        f"of the duration (App. B.1), would be {halflife:.3g} images, below 1; use duration={shortest} or "
-                        f"more")
-    return halflife
+def _check_halflife(plan) -> None:
+    """Config A's EMA half-life (paper App. B.1, scaled to the run's duration when it
+    started) must be at least 1 image, which needs a duration of 43 images or more."""
+    if not plan.ema_halflife >= 1:
+        shortest = next(n for n in range(plan.batch, 2 ** 40, plan.batch) if traditional_ema_halflife(n) >= 1)
+        raise EDM2Error(f"duration={plan.duration}: config A's EMA half-life, the paper's fraction 50M/2147.5M "
+                        f"of the duration (App. B.1), would be {plan.ema_halflife:.3g} images, below 1; use "
+                        f"duration={shortest} or more")
 
 
 def _open_dataset(config: TrainConfig):
