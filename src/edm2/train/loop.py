@@ -180,8 +180,9 @@ def _as_stored(plan: RunPlan, config: TrainConfig) -> RunPlan:
     stored = None if config.force_new else read_run_config(Path(config.outdir))
     if stored is None:
         return plan
+    same_kind = stored.get("config") == plan.config and stored.get("ema") == plan.ema   # else: another run
     changes = {f.name: stored[_plan_key(f)] for f in dataclasses.fields(RunPlan)
-               if kept_on_resume(f) and _plan_key(f) in stored}
+               if same_kind and kept_on_resume(f) and _plan_key(f) in stored}
     changes.update({f.name: None for f in dataclasses.fields(RunPlan)
                     if _plan_key(f) in ADDED_KEYS and _plan_key(f) not in stored})
     return dataclasses.replace(plan, **changes)
