@@ -771,8 +771,8 @@ def check_finite(run: Run, snapshot: bool) -> None:
     invocation was non-finite, or the network (or, when a snapshot is due, an
     EMA network) holds a non-finite value: a diverged run (e.g. a far too large
     `lr`) would otherwise train on NaN and save NaN snapshots and checkpoints.
-    Non-finite gradient elements alone are zeroed and training goes on (paper App.
-    B.5's reference does the same); a non-finite loss is tracked on the device
+    Non-finite gradient elements alone are zeroed before the step (`train_step`)
+    and training goes on; a non-finite loss is tracked on the device
     in `train_step`, so this is the only synchronisation, at status, snapshot
     and checkpoint points."""
     at = run.nonfinite_at if run.nonfinite_at is not None else torch.full([], _FINITE, device=run.device)
