@@ -435,7 +435,8 @@ class Run:
     meter: StatusMeter | None = None
     bar: tqdm | None = None
     lock: RunLock | None = None            # the run folder's lock (rank 0)
-    nonfinite_at: torch.Tensor | None = None   # first step (its image count) with a non-finite loss, on the device
+    nonfinite_at: torch.Tensor | None = None   # on the device: first step (its image count) of the current
+                                               # streak of steps with a non-finite loss (_FINITE: none)
 
     @property
     def per_rank(self) -> int:
@@ -763,22 +764,25 @@ def maintenance(run: Run, lr: float) -> None:
         hook(run)
 
 
-_FINITE = 2 ** 62   # `Run.nonfinite_at` while every loss was finite
+_FINITE = 2 ** 62   # `Run.nonfinite_at` while the last step's loss was finite
+_DIVERGED_STEPS = 2  # steps in a row with a non-finite loss that make a diverged run
 
 
 def check_finite(run: Run, snapshot: bool) -> None:
-    """Stop (`EDM2Error`, on every process) when a loss since the start of this
-    invocation was non-finite, or the network (or, when a snapshot is due, an
-    EMA network) holds a non-finite value: a diverged run (e.g. a far too large
-    `lr`) would otherwise train on NaN and save NaN snapshots and checkpoints.
-    Non-finite gradient elements alone are zeroed before the step (`train_step`)
-    and training goes on; a non-finite loss is tracked on the device
-    in `train_step`, so this is the only synchronisation, at status, snapshot
-    and checkpoint points."""
-    at = run.nonfinite_at if run.nonfinite_at is not None else torch.full([], _FINITE, device=run.device)
+    """Stop (`EDM2Error`, on every process) when the loss has been non-finite in
+    the last `_DIVERGED_STEPS` steps or more, or the network (or, when a snapshot
+    is due, an EMA network) holds a non-finite value: a diverged run (e.g. a far
+    too large `lr`) would otherwise train on NaN and save NaN snapshots and
+    checkpoints. A lone non-finite loss (an fp16 overflow, say) whose gradient
+    elements are zeroed before the step (`train_step`) leaves the weights finite,
+    and training goes on. The streak is tracked on the device in `train_step`,
+    so this is the only synchronisation, at status, snapshot and checkpoint points."""
+    start = run.nonfinite_at if run.nonfinite_at is not None else torch.full([], _FINITE, device=run.device)
+    at = torch.where(run.nimg - start >= _DIVERGED_STEPS * run.plan.batch, start, torch.full_like(start, _FINITE))
     nets = [run.net] + (list(run.ema.nets.values()) if snapshot and run.ema is not None else [])
     finite = torch.stack([torch.isfinite(p).all() for net in nets for p in net.parameters()]).all()
-    at = torch.where(finite, at, at.clamp(max=run.nimg))
+    # Non-finite weights: diverged from the streak's first step, or else from now.
+    at = torch.where(finite, at, start.clamp(max=run.nimg))
     if run.world > 1:
         at = at.clone()
         dist.all_reduce(at, op=dist.ReduceOp.MIN)
@@ -861,8 +865,9 @@ def train_step(run: Run) -> None:
             loss.sum().mul(plan.loss_scaling / run.per_rank).backward()
         run.meter.add_loss(loss)
         finite &= torch.isfinite(loss.detach()).all()
-    if run.nonfinite_at is not None:  # the first such step's image count, without waiting for the device
-        run.nonfinite_at = torch.where(finite, run.nonfinite_at, run.nonfinite_at.clamp(max=run.nimg))
+    if run.nonfinite_at is not None:  # the streak's first image count, without waiting for the device
+        at = run.nonfinite_at
+        run.nonfinite_at = torch.where(finite, torch.full_like(at, _FINITE), at.clamp(max=run.nimg))
     for p in run.net.parameters():
         if p.grad is not None:
             torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
