@@ -7,6 +7,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
 
 from edm2.cli import main as cli_main
 from edm2.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -101,6 +104,8 @@ CASES = [
     ("config unknown", None, {"config": "Q"}, 2, ["--config 'Q': unknown; allowed: A, B, C, D, E, F, G"]),
     ("config A with ema_std", None, {"config": "A", "ema_std": "0.05,0.1"}, 2,
      ["--ema-std 0.05,0.1: config A keeps a traditional EMA", "allowed with --ema-std: B, C, D, E, F, G"]),
+    ("config A too short for its EMA", None, {"config": "A", "duration": "32"}, 2,
+     ["--duration 32: config A's EMA half-life", "would be 0.745 images, below 1; use --duration 48 or more"]),
     ("ema_std too wide", None, {"ema_std": "0.05,0.5"}, 2, ["--ema-std [0.5]: every EMA length", "0.2887"]),
     ("ema_std repeated", None, {"ema_std": "0.1,0.1"}, 2, ["--ema-std 0.1,0.1: every value must be different"]),
     ("ema_std same file name", None, {"ema_std": "0.05,0.0504"}, 2,
@@ -231,3 +236,61 @@ def test_full_disk_is_one_line_and_keeps_the_run(tmp_path, capsys, finished_run,
         (mnt / "filler.bin").unlink()                     # space again: the same command continues
         assert cli_main(_argv(run, data, duration=32)) == 0
         assert [n for n, _ in list_checkpoints(run)] == [16, 32]
+
+
+def test_diverged_training_stops_and_saves_nothing_non_finite(tmp_path, capsys, data):
+    """A finite but far too large --lr: the loss turns inf/NaN after a few steps. The command stops with one
+    line (the image, the last good checkpoint and snapshot, what to do); no snapshot or checkpoint holds a
+    non-finite value; re-running it stops again at the same image and writes nothing new."""
+    out = tmp_path / "run"
+    argv = _argv(out, data, lr="1e30", duration=64, status=8)
+    err = _refused(capsys, argv)
+    for text in ["--lr 1e+30: the training diverged: the loss of the step from image 16 is not finite",
+                 f"last good checkpoint: {out}/checkpoint-000000000016.pt",
+                 f"--init {out}/snapshot-000000000016-0.100.safetensors", "lr may not change on resume",
+                 "--force-new"]:
+        assert text in err, (text, err)
+    assert [n for n, _ in list_checkpoints(out)] == [16]
+    assert sorted(p.name for p in out.glob("snapshot-*")) == [f"snapshot-0000000000{n}-{s}.safetensors"
+                                                             for n in ("00", "16") for s in ("0.050", "0.100")]
+    for path in [*out.glob("snapshot-*"), *out.glob("checkpoint-*")]:
+        tensors = load_file(path) if path.suffix == ".safetensors" else load_checkpoint(path)["net"]
+        assert all(torch.isfinite(t).all() for t in tensors.values()), path
+    assert "stopped: lr=1e+30: the training diverged" in (out / "log.txt").read_text()
+    before = _hashes(out)
+    err = _refused(capsys, argv)                  # the same command: resumes at 16, stops again, saves nothing
+    assert "the step from image 16 is not finite" in err
+    after = _hashes(out)
+    assert {k: v for k, v in after.items() if k not in ("log.txt", "stats.jsonl")} == \
+        {k: v for k, v in before.items() if k not in ("log.txt", "stats.jsonl")}
+
+
+def test_grid_never_replaces_a_file_it_does_not_own(tmp_path, capsys, data):
+    """Sample grids carry the run id: a resume refuses (one line, nothing changed) when a file that is not a
+    grid of this run stands where it would write one; its own grids (e.g. after falling back to an earlier
+    checkpoint) are written again."""
+    out = tmp_path / "run"
+    assert cli_main(_argv(out, data, grid=4, duration=32)) == 0
+    assert sorted(p.name for p in out.glob("grid-*")) == ["grid-000000000016.png", "grid-000000000032.png"]
+    (out / "checkpoint-000000000032.pt").unlink()               # back to image 16: grid 32 is written again
+    assert cli_main(_argv(out, data, grid=4, duration=32)) == 0
+    assert "resuming from checkpoint-000000000016.pt" in (out / "log.txt").read_text()
+    foreign = out / "grid-000000000048.png"
+    Image.new("L", (8, 8), 200).save(foreign)                   # the user's own picture, under a grid's name
+    before = _hashes(out)
+    err = _refused(capsys, _argv(out, data, grid=4, duration=48))
+    assert "--outdir" in err and "grid-000000000048.png is not a sample grid of this run" in err, err
+    assert "--grid 0" in err and _hashes(out) == before
+    assert cli_main(_argv(out, data, grid=0, duration=48)) == 0  # without grids it trains on, the file is kept
+    assert _hashes(out)["grid-000000000048.png"] == before["grid-000000000048.png"]
+
+
+def test_resume_on_a_dataset_whose_images_changed_is_refused(tmp_path, capsys, data):
+    ds = shutil.copytree(data, tmp_path / "ds")
+    out = tmp_path / "run"
+    assert cli_main(_argv(out, ds)) == 0
+    Image.new("L", (16, 16), 77).save(ds / "0002.png")        # same name, other pixels
+    before = _hashes(tmp_path)
+    err = _refused(capsys, _argv(out, ds, duration=32))
+    assert f"--data {ds.resolve()}: the dataset's content changed since the run in {out} started" in err, err
+    assert "--force-new" in err and _hashes(tmp_path) == before

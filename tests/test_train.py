@@ -17,7 +17,7 @@ from edm2.io.loading import load_network
 from edm2.io.snapshot import list_snapshots, read_snapshot_meta
 from edm2.loss import learning_rate_schedule
 from edm2.train.checkpoint import list_checkpoints, load_checkpoint
-from edm2.train.loop import TrainConfig, _StreamSampler, stream_indices, train
+from edm2.train.loop import TrainConfig, _StreamSampler, setup, start_session, stream_indices, train, train_loop
 from helpers import make_dataset
 
 BATCH = 8
@@ -355,3 +355,41 @@ def test_dry_run_writes_nothing(tmp_path, capsys, data):
     text = capsys.readouterr().out
     assert '"preset": "tiny"' in text and "parameters" in text and "run folder: fresh" in text
     assert not out.exists()
+
+
+def test_config_a_extended_with_another_duration_keeps_its_ema_halflife(tmp_path, data):
+    """Config A's half-life is the paper's fraction of the run's duration (App. B.1), fixed when the run
+    starts: extending the run (a resume with a larger duration) keeps it and says so in the log."""
+    out = tmp_path / "run"
+    cfg = dict(COMMON, outdir=str(out), data=str(data), config="A", status=48, snapshot=48, checkpoint=48)
+    train(TrainConfig(duration=48, **cfg))
+    assert train(TrainConfig(duration=96, **cfg)).finished
+    halflife = 48 * 50e6 / 2 ** 31
+    assert json.loads((out / "config.json").read_text())["ema_halflife"] == pytest.approx(halflife)
+    metas = {n: read_snapshot_meta(p) for n, _, p in list_snapshots(out)}
+    assert set(metas) == {0, 48, 96} and all(m["ema_halflife"] == pytest.approx(halflife) for m in metas.values())
+    assert "the EMA half-life stays 1.118 images, as when the run started (duration=96 alone would give 2.235)" \
+        in (out / "log.txt").read_text()
+
+
+def test_a_lone_non_finite_loss_does_not_stop_the_run(tmp_path, data):
+    """One step's loss is inf (as an fp16 overflow can make it): its gradients are zeroed, the weights stay
+    finite and the run goes on to the end. (A loss that stays non-finite stops it: tests/test_cli_train_refusals.py.)"""
+    run = setup(TrainConfig(outdir=str(tmp_path / "run"), data=str(data), duration=32,
+                            **dict(COMMON, status=8)))
+    real, calls = run.loss_fn, []
+
+    def loss_fn(*args, **kwargs):
+        calls.append(1)
+        loss = real(*args, **kwargs)
+        return loss * float("inf") if len(calls) == 2 else loss
+
+    run.loss_fn = loss_fn
+    try:
+        start_session(run)
+        assert train_loop(run).finished
+    finally:
+        run.close()
+    assert "loss nan" in (tmp_path / "run" / "log.txt").read_text()   # 0 * inf: some elements are nan
+    state = load_checkpoint(tmp_path / "run" / "checkpoint-000000000032.pt")
+    assert all(torch.isfinite(v).all() for v in state["net"].values())

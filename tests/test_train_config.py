@@ -3,17 +3,20 @@ fields, errors shown with flags, named random streams, and the one
 `precision` knob of Precond (older use_fp16/reduced_dtype still read)."""
 import dataclasses
 import json
+import shutil
+import zipfile
 
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from edm2.cli import build_parser, flag_message
 from edm2.cli.train import config_from_args, flag
 from edm2.io.loading import load_network
 from edm2.io.snapshot import make_meta, run_fingerprint, save_snapshot
 from edm2.nn import Precond, precision_kwargs
-from edm2.train.checkpoint import check_run_folder
+from edm2.train.checkpoint import check_run_folder, dataset_fingerprint
 from edm2.train.loop import SESSION_FIELDS, RunPlan, Stream, TrainConfig, plan_run, sample_seed
 from edm2.utils.errors import EDM2Error
 from helpers import make_dataset, write_snapshot
@@ -204,3 +207,95 @@ def test_config_json_of_the_earlier_runplan_resumes(tmp_path, datasets, config):
     assert run_fingerprint(plan.identity()) == run_fingerprint(old)   # snapshots' run_id: post-hoc EMA mixes them
     assert check_run_folder(plan.identity(), tmp_path) == "resume"
     assert plan.sigma_rel == old["ema_std"] and "sigma_rel" not in plan.as_dict()
+
+
+# ---------------------------------------------------------------------------
+# Config A's EMA half-life follows the run's duration and is kept on resume.
+# ---------------------------------------------------------------------------
+
+def test_config_a_halflife_comes_from_the_runs_duration(tmp_path, datasets):
+    """App. B.1: 50M of 2147.5M images; at cpu-32 with 12Ki images that is 286 images (not the 381 of the
+    preset's 16Ki default), in `edm2 train` and in every rung of the ladder."""
+    from edm2.analysis.ladder import LadderConfig, rung_train_config
+    want = 12 * 1024 * 50e6 / 2 ** 31
+    config = TrainConfig(outdir=str(tmp_path / "run"), data=str(datasets[0]), preset="cpu-32", config="A",
+                         duration=12 * 1024)
+    assert plan_run(config)[0].ema_halflife == pytest.approx(want) and round(want) == 286
+    rung = rung_train_config(LadderConfig(outdir=str(tmp_path / "ladder"), configs=("A",), data=str(datasets[0]),
+                                          duration=12 * 1024, sigma_rels=()), "A")
+    assert plan_run(rung)[0].ema_halflife == pytest.approx(want)
+
+
+def test_a_resume_with_another_duration_keeps_the_halflife(tmp_path, datasets):
+    run = tmp_path / "run"
+    run.mkdir()
+    first = TrainConfig(outdir=str(run), data=str(datasets[0]), config="A", **dict(BASE, batch=16, duration=48))
+    (run / "config.json").write_text(json.dumps(plan_run(first)[0].identity()))
+    longer = dataclasses.replace(first, duration=96)
+    plan = plan_run(longer)[0]
+    assert plan.ema_halflife == pytest.approx(48 * 50e6 / 2 ** 31)   # not 96's
+    assert check_run_folder(plan.identity(), run) == "resume"
+    fresh = plan_run(dataclasses.replace(longer, outdir=str(tmp_path / "new")))[0]
+    assert fresh.ema_halflife == pytest.approx(96 * 50e6 / 2 ** 31)
+    with pytest.raises(EDM2Error, match=r"^duration=32: config A's EMA half-life.* use duration=48 or more"):
+        plan_run(dataclasses.replace(longer, outdir=str(tmp_path / "short"), duration=32))
+
+
+# ---------------------------------------------------------------------------
+# A different run: every differing setting, in full.
+# ---------------------------------------------------------------------------
+
+def test_different_run_message_names_every_differing_leaf_in_full(tmp_path):
+    long_path = "/data/" + "x" * 80 + "/imagenet-512.zip"
+    old = {"data": long_path, "lr": 0.01, "seed": 0, "batch": 8, "net_kwargs": dict(TINY, precision="fp16")}
+    (tmp_path / "config.json").write_text(json.dumps(old))
+    new = dict(old, data=long_path + "2", lr=0.02, seed=1, batch=16,
+               net_kwargs=dict(TINY, model_channels=16, precision="fp16"))
+    with pytest.raises(EDM2Error) as e:
+        check_run_folder(new, tmp_path)
+    msg = str(e.value)
+    assert "\n" not in msg
+    for text in (f'data: "{long_path}" -> "{long_path}2"', "lr: 0.01 -> 0.02", "seed: 0 -> 1", "batch: 8 -> 16",
+                 "net_kwargs.model_channels: 8 -> 16"):
+        assert text in msg, (text, msg)
+
+
+# ---------------------------------------------------------------------------
+# The dataset's content: a fingerprint in config.json.
+# ---------------------------------------------------------------------------
+
+def _repaint(path):
+    """Same file name, other pixels."""
+    Image.fromarray(np.full([16, 16], 77, np.uint8)).save(path)
+
+
+def test_resume_on_changed_dataset_content_is_refused(tmp_path, datasets):
+    data = shutil.copytree(datasets[0], tmp_path / "ds")
+    run = tmp_path / "run"
+    run.mkdir()
+    config = TrainConfig(outdir=str(run), data=str(data), **BASE)
+    (run / "config.json").write_text(json.dumps(plan_run(config)[0].identity()))
+    assert check_run_folder(plan_run(config)[0].identity(), run) == "resume"
+    _repaint(data / "0003.png")
+    with pytest.raises(EDM2Error, match=r"^data=.*ds: the dataset's content changed since the run in .* started "
+                                        r"\(fingerprint dir:\w+ -> dir:\w+\); .*force_new=True"):
+        check_run_folder(plan_run(config)[0].identity(), run)
+
+
+def test_dataset_fingerprint_of_a_zip_sees_any_member(tmp_path):
+    folder = make_dataset(tmp_path / "ds", n=40)
+    prints = []
+    for i, change in enumerate([None, "0039.png"]):
+        if change:
+            _repaint(folder / change)
+        with zipfile.ZipFile(tmp_path / f"ds{i}.zip", "w") as z:
+            for p in sorted(folder.iterdir()):
+                z.write(p, p.name)
+        prints.append(dataset_fingerprint(tmp_path / f"ds{i}.zip"))
+    assert prints[0] != prints[1] and prints[0].startswith("zip:")
+    # Folders: names and sizes of all files, bytes of the first 32 (and of dataset.json).
+    before = dataset_fingerprint(folder)
+    (folder / "0005.png").write_bytes((folder / "0005.png").read_bytes() + b"\0")
+    assert dataset_fingerprint(folder) != before
+    copy = shutil.copytree(folder, tmp_path / "copy", copy_function=shutil.copyfile)   # new mtimes, same print
+    assert dataset_fingerprint(copy) == dataset_fingerprint(folder)

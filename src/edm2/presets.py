@@ -164,6 +164,14 @@ def get_preset(name: str, config: str = "G") -> Preset:
 _A_HALFLIFE_FRACTION = 50e6 / 2 ** 31
 
 
+def traditional_ema_halflife(duration: int) -> float:
+    """Config A's EMA half-life, in images, for a run of `duration` training
+    images: the same fraction of the training as the paper's 50M of 2147.5M
+    (App. B.1). `edm2 train` (and so every rung of the ladder) computes it from
+    the run's own duration when the run starts, and a resume keeps it."""
+    return duration * _A_HALFLIFE_FRACTION
+
+
 @dataclass(frozen=True)
 class Recipe:
     """What one config of Table 1 trains with, at the paper's size (img512-s).
@@ -238,7 +246,8 @@ def apply_recipe(preset: Preset, config: str) -> Preset:
         top = min(2 * max(preset.attn_resolutions), preset.img_resolution)
         changes.update(attn_resolutions=tuple(sorted(set(preset.attn_resolutions) | {top}, reverse=True)))
     if r.ema == "traditional":
-        changes.update(sigma_rel=(), ema_halflife=preset.duration * _A_HALFLIFE_FRACTION)
+        # For the preset's default duration; a run computes it from its own (traditional_ema_halflife).
+        changes.update(sigma_rel=(), ema_halflife=traditional_ema_halflife(preset.duration))
     return preset.replace(**changes)
 
 

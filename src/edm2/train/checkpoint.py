@@ -18,15 +18,18 @@ previous one is used.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import re
 import shutil
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from ..data.dataset import list_dataset_files
 from ..io.snapshot import list_snapshots
 from ..nn import precision_kwargs
 from ..utils.errors import EDM2Error
@@ -119,12 +122,29 @@ def check_run_folder(identity: dict, outdir, force_new: bool = False) -> str:
     for key, value in _ADDED_SETTINGS.items():  # runs from before the ablation configs: config G
         if key in new:
             old.setdefault(key, value)
-    diff = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+    for key in ADDED_KEYS:  # a run started before edm2 stored it resumes without it
+        if key not in old:
+            new.pop(key, None)
+    diff = _leaf_diff(old, new)
+    if "data_fingerprint" in diff and all(k == "data_fingerprint" or k.startswith("dataset.") for k in diff):
+        raise EDM2Error(f"data={new.get('data')}: the dataset's content changed since the run in {out} started "
+                        f"(fingerprint {old['data_fingerprint']} -> {new['data_fingerprint']}); resume with the "
+                        f"original data, or train on this data in another outdir or with force_new=True")
     if diff:
-        shown = "; ".join(f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in diff[:3])
+        shown = "; ".join(f"{k}: {_show(a)} -> {_show(b)}" for k, (a, b) in diff.items())
         raise EDM2Error(f"outdir={out} holds a different run ({shown}); use another outdir, or force_new=True to "
                          f"start over there (its files move to {out}/previous-N/)")
     return "resume"
+
+
+def read_run_config(outdir) -> dict | None:
+    """The config.json of the run in outdir, or None when there is none (or it
+    cannot be read: `check_run_folder` reports that)."""
+    try:
+        stored = json.loads((Path(outdir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return stored if isinstance(stored, dict) else None
 
 
 def check_restart(folder) -> None:
@@ -142,9 +162,56 @@ def check_restart(folder) -> None:
                          f"(the old files move to {folder}/previous-N/)")
 
 
-def _short(v, n=60):
-    s = json.dumps(v)
-    return s if len(s) <= n else s[:n] + "..."
+_ABSENT = object()   # a key one of the two config.json files lacks
+
+
+def _show(value) -> str:
+    return "(absent)" if value is _ABSENT else json.dumps(value)
+
+
+def _leaf_diff(old, new, prefix: str = "") -> dict:
+    """{dotted key: (old value, new value)} of every differing leaf of two
+    config.json dicts (nested dicts are walked; `_ABSENT` for a missing key)."""
+    diff = {}
+    for k in sorted(set(old) | set(new)):
+        a, b = old.get(k, _ABSENT), new.get(k, _ABSENT)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff.update(_leaf_diff(a, b, f"{prefix}{k}."))
+        elif a != b:
+            diff[f"{prefix}{k}"] = (a, b)
+    return diff
+
+
+# config.json keys that newer versions store: a run whose config.json lacks one resumes without it.
+ADDED_KEYS = ("data_fingerprint",)
+
+_FINGERPRINT_ITEMS = 32   # dataset files (in sorted order) whose bytes a folder's fingerprint hashes
+
+
+def dataset_fingerprint(path) -> str:
+    """A short fingerprint of a dataset's content, stored in config.json so
+    that a resume on changed data (same path, other images) is refused.
+
+    Cheap on big datasets (no item is decoded): for a zip, its central
+    directory: every member's name, CRC-32 and size (so any change of any
+    member's bytes shows). For a folder: every file's relative name and size,
+    and the bytes of dataset.json and of the first 32 files in sorted order
+    (an edit that keeps a later file's size is not seen). Modification times
+    are left out, so a copied or re-downloaded dataset keeps its fingerprint."""
+    path = Path(path)
+    h = hashlib.sha256()
+    if path.is_file():
+        with zipfile.ZipFile(path) as z:
+            for info in sorted(z.infolist(), key=lambda i: i.filename):
+                h.update(f"{info.filename}\0{info.CRC:08x}\0{info.file_size}\n".encode())
+        return "zip:" + h.hexdigest()[:16]
+    names = list_dataset_files(path)
+    for name in names:
+        h.update(f"{name}\0{(path / name).stat().st_size}\n".encode())
+    for name in [n for n in names if n == "dataset.json"] + [n for n in names if n != "dataset.json"][
+            :_FINGERPRINT_ITEMS]:
+        h.update((path / name).read_bytes())
+    return "dir:" + h.hexdigest()[:16]
 
 
 def archive_run(out) -> Path:

@@ -36,6 +36,15 @@ def may_change_on_resume(f: dataclasses.Field) -> bool:
     return bool(f.metadata["resume"])
 
 
+def kept_on_resume(f: dataclasses.Field) -> bool:
+    """Whether a field of the resolved `RunPlan` is fixed when the run starts
+    although it is derived from a setting that may change on resume: config A's
+    EMA half-life, a fraction of the duration (paper App. B.1). Such a value is
+    stored in config.json and a resume uses the stored value instead of deriving
+    it again, so extending a run with another duration never changes it mid-run."""
+    return bool(f.metadata.get("kept"))
+
+
 @dataclass
 class TrainConfig:
     """What the user asks for; None means "the preset's value" (or automatic).
@@ -62,7 +71,9 @@ class TrainConfig:
     cond: bool | None = _option(help="class-conditional (default: if the dataset has labels)", kind="tristate",
                                 resume=False, off_flag="--uncond")
     xflip: bool = _option(False, "x-flip augmentation (doubles the dataset)", kind="flag", resume=False)
-    duration: int | None = _option(help="training images in all", kind="nimg", resume=True, preset=True)
+    duration: int | None = _option(help="training images in all (config A's EMA half-life is computed from it "
+                                   "when the run starts and kept on resume)", kind="nimg", resume=True,
+                                   preset=True)
     batch: int | None = _option(help="global batch size", kind="nimg", resume=False, preset=True)
     batch_gpu: int | None = _option(help="micro-batch per process (gradient accumulation when smaller; default: "
                                     "the per-process batch)", kind="nimg", resume=True)

@@ -20,6 +20,7 @@ A backend that is not installed is refused before anything is written
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import math
 import resource
@@ -28,11 +29,12 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from PIL import Image, PngImagePlugin
 
 from ..sampling import SeedRandom, sample_batch
 from ..utils.distributed import resolve_device
 from ..utils.errors import EDM2Error
-from ..utils.fileio import atomic_write_bytes, png_bytes
+from ..utils.fileio import atomic_write_bytes
 
 LOG_BACKENDS = ("tensorboard", "wandb")
 _AXES = ("nimg", "kimg", "time")   # the x-axes of a record (step, its kimg, wall clock): not scalars
@@ -134,11 +136,35 @@ def peak_memory(device) -> tuple[float, float]:
 GRID_BATCH = 32  # grid images per sampler call, whatever the number of rows and columns
 
 
-def save_grid(path, net, encoder, count: int, device) -> None:
+GRID_OWNER_KEY = "edm2-run"   # PNG text chunk of a training grid: the run id of the run that wrote it
+
+
+def grid_owner(path) -> str | None:
+    """The run id stored in a sample grid written by `save_grid` (None: not such a grid)."""
+    try:
+        with Image.open(path) as im:
+            return im.text.get(GRID_OWNER_KEY) if im.format == "PNG" else None
+    except Exception:  # not an image, unreadable, a folder: not a grid of ours
+        return None
+
+
+def check_grid_owner(path, owner: str) -> None:
+    """`EDM2Error` when `path` exists and is not a sample grid of the run `owner`:
+    writing the grid there would replace a file the run does not own."""
+    path = Path(path)
+    if (path.exists() or path.is_symlink()) and grid_owner(path) != owner:
+        raise EDM2Error(f"outdir={path.parent}: {path.name} is not a sample grid of this run, and training would "
+                        f"replace it; move it out of the run folder, or pass grid=0 (no sample grids)")
+
+
+def save_grid(path, net, encoder, count: int, device, owner: str = "") -> None:
     """A PNG of `count` samples (EDM sampler, App. D.1, seeds 0, 1, ...): for a
     conditional net one row per class (first 10 classes, same seeds in every
     row), else a near-square grid. Rows are batched together (a one-column
-    grid of 10 classes is one sampler call, not ten)."""
+    grid of 10 classes is one sampler call, not ten). `owner` (the run id) is
+    stored in the PNG as text `edm2-run`; a file at `path` that is not a grid
+    of the same owner is refused (`check_grid_owner`), not replaced."""
+    check_grid_owner(path, owner)
     rows = min(net.label_dim, 10) if net.label_dim else max(int(math.sqrt(count)), 1)
     cols = max(math.ceil(count / rows), 1)
     seeds = [c for _ in range(rows) for c in range(cols)] if net.label_dim else list(range(rows * cols))
@@ -153,7 +179,11 @@ def save_grid(path, net, encoder, count: int, device) -> None:
     x = torch.cat(images)                                           # [rows*cols, C, H, W] uint8
     c, h, w = x.shape[1:]
     x = x.reshape(rows, cols, c, h, w).permute(0, 3, 1, 4, 2).reshape(rows * h, cols * w, c).cpu().numpy()
-    atomic_write_bytes(path, png_bytes(x))
+    info = PngImagePlugin.PngInfo()
+    info.add_text(GRID_OWNER_KEY, owner)
+    buf = io.BytesIO()
+    Image.fromarray(x[:, :, 0] if c == 1 else x).save(buf, format="PNG", pnginfo=info, compress_level=6)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 class StatusMeter:

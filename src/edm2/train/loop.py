@@ -48,33 +48,38 @@ from ..ema.profiles import check_sigma_rel
 from ..ema.trackers import PowerFunctionEMA, TraditionalEMA
 from ..encoders import StabilityVAEEncoder, StandardRGBEncoder, VAEUnavailable, encoder_from_meta
 from ..io.loading import load_network
-from ..io.snapshot import make_meta, run_fingerprint, save_snapshot, snapshot_config, snapshot_name
+from ..io.snapshot import list_snapshots, make_meta, run_fingerprint, save_snapshot, snapshot_config, snapshot_name
 from ..loss import EDM2Loss, EDMLoss, learning_rate_schedule
 from ..nn import Precond, build_network, check_precision, force_normalize_
 from ..nn.adm import adm_net_kwargs
 from ..nn.denoiser import check_dropout
-from ..presets import RECIPES, get_preset
+from ..presets import RECIPES, get_preset, traditional_ema_halflife
 from ..utils.distributed import configure_threads, init_distributed, resolve_device
 from ..utils.errors import EDM2Error
 from ..utils.fileio import LockError, RunLock, atomic_write_bytes
 from ..utils.units import parse_float_list
 from .checkpoint import (
+    ADDED_KEYS,
     archive_run,
     check_restart,
     check_run_folder,
     checkpoint_name,
+    dataset_fingerprint,
+    list_checkpoints,
     load_latest_checkpoint,
+    read_run_config,
     remove_stale_temp_files,
     save_checkpoint,
 )
-from .config import TrainConfig, may_change_on_resume
-from .log import Reporter, StatusMeter, parse_log_backends, save_grid
+from .config import TrainConfig, kept_on_resume, may_change_on_resume
+from .log import Reporter, StatusMeter, check_grid_owner, parse_log_backends, save_grid
 from .speed import to_channels_last
 
 
-def _resolved(help: str, resume: bool = False) -> dataclasses.Field:
-    """A RunPlan field that TrainConfig does not have: resolved from the preset, the data or the processes."""
-    return field(metadata=dict(help=help, resume=resume, key=None))
+def _resolved(help: str, resume: bool = False, kept: bool = False) -> dataclasses.Field:
+    """A RunPlan field that TrainConfig does not have: resolved from the preset, the data or the processes.
+    `kept`: see `edm2.train.config.kept_on_resume`."""
+    return field(metadata=dict(help=help, resume=resume, key=None, kept=kept))
 
 
 # The plan's fields beyond TrainConfig's (whose `plan=True` fields it holds, resolved).
@@ -82,11 +87,14 @@ _RESOLVED_FIELDS = [
     ("loss", str, _resolved("the config's loss: 'uncertainty' (Eq. 21) or 'edm' (Eq. 14)")),
     ("adam_beta2", float, _resolved("Adam's beta2 of the config (App. B.2)")),
     ("ema", str, _resolved("'power' (power-function profiles, sigma_rel) or 'traditional' (ema_halflife)")),
-    ("ema_halflife", float, _resolved("traditional EMA: half-life in images")),
+    ("ema_halflife", float, _resolved("traditional EMA: half-life in images, from the run's duration when it "
+                                      "starts (edm2.presets.traditional_ema_halflife); kept on resume", kept=True)),
     ("ema_rampup_ratio", float, _resolved("traditional EMA: EDM's ramp-up")),
     ("net_kwargs", dict, _resolved("Precond arguments (edm2.nn.build_network)")),
     ("encoder", dict, _resolved("the encoder's metadata (edm2.encoders.encoder_from_meta)")),
     ("dataset", dict, _resolved("the dataset: resolution, channels, labels, path, size")),
+    ("data_fingerprint", str, _resolved("the dataset's content (edm2.train.checkpoint.dataset_fingerprint); "
+                                        "None for a run started before edm2 stored it")),
     ("world_size", int, _resolved("processes", resume=True)),
 ]
 
@@ -100,7 +108,8 @@ def _identity(self) -> dict:
     """The settings that define the run (a resume refuses a change of any), under
     their config.json keys: what config.json stores and `check_run_folder` compares."""
     values = dataclasses.asdict(self)
-    return {_plan_key(f): values[f.name] for f in dataclasses.fields(self) if not may_change_on_resume(f)}
+    return {_plan_key(f): values[f.name] for f in dataclasses.fields(self)
+            if not may_change_on_resume(f) and not (_plan_key(f) in ADDED_KEYS and values[f.name] is None)}
 
 
 def _as_dict(self) -> dict:
@@ -152,12 +161,33 @@ def plan_run(config: TrainConfig, world_size: int = 1, device: str = "cpu"):
     on_cuda = torch.device(device).type == "cuda"
     settings = {f.name: getattr(config, f.name) for f in dataclasses.fields(TrainConfig) if f.metadata["plan"]}
     settings.update({name: value for name, value in {**values, **sizes}.items() if name in settings})
+    traditional = preset.ema == "traditional"
+    halflife = traditional_ema_halflife(sizes["duration"]) if traditional else preset.ema_halflife
     settings.update(
         preset=preset.name, config=preset.config, loss=preset.loss, adam_beta2=preset.adam_beta2, ema=preset.ema,
-        ema_halflife=preset.ema_halflife, ema_rampup_ratio=preset.ema_rampup_ratio, data=dataset["path"],
+        ema_halflife=halflife, ema_rampup_ratio=preset.ema_rampup_ratio, data=dataset["path"],
         cond=ds.has_labels, net_kwargs=net_kwargs, encoder=encoder.to_meta(), dataset=dataset, sigma_rel=sigma_rel,
-        device=str(device), world_size=world_size, workers=_pick(config.workers, 2 if on_cuda else 0))
-    return RunPlan(**settings), ds
+        device=str(device), world_size=world_size, workers=_pick(config.workers, 2 if on_cuda else 0),
+        data_fingerprint=dataset_fingerprint(dataset["path"]))
+    plan = _as_stored(RunPlan(**settings), config)
+    if traditional:
+        _check_halflife(plan)
+    return plan, ds
+
+
+def _as_stored(plan: RunPlan, config: TrainConfig) -> RunPlan:
+    """The plan of a resume: the values fixed when the run started (`kept_on_resume`)
+    taken from its config.json, and the settings its config.json lacks (`ADDED_KEYS`)
+    left out. A new run (no readable config.json, or force_new) keeps the plan as is."""
+    stored = None if config.force_new else read_run_config(Path(config.outdir))
+    if stored is None:
+        return plan
+    same_kind = stored.get("config") == plan.config and stored.get("ema") == plan.ema   # else: another run
+    changes = {f.name: stored[_plan_key(f)] for f in dataclasses.fields(RunPlan)
+               if same_kind and kept_on_resume(f) and _plan_key(f) in stored}
+    changes.update({f.name: None for f in dataclasses.fields(RunPlan)
+                    if _plan_key(f) in ADDED_KEYS and _plan_key(f) not in stored})
+    return dataclasses.replace(plan, **changes)
 
 
 # The real-valued settings: (low, high, low allowed, what the value must be); high is never allowed.
@@ -226,6 +256,16 @@ def _resolve_sizes(config: TrainConfig, preset, world_size: int) -> dict:
             raise EDM2Error(f"{name}={value}: must be a positive multiple of batch={batch} "
                              f"(e.g. {max(value // batch, 1) * batch})")
     return dict(sizes, batch=batch, batch_gpu=batch_gpu)
+
+
+def _check_halflife(plan) -> None:
+    """Config A's EMA half-life (paper App. B.1, scaled to the run's duration when it
+    started) must be at least 1 image, which needs a duration of 43 images or more."""
+    if not plan.ema_halflife >= 1:
+        shortest = next(n for n in range(plan.batch, 2 ** 40, plan.batch) if traditional_ema_halflife(n) >= 1)
+        raise EDM2Error(f"duration={plan.duration}: config A's EMA half-life, the paper's fraction 50M/2147.5M "
+                        f"of the duration (App. B.1), would be {plan.ema_halflife:.3g} images, below 1; use "
+                        f"duration={shortest} or more")
 
 
 def _open_dataset(config: TrainConfig):
@@ -396,6 +436,8 @@ class Run:
     meter: StatusMeter | None = None
     bar: tqdm | None = None
     lock: RunLock | None = None            # the run folder's lock (rank 0)
+    nonfinite_at: torch.Tensor | None = None   # on the device: first step (its image count) of the current
+                                               # streak of steps with a non-finite loss (_FINITE: none)
 
     @property
     def per_rank(self) -> int:
@@ -432,6 +474,8 @@ def setup(config: TrainConfig, rank: int = 0, world: int = 1, device: torch.devi
     try:
         mode = check_run_folder(plan.identity(), out, config.force_new)
         state, path, notes = _find_resume_state(out, mode, device)
+        if mode == "resume":
+            _check_grids(plan, out, state)
         if world > 1:  # every process has read the folder before rank 0 starts writing into it
             dist.barrier()
         _configure_device(device, config.threads)
@@ -440,6 +484,10 @@ def setup(config: TrainConfig, rank: int = 0, world: int = 1, device: torch.devi
         run.lock = lock
         for note in notes:
             run.reporter.log(note)
+        if plan.ema == "traditional" and plan.ema_halflife != traditional_ema_halflife(plan.duration):
+            run.reporter.log(f"config {plan.config}: the EMA half-life stays {plan.ema_halflife:.4g} images, as "
+                             f"when the run started (duration={plan.duration} alone would give "
+                             f"{traditional_ema_halflife(plan.duration):.4g})")
         if state is not None:
             _restore(run, state, path)
     except BaseException:
@@ -632,6 +680,7 @@ def start_session(run: Run) -> None:
                                                    pin_memory=run.device.type == "cuda",
                                                    prefetch_factor=2 if plan.workers else None))
     run.meter = StatusMeter(run.device, run.world, run.nimg)
+    run.nonfinite_at = torch.full([], _FINITE, dtype=torch.int64, device=run.device)
     n_params = sum(p.numel() for p in run.net.parameters())
     run.reporter.log(
         f"run {run.out}: {plan.preset}, {n_params:,} parameters, data {plan.data} ({len(ds)} items, "
@@ -709,17 +758,82 @@ def set_learning_rate(run: Run) -> float:
 
 
 def maintenance(run: Run, lr: float) -> None:
-    """Status line, snapshots and grid, checkpoint, hooks: whichever is due at run.nimg."""
+    """Status line, snapshots and grid, checkpoint, hooks: whichever is due at run.nimg.
+    Nothing is saved once the training has diverged (`check_finite`)."""
     plan, nimg, done = run.plan, run.nimg, run.nimg >= run.stop_nimg
-    if nimg % plan.status == 0 or done:
+    status = nimg % plan.status == 0 or done
+    snapshot = (nimg % plan.snapshot == 0 or nimg == plan.duration) and (nimg != run.start_nimg or nimg == 0)
+    checkpoint = nimg != run.start_nimg and (nimg % plan.checkpoint == 0 or done)   # (snapshot: also at image 0)
+    if status:
         run.meter.report(run.reporter, nimg, lr)
-    if run.rank == 0 and (nimg % plan.snapshot == 0 or nimg == plan.duration) \
-            and (nimg != run.start_nimg or nimg == 0):   # also at image 0 of a fresh run
+    if status or snapshot or checkpoint:
+        check_finite(run, snapshot)
+    if run.rank == 0 and snapshot:
         save_snapshots(run)
-    if run.rank == 0 and nimg != run.start_nimg and (nimg % plan.checkpoint == 0 or done):
+    if run.rank == 0 and checkpoint:
         save_run_checkpoint(run)
     for hook in run.hooks:
         hook(run)
+
+
+_FINITE = 2 ** 62   # `Run.nonfinite_at` while the last step's loss was finite
+_DIVERGED_STEPS = 2  # steps in a row with a non-finite loss that make a diverged run
+
+
+def check_finite(run: Run, snapshot: bool) -> None:
+    """Stop (`EDM2Error`, on every process) when the loss has been non-finite in
+    the last `_DIVERGED_STEPS` steps or more, or the network (or, when a snapshot
+    is due, an EMA network) holds a non-finite value: a diverged run (e.g. a far
+    too large `lr`) would otherwise train on NaN and save NaN snapshots and
+    checkpoints. A lone non-finite loss (an fp16 overflow, say) whose gradient
+    elements are zeroed before the step (`train_step`) leaves the weights finite,
+    and training goes on. The streak is tracked on the device in `train_step`,
+    so this is the only synchronisation, at status, snapshot and checkpoint points."""
+    start = run.nonfinite_at if run.nonfinite_at is not None else torch.full([], _FINITE, device=run.device)
+    at = torch.where(run.nimg - start >= _DIVERGED_STEPS * run.plan.batch, start, torch.full_like(start, _FINITE))
+    nets = [run.net] + (list(run.ema.nets.values()) if snapshot and run.ema is not None else [])
+    finite = torch.stack([torch.isfinite(p).all() for net in nets for p in net.parameters()]).all()
+    # Non-finite weights: diverged from the streak's first step, or else from now.
+    at = torch.where(finite, at, start.clamp(max=run.nimg))
+    if run.world > 1:
+        at = at.clone()
+        dist.all_reduce(at, op=dist.ReduceOp.MIN)
+    if int(at) != _FINITE:
+        message = _diverged_message(run, int(at))
+        run.reporter.log(f"stopped: {message}")
+        raise EDM2Error(message)
+
+
+def _diverged_message(run: Run, at: int) -> str:
+    """What went wrong (from which image), the last good checkpoint and snapshot, and what to do."""
+    checkpoints = [p for n, p in list_checkpoints(run.out) if n <= at]
+    snapshots = [p for n, _, p in list_snapshots(run.out) if n <= at]
+    checkpoint = checkpoints[-1] if checkpoints else "none"
+    snapshot = snapshots[-1] if snapshots else None
+    return (f"lr={run.plan.lr:g}: the training diverged: the loss of the step from image {at} is not finite; "
+            f"nothing after image {at} was saved; last good checkpoint: {checkpoint}; last good snapshot: "
+            f"{snapshot or 'none'}; lr may not change on resume, so start again with a lower lr in another outdir "
+            f"or with force_new=True, or fine-tune with init={snapshot or 'SNAPSHOT'} and a lower lr in another "
+            f"outdir")
+
+
+def _grid_path(out: Path, nimg: int) -> Path:
+    return out / f"grid-{nimg:012d}.png"
+
+
+def _check_grids(plan: RunPlan, out: Path, state: dict | None) -> None:
+    """Refuse (before anything is written) to resume a run whose folder holds, where
+    this invocation would write a sample grid, a file that is not a grid of this run."""
+    if not plan.grid or not out.is_dir():
+        return
+    start = int(state["nimg"]) if state is not None and "nimg" in state else 0
+    stop = plan.duration if plan.slice is None else min(plan.duration, start + plan.slice)
+    owner = run_fingerprint(plan.identity())
+    for path in sorted(out.glob("grid-*.png")):
+        nimg = path.name[len("grid-"):-len(".png")]
+        if nimg.isdigit() and start < int(nimg) <= stop and (int(nimg) % plan.snapshot == 0 or
+                                                              int(nimg) == plan.duration):
+            check_grid_owner(path, owner)
 
 
 def save_snapshots(run: Run) -> None:
@@ -727,7 +841,7 @@ def save_snapshots(run: Run) -> None:
     plan, nimg = run.plan, run.nimg
     dataset = {k: plan.dataset[k] for k in ("resolution", "channels", "label_dim", "class_names", "path")}
     origin = {"preset": plan.preset, "run": str(run.out.resolve()), "seed": plan.seed, "tool": "edm2 train",
-              "run_id": run_fingerprint(plan.identity())}  # post-hoc EMA refuses to mix runs
+              "run_id": run_fingerprint(plan.identity())}  # post-hoc EMA refuses to mix runs; grids carry it too
     traditional = plan.ema == "traditional"
     for key, ema_net in run.ema.nets.items():
         sigma_rel = None if traditional else key
@@ -738,8 +852,8 @@ def save_snapshots(run: Run) -> None:
         run.result.snapshots.append(path)
     if run.grid and nimg > 0:  # (a grid of the untrained network would be noise)
         try:
-            save_grid(run.out / f"grid-{nimg:012d}.png", run.ema.nets[max(run.ema.nets)], run.encoder, run.grid,
-                      run.device)
+            save_grid(_grid_path(run.out, nimg), run.ema.nets[max(run.ema.nets)], run.encoder, run.grid,
+                      run.device, owner=origin["run_id"])
         except VAEUnavailable as e:
             run.reporter.log(f"no sample grids: {e}")
             run.grid = 0
@@ -751,6 +865,7 @@ def train_step(run: Run) -> None:
     """One optimizer step over plan.batch images, in run.rounds micro-batches per process."""
     plan = run.plan
     run.opt.zero_grad(set_to_none=True)
+    finite = torch.ones([], dtype=torch.bool, device=run.device)
     for r in range(run.rounds):
         first = run.nimg + run.rank * run.per_rank + r * plan.batch_gpu
         x, labels, gens = _micro_batch(run, first)
@@ -761,6 +876,10 @@ def train_step(run: Run) -> None:
             loss = run.loss_fn(run.model, x, labels, generator=gens)   # per-pixel loss, paper Eq. 21
             loss.sum().mul(plan.loss_scaling / run.per_rank).backward()
         run.meter.add_loss(loss)
+        finite &= torch.isfinite(loss.detach()).all()
+    if run.nonfinite_at is not None:  # the streak's first image count, without waiting for the device
+        at = run.nonfinite_at
+        run.nonfinite_at = torch.where(finite, torch.full_like(at, _FINITE), at.clamp(max=run.nimg))
     for p in run.net.parameters():
         if p.grad is not None:
             torch.nan_to_num(p.grad, nan=0, posinf=0, neginf=0, out=p.grad)
