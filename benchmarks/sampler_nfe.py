@@ -51,17 +51,25 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--detector-dir", help="folder with classifier.safetensors (default: edm2's detector folder)")
     p.add_argument("--num", type=int, default=2000, help="samples per point (default 2000)")
     p.add_argument("--solvers", default=",".join(SOLVERS), help=f"comma-separated (default {','.join(SOLVERS)})")
-    p.add_argument("--steps", default="8,12,16,32", help="comma-separated step counts (default 8,12,16,32)")
+    p.add_argument("--steps", default="8,12,16,32",
+                   help="comma-separated step counts for every solver (default 8,12,16,32), or per solver: "
+                        "'heun:4,8,16,32/dpm++2m:6,8,12,16' (then --solvers is taken from it)")
     p.add_argument("--batch", type=int, default=64, help="images per batch (default 64)")
     p.add_argument("--seed", type=int, default=0, help="evaluation seed k: seeds k*num ... (default 0)")
     p.add_argument("--device", default=None, help="cpu, cuda or cuda:N (default: cuda if available)")
     p.add_argument("--out", default="sampler_nfe", help="output stem: OUT.csv, OUT.png (default sampler_nfe)")
     args = p.parse_args(argv)
-    args.solvers = list(dict.fromkeys(s.strip() for s in args.solvers.split(",")))
+    if ":" in args.steps:  # per solver
+        per = dict(part.split(":", 1) for part in args.steps.split("/"))
+        args.solvers = [s.strip() for s in per]
+        args.steps = {s.strip(): sorted(set(parse_int_list(v, "steps"))) for s, v in per.items()}
+    else:
+        args.solvers = list(dict.fromkeys(s.strip() for s in args.solvers.split(",")))
+        steps = sorted(set(parse_int_list(args.steps, "steps")))
+        args.steps = {s: steps for s in args.solvers}
     for s in args.solvers:
         if s not in SOLVERS:
             p.error(f"--solvers: unknown solver {s!r}; allowed: {', '.join(SOLVERS)}")
-    args.steps = sorted(set(parse_int_list(args.steps, "steps")))
     if args.guidance != 1 and not args.gnet:
         p.error("--guidance needs --gnet")
     if args.guidance_interval is not None:
@@ -78,7 +86,7 @@ def points(args) -> list[tuple[str, str, int]]:
     variants = ["unguided"] if args.guidance == 1 else ["guided"]
     if args.guidance_interval is not None:
         variants.append("interval")
-    grid = [(s, n) for s in args.solvers for n in args.steps]
+    grid = [(s, n) for s in args.solvers for n in args.steps[s]]
     if REFERENCE not in grid:
         grid.insert(0, REFERENCE)
     return [(v, s, n) for v in variants for s, n in grid]
