@@ -50,7 +50,7 @@ from ..presets import RECIPES, get_preset
 from ..train.checkpoint import list_checkpoints
 from ..train.loop import TrainConfig, plan_run, train
 from ..utils.errors import EDM2Error, ExistingFileError, MissingFileError
-from ..utils.fileio import LOCK_NAME, RunLock, atomic_write_bytes, pyplot, save_figure
+from ..utils.fileio import LOCK_FILES, RunLock, atomic_write_bytes, pyplot, save_figure
 from ..utils.units import parse_float_list
 from .dynamics import growth_factors, load_dynamics, plot_dynamics, plot_loss_profile
 from .flops import count_network
@@ -214,7 +214,7 @@ def _claim_outdir(out: Path, settings: dict) -> None:
         return
     # A new ladder goes into a new or empty folder; a *.log file (the command's own output, e.g.
     # `nohup edm2 ladder --outdir DIR > DIR/ladder.log`) is allowed there.
-    if out.exists() and (not out.is_dir() or any(p.suffix != ".log" and p.name != LOCK_NAME
+    if out.exists() and (not out.is_dir() or any(p.suffix != ".log" and p.name not in LOCK_FILES
                                                  for p in out.iterdir())):
         raise ExistingFileError(f"outdir={out}: exists and holds no {LADDER_FILE}; choose a new or empty folder")
     out.mkdir(parents=True, exist_ok=True)
