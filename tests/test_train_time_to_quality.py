@@ -18,13 +18,16 @@ def bench():
 
 def test_arguments(bench, capsys):
     args = bench.parse_args(["--ref-stats", "r.npz"])
-    assert args.minutes == [2.5, 5.0, 10.0] and args.num == 1000 and args.sides == ["edm2", "authors"]
+    assert args.minutes == [2.5, 5.0, 10.0] and args.num == 1000 and args.ema == [0.1]
+    assert bench.parse_args(["--ref-stats", "r.npz", "--ema", "0.1,0.05"]).ema == [0.05, 0.1]
+    assert args.sides == ["edm2", "authors"]
     assert bench.keep_points(args) == [(2.5, "budget2.5"), (5.0, "budget5.0"), (10.0, "budget10.0")]
     args = bench.parse_args(["--ref-stats", "r.npz", "--minutes", "10,2", "--guidance", "2", "--guide-at", "0.5"])
     assert bench.keep_points(args) == [(1.0, "guide2.0"), (2.0, "budget2.0"), (5.0, "guide10.0"),
                                        (10.0, "budget10.0")]
     for bad in (["--minutes", "0,5"], ["--minutes", "x"], ["--num", "1"], ["--sides", "edm2,theirs"],
-                ["--guide-at", "1"], ["--sides", "authors", "--guidance", "2"], ["--ema", "0.2"]):
+                ["--guide-at", "1"], ["--sides", "authors", "--guidance", "2"], ["--ema", "0.2"],
+                ["--ema", "0.05,x"]):
         with pytest.raises(SystemExit):
             bench.parse_args(["--ref-stats", "r.npz", *bad])
     with pytest.raises(SystemExit):
@@ -47,5 +50,5 @@ def test_authors_side_skipped_without_a_checkout(bench, tmp_path, capsys):
 
 
 def test_table(bench):
-    row = dict(side="edm2", minutes=2.5, nimg=4096, img_per_s=27.31, fd_classifier=1.23456, consistency=0.5)
-    assert bench.table([row]).splitlines()[-1] == "| edm2 | 2.5 | 4096 | 27.3 | 1.235 | 0.500 |"
+    row = dict(side="edm2", minutes=2.5, nimg=4096, img_per_s=27.31, ema=0.1, fd_classifier=1.23456, consistency=0.5)
+    assert bench.table([row]).splitlines()[-1] == "| edm2 | 2.5 | 4096 | 27.3 | 0.100 | 1.235 | 0.500 |"
