@@ -24,13 +24,14 @@ venv: $(STAMP)
 
 # The recipe is the demo preset (src/edm2/presets.py; chosen by measurement, BENCHMARKS.md "Demo recipe").
 # --net demo-run samples its latest snapshot of the longest tracked EMA (sigma_rel 0.10).
+# --seeds-per-class 10: seeds 0-9 are class 0, 10-19 class 1, ..., so row r of samples.png is class r.
 demo: $(STAMP)
 	$(BIN)/edm2 train --outdir demo-run --preset demo --grid 10
-	$(BIN)/edm2 generate --net demo-run --outdir demo-run/samples --seeds 0-99 --steps 16 --grid demo-run/samples.png
+	$(BIN)/edm2 generate --net demo-run --outdir demo-run/samples --seeds 0-99 --seeds-per-class 10 --steps 16 --grid demo-run/samples.png
 
 demo-quick: $(STAMP)
 	$(BIN)/edm2 train --outdir demo-quick --preset demo --duration 256 --snapshot 128 --checkpoint 256 --grid 0
-	$(BIN)/edm2 generate --net demo-quick --outdir demo-quick/samples --seeds 0-9 --steps 4 --grid demo-quick/samples.png
+	$(BIN)/edm2 generate --net demo-quick --outdir demo-quick/samples --seeds 0-9 --seeds-per-class 1 --steps 4 --grid demo-quick/samples.png
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

@@ -187,6 +187,9 @@ CASES = [
                                                         ["another network or settings", "--solver heun -> euler"])),
     ("generate-other-class-into-folder", lambda w, t: (["generate", "--net", w / "netA.safetensors", "--outdir",
                                                         w / "imgsA", *GEN, "--class", "1"], ["class"])),
+    ("generate-seeds-per-class-into-folder", lambda w, t: (["generate", "--net", w / "netA.safetensors", "--outdir",
+                                                            w / "imgsA", *GEN, "--seeds-per-class", "1"],
+                                                           ["another network or settings", "class"])),
     ("generate-into-unrecorded-pngs", lambda w, t: (["generate", "--net", w / "netA.safetensors", "--outdir",
                                                      w / "plain", *GEN], ["no generate.json", "PNG"])),
     ("generate-manifest-malformed", lambda w, t: (

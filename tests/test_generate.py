@@ -1,5 +1,6 @@
 """edm2.generate and `edm2 generate`: per-seed reproducibility (batch size,
 torchrun), resumable PNG folders, grid, latent decoding, bad input."""
+import json
 import os
 import subprocess
 import sys
@@ -11,7 +12,7 @@ import torch
 from PIL import Image
 
 from edm2.cli import main
-from edm2.generate import generate_images, generate_to_dir, load_nets, rank_batches
+from edm2.generate import generate_images, generate_to_dir, load_nets, rank_batches, seed_classes
 from edm2.utils.errors import EDM2Error
 from helpers import write_snapshot
 
@@ -167,6 +168,11 @@ def bad_cases(snaps, tmp_path):
         (["--net", str(snaps["uncond"]), "--class", "0"], "--class 0: the network is unconditional (label_dim 0); "
                                                            "drop --class"),
         (["--net", str(snaps["cond"]), "--batch", "0"], "--batch 0: must be >= 1"),
+        (["--net", str(snaps["cond"]), "--seeds-per-class", "0"], "--seeds-per-class 0: must be >= 1"),
+        (["--net", str(snaps["cond"]), "--seeds-per-class", "2", "--class", "1"],
+         "--class 1 and --seeds-per-class 2: give one of them"),
+        (["--net", str(snaps["uncond"]), "--seeds-per-class", "2"],
+         "--seeds-per-class 2: the network is unconditional"),
         (["--net", str(snaps["cond"]), "--steps", "0"], "--steps 0"),
         (["--net", str(snaps["cond"]), "--seeds", "5-2"], "--seeds"),
         (["--net", str(snaps["cond"]), "--seeds", "0-x"], "--seeds"),
@@ -297,3 +303,39 @@ def test_solver_and_guidance_interval_in_generate(snaps, tmp_path):
         generate_to_dir(net, encoder, [0], tmp_path / "x", num_steps=2, guidance_interval=(0.28, 1.61),
                         progress=False)
     assert not (tmp_path / "x").exists()
+
+
+def test_seeds_per_class_puts_class_r_on_grid_row_r(snaps, tmp_path):
+    """--seeds-per-class K: seed s is drawn for class (s // K) % label_dim, the grid has
+    one row per block of K seeds, generate.json records the option (a resume matches it,
+    another class option is refused)."""
+    out, grid = tmp_path / "out", tmp_path / "grid.png"
+    argv = ["generate", "--net", str(snaps["labels5"]), "--outdir", str(out), "--seeds", "0-14",
+            "--seeds-per-class", "3", "--steps", STEPS, "--batch", "4", "--device", "cpu", "--grid", str(grid)]
+    assert main(argv) == 0
+    pngs = read_pngs(out)
+    assert json.loads((out / "generate.json").read_text())["class"] == {"seeds_per_class": 3}
+    net, _, encoder, _ = load_nets(snaps["labels5"], device="cpu")
+    # The labels passed for each seed: its block's class, and the same images as --class r for that block.
+    got = collect(generate_images(net, encoder, range(15), seeds_per_class=3, batch_size=4, num_steps=int(STEPS)))
+    assert [got[s][1] for s in range(15)] == [s // 3 for s in range(15)]
+    for r in range(5):
+        fixed = collect(generate_images(net, encoder, range(3 * r, 3 * r + 3), class_idx=r, num_steps=int(STEPS)))
+        for s in range(3 * r, 3 * r + 3):
+            assert_same_pixels(fixed[s][0][0].numpy(), pngs[f"{s:06d}.png"])
+    # Grid row r, column c = seed 3r + c (5 rows of 3 images of 16x16).
+    g = np.asarray(Image.open(grid))
+    assert g.shape == (5 * 16, 3 * 16)
+    for s in range(15):
+        r, c = divmod(s, 3)
+        assert np.array_equal(g[16 * r:16 * r + 16, 16 * c:16 * c + 16], pngs[f"{s:06d}.png"])
+    # Classes cycle past label_dim; a block cut by the seed range starts its own row.
+    assert seed_classes([14, 15, 16, 17], 3, 5).tolist() == [4, 0, 0, 0]
+    assert main(argv) == 0  # resume: same option, nothing to do
+    with pytest.raises(SystemExit):
+        main([*argv[:6], "--class", "1", *argv[8:]])
+    with pytest.raises(EDM2Error, match="seeds_per_class=0: must be an integer >= 1"):
+        generate_to_dir(net, encoder, [0], tmp_path / "o2", seeds_per_class=0, progress=False)
+    with pytest.raises(EDM2Error, match="class_idx=1 and seeds_per_class=2"):
+        generate_to_dir(net, encoder, [0], tmp_path / "o2", class_idx=1, seeds_per_class=2, progress=False)
+    assert not (tmp_path / "o2").exists()

@@ -14,7 +14,10 @@ locked (`edm2.utils.fileio.RunLock`) while images are written; a later call with
 another network or other settings is refused instead of mixing images.
 
 Every image depends only on its seed (docs/design.md#per-seed-randomness): noise, random class and
-churn noise come from the seed's own generator (`edm2.sampling.SeedRandom`).
+churn noise come from the seed's own generator (`edm2.sampling.SeedRandom`). With
+`seeds_per_class=K` the class is a function of the seed too (`seed_classes`: seeds 0..K-1
+class 0, K..2K-1 class 1, ...), and the grid puts each block of K seeds on its own row, so
+`--seeds 0-99 --seeds-per-class 10` draws a 10x10 grid whose row r holds class r.
 """
 from __future__ import annotations
 
@@ -89,8 +92,20 @@ def check_gnet_matches(net, gnet) -> None:
                             f"for an unconditional guide) as `net`")
 
 
-def check_class(net, class_idx) -> None:
-    """Raise `EDM2Error` if class_idx (None = random) cannot be used with net."""
+def check_class(net, class_idx, seeds_per_class: int | None = None) -> None:
+    """Raise `EDM2Error` if class_idx (None = random) or seeds_per_class (None = off)
+    cannot be used with net."""
+    if seeds_per_class is not None:
+        if class_idx is not None:
+            raise EDM2Error(f"class_idx={class_idx} and seeds_per_class={seeds_per_class}: give one of them "
+                            f"(one class for every image, or classes by blocks of seeds)")
+        if not isinstance(seeds_per_class, (int, np.integer)) or isinstance(seeds_per_class, bool) \
+                or seeds_per_class < 1:
+            raise EDM2Error(f"seeds_per_class={seeds_per_class}: must be an integer >= 1")
+        if net.label_dim == 0:
+            raise EDM2Error(f"seeds_per_class={seeds_per_class}: the network is unconditional (label_dim 0); "
+                            f"drop `seeds_per_class`")
+        return
     if class_idx is None:
         return
     if net.label_dim == 0:
@@ -104,14 +119,22 @@ def check_class(net, class_idx) -> None:
 # Distribution over processes (torchrun).
 # ---------------------------------------------------------------------------
 
-def check_request(net, gnet, guidance: float, class_idx, sampler_kwargs: dict) -> dict:
+def seed_classes(seeds, seeds_per_class: int, label_dim: int) -> torch.Tensor:
+    """The class of each seed when classes go by blocks of seeds: seed s gets class
+    (s // seeds_per_class) % label_dim (int64 [N]). A function of the seed alone, so an
+    image still depends only on its seed and the recorded option."""
+    return torch.tensor([(int(s) // seeds_per_class) % label_dim for s in seeds], dtype=torch.int64)
+
+
+def check_request(net, gnet, guidance: float, class_idx, sampler_kwargs: dict,
+                  seeds_per_class: int | None = None) -> dict:
     """Check guidance, class and sampler options of a generation request
     (`EDM2Error`); returns every numeric sampler option, defaults filled in, plus
     `solver` and `guidance_interval` where they differ from the defaults (Heun, every
     step guided), so folders made before these options existed keep their generate.json.
     An interval without guidance (guidance == 1) is refused: it would change nothing."""
     check_guide(net, gnet, guidance)
-    check_class(net, class_idx)
+    check_class(net, class_idx, seeds_per_class)
     unknown = set(sampler_kwargs) - set(SAMPLER_DEFAULTS) - set(SOLVER_DEFAULTS)
     if unknown:
         raise EDM2Error(f"unknown sampler options {sorted(unknown)}; allowed: "
@@ -174,7 +197,8 @@ def load_nets(net, gnet=None, device=None):
 
 def generate_images(net, encoder, seeds, gnet=None, guidance: float = 1, class_idx: int | None = None,
                     batch_size: int = 32, device=None, rank: int | None = None, world_size: int | None = None,
-                    progress: bool = False, **sampler_kwargs) -> Iterator[GeneratedBatch]:
+                    progress: bool = False, seeds_per_class: int | None = None,
+                    **sampler_kwargs) -> Iterator[GeneratedBatch]:
     """Generate images for `seeds`, yielding one `GeneratedBatch` per batch.
 
     net, gnet: denoisers with Precond's interface (gnet guides when guidance != 1).
@@ -182,6 +206,8 @@ def generate_images(net, encoder, seeds, gnet=None, guidance: float = 1, class_i
         `encoder_from_meta(meta['encoder'])`; None yields raw float32 samples.
     class_idx: a class for every image, or None (random class per seed for a
         conditional net, drawn from the seed's generator).
+    seeds_per_class: instead of class_idx, classes by blocks of seeds
+        (`seed_classes`: seed s gets class (s // seeds_per_class) % label_dim).
     rank, world_size: which share of the seeds to make (`rank_batches`);
         default: this process's place in torch.distributed, or 0 of 1.
     sampler_kwargs: edm_sampler's num_steps, sigma_min, sigma_max, rho,
@@ -191,7 +217,7 @@ def generate_images(net, encoder, seeds, gnet=None, guidance: float = 1, class_i
     Checks run at the call (`EDM2Error`), generation while iterating. The
     networks are put in eval mode without gradients.
     """
-    sampler_kwargs = check_request(net, gnet, guidance, class_idx, sampler_kwargs)
+    sampler_kwargs = check_request(net, gnet, guidance, class_idx, sampler_kwargs, seeds_per_class)
     if rank is None or world_size is None:
         rank, world_size = rank_world()
     batches = rank_batches(seeds, batch_size, rank, world_size)
@@ -199,16 +225,19 @@ def generate_images(net, encoder, seeds, gnet=None, guidance: float = 1, class_i
     for m in (net, gnet):
         if m is not None:
             m.eval().requires_grad_(False)
-    return _generate(net, encoder, batches, gnet, guidance, class_idx, device, progress, sampler_kwargs)
+    return _generate(net, encoder, batches, gnet, guidance, class_idx, device, progress, sampler_kwargs,
+                     seeds_per_class)
 
 
-def _generate(net, encoder, batches, gnet, guidance, class_idx, device, progress, sampler_kwargs):
+def _generate(net, encoder, batches, gnet, guidance, class_idx, device, progress, sampler_kwargs,
+              seeds_per_class=None):
     with tqdm(total=sum(map(len, batches)), unit="img", disable=not progress, desc="generate") as bar:
         for seeds in batches:
             if not seeds:
                 yield GeneratedBatch(torch.zeros([0], dtype=torch.uint8), [], None, None)
                 continue
-            images, labels, classes = sample_batch(net, encoder, SeedRandom(seeds, device), class_idx, gnet, guidance,
+            classes = class_idx if seeds_per_class is None else seed_classes(seeds, seeds_per_class, net.label_dim)
+            images, labels, classes = sample_batch(net, encoder, SeedRandom(seeds, device), classes, gnet, guidance,
                                                    **sampler_kwargs)
             yield GeneratedBatch(images.cpu(), list(seeds), None if labels is None else labels.cpu(),
                                  None if classes is None else classes.cpu())
@@ -231,15 +260,24 @@ def to_pil_image(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr)
 
 
-def make_grid(paths) -> Image.Image:
-    """Tile PNG files into a near-square grid, row by row."""
+def make_grid(paths, row_keys=None) -> Image.Image:
+    """Tile PNG files into a near-square grid, row by row; with `row_keys` (one
+    per path), a new row starts wherever the key changes (e.g. the class block
+    of each seed), and the grid is as wide as the longest row."""
     imgs = [Image.open(p) for p in paths]
-    cols = math.ceil(math.sqrt(len(imgs)))
-    rows = math.ceil(len(imgs) / cols)
+    if row_keys is None:
+        cols = math.ceil(math.sqrt(len(imgs)))
+        places = [(i % cols, i // cols) for i in range(len(imgs))]
+    else:
+        places, row, col = [], -1, 0
+        for i, key in enumerate(row_keys):
+            row, col = (row + 1, 0) if i == 0 or key != row_keys[i - 1] else (row, col + 1)
+            places.append((col, row))
+    cols, rows = max(c for c, _ in places) + 1, max(r for _, r in places) + 1
     w, h = imgs[0].size
     grid = Image.new(imgs[0].mode, (cols * w, rows * h))
-    for i, img in enumerate(imgs):
-        grid.paste(img, ((i % cols) * w, (i // cols) * h))
+    for img, (c, r) in zip(imgs, places):
+        grid.paste(img, (c * w, r * h))
     return grid
 
 
@@ -277,18 +315,21 @@ def net_fingerprint(net) -> str:
 
 
 def output_manifest(net, gnet=None, guidance: float = 1, class_idx=None, encoder=None, sources: dict | None = None,
-                    **sampler_kwargs) -> dict:
+                    seeds_per_class: int | None = None, **sampler_kwargs) -> dict:
     """What determines the images of a folder (stored as generate.json): the
-    networks (weight fingerprints), the guidance weight, the class option, the
-    decoder and every sampler setting (defaults filled in). `sources` (e.g.
-    {"net": path}) is recorded for people and not compared."""
+    networks (weight fingerprints), the guidance weight, the class option
+    ("random", a class index, or {"seeds_per_class": K}), the decoder and every
+    sampler setting (defaults filled in). `sources` (e.g. {"net": path}) is
+    recorded for people and not compared."""
     sampler = {**SAMPLER_DEFAULTS, **sampler_kwargs}
     if sampler.get("guidance_interval") is not None:  # recorded only when given (older folders lack it)
         sampler["guidance_interval"] = [v if math.isfinite(v) else str(v) for v in sampler["guidance_interval"]]
     sampler = {k: (v if math.isfinite(v) else str(v)) if isinstance(v, float) else v for k, v in sampler.items()}
     return {"format": MANIFEST_FORMAT, "version": 1,
             "net": net_fingerprint(net), "gnet": None if gnet is None else net_fingerprint(gnet),
-            "guidance": float(guidance), "class": "random" if class_idx is None else int(class_idx),
+            "guidance": float(guidance),
+            "class": {"seeds_per_class": int(seeds_per_class)} if seeds_per_class is not None
+            else "random" if class_idx is None else int(class_idx),
             "encoder": encoder.to_meta() if hasattr(encoder, "to_meta") else getattr(encoder, "kind", None),
             "sampler": sampler, "sources": dict(sources or {})}
 
@@ -355,12 +396,14 @@ def _missing_seeds(seeds, outdir, subdirs, device) -> list[int]:
 
 def generate_to_dir(net, encoder, seeds, outdir, gnet=None, guidance: float = 1, class_idx: int | None = None,
                     batch_size: int = 32, device=None, subdirs: bool = False, grid=None, grid_count: int = 100,
-                    progress: bool = True, sources: dict | None = None, **sampler_kwargs) -> dict:
+                    progress: bool = True, sources: dict | None = None, seeds_per_class: int | None = None,
+                    **sampler_kwargs) -> dict:
     """Write one PNG per seed to outdir (`image_path`), skipping images that
     already exist, so an interrupted job can simply be re-run. Under torchrun
     (call `edm2.utils.distributed.init_distributed()` first) the missing seeds are split across the
     processes. With `grid`, rank 0 then tiles the first `grid_count` seeds'
-    images into that PNG. Every file is written atomically (temp + rename).
+    images into that PNG (with `seeds_per_class`, one row per block of seeds,
+    i.e. per class: `seed_classes`). Every file is written atomically (temp + rename).
     The folder is locked while images are written (`RunLock`) and records
     the networks and settings in generate.json; a folder made with others is
     refused (`check_output_folder`). `sources` ({"net": path, ...}) is noted there.
@@ -375,9 +418,9 @@ def generate_to_dir(net, encoder, seeds, outdir, gnet=None, guidance: float = 1,
     if len(set(seeds)) != len(seeds):
         raise EDM2Error("`seeds`: a seed is listed twice; each seed names one image file")
     _check_outputs(net, encoder, outdir, grid)
-    sampler_kwargs = check_request(net, gnet, guidance, class_idx, sampler_kwargs)
+    sampler_kwargs = check_request(net, gnet, guidance, class_idx, sampler_kwargs, seeds_per_class)
     manifest = output_manifest(net, gnet if guidance != 1 else None, guidance, class_idx, encoder, sources,
-                               **sampler_kwargs)
+                               seeds_per_class=seeds_per_class, **sampler_kwargs)
     device = resolve_device(device)
     rank, world = rank_world()
     with RunLock(outdir, "`outdir`") if rank == 0 else nullcontext():
@@ -391,7 +434,7 @@ def generate_to_dir(net, encoder, seeds, outdir, gnet=None, guidance: float = 1,
         try:
             for batch in generate_images(net, encoder, todo, gnet=gnet, guidance=guidance, class_idx=class_idx,
                                          batch_size=batch_size, device=device, progress=progress and rank == 0,
-                                         **sampler_kwargs):
+                                         seeds_per_class=seeds_per_class, **sampler_kwargs):
                 for seed, image in zip(batch.seeds, batch.images):
                     atomic_write_bytes(image_path(outdir, seed, subdirs), png_bytes(to_pil_image(image)))
                     made += 1
@@ -402,6 +445,7 @@ def generate_to_dir(net, encoder, seeds, outdir, gnet=None, guidance: float = 1,
         if world > 1:
             dist.barrier()
         if grid is not None and rank == 0:
-            atomic_write_bytes(grid, png_bytes(make_grid([image_path(outdir, s, subdirs)
-                                                          for s in seeds[:grid_count]])))
+            shown = seeds[:grid_count]
+            keys = None if seeds_per_class is None else [s // seeds_per_class for s in shown]
+            atomic_write_bytes(grid, png_bytes(make_grid([image_path(outdir, s, subdirs) for s in shown], keys)))
     return {"generated": made, "skipped": len(seeds) - len(todo)}

@@ -42,6 +42,9 @@ def register(sub) -> None:
     p.add_argument("--seeds", default="0-63", metavar="LIST", help="seeds, e.g. 0-49999 or 1,5,10-20 (default 0-63)")
     p.add_argument("--class", dest="class_idx", default="random", metavar="N|random",
                    help="class of every image for a conditional net (default: random per seed)")
+    p.add_argument("--seeds-per-class", type=int, default=None, metavar="K",
+                   help="instead of --class: seeds 0..K-1 get class 0, K..2K-1 class 1, ... (cycling through "
+                   "the classes), and the grid gets one row per class, e.g. --seeds 0-99 --seeds-per-class 10")
     p.add_argument("--batch", dest="batch_size", type=int, default=32, metavar="B",
                    help="images per batch per process (default 32)")
     p.add_argument("--subdirs", action="store_true", help="put 1000 images per sub-folder (000000/, 001000/, ...)")
@@ -90,6 +93,10 @@ def _checked_args(args) -> dict:
         raise EDM2Error(f"--batch {args.batch_size}: must be >= 1")
     if args.grid_count < 1:
         raise EDM2Error(f"--grid-count {args.grid_count}: must be >= 1")
+    if args.seeds_per_class is not None and args.seeds_per_class < 1:
+        raise EDM2Error(f"seeds_per_class={args.seeds_per_class}: must be >= 1")
+    if args.seeds_per_class is not None and _class(args.class_idx) is not None:
+        raise EDM2Error(f"class_idx={args.class_idx} and seeds_per_class={args.seeds_per_class}: give one of them")
     sampler = check_sampler_options({name: getattr(args, name) for name in SAMPLER_DEFAULTS})
     sampler.update(check_solver_options(args.solver, args.guidance_interval, sampler["S_churn"], guidance))
     return dict(seeds=seeds, guidance=guidance, class_idx=_class(args.class_idx), sampler=sampler)
@@ -102,7 +109,7 @@ def run(args) -> int:
     try:
         device = resolve_device(args.device)  # refuses a device this machine lacks; cuda: cuda:LOCAL_RANK
         net, gnet, encoder, meta = load_nets(args.net, args.gnet, device)
-        check_class(net, opts["class_idx"])
+        check_class(net, opts["class_idx"], args.seeds_per_class)
         nets = [m for m in (net, gnet) if m is not None]
         if args.precision:
             for m in nets:
@@ -110,7 +117,8 @@ def run(args) -> int:
         if args.compile:
             net, gnet = (compile_for_inference(m) if m is not None else None for m in (net, gnet))
         result = generate_to_dir(net, encoder, opts["seeds"], args.outdir, gnet=gnet, guidance=opts["guidance"],
-                                 class_idx=opts["class_idx"], batch_size=args.batch_size, device=device,
+                                 class_idx=opts["class_idx"], seeds_per_class=args.seeds_per_class,
+                                 batch_size=args.batch_size, device=device,
                                  subdirs=args.subdirs, grid=args.grid, grid_count=args.grid_count,
                                  sources={"net": str(args.net), "gnet": args.gnet and str(args.gnet)},
                                  **opts["sampler"])
