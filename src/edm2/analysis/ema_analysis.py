@@ -130,7 +130,7 @@ def _curve(rows, metric, key="ema_std"):
 
 def _plot_band(ax, rows, metric, key="ema_std", **kw):
     x, y, s = _curve(rows, metric, key)
-    line, = ax.plot(x, y, "o-", ms=3, **kw)
+    line, = ax.plot(x, y, marker="o", ms=3, **{"ls": "-", **kw})
     if s.any():
         ax.fill_between(x, y - s, y + s, color=line.get_color(), alpha=0.15, lw=0)
     return line
