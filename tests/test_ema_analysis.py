@@ -141,3 +141,22 @@ def test_optimum_range_within_one_spread():
     assert (o["row"]["ema_std"], o["lo"], o["hi"], o["edge"]) == (0.1, 0.1, 0.2, False)
     o = optimum([{**r, "m_std": 0.0} for r in rows[1:]], "m")
     assert (o["lo"], o["hi"], o["edge"]) == (0.1, 0.1, True)
+
+
+def test_cli_default_groups_with_a_base_outside_the_sweep(files, tmp_path, capsys):
+    out = tmp_path / "s"
+    assert main(["sweep", "--rundir", str(files["run"]), "--std", "0.06,0.09", "--ref", str(files["ref"]),
+                 "--num", "4", "--steps", str(STEPS), "--groups", "--base-std", "0.075", "--outdir", str(out)]) == 0
+    groups = _read(out / "groups.csv")
+    assert list(groups[0])[:4] == ["group", "tensors", "base_std", "ema_std"]
+    names = ["enc-16x16", "enc-8x8", "dec-16x16", "dec-8x8", "attention", "embedding", "output"]
+    assert [(g["group"], float(g["ema_std"])) for g in groups] == [(n, s) for n in names for s in (0.06, 0.09)]
+    assert {float(g["base_std"]) for g in groups} == {0.075}
+    assert (out / snapshot_name(256, 0.075)).is_file()  # the base, reconstructed once
+    assert len({g["fd_tiny"] for g in groups}) == len(groups)
+    assert "groups.csv, groups.png" in capsys.readouterr().out
+    assert_refused(["sweep", "--rundir", files["run"], "--std", "0.06", "--ref", files["ref"], "--groups",
+                    "--guidance", "1,1.5", "--gnet", files["ugnet"], "--outdir", tmp_path / "bad"], watch=[tmp_path],
+                   match=["--groups default: the per-group sweep takes one --at-nimg, one --guidance"])
+    assert_refused(["sweep", "--rundir", files["run"], "--std", "0.06", "--ref", files["ref"], "--base-std", "0.07",
+                    "--outdir", tmp_path / "bad"], watch=[tmp_path], match=["--base-std 0.07: only used with --groups"])
