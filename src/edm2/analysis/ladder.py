@@ -43,6 +43,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ..data import builtin_dataset_path
 from ..io.snapshot import list_snapshots
 from ..metrics import gen_metrics, load_detectors, load_ref, reference_stats, resolve_metrics, sweep
@@ -484,12 +486,15 @@ def plot_ladder(rungs: list[LadderRung], metric: str, path=None) -> bytes:
         if r.best_sigma_rel is None:
             ax_s.axhline(r.values[metric], color=colour, ls=":", label=f"{r.config} (stored EMA)")
             continue
-        pts = sorted((row["ema_std"], row[metric]) for row in r.sweep)
-        ax_s.plot(*zip(*pts), "o-", ms=3, color=colour, label=r.config)
+        pts = sorted((row["ema_std"], row[metric], row.get(f"{metric}_std") or 0.0) for row in r.sweep)
+        x, y, spread = (np.array(v, dtype=float) for v in zip(*pts))
+        ax_s.plot(x, y, "o-", ms=3, color=colour, label=r.config)
+        if spread.any():  # one spread over the seed sets
+            ax_s.fill_between(x, y - spread, y + spread, color=colour, alpha=0.15, lw=0)
         ax_s.plot(r.best_sigma_rel, r.values[metric], "o", ms=9, mfc="none", color=colour)
     ax_s.set_xlabel("EMA length sigma_rel (post-hoc)")
     ax_s.set_ylabel(metric)
-    ax_s.set_title("post-hoc EMA sweep per rung (ring: best)", fontsize=10)
+    ax_s.set_title("post-hoc EMA sweep per rung (ring: best; band: one spread)", fontsize=10)
     ax_s.grid(alpha=0.3)
     ax_s.legend(fontsize=7, ncol=2)
     fig.tight_layout()
