@@ -95,6 +95,10 @@ def test_several_times_give_one_curve_each_and_the_drift_figure(files, tmp_path)
     assert rows[1]["fd_tiny"] == pytest.approx(one["fd_tiny"], rel=1e-12)
     with Image.open(out / "sweep-time.png") as png:
         assert png.format == "PNG"
+    # A time whose reconstruction is refused (between snapshots) is found before any time is reconstructed.
+    with pytest.raises(EDM2Error, match="sigma_rel=0.06 at nimg 200 only with a"):
+        _run(files, tmp_path / "s2", at_nimg="192,200")
+    assert not (tmp_path / "s2").exists()
     with pytest.raises(EDM2Error, match="groups=default: the per-group sweep takes one `at_nimg`"):
         _run(files, tmp_path / "s2", at_nimg="192,256", groups="default")
     assert not (tmp_path / "s2").exists()

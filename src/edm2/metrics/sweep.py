@@ -30,7 +30,14 @@ from ..analysis.ema_analysis import (
     plot_guidance_heatmap,
     plot_times,
 )
-from ..ema.posthoc import MAX_PROFILE_ERROR, find_phema_inputs, reconstruct, resolve_time
+from ..ema.posthoc import (
+    MAX_PROFILE_ERROR,
+    check_profile_error,
+    find_phema_inputs,
+    plan_posthoc,
+    reconstruct,
+    resolve_time,
+)
 from ..ema.profiles import check_sigma_rel
 from ..generate import load_nets
 from ..io.snapshot import read_snapshot_meta, save_state_dict, snapshot_name
@@ -254,6 +261,10 @@ def sweep(rundir, sigma_rels, ref, outdir=None, at_nimg=None, metrics=None, num:
             raise ExistingFileError(f"{p}: a sweep was already written there; choose another `outdir`")
     inputs = find_phema_inputs(rundir)
     times = list(dict.fromkeys(resolve_time(inputs, t) for t in times))
+    for t in times:  # every time's reconstruction within the profile-error limit, before any is written
+        check_profile_error(plan_posthoc([r.nimg for r in inputs], [r.sigma_rel for r in inputs],
+                                         sigma_rels + ([base_std] if base_std is not None else []), t),
+                            max_profile_error)
     tensor_groups = None
     if groups is not None:  # checked on the run's tensor names before any work
         from safetensors import safe_open
