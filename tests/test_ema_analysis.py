@@ -158,7 +158,11 @@ def test_cli_default_groups_with_a_base_outside_the_sweep(files, tmp_path, capsy
     assert {float(g["base_std"]) for g in groups} == {0.075}
     assert (out / snapshot_name(256, 0.075)).is_file()  # the base, reconstructed once
     assert len({g["fd_tiny"] for g in groups}) == len(groups)
-    assert "groups.csv, groups.png" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "groups.csv, groups.png" in printed
+    att = min((g for g in groups if g["group"] == "attention"), key=lambda g: float(g["fd_tiny"]))
+    assert (f"group attention: best fd_tiny {float(att['fd_tiny']):.4f} at sigma_rel {float(att['ema_std']):.4f} "
+            f"(others at 0.0750)") in printed
     assert_refused(["sweep", "--rundir", files["run"], "--std", "0.06", "--ref", files["ref"], "--groups",
                     "--guidance", "1,1.5", "--gnet", files["ugnet"], "--outdir", tmp_path / "bad"], watch=[tmp_path],
                    match=["--groups default: the per-group sweep takes one --at-nimg, one --guidance"])

@@ -222,13 +222,14 @@ def plot_guidance_heatmap(rows: list[dict], metrics: list[str], path=None, title
         fig.colorbar(im, ax=ax, label=m)
         for i in range(len(ws)):
             for j in range(len(sigma_rels)):
-                if np.isfinite(grid[i, j]):
-                    ax.text(j, i, f"{grid[i, j]:.3g}", ha="center", va="center", fontsize=6, color="w")
+                if np.isfinite(grid[i, j]):  # dark text on the light (low) cells, light text on the dark ones
+                    ax.text(j, i, f"{grid[i, j]:.3g}", ha="center", va="center", fontsize=6,
+                            color="k" if im.norm(grid[i, j]) < 0.5 else "w")
             if np.isfinite(grid[i]).any():
                 j = int(np.nanargmin(grid[i]))
                 ax.add_patch(plt.Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, ec="r", lw=1.5))
         i, j = np.unravel_index(np.nanargmin(grid), grid.shape)
-        ax.plot(j, i, "r*", ms=10)
+        ax.plot(j + 0.3, i + 0.25, "r*", ms=9)  # in the cell's corner, its value stays readable
         ax.set_xticks(range(len(sigma_rels)), [f"{s:.3f}" for s in sigma_rels], rotation=45, fontsize=7)
         ax.set_yticks(range(len(ws)), [f"{w:g}" for w in ws], fontsize=7)
         ax.set_xlabel("EMA length sigma_rel")

@@ -416,6 +416,12 @@ class _Sweep:
                               sorted(group_rows, key=lambda r: (order.index(r["group"]), r["ema_std"])),
                               self.metrics, keys=(*GROUP_KEYS, *SWEEP_KEYS))
             state = None
+        if self.rank == 0 and self.progress:
+            for group in tensor_groups:
+                o = optimum([r for r in group_rows if r["group"] == group], m0)
+                print(f"group {group}: best {m0} {o['row'][m0]:.4f} at sigma_rel {o['row']['ema_std']:.4f} (others "
+                      f"at {base_std:.4f})" + (f"; within one spread: {o['lo']:.4f}-{o['hi']:.4f}"
+                                                if len(self.seeds) > 1 else ""), flush=True)
         if self.rank == 0:
             if tmp_dir.is_dir() and not any(tmp_dir.iterdir()):
                 tmp_dir.rmdir()
