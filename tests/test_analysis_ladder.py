@@ -62,9 +62,20 @@ def test_table_matches_sweeps(ladder):
         assert float(row["act_max_growth_raw"]) == pytest.approx(g["raw"]["growth"])
         assert g["raw"]["first_nimg"] == 0 and g["raw"]["last_nimg"] == 32
     assert rungs[0].params != rungs[1].params            # B and G are different networks
+    # Two seed sets per point (the default): the best by the mean, its spread, the lengths within it.
+    for row, rung in zip(table, rungs):
+        sweep = read_csv_rows(out / rung.config / "sweep" / "sweep.csv", ["fd_tiny"])
+        best = min(sweep, key=lambda r: r["fd_tiny"])
+        assert {r["seeds"] for r in sweep} == {2} and best["fd_tiny_std"] > 0
+        assert float(row["fd_tiny_std"]) == best["fd_tiny_std"] == rung.spread["fd_tiny"]
+        near = [r["ema_std"] for r in sweep if r["fd_tiny"] <= best["fd_tiny"] + best["fd_tiny_std"]]
+        assert rung.best_range == [min(near), max(near)]
+        assert rung.at_edge and row["best_at_edge"] == "1"  # two lengths: the best is at one end
     md = (out / "ladder.md").read_text()
     assert f"| B | + minor improvements | {rungs[0].params / 1e6:.3f} | {rungs[0].values['fd_tiny']:.4f} |" in md
     assert md.count("\n| ") == 3                        # header and two rows
+    assert (f"Best EMA length at a sweep boundary (the optimum may lie outside the swept lengths; widen "
+            f"sigma_rels): B ({rungs[0].best_sigma_rel:.3f}), G ({rungs[1].best_sigma_rel:.3f}).") in md
     for name in ("ladder.png", "dynamics.png", "loss.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "ladder.json").read_text())["configs"] == ["B", "G"]
@@ -203,3 +214,25 @@ def test_growth_factors():
     late = growth_factors(records, from_nimg=8)
     assert late["raw"] == {"first": 5.0, "last": 7.0, "growth": 1.4, "first_nimg": 8, "last_nimg": 16}
     assert late["ema"]["growth"] == 1.0 and growth_factors(records, from_nimg=17) == {}
+
+
+def test_default_ema_lengths_fit_the_profile_error_limit_of_the_default_snapshots():
+    import numpy as np
+
+    from edm2.ema.posthoc import plan_posthoc
+
+    cfg = LadderConfig(outdir="")
+    t = np.arange(1, cfg.snapshots + 1) * 4096  # the trainer's two profiles at each snapshot
+    plan = plan_posthoc(np.repeat(t, 2), np.tile([0.05, 0.10], cfg.snapshots), cfg.sigma_rels, int(t[-1]))
+    assert plan.fit_error.max() <= cfg.max_profile_error
+    assert min(cfg.sigma_rels) < 0.05 and max(cfg.sigma_rels) > 0.2  # room for an interior optimum
+    assert cfg.eval_seeds >= 2
+
+
+def test_table_without_a_boundary_optimum():
+    from edm2.analysis.ladder import LadderRung, format_table
+
+    rung = LadderRung(config="G", title="t", params=10**6, nimg=32, best_sigma_rel=0.1, values={"m": 1.0}, sweep=[],
+                      paper_fid=2.0, paper_sigma_rel=0.085, growth={}, spread={"m": 0.25}, best_range=[0.075, 0.15])
+    table = format_table([rung], ["m"])
+    assert "| 0.2500 | 0.075-0.150 |" in table and table.endswith("No best EMA length at a sweep boundary.\n")

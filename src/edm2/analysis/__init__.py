@@ -9,6 +9,9 @@
 - `edm2.analysis.ladder`: the ablation ladder of the paper's Table 1 in
   miniature, trained, evaluated and tabulated (`edm2 ladder`; docs/ladder.md).
   Its networks are those of `edm2.nn.factory.build_network`.
+- `edm2.analysis.ema_analysis`: the paper's EMA analysis (Fig. 5) behind
+  `edm2 sweep`: groups of tensors, the optimum within the evaluation noise, and
+  the figures per group, over training time and against guidance (docs/ema-analysis.md).
 - `edm2.analysis.flops`: parameters and multiply-accumulates of a network
   (`edm2 flops`).
 """

@@ -16,7 +16,10 @@ G: `edm2.nn.unet`).
    each with `edm2.metrics.sweep` (`OUTDIR/<letter>/sweep/sweep.csv`); config A
    has a traditional EMA and no post-hoc EMA (Sec. 3.1), so its stored EMA is
    evaluated instead;
-3. pick the best EMA length per rung (lowest value of the first metric).
+3. pick the best EMA length per rung (lowest mean of the first metric over
+   `eval_seeds` seed sets), with the range of lengths within one spread of it,
+   and flag an optimum at either end of the swept lengths (the sweep is then too
+   narrow to show it).
 
 It writes `OUTDIR/ladder.json` (the settings; a rerun with others is refused),
 `OUTDIR/ref.npz` (reference statistics of the data, computed once),
@@ -40,11 +43,13 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from ..data import builtin_dataset_path
 from ..io.snapshot import list_snapshots
 from ..metrics import gen_metrics, load_detectors, load_ref, reference_stats, resolve_metrics, sweep
 from ..metrics.evaluate import check_ref_detectors
-from ..metrics.sweep import CSV_NAME, check_sweep_lengths, write_csv
+from ..metrics.sweep import CSV_NAME, check_eval_seeds, check_sweep_lengths, mean_and_spread, write_csv
 from ..nn import CONFIGS, check_config
 from ..presets import RECIPES, get_preset
 from ..train.checkpoint import list_checkpoints
@@ -53,6 +58,7 @@ from ..utils.errors import EDM2Error, ExistingFileError, MissingFileError
 from ..utils.fileio import LOCK_FILES, RunLock, atomic_write_bytes, pyplot, save_figure
 from ..utils.units import parse_float_list
 from .dynamics import growth_factors, load_dynamics, plot_dynamics, plot_loss_profile
+from .ema_analysis import optimum
 from .flops import count_network
 
 __all__ = ["LadderConfig", "LadderRung", "run_ladder", "rung_train_config", "read_csv_rows", "format_table",
@@ -75,7 +81,9 @@ class LadderConfig:
     these sizes); `sigma_rels`: the EMA lengths
     to reconstruct and evaluate; `num`: generated images per evaluation;
     `steps`: sampler steps; `metrics`: detectors, the first one picks the best
-    EMA length. Every field but `threads`, `detector_dir`, `progress` and `max_profile_error` is
+    EMA length; `eval_seeds`: disjoint seed sets per evaluation (their mean picks
+    the best length, their spread gives the range of lengths as good). Every field but `threads`,
+    `detector_dir`, `progress` and `max_profile_error` is
     recorded in ladder.json and must match on a rerun."""
     outdir: str
     configs: tuple = ("B", "C", "D", "E", "F", "G")
@@ -86,8 +94,12 @@ class LadderConfig:
     dynamics: int | None = None
     dynamics_probe: int = 256
     grid: int = 0
-    sigma_rels: tuple = (0.05, 0.10, 0.15, 0.20)
+    # Wide enough for an interior optimum (the paper's optima lie between 0.05 and 0.20, Table 1), and
+    # every length reconstructable within `max_profile_error` from 8 snapshots: the relative L2 profile
+    # errors at the last snapshot are 16 % (0.025), 18 % (0.25), at most 8 % in between; 0.01 would be 52 %.
+    sigma_rels: tuple = (0.025, 0.05, 0.075, 0.10, 0.15, 0.20, 0.25)
     num: int = 1000
+    eval_seeds: int = 2
     steps: int = 32
     metrics: tuple = ("fd_classifier",)
     seed: int = 0
@@ -113,6 +125,9 @@ class LadderRung:
     paper_fid: float
     paper_sigma_rel: float | None
     growth: dict                 # edm2.analysis.dynamics.growth_factors of its dynamics.jsonl
+    spread: dict | None = None   # {metric: its standard deviation over the seed sets at the best EMA length}
+    best_range: list | None = None  # [shortest, longest] EMA length whose mean is within one spread of the best
+    at_edge: bool = False        # the best EMA length is the shortest or the longest swept
 
 
 # ---------------------------------------------------------------------------
@@ -162,6 +177,7 @@ def _check(cfg: LadderConfig) -> LadderConfig:
         raise EDM2Error(f"num={cfg.num}: need at least 2 images per evaluation")
     if cfg.steps < 1:
         raise EDM2Error(f"steps={cfg.steps}: must be >= 1")
+    check_eval_seeds(cfg.eval_seeds)
     if cfg.batch_size < 1:
         raise EDM2Error(f"batch_size={cfg.batch_size}: must be >= 1")
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, int) or cfg.seed < 0:
@@ -243,9 +259,12 @@ def read_csv_rows(path, metrics) -> list[dict]:
             if missing:
                 raise ValueError(f"no column {missing[0]!r}")
             for r in reader:
+                # seeds and <metric>_std: the seed sets and their spread (a sweep.csv without them: one set)
                 rows.append({"ema_std": float(r["ema_std"]) if r["ema_std"] else None,
                              "guidance": float(r["guidance"]), "nimg": int(r["nimg"]), "num": int(r["num"]),
-                             "seed": int(r["seed"]), **{m: float(r[m]) for m in metrics}})
+                             "seed": int(r["seed"]), "seeds": int(r.get("seeds") or 1),
+                             **{m: float(r[m]) for m in metrics},
+                             **{f"{m}_std": float(r.get(f"{m}_std") or 0) for m in metrics}})
     except (ValueError, TypeError, csv.Error, UnicodeDecodeError) as e:
         raise EDM2Error(f"{path}: not a sweep.csv with the columns {', '.join(want)} ({str(e)[:120]}); the file "
                         f"is damaged: delete it to evaluate again") from None
@@ -273,10 +292,11 @@ def _evaluate(cfg: LadderConfig, letter: str, rundir: Path, ref: dict, detectors
                 if n == cfg.duration and p.name.endswith("-ema.safetensors")]
         if not last:
             raise MissingFileError(f"{rundir}: no EMA snapshot at {cfg.duration} images; the run is incomplete")
-        values = gen_metrics(last[0][1], ref, metrics=list(cfg.metrics), num=cfg.num, seed=cfg.seed,
-                             batch_size=cfg.batch_size, device="cpu", progress=cfg.progress, detectors=detectors,
-                             **sampler)
-        rows = [{"ema_std": None, "guidance": 1.0, "nimg": cfg.duration, "num": cfg.num, "seed": cfg.seed, **values}]
+        results = [gen_metrics(last[0][1], ref, metrics=list(cfg.metrics), num=cfg.num, seed=cfg.seed + k,
+                               batch_size=cfg.batch_size, device="cpu", progress=cfg.progress, detectors=detectors,
+                               **sampler) for k in range(cfg.eval_seeds)]
+        rows = [{"ema_std": None, "guidance": 1.0, "nimg": cfg.duration, "num": cfg.num, "seed": cfg.seed,
+                 "seeds": cfg.eval_seeds, **mean_and_spread(results, list(cfg.metrics))}]
         sweep_dir.mkdir(exist_ok=True)
         write_csv(csv_path, rows, list(cfg.metrics))
         return read_csv_rows(csv_path, cfg.metrics)
@@ -285,7 +305,7 @@ def _evaluate(cfg: LadderConfig, letter: str, rundir: Path, ref: dict, detectors
         png.unlink()  # of the interrupted sweep; sweep() refuses to overwrite it
     sweep(rundir, list(cfg.sigma_rels), ref, outdir=sweep_dir, at_nimg=cfg.duration, metrics=list(cfg.metrics),
           num=cfg.num, seed=cfg.seed, batch_size=cfg.batch_size, device="cpu", progress=cfg.progress,
-          detectors=detectors, max_profile_error=cfg.max_profile_error, **sampler)
+          detectors=detectors, max_profile_error=cfg.max_profile_error, eval_seeds=cfg.eval_seeds, **sampler)
     return read_csv_rows(csv_path, cfg.metrics)  # as stored (the CSV rounds nothing, but reads back the same)
 
 
@@ -313,11 +333,15 @@ def _rung(cfg: LadderConfig, letter: str, ref: dict, detectors: dict) -> LadderR
                                           f"{len(cfg.sigma_rels)} EMA lengths") + f" on {cfg.num} images each")
     rows = _evaluate(cfg, letter, rundir, ref, detectors)
     best = min(rows, key=lambda r: r[cfg.metrics[0]])
+    opt = optimum(rows, cfg.metrics[0]) if best["ema_std"] is not None else None
     recipe = RECIPES[letter]
     rung = LadderRung(config=letter, title=recipe.title, params=_params(cfg, letter, rundir), nimg=cfg.duration,
                       best_sigma_rel=best["ema_std"], values={m: best[m] for m in cfg.metrics}, sweep=rows,
                       paper_fid=recipe.fid, paper_sigma_rel=recipe.sigma_rel,
-                      growth=growth_factors(load_dynamics(rundir)))
+                      growth=growth_factors(load_dynamics(rundir)),
+                      spread={m: best[f"{m}_std"] for m in cfg.metrics},
+                      best_range=None if opt is None else [opt["lo"], opt["hi"]],
+                      at_edge=bool(opt and opt["edge"]))
     atomic_write_bytes(done, (json.dumps(dataclasses.asdict(rung), indent=2) + "\n").encode())
     _say(cfg, f"{letter}: {cfg.metrics[0]} {best[cfg.metrics[0]]:.4f}"
          + (f" at sigma_rel {best['ema_std']:.3f}" if best["ema_std"] is not None else " (stored EMA)"))
@@ -377,7 +401,7 @@ def run_ladder(cfg: LadderConfig) -> list[LadderRung]:
 # ---------------------------------------------------------------------------
 
 CSV_FIELDS = ["config", "title", "params", "nimg", "best_sigma_rel", "paper_fid", "paper_sigma_rel",
-              "act_max_growth_ema", "act_max_growth_raw"]
+              "act_max_growth_ema", "act_max_growth_raw", "sigma_rel_lo", "sigma_rel_hi", "best_at_edge"]
 
 
 def _growth(rung: LadderRung, net: str):
@@ -387,13 +411,17 @@ def _growth(rung: LadderRung, net: str):
 
 def _csv(cfg: LadderConfig, rungs: list[LadderRung]) -> bytes:
     buf = io.StringIO()
-    w = csv.DictWriter(buf, CSV_FIELDS[:5] + list(cfg.metrics) + CSV_FIELDS[5:], lineterminator="\n")
+    spreads = [f"{m}_std" for m in cfg.metrics]
+    w = csv.DictWriter(buf, CSV_FIELDS[:5] + list(cfg.metrics) + CSV_FIELDS[5:] + spreads, lineterminator="\n")
     w.writeheader()
     for r in rungs:
+        lo, hi = r.best_range or ("", "")
+        extra = {"sigma_rel_lo": lo, "sigma_rel_hi": hi, "best_at_edge": int(r.at_edge),
+                 **{f"{m}_std": (r.spread or {}).get(m, "") for m in cfg.metrics}}
         w.writerow({"config": r.config, "title": r.title, "params": r.params, "nimg": r.nimg,
                     "best_sigma_rel": "" if r.best_sigma_rel is None else r.best_sigma_rel, **r.values,
                     "paper_fid": r.paper_fid, "paper_sigma_rel": "" if r.paper_sigma_rel is None else r.paper_sigma_rel,
-                    "act_max_growth_ema": _growth(r, "ema"), "act_max_growth_raw": _growth(r, "raw")})
+                    "act_max_growth_ema": _growth(r, "ema"), "act_max_growth_raw": _growth(r, "raw"), **extra})
     return buf.getvalue().encode()
 
 
@@ -402,18 +430,26 @@ def _fmt(x, spec):
 
 
 def format_table(rungs: list[LadderRung], metrics) -> str:
-    """The Markdown table of ladder.md (one row per rung, like the paper's Table 1)."""
+    """The Markdown table of ladder.md (one row per rung, like the paper's Table 1), then one line
+    naming the rungs whose best EMA length is at an end of the swept lengths (or saying there is none)."""
     metrics = list(metrics)
     head = (["Config", "", "Params (M)"] + [f"{m} at best" for m in metrics]
-            + ["best sigma_rel", "paper FID (img512-s)", "paper sigma_rel", "act. max growth EMA / raw"])
+            + ["best sigma_rel", "paper FID (img512-s)", "paper sigma_rel", "act. max growth EMA / raw",
+               f"{metrics[0]} spread", "sigma_rel within one spread"])
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] * 2 + ["---:"] * (len(head) - 2)) + "|"]
     for r in rungs:
         best = "stored EMA" if r.best_sigma_rel is None else f"{r.best_sigma_rel:.3f}"
         paper_s = "traditional EMA" if r.paper_sigma_rel is None else f"{r.paper_sigma_rel:.3f}"
         cells = ([r.config, r.title, f"{r.params / 1e6:.3f}"] + [f"{r.values[m]:.4f}" for m in metrics]
                  + [best, f"{r.paper_fid:.2f}", paper_s,
-                    f"{_fmt(_growth(r, 'ema'), '.2f')} / {_fmt(_growth(r, 'raw'), '.2f')}"])
+                    f"{_fmt(_growth(r, 'ema'), '.2f')} / {_fmt(_growth(r, 'raw'), '.2f')}",
+                    _fmt((r.spread or {}).get(metrics[0]), ".4f"),
+                    "-" if not r.best_range else f"{r.best_range[0]:.3f}-{r.best_range[1]:.3f}"])
         lines.append("| " + " | ".join(cells) + " |")
+    edge = [f"{r.config} ({r.best_sigma_rel:.3f})" for r in rungs if r.at_edge]
+    lines.append("\n" + ("Best EMA length at a sweep boundary (the optimum may lie outside the swept lengths; "
+                         "widen sigma_rels): " + ", ".join(edge) + "." if edge else
+                         "No best EMA length at a sweep boundary."))
     return "\n".join(lines) + "\n"
 
 
@@ -450,12 +486,15 @@ def plot_ladder(rungs: list[LadderRung], metric: str, path=None) -> bytes:
         if r.best_sigma_rel is None:
             ax_s.axhline(r.values[metric], color=colour, ls=":", label=f"{r.config} (stored EMA)")
             continue
-        pts = sorted((row["ema_std"], row[metric]) for row in r.sweep)
-        ax_s.plot(*zip(*pts), "o-", ms=3, color=colour, label=r.config)
+        pts = sorted((row["ema_std"], row[metric], row.get(f"{metric}_std") or 0.0) for row in r.sweep)
+        x, y, spread = (np.array(v, dtype=float) for v in zip(*pts))
+        ax_s.plot(x, y, "o-", ms=3, color=colour, label=r.config)
+        if spread.any():  # one spread over the seed sets
+            ax_s.fill_between(x, y - spread, y + spread, color=colour, alpha=0.15, lw=0)
         ax_s.plot(r.best_sigma_rel, r.values[metric], "o", ms=9, mfc="none", color=colour)
     ax_s.set_xlabel("EMA length sigma_rel (post-hoc)")
     ax_s.set_ylabel(metric)
-    ax_s.set_title("post-hoc EMA sweep per rung (ring: best)", fontsize=10)
+    ax_s.set_title("post-hoc EMA sweep per rung (ring: best; band: one spread)", fontsize=10)
     ax_s.grid(alpha=0.3)
     ax_s.legend(fontsize=7, ncol=2)
     fig.tight_layout()

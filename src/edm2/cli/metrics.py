@@ -8,7 +8,17 @@ from ..ema.posthoc import MAX_PROFILE_ERROR
 from ..metrics import calc_metrics, gen_metrics, load_ref, reference_stats, sweep
 from ..metrics.classifier import train_classifier
 from ..metrics.evaluate import append_jsonl, check_ref_detectors, load_detectors, resolve_metrics
-from ..metrics.sweep import SWEEP_KEYS, best_rows
+from ..metrics.sweep import (
+    GROUPS_CSV,
+    GROUPS_PNG,
+    GUIDANCE_PNG,
+    TIME_PNG,
+    best_rows,
+    check_eval_seeds,
+    check_sweep_times,
+    curve_optimum,
+    row_metrics,
+)
 from ..presets import apply_generation_preset
 from ..sampling import SOLVERS, check_guidance, check_solver_options
 from ..utils.distributed import configure_threads, init_distributed, resolve_device, shutdown_distributed
@@ -99,7 +109,8 @@ def register(sub) -> None:
     p.add_argument("--rundir", required=True, metavar="DIR", help="training run folder with its EMA snapshots")
     p.add_argument("--std", dest="sigma_rels", required=True, metavar="LIST",
                    help="EMA lengths: 0.05,0.1 or 0.010,0.015,...,0.250")
-    p.add_argument("--at-nimg", metavar="N", help="training time in images, e.g. 8Mi (default: last snapshot)")
+    p.add_argument("--at-nimg", metavar="LIST", help="training time(s) in images, e.g. 8Mi or 2Mi,4Mi,8Mi (default: "
+                   "last snapshot); several also write sweep-time.png, the optimum over training time")
     p.add_argument("--outdir", metavar="DIR",
                    help="reconstructed snapshots, sweep.csv, sweep.png (default RUNDIR/sweep)")
     p.add_argument("--gnet", metavar="SNAPSHOT", help="guiding network for --guidance")
@@ -109,6 +120,16 @@ def register(sub) -> None:
                         f"(default {MAX_PROFILE_ERROR}; 'none': no check)")
     _common(p, batch=32)
     p.add_argument("--seed", type=int, default=0, help="evaluation seed k: seeds k*N ... (k+1)*N-1 (default 0)")
+    p.add_argument("--eval-seeds", type=int, default=1, metavar="K",
+                   help="evaluate every point with K disjoint seed sets (evaluation seeds SEED ... SEED+K-1); the "
+                        "CSV holds their mean and spread (std), the figures a band (default 1)")
+    p.add_argument("--groups", nargs="?", const="default", metavar="default|NAME=GLOB,...",
+                   help="per-group sensitivity (paper Fig. 5b): vary one group of tensors' EMA length over --std, "
+                        "the others at the base length; 'default' (encoder/decoder blocks per resolution, "
+                        "attention, embedding, output) or NAME=glob pairs on tensor names; writes groups.csv, "
+                        "groups.png")
+    p.add_argument("--base-std", dest="base_std", type=float, metavar="S",
+                   help="with --groups: the EMA length of the other tensors (default: the sweep's best)")
     p.add_argument("--steps", dest="num_steps", default="32", metavar="LIST",
                    help="sampler steps, e.g. 8,12,16,32 (default 32); several give the metric against network "
                         "evaluations")
@@ -228,21 +249,33 @@ def run_sweep(args) -> int:
     solvers = list(dict.fromkeys(v.strip() for v in args.solver.split(",")))
     for solver in solvers:
         check_solver_options(solver, args.guidance_interval, guidance=1 if all(w == 1 for w in guidance) else None)
-    at_nimg = None if args.at_nimg is None else parse_nimg(args.at_nimg, "at_nimg")
+    at_nimg = None if args.at_nimg is None else check_sweep_times(args.at_nimg)
+    check_eval_seeds(args.eval_seeds)
     rank, world = _start()
     try:
         rows = sweep(args.rundir, sigma_rels, args.ref, outdir=args.outdir, at_nimg=at_nimg, metrics=args.metrics,
                      num=num, seed=args.seed, gnet=args.gnet, guidance=guidance, batch_size=args.batch_size,
                      detector_dir=args.detector_dir, device=resolve_device(args.device), solvers=solvers,
                      steps=steps, guidance_interval=args.guidance_interval,
-                     max_profile_error=args.max_profile_error)
+                     max_profile_error=args.max_profile_error, eval_seeds=args.eval_seeds, groups=args.groups,
+                     base_std=args.base_std)
     finally:
         shutdown_distributed()
     if rank == 0:
-        metrics = [k for k in rows[0] if k not in SWEEP_KEYS]
-        for m, r in best_rows(rows, metrics).items():
-            print(f"best {m} {r[m]:.4f}: sigma_rel {r['ema_std']:.4f}, guidance {r['guidance']:g}, "
-                  f"{r['solver']} {r['steps']} steps ({r['nfe']} evaluations)")
+        metrics = row_metrics(rows)
+        times = sorted({r["nimg"] for r in rows})
+        for t in times:
+            at = [r for r in rows if r["nimg"] == t]
+            for m, r in best_rows(at, metrics).items():
+                o = curve_optimum(at, m)
+                spread = f" ± {r[m + '_std']:.4f}" if r["seeds"] > 1 else ""
+                print(f"best {m} {r[m]:.4f}{spread}: sigma_rel {r['ema_std']:.4f}, guidance {r['guidance']:g}, "
+                      f"{r['solver']} {r['steps']} steps ({r['nfe']} evaluations)"
+                      + (f" at nimg {t}" if len(times) > 1 else "")
+                      + (f"; within one spread: sigma_rel {o['lo']:.4f}-{o['hi']:.4f}" if r["seeds"] > 1 else "")
+                      + ("; at the edge of the swept lengths: widen --std" if o["edge"] else ""))
         outdir = Path(args.outdir) if args.outdir else Path(args.rundir) / "sweep"
-        print(f"wrote {outdir / 'sweep.csv'} and {outdir / 'sweep.png'}")
+        extra = [n for n, on in ((TIME_PNG, len(times) > 1), (GUIDANCE_PNG, (outdir / GUIDANCE_PNG).is_file()),
+                                 (GROUPS_CSV, args.groups is not None), (GROUPS_PNG, args.groups is not None)) if on]
+        print(f"wrote {outdir / 'sweep.csv'}, {outdir / 'sweep.png'}" + "".join(f", {n}" for n in extra))
     return 0
