@@ -14,6 +14,10 @@ measured in the same run.
         --num 2000 --solvers heun,euler,dpm++2m --steps 8,12,16,32 --out sampler_nfe
     python benchmarks/sampler_nfe.py --net NET --gnet GUIDE --guidance 2 --guidance-interval 0.28,1.61 \\
         --ref REF.npz --detector-dir DIR --num 20 --steps 8,32      # quick check
+
+`--figure OUT.png --cond A.csv B.csv --uncond C.csv` draws one figure from the
+CSVs of earlier runs instead (conditional FD and consistency, unconditional FD,
+against all network evaluations, main and guide).
 """
 from __future__ import annotations
 
@@ -167,7 +171,55 @@ def recommend(rows: list[dict]) -> list[str]:
     return out
 
 
+def read_csv(path) -> list[dict]:
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in ("steps", "nfe", "guide_nfe"):
+            r[k] = int(r[k])
+        for k in ("fd_classifier", "consistency", "s_per_img"):
+            r[k] = float(r[k])
+    return rows
+
+
+def figure(path: Path, cond: list[dict], uncond: list[dict]) -> None:
+    """FD and consistency of a conditional net, FD of an unconditional one, against
+    evaluations of both networks per image (main + guide)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    panels = ((cond, "fd_classifier", "conditional: FD (classifier features)"),
+              (cond, "consistency", "conditional: class consistency"),
+              (uncond, "fd_classifier", "unconditional: FD (classifier features)"))
+    styles = {"unguided": "-", "guided": ":", "interval": "--"}
+    for ax, (rows, key, title) in zip(axes, panels):
+        for variant, solver in dict.fromkeys((r["variant"], r["solver"]) for r in rows):
+            pts = sorted((r["nfe"] + r["guide_nfe"], r[key]) for r in rows
+                         if (r["variant"], r["solver"]) == (variant, solver))
+            ax.plot(*zip(*pts), "o" + styles.get(variant, "-"), ms=3, color=f"C{SOLVERS.index(solver)}",
+                    label=f"{solver}, {variant}")
+        ax.set_xscale("log", base=2)
+        if key == "fd_classifier":
+            ax.set_yscale("log")
+        ax.set_xlabel("network evaluations per image (main + guide)")
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def main(argv=None) -> int:
+    if argv is None:
+        argv = sys.argv[1:]
+    if "--figure" in argv:
+        f = argparse.ArgumentParser(description="one figure from earlier runs' CSVs")
+        f.add_argument("--figure", required=True)
+        f.add_argument("--cond", nargs="+", required=True)
+        f.add_argument("--uncond", nargs="*", default=[])
+        fa = f.parse_args(argv)
+        figure(Path(fa.figure), [r for c in fa.cond for r in read_csv(c)], [r for c in fa.uncond for r in read_csv(c)])
+        print(f"wrote {fa.figure}")
+        return 0
     args = parse_args(argv)
     args.device_obj = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     net, gnet, encoder, _ = load_nets(args.net, args.gnet, args.device_obj)
