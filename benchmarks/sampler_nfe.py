@@ -64,7 +64,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", default="sampler_nfe", help="output stem: OUT.csv, OUT.png (default sampler_nfe)")
     args = p.parse_args(argv)
     if ":" in args.steps:  # per solver
-        per = dict(part.split(":", 1) for part in args.steps.split("/"))
+        parts = [part.split(":", 1) for part in args.steps.split("/")]
+        if any(len(part) != 2 for part in parts):
+            p.error(f"--steps {args.steps}: give every solver its steps, e.g. 'heun:8,16,32/dpm++2m:6,8'")
+        per = dict(parts)
         args.solvers = [s.strip() for s in per]
         args.steps = {s.strip(): sorted(set(parse_int_list(v, "steps"))) for s, v in per.items()}
     else:

@@ -323,6 +323,8 @@ def test_sampler_nfe_benchmark_arguments_and_recommendation():
     per_solver = bench.points(bench.parse_args(["--net", "n", "--ref", "r", "--steps", "heun:4,32/dpm++2m:6,12"]))
     assert per_solver == [("unguided", s, n) for s, n in (("heun", 4), ("heun", 32), ("dpm++2m", 6), ("dpm++2m", 12))]
     with pytest.raises(SystemExit):
+        bench.parse_args(["--net", "n", "--ref", "r", "--steps", "heun:8/dpm++2m"])  # a solver without steps
+    with pytest.raises(SystemExit):
         bench.parse_args(["--net", "n", "--ref", "r", "--solvers", "rk4"])
     with pytest.raises(SystemExit):
         bench.parse_args(["--net", "n", "--ref", "r", "--guidance-interval", "0.28,1.61"])  # no guidance
