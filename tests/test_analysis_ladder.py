@@ -123,6 +123,38 @@ def test_changed_settings_refused(ladder, data):
     assert hashes(out) == before
 
 
+def test_solver(ladder, data, tmp_path):
+    """The solver is a recorded setting: the sweeps use it, a ladder written before the setting
+    existed continues as Heun's, and another solver on it is refused."""
+    out, rungs = ladder
+    assert json.loads((out / "ladder.json").read_text())["solver"] == "heun"
+    def sweep_rows(path):
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f))
+
+    for r in rungs:
+        assert {row["solver"] for row in sweep_rows(out / r.config / "sweep" / "sweep.csv")} == {"heun"}
+    dpm = tmp_path / "dpm"
+    cfg = dataclasses.replace(config(dpm, data), configs=("G",), solver="dpm++2m")
+    (g,) = run_ladder(cfg)
+    rows = sweep_rows(dpm / "G" / "sweep" / "sweep.csv")
+    assert {row["solver"] for row in rows} == {"dpm++2m"} and {row["nfe"] for row in rows} == {"4"}
+    assert g.values["fd_tiny"] != rungs[1].values["fd_tiny"]     # same network, another sampler
+    assert "(4 dpm++2m sampler steps)" in (dpm / "ladder.md").read_text()
+    with pytest.raises(ValueError, match=r"other settings \(solver: 'dpm\+\+2m' there, 'heun' now\)"):
+        run_ladder(dataclasses.replace(cfg, solver="heun"))
+    # ladder.json of a ladder without the setting: its rungs were sampled with Heun's solver.
+    old = tmp_path / "old"
+    old.mkdir()
+    settings = json.loads((out / "ladder.json").read_text())
+    del settings["solver"]
+    (old / "ladder.json").write_text(json.dumps(settings))
+    with pytest.raises(ValueError, match=r"other settings \(solver: 'heun' there, 'dpm\+\+2m' now\)"):
+        run_ladder(dataclasses.replace(config(old, data), solver="dpm++2m"))
+    with pytest.raises(ValueError, match="solver='rk4': unknown"):
+        run_ladder(dataclasses.replace(config(tmp_path / "new", data), solver="rk4"))
+
+
 def test_bad_input(data, tmp_path, capsys):
     out = tmp_path / "new"
     with pytest.raises(ValueError, match="`configs`: unknown config 'H'"):

@@ -52,6 +52,7 @@ from ..metrics.evaluate import check_ref_detectors
 from ..metrics.sweep import CSV_NAME, check_eval_seeds, check_sweep_lengths, mean_and_spread, write_csv
 from ..nn import CONFIGS, check_config
 from ..presets import RECIPES, get_preset
+from ..sampling import check_solver
 from ..train.checkpoint import list_checkpoints
 from ..train.loop import TrainConfig, plan_run, train
 from ..utils.errors import EDM2Error, ExistingFileError, MissingFileError
@@ -65,6 +66,8 @@ __all__ = ["LadderConfig", "LadderRung", "run_ladder", "rung_train_config", "rea
            "plot_ladder"]
 
 LADDER_FILE = "ladder.json"
+# Settings added to ladder.json after its first version, with the value a ladder written without them used.
+SETTINGS_BEFORE_FIELDS = {"solver": "heun"}
 RUNG_FILE = "ladder-rung.json"
 REF_NAME = "ref.npz"
 
@@ -80,7 +83,8 @@ class LadderConfig:
     `grid`: sample-grid images at each snapshot (0: none, as sampling them costs about as much as the training at
     these sizes); `sigma_rels`: the EMA lengths
     to reconstruct and evaluate; `num`: generated images per evaluation;
-    `steps`: sampler steps; `metrics`: detectors, the first one picks the best
+    `steps`: sampler steps; `solver`: the sampler's ODE solver (`edm2.sampling.SOLVERS`);
+    `metrics`: detectors, the first one picks the best
     EMA length; `eval_seeds`: disjoint seed sets per evaluation (their mean picks
     the best length, their spread gives the range of lengths as good). Every field but `threads`,
     `detector_dir`, `progress` and `max_profile_error` is
@@ -101,6 +105,7 @@ class LadderConfig:
     num: int = 1000
     eval_seeds: int = 2
     steps: int = 32
+    solver: str = "heun"
     metrics: tuple = ("fd_classifier",)
     seed: int = 0
     batch_size: int = 64
@@ -177,6 +182,7 @@ def _check(cfg: LadderConfig) -> LadderConfig:
         raise EDM2Error(f"num={cfg.num}: need at least 2 images per evaluation")
     if cfg.steps < 1:
         raise EDM2Error(f"steps={cfg.steps}: must be >= 1")
+    check_solver(cfg.solver)
     check_eval_seeds(cfg.eval_seeds)
     if cfg.batch_size < 1:
         raise EDM2Error(f"batch_size={cfg.batch_size}: must be >= 1")
@@ -222,6 +228,9 @@ def _claim_outdir(out: Path, settings: dict) -> None:
             old = json.loads(path.read_text())
         except ValueError:
             raise EDM2Error(f"{path}: not JSON; the file is damaged: choose another `outdir`") from None
+        if not isinstance(old, dict):
+            raise EDM2Error(f"{path}: not a JSON object; the file is damaged: choose another `outdir`")
+        old = {**SETTINGS_BEFORE_FIELDS, **old}
         diff = sorted(k for k in set(old) | set(settings) if old.get(k) != settings.get(k))
         if diff:
             shown = ", ".join(f"{k}: {old.get(k)!r} there, {settings.get(k)!r} now" for k in diff)
@@ -294,7 +303,7 @@ def _evaluate(cfg: LadderConfig, letter: str, rundir: Path, ref: dict, detectors
             raise MissingFileError(f"{rundir}: no EMA snapshot at {cfg.duration} images; the run is incomplete")
         results = [gen_metrics(last[0][1], ref, metrics=list(cfg.metrics), num=cfg.num, seed=cfg.seed + k,
                                batch_size=cfg.batch_size, device="cpu", progress=cfg.progress, detectors=detectors,
-                               **sampler) for k in range(cfg.eval_seeds)]
+                               solver=cfg.solver, **sampler) for k in range(cfg.eval_seeds)]
         rows = [{"ema_std": None, "guidance": 1.0, "nimg": cfg.duration, "num": cfg.num, "seed": cfg.seed,
                  "seeds": cfg.eval_seeds, **mean_and_spread(results, list(cfg.metrics))}]
         sweep_dir.mkdir(exist_ok=True)
@@ -305,7 +314,8 @@ def _evaluate(cfg: LadderConfig, letter: str, rundir: Path, ref: dict, detectors
         png.unlink()  # of the interrupted sweep; sweep() refuses to overwrite it
     sweep(rundir, list(cfg.sigma_rels), ref, outdir=sweep_dir, at_nimg=cfg.duration, metrics=list(cfg.metrics),
           num=cfg.num, seed=cfg.seed, batch_size=cfg.batch_size, device="cpu", progress=cfg.progress,
-          detectors=detectors, max_profile_error=cfg.max_profile_error, eval_seeds=cfg.eval_seeds, **sampler)
+          detectors=detectors, max_profile_error=cfg.max_profile_error, eval_seeds=cfg.eval_seeds,
+          solvers=(cfg.solver,), **sampler)
     return read_csv_rows(csv_path, cfg.metrics)  # as stored (the CSV rounds nothing, but reads back the same)
 
 
@@ -457,7 +467,8 @@ def _markdown(cfg: LadderConfig, rungs: list[LadderRung]) -> str:
     m = cfg.metrics[0]
     return (f"# Ablation ladder at preset {cfg.preset}\n\n"
             f"{cfg.duration} training images per rung, seed {cfg.seed}; each EMA length evaluated on {cfg.num} "
-            f"generated images ({cfg.steps} sampler steps) with {', '.join(cfg.metrics)}; the best EMA length is "
+            f"generated images ({cfg.steps} {cfg.solver} sampler steps) with {', '.join(cfg.metrics)}; "
+            f"the best EMA length is "
             f"the one with the lowest {m}. Activation growth: the largest per-level activation magnitude "
             f"(act_max) at the last measurement over the first.\n\n" + format_table(rungs, cfg.metrics))
 

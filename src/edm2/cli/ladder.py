@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from ..analysis.ladder import LadderConfig, run_ladder
+from ..sampling import SOLVERS
 from ..utils.distributed import configure_threads
 from ..utils.units import parse_nimg
 
@@ -34,6 +35,8 @@ def register(sub) -> None:
     p.add_argument("--num", type=int, default=d.num, metavar="N", help=f"generated images per evaluation "
                    f"(default {d.num})")
     p.add_argument("--steps", type=int, default=d.steps, help=f"sampler steps (default {d.steps})")
+    p.add_argument("--solver", default=d.solver, choices=SOLVERS,
+                   help=f"the sampler's ODE solver, as `edm2 generate --solver` (default {d.solver})")
     p.add_argument("--eval-seeds", type=int, default=d.eval_seeds, metavar="K",
                    help=f"disjoint seed sets per evaluation: the mean picks the best EMA length, the spread gives "
                         f"the lengths as good (default {d.eval_seeds})")
@@ -54,7 +57,7 @@ def run(args) -> None:
                        duration=None if args.duration is None else parse_nimg(args.duration, "duration"),
                        snapshots=args.snapshots, dynamics_probe=args.dynamics_probe, grid=args.grid,
                        dynamics=None if args.dynamics is None else parse_nimg(args.dynamics, "dynamics"),
-                       sigma_rels=args.sigma_rels, num=args.num, steps=args.steps,
+                       sigma_rels=args.sigma_rels, num=args.num, steps=args.steps, solver=args.solver,
                        eval_seeds=args.eval_seeds, metrics=args.metrics,
                        detector_dir=args.detector_dir, batch_size=args.batch_size, seed=args.seed, threads=args.threads)
     configure_threads(args.threads)
