@@ -18,8 +18,8 @@ Both recipes are independent of the run's total length (the learning-rate
 schedule and the power-function EMA depend only on the images trained so far),
 so each side trains once for the longest budget and keeps its EMA networks at
 every budget in --minutes; the clock stops while they are kept. Every kept
-network then samples --num images with edm2's sampler (EDM Heun, --steps, a
-random class per seed); the best of the --ema lengths by FD is reported, and
+network then samples --num images with edm2's sampler (--solver, --steps; by
+default make demo's DPM-Solver++(2M) at 16 steps; a random class per seed); the best of the --ema lengths by FD is reported, and
 with --guidance edm2 is also scored with autoguidance by its own earlier EMA.
 The score is the project's classifier metric: FD in the classifier's features
 to --ref-stats and class consistency (the fraction of samples the classifier
@@ -72,7 +72,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--minutes", default="2.5,5,10", type=lambda t: parse_floats(t, "--minutes"),
                    help="wall-clock training budgets in minutes (default 2.5,5,10)")
     p.add_argument("--num", type=int, default=1000, help="samples scored per network (default 1000)")
-    p.add_argument("--steps", type=int, default=16, help="Heun steps for sampling (default 16, as make demo)")
+    p.add_argument("--steps", type=int, default=16, help="sampler steps (default 16, as make demo)")
+    p.add_argument("--solver", default="dpm++2m", help="the sampler's ODE solver for both sides, of "
+                   "heun,euler,dpm++2m (default dpm++2m, as make demo)")
     p.add_argument("--ema", default="0.10", type=lambda t: parse_floats(t, "--ema"),
                    help="EMA lengths sigma_rel to try, of 0.05,0.10 (both sides track both); each row reports "
                    "the one with the lowest FD (default 0.10)")
@@ -106,6 +108,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--num: need at least 2 samples")
     if args.steps < 1 or args.batch < 1 or args.ref_batch < 1 or args.ref_channels < 1:
         p.error("--steps, --batch, --ref-batch and --ref-channels must be >= 1")
+    if args.solver not in ("heun", "euler", "dpm++2m"):
+        p.error(f"--solver {args.solver}: choose from heun, euler, dpm++2m")
     if set(args.ema) - set(EMA_STDS):
         p.error(f"--ema: choose from {','.join(map(str, EMA_STDS))}")
     if not 0 < args.guide_at < 1:
@@ -281,7 +285,8 @@ def score(net, gnet, guidance, encoder, detector, ref, args, device) -> tuple[fl
 
     stats, hits, total = FeatureStats(detector.feature_dim), 0, 0
     for b in generate_images(net, encoder, gen_seeds(args.num, 0), gnet=gnet, guidance=guidance,
-                             batch_size=args.batch, device=device, rank=0, world_size=1, num_steps=args.steps):
+                             batch_size=args.batch, device=device, rank=0, world_size=1, num_steps=args.steps,
+                             solver=args.solver):
         with torch.no_grad():
             features = detector.classifier.features(detector.classifier.prepare(b.images.to(device)))
             stats.append(features)
