@@ -74,8 +74,11 @@ def test_table_matches_sweeps(ladder):
     md = (out / "ladder.md").read_text()
     assert f"| B | + minor improvements | {rungs[0].params / 1e6:.3f} | {rungs[0].values['fd_tiny']:.4f} |" in md
     assert md.count("\n| ") == 3                        # header and two rows
+    # an optimum at the shortest length swept also asks for more snapshots (short lengths reconstruct worst)
+    shortest = any(rung.best_sigma_rel == min(r["ema_std"] for r in rung.sweep) for rung in rungs)
+    more = "; a shorter length also needs more snapshots to be reconstructed faithfully" if shortest else ""
     assert (f"Best EMA length at a sweep boundary (the optimum may lie outside the swept lengths; widen "
-            f"sigma_rels): B ({rungs[0].best_sigma_rel:.3f}), G ({rungs[1].best_sigma_rel:.3f}).") in md
+            f"sigma_rels{more}): B ({rungs[0].best_sigma_rel:.3f}), G ({rungs[1].best_sigma_rel:.3f}).") in md
     for name in ("ladder.png", "dynamics.png", "loss.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads((out / "ladder.json").read_text())["configs"] == ["B", "G"]
@@ -268,3 +271,16 @@ def test_table_without_a_boundary_optimum():
                       paper_fid=2.0, paper_sigma_rel=0.085, growth={}, spread={"m": 0.25}, best_range=[0.075, 0.15])
     table = format_table([rung], ["m"])
     assert "| 0.2500 | 0.075-0.150 |" in table and table.endswith("No best EMA length at a sweep boundary.\n")
+
+
+def test_table_names_more_snapshots_only_for_an_optimum_at_the_shortest_length():
+    from edm2.analysis.ladder import LadderRung, format_table
+
+    sweep = [{"ema_std": s, "m": 1.0 + s} for s in (0.025, 0.05, 0.10)]
+    def rung(best):
+        return LadderRung(config="G", title="t", params=10**6, nimg=32, best_sigma_rel=best, values={"m": 1.0},
+                          sweep=sweep, paper_fid=2.0, paper_sigma_rel=0.085, growth={}, spread={"m": 0.0},
+                          best_range=[best, best], at_edge=True)
+    assert format_table([rung(0.025)], ["m"]).endswith(
+        "widen sigma_rels; a shorter length also needs more snapshots to be reconstructed faithfully): G (0.025).\n")
+    assert format_table([rung(0.10)], ["m"]).endswith("widen sigma_rels): G (0.100).\n")

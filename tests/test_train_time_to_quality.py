@@ -22,12 +22,13 @@ def test_arguments(bench, capsys):
     assert bench.parse_args(["--ref-stats", "r.npz", "--ema", "0.1,0.05"]).ema == [0.05, 0.1]
     assert args.sides == ["edm2", "authors"]
     assert (args.solver, args.steps) == ("dpm++2m", 16)   # make demo's sampler
+    assert args.guide_at == pytest.approx(4 / 24)        # make demo's guide: its 4Ki snapshot of 24Ki images
     assert bench.keep_points(args) == [(2.5, "budget2.5"), (5.0, "budget5.0"), (10.0, "budget10.0")]
     args = bench.parse_args(["--ref-stats", "r.npz", "--minutes", "10,2", "--guidance", "2", "--guide-at", "0.5"])
     assert bench.keep_points(args) == [(1.0, "guide2.0"), (2.0, "budget2.0"), (5.0, "guide10.0"),
                                        (10.0, "budget10.0")]
     for bad in (["--minutes", "0,5"], ["--minutes", "x"], ["--num", "1"], ["--sides", "edm2,theirs"],
-                ["--guide-at", "1"], ["--sides", "authors", "--guidance", "2"], ["--ema", "0.2"],
+                ["--guide-at", "1"], ["--ema", "0.2"],
                 ["--ema", "0.05,x"], ["--solver", "rk4"]):
         with pytest.raises(SystemExit):
             bench.parse_args(["--ref-stats", "r.npz", *bad])

@@ -457,8 +457,11 @@ def format_table(rungs: list[LadderRung], metrics) -> str:
                     "-" if not r.best_range else f"{r.best_range[0]:.3f}-{r.best_range[1]:.3f}"])
         lines.append("| " + " | ".join(cells) + " |")
     edge = [f"{r.config} ({r.best_sigma_rel:.3f})" for r in rungs if r.at_edge]
+    shortest = any(r.at_edge and r.best_sigma_rel == min(row["ema_std"] for row in r.sweep) for r in rungs)
     lines.append("\n" + ("Best EMA length at a sweep boundary (the optimum may lie outside the swept lengths; "
-                         "widen sigma_rels): " + ", ".join(edge) + "." if edge else
+                         "widen sigma_rels" + ("; a shorter length also needs more snapshots to be "
+                                               "reconstructed faithfully" if shortest else "")
+                         + "): " + ", ".join(edge) + "." if edge else
                          "No best EMA length at a sweep boundary."))
     return "\n".join(lines) + "\n"
 
@@ -483,7 +486,9 @@ def plot_ladder(rungs: list[LadderRung], metric: str, path=None) -> bytes:
     cmap = matplotlib.colormaps["tab10"]
     fig, (ax_b, ax_s) = plt.subplots(1, 2, figsize=(11, 4))
     xs = range(len(rungs))
-    ax_b.plot(xs, [r.values[metric] for r in rungs], "o-", color="C0", label=f"{metric} (ours)")
+    spreads = [(r.spread or {}).get(metric) or 0.0 for r in rungs]   # one spread over the seed sets
+    ax_b.errorbar(xs, [r.values[metric] for r in rungs], yerr=spreads, fmt="o-", capsize=3, color="C0",
+                  label=f"{metric} (ours, ± one spread)")
     ax_b.set_xticks(list(xs), [r.config for r in rungs])
     ax_b.set_xlabel("config (paper Table 1)")
     ax_b.set_ylabel(f"{metric} at the best EMA length", color="C0")
