@@ -23,15 +23,18 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 # The recipe is the demo preset (src/edm2/presets.py; chosen by measurement, BENCHMARKS.md "Demo recipe").
-# --net demo-run samples its latest snapshot of the longest tracked EMA (sigma_rel 0.10).
+# --net demo-run samples its latest snapshot of the longest tracked EMA (sigma_rel 0.10), guided by the
+# run's own first snapshot (autoguidance, weight 2), with 16 DPM-Solver++(2M) steps.
 # --seeds-per-class 10: seeds 0-9 are class 0, 10-19 class 1, ..., so row r of samples.png is class r.
 demo: $(STAMP)
 	$(BIN)/edm2 train --outdir demo-run --preset demo --grid 10
-	$(BIN)/edm2 generate --net demo-run --outdir demo-run/samples --seeds 0-99 --seeds-per-class 10 --steps 16 --grid demo-run/samples.png
+	$(BIN)/edm2 generate --net demo-run --gnet demo-run/snapshot-000000004096-0.050.safetensors --guidance 2 \
+		--solver dpm++2m --steps 16 --outdir demo-run/samples --seeds 0-99 --seeds-per-class 10 --grid demo-run/samples.png
 
 demo-quick: $(STAMP)
 	$(BIN)/edm2 train --outdir demo-quick --preset demo --duration 256 --snapshot 128 --checkpoint 256 --grid 0
-	$(BIN)/edm2 generate --net demo-quick --outdir demo-quick/samples --seeds 0-9 --seeds-per-class 1 --steps 4 --grid demo-quick/samples.png
+	$(BIN)/edm2 generate --net demo-quick --gnet demo-quick/snapshot-000000000128-0.050.safetensors --guidance 2 \
+		--solver dpm++2m --steps 4 --outdir demo-quick/samples --seeds 0-9 --seeds-per-class 1 --grid demo-quick/samples.png
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

@@ -1,5 +1,7 @@
 """Loss (paper App. B.2, Eq. 21), learning-rate schedule, presets and the FLOP counter."""
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -93,6 +95,21 @@ def test_demo_preset_is_cpu32_with_the_measured_schedule():
     lr = [learning_rate_schedule(n, demo.batch, demo.lr, demo.decay, demo.rampup_Mimg) for n in (8192, 16384, 24576)]
     assert lr[0] == lr[1] == 0.02 and lr[2] == pytest.approx(0.02 / math.sqrt(24 / 16))
     assert get_preset("demo", "E").decay == demo.decay
+
+
+def test_make_demo_guides_with_a_snapshot_the_demo_preset_writes():
+    """`make demo` autoguides with the run's own early snapshot: its file name must be one the preset writes
+    (a multiple of the snapshot interval within the run, at a tracked EMA length), and the main net must be
+    a later, longer-EMA one."""
+    demo = get_preset("demo")
+    makefile = (Path(__file__).resolve().parents[1] / "Makefile").read_text()
+    rule = makefile.split("\ndemo:", 1)[1].split("\n\n", 1)[0]
+    found = re.search(r"--gnet demo-run/snapshot-(\d{12})-(\d\.\d{3})\.safetensors", rule)
+    assert found, "make demo no longer names its guide snapshot"
+    nimg, sigma_rel = int(found.group(1)), float(found.group(2))
+    assert 0 < nimg < demo.duration and nimg % demo.snapshot == 0
+    assert sigma_rel in demo.sigma_rel and sigma_rel < max(demo.sigma_rel)
+    assert re.search(r"--guidance 2\b", rule) and "--seeds-per-class 10" in rule
 
 
 @pytest.mark.parametrize("name,paper", [("img512-xs", 45.5), ("img512-s", 101.9), ("img512-xxl", 552.1)])

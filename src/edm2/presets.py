@@ -117,11 +117,12 @@ PRESETS["cpu-32"] = Preset(
     lr=0.0100, decay=2000, rampup_Mimg=0.002, P_mean=-0.8, P_std=1.6,
     batch=32, duration=16 * Ki, status=2 * Ki, snapshot=8 * Ki, checkpoint=8 * Ki)
 # `make demo` (docs/training.md#the-demo-preset): cpu-32's network with the schedule that gave the most
-# recognisable samples within 10 minutes on 2 cores (BENCHMARKS.md, "Demo recipe").
+# recognisable samples within 10 minutes on 2 cores (BENCHMARKS.md, "Demo recipe"). Snapshots every 4Ki
+# images: the first one (sigma_rel 0.05) is the demo's autoguidance guide (Karras et al. 2024).
 PRESETS["demo"] = PRESETS["cpu-32"].replace(
     name="demo",
     description="the Fashion-MNIST demo: cpu-32's network, ~8 min of training on 2 cores",
-    lr=0.0200, decay=512, duration=24 * Ki, snapshot=6 * Ki, checkpoint=12 * Ki, sigma_rel=(0.050, 0.100))
+    lr=0.0200, decay=512, duration=24 * Ki, snapshot=4 * Ki, checkpoint=12 * Ki, sigma_rel=(0.050, 0.100))
 PRESETS["tiny"] = Preset(
     name="tiny",
     description="smallest sensible network, for tests and smoke runs",
