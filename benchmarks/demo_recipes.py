@@ -4,7 +4,8 @@ For one training run (a folder of `edm2 train`), every EMA length in --std
 (tracked ones are used as stored, the others are reconstructed with post-hoc
 EMA, paper Sec. 3.2) and every training time in --at-nimg, this generates
 --per-class samples of each of the 10 Fashion-MNIST classes (seeds 0 ...
-per_class-1 in every class; EDM Heun sampler with --steps) and scores them
+per_class-1 in every class; --solver with --steps, unguided or, with --gnet,
+autoguided at every weight of --guidance) and scores them
 with the Fashion-MNIST classifier (`fd_classifier`, trained on the
 Fashion-MNIST training split):
 
@@ -85,15 +86,17 @@ def snapshots_for(rundir: Path, workdir: Path, sigma_rels: list[float], at_nimg:
     return t, out
 
 
-def generate_per_class(snapshot: Path, per_class: int, steps: int, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+def generate_per_class(snapshot: Path, per_class: int, steps: int, batch: int, solver: str = "heun",
+                       gnet: Path | None = None, guidance: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images [10*per_class, C, H, W] and their requested classes."""
     from edm2.generate import generate_images, load_nets
 
-    net, _, encoder, _ = load_nets(str(snapshot), device="cpu")
+    net, gnet, encoder, _ = load_nets(str(snapshot), None if guidance == 1 else str(gnet), device="cpu")
     images, labels = [], []
     for c in tqdm(range(10), desc=f"{snapshot.name} classes", leave=False):
         for b in generate_images(net, encoder, range(per_class), class_idx=c, batch_size=batch, device="cpu",
-                                 rank=0, world_size=1, num_steps=steps):
+                                 rank=0, world_size=1, num_steps=steps, solver=solver, gnet=gnet,
+                                 guidance=guidance):
             images.append(b.images)
             labels.append(torch.full([len(b.images)], c))
     return torch.cat(images), torch.cat(labels)
@@ -118,6 +121,12 @@ def main(argv=None) -> None:
     p.add_argument("--std", default="0.05,0.10", help="EMA lengths sigma_rel, e.g. 0.05,0.10,0.15 (default 0.05,0.10)")
     p.add_argument("--at-nimg", default="", help="training times in images, e.g. 16Ki,28Ki (default: last snapshot)")
     p.add_argument("--steps", default="32", help="sampler steps, one or several: 16,32 (default 32)")
+    p.add_argument("--solver", default="heun", choices=["heun", "euler", "dpm++2m"],
+                   help="ODE solver (default heun; make demo samples with dpm++2m)")
+    p.add_argument("--gnet", type=Path, default=None, help="guiding network for autoguidance, e.g. the run's own "
+                   "early snapshot RUNDIR/snapshot-000000004096-0.050.safetensors")
+    p.add_argument("--guidance", default="1", help="guidance weights, one or several: 1,2,2.5 (default 1: none; "
+                   "weights other than 1 need --gnet)")
     p.add_argument("--per-class", type=int, default=100, help="samples per class (default 100: 1000 in all)")
     p.add_argument("--batch", type=int, default=50, help="images per sampler batch (default 50)")
     p.add_argument("--workdir", type=Path, default=Path("runs/demo-recipes"),
@@ -150,27 +159,37 @@ def main(argv=None) -> None:
         p.error(f"--rundir {args.rundir}: not a training run folder (no stats.jsonl); train it first (--train)")
     sigma_rels = parse_float_list(args.std, "--std")
     steps_list = [int(s) for s in args.steps.split(",")]
+    weights = parse_float_list(args.guidance, "--guidance")
+    if any(w != 1 for w in weights) and args.gnet is None:
+        p.error(f"--guidance {args.guidance}: a weight other than 1 needs a guiding network; give --gnet SNAPSHOT")
+    if args.gnet is not None and not args.gnet.is_file():
+        p.error(f"--gnet {args.gnet}: no such file; give a snapshot (.safetensors) of the run, e.g. its first one")
     times = [parse_nimg(t, "--at-nimg") for t in args.at_nimg.split(",")] if args.at_nimg else [None]
     args.workdir.mkdir(parents=True, exist_ok=True)
 
     scorer = ClassifierScore(args.ref, args.detector_dir)
     speed, seconds = train_speed(args.rundir)
     label = args.label or args.rundir.name
-    lines = ["| run | images | σ_rel | steps | consistency (%) | FD (classifier) | sampling s/img |",
-             "|---|---|---|---|---|---|---|"]
+    lines = ["| run | images | σ_rel | solver | steps | guidance | consistency (%) | FD (classifier) | sampling s/img |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for at in times:
         t, snaps = snapshots_for(args.rundir, args.workdir, sigma_rels, at)
         for s, path in snaps.items():
             for steps in steps_list:
-                t0 = time.perf_counter()
-                images, labels = generate_per_class(path, args.per_class, steps, args.batch)
-                per_img = (time.perf_counter() - t0) / len(images)
-                cons, fd = scorer(images, labels)
-                if args.grid_dir:
-                    save_class_grid(args.grid_dir / f"{label}-{t:09d}-{s:.3f}-{steps}.png", images, args.per_class)
-                row = f"| {label} | {t / 1024:g}Ki | {s:.3f} | {steps} | {cons:.1f} | {fd:.2f} | {per_img:.3f} |"
-                lines.append(row)
-                print(row, flush=True)
+                for w in weights:
+                    t0 = time.perf_counter()
+                    images, labels = generate_per_class(path, args.per_class, steps, args.batch, args.solver,
+                                                        args.gnet, w)
+                    per_img = (time.perf_counter() - t0) / len(images)
+                    cons, fd = scorer(images, labels)
+                    if args.grid_dir:
+                        name = f"{label}-{t:09d}-{s:.3f}-{args.solver}-{steps}-w{w:g}.png"
+                        save_class_grid(args.grid_dir / name, images, args.per_class)
+                    guide = "none" if w == 1 else f"{w:g} ({args.gnet.name})"
+                    row = (f"| {label} | {t / 1024:g}Ki | {s:.3f} | {args.solver} | {steps} | {guide} | {cons:.1f} "
+                           f"| {fd:.2f} | {per_img:.3f} |")
+                    lines.append(row)
+                    print(row, flush=True)
     lines.append("")
     lines.append(f"{label}: training {speed:.1f} img/s over {seconds:.0f} s (its status lines); "
                  f"{args.per_class} samples per class; {platform.processor() or platform.machine()}, "

@@ -21,8 +21,9 @@ every budget in --minutes; the clock stops while they are kept. Every kept
 network then samples --num images with edm2's sampler (--solver, --steps; by
 default make demo's DPM-Solver++(2M) at 16 steps; a random class per seed); the best of the --ema lengths by FD is reported, and
 with --guidance each side is also scored with autoguidance by its own earlier EMA
-(sigma_rel 0.05, kept at --guide-at of the budget; make demo's guide is its
-snapshot at 4Ki of 24Ki images, 1/6 of the run).
+(sigma_rel 0.05, kept at --guide-at of the budget, default 1/6; make demo's
+guide is its snapshot at 4Ki images, 1/8 of its 32Ki-image run, and its
+24Ki-image point is guided equally well by it).
 The score is the project's classifier metric: FD in the classifier's features
 to --ref-stats and class consistency (the fraction of samples the classifier
 assigns to the class they were drawn for;
@@ -84,8 +85,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="also score each side with autoguidance of weight W by its own earlier EMA (sigma_rel "
                    "0.05, kept at --guide-at of the budget) (default 1: not scored)")
     p.add_argument("--guide-at", type=float, default=1 / 6, metavar="F",
-                   help="where the guiding network is kept, as a fraction of each budget (default 1/6, "
-                   "as make demo: 4Ki of 24Ki images)")
+                   help="where the guiding network is kept, as a fraction of each budget (default 1/6; "
+                   "make demo guides with its 4Ki-image snapshot)")
     p.add_argument("--data", help="dataset zip or folder (default: the built-in Fashion-MNIST)")
     p.add_argument("--sides", default="edm2,authors", help="which sides to train (default edm2,authors)")
     g = p.add_argument_group("the authors' side (their train_edm2.py's pixel-space img64 recipe, scaled down)")
@@ -319,7 +320,7 @@ def plot(path: Path, rows: list[dict]) -> None:
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    for key, ax, label in (("fd_classifier", axes[0], "FD (classifier features), lower is better"),
+    for key, ax, label in (("fd_classifier", axes[0], "FD in classifier features (log scale)"),
                            ("consistency", axes[1], "class consistency, higher is better")):
         for side in dict.fromkeys(r["side"] for r in rows):
             pts = sorted((r["minutes"], r[key]) for r in rows if r["side"] == side)
@@ -328,6 +329,7 @@ def plot(path: Path, rows: list[dict]) -> None:
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+    axes[0].set_yscale("log")     # the sides differ by an order of magnitude at short budgets
     fig.tight_layout()
     save_figure(fig, path)
 

@@ -10,6 +10,10 @@ In a page's Markdown,
 
 are replaced by Markdown tables. An unknown command is a build error.
 
+A page that is only `--8<-- "FILE.md"` of a file at the repository root
+(benchmarks.md includes BENCHMARKS.md) gets that file inlined here, with its
+`docs/...` links (right on GitHub, from the root) made relative to docs/.
+
 Pages in `OPTIONAL_PAGES` are added to the "Guides" section of the navigation
 when they exist, so that mkdocs.yml need not change when one is written.
 """
@@ -31,6 +35,8 @@ OPTIONAL_PAGES = {
 }
 
 MARKER = re.compile(r"<!--\s*edm2:([a-z-]+)\s*([^>]*?)\s*-->")
+ROOT_FILE = re.compile(r'^--8<-- "([A-Za-z_]+\.md)"\s*$')
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _subparser(words: list[str]) -> argparse.ArgumentParser:
@@ -122,6 +128,9 @@ def _replace(match: re.Match) -> str:
 
 
 def on_page_markdown(markdown: str, page, config, files) -> str:
+    included = ROOT_FILE.match(markdown.strip())
+    if included:
+        markdown = (REPO / included.group(1)).read_text().replace("](docs/", "](")
     return MARKER.sub(_replace, markdown)
 
 

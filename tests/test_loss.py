@@ -89,11 +89,11 @@ def test_presets_table():
 def test_demo_preset_is_cpu32_with_the_measured_schedule():
     demo, cpu = get_preset("demo"), get_preset("cpu-32")
     assert demo.net_kwargs(10) == cpu.net_kwargs(10)            # same network as cpu-32
-    assert (demo.duration, demo.batch, demo.lr, demo.decay) == (24 * 1024, 32, 0.02, 512)
+    assert (demo.duration, demo.batch, demo.lr, demo.decay) == (32 * 1024, 32, 0.02, 512)
     assert demo.duration % demo.snapshot == 0 and demo.snapshot % demo.batch == 0
     # The schedule: 0.02 until 512 batches (16Ki images), then 0.02 / sqrt(t / 16Ki) (Eq. 67).
-    lr = [learning_rate_schedule(n, demo.batch, demo.lr, demo.decay, demo.rampup_Mimg) for n in (8192, 16384, 24576)]
-    assert lr[0] == lr[1] == 0.02 and lr[2] == pytest.approx(0.02 / math.sqrt(24 / 16))
+    lr = [learning_rate_schedule(n, demo.batch, demo.lr, demo.decay, demo.rampup_Mimg) for n in (8192, 16384, 32768)]
+    assert lr[0] == lr[1] == 0.02 and lr[2] == pytest.approx(0.02 / math.sqrt(2))
     assert get_preset("demo", "E").decay == demo.decay
 
 

@@ -116,6 +116,20 @@ def test_scores_of_a_conditional_network_in_one_pass(trained):
     assert np.isfinite(scores["fd_classifier"]) and scores["fd_classifier"] > 0
     assert scores["consistency"] is not None and 0 <= scores["consistency"] <= 1
     assert scores["consistency"] * 18 == pytest.approx(round(scores["consistency"] * 18))
+    # Guided by itself, D + (w - 1) (D - D) = D: the same scores; guided by another network, other ones.
+    ref = load_ref(d / "ref.npz")
+    same = classifier_scores(d / "net.safetensors", ref, det, num=18, batch_size=6, progress=False, num_steps=2,
+                             gnet=d / "net.safetensors", guidance=2.0)
+    assert same["fd_classifier"] == pytest.approx(scores["fd_classifier"], rel=1e-4)
+    assert same["consistency"] == scores["consistency"]
+    guide = build_network("G", **kw)
+    with torch.no_grad():           # a fresh network outputs c_skip x whatever its seed (zero output gain)
+        for p in guide.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    save_snapshot(d / "guide.safetensors", guide, meta)
+    guided = classifier_scores(d / "net.safetensors", ref, det, num=18, batch_size=6, progress=False, num_steps=2,
+                               gnet=d / "guide.safetensors", guidance=2.0)
+    assert abs(guided["fd_classifier"] - scores["fd_classifier"]) > 1e-3
 
 
 def test_bad_inputs_are_refused_and_nothing_is_overwritten(trained, tmp_path):

@@ -22,7 +22,7 @@ def test_arguments(bench, capsys):
     assert bench.parse_args(["--ref-stats", "r.npz", "--ema", "0.1,0.05"]).ema == [0.05, 0.1]
     assert args.sides == ["edm2", "authors"]
     assert (args.solver, args.steps) == ("dpm++2m", 16)   # make demo's sampler
-    assert args.guide_at == pytest.approx(4 / 24)        # make demo's guide: its 4Ki snapshot of 24Ki images
+    assert args.guide_at == pytest.approx(1 / 6)
     assert bench.keep_points(args) == [(2.5, "budget2.5"), (5.0, "budget5.0"), (10.0, "budget10.0")]
     args = bench.parse_args(["--ref-stats", "r.npz", "--minutes", "10,2", "--guidance", "2", "--guide-at", "0.5"])
     assert bench.keep_points(args) == [(1.0, "guide2.0"), (2.0, "budget2.0"), (5.0, "guide10.0"),

@@ -121,19 +121,22 @@ def class_consistency(detector: ClassifierDetector, images: torch.Tensor, classe
 
 
 def classifier_scores(net, ref: dict, detector: ClassifierDetector, num: int = 1000, seed: int = 0,
-                      batch_size: int = 100, device=None, progress: bool = True, **sampler_kwargs) -> dict:
+                      batch_size: int = 100, device=None, progress: bool = True, gnet=None,
+                      **sampler_kwargs) -> dict:
     """Generate `num` images of `net` (snapshot, run folder or .pkl) for the seeds of
     `edm2.metrics.evaluate.gen_seeds(num, seed)` in one pass and return
     {"fd_classifier": FD to `ref` (reference statistics with that metric),
-     "consistency": class consistency, or None for an unconditional net}."""
+     "consistency": class consistency, or None for an unconditional net}.
+    `gnet` (loaded like `net`) guides the sampler with `guidance=W` among
+    `sampler_kwargs` (classifier-free guidance or autoguidance, as `edm2.generate`)."""
     ref = check_ref_stats(ref)
     if "fd_classifier" not in ref:
         raise EDM2Error("the reference statistics hold no fd_classifier entry; make them with "
                          "`edm2 metrics ref --metrics fd_classifier --detector-dir DIR`")
     check_ref_detectors(ref, {"fd_classifier": detector})
-    net, _, encoder, _ = load_nets(net, None, device)
+    net, gnet, encoder, _ = load_nets(net, gnet, device)
     stats, hits, total, conditional = FeatureStats(detector.feature_dim), 0, 0, False
-    for b in generate_images(net, encoder, gen_seeds(num, seed), batch_size=batch_size, device=device,
+    for b in generate_images(net, encoder, gen_seeds(num, seed), gnet=gnet, batch_size=batch_size, device=device,
                              rank=0, world_size=1, progress=progress, **sampler_kwargs):
         if not total:
             check_ref_resolution(ref, int(b.images.shape[-1]), what="generated images")
