@@ -170,7 +170,8 @@ def main(argv=None) -> None:
     scorer = ClassifierScore(args.ref, args.detector_dir)
     speed, seconds = train_speed(args.rundir)
     label = args.label or args.rundir.name
-    lines = ["| run | images | σ_rel | solver | steps | guidance | consistency (%) | FD (classifier) | sampling s/img |",
+    lines = ["| run | images | σ_rel | solver | steps | guidance | consistency (%) | FD (classifier) "
+             "| sampling s/img |",
              "|---|---|---|---|---|---|---|---|---|"]
     for at in times:
         t, snaps = snapshots_for(args.rundir, args.workdir, sigma_rels, at)

@@ -19,7 +19,8 @@ schedule and the power-function EMA depend only on the images trained so far),
 so each side trains once for the longest budget and keeps its EMA networks at
 every budget in --minutes; the clock stops while they are kept. Every kept
 network then samples --num images with edm2's sampler (--solver, --steps; by
-default make demo's DPM-Solver++(2M) at 16 steps; a random class per seed); the best of the --ema lengths by FD is reported, and
+default make demo's DPM-Solver++(2M) at 16 steps; a random class per seed);
+the best of the --ema lengths by FD is reported, and
 with --guidance each side is also scored with autoguidance by its own earlier EMA
 (sigma_rel 0.05, kept at --guide-at of the budget, default 1/6; make demo's
 guide is its snapshot at 4Ki images, 1/8 of its 32Ki-image run, and its
