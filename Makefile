@@ -1,5 +1,5 @@
 # Two commands do everything on a fresh clone:
-#   make demo   - set up .venv, train the demo preset on the built-in Fashion-MNIST (~6 min on 2 cores), write a sample grid
+#   make demo   - set up .venv, train the demo preset on the built-in Fashion-MNIST (~7 min on 2 cores), write a sample grid
 #   make demo-quick - the same two commands in seconds (a smoke test; the samples are noise)
 #   make test   - set up .venv, run the test suite (it includes the strict documentation build)
 #   make docs   - build the documentation site into site/ (mkdocs, material theme)

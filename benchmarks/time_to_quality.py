@@ -23,8 +23,7 @@ default make demo's DPM-Solver++(2M) at 16 steps; a random class per seed);
 the best of the --ema lengths by FD is reported, and
 with --guidance each side is also scored with autoguidance by its own earlier EMA
 (sigma_rel 0.05, kept at --guide-at of the budget, default 1/6; make demo's
-guide is its snapshot at 4Ki images, 1/8 of its 32Ki-image run, and its
-24Ki-image point is guided equally well by it).
+guide is its snapshot at 4Ki images, 1/8 of its 32Ki-image run).
 The score is the project's classifier metric: FD in the classifier's features
 to --ref-stats and class consistency (the fraction of samples the classifier
 assigns to the class they were drawn for;
